@@ -1,0 +1,65 @@
+# xclay set-up and checks. On a new machine, `make demo` and `make test` are all you need:
+# each creates .venv, installs what it needs, and runs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+TORCH_VERSION ?= 2.13.0
+LOCK := requirements/dev-py311-linux-cpu.txt
+
+# Without a CUDA GPU take PyTorch's CPU build, not several GB of CUDA wheels.
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+ifeq ($(HAS_GPU),yes)
+TORCH_INDEX ?=
+else
+TORCH_INDEX ?= --extra-index-url https://download.pytorch.org/whl/cpu
+endif
+
+.PHONY: demo test lint typecheck pytest lock clean
+
+demo: $(VENV)/.installed
+	$(BIN)/xclay demo
+
+test: $(VENV)/.dev lint typecheck pytest
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.dev
+	$(BIN)/mypy
+
+pytest: $(VENV)/.dev
+	$(BIN)/pytest
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch alone first, from the right index; its own requirements come with the next step.
+$(VENV)/.torch: | $(BIN)/python
+	$(PIP) install -q --no-deps "torch==$(TORCH_VERSION)" $(TORCH_INDEX)
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
+	$(PIP) install -q -e .
+	touch $@
+
+# Tests run against the locked versions (the lock excludes torch, installed above).
+$(VENV)/.dev: pyproject.toml $(LOCK) $(VENV)/.torch
+	$(PIP) install -q -r $(LOCK)
+	$(PIP) install -q --no-deps -e .
+	touch $@ $(VENV)/.installed
+
+# Regenerate the pip lock (needs the registry; run after changing dependencies). torch is
+# resolved as its CPU build, so the lock never lists CUDA packages.
+TORCH_CPU_SOURCE := $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
+lock: | $(BIN)/python
+	$(PIP) install -q uv
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 $(TORCH_CPU_SOURCE) \
+	  --constraint <(echo "torch==$(TORCH_VERSION)") --no-emit-package torch \
+	  --no-header -o $(LOCK)
+
+clean:
+	rm -rf $(VENV) xclay-demo .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,32 @@
+"""xclay: satellite imagery composites -> foundation-model embeddings, at planetary scale.
+
+``import xclay`` registers the ``.clay`` accessor on xarray Datasets and
+DataArrays; it imports no torch, cupy or kvikio (those load when used).
+"""
+
+from xclay import accessor as _accessor  # registers .clay
+from xclay import datasets, models
+from xclay._version import __version__
+from xclay.chips import ChipGrid, ChipGridSpec
+from xclay.datacube import as_datacube, open_datacube, validate_datacube, write_datacube
+from xclay.embed import EmbedConfig, embed
+from xclay.export import open_embeddings, to_geoparquet, to_zarr
+
+del _accessor
+
+__all__ = [
+    "ChipGrid",
+    "ChipGridSpec",
+    "EmbedConfig",
+    "__version__",
+    "as_datacube",
+    "datasets",
+    "embed",
+    "models",
+    "open_datacube",
+    "open_embeddings",
+    "to_geoparquet",
+    "to_zarr",
+    "validate_datacube",
+    "write_datacube",
+]

@@ -1,0 +1,164 @@
+"""The ``.clay`` accessor: a thin facade over xclay's free functions.
+
+Every method calls the typed function of the same name with the wrapped
+object first; the accessor holds nothing but that object.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import xarray as xr
+
+if TYPE_CHECKING:
+    from xclay.chips import Edges
+    from xclay.datacube import Compression, TimeLike
+    from xclay.devices import Precision
+    from xclay.protocols import Encoder
+
+__all__ = ["ClayDataArrayAccessor", "ClayDatasetAccessor"]
+
+
+@xr.register_dataset_accessor("clay")
+class ClayDatasetAccessor:
+    """``ds.clay``: embed a datacube; write datacubes and embeddings."""
+
+    def __init__(self, obj: xr.Dataset) -> None:
+        self._obj = obj
+
+    def embed(
+        self,
+        *,
+        model: str | Encoder = "rcf",
+        checkpoint: str | os.PathLike[str] | None = None,
+        chip_size: int = 256,
+        stride: int | None = None,
+        edges: Edges = "drop",
+        batch_size: int = 16,
+        max_nodata: float = 0.5,
+        device: str = "cpu",
+        precision: Precision = "auto",
+        prefetch: int = 2,
+        progress: bool | None = None,
+    ) -> xr.Dataset:
+        """Embed every chip of this datacube: see :func:`xclay.embed`."""
+        from xclay.embed import embed
+
+        return embed(
+            self._obj,
+            model=model,
+            checkpoint=checkpoint,
+            chip_size=chip_size,
+            stride=stride,
+            edges=edges,
+            batch_size=batch_size,
+            max_nodata=max_nodata,
+            device=device,
+            precision=precision,
+            prefetch=prefetch,
+            progress=progress,
+        )
+
+    def write_datacube(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        chip_size: int = 256,
+        shard_chips: int | None = None,
+        compression: Compression = "zstd",
+        overwrite: bool = False,
+    ) -> Path:
+        """Write this datacube as chip-aligned Zarr v3: see :func:`xclay.write_datacube`."""
+        from xclay.datacube import write_datacube
+
+        return write_datacube(
+            self._obj,
+            path,
+            chip_size=chip_size,
+            shard_chips=shard_chips,
+            compression=compression,
+            overwrite=overwrite,
+        )
+
+    def to_zarr(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write these embeddings as Zarr v3: see :func:`xclay.export.to_zarr`."""
+        from xclay.export import to_zarr
+
+        return to_zarr(self._obj, path, overwrite=overwrite)
+
+    def to_geoparquet(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write these embeddings as GeoParquet 1.1: see :func:`xclay.to_geoparquet`."""
+        from xclay.export import to_geoparquet
+
+        return to_geoparquet(self._obj, path, overwrite=overwrite)
+
+
+@xr.register_dataarray_accessor("clay")
+class ClayDataArrayAccessor:
+    """``da.clay``: turn imagery into a datacube, or embed it directly."""
+
+    def __init__(self, obj: xr.DataArray) -> None:
+        self._obj = obj
+
+    def as_datacube(
+        self,
+        *,
+        platform: str | None = None,
+        bands: Sequence[str] | None = None,
+        wavelengths: Sequence[float] | Mapping[str, float] | None = None,
+        time: TimeLike | tuple[TimeLike, TimeLike] | None = None,
+        nodata: float | None = None,
+        gsd: float | None = None,
+        crs: str | int | None = None,
+        provenance: Mapping[str, Any] | None = None,
+    ) -> xr.Dataset:
+        """This imagery as a datacube: see :func:`xclay.as_datacube`."""
+        from xclay.datacube import as_datacube
+
+        return as_datacube(
+            self._obj,
+            platform=platform,
+            bands=bands,
+            wavelengths=wavelengths,
+            time=time,
+            nodata=nodata,
+            gsd=gsd,
+            crs=crs,
+            provenance=provenance,
+        )
+
+    def embed(
+        self,
+        *,
+        model: str | Encoder = "rcf",
+        checkpoint: str | os.PathLike[str] | None = None,
+        chip_size: int = 256,
+        stride: int | None = None,
+        edges: Edges = "drop",
+        batch_size: int = 16,
+        max_nodata: float = 0.5,
+        device: str = "cpu",
+        precision: Precision = "auto",
+        prefetch: int = 2,
+        progress: bool | None = None,
+    ) -> xr.Dataset:
+        """Embed this imagery (a datacube's ``pixels``): see :func:`xclay.embed`."""
+        from xclay.embed import embed
+
+        return embed(
+            self._obj,
+            model=model,
+            checkpoint=checkpoint,
+            chip_size=chip_size,
+            stride=stride,
+            edges=edges,
+            batch_size=batch_size,
+            max_nodata=max_nodata,
+            device=device,
+            precision=precision,
+            prefetch=prefetch,
+            progress=progress,
+        )

@@ -1,0 +1,390 @@
+"""From chip windows to batches: read, check validity, assemble, prefetch.
+
+The hot path reads each chip window straight from the cube's backing array
+(NumPy, or the Zarr store through xarray's lazy indexer: basic slices only,
+no coordinate lookups) into a slot of a preallocated batch buffer. Buffers
+are reused from a fixed pool, so memory stays at ``(prefetch + 2)`` batches
+whatever the size of the cube. With ``prefetch > 0`` a background thread
+reads the next batches while the encoder works on the current one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import xarray as xr
+
+from xclay.chips import ChipGrid
+from xclay.errors import DatacubeError
+
+if TYPE_CHECKING:
+    import torch
+
+    from xclay.protocols import ChipBatch, Sampler
+
+__all__ = [
+    "ArrayWindowReader",
+    "BatchPlan",
+    "HostBatch",
+    "iter_batches",
+    "make_sampler",
+    "to_chip_batch",
+]
+
+log = logging.getLogger(__name__)
+
+
+class ArrayWindowReader:
+    """Reads chip windows from a datacube's ``pixels`` (NumPy, dask or lazily opened Zarr).
+
+    Validity of a pixel: inside the raster, no band equal to the nodata
+    value, every band finite.
+    """
+
+    def __init__(self, pixels: xr.DataArray) -> None:
+        self._variable = pixels.variable
+        self._numpy = pixels.data if isinstance(pixels.data, np.ndarray) else None
+        nodata = pixels.attrs.get("nodata")
+        self.nodata: float | None = None if nodata is None else float(nodata)
+        self._shape = tuple(int(s) for s in pixels.shape)
+        self._dtype = np.dtype(pixels.dtype)
+        # Value written where a padded window leaves the raster (masked out anyway).
+        if self.nodata is not None:
+            self._pad_value: float = self.nodata
+        else:
+            self._pad_value = float("nan") if self._dtype.kind == "f" else 0.0
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        t, b, y, x = self._shape
+        return t, b, y, x
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return self._dtype
+
+    def read(self, t: int, row: int, col: int, size: int, out: np.ndarray) -> None:
+        _, _, ny, nx = self._shape
+        r0, r1 = max(row, 0), min(row + size, ny)
+        c0, c1 = max(col, 0), min(col + size, nx)
+        if r1 - r0 != size or c1 - c0 != size:
+            out.fill(self._pad_value)
+        if self._numpy is not None:
+            window = self._numpy[t, :, r0:r1, c0:c1]
+        else:
+            window = np.asarray(self._variable[t, :, r0:r1, c0:c1].values)
+        out[:, r0 - row : r1 - row, c0 - col : c1 - col] = window
+
+    def valid(
+        self, t: int, row: int, col: int, size: int, pixels: np.ndarray, out: np.ndarray
+    ) -> None:
+        """Fill ``out`` ``[size, size]`` with pixel validity of a window read into ``pixels``."""
+        _, _, ny, nx = self._shape
+        if self.nodata is not None and np.isfinite(self.nodata):
+            np.all(pixels != pixels.dtype.type(self.nodata), axis=0, out=out)
+        else:
+            out.fill(True)
+        if self._dtype.kind == "f":
+            out &= np.isfinite(pixels).all(axis=0)
+        if row < 0 or col < 0 or row + size > ny or col + size > nx:
+            inside = np.zeros((size, size), dtype=bool)
+            inside[max(0, -row) : min(size, ny - row), max(0, -col) : min(size, nx - col)] = True
+            out &= inside
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """What to batch: which chips, how many at once, and the quality filter."""
+
+    grid: ChipGrid
+    times: int
+    batch_size: int
+    max_nodata: float
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise DatacubeError(f"batch_size must be >= 1, got {self.batch_size}.")
+        if not 0.0 <= self.max_nodata <= 1.0:
+            raise DatacubeError(f"max_nodata must be within [0, 1], got {self.max_nodata}.")
+
+    @property
+    def total_chips(self) -> int:
+        return self.times * self.grid.rows * self.grid.cols
+
+
+@dataclass
+class HostBatch:
+    """Chips assembled in host memory: a view of one pooled buffer.
+
+    ``pixels[:n]``/``valid[:n]`` hold the accepted chips, ``index[:n]`` their
+    ``(t, chip_row, chip_col)``; ``scanned`` counts all chips looked at to
+    fill it (accepted or filtered out).
+    """
+
+    pixels: np.ndarray
+    valid: np.ndarray
+    index: np.ndarray
+    scanned: int
+    slot: int
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+
+class _Pool:
+    """Fixed set of reusable batch buffers (pinned host memory when feeding a GPU)."""
+
+    def __init__(
+        self, n: int, plan: BatchPlan, bands: int, dtype: np.dtype[Any], pin: bool
+    ) -> None:
+        size = plan.grid.spec.chip_size
+        shape = (plan.batch_size, bands, size, size)
+        self.pixels = [_host_buffer(shape, dtype, pin) for _ in range(n)]
+        self.valid = [np.empty((plan.batch_size, size, size), dtype=bool) for _ in range(n)]
+        self.free: queue.Queue[int] = queue.Queue()
+        for i in range(n):
+            self.free.put(i)
+
+
+def _host_buffer(shape: tuple[int, ...], dtype: np.dtype[Any], pin: bool) -> np.ndarray:
+    if not pin:
+        return np.empty(shape, dtype=dtype)
+    import torch
+
+    return torch.empty(shape, dtype=_torch_dtype(dtype), pin_memory=True).numpy()
+
+
+def iter_batches(
+    reader: ArrayWindowReader,
+    plan: BatchPlan,
+    nodata_fraction: np.ndarray,
+    *,
+    prefetch: int = 2,
+    pin_memory: bool = False,
+) -> Iterator[HostBatch]:
+    """Yield batches of accepted chips in (time, chip row, chip col) order.
+
+    Fills ``nodata_fraction[t, i, j]`` for every chip scanned. A chip is
+    accepted when its nodata fraction is below 1 and at most ``max_nodata``.
+    A yielded batch's buffer is reused once the consumer asks for the next
+    one: use (or copy) it before then.
+    """
+    if prefetch < 0:
+        raise DatacubeError(f"prefetch must be >= 0, got {prefetch}.")
+    pool = _Pool(prefetch + 2, plan, reader.shape[1], reader.dtype, pin_memory)
+    if prefetch == 0:
+        yield from _recycling(_fill_batches(reader, plan, nodata_fraction, pool, None), pool)
+        return
+    yield from _recycling(_prefetched(reader, plan, nodata_fraction, pool, prefetch), pool)
+
+
+def _recycling(batches: Iterator[HostBatch], pool: _Pool) -> Iterator[HostBatch]:
+    previous: HostBatch | None = None
+    try:
+        for batch in batches:
+            if previous is not None:
+                pool.free.put(previous.slot)
+            previous = batch
+            yield batch
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+
+
+def _fill_batches(
+    reader: ArrayWindowReader,
+    plan: BatchPlan,
+    nodata_fraction: np.ndarray,
+    pool: _Pool,
+    stop: threading.Event | None,
+) -> Iterator[HostBatch]:
+    grid = plan.grid
+    size = grid.spec.chip_size
+    rows, cols = grid.row_offsets, grid.col_offsets
+    pixels_count = float(size * size)
+    slot = pool.free.get()
+    n, scanned = 0, 0
+    index = np.empty((plan.batch_size, 3), dtype=np.int64)
+    for t in range(plan.times):
+        for i, row in enumerate(rows):
+            for j, col in enumerate(cols):
+                if stop is not None and stop.is_set():
+                    return
+                buf, valid = pool.pixels[slot][n], pool.valid[slot][n]
+                reader.read(t, int(row), int(col), size, buf)
+                reader.valid(t, int(row), int(col), size, buf, valid)
+                fraction = 1.0 - np.count_nonzero(valid) / pixels_count
+                nodata_fraction[t, i, j] = fraction
+                scanned += 1
+                if fraction >= 1.0 or fraction > plan.max_nodata:
+                    continue
+                index[n] = (t, i, j)
+                n += 1
+                if n == plan.batch_size:
+                    yield HostBatch(
+                        pool.pixels[slot], pool.valid[slot], index.copy(), scanned, slot
+                    )
+                    slot = pool.free.get()
+                    n, scanned = 0, 0
+    if n or scanned:
+        yield HostBatch(
+            pool.pixels[slot][:n], pool.valid[slot][:n], index[:n].copy(), scanned, slot
+        )
+    else:
+        pool.free.put(slot)
+
+
+_DONE = object()
+
+
+def _prefetched(
+    reader: ArrayWindowReader,
+    plan: BatchPlan,
+    nodata_fraction: np.ndarray,
+    pool: _Pool,
+    depth: int,
+) -> Iterator[HostBatch]:
+    """Run :func:`_fill_batches` in a thread, ``depth`` batches ahead of the consumer."""
+    ready: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for batch in _fill_batches(reader, plan, nodata_fraction, pool, stop):
+                while not stop.is_set():
+                    try:
+                        ready.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+            ready.put(_DONE)
+        except BaseException as err:  # re-raised in the consumer's thread
+            ready.put(err)
+
+    thread = threading.Thread(target=produce, name="xclay-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _DONE:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        # Unblock a producer waiting for a free buffer or a queue slot, then wait for it.
+        for i in range(len(pool.pixels)):
+            pool.free.put(i)
+        while thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                ready.get(timeout=0.1)
+        thread.join()
+
+
+def to_chip_batch(
+    host: HostBatch,
+    lonlat: np.ndarray,
+    times: np.ndarray,
+    device: torch.device,
+) -> ChipBatch:
+    """Hand a host batch to torch (zero-copy on CPU, async copy from pinned memory on CUDA).
+
+    ``lonlat`` is ``(rows, cols, 2)`` chip centres, ``times`` ``(time,)`` datetime64.
+    """
+    import torch
+
+    from xclay.protocols import ChipBatch
+
+    t, i, j = host.index[:, 0], host.index[:, 1], host.index[:, 2]
+    pixels = torch.from_numpy(host.pixels)
+    valid = torch.from_numpy(host.valid)
+    if device.type != "cpu":
+        pixels = pixels.to(device, non_blocking=True)
+        valid = valid.to(device, non_blocking=True)
+    return ChipBatch(
+        pixels=pixels,
+        valid=valid,
+        lonlat=torch.from_numpy(np.ascontiguousarray(lonlat[i, j], dtype=np.float64)).to(device),
+        time=np.asarray(times)[t],
+    )
+
+
+def make_sampler(
+    reader: ArrayWindowReader,
+    grid: ChipGrid,
+    lonlat: np.ndarray,
+    times: np.ndarray,
+) -> Sampler:
+    """A reproducible source of sample chips for fitting (rcf filters, measured normalisation).
+
+    ``sample(n, seed)`` draws chips uniformly over (time, row, col) with the
+    seed and returns up to ``n`` of them with at most half their pixels
+    nodata (fewer if the cube has fewer such chips), as a CPU ChipBatch.
+    """
+
+    def sample(n: int, seed: int) -> ChipBatch:
+        import torch
+
+        from xclay.protocols import ChipBatch
+
+        size = grid.spec.chip_size
+        total = len(times) * grid.rows * grid.cols
+        rng = np.random.default_rng(seed)
+        # Candidates beyond n leave room for chips that are mostly nodata.
+        order = rng.choice(total, size=min(total, 8 * n), replace=False)
+        bands = reader.shape[1]
+        pixels = np.empty((n, bands, size, size), dtype=reader.dtype)
+        valid = np.empty((n, size, size), dtype=bool)
+        picked: list[tuple[int, int, int]] = []
+        for flat in order:
+            if len(picked) == n:
+                break
+            t, rest = divmod(int(flat), grid.rows * grid.cols)
+            i, j = divmod(rest, grid.cols)
+            row, col = int(grid.row_offsets[i]), int(grid.col_offsets[j])
+            k = len(picked)
+            reader.read(t, row, col, size, pixels[k])
+            reader.valid(t, row, col, size, pixels[k], valid[k])
+            if valid[k].mean() >= 0.5:
+                picked.append((t, i, j))
+        if not picked:
+            raise DatacubeError(
+                "no chip of the cube has at least half of its pixels valid: nothing to fit or "
+                "measure on. Check the nodata value and the masks."
+            )
+        k = len(picked)
+        idx = np.array(picked)
+        return ChipBatch(
+            pixels=torch.from_numpy(pixels[:k].copy()),
+            valid=torch.from_numpy(valid[:k].copy()),
+            lonlat=torch.from_numpy(lonlat[idx[:, 1], idx[:, 2]].astype(np.float64)),
+            time=np.asarray(times)[idx[:, 0]],
+        )
+
+    return sample
+
+
+def _torch_dtype(dtype: np.dtype[Any]) -> torch.dtype:
+    import torch
+
+    try:
+        return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+    except TypeError as err:
+        raise DatacubeError(
+            f"pixels of dtype {dtype} cannot be handed to torch; convert the cube to "
+            "uint8/int16/int32/float32 (torch has no unsigned 32/64-bit tensors)."
+        ) from err
+
+
+def check_torch_dtype(dtype: np.dtype[Any]) -> None:
+    """Raise a clear error for pixel dtypes torch cannot hold (uint32, uint64)."""
+    _torch_dtype(dtype)

@@ -1,0 +1,215 @@
+"""The ``xclay`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from xclay._version import __version__
+from xclay.errors import XClayError
+
+__all__ = ["main"]
+
+log = logging.getLogger(__name__)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+    )
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        result: int = args.func(args)
+        return result
+    except XClayError as err:
+        print(f"xclay {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"xclay {args.command}: interrupted; nothing half-written was kept.", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xclay",
+        description="Satellite imagery composites -> foundation-model embeddings (Zarr + GeoParquet).",
+    )
+    parser.add_argument("--version", action="version", version=f"xclay {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command")
+
+    demo = sub.add_parser(
+        "demo",
+        help="embed the built-in demo composite (no download) and write every output",
+        description=(
+            "Build the synthetic Sentinel-2 demo composite, write it as a datacube, embed it, and "
+            "write embeddings.zarr, embeddings.parquet and preview.png."
+        ),
+    )
+    demo.add_argument(
+        "--out", type=Path, default=Path("xclay-demo"), help="output folder (default: ./xclay-demo)"
+    )
+    demo.add_argument(
+        "--size", type=int, default=2048, help="scene edge in pixels (default 2048 = 20.5 km)"
+    )
+    demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic scene (default 0)")
+    _add_embed_options(demo)
+    demo.set_defaults(func=_demo)
+
+    emb = sub.add_parser(
+        "embed",
+        help="embed a datacube Zarr; write embeddings.zarr and embeddings.parquet",
+    )
+    emb.add_argument("cube", type=Path, help="datacube Zarr (xclay.write_datacube)")
+    emb.add_argument("--out", type=Path, required=True, help="output folder")
+    emb.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _add_embed_options(emb)
+    emb.set_defaults(func=_embed)
+
+    info = sub.add_parser("info", help="versions, CPU/GPU, optional parts available")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=_info)
+    return parser
+
+
+def _add_embed_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="rcf", help="registry name (default rcf; see xclay info)")
+    p.add_argument(
+        "--checkpoint", type=Path, default=None, help="weights / fitted filters for --model"
+    )
+    p.add_argument("--chip-size", type=int, default=256, help="chip edge in pixels (default 256)")
+    p.add_argument(
+        "--stride", type=int, default=None, help="pixels between chips (default: chip size)"
+    )
+    p.add_argument(
+        "--edges", choices=("drop", "pad"), default="drop", help="edge policy (default drop)"
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="chips per encoder call (default 16)")
+    p.add_argument(
+        "--max-nodata", type=float, default=0.5, help="skip chips with more nodata (default 0.5)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _embed_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "model": args.model,
+        "checkpoint": args.checkpoint,
+        "chip_size": args.chip_size,
+        "stride": args.stride,
+        "edges": args.edges,
+        "batch_size": args.batch_size,
+        "max_nodata": args.max_nodata,
+        "device": args.device,
+        "precision": args.precision,
+        "progress": False if args.no_progress else None,
+    }
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from xclay.datacube import open_datacube, write_datacube
+    from xclay.datasets import demo_composite
+    from xclay.viz import save_preview
+
+    started = time.perf_counter()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    cube = demo_composite(args.size, seed=args.seed)
+    ny, nx = cube.sizes["y"], cube.sizes["x"]
+    gsd = cube.attrs["gsd"]
+    print(
+        f"xclay demo: synthetic Sentinel-2 L2A annual composite, {ny} x {nx} px "
+        f"({ny * gsd / 1000:.1f} x {nx * gsd / 1000:.1f} km at {gsd:g} m), Amazon basin (EPSG:32720)"
+    )
+    cube_path = write_datacube(cube, out / "cube.zarr", chip_size=args.chip_size, overwrite=True)
+    print(f"  datacube    {cube_path}")
+    cube = open_datacube(cube_path)
+    emb = _embed_and_export(cube, out, args, overwrite=True)
+    save_preview(cube, emb, out / "preview.png")
+    print(f"  preview     {out / 'preview.png'}  (true colour | PCA of the embeddings)")
+    print(f"done in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from xclay.datacube import open_datacube
+
+    cube = open_datacube(args.cube)
+    _embed_and_export(cube, args.out, args, overwrite=args.overwrite)
+    return 0
+
+
+def _embed_and_export(cube: Any, out: Path, args: argparse.Namespace, *, overwrite: bool) -> Any:
+    from xclay.embed import embed
+    from xclay.export import to_geoparquet, to_zarr
+
+    t0 = time.perf_counter()
+    emb = embed(cube, **_embed_kwargs(args))
+    seconds = time.perf_counter() - t0
+    run = emb.attrs["run"]
+    card = emb.attrs["model"]
+    done = run["chips_embedded"]
+    print(
+        f"  embedded    {done} of {run['chips_total']} chips with {card['name']} "
+        f"({card['dim']}-d) on {args.device} in {seconds:.1f} s: {done / max(seconds, 1e-9):.1f} chips/s"
+    )
+    skipped = run["chips_skipped_nodata"] + run["chips_failed"]
+    if skipped:
+        print(
+            f"  skipped     {run['chips_skipped_nodata']} with nodata > {args.max_nodata:g}, "
+            f"{run['chips_failed']} with no valid window"
+        )
+    zarr_path = to_zarr(emb, out / "embeddings.zarr", overwrite=overwrite)
+    print(f"  embeddings  {zarr_path}")
+    pq_path = to_geoparquet(emb, out / "embeddings.parquet", overwrite=overwrite)
+    print(f"  geoparquet  {pq_path}  ({done} rows)")
+    return emb
+
+
+def _info(args: argparse.Namespace) -> int:
+    from xclay.environment import describe
+    from xclay.models import get_model_info, list_models
+
+    info = describe()
+    info["models"] = {name: get_model_info(name).description for name in list_models()}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"xclay {info['xclay']}  (Python {info['python']}, {info['platform']})")
+    cpu = info["cpu"]
+    bf16 = (
+        "AMX-BF16" if cpu["amx_bf16"] else ("AVX512-BF16" if cpu["avx512_bf16"] else "no fast bf16")
+    )
+    print(f"CPU     {cpu['model']}, {cpu['cores']} cores, {bf16}; memory {info['memory_gib']} GiB")
+    gpu = info["gpu"]
+    if gpu.get("cuda"):
+        for d in gpu["devices"]:
+            print(f"GPU     {d['name']} ({d['memory_gib']} GiB, sm {d['capability']})")
+    else:
+        build = gpu.get("torch_cuda_build") or "CPU-only build"
+        print(f"GPU     none usable (torch: {build})")
+    print(
+        "parts   " + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in info["optional"].items())
+    )
+    print("models  " + ", ".join(info["models"]))
+    print("versions")
+    for name, version in info["packages"].items():
+        print(f"  {name:20s} {version}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

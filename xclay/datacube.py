@@ -1,0 +1,687 @@
+"""The datacube convention: build, validate, write (Zarr v3) and open.
+
+A datacube is an ``xarray.Dataset`` with one variable ``pixels`` with dims
+``(time, band, y, x)``; coords ``band`` (names), ``wavelength(band)``
+(micrometres), ``time``, ``y``/``x`` (pixel centres) and a CF
+``spatial_ref`` grid mapping with ``crs_wkt`` and an exact GDAL
+``GeoTransform``, readable by odc-geo and rioxarray. Dataset attrs name the
+``platform`` (a key of the sensor table, if known), the ``gsd`` (metres) and
+the ``provenance``; ``pixels.attrs["nodata"]`` holds the nodata value, if any.
+
+On disk (Zarr v3) ``pixels`` is chunked so that one chip window (all bands)
+is one chunk, optionally grouped into shards so that a continent does not
+become millions of files.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import xarray as xr
+from affine import Affine
+from odc.geo import CRS
+from odc.geo.geobox import GeoBox
+from odc.geo.xr import xr_coords
+
+from xclay._atomic import atomic_output
+from xclay._hashing import sha256_file
+from xclay._version import __version__
+from xclay.errors import ChunkingError, DatacubeError, DeviceError, MissingDependencyError
+from xclay.models.sensors import get_sensor
+
+__all__ = [
+    "DATACUBE_DIMS",
+    "as_datacube",
+    "check_chip_alignment",
+    "datacube_geobox",
+    "open_datacube",
+    "validate_datacube",
+    "write_datacube",
+]
+
+log = logging.getLogger(__name__)
+
+DATACUBE_DIMS = ("time", "band", "y", "x")
+CONVENTION = "xclay-datacube/1"
+Engine = Literal["auto", "zarr", "kvikio"]
+Compression = Literal["zstd", "lz4", "none"]
+
+_BAND_DIM_NAMES = ("band", "bands", "variable", "channel", "spectral")
+_SPATIAL_RENAMES = {"latitude": "y", "longitude": "x", "lat": "y", "lon": "x"}
+TimeLike = str | dt.datetime | dt.date | np.datetime64
+
+
+# --------------------------------------------------------------------------- build
+
+
+def as_datacube(
+    obj: xr.DataArray | xr.Dataset,
+    *,
+    platform: str | None = None,
+    bands: Sequence[str] | None = None,
+    wavelengths: Sequence[float] | Mapping[str, float] | None = None,
+    time: TimeLike | tuple[TimeLike, TimeLike] | None = None,
+    nodata: float | None = None,
+    gsd: float | None = None,
+    crs: str | int | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> xr.Dataset:
+    """Turn imagery you already have into a datacube following xclay's convention.
+
+    Parameters
+    ----------
+    obj
+        A DataArray with a band dim (``rioxarray.open_rasterio``), a Dataset
+        with one variable per band (``odc.stac.load``), or a Dataset that
+        already has a ``pixels`` variable. Lazy (dask or file-backed) data
+        stays lazy.
+    platform
+        Key of the sensor table (``xclay.models.sensors.list_platforms()``),
+        e.g. ``"sentinel-2-l2a"``. Fills in wavelengths from the band names.
+    bands
+        Band names, in the order of the band dim (needed when the source has
+        no names, e.g. a GeoTIFF's bands 1..N). Also selects and orders the
+        variables of a one-variable-per-band Dataset.
+    wavelengths
+        Central wavelength of each band in micrometres (a sequence in band
+        order, or a mapping name -> wavelength). Needed when no platform is
+        given.
+    time
+        Acquisition time, when the source has no time dim: an instant, or a
+        ``(start, end)`` pair for a composite (stored as the midpoint, with
+        ``time_start``/``time_end`` coords). ``None``: unknown (NaT).
+    nodata
+        Nodata value; default from the source's ``nodata`` or ``_FillValue``.
+    gsd
+        Ground sample distance in metres; default the pixel size of a
+        projected CRS (required for a geographic CRS).
+    crs
+        CRS to assume when the source carries none (e.g. ``"EPSG:32720"``).
+    provenance
+        Extra provenance to record (merged into ``attrs["provenance"]``).
+
+    Returns
+    -------
+    xarray.Dataset
+        ``pixels(time, band, y, x)`` with the coords and attrs of the convention.
+    """
+    pixels = _pixels_dataarray(obj, bands)
+    pixels = _standard_spatial_dims(pixels)
+    names = _band_names(pixels, bands, platform)
+    pixels = pixels.assign_coords(band=np.array(names, dtype=object))
+    waves = _wavelengths(pixels, names, platform, wavelengths)
+    _check_dtype(pixels.dtype)
+
+    geobox = _geobox_from_source(pixels, crs)
+    pixels = _with_time(pixels, time)
+    pixels = pixels.transpose(*DATACUBE_DIMS)
+
+    fill = _nodata_of(obj, pixels) if nodata is None else nodata
+    pixel_gsd = _gsd_of(geobox) if gsd is None else float(gsd)
+
+    coords = xr_coords(geobox, crs_coord_name="spatial_ref")
+    data = xr.DataArray(
+        pixels.data,
+        dims=DATACUBE_DIMS,
+        coords={
+            "time": pixels["time"].values,
+            "band": np.array(names, dtype=object),
+            "y": coords["y"],
+            "x": coords["x"],
+        },
+        attrs={"grid_mapping": "spatial_ref"},
+    )
+    if fill is not None:
+        data.attrs["nodata"] = fill
+    cube = xr.Dataset({"pixels": data})
+    cube = cube.assign_coords(
+        wavelength=("band", np.asarray(waves, dtype="float64"), {"units": "micrometre"}),
+        spatial_ref=coords["spatial_ref"],
+    )
+    for extra in ("time_start", "time_end"):
+        if extra in pixels.coords:
+            cube = cube.assign_coords({extra: ("time", pixels[extra].values)})
+
+    cube.attrs = {
+        "convention": CONVENTION,
+        "platform": platform or "",
+        "gsd": pixel_gsd,
+        "provenance": _provenance(obj, provenance),
+    }
+    validate_datacube(cube)
+    return cube
+
+
+def _pixels_dataarray(obj: xr.DataArray | xr.Dataset, bands: Sequence[str] | None) -> xr.DataArray:
+    if isinstance(obj, xr.DataArray):
+        da = obj
+        if not any(d in _BAND_DIM_NAMES for d in da.dims) and da.ndim in (2, 3):
+            name = (bands[0] if bands else None) or (str(da.name) if da.name is not None else None)
+            da = da.expand_dims(band=[name or "band_1"])
+        return da
+    if not isinstance(obj, xr.Dataset):
+        raise DatacubeError(
+            f"as_datacube needs an xarray DataArray or Dataset, got {type(obj).__name__}; "
+            "open rasters with rioxarray.open_rasterio or odc.stac.load first."
+        )
+    if "pixels" in obj.data_vars:
+        return obj["pixels"]
+    names = list(bands) if bands is not None else [str(v) for v in obj.data_vars]
+    if not names:
+        raise DatacubeError("the Dataset has no data variables; there are no bands to use.")
+    missing = [n for n in names if n not in obj.data_vars]
+    if missing:
+        raise DatacubeError(
+            f"bands {missing} are not variables of the Dataset (it has "
+            f"{', '.join(map(str, obj.data_vars))}); pass bands= with existing names."
+        )
+    dims = {obj[n].dims for n in names}
+    if len(dims) != 1:
+        raise DatacubeError(
+            f"the band variables have different dims {sorted(dims)}; select variables on one grid."
+        )
+    stacked = xr.concat([obj[n] for n in names], dim="band", coords="minimal", compat="override")
+    return stacked.assign_coords(band=np.array(names, dtype=object))
+
+
+def _standard_spatial_dims(da: xr.DataArray) -> xr.DataArray:
+    renames = {d: _SPATIAL_RENAMES[str(d)] for d in da.dims if str(d) in _SPATIAL_RENAMES}
+    da = da.rename(renames) if renames else da
+    band_dims = [d for d in da.dims if d in _BAND_DIM_NAMES]
+    if len(band_dims) > 1:
+        raise DatacubeError(f"more than one band-like dim {band_dims}; keep one band dim.")
+    if band_dims and band_dims[0] != "band":
+        da = da.rename({band_dims[0]: "band"})
+    missing = [d for d in ("band", "y", "x") if d not in da.dims]
+    if missing:
+        raise DatacubeError(
+            f"imagery dims are {tuple(map(str, da.dims))}, missing {missing}: a datacube needs a "
+            "band dim (or one variable per band) and spatial dims y, x (or latitude, longitude)."
+        )
+    extra = [d for d in da.dims if d not in DATACUBE_DIMS]
+    if extra:
+        raise DatacubeError(
+            f"unexpected dims {extra}: a datacube has only (time, band, y, x); select or reduce "
+            "the extra dims first (e.g. .isel(...) or a composite over them)."
+        )
+    return da
+
+
+def _band_names(da: xr.DataArray, bands: Sequence[str] | None, platform: str | None) -> list[str]:
+    n = da.sizes["band"]
+    if bands is not None:
+        if len(bands) != n:
+            raise DatacubeError(f"bands= has {len(bands)} names but the imagery has {n} bands.")
+        return [str(b) for b in bands]
+    values = da["band"].values if "band" in da.coords else np.arange(1, n + 1)
+    if all(isinstance(v, str) for v in values.tolist()):
+        return [str(v) for v in values.tolist()]
+    long_name = da.attrs.get("long_name")
+    if isinstance(long_name, list | tuple) and len(long_name) == n and all(long_name):
+        return [str(v) for v in long_name]
+    if platform is not None:
+        known = ", ".join(get_sensor(platform).band_names)
+        raise DatacubeError(
+            f"the {n} bands have no names, so it is unknown which {platform!r} bands they are; "
+            f"pass bands=[...] in band order, using names from: {known}."
+        )
+    return [f"band_{int(v)}" for v in values.tolist()]
+
+
+def _wavelengths(
+    da: xr.DataArray,
+    names: list[str],
+    platform: str | None,
+    wavelengths: Sequence[float] | Mapping[str, float] | None,
+) -> list[float]:
+    if wavelengths is not None:
+        if isinstance(wavelengths, Mapping):
+            missing = [n for n in names if n not in wavelengths]
+            if missing:
+                raise DatacubeError(f"wavelengths= has no entry for bands {missing}.")
+            waves = [float(wavelengths[n]) for n in names]
+        else:
+            waves = [float(w) for w in wavelengths]
+            if len(waves) != len(names):
+                raise DatacubeError(
+                    f"wavelengths= has {len(waves)} values but the imagery has {len(names)} bands."
+                )
+    elif platform is not None:
+        sensor = get_sensor(platform)
+        waves = [sensor.band(n).wavelength for n in names]
+    elif "wavelength" in da.coords and da["wavelength"].dims == ("band",):
+        waves = [float(w) for w in da["wavelength"].values]
+    else:
+        raise DatacubeError(
+            "wavelengths missing: pass platform= (a sensor-table key such as 'sentinel-2-l2a') "
+            "or wavelengths=[...] with each band's central wavelength in micrometres."
+        )
+    if not all(math.isfinite(w) and w > 0 for w in waves):
+        raise DatacubeError(f"wavelengths must be positive numbers (micrometres), got {waves}.")
+    return waves
+
+
+def _check_dtype(dtype: np.dtype[Any]) -> None:
+    if dtype.kind not in "uif":
+        raise DatacubeError(
+            f"pixels have dtype {dtype}, which is not numeric; a datacube holds integer or "
+            "floating-point digital numbers. Convert with .astype('uint16') or 'float32'."
+        )
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def datacube_geobox(cube: xr.Dataset | xr.DataArray) -> GeoBox:
+    """The pixel grid of a datacube (CRS, exact affine transform, shape)."""
+    da = cube["pixels"] if isinstance(cube, xr.Dataset) else cube
+    return _geobox_from_source(da, None)
+
+
+def _geobox_from_source(da: xr.DataArray, crs: str | int | None) -> GeoBox:
+    crs_obj = _crs_of(da)
+    if crs_obj is None:
+        if crs is None:
+            raise DatacubeError(
+                "the imagery has no CRS. Write one (da.rio.write_crs('EPSG:32720') with "
+                "rioxarray, or odc.geo.xr.assign_crs) or pass crs='EPSG:...' to as_datacube."
+            )
+        crs_obj = CRS(crs)
+    ny, nx = da.sizes["y"], da.sizes["x"]
+    if ny < 1 or nx < 1:
+        raise DatacubeError(f"the imagery is empty ({ny} x {nx} pixels).")
+    transform = _transform_of(da)
+    if not transform.is_rectilinear or transform.a == 0 or transform.e == 0:
+        raise DatacubeError(
+            f"the pixel grid is rotated or degenerate ({transform!r}); reproject it to a "
+            "north-up grid first (e.g. odc.geo.xr.xr_reproject)."
+        )
+    return GeoBox((ny, nx), transform, crs_obj)
+
+
+def _crs_of(da: xr.DataArray) -> CRS | None:
+    gm_name = da.attrs.get("grid_mapping") or da.encoding.get("grid_mapping") or "spatial_ref"
+    for name in (gm_name, "spatial_ref", "crs"):
+        if name in da.coords:
+            attrs = da[name].attrs
+            wkt = attrs.get("crs_wkt") or attrs.get("spatial_ref")
+            if wkt:
+                return CRS(wkt)
+    for key in ("crs",):
+        value = da.attrs.get(key)
+        if value:
+            return CRS(value)
+    return None
+
+
+def _transform_of(da: xr.DataArray) -> Affine:
+    """Exact transform from the GDAL GeoTransform when it matches the coords, else from coords."""
+    from_coords = _transform_from_coords(da)
+    gm = da.attrs.get("grid_mapping") or "spatial_ref"
+    gt = da[gm].attrs.get("GeoTransform") if gm in da.coords else None
+    if gt is None:
+        if from_coords is None:
+            raise DatacubeError(
+                "cannot tell the pixel grid: the imagery has neither a GeoTransform nor regular "
+                "1-D x/y coordinates. Open it with rioxarray or odc-stac, which record both."
+            )
+        return from_coords
+    c, a, b, f, d, e = (float(v) for v in str(gt).split())
+    exact = Affine(a, b, c, d, e, f)
+    if from_coords is None:
+        return exact
+    # A subset (isel) keeps the old GeoTransform: shift it by whole pixels to
+    # the coords' origin so the transform stays exact.
+    col = (from_coords.c - exact.c) / exact.a
+    row = (from_coords.f - exact.f) / exact.e
+    if (
+        abs(col - round(col)) < 1e-3
+        and abs(row - round(row)) < 1e-3
+        and math.isclose(from_coords.a, exact.a, rel_tol=1e-6)
+        and math.isclose(from_coords.e, exact.e, rel_tol=1e-6)
+    ):
+        return exact * Affine.translation(round(col), round(row))
+    return from_coords
+
+
+def _transform_from_coords(da: xr.DataArray) -> Affine | None:
+    x, y = (
+        da["x"].values if "x" in da.coords else None,
+        da["y"].values if "y" in da.coords else None,
+    )
+    if x is None or y is None or x.ndim != 1 or y.ndim != 1:
+        return None
+    res_x, res_y = da["x"].attrs.get("resolution"), da["y"].attrs.get("resolution")
+    if x.size > 1:
+        dx = float(np.diff(x).mean())
+    elif res_x is not None:
+        dx = float(res_x)
+    else:
+        return None
+    if y.size > 1:
+        dy = float(np.diff(y).mean())
+    elif res_y is not None:
+        dy = -abs(float(res_y))
+    else:
+        return None
+    if x.size > 2 and not np.allclose(np.diff(x), dx, rtol=1e-6, atol=0):
+        raise DatacubeError("x coordinates are not regularly spaced; resample to a regular grid.")
+    if y.size > 2 and not np.allclose(np.diff(y), dy, rtol=1e-6, atol=0):
+        raise DatacubeError("y coordinates are not regularly spaced; resample to a regular grid.")
+    return Affine(dx, 0.0, float(x[0]) - dx / 2, 0.0, dy, float(y[0]) - dy / 2)
+
+
+def _gsd_of(geobox: GeoBox) -> float:
+    crs = geobox.crs
+    if crs is None or crs.geographic:
+        raise DatacubeError(
+            "the CRS is geographic (degrees), so the ground sample distance is unknown; pass "
+            "gsd= in metres, or reproject to a projected CRS (UTM) first."
+        )
+    units = crs.units[0] if crs.units else "metre"
+    if units not in ("metre", "m", "meter"):
+        raise DatacubeError(f"the CRS unit is {units!r}, not metres; pass gsd= in metres.")
+    res = geobox.resolution
+    return float(math.sqrt(abs(res.x * res.y)))
+
+
+# --------------------------------------------------------------------------- time, nodata, provenance
+
+
+def _to_datetime64(value: TimeLike) -> np.datetime64:
+    try:
+        as_array = np.array(value, dtype="datetime64[ns]")
+    except (ValueError, TypeError) as err:
+        raise DatacubeError(
+            f"cannot read time {value!r}; use an ISO date like '2024-07-01'."
+        ) from err
+    if as_array.ndim != 0:
+        raise DatacubeError(f"time must be one instant or a (start, end) pair, got {value!r}.")
+    out: np.datetime64 = as_array.reshape(1)[0]
+    return out
+
+
+def _with_time(da: xr.DataArray, time: TimeLike | tuple[TimeLike, TimeLike] | None) -> xr.DataArray:
+    if "time" in da.dims:
+        if time is not None:
+            raise DatacubeError("the imagery already has a time dim; do not pass time= as well.")
+        times = np.asarray(da["time"].values) if "time" in da.coords else None
+        if times is None or times.dtype.kind != "M":
+            raise DatacubeError("the time dim needs datetime64 coordinates.")
+        return da
+    if time is None:
+        return da.expand_dims(time=np.array(["NaT"], dtype="datetime64[ns]"))
+    if isinstance(time, tuple):
+        start, end = (_to_datetime64(t) for t in time)
+        if end < start:
+            raise DatacubeError(f"time range ends ({end}) before it starts ({start}).")
+        mid = start + (end - start) // 2
+        da = da.expand_dims(time=np.array([mid], dtype="datetime64[ns]"))
+        return da.assign_coords(
+            time_start=("time", np.array([start], dtype="datetime64[ns]")),
+            time_end=("time", np.array([end], dtype="datetime64[ns]")),
+        )
+    return da.expand_dims(time=np.array([_to_datetime64(time)], dtype="datetime64[ns]"))
+
+
+def _nodata_of(obj: xr.DataArray | xr.Dataset, pixels: xr.DataArray) -> float | None:
+    sources: list[Mapping[str, Any]] = [pixels.attrs, pixels.encoding]
+    if isinstance(obj, xr.Dataset):
+        sources += [obj[v].attrs for v in obj.data_vars] + [obj[v].encoding for v in obj.data_vars]
+    for src in sources:
+        for key in ("nodata", "_FillValue", "missing_value"):
+            value = src.get(key)
+            if value is not None and np.ndim(value) == 0:
+                return float(value) if pixels.dtype.kind == "f" else int(value)
+    return None
+
+
+def _provenance(obj: xr.DataArray | xr.Dataset, extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    prov: dict[str, Any] = (
+        dict(obj.attrs.get("provenance", {})) if "provenance" in obj.attrs else {}
+    )
+    source = obj.encoding.get("source")
+    if source and Path(source).is_file():
+        prov.setdefault("sources", []).append(
+            {"href": str(Path(source).resolve()), "sha256": sha256_file(Path(source))}
+        )
+    prov.setdefault("created_by", f"xclay {__version__} as_datacube")
+    if extra:
+        prov.update(extra)
+    return prov
+
+
+# --------------------------------------------------------------------------- validate
+
+
+def validate_datacube(cube: xr.Dataset) -> None:
+    """Raise :class:`DatacubeError` naming the first way ``cube`` breaks the convention."""
+    if not isinstance(cube, xr.Dataset):
+        raise DatacubeError(
+            f"expected a datacube Dataset, got {type(cube).__name__}; build one with "
+            "xclay.as_datacube(...)."
+        )
+    if "pixels" not in cube.data_vars:
+        raise DatacubeError(
+            "the Dataset has no 'pixels' variable; build a datacube with xclay.as_datacube(...)."
+        )
+    pixels = cube["pixels"]
+    if pixels.dims != DATACUBE_DIMS:
+        raise DatacubeError(
+            f"pixels have dims {pixels.dims}, expected {DATACUBE_DIMS}; build the datacube with "
+            "xclay.as_datacube(...), which adds the band dim and orders the dims."
+        )
+    _check_dtype(pixels.dtype)
+    if "wavelength" not in cube.coords or cube["wavelength"].dims != ("band",):
+        raise DatacubeError(
+            "the datacube has no wavelength(band) coordinate; pass platform= or wavelengths= "
+            "to xclay.as_datacube."
+        )
+    waves = np.asarray(cube["wavelength"].values, dtype="float64")
+    if not (np.isfinite(waves).all() and (waves > 0).all()):
+        raise DatacubeError(f"wavelengths must be positive (micrometres), got {waves.tolist()}.")
+    if _crs_of(pixels) is None:
+        raise DatacubeError(
+            "the datacube has no CRS (no spatial_ref grid mapping); build it with "
+            "xclay.as_datacube(..., crs='EPSG:...')."
+        )
+    gsd = cube.attrs.get("gsd")
+    if not isinstance(gsd, int | float) or not gsd > 0:
+        raise DatacubeError(f"the datacube's gsd attribute must be a positive number, got {gsd!r}.")
+    if cube["time"].dtype.kind != "M":
+        raise DatacubeError("the time coordinate must be datetime64.")
+
+
+def check_chip_alignment(cube: xr.Dataset, chip_size: int, stride: int | None = None) -> None:
+    """Raise :class:`ChunkingError` when chip windows would cut through stored chunks.
+
+    Applies to cubes backed by chunked storage (Zarr, dask): each chip window
+    must be one chunk or a whole number of chunks, so that reading a chip
+    never decodes a chunk that other chips will decode again.
+    """
+    stride = chip_size if stride is None else stride
+    for dim, size in _chunk_sizes(cube["pixels"]).items():
+        n = cube.sizes[dim]
+        if size >= n:
+            continue  # one chunk along this dim: nothing to cut through
+        if chip_size % size or stride % size:
+            raise ChunkingError(
+                f"the datacube is stored in chunks of {size} pixels along {dim}, which do not "
+                f"line up with chips of {chip_size} px every {stride} px. Use a chip size and "
+                f"stride that are multiples of {size}, or rewrite the cube with "
+                f"xclay.write_datacube(cube, path, chip_size={chip_size})."
+            )
+
+
+def _chunk_sizes(pixels: xr.DataArray) -> dict[str, int]:
+    enc = pixels.encoding.get("chunks")
+    if pixels.chunks is not None:  # dask: regular chunks except maybe the last
+        return {d: int(pixels.chunksizes[d][0]) for d in ("y", "x")}
+    if enc is not None:
+        return {"y": int(enc[2]), "x": int(enc[3])}
+    return {}
+
+
+# --------------------------------------------------------------------------- write
+
+
+def write_datacube(
+    cube: xr.Dataset,
+    path: str | os.PathLike[str],
+    *,
+    chip_size: int = 256,
+    shard_chips: int | None = None,
+    compression: Compression = "zstd",
+    overwrite: bool = False,
+) -> Path:
+    """Write a datacube as Zarr v3 with chunks aligned to the chip grid.
+
+    Parameters
+    ----------
+    cube
+        A datacube (see :func:`as_datacube`); numpy, dask or lazily opened.
+    path
+        Output directory (``.zarr``). Written under a temporary name and
+        renamed into place when complete, so a failure never leaves a store
+        that looks whole.
+    chip_size
+        Chip edge in pixels; ``pixels`` is chunked ``(1, n_bands, chip_size, chip_size)``.
+    shard_chips
+        Group ``shard_chips x shard_chips`` chunks into one shard file
+        (Zarr v3 sharding). ``None``: one file per chunk.
+    compression
+        ``"zstd"`` (default, level 3), ``"lz4"`` or ``"none"`` (fastest to
+        read, largest on disk).
+    overwrite
+        Replace an existing store at ``path``.
+
+    Returns
+    -------
+    pathlib.Path
+        The written store.
+
+    Memory stays bounded by one shard (or chunk) row block, whatever the cube's size.
+    """
+    import zarr
+
+    validate_datacube(cube)
+    if chip_size < 1:
+        raise ChunkingError(f"chip_size must be a positive number of pixels, got {chip_size}.")
+    if shard_chips is not None and shard_chips < 1:
+        raise ChunkingError(f"shard_chips must be >= 1, got {shard_chips}.")
+    pixels = cube["pixels"]
+    nt, nb, ny, nx = pixels.shape
+    chunks = (1, nb, chip_size, chip_size)
+    block = chip_size * (shard_chips or 1)
+    shards = (1, nb, block, block) if shard_chips else None
+
+    with atomic_output(Path(path), overwrite=overwrite) as tmp:
+        meta = cube.drop_vars("pixels")
+        meta.attrs = {**cube.attrs, "xclay_version": __version__}
+        meta.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False)
+        group = zarr.open_group(tmp, mode="r+", zarr_format=3)
+        attrs = {k: _json_scalar(v) for k, v in pixels.attrs.items() if k not in ("coordinates",)}
+        attrs["coordinates"] = " ".join(
+            sorted(str(c) for c in cube.coords if c not in DATACUBE_DIMS)
+        )
+        fill = pixels.attrs.get("nodata", 0)
+        array = group.create_array(
+            "pixels",
+            shape=pixels.shape,
+            dtype=pixels.dtype,
+            chunks=chunks,
+            shards=shards,
+            compressors=_compressors(compression),
+            fill_value=fill if fill is not None and np.isfinite(fill) else 0,
+            dimension_names=DATACUBE_DIMS,
+            attributes=attrs,
+        )
+        variable = pixels.variable
+        for t in range(nt):
+            for y0 in range(0, ny, block):
+                for x0 in range(0, nx, block):
+                    y1, x1 = min(ny, y0 + block), min(nx, x0 + block)
+                    array[t, :, y0:y1, x0:x1] = np.asarray(variable[t, :, y0:y1, x0:x1].values)
+    log.info("wrote datacube %s (%d x %d x %d x %d)", path, nt, nb, ny, nx)
+    return Path(path)
+
+
+def _compressors(compression: Compression) -> Any:
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if compression == "zstd":
+        return [ZstdCodec(level=3)]
+    if compression == "lz4":
+        return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")]
+    if compression == "none":
+        return None
+    raise DatacubeError(f"compression must be 'zstd', 'lz4' or 'none', got {compression!r}.")
+
+
+def _json_scalar(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+# --------------------------------------------------------------------------- open
+
+
+def open_datacube(path: str | os.PathLike[str], *, engine: Engine = "zarr") -> xr.Dataset:
+    """Open a datacube Zarr lazily: nothing is read until pixels are used.
+
+    Parameters
+    ----------
+    path
+        A store written by :func:`write_datacube`.
+    engine
+        ``"zarr"``: host (NumPy) arrays. ``"kvikio"``: GPU (CuPy) arrays read
+        through kvikIO GPUDirect Storage; needs CUDA and ``xclay[gpu]``.
+        ``"auto"``: kvikio where it can run, else zarr.
+    """
+    _resolve_engine(engine)
+    store = Path(path)
+    if not (store / "zarr.json").is_file():
+        raise FileNotFoundError(
+            f"no datacube at {store}: expected a Zarr v3 store written by xclay.write_datacube."
+        )
+    cube = xr.open_zarr(store, chunks=None, consolidated=False, zarr_format=3, mask_and_scale=False)
+    validate_datacube(cube)
+    return cube
+
+
+def _resolve_engine(engine: str) -> str:
+    if engine not in ("auto", "zarr", "kvikio"):
+        raise DatacubeError(f"engine must be 'auto', 'zarr' or 'kvikio', got {engine!r}.")
+    if engine == "auto":
+        return "zarr"
+    if engine == "kvikio":
+        _require_cuda_kvikio()
+        raise DeviceError(
+            "engine='kvikio' is not implemented in this version of xclay; use engine='zarr'."
+        )
+    return engine
+
+
+def _require_cuda_kvikio() -> None:
+    try:
+        import kvikio  # noqa: F401
+    except ImportError as err:
+        raise MissingDependencyError(
+            "engine='kvikio' needs kvikio and cupy: pip install \"xclay[gpu]\" "
+            "(or xclay[gpu-cu12] on CUDA 12)."
+        ) from err
+    from xclay.devices import cuda_available
+
+    if not cuda_available():
+        raise DeviceError(
+            "engine='kvikio' reads into GPU memory, but no CUDA GPU is usable here; "
+            "use engine='zarr' (or engine='auto', which picks zarr on this machine)."
+        )

@@ -1,0 +1,353 @@
+"""The embedding loop: datacube -> chip grid -> batches -> encoder -> embeddings Dataset."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time as timer
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import xarray as xr
+from odc.geo.xr import xr_coords
+
+from xclay._version import __version__
+from xclay.batching import (
+    ArrayWindowReader,
+    BatchPlan,
+    check_torch_dtype,
+    iter_batches,
+    make_sampler,
+    to_chip_batch,
+)
+from xclay.chips import ChipGrid, ChipGridSpec, Edges
+from xclay.datacube import as_datacube, check_chip_alignment, datacube_geobox, validate_datacube
+from xclay.devices import Precision, resolve_device, resolve_dtype
+from xclay.errors import DatacubeError, ModelError
+from xclay.protocols import Encoder, InputSpec
+
+__all__ = ["EMBEDDINGS_CONVENTION", "EmbedConfig", "embed"]
+
+log = logging.getLogger(__name__)
+
+EMBEDDINGS_CONVENTION = "xclay-embeddings/1"
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Settings of an embedding run (stored in every output).
+
+    Attributes
+    ----------
+    grid
+        Chip size, stride and edge policy.
+    batch_size
+        Chips per encoder call.
+    max_nodata
+        Skip chips with a larger nodata fraction (chips that are all nodata
+        are always skipped).
+    device
+        ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
+    precision
+        ``"fp32"``, ``"bf16"`` or ``"auto"`` (the model's preference where the
+        device runs it fast).
+    prefetch
+        Batches read ahead in a background thread (0: read in the loop).
+    """
+
+    grid: ChipGridSpec = field(default_factory=ChipGridSpec)
+    batch_size: int = 16
+    max_nodata: float = 0.5
+    device: str = "cpu"
+    precision: Precision = "auto"
+    prefetch: int = 2
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise DatacubeError(f"batch_size must be >= 1, got {self.batch_size}.")
+        if not 0.0 <= self.max_nodata <= 1.0:
+            raise DatacubeError(f"max_nodata must be within [0, 1], got {self.max_nodata}.")
+        if self.prefetch < 0:
+            raise DatacubeError(f"prefetch must be >= 0, got {self.prefetch}.")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise DatacubeError(
+                f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EmbedConfig:
+        data = dict(data)
+        data["grid"] = ChipGridSpec.from_dict(data.get("grid", {}))
+        return cls(**data)
+
+
+def embed(
+    cube: xr.Dataset | xr.DataArray,
+    *,
+    model: str | Encoder = "rcf",
+    checkpoint: str | os.PathLike[str] | None = None,
+    chip_size: int = 256,
+    stride: int | None = None,
+    edges: Edges = "drop",
+    batch_size: int = 16,
+    max_nodata: float = 0.5,
+    device: str = "cpu",
+    precision: Precision = "auto",
+    prefetch: int = 2,
+    progress: bool | None = None,
+) -> xr.Dataset:
+    """Embed every chip of a datacube.
+
+    Parameters
+    ----------
+    cube
+        A datacube (:func:`xclay.as_datacube`, :func:`xclay.open_datacube`);
+        lazily opened cubes are read one batch at a time.
+    model
+        A registry name (:func:`xclay.models.list_models`) or an encoder.
+    checkpoint
+        Weights for ``model`` (a path); see :func:`xclay.models.get_model`.
+    chip_size, stride, edges
+        The chip grid (pixels; ``stride=None`` means no overlap; ``edges``
+        ``"drop"`` or ``"pad"``).
+    batch_size
+        Chips per encoder call.
+    max_nodata
+        Skip chips whose nodata fraction is larger (0..1).
+    device, precision
+        Where and in which precision the encoder runs.
+    prefetch
+        Batches read ahead while the encoder runs (0: no background reading).
+    progress
+        Show a progress bar (``None``: only on an interactive terminal).
+
+    Returns
+    -------
+    xarray.Dataset
+        ``embedding(time, chip_y, chip_x, feature)`` float32 (NaN where a chip
+        was not embedded), ``nodata_fraction`` and ``cloud_fraction``
+        (time, chip_y, chip_x), ``embedded`` (bool); chip centres as
+        ``chip_y``/``chip_x`` in the cube's CRS with a ``spatial_ref`` grid
+        mapping, ``lat``/``lon`` centres, ``chip_id``, pixel offsets; the model
+        card, the config and the datacube's description in ``attrs``.
+    """
+    config = EmbedConfig(
+        grid=ChipGridSpec(chip_size=chip_size, stride=stride, edges=edges),
+        batch_size=batch_size,
+        max_nodata=max_nodata,
+        device=device,
+        precision=precision,
+        prefetch=prefetch,
+    )
+    encoder = _resolve_encoder(model, checkpoint)
+    return embed_with_config(cube, encoder, config, progress=progress)
+
+
+def embed_with_config(
+    cube: xr.Dataset | xr.DataArray,
+    encoder: Encoder,
+    config: EmbedConfig,
+    *,
+    progress: bool | None = None,
+) -> xr.Dataset:
+    """:func:`embed` with its settings grouped in an :class:`EmbedConfig`."""
+    from tqdm.auto import tqdm
+
+    cube = _as_cube(cube)
+    grid = ChipGrid.from_geobox(datacube_geobox(cube), config.grid)
+    check_chip_alignment(cube, grid.spec.chip_size, grid.spec.step)
+    reader = ArrayWindowReader(cube["pixels"])
+    check_torch_dtype(reader.dtype)
+    dev = resolve_device(config.device)
+    dtype = resolve_dtype(config.precision, dev, encoder.preferred_precision)
+
+    times = np.asarray(cube["time"].values, dtype="datetime64[ns]")
+    lon, lat = grid.centres_lonlat()
+    lonlat = np.stack([lon, lat], axis=-1)
+    spec = InputSpec(
+        platform=cube.attrs.get("platform") or None,
+        bands=tuple(str(b) for b in cube["band"].values),
+        wavelengths=tuple(float(w) for w in cube["wavelength"].values),
+        gsd=float(cube.attrs["gsd"]),
+        nodata=reader.nodata,
+        dtype=str(reader.dtype),
+        chip_size=grid.spec.chip_size,
+    )
+    encoder.prepare(spec, make_sampler(reader, grid, lonlat, times), device=dev, dtype=dtype)
+    card = encoder.card
+
+    plan = BatchPlan(
+        grid=grid, times=len(times), batch_size=config.batch_size, max_nodata=config.max_nodata
+    )
+    shape = (len(times), grid.rows, grid.cols)
+    vectors = np.full((*shape, card.dim), np.nan, dtype=np.float32)
+    nodata_fraction = np.full(shape, np.nan, dtype=np.float32)
+    start = timer.perf_counter()
+    # tqdm's disable=None: a bar only on an interactive terminal.
+    disable = None if progress is None else not progress
+    with tqdm(total=plan.total_chips, unit="chip", desc="embed", disable=disable) as bar:
+        for host in iter_batches(
+            reader, plan, nodata_fraction, prefetch=config.prefetch, pin_memory=dev.type == "cuda"
+        ):
+            if len(host):
+                batch = to_chip_batch(host, lonlat, times, dev)
+                out = encoder.encode(batch)
+                if tuple(out.shape) != (len(host), card.dim):
+                    raise ModelError(
+                        f"encoder {card.name!r} returned shape {tuple(out.shape)} for "
+                        f"{len(host)} chips; expected ({len(host)}, {card.dim})."
+                    )
+                t, i, j = host.index.T
+                vectors[t, i, j] = out.float().cpu().numpy()
+            bar.update(host.scanned)
+    seconds = timer.perf_counter() - start
+
+    embedded = np.asarray(np.isfinite(vectors).all(axis=-1))
+    scanned = np.isfinite(nodata_fraction)
+    skipped = scanned & ((nodata_fraction > config.max_nodata) | (nodata_fraction >= 1.0))
+    run = {
+        "chips_total": int(np.prod(shape)),
+        "chips_embedded": int(embedded.sum()),
+        "chips_skipped_nodata": int(skipped.sum()),
+        "chips_failed": int((scanned & ~skipped & ~embedded).sum()),
+    }
+    log.info(
+        "embedded %d of %d chips in %.1f s (%.1f chips/s)",
+        run["chips_embedded"],
+        run["chips_total"],
+        seconds,
+        run["chips_embedded"] / max(seconds, 1e-9),
+    )
+    return _embeddings_dataset(
+        cube, grid, times, vectors, nodata_fraction, embedded, card.to_dict(), config, run
+    )
+
+
+def _resolve_encoder(model: str | Encoder, checkpoint: str | os.PathLike[str] | None) -> Encoder:
+    from xclay.models.registry import get_model
+
+    if isinstance(model, str):
+        return get_model(model, checkpoint=checkpoint)
+    if checkpoint is not None:
+        raise ModelError("pass checkpoint= with a model name, not with an encoder instance.")
+    if not isinstance(model, Encoder):
+        raise ModelError(
+            f"model must be a registry name or an encoder (prepare/encode/card), got "
+            f"{type(model).__name__}."
+        )
+    return model
+
+
+def _as_cube(obj: xr.Dataset | xr.DataArray) -> xr.Dataset:
+    if isinstance(obj, xr.DataArray):
+        return as_datacube(obj)
+    validate_datacube(obj)
+    return obj
+
+
+def _embeddings_dataset(
+    cube: xr.Dataset,
+    grid: ChipGrid,
+    times: np.ndarray,
+    vectors: np.ndarray,
+    nodata_fraction: np.ndarray,
+    embedded: np.ndarray,
+    card: dict[str, Any],
+    config: EmbedConfig,
+    run: dict[str, int],
+) -> xr.Dataset:
+    geobox = grid.geobox()
+    coords = xr_coords(geobox, crs_coord_name="spatial_ref")
+    lon, lat = grid.centres_lonlat()
+    dims3 = ("time", "chip_y", "chip_x")
+    ds = xr.Dataset(
+        {
+            "embedding": (
+                (*dims3, "feature"),
+                vectors,
+                {"grid_mapping": "spatial_ref", "long_name": f"{card['name']} chip embedding"},
+            ),
+            "nodata_fraction": (
+                dims3,
+                nodata_fraction,
+                {"long_name": "fraction of chip pixels without data", "units": "1"},
+            ),
+            "cloud_fraction": (
+                dims3,
+                np.full(nodata_fraction.shape, np.nan, dtype=np.float32),
+                {
+                    "long_name": "fraction of chip pixels under cloud (NaN: the cube has no cloud mask)",
+                    "units": "1",
+                },
+            ),
+            "embedded": (
+                dims3,
+                embedded,
+                {"long_name": "chip was embedded (passed the filters, vector valid)"},
+            ),
+        },
+        coords={
+            "time": times,
+            "chip_y": (
+                "chip_y",
+                coords["y"].values,
+                {"units": "metre", "long_name": "chip centre y (datacube CRS)"},
+            ),
+            "chip_x": (
+                "chip_x",
+                coords["x"].values,
+                {"units": "metre", "long_name": "chip centre x (datacube CRS)"},
+            ),
+            "feature": np.arange(vectors.shape[-1], dtype=np.int32),
+            "spatial_ref": coords["spatial_ref"],
+            "chip_id": (("chip_y", "chip_x"), grid.chip_ids()),
+            "lat": (
+                ("chip_y", "chip_x"),
+                lat,
+                {"units": "degrees_north", "long_name": "chip centre latitude (WGS84)"},
+            ),
+            "lon": (
+                ("chip_y", "chip_x"),
+                lon,
+                {"units": "degrees_east", "long_name": "chip centre longitude (WGS84)"},
+            ),
+            "row_off": (
+                "chip_y",
+                grid.row_offsets,
+                {"long_name": "top pixel row of the chip window in the datacube"},
+            ),
+            "col_off": (
+                "chip_x",
+                grid.col_offsets,
+                {"long_name": "left pixel column of the chip window in the datacube"},
+            ),
+        },
+    )
+    for extra in ("time_start", "time_end"):
+        if extra in cube.coords:
+            ds = ds.assign_coords({extra: ("time", cube[extra].values)})
+    t = grid.source.affine
+    ds.attrs = {
+        "convention": EMBEDDINGS_CONVENTION,
+        "model": card,
+        "config": config.to_dict(),
+        "datacube": {
+            "platform": cube.attrs.get("platform", ""),
+            "gsd": float(cube.attrs["gsd"]),
+            "bands": [str(b) for b in cube["band"].values],
+            "wavelengths": [float(w) for w in cube["wavelength"].values],
+            "crs_wkt": grid.crs.to_wkt(),
+            "geotransform": [t.c, t.a, t.b, t.f, t.d, t.e],
+            "shape": [int(s) for s in grid.source.shape],
+            "nodata": cube["pixels"].attrs.get("nodata"),
+            "dtype": str(cube["pixels"].dtype),
+            "provenance": cube.attrs.get("provenance", {}),
+        },
+        "run": run,
+        "xclay_version": __version__,
+    }
+    return ds

@@ -1,0 +1,51 @@
+"""Every error xclay raises on purpose.
+
+Each class also inherits the built-in exception a caller would naturally
+catch (``ValueError``, ``FileNotFoundError``, ...), so ``except ValueError``
+keeps working. Messages say what was wrong and what to do next.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "ChunkingError",
+    "DatacubeError",
+    "DeviceError",
+    "MissingDependencyError",
+    "ModelError",
+    "OutputExistsError",
+    "XClayError",
+]
+
+
+class XClayError(Exception):
+    """Base class of all xclay errors."""
+
+
+class DatacubeError(XClayError, ValueError):
+    """A datacube does not follow the convention (dims, CRS, bands, dtype)."""
+
+
+class ChunkingError(DatacubeError):
+    """A datacube's chunks do not line up with the requested chip grid."""
+
+
+class ModelError(XClayError, ValueError):
+    """An unknown model, or a model asked to do something it cannot."""
+
+
+class CheckpointError(XClayError, ValueError):
+    """A checkpoint that is missing, corrupt, or for another model."""
+
+
+class DeviceError(XClayError, RuntimeError):
+    """A device (CUDA GPU) was asked for and is not usable here."""
+
+
+class MissingDependencyError(XClayError, ImportError):
+    """An optional dependency is needed for this feature and is not installed."""
+
+
+class OutputExistsError(XClayError, FileExistsError):
+    """An output path already exists and overwriting was not asked for."""

@@ -1,0 +1,320 @@
+"""Embeddings out: a georeferenced Zarr raster of vectors, and GeoParquet 1.1.
+
+Both are written under a temporary name and renamed into place when
+complete: a failure never leaves an output that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+from affine import Affine
+
+from xclay._atomic import atomic_output
+from xclay.chips import window_corners
+from xclay.errors import DatacubeError
+
+__all__ = ["GEOPARQUET_VERSION", "open_embeddings", "to_geoparquet", "to_zarr"]
+
+log = logging.getLogger(__name__)
+
+GEOPARQUET_VERSION = "1.1.0"
+PARQUET_CONVENTION = "xclay-geoparquet/1"
+_ROW_GROUP_BYTES = 128 << 20
+
+
+# --------------------------------------------------------------------------- Zarr
+
+
+def to_zarr(emb: xr.Dataset, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write an embeddings Dataset as Zarr v3 (a raster of vectors any GIS can place).
+
+    Chunks hold 32 x 32 chips with all features, so reading a region or a
+    single chip's vector touches few files.
+    """
+    validate_embeddings(emb)
+    out = emb.copy()
+    out.attrs = _jsonable(dict(emb.attrs))
+    out["chip_id"] = out["chip_id"].astype(object)
+    n_y, n_x = out.sizes["chip_y"], out.sizes["chip_x"]
+    cy, cx = min(n_y, 32), min(n_x, 32)
+    encoding: dict[str, dict[str, Any]] = {
+        "embedding": {"chunks": (1, cy, cx, out.sizes["feature"])},
+        "nodata_fraction": {"chunks": (1, cy, cx)},
+        "cloud_fraction": {"chunks": (1, cy, cx)},
+        "embedded": {"chunks": (1, cy, cx)},
+    }
+    for name in encoding:
+        out[name].encoding = {}
+    with atomic_output(Path(path), overwrite=overwrite) as tmp:
+        out.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, encoding=encoding)
+    log.info("wrote embeddings Zarr %s", path)
+    return Path(path)
+
+
+def open_embeddings(path: str | os.PathLike[str]) -> xr.Dataset:
+    """Open an embeddings Zarr written by :func:`to_zarr` (lazily)."""
+    store = Path(path)
+    if not (store / "zarr.json").is_file():
+        raise FileNotFoundError(
+            f"no embeddings Zarr at {store}: expected a store written by to_zarr."
+        )
+    emb = xr.open_zarr(store, chunks=None, consolidated=False, zarr_format=3)
+    validate_embeddings(emb)
+    return emb
+
+
+def validate_embeddings(emb: xr.Dataset) -> None:
+    """Raise :class:`DatacubeError` when ``emb`` is not an xclay embeddings Dataset."""
+    if not isinstance(emb, xr.Dataset) or "embedding" not in emb.data_vars:
+        raise DatacubeError(
+            "expected an embeddings Dataset (from xclay.embed) with an 'embedding' variable."
+        )
+    needed = ["embedded", "nodata_fraction", "chip_id", "lat", "lon", "row_off", "col_off"]
+    missing = [n for n in needed if n not in emb.variables]
+    if missing or "datacube" not in emb.attrs or "config" not in emb.attrs:
+        raise DatacubeError(
+            f"the embeddings Dataset lacks {missing or 'its datacube/config attrs'}; it must come "
+            "from xclay.embed (or xclay.open_embeddings) unchanged apart from selections."
+        )
+
+
+# --------------------------------------------------------------------------- GeoParquet
+
+
+def to_geoparquet(
+    emb: xr.Dataset, path: str | os.PathLike[str], *, overwrite: bool = False
+) -> Path:
+    """Write one GeoParquet 1.1 row per embedded (time, chip).
+
+    Columns: ``id`` (unique per row), ``chip_id`` (per window), ``time``,
+    ``start_datetime``/``end_datetime`` (composites), ``embedding``
+    (fixed-size list of float32), ``geometry`` (WKB polygon, EPSG:4326,
+    longitude first), ``bbox`` (covering struct), ``centre_lat``,
+    ``centre_lon``, ``native_crs``, ``native_footprint`` (WKB in the
+    datacube CRS), ``row_off``/``col_off``/``chip_size`` (pixel window),
+    ``nodata_fraction``, ``cloud_fraction``, ``platform``, ``source_ids``.
+    The footer holds ``geo`` and ``xclay`` (model card, config, datacube,
+    run) metadata. Chips that were not embedded are not written; their
+    count is in the footer's ``run``.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import shapely
+    from pyproj import CRS as ProjCRS
+
+    validate_embeddings(emb)
+    cube = emb.attrs["datacube"]
+    size = int(emb.attrs["config"]["grid"]["chip_size"])
+    transform = Affine(*_gdal_to_affine(cube["geotransform"]))
+    native_crs = ProjCRS.from_wkt(cube["crs_wkt"])
+
+    embedded = np.asarray(emb["embedded"].values, dtype=bool)
+    t_idx, i_idx, j_idx = np.nonzero(embedded)
+    n = t_idx.size
+    dim = emb.sizes["feature"]
+    vectors = np.asarray(emb["embedding"].values, dtype=np.float32)[t_idx, i_idx, j_idx]
+
+    row_off = np.asarray(emb["row_off"].values, dtype=np.int64)
+    col_off = np.asarray(emb["col_off"].values, dtype=np.int64)
+    native = window_corners(transform, row_off[i_idx], col_off[j_idx], size)  # [n, 5, 2]
+    lonlat = _to_lonlat(native_crs, native)
+    geoms = _lonlat_polygons(lonlat)
+    bounds = shapely.bounds(geoms) if n else np.empty((0, 4))
+
+    times = np.asarray(emb["time"].values, dtype="datetime64[ns]")
+    chip_ids = np.asarray(emb["chip_id"].values).astype(str)[i_idx, j_idx]
+    row_time = times[t_idx]
+    ids = [f"{c}_{_time_tag(t)}" for c, t in zip(chip_ids, row_time, strict=True)]
+    sources = _source_ids(cube.get("provenance", {}))
+    epsg = native_crs.to_epsg()
+
+    columns: dict[str, pa.Array] = {
+        "id": pa.array(ids, type=pa.string()),
+        "chip_id": pa.array(chip_ids.tolist(), type=pa.string()),
+        "time": _timestamps(row_time),
+        "start_datetime": _timestamps(_coord_or_nat(emb, "time_start")[t_idx]),
+        "end_datetime": _timestamps(_coord_or_nat(emb, "time_end")[t_idx]),
+        "embedding": pa.FixedSizeListArray.from_arrays(
+            pa.array(vectors.reshape(-1), type=pa.float32()), dim
+        ),
+        "geometry": pa.array(shapely.to_wkb(geoms).tolist() if n else [], type=pa.binary()),
+        "bbox": pa.StructArray.from_arrays(
+            [pa.array(bounds[:, k], type=pa.float64()) for k in range(4)],
+            names=["xmin", "ymin", "xmax", "ymax"],
+        ),
+        "centre_lat": pa.array(np.asarray(emb["lat"].values)[i_idx, j_idx], type=pa.float64()),
+        "centre_lon": pa.array(np.asarray(emb["lon"].values)[i_idx, j_idx], type=pa.float64()),
+        "native_crs": pa.array(
+            [f"EPSG:{epsg}" if epsg else native_crs.to_wkt()] * n, type=pa.string()
+        ),
+        "native_footprint": pa.array(
+            shapely.to_wkb(shapely.polygons(native)).tolist() if n else [], type=pa.binary()
+        ),
+        "row_off": pa.array(row_off[i_idx], type=pa.int64()),
+        "col_off": pa.array(col_off[j_idx], type=pa.int64()),
+        "chip_size": pa.array(np.full(n, size), type=pa.int32()),
+        "nodata_fraction": pa.array(
+            np.asarray(emb["nodata_fraction"].values, dtype=np.float32)[t_idx, i_idx, j_idx],
+            type=pa.float32(),
+        ),
+        "cloud_fraction": _floats_or_null(
+            np.asarray(emb["cloud_fraction"].values, dtype=np.float32)[t_idx, i_idx, j_idx]
+        ),
+        "platform": pa.array([cube.get("platform", "")] * n, type=pa.string()),
+        "source_ids": pa.array([sources] * n, type=pa.list_(pa.string())),
+    }
+    table = pa.table(columns)
+    geo = {
+        "version": GEOPARQUET_VERSION,
+        "primary_column": "geometry",
+        "columns": {
+            "geometry": {
+                "encoding": "WKB",
+                "geometry_types": sorted({_geom_type(g) for g in geoms}) if n else ["Polygon"],
+                "crs": ProjCRS.from_epsg(4326).to_json_dict(),
+                "bbox": _overall_bbox(bounds),
+                "covering": {
+                    "bbox": {
+                        "xmin": ["bbox", "xmin"],
+                        "ymin": ["bbox", "ymin"],
+                        "xmax": ["bbox", "xmax"],
+                        "ymax": ["bbox", "ymax"],
+                    }
+                },
+            }
+        },
+    }
+    xclay_meta = {
+        "convention": PARQUET_CONVENTION,
+        "xclay_version": emb.attrs.get("xclay_version"),
+        "model": emb.attrs.get("model"),
+        "config": emb.attrs.get("config"),
+        "datacube": cube,
+        "embedding": {
+            "dim": int(dim),
+            "dtype": "float32",
+            "quantization": None,
+            "output": (emb.attrs.get("model") or {}).get("output"),
+        },
+        "run": emb.attrs.get("run"),
+    }
+    table = table.replace_schema_metadata(
+        {
+            b"geo": json.dumps(geo).encode(),
+            b"xclay": json.dumps(_jsonable(xclay_meta)).encode(),
+        }
+    )
+    rows_per_group = max(1, _ROW_GROUP_BYTES // (4 * dim + 512))
+    with atomic_output(Path(path), overwrite=overwrite) as tmp:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=rows_per_group)
+    log.info("wrote GeoParquet %s (%d rows)", path, n)
+    return Path(path)
+
+
+def _gdal_to_affine(gt: list[float]) -> tuple[float, float, float, float, float, float]:
+    c, a, b, f, d, e = (float(v) for v in gt)
+    return a, b, c, d, e, f
+
+
+def _to_lonlat(crs: Any, corners: np.ndarray) -> np.ndarray:
+    from pyproj import Transformer
+
+    tr = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+    lon, lat = tr.transform(corners[..., 0], corners[..., 1])
+    return np.stack([np.asarray(lon), np.asarray(lat)], axis=-1)
+
+
+def _lonlat_polygons(rings: np.ndarray) -> np.ndarray:
+    """Polygons from lon/lat rings; a ring crossing the antimeridian becomes a
+    MultiPolygon split at +/-180 (so no footprint wraps around the globe)."""
+    import shapely
+
+    geoms = shapely.polygons(rings)
+    if rings.shape[0] == 0:
+        return geoms
+    span = rings[..., 0].max(axis=-1) - rings[..., 0].min(axis=-1)
+    for k in np.nonzero(span > 180.0)[0]:
+        ring = rings[k].copy()
+        ring[ring[:, 0] < 0, 0] += 360.0
+        poly = shapely.Polygon(ring)
+        east = shapely.intersection(poly, shapely.box(0.0, -90.0, 180.0, 90.0))
+        west = shapely.affinity.translate(
+            shapely.intersection(poly, shapely.box(180.0, -90.0, 360.0, 90.0)), xoff=-360.0
+        )
+        geoms[k] = shapely.MultiPolygon([east, west])
+    return geoms
+
+
+def _geom_type(geom: Any) -> str:
+    return str(geom.geom_type)
+
+
+def _overall_bbox(bounds: np.ndarray) -> list[float]:
+    if bounds.shape[0] == 0:
+        return []
+    return [
+        float(bounds[:, 0].min()),
+        float(bounds[:, 1].min()),
+        float(bounds[:, 2].max()),
+        float(bounds[:, 3].max()),
+    ]
+
+
+def _timestamps(values: np.ndarray) -> Any:
+    import pyarrow as pa
+
+    values = np.asarray(values, dtype="datetime64[us]")
+    return pa.array(values, type=pa.timestamp("us", tz="UTC"), mask=np.isnat(values))
+
+
+def _coord_or_nat(emb: xr.Dataset, name: str) -> np.ndarray:
+    if name in emb.coords:
+        return np.asarray(emb[name].values, dtype="datetime64[ns]")
+    return np.full(emb.sizes["time"], np.datetime64("NaT"), dtype="datetime64[ns]")
+
+
+def _floats_or_null(values: np.ndarray) -> Any:
+    import pyarrow as pa
+
+    return pa.array(values, type=pa.float32(), mask=~np.isfinite(values))
+
+
+def _time_tag(t: np.datetime64) -> str:
+    if np.isnat(t):
+        return "notime"
+    return np.datetime_as_string(t, unit="s").replace("-", "").replace(":", "")
+
+
+def _source_ids(provenance: Mapping[str, Any]) -> list[str]:
+    out = []
+    for src in provenance.get("sources", []):
+        if isinstance(src, Mapping):
+            out.append(str(src.get("id") or src.get("href") or ""))
+        else:
+            out.append(str(src))
+    if not out and provenance.get("generator"):
+        out.append(str(provenance["generator"]))
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    """Deep-convert NumPy scalars/arrays (and tuples) to JSON types for attrs and footers."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value

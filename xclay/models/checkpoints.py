@@ -1,0 +1,44 @@
+"""Reading model weight files safely: ``torch.load(weights_only=True)`` only."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from xclay._hashing import sha256_file
+from xclay.errors import CheckpointError
+
+__all__ = ["file_sha256", "read_torch_file"]
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a checkpoint file, recorded in the model card of every output."""
+    return sha256_file(Path(path))
+
+
+def read_torch_file(path: str | os.PathLike[str], *, model: str) -> Any:
+    """Load a ``torch.save`` file without unpickling arbitrary objects.
+
+    Raises :class:`CheckpointError` for a missing, truncated or corrupt file,
+    or one that needs code execution to load.
+    """
+    import torch
+
+    file = Path(path)
+    if not file.is_file():
+        raise CheckpointError(f"{model} checkpoint {file} does not exist (or is not a file).")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{file} cannot be loaded safely (weights_only=True refused it: {err}). xclay never "
+            "unpickles arbitrary objects; export the weights as a plain state dict or safetensors."
+        ) from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        raise CheckpointError(
+            f"{file} is not a readable {model} checkpoint ({type(err).__name__}: {err}); it may be "
+            "truncated or corrupt: download or save it again."
+        ) from err

@@ -1,0 +1,131 @@
+"""Per-band normalisation ``(value - mean) / std``: from the sensor table,
+measured on the cube, or given by the user. Recorded in the model card."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from xclay.errors import ModelError
+from xclay.models.sensors import get_sensor
+
+if TYPE_CHECKING:
+    from xclay.protocols import InputSpec, Sampler
+
+__all__ = ["Normalization", "measure_normalization", "resolve_normalization"]
+
+MEASURE_CHIPS = 32
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Mean and std per band name, and where they came from."""
+
+    bands: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str
+
+    def __post_init__(self) -> None:
+        if not (len(self.bands) == len(self.mean) == len(self.std)):
+            raise ModelError("normalisation needs one mean and one std per band.")
+        bad = [
+            b for b, s in zip(self.bands, self.std, strict=True) if not (np.isfinite(s) and s > 0)
+        ]
+        if bad:
+            raise ModelError(f"normalisation std must be positive; bands {bad} are not.")
+
+    def arrays(self, bands: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and std as float64 arrays in the order of ``bands``."""
+        self.check_bands(bands, what="normalisation")
+        index = {b: i for i, b in enumerate(self.bands)}
+        mean = np.array([self.mean[index[b]] for b in bands], dtype=np.float64)
+        std = np.array([self.std[index[b]] for b in bands], dtype=np.float64)
+        return mean, std
+
+    def check_bands(self, bands: Sequence[str], *, what: str) -> None:
+        missing = [b for b in bands if b not in self.bands]
+        if missing:
+            raise ModelError(
+                f"the {what} covers bands {list(self.bands)}, not the cube's {missing}; "
+                "embed cubes with the same bands, or refit without a checkpoint."
+            )
+
+    def to_dict(self) -> dict[str, dict[str, float]]:
+        return {
+            b: {"mean": m, "std": s}
+            for b, m, s in zip(self.bands, self.mean, self.std, strict=True)
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Mapping[str, Any]], source: str) -> Normalization:
+        bands = tuple(data)
+        return cls(
+            bands=bands,
+            mean=tuple(float(data[b]["mean"]) for b in bands),
+            std=tuple(float(data[b]["std"]) for b in bands),
+            source=source,
+        )
+
+
+def resolve_normalization(
+    request: str | Mapping[str, tuple[float, float]],
+    spec: InputSpec,
+    sample: Sampler,
+    seed: int,
+) -> Normalization:
+    """``"auto"``: sensor table for a known platform whose bands it lists, else measured;
+    ``"sensor"``: sensor table (error if unknown); ``"measured"``; or a user mapping."""
+    if isinstance(request, Mapping):
+        missing = [b for b in spec.bands if b not in request]
+        if missing:
+            raise ModelError(f"normalization= gives no (mean, std) for bands {missing}.")
+        return Normalization(
+            bands=spec.bands,
+            mean=tuple(float(request[b][0]) for b in spec.bands),
+            std=tuple(float(request[b][1]) for b in spec.bands),
+            source="user",
+        )
+    if request not in ("auto", "sensor", "measured"):
+        raise ModelError(
+            f"normalization must be 'auto', 'sensor', 'measured' or a mapping band -> (mean, std), "
+            f"got {request!r}."
+        )
+    if request in ("auto", "sensor") and spec.platform:
+        sensor = get_sensor(spec.platform)
+        if all(b in sensor.band_names for b in spec.bands):
+            return Normalization(
+                bands=spec.bands,
+                mean=tuple(sensor.band(b).mean for b in spec.bands),
+                std=tuple(sensor.band(b).std for b in spec.bands),
+                source=f"sensor-table:{spec.platform}",
+            )
+    if request == "sensor":
+        raise ModelError(
+            f"normalization='sensor' needs a platform from the sensor table with bands "
+            f"{list(spec.bands)}; the cube's platform is {spec.platform!r}. Use 'auto' or 'measured'."
+        )
+    return measure_normalization(spec.bands, sample(MEASURE_CHIPS, seed))
+
+
+def measure_normalization(bands: Sequence[str], chips: Any) -> Normalization:
+    """Per-band mean and std over the valid pixels of sample ``chips`` (a ChipBatch)."""
+    pixels = chips.pixels.numpy().astype(np.float64)  # [N, C, H, W]
+    valid = chips.valid.numpy()  # [N, H, W]
+    if not valid.any():
+        raise ModelError(
+            "cannot measure normalisation: the sample chips have no valid pixels (all nodata)."
+        )
+    values = np.moveaxis(pixels, 1, -1)[valid]  # [P, C]
+    mean = values.mean(axis=0)
+    std = values.std(axis=0)
+    std = np.where(std > 0, std, 1.0)  # a constant band: centre it, do not divide by zero
+    return Normalization(
+        bands=tuple(bands),
+        mean=tuple(float(m) for m in mean),
+        std=tuple(float(s) for s in std),
+        source="measured",
+    )

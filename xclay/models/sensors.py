@@ -1,0 +1,91 @@
+"""Sensor constants the Clay v1.5 encoder was trained with, kept as data.
+
+The table (``data/clay-sensors.yaml``) gives per platform the band names, the
+ground sample distance, and per band the normalisation mean/std (applied to
+raw digital numbers) and the central wavelength the encoder expects
+(micrometres for optical sensors; see the file's header for the exceptions).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from xclay.errors import DatacubeError
+
+__all__ = ["Band", "Sensor", "get_sensor", "list_platforms"]
+
+
+@dataclass(frozen=True)
+class Band:
+    """One band of a known platform."""
+
+    name: str
+    wavelength: float
+    mean: float
+    std: float
+
+
+@dataclass(frozen=True)
+class Sensor:
+    """A platform from the sensor table."""
+
+    platform: str
+    gsd: float
+    bands: tuple[Band, ...]
+    rgb_bands: tuple[str, ...] | None
+
+    @property
+    def band_names(self) -> tuple[str, ...]:
+        return tuple(b.name for b in self.bands)
+
+    def band(self, name: str) -> Band:
+        for b in self.bands:
+            if b.name == name:
+                return b
+        raise DatacubeError(
+            f"platform {self.platform!r} has no band {name!r}; its bands are "
+            f"{', '.join(self.band_names)}. Rename the cube's bands to these names, or pass "
+            "wavelengths= and no platform."
+        )
+
+
+@functools.cache
+def _table() -> dict[str, Any]:
+    text = resources.files("xclay.models").joinpath("data/clay-sensors.yaml").read_text("utf-8")
+    table: dict[str, Any] = yaml.safe_load(text)
+    return table
+
+
+def list_platforms() -> list[str]:
+    """Names of the platforms in the sensor table."""
+    return sorted(_table())
+
+
+@functools.cache
+def get_sensor(platform: str) -> Sensor:
+    """The sensor-table entry for ``platform`` (e.g. ``"sentinel-2-l2a"``)."""
+    table = _table()
+    if platform not in table:
+        raise DatacubeError(
+            f"unknown platform {platform!r}; known platforms: {', '.join(list_platforms())}. "
+            "For another sensor pass wavelengths= (micrometres) instead of platform=."
+        )
+    entry = table[platform]
+    bands = tuple(
+        Band(
+            name=name, wavelength=float(b["wavelength"]), mean=float(b["mean"]), std=float(b["std"])
+        )
+        for name, b in entry["bands"].items()
+    )
+    rgb = entry.get("rgb_bands")
+    return Sensor(
+        platform=platform,
+        gsd=float(entry["gsd"]),
+        bands=bands,
+        rgb_bands=tuple(rgb) if rgb else None,
+    )

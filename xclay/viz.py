@@ -1,0 +1,121 @@
+"""Pictures of cubes and embeddings: true colour, PCA false colour, the demo preview."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from xclay.errors import DatacubeError
+from xclay.models.sensors import get_sensor
+
+__all__ = ["pca_colour", "save_preview", "true_colour"]
+
+_RGB_WAVELENGTHS = (0.665, 0.56, 0.49)  # micrometres: red, green, blue
+
+
+def true_colour(cube: xr.Dataset, *, time: int = 0, max_size: int = 1024) -> np.ndarray:
+    """RGBA ``[y, x, 4]`` uint8 true-colour image, 2-98 % stretched, nodata transparent.
+
+    Reads every ``step``-th pixel so that the longer side is at most ``max_size``.
+    """
+    bands = _rgb_bands(cube)
+    pixels = cube["pixels"]
+    ny, nx = pixels.sizes["y"], pixels.sizes["x"]
+    step = max(1, int(np.ceil(max(ny, nx) / max_size)))
+    index = [int(np.nonzero(cube["band"].values == b)[0][0]) for b in bands]
+    rgb = np.stack(
+        [
+            np.asarray(pixels.variable[time, i, ::step, ::step].values, dtype=np.float64)
+            for i in index
+        ],
+        axis=-1,
+    )
+    nodata = pixels.attrs.get("nodata")
+    valid = np.isfinite(rgb).all(axis=-1)
+    if nodata is not None:
+        valid &= ~(rgb == float(nodata)).any(axis=-1)
+    out = np.zeros((*rgb.shape[:2], 4), dtype=np.uint8)
+    if valid.any():
+        lo, hi = np.percentile(rgb[valid], [2, 98], axis=0)
+        scaled = np.clip((rgb - lo) / np.maximum(hi - lo, 1e-9), 0, 1)
+        out[..., :3] = np.rint(255 * scaled).astype(np.uint8)
+    out[..., 3] = np.where(valid, 255, 0)
+    return out
+
+
+def pca_colour(emb: xr.Dataset, *, time: int = 0) -> np.ndarray:
+    """RGBA ``[chip_y, chip_x, 4]`` uint8: the first three principal components
+    of the embeddings as red, green, blue (chips not embedded are transparent)."""
+    vectors = np.asarray(emb["embedding"].values[time], dtype=np.float64)  # [y, x, D]
+    valid = np.isfinite(vectors).all(axis=-1)
+    out = np.zeros((*vectors.shape[:2], 4), dtype=np.uint8)
+    if valid.sum() < 2:
+        return out
+    x = vectors[valid]
+    x = x - x.mean(axis=0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    comps = x @ vt[:3].T
+    if comps.shape[1] < 3:
+        comps = np.pad(comps, ((0, 0), (0, 3 - comps.shape[1])))
+    lo, hi = np.percentile(comps, [2, 98], axis=0)
+    scaled = np.clip((comps - lo) / np.maximum(hi - lo, 1e-12), 0, 1)
+    rgb = np.zeros((*vectors.shape[:2], 3))
+    rgb[valid] = scaled
+    out[..., :3] = np.rint(255 * rgb).astype(np.uint8)
+    out[..., 3] = np.where(valid, 255, 0)
+    return out
+
+
+def save_preview(
+    cube: xr.Dataset, emb: xr.Dataset, path: str | os.PathLike[str], *, height: int = 512
+) -> Path:
+    """PNG: the true-colour composite beside a PCA false-colour image of the embeddings.
+
+    Both panels cover the same ground: the embedding grid is drawn over the
+    part of the cube its chips cover.
+    """
+    from PIL import Image
+
+    rgb = true_colour(cube, max_size=max(height, 256) * 2)
+    pca = pca_colour(emb)
+    left = Image.fromarray(rgb, mode="RGBA").resize(
+        (round(height * rgb.shape[1] / rgb.shape[0]), height), Image.Resampling.BILINEAR
+    )
+    # Chips cover row_off..row_off+chip of the cube: place the PCA cells there.
+    chip = int(emb.attrs["config"]["grid"]["chip_size"])
+    scale = height / cube.sizes["y"]
+    right = Image.new("RGBA", left.size, (0, 0, 0, 0))
+    cells = Image.fromarray(pca, mode="RGBA")
+    row0, col0 = int(emb["row_off"].values[0]), int(emb["col_off"].values[0])
+    stride = int(emb.attrs["config"]["grid"]["stride"] or chip)
+    span_y = (pca.shape[0] - 1) * stride + chip
+    span_x = (pca.shape[1] - 1) * stride + chip
+    cells = cells.resize(
+        (max(1, round(span_x * scale)), max(1, round(span_y * scale))),
+        Image.Resampling.NEAREST,
+    )
+    right.alpha_composite(cells, (round(col0 * scale), round(row0 * scale)))
+    gap = 8
+    canvas = Image.new("RGBA", (left.width * 2 + gap, height), (255, 255, 255, 255))
+    canvas.alpha_composite(left, (0, 0))
+    canvas.alpha_composite(right, (left.width + gap, 0))
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    return out
+
+
+def _rgb_bands(cube: xr.Dataset) -> list[str]:
+    names = [str(b) for b in cube["band"].values]
+    platform = cube.attrs.get("platform")
+    if platform:
+        sensor = get_sensor(platform)
+        if sensor.rgb_bands and all(b in names for b in sensor.rgb_bands):
+            return list(sensor.rgb_bands)
+    waves = np.asarray(cube["wavelength"].values, dtype=np.float64)
+    if len(names) < 3:
+        raise DatacubeError("a true-colour image needs at least three bands.")
+    return [names[int(np.argmin(np.abs(waves - w)))] for w in _RGB_WAVELENGTHS]
