@@ -22,6 +22,7 @@ import numpy as np
 import xarray as xr
 
 from xclay.chips import ChipGrid
+from xclay.datacube import in_memory
 from xclay.errors import DatacubeError
 
 if TYPE_CHECKING:
@@ -50,7 +51,8 @@ class ArrayWindowReader:
 
     def __init__(self, pixels: xr.DataArray) -> None:
         self._variable = pixels.variable
-        self._numpy = pixels.data if isinstance(pixels.data, np.ndarray) else None
+        # Not pixels.data: for a lazily opened cube that would read every pixel.
+        self._numpy = pixels.variable._data if in_memory(pixels) else None
         nodata = pixels.attrs.get("nodata")
         self.nodata: float | None = None if nodata is None else float(nodata)
         self._shape = tuple(int(s) for s in pixels.shape)

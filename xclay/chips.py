@@ -155,7 +155,7 @@ class ChipGrid:
         """
         t = self.source.affine
         step, half = self.spec.step, self.spec.chip_size / 2
-        origin = t * (half - step / 2, half - step / 2)
+        origin = t @ (half - step / 2, half - step / 2)
         affine = Affine(t.a * step, 0.0, origin[0], 0.0, t.e * step, origin[1])
         return GeoBox((self.rows, self.cols), affine, self.crs)
 

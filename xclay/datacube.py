@@ -29,6 +29,12 @@ from affine import Affine
 from odc.geo import CRS
 from odc.geo.geobox import GeoBox
 from odc.geo.xr import xr_coords
+from xarray.backends import BackendArray
+from xarray.core.indexing import (
+    IndexingSupport,
+    LazilyIndexedArray,
+    explicit_indexing_adapter,
+)
 
 from xclay._atomic import atomic_output
 from xclay._hashing import sha256_file
@@ -112,43 +118,37 @@ def as_datacube(
     xarray.Dataset
         ``pixels(time, band, y, x)`` with the coords and attrs of the convention.
     """
-    pixels = _pixels_dataarray(obj, bands)
-    pixels = _standard_spatial_dims(pixels)
-    names = _band_names(pixels, bands, platform)
-    pixels = pixels.assign_coords(band=np.array(names, dtype=object))
-    waves = _wavelengths(pixels, names, platform, wavelengths)
-    _check_dtype(pixels.dtype)
-
-    geobox = _geobox_from_source(pixels, crs)
-    pixels = _with_time(pixels, time)
-    pixels = pixels.transpose(*DATACUBE_DIMS)
-
-    fill = _nodata_of(obj, pixels) if nodata is None else nodata
+    sources, has_band = _sources(obj, bands)
+    first = sources[0]
+    names = _band_names(sources, has_band, bands, platform)
+    waves = _wavelengths(first if has_band else None, names, platform, wavelengths)
+    dtype = np.result_type(*(s.dtype for s in sources))
+    _check_dtype(dtype)
+    geobox = _geobox_from_source(first, crs)
+    for other in sources[1:]:
+        if other.sizes["y"] != first.sizes["y"] or other.sizes["x"] != first.sizes["x"]:
+            raise DatacubeError("the band variables are on different grids; resample them to one.")
+    time_coords = _time_coords(first, time)
+    fill = _nodata_of(obj, first) if nodata is None else nodata
     pixel_gsd = _gsd_of(geobox) if gsd is None else float(gsd)
 
     coords = xr_coords(geobox, crs_coord_name="spatial_ref")
+    variable = _pixels_variable(sources, has_band, dtype)
     data = xr.DataArray(
-        pixels.data,
-        dims=DATACUBE_DIMS,
-        coords={
-            "time": pixels["time"].values,
-            "band": np.array(names, dtype=object),
-            "y": coords["y"],
-            "x": coords["x"],
-        },
+        variable,
+        coords={"band": np.array(names, dtype=object), "y": coords["y"], "x": coords["x"]},
         attrs={"grid_mapping": "spatial_ref"},
     )
     if fill is not None:
         data.attrs["nodata"] = fill
     cube = xr.Dataset({"pixels": data})
     cube = cube.assign_coords(
-        wavelength=("band", np.asarray(waves, dtype="float64"), {"units": "micrometre"}),
-        spatial_ref=coords["spatial_ref"],
+        {
+            **time_coords,
+            "wavelength": ("band", np.asarray(waves, dtype="float64"), {"units": "micrometre"}),
+            "spatial_ref": coords["spatial_ref"],
+        }
     )
-    for extra in ("time_start", "time_end"):
-        if extra in pixels.coords:
-            cube = cube.assign_coords({extra: ("time", pixels[extra].values)})
-
     cube.attrs = {
         "convention": CONVENTION,
         "platform": platform or "",
@@ -159,20 +159,30 @@ def as_datacube(
     return cube
 
 
-def _pixels_dataarray(obj: xr.DataArray | xr.Dataset, bands: Sequence[str] | None) -> xr.DataArray:
+def _sources(
+    obj: xr.DataArray | xr.Dataset, bands: Sequence[str] | None
+) -> tuple[list[xr.DataArray], bool]:
+    """The band data, spatial dims named y/x: one array with a band dim, or one array per band."""
     if isinstance(obj, xr.DataArray):
-        da = obj
-        if not any(d in _BAND_DIM_NAMES for d in da.dims) and da.ndim in (2, 3):
-            name = (bands[0] if bands else None) or (str(da.name) if da.name is not None else None)
-            da = da.expand_dims(band=[name or "band_1"])
-        return da
+        da = _standard_spatial_dims(obj)
+        if "band" not in da.dims:
+            spatial = {"time", "y", "x"}
+            others = [str(d) for d in da.dims if d not in spatial]
+            if others:
+                raise DatacubeError(
+                    f"imagery dims are {tuple(map(str, obj.dims))}: no band dim. Name the band "
+                    f"dim 'band' (e.g. da.rename({{{others[0]!r}: 'band'}})), or pass a Dataset "
+                    "with one variable per band."
+                )
+        _check_dims(da, band="band" in da.dims)
+        return [da], "band" in da.dims
     if not isinstance(obj, xr.Dataset):
         raise DatacubeError(
             f"as_datacube needs an xarray DataArray or Dataset, got {type(obj).__name__}; "
             "open rasters with rioxarray.open_rasterio or odc.stac.load first."
         )
     if "pixels" in obj.data_vars:
-        return obj["pixels"]
+        return _sources(obj["pixels"], bands)
     names = list(bands) if bands is not None else [str(v) for v in obj.data_vars]
     if not names:
         raise DatacubeError("the Dataset has no data variables; there are no bands to use.")
@@ -182,13 +192,15 @@ def _pixels_dataarray(obj: xr.DataArray | xr.Dataset, bands: Sequence[str] | Non
             f"bands {missing} are not variables of the Dataset (it has "
             f"{', '.join(map(str, obj.data_vars))}); pass bands= with existing names."
         )
-    dims = {obj[n].dims for n in names}
-    if len(dims) != 1:
+    arrays = [_standard_spatial_dims(obj[n]) for n in names]
+    if len({a.dims for a in arrays}) != 1:
         raise DatacubeError(
-            f"the band variables have different dims {sorted(dims)}; select variables on one grid."
+            f"the band variables have different dims {sorted({a.dims for a in arrays})}; select "
+            "variables on one grid."
         )
-    stacked = xr.concat([obj[n] for n in names], dim="band", coords="minimal", compat="override")
-    return stacked.assign_coords(band=np.array(names, dtype=object))
+    for a in arrays:
+        _check_dims(a, band=False)
+    return [a.rename(n) for a, n in zip(arrays, names, strict=True)], False
 
 
 def _standard_spatial_dims(da: xr.DataArray) -> xr.DataArray:
@@ -199,27 +211,116 @@ def _standard_spatial_dims(da: xr.DataArray) -> xr.DataArray:
         raise DatacubeError(f"more than one band-like dim {band_dims}; keep one band dim.")
     if band_dims and band_dims[0] != "band":
         da = da.rename({band_dims[0]: "band"})
-    missing = [d for d in ("band", "y", "x") if d not in da.dims]
+    return da
+
+
+def _check_dims(da: xr.DataArray, *, band: bool) -> None:
+    missing = [d for d in ("y", "x") if d not in da.dims]
     if missing:
         raise DatacubeError(
-            f"imagery dims are {tuple(map(str, da.dims))}, missing {missing}: a datacube needs a "
-            "band dim (or one variable per band) and spatial dims y, x (or latitude, longitude)."
+            f"imagery dims are {tuple(map(str, da.dims))}, missing {missing}: a datacube needs "
+            "spatial dims y, x (or latitude, longitude)."
         )
-    extra = [d for d in da.dims if d not in DATACUBE_DIMS]
+    allowed = DATACUBE_DIMS if band else ("time", "y", "x")
+    extra = [str(d) for d in da.dims if d not in allowed]
     if extra:
         raise DatacubeError(
             f"unexpected dims {extra}: a datacube has only (time, band, y, x); select or reduce "
             "the extra dims first (e.g. .isel(...) or a composite over them)."
         )
-    return da
 
 
-def _band_names(da: xr.DataArray, bands: Sequence[str] | None, platform: str | None) -> list[str]:
-    n = da.sizes["band"]
+def _pixels_variable(
+    sources: list[xr.DataArray], has_band: bool, dtype: np.dtype[Any]
+) -> xr.Variable:
+    """The pixels as one (time, band, y, x) variable, without loading lazy sources."""
+    variables = [s.variable for s in sources]
+    if any(not _eager(v) for v in variables):
+        return xr.Variable(
+            DATACUBE_DIMS, LazilyIndexedArray(_StackedBands(variables, has_band, dtype))
+        )
+    if has_band:
+        var = variables[0]
+    else:
+        var = xr.Variable.concat(
+            [v.set_dims({"band": 1, **v.sizes}) for v in variables], dim="band"
+        )
+    if "time" not in var.dims:
+        var = var.set_dims({"time": 1, **var.sizes})
+    return var.transpose(*DATACUBE_DIMS).astype(dtype, copy=False)
+
+
+def _eager(variable: xr.Variable) -> bool:
+    """NumPy or dask: reshaping them costs nothing (views, or graph edits)."""
+    return isinstance(variable._data, np.ndarray) or variable.chunks is not None
+
+
+class _StackedBands(BackendArray):
+    """Lazily indexed sources (files) seen as one (time, band, y, x) array.
+
+    xarray would load such arrays to add a dim or transpose them; this view
+    reads only the windows asked for, so a raster bigger than RAM stays on disk.
+    """
+
+    def __init__(self, variables: list[xr.Variable], has_band: bool, dtype: np.dtype[Any]) -> None:
+        first = variables[0]
+        n_band = first.sizes["band"] if has_band else len(variables)
+        n_time = first.sizes.get("time", 1)
+        self.shape = (n_time, n_band, first.sizes["y"], first.sizes["x"])
+        self.dtype = np.dtype(dtype)
+        self._variables = variables
+        self._has_band = has_band
+
+    def __getitem__(self, key: Any) -> Any:
+        return explicit_indexing_adapter(key, self.shape, IndexingSupport.BASIC, self._read)
+
+    def _read(self, key: tuple[Any, ...]) -> np.ndarray:
+        want = dict(zip(DATACUBE_DIMS, key, strict=True))
+        if self._has_band:
+            return self._read_one(self._variables[0], want)
+        picks = range(self.shape[1])[want["band"]]
+        if isinstance(picks, int):
+            return self._read_one(self._variables[picks], {**want, "band": 0})
+        # One source per band: read each (a length-1 band axis) and stack them.
+        parts = [self._read_one(self._variables[i], {**want, "band": slice(0, 1)}) for i in picks]
+        if parts:
+            band_axis = 0 if isinstance(want["time"], int | np.integer) else 1
+            return np.concatenate(parts, axis=band_axis)
+        out_shape = [
+            len(range(n)[want[d]])
+            for d, n in zip(DATACUBE_DIMS, self.shape, strict=True)
+            if not isinstance(want[d], int | np.integer)
+        ]
+        return np.empty(out_shape, dtype=self.dtype)
+
+    def _read_one(self, var: xr.Variable, want: dict[str, Any]) -> np.ndarray:
+        """Read ``want`` (int/slice per datacube dim) from a source holding some of the dims."""
+        src_key = tuple(want[str(d)] for d in var.dims)
+        arr = np.asarray(var[src_key].values).astype(self.dtype, copy=False)
+        kept = [str(d) for d in var.dims if not isinstance(want[str(d)], int | np.integer)]
+        out_dims = [d for d in DATACUBE_DIMS if not isinstance(want[d], int | np.integer)]
+        arr = arr.transpose([kept.index(d) for d in out_dims if d in kept])
+        for axis, d in enumerate(out_dims):
+            if d not in kept:  # a dim the source lacks (time, or band of a one-band source)
+                arr = np.expand_dims(arr, axis)
+                if len(range(1)[want[d]]) == 0:
+                    arr = arr.take([], axis=axis)
+        return arr
+
+
+def _band_names(
+    sources: list[xr.DataArray], has_band: bool, bands: Sequence[str] | None, platform: str | None
+) -> list[str]:
+    n = sources[0].sizes["band"] if has_band else len(sources)
     if bands is not None:
         if len(bands) != n:
             raise DatacubeError(f"bands= has {len(bands)} names but the imagery has {n} bands.")
         return [str(b) for b in bands]
+    if not has_band:
+        return [
+            str(s.name) if s.name is not None else f"band_{i + 1}" for i, s in enumerate(sources)
+        ]
+    da = sources[0]
     values = da["band"].values if "band" in da.coords else np.arange(1, n + 1)
     if all(isinstance(v, str) for v in values.tolist()):
         return [str(v) for v in values.tolist()]
@@ -236,7 +337,7 @@ def _band_names(da: xr.DataArray, bands: Sequence[str] | None, platform: str | N
 
 
 def _wavelengths(
-    da: xr.DataArray,
+    da: xr.DataArray | None,
     names: list[str],
     platform: str | None,
     wavelengths: Sequence[float] | Mapping[str, float] | None,
@@ -256,7 +357,7 @@ def _wavelengths(
     elif platform is not None:
         sensor = get_sensor(platform)
         waves = [sensor.band(n).wavelength for n in names]
-    elif "wavelength" in da.coords and da["wavelength"].dims == ("band",):
+    elif da is not None and "wavelength" in da.coords and da["wavelength"].dims == ("band",):
         waves = [float(w) for w in da["wavelength"].values]
     else:
         raise DatacubeError(
@@ -347,7 +448,7 @@ def _transform_of(da: xr.DataArray) -> Affine:
         and math.isclose(from_coords.a, exact.a, rel_tol=1e-6)
         and math.isclose(from_coords.e, exact.e, rel_tol=1e-6)
     ):
-        return exact * Affine.translation(round(col), round(row))
+        return exact @ Affine.translation(round(col), round(row))
     return from_coords
 
 
@@ -408,27 +509,30 @@ def _to_datetime64(value: TimeLike) -> np.datetime64:
     return out
 
 
-def _with_time(da: xr.DataArray, time: TimeLike | tuple[TimeLike, TimeLike] | None) -> xr.DataArray:
+def _time_coords(
+    da: xr.DataArray, time: TimeLike | tuple[TimeLike, TimeLike] | None
+) -> dict[str, Any]:
+    """Coords of the time dim: from the source's time dim, or one step from ``time``."""
     if "time" in da.dims:
         if time is not None:
             raise DatacubeError("the imagery already has a time dim; do not pass time= as well.")
         times = np.asarray(da["time"].values) if "time" in da.coords else None
         if times is None or times.dtype.kind != "M":
             raise DatacubeError("the time dim needs datetime64 coordinates.")
-        return da
+        return {"time": times.astype("datetime64[ns]")}
     if time is None:
-        return da.expand_dims(time=np.array(["NaT"], dtype="datetime64[ns]"))
+        return {"time": np.array(["NaT"], dtype="datetime64[ns]")}
     if isinstance(time, tuple):
         start, end = (_to_datetime64(t) for t in time)
         if end < start:
             raise DatacubeError(f"time range ends ({end}) before it starts ({start}).")
         mid = start + (end - start) // 2
-        da = da.expand_dims(time=np.array([mid], dtype="datetime64[ns]"))
-        return da.assign_coords(
-            time_start=("time", np.array([start], dtype="datetime64[ns]")),
-            time_end=("time", np.array([end], dtype="datetime64[ns]")),
-        )
-    return da.expand_dims(time=np.array([_to_datetime64(time)], dtype="datetime64[ns]"))
+        return {
+            "time": np.array([mid], dtype="datetime64[ns]"),
+            "time_start": ("time", np.array([start], dtype="datetime64[ns]")),
+            "time_end": ("time", np.array([end], dtype="datetime64[ns]")),
+        }
+    return {"time": np.array([_to_datetime64(time)], dtype="datetime64[ns]")}
 
 
 def _nodata_of(obj: xr.DataArray | xr.Dataset, pixels: xr.DataArray) -> float | None:
@@ -520,7 +624,14 @@ def check_chip_alignment(cube: xr.Dataset, chip_size: int, stride: int | None = 
             )
 
 
+def in_memory(pixels: xr.DataArray) -> bool:
+    """True when the pixels are a NumPy array already (``.data`` would load lazy arrays)."""
+    return isinstance(pixels.variable._data, np.ndarray)
+
+
 def _chunk_sizes(pixels: xr.DataArray) -> dict[str, int]:
+    if in_memory(pixels):
+        return {}  # in memory (even if loaded from a store): any window is one slice
     enc = pixels.encoding.get("chunks")
     if pixels.chunks is not None:  # dask: regular chunks except maybe the last
         return {d: int(pixels.chunksizes[d][0]) for d in ("y", "x")}
@@ -652,7 +763,10 @@ def open_datacube(path: str | os.PathLike[str], *, engine: Engine = "zarr") -> x
         raise FileNotFoundError(
             f"no datacube at {store}: expected a Zarr v3 store written by xclay.write_datacube."
         )
-    cube = xr.open_zarr(store, chunks=None, consolidated=False, zarr_format=3, mask_and_scale=False)
+    # Never mask pixels into floats: nodata stays a value, named in pixels.attrs["nodata"].
+    cube = xr.open_zarr(
+        store, chunks=None, consolidated=False, zarr_format=3, mask_and_scale={"pixels": False}
+    )
     validate_datacube(cube)
     return cube
 

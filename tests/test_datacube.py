@@ -1,0 +1,304 @@
+"""The datacube convention: building it from what users have, validation, Zarr v3 on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+from affine import Affine
+
+import xclay
+from xclay.datacube import check_chip_alignment, datacube_geobox
+from xclay.errors import ChunkingError, DatacubeError, OutputExistsError
+
+from .helpers import OLINDA_BANDS, OLINDA_WAVELENGTHS, random_cube
+
+
+def _odc_stac_like(bands: list[str], *, shape: tuple[int, int] = (64, 48)) -> xr.Dataset:
+    """A Dataset shaped like odc.stac.load's: one (time, y, x) variable per band."""
+    from odc.geo.geobox import GeoBox
+    from odc.geo.xr import xr_coords
+
+    gb = GeoBox(shape, Affine(10, 0, 600000, 0, -10, 5000000), "EPSG:32632")
+    coords = xr_coords(gb, crs_coord_name="spatial_ref")
+    rng = np.random.default_rng(3)
+    time = np.array(["2023-05-01", "2023-06-01"], dtype="datetime64[ns]")
+    data_vars = {
+        b: (
+            ("time", "y", "x"),
+            rng.integers(1, 5000, size=(2, *shape)).astype("uint16"),
+            {"nodata": 0},
+        )
+        for b in bands
+    }
+    return xr.Dataset(data_vars, coords={"time": time, **coords})
+
+
+# --------------------------------------------------------------------------- as_datacube
+
+
+def test_from_rioxarray_geotiff_keeps_exact_transform(olinda_tif: Path) -> None:
+    import rasterio
+    import rioxarray
+
+    da = rioxarray.open_rasterio(olinda_tif)
+    cube = xclay.as_datacube(da, bands=OLINDA_BANDS, wavelengths=OLINDA_WAVELENGTHS)
+    with rasterio.open(olinda_tif) as src:
+        transform, crs, shape = src.transform, src.crs, (src.height, src.width)
+    assert cube["pixels"].dims == ("time", "band", "y", "x")
+    assert cube["pixels"].shape == (1, 6, *shape)
+    assert cube["pixels"].dtype == np.uint8
+    geobox = datacube_geobox(cube)
+    assert tuple(geobox.affine)[:6] == tuple(transform)[:6]
+    assert geobox.crs.epsg == crs.to_epsg() == 31985
+    assert cube.attrs["gsd"] == pytest.approx(28.5)
+    assert list(cube["band"].values) == OLINDA_BANDS
+    np.testing.assert_allclose(cube["wavelength"].values, OLINDA_WAVELENGTHS)
+    assert np.isnat(cube["time"].values[0])  # acquisition date not recorded in the file
+    source = cube.attrs["provenance"]["sources"][0]
+    assert source["href"].endswith("L7_ETMs.tif") and len(source["sha256"]) == 64
+    np.testing.assert_array_equal(cube["pixels"].values[0], da.values)
+
+
+def test_from_odc_stac_dataset_with_platform_fills_wavelengths() -> None:
+    ds = _odc_stac_like(["red", "nir", "blue"])
+    cube = xclay.as_datacube(ds, platform="sentinel-2-l2a", bands=["blue", "red", "nir"])
+    assert list(cube["band"].values) == ["blue", "red", "nir"]
+    np.testing.assert_allclose(cube["wavelength"].values, [0.493, 0.665, 0.842])
+    assert cube.sizes["time"] == 2
+    assert cube["pixels"].attrs["nodata"] == 0
+    assert cube.attrs["platform"] == "sentinel-2-l2a"
+    assert cube.attrs["gsd"] == 10.0
+    np.testing.assert_array_equal(cube["pixels"].sel(band="nir").values, ds["nir"].values)
+
+
+def test_composite_time_range_is_stored_as_midpoint_with_bounds() -> None:
+    ds = _odc_stac_like(["red"]).isel(time=0, drop=True)
+    cube = xclay.as_datacube(ds, wavelengths=[0.665], time=("2024-01-01", "2025-01-01"))
+    assert cube["time"].values[0] == np.datetime64("2024-07-02T00:00:00", "ns")
+    assert cube["time_start"].values[0] == np.datetime64("2024-01-01", "ns")
+    assert cube["time_end"].values[0] == np.datetime64("2025-01-01", "ns")
+
+
+def test_subset_cube_keeps_exact_transform() -> None:
+    cube = random_cube(origin=(500000.0, 4000000.0))
+    sub = cube.isel(x=slice(16, 48), y=slice(32, 64))
+    gb = datacube_geobox(sub)
+    assert gb.affine == Affine(10, 0, 500160, 0, -10, 3999680)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("no_crs", "no CRS"),
+        ("no_band_dim", "no band dim"),
+        ("no_wavelengths", "wavelengths missing"),
+        ("bool_dtype", "not numeric"),
+        ("unnamed_bands_with_platform", "pass bands="),
+        ("band_not_in_platform", "has no band 'coastal'"),
+        ("unknown_platform", "unknown platform"),
+        ("wrong_wavelength_count", "2 values but the imagery has 3 bands"),
+        ("time_twice", "already has a time dim"),
+        ("extra_dim", "unexpected dims"),
+    ],
+)
+def test_as_datacube_rejects_bad_input_with_a_clear_message(case: str, message: str) -> None:
+    ds = _odc_stac_like(["red", "green", "blue"])
+    kwargs: dict = {"platform": "sentinel-2-l2a"}
+    obj: xr.Dataset | xr.DataArray = ds
+    if case == "no_crs":
+        obj = ds.drop_vars("spatial_ref")
+    elif case == "no_band_dim":
+        obj = xr.DataArray(np.zeros((4, 3, 5)), dims=("a", "y", "x"))
+    elif case == "no_wavelengths":
+        kwargs = {}
+    elif case == "bool_dtype":
+        obj = ds.astype(bool)
+    elif case == "unnamed_bands_with_platform":
+        obj = ds.to_dataarray("band").assign_coords(band=[1, 2, 3])
+    elif case == "band_not_in_platform":
+        obj = ds.rename({"red": "coastal"})
+    elif case == "unknown_platform":
+        kwargs = {"platform": "sentinel-9"}
+    elif case == "wrong_wavelength_count":
+        kwargs = {"wavelengths": [0.5, 0.6]}
+    elif case == "time_twice":
+        kwargs["time"] = "2024-01-01"
+    elif case == "extra_dim":
+        obj = ds.expand_dims(member=[0, 1])
+    with pytest.raises(DatacubeError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        xclay.as_datacube(obj, **kwargs)
+
+
+def test_validate_rejects_a_plain_dataset() -> None:
+    with pytest.raises(DatacubeError, match="no 'pixels' variable"):
+        xclay.validate_datacube(xr.Dataset({"a": ("x", [1, 2])}))
+
+
+# --------------------------------------------------------------------------- write / open
+
+
+def test_write_open_round_trip_chip_aligned(tmp_path: Path) -> None:
+    cube = random_cube((2, 3, 96, 80))
+    path = xclay.write_datacube(cube, tmp_path / "cube.zarr", chip_size=32)
+    arr = zarr.open_array(path / "pixels", mode="r")
+    assert arr.chunks == (1, 3, 32, 32)  # one chunk = all bands of one chip window
+    assert arr.shards is None
+    opened = xclay.open_datacube(path)
+    assert not isinstance(opened["pixels"].variable._data, np.ndarray)  # lazy
+    xr.testing.assert_identical(
+        opened["pixels"].load().reset_coords(drop=True), cube["pixels"].reset_coords(drop=True)
+    )
+    assert datacube_geobox(opened) == datacube_geobox(cube)
+    assert opened.attrs["platform"] == cube.attrs["platform"]
+    assert opened.attrs["provenance"] == cube.attrs["provenance"]
+    np.testing.assert_array_equal(opened["wavelength"].values, cube["wavelength"].values)
+
+
+def test_written_cube_is_readable_by_rioxarray_and_odc_geo(tmp_path: Path) -> None:
+    import odc.geo.xr  # noqa: F401  (registers .odc)
+    import rioxarray  # noqa: F401  (registers .rio)
+
+    cube = random_cube(crs="EPSG:32720", origin=(300000.0, 9600000.0))
+    path = xclay.write_datacube(cube, tmp_path / "cube.zarr", chip_size=16)
+    opened = xr.open_zarr(path, consolidated=False)
+    pixels = opened["pixels"]
+    assert pixels.rio.crs.to_epsg() == 32720
+    assert tuple(pixels.rio.transform())[:6] == (10.0, 0.0, 300000.0, 0.0, -10.0, 9600000.0)
+    assert pixels.odc.geobox == datacube_geobox(cube)
+
+
+def test_sharded_and_uncompressed_stores_read_back_identically(tmp_path: Path) -> None:
+    cube = random_cube((1, 4, 100, 70))
+    sharded = xclay.write_datacube(cube, tmp_path / "s.zarr", chip_size=16, shard_chips=4)
+    raw = xclay.write_datacube(cube, tmp_path / "r.zarr", chip_size=16, compression="none")
+    arr = zarr.open_array(sharded / "pixels", mode="r")
+    assert arr.chunks == (1, 4, 16, 16) and arr.shards == (1, 4, 64, 64)
+    shard_files = [
+        p for p in (sharded / "pixels").rglob("*") if p.is_file() and p.name != "zarr.json"
+    ]
+    assert len(shard_files) == 2 * 2  # 100 x 70 px in 64 px shards
+    assert zarr.open_array(raw / "pixels", mode="r").compressors == ()
+    for path in (sharded, raw):
+        np.testing.assert_array_equal(
+            xclay.open_datacube(path)["pixels"].values, cube["pixels"].values
+        )
+
+
+def test_write_refuses_to_overwrite_unless_asked(tmp_path: Path) -> None:
+    cube = random_cube()
+    path = xclay.write_datacube(cube, tmp_path / "c.zarr", chip_size=16)
+    with pytest.raises(OutputExistsError, match="already exists"):
+        xclay.write_datacube(cube, path, chip_size=16)
+    xclay.write_datacube(cube.isel(band=[0]), path, chip_size=16, overwrite=True)
+    assert xclay.open_datacube(path).sizes["band"] == 1
+
+
+def test_failed_write_leaves_no_store_behind(tmp_path: Path) -> None:
+    import dask.array as dsa
+
+    cube = random_cube((1, 2, 64, 64))
+
+    def explode(block: np.ndarray) -> np.ndarray:
+        raise OSError("disk vanished")
+
+    bad = cube.copy()
+    data = dsa.from_array(cube["pixels"].values, chunks=(1, 2, 32, 32)).map_blocks(
+        explode, dtype="uint16"
+    )
+    bad["pixels"] = cube["pixels"].copy(data=data)
+    with pytest.raises(OSError, match="disk vanished"):
+        xclay.write_datacube(bad, tmp_path / "c.zarr", chip_size=32)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_open_missing_store_says_what_is_expected(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no datacube at"):
+        xclay.open_datacube(tmp_path / "nope.zarr")
+
+
+def test_kvikio_engine_without_cuda_is_a_clear_error(tmp_path: Path) -> None:
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the GPU tests cover the kvikio engine")
+    path = xclay.write_datacube(random_cube(), tmp_path / "c.zarr", chip_size=16)
+    if importlib.util.find_spec("kvikio") is None:
+        expected, message = ImportError, r'pip install "xclay\[gpu\]"'
+    else:  # kvikio imports without a GPU, and would fail on first read
+        expected, message = xclay.errors.DeviceError, "no CUDA GPU is usable here"
+    with pytest.raises(expected, match=message) as info:
+        xclay.open_datacube(path, engine="kvikio")
+    assert "libcuda" not in str(info.value)
+
+
+def test_chip_alignment_check(tmp_path: Path) -> None:
+    path = xclay.write_datacube(random_cube((1, 2, 128, 128)), tmp_path / "c.zarr", chip_size=32)
+    cube = xclay.open_datacube(path)
+    check_chip_alignment(cube, 64)  # two chunks per chip edge: aligned
+    check_chip_alignment(cube, 32, stride=32)
+    with pytest.raises(ChunkingError, match="chunks of 32 pixels"):
+        check_chip_alignment(cube, 48)
+    with pytest.raises(ChunkingError, match="every 16 px"):
+        check_chip_alignment(cube, 32, stride=16)
+    check_chip_alignment(cube.load(), 48)  # in memory: no stored chunks to cut through
+
+
+# --------------------------------------------------------------------------- laziness
+
+
+def _random_key(rng: np.random.Generator, shape: tuple[int, ...]) -> tuple:
+    key = []
+    for n in shape:
+        if rng.random() < 0.3:
+            key.append(int(rng.integers(0, n)))
+        else:
+            a, b = sorted(rng.integers(0, n + 1, size=2))
+            key.append(slice(int(a), int(b), int(rng.integers(1, 3))))
+    return tuple(key)
+
+
+def test_lazy_geotiff_stays_on_disk_and_reads_the_same(olinda_tif: Path) -> None:
+    import rioxarray
+
+    lazy = xclay.as_datacube(
+        rioxarray.open_rasterio(olinda_tif), bands=OLINDA_BANDS, wavelengths=OLINDA_WAVELENGTHS
+    )
+    eager = xclay.as_datacube(
+        rioxarray.open_rasterio(olinda_tif).load(),
+        bands=OLINDA_BANDS,
+        wavelengths=OLINDA_WAVELENGTHS,
+    )
+    assert not isinstance(lazy["pixels"].variable._data, np.ndarray)
+    assert isinstance(eager["pixels"].variable._data, np.ndarray)
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        key = _random_key(rng, lazy["pixels"].shape)
+        np.testing.assert_array_equal(
+            lazy["pixels"].variable[key].values,
+            eager["pixels"].variable[key].values,
+            err_msg=str(key),
+        )
+
+
+def test_lazy_one_variable_per_band_dataset_reads_the_same(tmp_path: Path) -> None:
+    ds = _odc_stac_like(["red", "green", "blue"])
+    ds.to_zarr(tmp_path / "bands.zarr", zarr_format=3, consolidated=False)
+    opened = xr.open_zarr(tmp_path / "bands.zarr", chunks=None, consolidated=False)
+    lazy = xclay.as_datacube(opened, wavelengths=[0.66, 0.56, 0.49], bands=["blue", "red", "green"])
+    eager = xclay.as_datacube(ds, wavelengths=[0.66, 0.56, 0.49], bands=["blue", "red", "green"])
+    assert not isinstance(lazy["pixels"].variable._data, np.ndarray)
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        key = _random_key(rng, lazy["pixels"].shape)
+        np.testing.assert_array_equal(
+            lazy["pixels"].variable[key].values,
+            eager["pixels"].variable[key].values,
+            err_msg=str(key),
+        )
+    np.testing.assert_array_equal(lazy["pixels"].values, eager["pixels"].values)
