@@ -302,3 +302,12 @@ def test_lazy_one_variable_per_band_dataset_reads_the_same(tmp_path: Path) -> No
             err_msg=str(key),
         )
     np.testing.assert_array_equal(lazy["pixels"].values, eager["pixels"].values)
+
+
+def test_a_cubes_pixels_make_the_same_cube_again(demo_cube_256: xr.Dataset) -> None:
+    again = xclay.as_datacube(demo_cube_256["pixels"])
+    assert again.attrs["platform"] == "sentinel-2-l2a"
+    xr.testing.assert_identical(
+        again.drop_attrs(deep=False)["pixels"], demo_cube_256.drop_attrs(deep=False)["pixels"]
+    )
+    assert again["time_start"].values[0] == np.datetime64("2024-01-01", "ns")

@@ -383,10 +383,5 @@ def _torch_dtype(dtype: np.dtype[Any]) -> torch.dtype:
     except TypeError as err:
         raise DatacubeError(
             f"pixels of dtype {dtype} cannot be handed to torch; convert the cube to "
-            "uint8/int16/int32/float32 (torch has no unsigned 32/64-bit tensors)."
+            "uint16, int16 or float32."
         ) from err
-
-
-def check_torch_dtype(dtype: np.dtype[Any]) -> None:
-    """Raise a clear error for pixel dtypes torch cannot hold (uint32, uint64)."""
-    _torch_dtype(dtype)

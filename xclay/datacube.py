@@ -120,6 +120,8 @@ def as_datacube(
     """
     sources, has_band = _sources(obj, bands)
     first = sources[0]
+    # A cube (or its pixels) passed again keeps its platform.
+    platform = platform or obj.attrs.get("platform") or first.attrs.get("platform") or None
     names = _band_names(sources, has_band, bands, platform)
     waves = _wavelengths(first if has_band else None, names, platform, wavelengths)
     dtype = np.result_type(*(s.dtype for s in sources))
@@ -137,7 +139,7 @@ def as_datacube(
     data = xr.DataArray(
         variable,
         coords={"band": np.array(names, dtype=object), "y": coords["y"], "x": coords["x"]},
-        attrs={"grid_mapping": "spatial_ref"},
+        attrs={"grid_mapping": "spatial_ref", "platform": platform or ""},
     )
     if fill is not None:
         data.attrs["nodata"] = fill
@@ -519,7 +521,11 @@ def _time_coords(
         times = np.asarray(da["time"].values) if "time" in da.coords else None
         if times is None or times.dtype.kind != "M":
             raise DatacubeError("the time dim needs datetime64 coordinates.")
-        return {"time": times.astype("datetime64[ns]")}
+        coords: dict[str, Any] = {"time": times.astype("datetime64[ns]")}
+        for bound in ("time_start", "time_end"):  # a composite's range, if the source has it
+            if bound in da.coords and da[bound].dims == ("time",):
+                coords[bound] = ("time", np.asarray(da[bound].values, dtype="datetime64[ns]"))
+        return coords
     if time is None:
         return {"time": np.array(["NaT"], dtype="datetime64[ns]")}
     if isinstance(time, tuple):

@@ -16,7 +16,6 @@ from xclay._version import __version__
 from xclay.batching import (
     ArrayWindowReader,
     BatchPlan,
-    check_torch_dtype,
     iter_batches,
     make_sampler,
     to_chip_batch,
@@ -161,7 +160,6 @@ def embed_with_config(
     grid = ChipGrid.from_geobox(datacube_geobox(cube), config.grid)
     check_chip_alignment(cube, grid.spec.chip_size, grid.spec.step)
     reader = ArrayWindowReader(cube["pixels"])
-    check_torch_dtype(reader.dtype)
     dev = resolve_device(config.device)
     dtype = resolve_dtype(config.precision, dev, encoder.preferred_precision)
 

@@ -178,7 +178,7 @@ def to_geoparquet(
         "columns": {
             "geometry": {
                 "encoding": "WKB",
-                "geometry_types": sorted({_geom_type(g) for g in geoms}) if n else ["Polygon"],
+                "geometry_types": sorted({str(g.geom_type) for g in geoms}) if n else ["Polygon"],
                 "crs": ProjCRS.from_epsg(4326).to_json_dict(),
                 "bbox": _overall_bbox(bounds),
                 "covering": {
@@ -236,6 +236,7 @@ def _lonlat_polygons(rings: np.ndarray) -> np.ndarray:
     """Polygons from lon/lat rings; a ring crossing the antimeridian becomes a
     MultiPolygon split at +/-180 (so no footprint wraps around the globe)."""
     import shapely
+    import shapely.affinity
 
     geoms = shapely.polygons(rings)
     if rings.shape[0] == 0:
@@ -251,10 +252,6 @@ def _lonlat_polygons(rings: np.ndarray) -> np.ndarray:
         )
         geoms[k] = shapely.MultiPolygon([east, west])
     return geoms
-
-
-def _geom_type(geom: Any) -> str:
-    return str(geom.geom_type)
 
 
 def _overall_bbox(bounds: np.ndarray) -> list[float]:
@@ -314,7 +311,8 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return _jsonable(value.tolist())
     if isinstance(value, np.generic):
-        return value.item()
+        return _jsonable(value.item())
     if isinstance(value, float) and not np.isfinite(value):
-        return None
+        # JSON has no NaN/Infinity: spell them as Zarr v3 spells non-finite fill values.
+        return "NaN" if np.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     return value

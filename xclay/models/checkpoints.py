@@ -33,9 +33,15 @@ def read_torch_file(path: str | os.PathLike[str], *, model: str) -> Any:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "Unsupported global" in str(err):  # a class weights_only refuses to build
+            raise CheckpointError(
+                f"{file} cannot be loaded safely: it holds objects that need code to rebuild "
+                f"({str(err).splitlines()[-1][:200]}). xclay never unpickles arbitrary objects; "
+                "export the weights as a plain state dict or safetensors."
+            ) from err
         raise CheckpointError(
-            f"{file} cannot be loaded safely (weights_only=True refused it: {err}). xclay never "
-            "unpickles arbitrary objects; export the weights as a plain state dict or safetensors."
+            f"{file} is not a readable {model} checkpoint ({str(err).splitlines()[-1][:200]}); it "
+            "may be truncated or corrupt: download or save it again."
         ) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         raise CheckpointError(

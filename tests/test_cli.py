@@ -1,0 +1,91 @@
+"""The command line, run as users run it: a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import xarray as xr
+
+import xclay
+
+
+def _xclay(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "xclay.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def test_demo_writes_every_output(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    run = _xclay("demo", "--out", str(out), "--size", "256", "--chip-size", "64", "--no-progress")
+    assert run.returncode == 0, run.stderr
+    for name in ("cube.zarr", "embeddings.zarr", "embeddings.parquet", "preview.png"):
+        assert (out / name).exists(), name
+        assert name in run.stdout
+    assert "chips/s" in run.stdout
+    cube = xclay.open_datacube(out / "cube.zarr")
+    assert cube["pixels"].shape == (1, 10, 256, 256)
+    emb = xclay.open_embeddings(out / "embeddings.zarr")
+    table = pq.read_table(out / "embeddings.parquet")
+    assert table.num_rows == int(emb["embedded"].sum()) > 0
+    assert emb.sizes["feature"] == 1024  # rcf default: 512 filters
+    from PIL import Image
+
+    with Image.open(out / "preview.png") as img:
+        assert img.width > 2 * img.height * 0.9  # two panels side by side
+    # Running the demo again replaces its outputs.
+    assert (
+        _xclay(
+            "demo", "--out", str(out), "--size", "256", "--chip-size", "64", "--no-progress"
+        ).returncode
+        == 0
+    )
+
+
+def test_embed_command_on_a_written_cube(tmp_path: Path, demo_cube_256: xr.Dataset) -> None:
+    cube = xclay.write_datacube(demo_cube_256, tmp_path / "cube.zarr", chip_size=64)
+    run = _xclay(
+        "embed", str(cube), "--out", str(tmp_path / "out"), "--chip-size", "128", "--no-progress"
+    )
+    assert run.returncode == 0, run.stderr
+    emb = xclay.open_embeddings(tmp_path / "out" / "embeddings.zarr")
+    assert emb.sizes["chip_y"] == 2 and np.isfinite(emb["embedding"].values).all()
+    again = _xclay("embed", str(cube), "--out", str(tmp_path / "out"), "--chip-size", "128")
+    assert (
+        again.returncode == 1 and "already exists" in again.stderr and "--overwrite" in again.stderr
+    )
+
+
+def test_errors_are_one_clear_line_not_a_traceback(tmp_path: Path) -> None:
+    run = _xclay("embed", str(tmp_path / "missing.zarr"), "--out", str(tmp_path / "o"))
+    assert run.returncode != 0
+    assert "no datacube at" in run.stderr
+
+
+def test_bad_chip_size_is_reported(tmp_path: Path, demo_cube_256: xr.Dataset) -> None:
+    cube = xclay.write_datacube(demo_cube_256, tmp_path / "cube.zarr", chip_size=64)
+    run = _xclay("embed", str(cube), "--out", str(tmp_path / "o"), "--chip-size", "96")
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert "multiples of 64" in run.stderr
+
+
+def test_info_reports_machine_and_parts() -> None:
+    run = _xclay("info", "--json")
+    assert run.returncode == 0, run.stderr
+    info = json.loads(run.stdout)
+    assert info["xclay"] == xclay.__version__
+    assert info["packages"]["zarr"].startswith("3.")
+    assert "rcf" in info["models"]
+    assert set(info["optional"]) == {"gpu", "dask", "io"}
+    assert info["gpu"]["cuda"] in (True, False)
+    text = _xclay("info")
+    assert text.returncode == 0 and "CPU" in text.stdout and "models  rcf" in text.stdout

@@ -1,0 +1,235 @@
+"""The embedding loop and its output Dataset."""
+
+from __future__ import annotations
+
+import inspect
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import xclay
+from xclay.accessor import ClayDataArrayAccessor, ClayDatasetAccessor
+from xclay.errors import ChunkingError, DatacubeError, DeviceError, ModelError
+
+from .helpers import random_cube
+
+
+def _embed(cube: xr.Dataset, **kw) -> xr.Dataset:
+    options = {"chip_size": 64, "batch_size": 4, "progress": False}
+    options.update(kw)
+    model = options.pop("model", None) or xclay.models.get_model(
+        "rcf", num_filters=16, sample_chips=6
+    )
+    return xclay.embed(cube, model=model, **options)
+
+
+def test_embeddings_dataset_layout(demo_cube_256: xr.Dataset) -> None:
+    emb = _embed(demo_cube_256)
+    assert emb["embedding"].dims == ("time", "chip_y", "chip_x", "feature")
+    assert emb["embedding"].shape == (1, 4, 4, 32)
+    assert emb["embedding"].dtype == np.float32
+    for name in ("nodata_fraction", "cloud_fraction", "embedded"):
+        assert emb[name].dims == ("time", "chip_y", "chip_x")
+    assert emb.attrs["convention"] == "xclay-embeddings/1"
+    assert emb.attrs["model"]["name"] == "rcf"
+    assert emb.attrs["config"]["grid"] == {"chip_size": 64, "stride": None, "edges": "drop"}
+    assert emb.attrs["datacube"]["platform"] == "sentinel-2-l2a"
+    assert emb.attrs["run"]["chips_total"] == 16
+    # The chip grid is a raster: pixel size = chip size x gsd, centred on chip centres.
+    gb = xclay.datacube.datacube_geobox(demo_cube_256)
+    assert emb["chip_x"].values[0] == pytest.approx(gb.affine.c + 32 * 10)
+    assert np.diff(emb["chip_x"].values) == pytest.approx(640)
+    assert float(emb["spatial_ref"].attrs["GeoTransform"].split()[1]) == 640
+    assert emb["chip_id"].values[0, 0].startswith("EPSG32720_64px_10m_")
+    assert np.isfinite(emb["embedding"].values[emb["embedded"].values]).all()
+
+
+def test_chips_over_max_nodata_are_skipped_and_counted() -> None:
+    cube = random_cube((1, 3, 128, 128))
+    cube["pixels"].values[0, :, :64, :64] = 0  # chip (0, 0): all nodata
+    cube["pixels"].values[0, :, 64:128, 64:104] = 0  # chip (1, 1): 62.5 % nodata
+    emb = _embed(cube, max_nodata=0.5)
+    embedded = emb["embedded"].values[0]
+    assert embedded.tolist() == [[False, True], [True, False]]
+    assert np.isnan(emb["embedding"].values[0, 0, 0]).all()
+    assert emb["nodata_fraction"].values[0, 1, 1] == pytest.approx(0.625)
+    assert emb.attrs["run"] == {
+        "chips_total": 4,
+        "chips_embedded": 2,
+        "chips_skipped_nodata": 2,
+        "chips_failed": 0,
+    }
+    lenient = _embed(cube, max_nodata=0.9)
+    assert lenient["embedded"].values[0].tolist() == [
+        [False, True],
+        [True, True],
+    ]  # all-nodata never
+
+
+def test_lazily_opened_cube_gives_identical_embeddings(
+    tmp_path: Path, demo_cube_256: xr.Dataset
+) -> None:
+    path = xclay.write_datacube(demo_cube_256, tmp_path / "c.zarr", chip_size=64)
+    on_disk = _embed(xclay.open_datacube(path))
+    in_memory = _embed(demo_cube_256)
+    xr.testing.assert_identical(on_disk, in_memory)
+
+
+def test_prefetch_does_not_change_results(demo_cube_256: xr.Dataset) -> None:
+    without, ahead = _embed(demo_cube_256, prefetch=0), _embed(demo_cube_256, prefetch=3)
+    xr.testing.assert_equal(without, ahead)  # same values, coords and order
+    assert without.attrs["model"] == ahead.attrs["model"]
+    assert (without.attrs["config"]["prefetch"], ahead.attrs["config"]["prefetch"]) == (0, 3)
+
+
+def test_memory_is_bounded_by_the_batch_not_the_cube(tmp_path: Path) -> None:
+    from xclay.models.rcf import RCFEncoder
+
+    fitted = xclay.models.get_model("rcf", num_filters=8, sample_chips=2)
+    _embed(random_cube((1, 10, 128, 128)), model=fitted)
+    peaks = {}
+    for n in (256, 1024):  # 1.3 MiB and 20 MiB of pixels on disk
+        path = xclay.write_datacube(
+            random_cube((1, 10, n, n), seed=n), tmp_path / f"c{n}.zarr", chip_size=64
+        )
+        lazy = xclay.open_datacube(path)
+        model = RCFEncoder.from_card(fitted.card)  # fitting is a fixed cost; measure the loop
+        tracemalloc.start()
+        try:
+            emb = xclay.embed(
+                lazy, model=model, chip_size=64, batch_size=2, prefetch=1, progress=False
+            )
+            peaks[n] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert emb.attrs["run"]["chips_embedded"] == (n // 64) ** 2
+    # A few batch buffers and one chunk at a time: a cube 16x larger costs (almost) nothing more.
+    assert peaks[1024] < 2 * 2**20, peaks
+    assert peaks[1024] - peaks[256] < 2**20, peaks
+
+
+def test_edges_pad_covers_every_pixel(demo_cube_256: xr.Dataset) -> None:
+    from xclay.models.rcf import RCFEncoder
+
+    cube = demo_cube_256.isel(y=slice(0, 200), x=slice(0, 230))
+    drop = _embed(cube, edges="drop")
+    pad = _embed(cube, edges="pad", model=RCFEncoder.from_card(drop.attrs["model"]))
+    assert drop["embedding"].shape[1:3] == (3, 3)
+    assert pad["embedding"].shape[1:3] == (4, 4)
+    # The last padded row of chips (192..256) has 8 of 64 rows inside the raster.
+    assert (pad["nodata_fraction"].values[0, 3] >= 56 / 64).all()
+    np.testing.assert_array_equal(drop["embedding"].values, pad["embedding"].values[:, :3, :3])
+
+
+def test_stride_gives_overlapping_chips(demo_cube_256: xr.Dataset) -> None:
+    emb = _embed(demo_cube_256, stride=32)
+    assert emb["embedding"].shape[1:3] == (7, 7)
+    assert np.diff(emb["chip_x"].values) == pytest.approx(320)
+    assert emb["row_off"].values.tolist() == list(range(0, 193, 32))
+
+
+def test_chip_centres_match_the_cube_grid(demo_cube_256: xr.Dataset) -> None:
+    from pyproj import Transformer
+
+    emb = _embed(demo_cube_256)
+    x = demo_cube_256["x"].values
+    y = demo_cube_256["y"].values
+    # Centre of chip (i, j) lies between pixels 63 and 64 of its window.
+    np.testing.assert_allclose(emb["chip_x"].values, (x[31::64] + x[32::64]) / 2)
+    np.testing.assert_allclose(emb["chip_y"].values, (y[31::64] + y[32::64]) / 2)
+    tr = Transformer.from_crs("EPSG:32720", "EPSG:4326", always_xy=True)
+    lon, lat = tr.transform(*np.meshgrid(emb["chip_x"].values, emb["chip_y"].values))
+    np.testing.assert_allclose(emb["lat"].values, lat, atol=1e-12)
+    np.testing.assert_allclose(emb["lon"].values, lon, atol=1e-12)
+
+
+def test_accessor_is_the_same_function(demo_cube_256: xr.Dataset) -> None:
+    model_a = xclay.models.get_model("rcf", num_filters=8, sample_chips=4)
+    model_b = xclay.models.get_model("rcf", num_filters=8, sample_chips=4)
+    via_accessor = demo_cube_256.clay.embed(model=model_a, chip_size=64, progress=False)
+    via_function = xclay.embed(demo_cube_256, model=model_b, chip_size=64, progress=False)
+    xr.testing.assert_identical(via_accessor, via_function)
+    via_dataarray = demo_cube_256["pixels"].clay.embed(
+        model=xclay.models.get_model("rcf", num_filters=8, sample_chips=4),
+        chip_size=64,
+        progress=False,
+    )
+    np.testing.assert_array_equal(
+        via_dataarray["embedding"].values, via_function["embedding"].values
+    )
+
+
+@pytest.mark.parametrize("accessor", [ClayDatasetAccessor, ClayDataArrayAccessor])
+def test_accessor_signature_mirrors_the_function(accessor: type) -> None:
+    method = list(inspect.signature(accessor.embed).parameters.values())[1:]
+    function = list(inspect.signature(xclay.embed).parameters.values())[1:]
+    assert [(p.name, p.default, p.kind) for p in method] == [
+        (p.name, p.default, p.kind) for p in function
+    ]
+
+
+def test_misaligned_stored_chunks_are_refused(tmp_path: Path, demo_cube_256: xr.Dataset) -> None:
+    path = xclay.write_datacube(demo_cube_256, tmp_path / "c.zarr", chip_size=64)
+    with pytest.raises(ChunkingError, match="multiples of 64"):
+        _embed(xclay.open_datacube(path), chip_size=96)
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(demo_cube_256: xr.Dataset) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(DeviceError, match="asks for a CUDA GPU, but none is usable here"):
+        _embed(demo_cube_256, device="cuda")
+
+
+@pytest.mark.parametrize(
+    ("kw", "error", "message"),
+    [
+        ({"chip_size": 512}, DatacubeError, "smaller than one chip"),
+        ({"batch_size": 0}, DatacubeError, "batch_size must be >= 1"),
+        ({"max_nodata": 1.5}, DatacubeError, "max_nodata must be within"),
+        ({"precision": "fp8"}, DatacubeError, "precision must be"),
+        ({"model": "nope"}, ModelError, "unknown model 'nope'"),
+    ],
+)
+def test_bad_settings_are_refused(
+    demo_cube_256: xr.Dataset, kw: dict, error: type, message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        _embed(demo_cube_256, **kw)
+
+
+def test_not_a_datacube_is_refused() -> None:
+    with pytest.raises(DatacubeError, match="no 'pixels' variable"):
+        xclay.embed(xr.Dataset({"a": ("x", [1])}))
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int16", "uint16", "uint32", "float32", "float64"])
+def test_any_numeric_pixel_dtype_embeds(dtype: str) -> None:
+    nodata = float("nan") if dtype.startswith("float") else 0
+    cube = random_cube((1, 2, 64, 128), dtype=dtype, nodata=nodata)
+    if dtype.startswith("float"):
+        cube["pixels"].values[0, 0, :40, 64:] = np.nan  # 62.5 % of chip 1 is NaN: skipped
+    emb = _embed(cube)
+    assert emb["embedded"].values[0].tolist() == [[True, not dtype.startswith("float")]]
+    assert np.isfinite(emb["embedding"].values[0, 0, 0]).all()
+
+
+@pytest.mark.gpu
+def test_gpu_embeddings_match_cpu(demo_cube_256: xr.Dataset) -> None:
+    import torch
+
+    cpu = _embed(demo_cube_256, model=xclay.models.get_model("rcf", num_filters=16, sample_chips=6))
+    gpu = _embed(
+        demo_cube_256,
+        model=xclay.models.get_model("rcf", num_filters=16, sample_chips=6),
+        device="cuda",
+    )
+    assert torch.cuda.is_available()
+    np.testing.assert_allclose(
+        gpu["embedding"].values, cpu["embedding"].values, rtol=1e-3, atol=1e-3
+    )
