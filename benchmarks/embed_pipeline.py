@@ -1,0 +1,135 @@
+"""End-to-end chips/s against encoder-only chips/s: how much the data path costs.
+
+End to end: ``xclay.embed`` on a datacube opened lazily from Zarr on disk
+(read, validity, batch assembly, encode, results into the output arrays).
+Encoder only: the same encoder on the same batches, already in memory.
+Pipeline efficiency = end-to-end / encoder-only (1.0: the data path is free).
+
+    python benchmarks/embed_pipeline.py                 # demo cube 2048 px, rcf, 256 px chips
+    python benchmarks/embed_pipeline.py --compression none --prefetch 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from _common import median, save, timed
+
+import xclay
+from xclay.batching import ArrayWindowReader, BatchPlan, iter_batches, to_chip_batch
+from xclay.chips import ChipGrid, ChipGridSpec
+from xclay.datacube import datacube_geobox
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--size", type=int, default=2048, help="demo cube edge in pixels")
+    p.add_argument("--chip-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--model", default="rcf")
+    p.add_argument("--compression", choices=("zstd", "lz4", "none"), default="zstd")
+    p.add_argument("--prefetch", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5, help="interleaved end-to-end/encoder pairs")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = xclay.write_datacube(
+            xclay.datasets.demo_composite(args.size),
+            Path(tmp) / "cube.zarr",
+            chip_size=args.chip_size,
+            compression=args.compression,
+        )
+        cube = xclay.open_datacube(path)
+        encoder = xclay.models.get_model(args.model)
+        options = {
+            "chip_size": args.chip_size,
+            "batch_size": args.batch_size,
+            "device": args.device,
+            "progress": False,
+        }
+        xclay.embed(
+            cube, model=encoder, prefetch=args.prefetch, **options
+        )  # warm-up; fits rcf once
+
+        def end_to_end() -> object:
+            return xclay.embed(
+                xclay.open_datacube(path), model=encoder, prefetch=args.prefetch, **options
+            )
+
+        emb = end_to_end()
+        chips = emb.attrs["run"]["chips_embedded"]
+
+        # The same batches, read once into memory: the encoder alone.
+        grid = ChipGrid.from_geobox(datacube_geobox(cube), ChipGridSpec(chip_size=args.chip_size))
+        plan = BatchPlan(grid=grid, times=1, batch_size=args.batch_size, max_nodata=0.5)
+        lon, lat = grid.centres_lonlat()
+        lonlat = np.stack([lon, lat], -1)
+        fraction = np.full((1, grid.rows, grid.cols), np.nan, dtype=np.float32)
+        batches = [
+            to_chip_batch(_copy(h), lonlat, cube["time"].values, device)
+            for h in iter_batches(ArrayWindowReader(cube["pixels"]), plan, fraction, prefetch=0)
+            if len(h)
+        ]
+        assert sum(len(b) for b in batches) == chips
+
+        def encoder_only() -> None:
+            for b in batches:
+                encoder.encode(b)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        encoder_only()
+        # Interleaved (A, B, A, B, ...): a machine whose speed drifts slows both sides alike.
+        e2e_times, enc_times = [], []
+        for _ in range(args.repeats):
+            e2e_times += timed(end_to_end, 1)[0]
+            enc_times += timed(encoder_only, 1)[0]
+
+    e2e = chips / median(e2e_times)
+    enc = chips / median(enc_times)
+    efficiency = median([b / a for a, b in zip(e2e_times, enc_times, strict=True)])
+    results = {
+        "chips": chips,
+        "end_to_end_chips_per_s": round(e2e, 3),
+        "encoder_only_chips_per_s": round(enc, 3),
+        "pipeline_efficiency": round(efficiency, 3),
+        "efficiency_per_pair": [round(b / a, 3) for a, b in zip(e2e_times, enc_times, strict=True)],
+        "end_to_end_seconds": [round(t, 3) for t in e2e_times],
+        "encoder_only_seconds": [round(t, 3) for t in enc_times],
+    }
+    params = {
+        **vars(args),
+        "cube_shape": list(cube["pixels"].shape),
+        "dtype": str(cube["pixels"].dtype),
+        "embedding_dim": encoder.card.dim,
+        "torch_threads": torch.get_num_threads(),
+    }
+    out = save("embed_pipeline", params, results, device=device.type)
+    print(f"{'':24s}{'chips/s':>10s}")
+    print(f"{'end to end':24s}{e2e:10.2f}")
+    print(f"{'encoder only':24s}{enc:10.2f}")
+    print(
+        f"pipeline efficiency     {efficiency:10.3f}   (median of {args.repeats} interleaved pairs; "
+        f"{chips} chips, {args.compression}, prefetch {args.prefetch})"
+    )
+    print(f"saved {out}")
+
+
+def _copy(host):  # the pool reuses buffers: keep a copy of each batch
+    from dataclasses import replace
+
+    return replace(
+        host, pixels=host.pixels.copy(), valid=host.valid.copy(), index=host.index.copy()
+    )
+
+
+if __name__ == "__main__":
+    main()
