@@ -30,9 +30,14 @@ def median(values: list[float]) -> float:
 
 
 def save(
-    name: str, params: dict[str, Any], results: dict[str, Any], *, device: str = "cpu"
+    name: str,
+    params: dict[str, Any],
+    results: dict[str, Any],
+    *,
+    device: str = "cpu",
+    variant: str = "",
 ) -> Path:
-    """Write ``results/<name>_<device>_<date>.json`` with the machine and versions."""
+    """Write ``results/<name>_<device>[_<variant>]_<date>.json`` with the machine and versions."""
     today = dt.date.today().isoformat()
     payload = {
         "benchmark": name,
@@ -42,6 +47,6 @@ def save(
         "results": results,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}_{device}_{today}.json"
+    path = RESULTS / f"{name}_{device}{'_' + variant if variant else ''}_{today}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

@@ -10,7 +10,7 @@ seed, from chips of the cube being embedded (or loaded from a saved
 checkpoint so that other cubes get comparable vectors). Whitening is folded
 into the filters, so inference is one convolution. The convolution runs as
 a matrix product over chunks of positions, pooling each chunk while it is in
-cache: on a 2-core CPU that is ~5x faster than ``conv2d`` followed by ReLU
+cache: on a 2-core CPU that is ~7x faster than ``conv2d`` followed by ReLU
 and mean over the full response map (docs/benchmarks.md).
 
 Nodata never leaks into a vector: normalised nodata pixels are zero and
