@@ -311,3 +311,34 @@ def test_a_cubes_pixels_make_the_same_cube_again(demo_cube_256: xr.Dataset) -> N
         again.drop_attrs(deep=False)["pixels"], demo_cube_256.drop_attrs(deep=False)["pixels"]
     )
     assert again["time_start"].values[0] == np.datetime64("2024-01-01", "ns")
+
+
+def test_duplicate_band_names_are_refused() -> None:
+    ds = _odc_stac_like(["red", "green"])
+    with pytest.raises(DatacubeError, match=r"unique; \['red'\]"):
+        xclay.as_datacube(ds, wavelengths=[0.6, 0.6], bands=["red", "red"])
+
+
+def test_nodata_the_dtype_cannot_hold_is_refused() -> None:
+    ds = _odc_stac_like(["red"])
+    with pytest.raises(DatacubeError, match="nodata -9999 can never occur in uint16"):
+        xclay.as_datacube(ds, wavelengths=[0.6], nodata=-9999)
+
+
+def test_nan_nodata_round_trips_as_valid_json(tmp_path: Path) -> None:
+    import json
+
+    cube = random_cube((1, 2, 64, 64), dtype="float32", nodata=float("nan"))
+    cube["pixels"].values[0, :, :8, :8] = np.nan
+    path = xclay.write_datacube(cube, tmp_path / "c.zarr", chip_size=32)
+    meta = json.loads(
+        (path / "pixels" / "zarr.json").read_text(), parse_constant=_no_bare_constants
+    )
+    assert meta["attributes"]["nodata"] == "NaN"
+    opened = xclay.open_datacube(path)
+    assert np.isnan(xclay.datacube.nodata_value(opened["pixels"]))
+    np.testing.assert_array_equal(opened["pixels"].values, cube["pixels"].values)
+
+
+def _no_bare_constants(name: str) -> None:
+    raise AssertionError(f"bare {name} in JSON: other Zarr readers cannot parse it")

@@ -22,7 +22,7 @@ import numpy as np
 import xarray as xr
 
 from xclay.chips import ChipGrid
-from xclay.datacube import in_memory
+from xclay.datacube import in_memory, nodata_value
 from xclay.errors import DatacubeError
 
 if TYPE_CHECKING:
@@ -53,8 +53,7 @@ class ArrayWindowReader:
         self._variable = pixels.variable
         # Not pixels.data: for a lazily opened cube that would read every pixel.
         self._numpy = pixels.variable._data if in_memory(pixels) else None
-        nodata = pixels.attrs.get("nodata")
-        self.nodata: float | None = None if nodata is None else float(nodata)
+        self.nodata: float | None = nodata_value(pixels)
         self._shape = tuple(int(s) for s in pixels.shape)
         self._dtype = np.dtype(pixels.dtype)
         # Value written where a padded window leaves the raster (masked out anyway).

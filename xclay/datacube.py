@@ -38,6 +38,7 @@ from xarray.core.indexing import (
 
 from xclay._atomic import atomic_output
 from xclay._hashing import sha256_file
+from xclay._json import jsonable, number
 from xclay._version import __version__
 from xclay.errors import ChunkingError, DatacubeError, DeviceError, MissingDependencyError
 from xclay.models.sensors import get_sensor
@@ -47,6 +48,7 @@ __all__ = [
     "as_datacube",
     "check_chip_alignment",
     "datacube_geobox",
+    "nodata_value",
     "open_datacube",
     "validate_datacube",
     "write_datacube",
@@ -549,7 +551,12 @@ def _nodata_of(obj: xr.DataArray | xr.Dataset, pixels: xr.DataArray) -> float | 
         for key in ("nodata", "_FillValue", "missing_value"):
             value = src.get(key)
             if value is not None and np.ndim(value) == 0:
-                return float(value) if pixels.dtype.kind == "f" else int(value)
+                nodata = number(value)
+                assert nodata is not None
+                integral = (
+                    pixels.dtype.kind != "f" and math.isfinite(nodata) and nodata.is_integer()
+                )
+                return int(nodata) if integral else nodata
     return None
 
 
@@ -569,6 +576,22 @@ def _provenance(obj: xr.DataArray | xr.Dataset, extra: Mapping[str, Any] | None)
 
 
 # --------------------------------------------------------------------------- validate
+
+
+def nodata_value(pixels: xr.DataArray) -> float | None:
+    """The pixels' nodata value (``attrs["nodata"]``) as a float, or None."""
+    return number(pixels.attrs.get("nodata"))
+
+
+def _check_nodata(nodata: float | None, dtype: np.dtype[Any]) -> None:
+    if nodata is None or dtype.kind == "f":
+        return
+    info = np.iinfo(dtype)
+    if not (math.isfinite(nodata) and nodata == int(nodata) and info.min <= nodata <= info.max):
+        raise DatacubeError(
+            f"nodata {nodata:g} can never occur in {dtype} pixels (range {info.min}..{info.max}); "
+            "pass the nodata value the imagery really uses (nodata=...)."
+        )
 
 
 def validate_datacube(cube: xr.Dataset) -> None:
@@ -607,6 +630,11 @@ def validate_datacube(cube: xr.Dataset) -> None:
         raise DatacubeError(f"the datacube's gsd attribute must be a positive number, got {gsd!r}.")
     if cube["time"].dtype.kind != "M":
         raise DatacubeError("the time coordinate must be datetime64.")
+    names = [str(b) for b in cube["band"].values]
+    duplicates = sorted({b for b in names if names.count(b) > 1})
+    if duplicates:
+        raise DatacubeError(f"band names must be unique; {duplicates} appear more than once.")
+    _check_nodata(nodata_value(pixels), pixels.dtype)
 
 
 def check_chip_alignment(cube: xr.Dataset, chip_size: int, stride: int | None = None) -> None:
@@ -704,11 +732,11 @@ def write_datacube(
         meta.attrs = {**cube.attrs, "xclay_version": __version__}
         meta.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False)
         group = zarr.open_group(tmp, mode="r+", zarr_format=3)
-        attrs = {k: _json_scalar(v) for k, v in pixels.attrs.items() if k not in ("coordinates",)}
+        attrs = jsonable({k: v for k, v in pixels.attrs.items() if k != "coordinates"})
         attrs["coordinates"] = " ".join(
             sorted(str(c) for c in cube.coords if c not in DATACUBE_DIMS)
         )
-        fill = pixels.attrs.get("nodata", 0)
+        fill = nodata_value(pixels)
         array = group.create_array(
             "pixels",
             shape=pixels.shape,
@@ -716,7 +744,7 @@ def write_datacube(
             chunks=chunks,
             shards=shards,
             compressors=_compressors(compression),
-            fill_value=fill if fill is not None and np.isfinite(fill) else 0,
+            fill_value=fill if fill is not None else 0,
             dimension_names=DATACUBE_DIMS,
             attributes=attrs,
         )
@@ -740,12 +768,6 @@ def _compressors(compression: Compression) -> Any:
     if compression == "none":
         return None
     raise DatacubeError(f"compression must be 'zstd', 'lz4' or 'none', got {compression!r}.")
-
-
-def _json_scalar(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 # --------------------------------------------------------------------------- open

@@ -21,7 +21,13 @@ from xclay.batching import (
     to_chip_batch,
 )
 from xclay.chips import ChipGrid, ChipGridSpec, Edges
-from xclay.datacube import as_datacube, check_chip_alignment, datacube_geobox, validate_datacube
+from xclay.datacube import (
+    as_datacube,
+    check_chip_alignment,
+    datacube_geobox,
+    nodata_value,
+    validate_datacube,
+)
 from xclay.devices import Precision, resolve_device, resolve_dtype
 from xclay.errors import DatacubeError, ModelError
 from xclay.protocols import Encoder, InputSpec
@@ -341,7 +347,7 @@ def _embeddings_dataset(
             "crs_wkt": grid.crs.to_wkt(),
             "geotransform": [t.c, t.a, t.b, t.f, t.d, t.e],
             "shape": [int(s) for s in grid.source.shape],
-            "nodata": cube["pixels"].attrs.get("nodata"),
+            "nodata": nodata_value(cube["pixels"]),
             "dtype": str(cube["pixels"].dtype),
             "provenance": cube.attrs.get("provenance", {}),
         },

@@ -18,6 +18,7 @@ import xarray as xr
 from affine import Affine
 
 from xclay._atomic import atomic_output
+from xclay._json import jsonable
 from xclay.chips import window_corners
 from xclay.errors import DatacubeError
 
@@ -41,7 +42,7 @@ def to_zarr(emb: xr.Dataset, path: str | os.PathLike[str], *, overwrite: bool = 
     """
     validate_embeddings(emb)
     out = emb.copy()
-    out.attrs = _jsonable(dict(emb.attrs))
+    out.attrs = jsonable(dict(emb.attrs))
     out["chip_id"] = out["chip_id"].astype(object)
     n_y, n_x = out.sizes["chip_y"], out.sizes["chip_x"]
     cy, cx = min(n_y, 32), min(n_x, 32)
@@ -209,7 +210,7 @@ def to_geoparquet(
     table = table.replace_schema_metadata(
         {
             b"geo": json.dumps(geo).encode(),
-            b"xclay": json.dumps(_jsonable(xclay_meta)).encode(),
+            b"xclay": json.dumps(jsonable(xclay_meta)).encode(),
         }
     )
     rows_per_group = max(1, _ROW_GROUP_BYTES // (4 * dim + 512))
@@ -300,19 +301,3 @@ def _source_ids(provenance: Mapping[str, Any]) -> list[str]:
     if not out and provenance.get("generator"):
         out.append(str(provenance["generator"]))
     return out
-
-
-def _jsonable(value: Any) -> Any:
-    """Deep-convert NumPy scalars/arrays (and tuples) to JSON types for attrs and footers."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return _jsonable(value.item())
-    if isinstance(value, float) and not np.isfinite(value):
-        # JSON has no NaN/Infinity: spell them as Zarr v3 spells non-finite fill values.
-        return "NaN" if np.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    return value

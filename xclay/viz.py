@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from xclay.datacube import nodata_value
 from xclay.errors import DatacubeError
 from xclay.models.sensors import get_sensor
 
@@ -33,10 +34,10 @@ def true_colour(cube: xr.Dataset, *, time: int = 0, max_size: int = 1024) -> np.
         ],
         axis=-1,
     )
-    nodata = pixels.attrs.get("nodata")
+    nodata = nodata_value(pixels)
     valid = np.isfinite(rgb).all(axis=-1)
     if nodata is not None:
-        valid &= ~(rgb == float(nodata)).any(axis=-1)
+        valid &= ~(rgb == nodata).any(axis=-1)
     out = np.zeros((*rgb.shape[:2], 4), dtype=np.uint8)
     if valid.any():
         lo, hi = np.percentile(rgb[valid], [2, 98], axis=0)

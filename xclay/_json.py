@@ -1,0 +1,37 @@
+"""Attributes and footers are JSON: convert NumPy values, and spell non-finite numbers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+__all__ = ["jsonable", "number"]
+
+
+def jsonable(value: Any) -> Any:
+    """Deep-convert NumPy scalars/arrays and tuples to JSON types.
+
+    JSON has no NaN or Infinity: they become ``"NaN"``, ``"Infinity"`` and
+    ``"-Infinity"``, as Zarr v3 spells non-finite fill values.
+    """
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return jsonable(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
+
+
+def number(value: Any) -> float | None:
+    """A number stored by :func:`jsonable` (or given directly) as a float; None stays None."""
+    if value is None:
+        return None
+    return float(value)  # float("NaN"), float("Infinity") parse the JSON spellings
