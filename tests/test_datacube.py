@@ -263,6 +263,18 @@ def _random_key(rng: np.random.Generator, shape: tuple[int, ...]) -> tuple:
     return tuple(key)
 
 
+def _assert_same_windows(lazy: xr.Dataset, eager: xr.Dataset, *, seed: int, n: int = 40) -> None:
+    """Random basic-index windows (ints, slices, steps) read the same from both cubes."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        key = _random_key(rng, lazy["pixels"].shape)
+        np.testing.assert_array_equal(
+            lazy["pixels"].variable[key].values,
+            eager["pixels"].variable[key].values,
+            err_msg=str(key),
+        )
+
+
 def test_lazy_geotiff_stays_on_disk_and_reads_the_same(olinda_tif: Path) -> None:
     import rioxarray
 
@@ -276,14 +288,7 @@ def test_lazy_geotiff_stays_on_disk_and_reads_the_same(olinda_tif: Path) -> None
     )
     assert not isinstance(lazy["pixels"].variable._data, np.ndarray)
     assert isinstance(eager["pixels"].variable._data, np.ndarray)
-    rng = np.random.default_rng(0)
-    for _ in range(40):
-        key = _random_key(rng, lazy["pixels"].shape)
-        np.testing.assert_array_equal(
-            lazy["pixels"].variable[key].values,
-            eager["pixels"].variable[key].values,
-            err_msg=str(key),
-        )
+    _assert_same_windows(lazy, eager, seed=0)
 
 
 def test_lazy_one_variable_per_band_dataset_reads_the_same(tmp_path: Path) -> None:
@@ -293,14 +298,7 @@ def test_lazy_one_variable_per_band_dataset_reads_the_same(tmp_path: Path) -> No
     lazy = xclay.as_datacube(opened, wavelengths=[0.66, 0.56, 0.49], bands=["blue", "red", "green"])
     eager = xclay.as_datacube(ds, wavelengths=[0.66, 0.56, 0.49], bands=["blue", "red", "green"])
     assert not isinstance(lazy["pixels"].variable._data, np.ndarray)
-    rng = np.random.default_rng(1)
-    for _ in range(40):
-        key = _random_key(rng, lazy["pixels"].shape)
-        np.testing.assert_array_equal(
-            lazy["pixels"].variable[key].values,
-            eager["pixels"].variable[key].values,
-            err_msg=str(key),
-        )
+    _assert_same_windows(lazy, eager, seed=1)
     np.testing.assert_array_equal(lazy["pixels"].values, eager["pixels"].values)
 
 

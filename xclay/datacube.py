@@ -419,11 +419,8 @@ def _crs_of(da: xr.DataArray) -> CRS | None:
             wkt = attrs.get("crs_wkt") or attrs.get("spatial_ref")
             if wkt:
                 return CRS(wkt)
-    for key in ("crs",):
-        value = da.attrs.get(key)
-        if value:
-            return CRS(value)
-    return None
+    value = da.attrs.get("crs")
+    return CRS(value) if value else None
 
 
 def _transform_of(da: xr.DataArray) -> Affine:
