@@ -141,6 +141,7 @@ def test_geoparquet_schema_and_footer_with_pyarrow(tmp_path: Path, emb: xr.Datas
         "dtype": "float32",
         "quantization": None,
         "output": "pooled",
+        "per_chip": "as stored",
     }
     assert meta["run"]["chips_embedded"] == 15 and meta["xclay_version"] == xclay.__version__
     assert meta["config"]["grid"]["chip_size"] == 64

@@ -133,7 +133,8 @@ def embed(
     Returns
     -------
     xarray.Dataset
-        ``embedding(time, chip_y, chip_x, feature)`` float32 (NaN where a chip
+        ``embedding(time, chip_y, chip_x, feature)`` float32 (with ``patch_y,
+        patch_x`` before ``feature`` for models returning patch grids; NaN where a chip
         was not embedded), ``nodata_fraction`` and ``cloud_fraction``
         (time, chip_y, chip_x), ``embedded`` (bool); chip centres as
         ``chip_y``/``chip_x`` in the cube's CRS with a ``spatial_ref`` grid
@@ -188,7 +189,7 @@ def embed_with_config(
         grid=grid, times=len(times), batch_size=config.batch_size, max_nodata=config.max_nodata
     )
     shape = (len(times), grid.rows, grid.cols)
-    vectors = np.full((*shape, card.dim), np.nan, dtype=np.float32)
+    vectors = np.full((*shape, *card.vector_shape), np.nan, dtype=np.float32)
     nodata_fraction = np.full(shape, np.nan, dtype=np.float32)
     start = timer.perf_counter()
     # tqdm's disable=None: a bar only on an interactive terminal.
@@ -200,17 +201,17 @@ def embed_with_config(
             if len(host):
                 batch = to_chip_batch(host, lonlat, times, dev)
                 out = encoder.encode(batch)
-                if tuple(out.shape) != (len(host), card.dim):
+                if tuple(out.shape) != (len(host), *card.vector_shape):
                     raise ModelError(
                         f"encoder {card.name!r} returned shape {tuple(out.shape)} for "
-                        f"{len(host)} chips; expected ({len(host)}, {card.dim})."
+                        f"{len(host)} chips; expected {(len(host), *card.vector_shape)}."
                     )
                 t, i, j = host.index.T
                 vectors[t, i, j] = out.float().cpu().numpy()
             bar.update(host.scanned)
     seconds = timer.perf_counter() - start
 
-    embedded = np.asarray(np.isfinite(vectors).all(axis=-1))
+    embedded = np.asarray(np.isfinite(vectors).all(axis=tuple(range(3, vectors.ndim))))
     scanned = np.isfinite(nodata_fraction)
     skipped = scanned & ((nodata_fraction > config.max_nodata) | (nodata_fraction >= 1.0))
     run = {
@@ -271,7 +272,7 @@ def _embeddings_dataset(
     ds = xr.Dataset(
         {
             "embedding": (
-                (*dims3, "feature"),
+                (*dims3, *(("patch_y", "patch_x") if vectors.ndim == 6 else ()), "feature"),
                 vectors,
                 {"grid_mapping": "spatial_ref", "long_name": f"{card['name']} chip embedding"},
             ),

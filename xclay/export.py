@@ -45,9 +45,11 @@ def to_zarr(emb: xr.Dataset, path: str | os.PathLike[str], *, overwrite: bool = 
     out.attrs = jsonable(dict(emb.attrs))
     out["chip_id"] = out["chip_id"].astype(object)
     n_y, n_x = out.sizes["chip_y"], out.sizes["chip_x"]
-    cy, cx = min(n_y, 32), min(n_x, 32)
+    per_chip = int(np.prod([out.sizes[d] for d in out["embedding"].dims[3:]]))
+    side = 32 if per_chip <= 4096 else 2  # patch grids: a few chips per chunk (~16 MiB)
+    cy, cx = min(n_y, side), min(n_x, side)
     encoding: dict[str, dict[str, Any]] = {
-        "embedding": {"chunks": (1, cy, cx, out.sizes["feature"])},
+        "embedding": {"chunks": (1, cy, cx, *(out.sizes[d] for d in out["embedding"].dims[3:]))},
         "nodata_fraction": {"chunks": (1, cy, cx)},
         "cloud_fraction": {"chunks": (1, cy, cx)},
         "embedded": {"chunks": (1, cy, cx)},
@@ -122,6 +124,8 @@ def to_geoparquet(
     n = t_idx.size
     dim = emb.sizes["feature"]
     vectors = np.asarray(emb["embedding"].values, dtype=np.float32)[t_idx, i_idx, j_idx]
+    if vectors.ndim == 4:  # patch grids: one vector per chip, the mean of its patch tokens
+        vectors = vectors.mean(axis=(1, 2))
 
     row_off = np.asarray(emb["row_off"].values, dtype=np.int64)
     col_off = np.asarray(emb["col_off"].values, dtype=np.int64)
@@ -204,6 +208,9 @@ def to_geoparquet(
             "dtype": "float32",
             "quantization": None,
             "output": (emb.attrs.get("model") or {}).get("output"),
+            "per_chip": "mean of patch tokens"
+            if "patch_y" in emb["embedding"].dims
+            else "as stored",
         },
         "run": emb.attrs.get("run"),
     }

@@ -50,7 +50,9 @@ def true_colour(cube: xr.Dataset, *, time: int = 0, max_size: int = 1024) -> np.
 def pca_colour(emb: xr.Dataset, *, time: int = 0) -> np.ndarray:
     """RGBA ``[chip_y, chip_x, 4]`` uint8: the first three principal components
     of the embeddings as red, green, blue (chips not embedded are transparent)."""
-    vectors = np.asarray(emb["embedding"].values[time], dtype=np.float64)  # [y, x, D]
+    vectors = np.asarray(emb["embedding"].values[time], dtype=np.float64)  # [y, x, (py, px,) D]
+    if vectors.ndim == 5:  # patch grids: colour each chip by its mean patch token
+        vectors = vectors.mean(axis=(2, 3))
     valid = np.isfinite(vectors).all(axis=-1)
     out = np.zeros((*vectors.shape[:2], 4), dtype=np.uint8)
     if valid.sum() < 2:

@@ -25,6 +25,9 @@ class ModelCard:
         Length of one chip's embedding vector.
     output
         Which vector is stored: ``"cls"``, ``"mean"``, ``"patches"`` or ``"pooled"``.
+    output_shape
+        Shape of one chip's output: ``[dim]``, or ``[rows, cols, dim]`` for
+        ``"patches"`` (empty means ``[dim]``).
     normalization
         Per band ``{"mean": m, "std": s}`` applied as ``(value - m) / s``.
     normalization_source
@@ -50,6 +53,7 @@ class ModelCard:
     description: str
     dim: int
     output: str
+    output_shape: list[int] = field(default_factory=list)
     normalization: dict[str, dict[str, float]] = field(default_factory=dict)
     normalization_source: str = ""
     wavelengths: dict[str, float] = field(default_factory=dict)
@@ -65,6 +69,11 @@ class ModelCard:
             raise ModelError("a model card needs a name.")
         if self.dim < 1:
             raise ModelError(f"a model card's dim must be positive, got {self.dim}.")
+
+    @property
+    def vector_shape(self) -> tuple[int, ...]:
+        """Shape of one chip's output (``(dim,)`` unless the model returns patch grids)."""
+        return tuple(self.output_shape) if self.output_shape else (self.dim,)
 
     def replace(self, **changes: Any) -> ModelCard:
         return dataclasses.replace(self, **changes)

@@ -146,6 +146,7 @@ class RCFEncoder:
             ),
             dim=2 * self.num_filters,
             output="pooled",
+            output_shape=[2 * self.num_filters],
             normalization=norm.to_dict() if norm else {},
             normalization_source=norm.source if norm else "",
             wavelengths=dict(self._wavelengths),

@@ -97,25 +97,24 @@ def get_model(
         names are refused with the list of valid ones.
     """
     info = get_model_info(name)
-    if checkpoint is not None:
-        if info.loader is None:
-            raise ModelError(f"model {name!r} takes no checkpoint.")
-        if options:
-            raise ModelError(
-                f"options {sorted(options)} cannot be combined with a checkpoint: the checkpoint "
-                "fixes the model's settings."
-            )
-        return _resolve(info.loader)(checkpoint)
-    if info.needs_checkpoint:
-        return _resolve(info.loader or info.factory)(None)
-    factory = _resolve(info.factory)
-    allowed = [p for p in inspect.signature(factory).parameters if p != "self"]
+    use_loader = checkpoint is not None or info.needs_checkpoint
+    if use_loader and info.loader is None:
+        raise ModelError(f"model {name!r} takes no checkpoint.")
+    target = _resolve(info.loader if use_loader and info.loader else info.factory)
+    allowed = [p for p in inspect.signature(target).parameters if p != "self"]
+    if use_loader:
+        allowed = allowed[1:]  # the first parameter is the checkpoint path
     unknown = sorted(set(options) - set(allowed))
     if unknown:
+        if use_loader and not allowed:
+            raise ModelError(
+                f"options {unknown} cannot be combined with a checkpoint: the checkpoint fixes "
+                f"model {name!r}'s settings."
+            )
         raise ModelError(
             f"model {name!r} has no options {unknown}; its options are: {', '.join(allowed)}."
         )
-    return factory(**options)
+    return target(checkpoint, **options) if use_loader else target(**options)
 
 
 def _resolve(target: str) -> Any:
@@ -140,5 +139,22 @@ register_model(
         patch_size=None,
         bands="any",
         normalization="sensor table for known platforms, else measured on the cube",
+    )
+)
+
+register_model(
+    ModelInfo(
+        name="clay-v1.5",
+        description=(
+            "Clay v1.5 foundation model encoder (ViT-L/8, wavelength-conditioned patch embedding); "
+            "official weights: huggingface.co/made-with-clay/Clay, v1.5/clay-v1.5.ckpt."
+        ),
+        factory="xclay.models.clay:ClayV15.from_checkpoint",
+        loader="xclay.models.clay:ClayV15.from_checkpoint",
+        needs_checkpoint=True,
+        dim=1024,
+        patch_size=8,
+        bands="any bands with central wavelengths",
+        normalization="sensor table for known platforms, else measured on the cube or given",
     )
 )

@@ -1,0 +1,467 @@
+"""Clay v1.5 behind xclay's Encoder interface: weights, inputs, precision, outputs.
+
+- Weights: the official Lightning ``clay-v1.5.ckpt`` (its ``model.encoder.*``),
+  a plain encoder state dict (``.pt``), or ``.safetensors``; loaded with
+  ``weights_only=True`` only; the file's sha256 goes into the model card.
+- Inputs: per band ``(value - mean) / std`` (sensor table, measured, or
+  given), nodata pixels set to 0 after normalising (the band mean); ``time``
+  from the chip's acquisition time (ISO week and hour; zeros when unknown);
+  ``latlon`` from the chip centre, latitude first; ``gsd`` and ``waves`` from
+  the cube (the sensor table's wavelengths for known platforms).
+- Speed: inference mode; bf16 autocast (weights and LayerNorms stay fp32) on
+  CUDA and on CPUs with fast bf16; fused attention; the wave-conditioned
+  kernel and the position encoding are computed once per cube, not per batch;
+  optional ``torch.compile``.
+- Outputs: ``"cls"`` (the Clay convention), ``"mean"`` of the patch tokens, or
+  ``"patches"`` (the ``(H/8) x (W/8)`` token grid).
+
+Bands the model has never seen still work: the patch embedding generates its
+kernel from each band's wavelength, so any set of bands with known central
+wavelengths can be embedded. How meaningful the vectors are for a sensor far
+from Clay's training data (Sentinel-2, Landsat, NAIP, LINZ, Sentinel-1, MODIS)
+is an empirical question: check them on a downstream task.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from xclay.errors import CheckpointError, MissingDependencyError, ModelError
+from xclay.models.card import ModelCard
+from xclay.models.normalization import Normalization, resolve_normalization
+from xclay.models.sensors import get_sensor
+
+if TYPE_CHECKING:
+    import torch
+
+    from xclay.devices import Precision
+    from xclay.models.clay_encoder import ClayEncoder
+    from xclay.protocols import ChipBatch, InputSpec, Sampler
+
+__all__ = [
+    "OFFICIAL_WEIGHTS_URL",
+    "ClayV15",
+    "default_checkpoint_path",
+    "latlon_encoding",
+    "load_clay_state_dict",
+    "time_encoding",
+]
+
+log = logging.getLogger(__name__)
+
+OFFICIAL_WEIGHTS_URL = "https://huggingface.co/made-with-clay/Clay/blob/main/v1.5/clay-v1.5.ckpt"
+CHECKPOINT_ENV = "XCLAY_CHECKPOINT"
+Output = Literal["cls", "mean", "patches"]
+_ENCODER_PREFIXES = ("model.encoder.", "encoder.")
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def time_encoding(times: np.ndarray) -> np.ndarray:
+    """``[B] datetime64 -> [B, 4]`` float32 ``[sin w, cos w, sin h, cos h]``.
+
+    ``w = ISO week * 2 pi / 52``, ``h = hour * 2 pi / 24`` (hour with its
+    minutes and seconds as a fraction); a row of zeros where the time is
+    unknown (NaT), which Clay reads as "unknown".
+    """
+    times = np.asarray(times, dtype="datetime64[ns]")
+    out = np.zeros((times.shape[0], 4), dtype=np.float64)
+    for i, t in enumerate(times):
+        if np.isnat(t):
+            continue
+        when = dt.datetime.fromisoformat(str(t.astype("datetime64[us]")))
+        week = when.isocalendar().week * 2 * np.pi / 52
+        hour = (when.hour + when.minute / 60 + when.second / 3600) * 2 * np.pi / 24
+        out[i] = (np.sin(week), np.cos(week), np.sin(hour), np.cos(hour))
+    return out.astype(np.float32)
+
+
+def latlon_encoding(lonlat: torch.Tensor) -> torch.Tensor:
+    """``[B, 2]`` (lon, lat) degrees -> ``[B, 4]`` ``[sin lat, cos lat, sin lon, cos lon]``.
+
+    Latitude first: published Clay embeddings were once made with the two swapped.
+    """
+    import torch
+
+    rad = torch.deg2rad(lonlat.to(torch.float64))
+    lon, lat = rad[:, 0], rad[:, 1]
+    return torch.stack([lat.sin(), lat.cos(), lon.sin(), lon.cos()], dim=1).to(torch.float32)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def default_checkpoint_path() -> Path:
+    """Where xclay looks for the official weights when none are passed:
+    ``$XCLAY_CACHE/clay-v1.5.ckpt``, else ``~/.cache/xclay/clay-v1.5.ckpt`` (or ``$XDG_CACHE_HOME``)."""
+    base = os.environ.get("XCLAY_CACHE")
+    if base:
+        return Path(base) / "clay-v1.5.ckpt"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "xclay" / "clay-v1.5.ckpt"
+
+
+def _locate_checkpoint() -> Path:
+    env = os.environ.get(CHECKPOINT_ENV)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"{CHECKPOINT_ENV}={env} does not point to a file.")
+        return path
+    cached = default_checkpoint_path()
+    if cached.is_file():
+        return cached
+    raise CheckpointError(
+        "no Clay v1.5 checkpoint was given and none was found. Download the official weights "
+        f"(clay-v1.5.ckpt, 5.2 GB) from {OFFICIAL_WEIGHTS_URL} and pass checkpoint=PATH "
+        f"(CLI: --checkpoint PATH), set {CHECKPOINT_ENV}=PATH, or save them as {cached}. "
+        "model='rcf' needs no weights."
+    )
+
+
+def load_clay_state_dict(
+    path: str | os.PathLike[str],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The encoder's state dict (prefix stripped) and the checkpoint's hyper-parameters.
+
+    Accepts a Lightning ``.ckpt`` (``state_dict`` with ``model.encoder.*``), a
+    plain state dict (``.pt``, with or without that prefix) and
+    ``.safetensors``. Never unpickles arbitrary objects.
+    """
+    import torch
+
+    from xclay.models.checkpoints import read_torch_file
+
+    file = Path(path)
+    if file.suffix == ".safetensors":
+        raw: Any = _read_safetensors(file)
+    else:
+        raw = read_torch_file(file, model="Clay", mmap=True)
+    hyper: dict[str, Any] = {}
+    if isinstance(raw, Mapping) and "state_dict" in raw:
+        hyper = dict(raw.get("hyper_parameters") or {})
+        raw = raw["state_dict"]
+    if not isinstance(raw, Mapping) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise CheckpointError(
+            f"{file} holds no state dict of tensors; expected the official clay-v1.5.ckpt, an "
+            "encoder state dict saved with torch.save, or a .safetensors file."
+        )
+    for prefix in _ENCODER_PREFIXES:
+        if any(k.startswith(prefix) for k in raw):
+            raw = {k[len(prefix) :]: v for k, v in raw.items() if k.startswith(prefix)}
+            break
+    return dict(raw), hyper
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise CheckpointError(f"Clay checkpoint {file} does not exist (or is not a file).")
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError as err:
+        raise MissingDependencyError(
+            "reading .safetensors needs the safetensors package: pip install safetensors"
+        ) from err
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{file} is not a readable .safetensors file ({err}); it may be truncated or corrupt."
+        ) from err
+
+
+def detect_size(state: Mapping[str, torch.Tensor]) -> tuple[str, int]:
+    """The Clay size name and patch size of an encoder state dict."""
+    from xclay.models.clay_encoder import CLAY_SIZES
+
+    needed = (
+        "cls_token",
+        "transformer.layers.0.0.to_qkv.weight",
+        "transformer.layers.0.1.net.1.weight",
+    )
+    missing = [k for k in needed if k not in state]
+    if missing:
+        sample = ", ".join(sorted(state)[:5])
+        raise CheckpointError(
+            f"this is not a Clay encoder state dict: {missing} missing (its keys start: {sample})."
+        )
+    dim = int(state["cls_token"].shape[-1])
+    depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("transformer.layers."))
+    inner = int(state["transformer.layers.0.0.to_qkv.weight"].shape[0]) // 3
+    hidden = int(state["transformer.layers.0.1.net.1.weight"].shape[0])
+    fc = state.get("patch_embedding.weight_generator.fc_weight.weight")
+    patch = round((int(fc.shape[0]) / dim) ** 0.5) if fc is not None else 8
+    for s in CLAY_SIZES.values():
+        if (s.dim, s.depth, s.heads * s.dim_head, s.dim * s.mlp_ratio) == (
+            dim,
+            depth,
+            inner,
+            hidden,
+        ):
+            return s.name, patch
+    raise CheckpointError(
+        f"the checkpoint's encoder (dim {dim}, depth {depth}, attention width {inner}, MLP width "
+        f"{hidden}) is none of the Clay sizes {sorted(CLAY_SIZES)}."
+    )
+
+
+# --------------------------------------------------------------------------- the encoder
+
+
+class ClayV15:
+    """Clay v1.5 as an xclay encoder.
+
+    Build it with :meth:`from_checkpoint` (or ``xclay.models.get_model("clay-v1.5", ...)``).
+
+    Parameters
+    ----------
+    model
+        The loaded :class:`~xclay.models.clay_encoder.ClayEncoder`.
+    size
+        Its size name (``large`` for the official v1.5 weights).
+    output
+        ``"cls"``, ``"mean"`` or ``"patches"``.
+    normalization
+        ``"auto"`` (sensor table for known platforms, else measured on the cube),
+        ``"sensor"``, ``"measured"``, or a mapping ``band -> (mean, std)``.
+    compile
+        Run the transformer through ``torch.compile`` (slow first batch, faster after).
+    checkpoint
+        ``(file name, sha256)`` of the weights, for the model card.
+    """
+
+    name = "clay-v1.5"
+
+    def __init__(
+        self,
+        model: ClayEncoder,
+        *,
+        size: str,
+        output: Output = "cls",
+        normalization: str | Mapping[str, tuple[float, float]] = "auto",
+        compile: bool = False,
+        checkpoint: tuple[str, str] | None = None,
+    ) -> None:
+        if output not in ("cls", "mean", "patches"):
+            raise ModelError(f"output must be 'cls', 'mean' or 'patches', got {output!r}.")
+        self.model = model.eval()
+        self.size = size
+        self.output = output
+        self.normalization_request = normalization
+        self.compile = compile
+        self._checkpoint = checkpoint
+        self._norm: Normalization | None = None
+        self._waves: dict[str, float] = {}
+        self._waves_source = ""
+        self._gsd: float | None = None
+        self._chip_size: int | None = None
+        self._device: torch.device | None = None
+        self._dtype: torch.dtype | None = None
+        self._state: dict[str, torch.Tensor] = {}
+        self._forward: Any = None
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: str | os.PathLike[str] | None = None,
+        *,
+        size: str | None = None,
+        output: Output = "cls",
+        normalization: str | Mapping[str, tuple[float, float]] = "auto",
+        compile: bool = False,
+    ) -> ClayV15:
+        """Load Clay weights (official ``.ckpt``, ``.pt`` state dict or ``.safetensors``).
+
+        ``checkpoint=None`` looks at ``$XCLAY_CHECKPOINT``, then the cache
+        path (:func:`default_checkpoint_path`). ``size`` (if given) must match
+        the checkpoint's.
+        """
+        from xclay.models.checkpoints import file_sha256
+        from xclay.models.clay_encoder import CLAY_SIZES, ClayEncoder
+
+        path = Path(checkpoint) if checkpoint is not None else _locate_checkpoint()
+        if size is not None and size not in CLAY_SIZES:
+            raise ModelError(f"unknown Clay size {size!r}; sizes: {', '.join(CLAY_SIZES)}.")
+        state, _ = load_clay_state_dict(path)
+        found, patch = detect_size(state)
+        if size is not None and found != size:
+            raise CheckpointError(
+                f"{path.name} holds a {found!r} Clay encoder, not {size!r}; pass size={found!r} "
+                "or the checkpoint of the size you want."
+            )
+        model = ClayEncoder.from_size(found, patch_size=patch)
+        expected = set(model.state_dict())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{path.name}: the encoder keys do not match Clay's ({len(missing)} missing, e.g. "
+                f"{missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]})."
+            )
+        wrong = [
+            k for k, v in model.state_dict().items() if tuple(state[k].shape) != tuple(v.shape)
+        ]
+        if wrong:
+            raise CheckpointError(
+                f"{path.name}: tensors of the wrong shape for {found!r}: {wrong[:3]}."
+            )
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        log.info("loaded Clay %s encoder from %s", found, path)
+        return cls(
+            model,
+            size=found,
+            output=output,
+            normalization=normalization,
+            compile=compile,
+            checkpoint=(path.name, file_sha256(path)),
+        )
+
+    # -- Encoder protocol ----------------------------------------------------
+
+    @property
+    def preferred_precision(self) -> Precision:
+        return "bf16"
+
+    @property
+    def card(self) -> ModelCard:
+        from xclay.models.clay_encoder import CLAY_SIZES
+
+        s = CLAY_SIZES[self.size]
+        grid = (self._chip_size or 0) // self.model.patch_size
+        shape = [grid, grid, s.dim] if self.output == "patches" and grid else [s.dim]
+        norm = self._norm
+        return ModelCard(
+            name=self.name,
+            version="1.5",
+            family="clay",
+            description=(
+                f"Clay v1.5 foundation model encoder ({self.size}: ViT with a wavelength-"
+                f"conditioned {self.model.patch_size} px patch embedding); {self.output} token(s)."
+            ),
+            dim=s.dim,
+            output=self.output,
+            output_shape=shape,
+            normalization=norm.to_dict() if norm else {},
+            normalization_source=norm.source if norm else "",
+            wavelengths=dict(self._waves),
+            gsd=self._gsd,
+            patch_size=self.model.patch_size,
+            checkpoint=self._checkpoint[0] if self._checkpoint else None,
+            checkpoint_sha256=self._checkpoint[1] if self._checkpoint else None,
+            license="Apache-2.0 (Clay model weights and code)",
+            params={
+                "size": self.size,
+                "dim": s.dim,
+                "depth": s.depth,
+                "heads": s.heads,
+                "dim_head": s.dim_head,
+                "mlp_ratio": s.mlp_ratio,
+                "waves_source": self._waves_source,
+                "precision": _precision_name(self._dtype),
+                "time_encoding": (
+                    "[sin w, cos w, sin h, cos h], w = ISO week * 2 pi / 52, h = hour * 2 pi / 24 "
+                    "of the chip's time (a composite's midpoint); zeros when unknown"
+                ),
+                "latlon_encoding": "[sin lat, cos lat, sin lon, cos lon] of the chip centre, radians",
+                "nodata": "pixels set to 0 after normalisation (the band mean)",
+            },
+        )
+
+    def prepare(
+        self, spec: InputSpec, sample: Sampler, *, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        """Normalisation, wave kernel and position encoding for this cube; model to ``device``."""
+        import torch
+
+        from xclay.models.clay_encoder import META_DIMS, posemb_2d_gsd
+
+        p = self.model.patch_size
+        if spec.chip_size % p:
+            lower, upper = spec.chip_size // p * p, -(-spec.chip_size // p) * p
+            raise ModelError(
+                f"chip_size {spec.chip_size} is not a multiple of Clay's {p} px patches; use "
+                f"{lower or upper} or {upper}."
+            )
+        if self._norm is None:
+            self._norm = resolve_normalization(self.normalization_request, spec, sample, seed=0)
+        self._norm.check_bands(spec.bands, what="Clay normalisation")
+        waves, self._waves_source = _wavelengths(spec)
+        self._waves = dict(zip(spec.bands, waves, strict=True))
+        self._gsd, self._chip_size = spec.gsd, spec.chip_size
+        self._device, self._dtype = device, dtype
+        self.model.to(device)
+        mean, std = self._norm.arrays(spec.bands)
+        with torch.inference_mode():
+            kernel, bias = self.model.patch_kernel(
+                torch.tensor(waves, dtype=torch.float32, device=device)
+            )
+            grid = spec.chip_size // p
+            position = posemb_2d_gsd(grid, grid, self.model.dim - META_DIMS, spec.gsd, device)
+        self._state = {
+            "mean": torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1),
+            "std": torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1),
+            "kernel": kernel,
+            "bias": bias,
+            "position": position,
+        }
+        self._forward = self.model.forward_with_kernel
+        if self.compile:
+            self._forward = torch.compile(self.model.forward_with_kernel, dynamic=False)
+
+    def encode(self, batch: ChipBatch) -> torch.Tensor:
+        """``[B, dim]`` (cls, mean) or ``[B, H/8, W/8, dim]`` (patches), float32."""
+        import torch
+
+        if not self._state or self._device is None:
+            raise ModelError("call prepare() before encode(): the Clay inputs are not ready.")
+        device = self._device
+        x = (
+            batch.pixels.to(device=device, dtype=torch.float32) - self._state["mean"]
+        ) / self._state["std"]
+        x = x.masked_fill(~batch.valid.to(device).unsqueeze(1), 0.0)
+        time = torch.from_numpy(time_encoding(batch.time)).to(device)
+        latlon = latlon_encoding(batch.lonlat).to(device)
+        bf16 = self._dtype == torch.bfloat16
+        with (
+            torch.inference_mode(),
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
+        ):
+            tokens = self._forward(
+                x,
+                time,
+                latlon,
+                float(self._gsd or 0.0),
+                self._state["kernel"],
+                self._state["bias"],
+                self._state["position"],
+            )
+        tokens = tokens.float()
+        if self.output == "cls":
+            return tokens[:, 0]
+        if self.output == "mean":
+            return tokens[:, 1:].mean(dim=1)
+        grid = x.shape[-1] // self.model.patch_size
+        return tokens[:, 1:].reshape(tokens.shape[0], -1, grid, tokens.shape[-1])
+
+
+def _wavelengths(spec: InputSpec) -> tuple[list[float], str]:
+    """The sensor table's wavelengths for a known platform's bands, else the cube's."""
+    if spec.platform:
+        sensor = get_sensor(spec.platform)
+        if all(b in sensor.band_names for b in spec.bands):
+            return [sensor.band(b).wavelength for b in spec.bands], f"sensor-table:{spec.platform}"
+    return [float(w) for w in spec.wavelengths], "cube wavelength coords"
+
+
+def _precision_name(dtype: Any) -> str | None:
+    if dtype is None:
+        return None
+    return "bf16" if "bfloat16" in str(dtype) else "fp32"
