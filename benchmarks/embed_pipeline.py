@@ -39,7 +39,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=2048, help="demo cube edge in pixels")
     p.add_argument("--chip-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--model", default="rcf")
+    p.add_argument("--model", default="rcf", help="registry name, or clay-<size> (random weights)")
     p.add_argument("--compression", choices=("zstd", "lz4", "none"), default="zstd")
     p.add_argument("--prefetch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5, help="interleaved end-to-end/encoder pairs")
@@ -55,7 +55,7 @@ def main() -> None:
             compression=args.compression,
         )
         cube = xclay.open_datacube(path)
-        encoder = xclay.models.get_model(args.model)
+        encoder = _encoder(args.model)
         options = {
             "chip_size": args.chip_size,
             "batch_size": args.batch_size,
@@ -145,6 +145,18 @@ def main() -> None:
     print(f"data path alone         {data_ms:10.2f} ms/chip  (encoder: {enc_ms:.1f} ms/chip)")
     print(f"lower bound, no overlap {enc_ms / (enc_ms + data_ms):10.3f}")
     print(f"saved {out}")
+
+
+def _encoder(name: str):
+    """A registry model, or ``clay-<size>``: Clay with random weights (speed does not depend on them)."""
+    if name.startswith("clay-") and name != "clay-v1.5":
+        from xclay.models.clay import ClayV15
+        from xclay.models.clay_encoder import ClayEncoder
+
+        torch.manual_seed(0)
+        size = name.removeprefix("clay-")
+        return ClayV15(ClayEncoder.from_size(size), size=size)
+    return xclay.models.get_model(name)
 
 
 class NullEncoder:

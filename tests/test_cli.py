@@ -91,3 +91,24 @@ def test_info_reports_machine_and_parts() -> None:
     assert text.returncode == 0 and "CPU" in text.stdout
     models = next(line for line in text.stdout.splitlines() if line.startswith("models"))
     assert "rcf" in models and "clay-v1.5" in models
+
+
+def test_embed_with_clay_checkpoint_and_output(tmp_path: Path, demo_cube_256: xr.Dataset) -> None:
+    import torch
+
+    from xclay.models.clay_encoder import ClayEncoder
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(ClayEncoder.from_size("tiny").state_dict(), ckpt)
+    cube = xclay.write_datacube(demo_cube_256, tmp_path / "cube.zarr", chip_size=64)
+    run = _xclay(
+        "embed", str(cube), "--out", str(tmp_path / "o"), "--chip-size", "64",
+        "--model", "clay-v1.5", "--checkpoint", str(ckpt), "--output", "mean", "--no-progress",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "clay-v1.5 (192-d)" in run.stdout
+    emb = xclay.open_embeddings(tmp_path / "o" / "embeddings.zarr")
+    assert emb.attrs["model"]["output"] == "mean" and emb.attrs["model"]["checkpoint"] == "tiny.pt"
+    bad = _xclay("embed", str(cube), "--out", str(tmp_path / "o2"), "--output", "mean")
+    assert bad.returncode == 1 and "has no options ['output']" in bad.stderr

@@ -88,6 +88,12 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint", type=Path, default=None, help="weights / fitted filters for --model"
     )
+    p.add_argument(
+        "--output",
+        choices=("cls", "mean", "patches"),
+        default=None,
+        help="which Clay token(s) to store (default cls)",
+    )
     p.add_argument("--chip-size", type=int, default=256, help="chip edge in pixels (default 256)")
     p.add_argument(
         "--stride", type=int, default=None, help="pixels between chips (default: chip size)"
@@ -105,9 +111,16 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
 
 
 def _embed_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    from xclay.models import get_model
+
+    model: Any = args.model
+    checkpoint = args.checkpoint
+    if args.output is not None:  # a model option: build the encoder here
+        model = get_model(args.model, checkpoint=checkpoint, output=args.output)
+        checkpoint = None
     return {
-        "model": args.model,
-        "checkpoint": args.checkpoint,
+        "model": model,
+        "checkpoint": checkpoint,
         "chip_size": args.chip_size,
         "stride": args.stride,
         "edges": args.edges,
