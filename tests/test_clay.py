@@ -109,6 +109,28 @@ def test_patch_embedding_is_a_strided_conv_in_row_major_order() -> None:
     np.testing.assert_allclose(tokens[1, 5], expect, rtol=1e-5, atol=1e-5)
 
 
+def test_one_pre_norm_block_and_the_final_norm() -> None:
+    model = _small(depth=1)
+    sd = _sd64(model)
+    x = torch.randn(2, 7, 40)
+    with torch.no_grad():
+        got = model.transformer(x).double().numpy()
+    xs = x.double().numpy()
+    pre = "transformer.layers.0."
+    y = ref.layer_norm(xs, sd[pre + "0.norm.weight"], sd[pre + "0.norm.bias"])
+    qkv = ref.linear(y, sd[pre + "0.to_qkv.weight"])
+    q, k, v = (
+        qkv[..., i * 32 : (i + 1) * 32].reshape(2, 7, 4, 8).transpose(0, 2, 1, 3) for i in range(3)
+    )
+    a = ref.attention(q, k, v).transpose(0, 2, 1, 3).reshape(2, 7, 32)
+    xs = xs + ref.linear(a, sd[pre + "0.to_out.weight"])  # x + attn(norm(x))
+    y = ref.layer_norm(xs, sd[pre + "1.net.0.weight"], sd[pre + "1.net.0.bias"])
+    h = ref.gelu(ref.linear(y, sd[pre + "1.net.1.weight"], sd[pre + "1.net.1.bias"]))
+    xs = xs + ref.linear(h, sd[pre + "1.net.3.weight"], sd[pre + "1.net.3.bias"])  # x + net(x)
+    expect = ref.layer_norm(xs, sd["transformer.norm.weight"], sd["transformer.norm.bias"])
+    assert _rel(got, expect) < 2e-6
+
+
 def test_whole_forward_matches_the_float64_reference() -> None:
     model = _small(depth=2)
     g = torch.Generator().manual_seed(3)
@@ -479,3 +501,25 @@ def test_bf16_stays_faithful_on_real_imagery(olinda_tif: Path) -> None:
     cos = F.cosine_similarity(a, b, dim=1)
     assert len(cos) == 25 and (cos >= 0.999).all(), cos.min()
     assert runs["bf16"].attrs["model"]["params"]["precision"] == "bf16"
+
+
+def test_batch_size_fills_the_device() -> None:
+    from xclay.models.clay import clay_batch_size
+
+    # CPU: about a teraflop per batch.
+    assert clay_batch_size("large", 256, 10, free_bytes=None) == 2
+    assert clay_batch_size("base", 256, 10, free_bytes=None) == 4
+    assert clay_batch_size("tiny", 256, 10, free_bytes=None) == 32
+    # GPU: a power of two that fits 40 % of the free memory.
+    big = clay_batch_size("large", 256, 10, free_bytes=78 * 2**30)
+    small = clay_batch_size("large", 256, 10, free_bytes=8 * 2**30)
+    assert big & (big - 1) == 0 and small & (small - 1) == 0
+    assert 128 <= big <= 1024 and small < big
+    assert clay_batch_size("large", 256, 10, free_bytes=2**20) == 1
+
+
+def test_auto_batch_size_through_embed(tiny: ClayEncoder, demo_cube_256: xr.Dataset) -> None:
+    enc = ClayV15(tiny, size="tiny")
+    emb = xclay.embed(demo_cube_256, model=enc, chip_size=64, batch_size="auto", progress=False)
+    assert emb.attrs["config"]["batch_size"] == 32
+    assert emb.attrs["run"]["chips_embedded"] == 16

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import xarray as xr
 
@@ -37,7 +37,7 @@ class ClayDatasetAccessor:
         chip_size: int = 256,
         stride: int | None = None,
         edges: Edges = "drop",
-        batch_size: int = 16,
+        batch_size: int | Literal["auto"] = 16,
         max_nodata: float = 0.5,
         device: str = "cpu",
         precision: Precision = "auto",
@@ -138,7 +138,7 @@ class ClayDataArrayAccessor:
         chip_size: int = 256,
         stride: int | None = None,
         edges: Edges = "drop",
-        batch_size: int = 16,
+        batch_size: int | Literal["auto"] = 16,
         max_nodata: float = 0.5,
         device: str = "cpu",
         precision: Precision = "auto",

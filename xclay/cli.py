@@ -101,13 +101,29 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--edges", choices=("drop", "pad"), default="drop", help="edge policy (default drop)"
     )
-    p.add_argument("--batch-size", type=int, default=16, help="chips per encoder call (default 16)")
+    p.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=16,
+        help="chips per encoder call, or auto (default 16)",
+    )
     p.add_argument(
         "--max-nodata", type=float, default=0.5, help="skip chips with more nodata (default 0.5)"
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of chips or 'auto', got {text!r}"
+        ) from None
 
 
 def _embed_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import logging
 import os
 import time as timer
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import xarray as xr
@@ -98,7 +98,7 @@ def embed(
     chip_size: int = 256,
     stride: int | None = None,
     edges: Edges = "drop",
-    batch_size: int = 16,
+    batch_size: int | Literal["auto"] = 16,
     max_nodata: float = 0.5,
     device: str = "cpu",
     precision: Precision = "auto",
@@ -120,7 +120,8 @@ def embed(
         The chip grid (pixels; ``stride=None`` means no overlap; ``edges``
         ``"drop"`` or ``"pad"``).
     batch_size
-        Chips per encoder call.
+        Chips per encoder call; ``"auto"``: what fills the device (the
+        encoder's hint from free GPU memory or CPU work, else 16).
     max_nodata
         Skip chips whose nodata fraction is larger (0..1).
     device, precision
@@ -141,6 +142,9 @@ def embed(
         mapping, ``lat``/``lon`` centres, ``chip_id``, pixel offsets; the model
         card, the config and the datacube's description in ``attrs``.
     """
+    encoder = _resolve_encoder(model, checkpoint)
+    if batch_size == "auto":
+        batch_size = _auto_batch_size(encoder, cube, chip_size, device)
     config = EmbedConfig(
         grid=ChipGridSpec(chip_size=chip_size, stride=stride, edges=edges),
         batch_size=batch_size,
@@ -149,7 +153,6 @@ def embed(
         precision=precision,
         prefetch=prefetch,
     )
-    encoder = _resolve_encoder(model, checkpoint)
     return embed_with_config(cube, encoder, config, progress=progress)
 
 
@@ -230,6 +233,18 @@ def embed_with_config(
     return _embeddings_dataset(
         cube, grid, times, vectors, nodata_fraction, embedded, card.to_dict(), config, run
     )
+
+
+def _auto_batch_size(
+    encoder: Encoder, cube: xr.Dataset | xr.DataArray, chip_size: int, device: str
+) -> int:
+    hint = getattr(encoder, "batch_size_hint", None)
+    if hint is None:
+        return 16
+    bands = cube.sizes["band"]
+    size = int(hint(resolve_device(device), chip_size, bands))
+    log.info("batch_size='auto': %d chips per batch", size)
+    return size
 
 
 def _resolve_encoder(model: str | Encoder, checkpoint: str | os.PathLike[str] | None) -> Encoder:

@@ -324,6 +324,13 @@ class ClayV15:
             checkpoint=(path.name, file_sha256(path)),
         )
 
+    def batch_size_hint(self, device: torch.device, chip_size: int, bands: int) -> int:
+        """A batch that fills ``device``: see :func:`clay_batch_size`."""
+        import torch
+
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        return clay_batch_size(self.size, chip_size, bands, free_bytes=free)
+
     # -- Encoder protocol ----------------------------------------------------
 
     @property
@@ -450,6 +457,32 @@ class ClayV15:
             return tokens[:, 1:].mean(dim=1)
         grid = x.shape[-1] // self.model.patch_size
         return tokens[:, 1:].reshape(tokens.shape[0], -1, grid, tokens.shape[-1])
+
+
+def clay_batch_size(size: str, chip_size: int, bands: int, *, free_bytes: int | None) -> int:
+    """Chips per batch that keep the device busy.
+
+    GPU (``free_bytes`` given): the largest power of two whose inference
+    activations (bf16, one layer at a time, fused attention: no L x L matrix)
+    and input pixels fit in 40 % of the free memory, at most 1024. CPU: about
+    a teraflop of work per batch, at least 2 and at most 32 chips; beyond that
+    the CPU's throughput does not grow.
+    """
+    from xclay.models.clay_encoder import CLAY_SIZES, count_forward_flops
+
+    s = CLAY_SIZES[size]
+    if free_bytes is None:
+        per_chip = count_forward_flops(size, chip_size, bands)
+        return int(max(2, min(32, 1e12 // per_chip)))
+    tokens = (chip_size // 8) ** 2 + 1
+    inner = s.heads * s.dim_head
+    # residual stream, norm output, q/k/v, attention output, MLP hidden (bf16), x2 for temporaries
+    activations = tokens * (2 * s.dim + 4 * inner + s.dim * s.mlp_ratio) * 2 * 2
+    pixels = bands * chip_size * chip_size * (4 + 2)  # normalised fp32 + raw
+    fits = int(0.4 * free_bytes // (activations + pixels))
+    if fits < 1:
+        return 1
+    return int(min(1024, 2 ** (fits.bit_length() - 1)))
 
 
 def _wavelengths(spec: InputSpec) -> tuple[list[float], str]:
