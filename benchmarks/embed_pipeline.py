@@ -26,7 +26,7 @@ import torch
 from _common import median, save, timed
 
 import xclay
-from xclay.batching import ArrayWindowReader, BatchPlan, iter_batches, to_chip_batch
+from xclay.batching import ArrayWindowReader, BatchPlan, ChipQuality, iter_batches, to_chip_batch
 from xclay.chips import ChipGrid, ChipGridSpec
 from xclay.datacube import datacube_geobox
 from xclay.models.card import ModelCard
@@ -79,7 +79,7 @@ def main() -> None:
         plan = BatchPlan(grid=grid, times=1, batch_size=args.batch_size, max_nodata=0.5)
         lon, lat = grid.centres_lonlat()
         lonlat = np.stack([lon, lat], -1)
-        fraction = np.full((1, grid.rows, grid.cols), np.nan, dtype=np.float32)
+        fraction = ChipQuality.empty((1, grid.rows, grid.cols), with_classes=False)
         batches = [
             to_chip_batch(_copy(h), lonlat, cube["time"].values, device)
             for h in iter_batches(ArrayWindowReader(cube["pixels"]), plan, fraction, prefetch=0)

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 import xclay
-from xclay.batching import ArrayWindowReader, BatchPlan, iter_batches, make_sampler, to_chip_batch
+from xclay.batching import (
+    ArrayWindowReader,
+    BatchPlan,
+    ChipQuality,
+    iter_batches,
+    make_sampler,
+    to_chip_batch,
+)
 from xclay.chips import ChipGrid, ChipGridSpec
 from xclay.datacube import datacube_geobox
 
@@ -23,10 +30,15 @@ def _plan(
     return BatchPlan(grid=grid, times=cube.sizes["time"], batch_size=batch, max_nodata=max_nodata)
 
 
+def _quality(plan: BatchPlan, *, classes: bool = False) -> ChipQuality:
+    return ChipQuality.empty((plan.times, plan.grid.rows, plan.grid.cols), with_classes=classes)
+
+
 def _collect(reader, plan, prefetch: int):
-    frac = np.full((plan.times, plan.grid.rows, plan.grid.cols), np.nan, dtype=np.float32)
+    quality = _quality(plan)
+    frac = quality.nodata_fraction
     out = []
-    for b in iter_batches(reader, plan, frac, prefetch=prefetch):
+    for b in iter_batches(reader, plan, quality, prefetch=prefetch):
         out.append((b.pixels[: len(b)].copy(), b.valid[: len(b)].copy(), b.index.copy(), b.scanned))
     return out, frac
 
@@ -116,7 +128,7 @@ def test_prefetch_gives_the_same_batches_in_the_same_order(tmp_path: Path) -> No
 def test_buffers_are_reused_from_a_fixed_pool() -> None:
     cube = random_cube((1, 2, 256, 256))
     plan = _plan(cube, size=16, batch=4)  # 256 chips -> 64 batches
-    frac = np.full((1, plan.grid.rows, plan.grid.cols), np.nan, dtype=np.float32)
+    frac = _quality(plan)
     for prefetch in (0, 2):
         buffers = {
             b.pixels.__array_interface__["data"][0]
@@ -135,7 +147,7 @@ def test_reader_errors_reach_the_consumer() -> None:
             super().read(t, row, col, size, out)
 
     plan = _plan(cube)
-    frac = np.full((1, 4, 4), np.nan, dtype=np.float32)
+    frac = _quality(plan)
     with pytest.raises(OSError, match="corrupt chunk at row 64"):
         for _ in iter_batches(Failing(cube["pixels"]), plan, frac, prefetch=2):
             pass
@@ -146,7 +158,7 @@ def test_consumer_stopping_early_stops_the_prefetch_thread() -> None:
 
     cube = random_cube((1, 2, 256, 256))
     plan = _plan(cube, size=16, batch=2)
-    frac = np.full((1, 16, 16), np.nan, dtype=np.float32)
+    frac = _quality(plan)
     batches = iter_batches(ArrayWindowReader(cube["pixels"]), plan, frac, prefetch=2)
     next(batches)
     batches.close()
@@ -159,7 +171,7 @@ def test_hand_off_to_torch_is_zero_copy_on_cpu() -> None:
     grid = plan.grid
     lon, lat = grid.centres_lonlat()
     lonlat = np.stack([lon, lat], axis=-1)
-    frac = np.full((1, 2, 2), np.nan, dtype=np.float32)
+    frac = _quality(plan)
     host = next(iter_batches(ArrayWindowReader(cube["pixels"]), plan, frac, prefetch=0))
     batch = to_chip_batch(host, lonlat, cube["time"].values, torch.device("cpu"))
     assert batch.pixels.data_ptr() == host.pixels.__array_interface__["data"][0]

@@ -60,6 +60,7 @@ def test_chips_over_max_nodata_are_skipped_and_counted() -> None:
         "chips_total": 4,
         "chips_embedded": 2,
         "chips_skipped_nodata": 2,
+        "chips_skipped_cloud": 0,
         "chips_failed": 0,
     }
     lenient = _embed(cube, max_nodata=0.9)

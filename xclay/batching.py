@@ -24,6 +24,7 @@ import xarray as xr
 from xclay.chips import ChipGrid
 from xclay.datacube import in_memory, nodata_value
 from xclay.errors import DatacubeError
+from xclay.masks import PixelClass
 
 if TYPE_CHECKING:
     import torch
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ArrayWindowReader",
     "BatchPlan",
+    "ChipQuality",
     "HostBatch",
     "iter_batches",
     "make_sampler",
@@ -43,16 +45,21 @@ log = logging.getLogger(__name__)
 
 
 class ArrayWindowReader:
-    """Reads chip windows from a datacube's ``pixels`` (NumPy, dask or lazily opened Zarr).
+    """Reads chip windows from a datacube's ``pixels`` (NumPy, dask or lazily opened Zarr),
+    and from its ``quality`` classes when it has them.
 
     Validity of a pixel: inside the raster, no band equal to the nodata
-    value, every band finite.
+    value, every band finite, and not of quality class nodata.
     """
 
-    def __init__(self, pixels: xr.DataArray) -> None:
+    def __init__(self, pixels: xr.DataArray, quality: xr.DataArray | None = None) -> None:
         self._variable = pixels.variable
         # Not pixels.data: for a lazily opened cube that would read every pixel.
         self._numpy = pixels.variable._data if in_memory(pixels) else None
+        self._quality = quality.variable if quality is not None else None
+        self._quality_numpy = (
+            quality.variable._data if quality is not None and in_memory(quality) else None
+        )
         self.nodata: float | None = nodata_value(pixels)
         self._shape = tuple(int(s) for s in pixels.shape)
         self._dtype = np.dtype(pixels.dtype)
@@ -71,6 +78,30 @@ class ArrayWindowReader:
     def dtype(self) -> np.dtype[Any]:
         return self._dtype
 
+    @property
+    def has_quality(self) -> bool:
+        return self._quality is not None
+
+    @classmethod
+    def of(cls, cube: xr.Dataset) -> ArrayWindowReader:
+        """The reader of a datacube's pixels (and quality classes, if any)."""
+        return cls(cube["pixels"], cube["quality"] if "quality" in cube.data_vars else None)
+
+    def read_quality(self, t: int, row: int, col: int, size: int, out: np.ndarray) -> None:
+        """Fill ``out`` ``[size, size]`` with quality classes; nodata outside the raster."""
+        if self._quality is None:
+            raise DatacubeError("this datacube has no quality variable.")
+        _, _, ny, nx = self._shape
+        r0, r1 = max(row, 0), min(row + size, ny)
+        c0, c1 = max(col, 0), min(col + size, nx)
+        if r1 - r0 != size or c1 - c0 != size:
+            out.fill(PixelClass.NODATA)
+        if self._quality_numpy is not None:
+            window = self._quality_numpy[t, r0:r1, c0:c1]
+        else:
+            window = np.asarray(self._quality[t, r0:r1, c0:c1].values)
+        out[r0 - row : r1 - row, c0 - col : c1 - col] = window
+
     def read(self, t: int, row: int, col: int, size: int, out: np.ndarray) -> None:
         _, _, ny, nx = self._shape
         r0, r1 = max(row, 0), min(row + size, ny)
@@ -84,9 +115,17 @@ class ArrayWindowReader:
         out[:, r0 - row : r1 - row, c0 - col : c1 - col] = window
 
     def valid(
-        self, t: int, row: int, col: int, size: int, pixels: np.ndarray, out: np.ndarray
+        self,
+        t: int,
+        row: int,
+        col: int,
+        size: int,
+        pixels: np.ndarray,
+        out: np.ndarray,
+        quality: np.ndarray | None = None,
     ) -> None:
-        """Fill ``out`` ``[size, size]`` with pixel validity of a window read into ``pixels``."""
+        """Fill ``out`` ``[size, size]`` with pixel validity of a window read into ``pixels``
+        (and its quality classes, read with :meth:`read_quality`)."""
         _, _, ny, nx = self._shape
         if self.nodata is not None and np.isfinite(self.nodata):
             np.all(pixels != pixels.dtype.type(self.nodata), axis=0, out=out)
@@ -94,6 +133,8 @@ class ArrayWindowReader:
             out.fill(True)
         if self._dtype.kind == "f":
             out &= np.isfinite(pixels).all(axis=0)
+        if quality is not None:
+            out &= quality != PixelClass.NODATA
         if row < 0 or col < 0 or row + size > ny or col + size > nx:
             inside = np.zeros((size, size), dtype=bool)
             inside[max(0, -row) : min(size, ny - row), max(0, -col) : min(size, nx - col)] = True
@@ -102,22 +143,57 @@ class ArrayWindowReader:
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """What to batch: which chips, how many at once, and the quality filter."""
+    """What to batch: which chips, how many at once, and the quality filters."""
 
     grid: ChipGrid
     times: int
     batch_size: int
     max_nodata: float
+    max_cloud: float = 1.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise DatacubeError(f"batch_size must be >= 1, got {self.batch_size}.")
-        if not 0.0 <= self.max_nodata <= 1.0:
-            raise DatacubeError(f"max_nodata must be within [0, 1], got {self.max_nodata}.")
+        for name in ("max_nodata", "max_cloud"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise DatacubeError(f"{name} must be within [0, 1], got {value}.")
+
+    def accepts(self, nodata_fraction: float, cloud_fraction: float) -> bool:
+        """Whether a chip passes the filters (one that is all nodata never does)."""
+        if nodata_fraction >= 1.0 or nodata_fraction > self.max_nodata:
+            return False
+        return not cloud_fraction > self.max_cloud  # NaN (unknown) passes
 
     @property
     def total_chips(self) -> int:
         return self.times * self.grid.rows * self.grid.cols
+
+
+@dataclass
+class ChipQuality:
+    """Per-chip quality, filled in as chips are read.
+
+    ``nodata_fraction`` ``[time, rows, cols]``: fraction of invalid pixels;
+    ``class_fraction`` ``[time, rows, cols, classes]``: fraction of each
+    :class:`~xclay.masks.PixelClass` (None when the cube has no quality
+    variable). NaN until a chip is scanned.
+    """
+
+    nodata_fraction: np.ndarray
+    class_fraction: np.ndarray | None
+
+    @classmethod
+    def empty(cls, shape: tuple[int, int, int], *, with_classes: bool) -> ChipQuality:
+        return cls(
+            np.full(shape, np.nan, dtype=np.float32),
+            np.full((*shape, len(PixelClass)), np.nan, dtype=np.float32) if with_classes else None,
+        )
+
+    def cloud_fraction(self) -> np.ndarray:
+        if self.class_fraction is None:
+            return np.full(self.nodata_fraction.shape, np.nan, dtype=np.float32)
+        return self.class_fraction[..., PixelClass.CLOUD]
 
 
 @dataclass
@@ -165,15 +241,16 @@ def _host_buffer(shape: tuple[int, ...], dtype: np.dtype[Any], pin: bool) -> np.
 def iter_batches(
     reader: ArrayWindowReader,
     plan: BatchPlan,
-    nodata_fraction: np.ndarray,
+    quality: ChipQuality,
     *,
     prefetch: int = 2,
     pin_memory: bool = False,
 ) -> Iterator[HostBatch]:
     """Yield batches of accepted chips in (time, chip row, chip col) order.
 
-    Fills ``nodata_fraction[t, i, j]`` for every chip scanned. A chip is
-    accepted when its nodata fraction is below 1 and at most ``max_nodata``.
+    Fills ``quality`` for every chip scanned. A chip is accepted when its
+    nodata fraction is below 1 and at most ``max_nodata``, and its cloud
+    fraction (when known) at most ``max_cloud``.
     A yielded batch's buffer is reused once the consumer asks for the next
     one: use (or copy) it before then.
     """
@@ -181,9 +258,9 @@ def iter_batches(
         raise DatacubeError(f"prefetch must be >= 0, got {prefetch}.")
     pool = _Pool(prefetch + 2, plan, reader.shape[1], reader.dtype, pin_memory)
     if prefetch == 0:
-        yield from _recycling(_fill_batches(reader, plan, nodata_fraction, pool, None), pool)
+        yield from _recycling(_fill_batches(reader, plan, quality, pool, None), pool)
         return
-    yield from _recycling(_prefetched(reader, plan, nodata_fraction, pool, prefetch), pool)
+    yield from _recycling(_prefetched(reader, plan, quality, pool, prefetch), pool)
 
 
 def _recycling(batches: Iterator[HostBatch], pool: _Pool) -> Iterator[HostBatch]:
@@ -203,7 +280,7 @@ def _recycling(batches: Iterator[HostBatch], pool: _Pool) -> Iterator[HostBatch]
 def _fill_batches(
     reader: ArrayWindowReader,
     plan: BatchPlan,
-    nodata_fraction: np.ndarray,
+    quality: ChipQuality,
     pool: _Pool,
     stop: threading.Event | None,
 ) -> Iterator[HostBatch]:
@@ -211,6 +288,7 @@ def _fill_batches(
     size = grid.spec.chip_size
     rows, cols = grid.row_offsets, grid.col_offsets
     pixels_count = float(size * size)
+    classes = np.empty((size, size), dtype=np.uint8) if reader.has_quality else None
     slot = pool.free.get()
     n, scanned = 0, 0
     index = np.empty((plan.batch_size, 3), dtype=np.int64)
@@ -221,11 +299,19 @@ def _fill_batches(
                     return
                 buf, valid = pool.pixels[slot][n], pool.valid[slot][n]
                 reader.read(t, int(row), int(col), size, buf)
-                reader.valid(t, int(row), int(col), size, buf, valid)
+                cloud = float("nan")
+                if classes is not None and quality.class_fraction is not None:
+                    reader.read_quality(t, int(row), int(col), size, classes)
+                    counts = np.bincount(classes.ravel(), minlength=len(PixelClass))[
+                        : len(PixelClass)
+                    ]
+                    quality.class_fraction[t, i, j] = counts / pixels_count
+                    cloud = counts[PixelClass.CLOUD] / pixels_count
+                reader.valid(t, int(row), int(col), size, buf, valid, classes)
                 fraction = 1.0 - np.count_nonzero(valid) / pixels_count
-                nodata_fraction[t, i, j] = fraction
+                quality.nodata_fraction[t, i, j] = fraction
                 scanned += 1
-                if fraction >= 1.0 or fraction > plan.max_nodata:
+                if not plan.accepts(fraction, cloud):
                     continue
                 index[n] = (t, i, j)
                 n += 1
@@ -249,7 +335,7 @@ _DONE = object()
 def _prefetched(
     reader: ArrayWindowReader,
     plan: BatchPlan,
-    nodata_fraction: np.ndarray,
+    quality: ChipQuality,
     pool: _Pool,
     depth: int,
 ) -> Iterator[HostBatch]:
@@ -259,7 +345,7 @@ def _prefetched(
 
     def produce() -> None:
         try:
-            for batch in _fill_batches(reader, plan, nodata_fraction, pool, stop):
+            for batch in _fill_batches(reader, plan, quality, pool, stop):
                 while not stop.is_set():
                     try:
                         ready.put(batch, timeout=0.1)
@@ -345,6 +431,7 @@ def make_sampler(
         bands = reader.shape[1]
         pixels = np.empty((n, bands, size, size), dtype=reader.dtype)
         valid = np.empty((n, size, size), dtype=bool)
+        classes = np.empty((size, size), dtype=np.uint8) if reader.has_quality else None
         picked: list[tuple[int, int, int]] = []
         for flat in order:
             if len(picked) == n:
@@ -354,7 +441,9 @@ def make_sampler(
             row, col = int(grid.row_offsets[i]), int(grid.col_offsets[j])
             k = len(picked)
             reader.read(t, row, col, size, pixels[k])
-            reader.valid(t, row, col, size, pixels[k], valid[k])
+            if classes is not None:
+                reader.read_quality(t, row, col, size, classes)
+            reader.valid(t, row, col, size, pixels[k], valid[k], classes)
             if valid[k].mean() >= 0.5:
                 picked.append((t, i, j))
         if not picked:

@@ -110,6 +110,12 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-nodata", type=float, default=0.5, help="skip chips with more nodata (default 0.5)"
     )
+    p.add_argument(
+        "--max-cloud",
+        type=float,
+        default=1.0,
+        help="skip chips with more cloud (default 1: keep all)",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -142,6 +148,7 @@ def _embed_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "edges": args.edges,
         "batch_size": args.batch_size,
         "max_nodata": args.max_nodata,
+        "max_cloud": args.max_cloud,
         "device": args.device,
         "precision": args.precision,
         "progress": False if args.no_progress else None,
@@ -195,10 +202,11 @@ def _embed_and_export(cube: Any, out: Path, args: argparse.Namespace, *, overwri
         f"  embedded    {done} of {run['chips_total']} chips with {card['name']} "
         f"({card['dim']}-d) on {args.device} in {seconds:.1f} s: {done / max(seconds, 1e-9):.1f} chips/s"
     )
-    skipped = run["chips_skipped_nodata"] + run["chips_failed"]
+    skipped = run["chips_skipped_nodata"] + run["chips_skipped_cloud"] + run["chips_failed"]
     if skipped:
         print(
             f"  skipped     {run['chips_skipped_nodata']} with nodata > {args.max_nodata:g}, "
+            f"{run['chips_skipped_cloud']} with cloud > {args.max_cloud:g}, "
             f"{run['chips_failed']} with no valid window"
         )
     zarr_path = to_zarr(emb, out / "embeddings.zarr", overwrite=overwrite)

@@ -80,6 +80,7 @@ def as_datacube(
     gsd: float | None = None,
     crs: str | int | None = None,
     provenance: Mapping[str, Any] | None = None,
+    quality: xr.DataArray | None = None,
 ) -> xr.Dataset:
     """Turn imagery you already have into a datacube following xclay's convention.
 
@@ -114,6 +115,10 @@ def as_datacube(
         CRS to assume when the source carries none (e.g. ``"EPSG:32720"``).
     provenance
         Extra provenance to record (merged into ``attrs["provenance"]``).
+    quality
+        Per-pixel quality classes (``xclay.masks.PixelClass``), dims
+        ``(time, y, x)`` or ``(y, x)``, on the imagery's grid; stored as the
+        ``quality`` variable (a Dataset's own ``quality`` variable is kept).
 
     Returns
     -------
@@ -146,6 +151,10 @@ def as_datacube(
     if fill is not None:
         data.attrs["nodata"] = fill
     cube = xr.Dataset({"pixels": data})
+    if quality is None and isinstance(obj, xr.Dataset) and "quality" in obj.data_vars:
+        quality = obj["quality"]
+    if quality is not None:
+        cube["quality"] = _quality_variable(quality, data)
     cube = cube.assign_coords(
         {
             **time_coords,
@@ -161,6 +170,25 @@ def as_datacube(
     }
     validate_datacube(cube)
     return cube
+
+
+def _quality_variable(quality: xr.DataArray, pixels: xr.DataArray) -> xr.DataArray:
+    from xclay.masks import quality_attrs
+
+    q = _standard_spatial_dims(quality)
+    if set(q.dims) - {"time", "y", "x"} or not {"y", "x"} <= set(q.dims):
+        raise DatacubeError(f"quality must have dims (time, y, x) or (y, x), got {q.dims}.")
+    if q.sizes["y"] != pixels.sizes["y"] or q.sizes["x"] != pixels.sizes["x"]:
+        raise DatacubeError("quality is not on the imagery's grid (its y/x sizes differ).")
+    var = q.variable
+    if "time" not in var.dims:
+        var = var.set_dims({"time": pixels.sizes["time"], **var.sizes})
+    elif var.sizes["time"] != pixels.sizes["time"]:
+        raise DatacubeError("quality has a different number of time steps than the imagery.")
+    var = var.transpose("time", "y", "x")
+    if var.dtype != np.uint8:
+        var = var.astype(np.uint8)
+    return xr.DataArray(var, coords={"y": pixels["y"], "x": pixels["x"]}, attrs=quality_attrs())
 
 
 def _sources(
@@ -632,6 +660,13 @@ def validate_datacube(cube: xr.Dataset) -> None:
     if duplicates:
         raise DatacubeError(f"band names must be unique; {duplicates} appear more than once.")
     _check_nodata(nodata_value(pixels), pixels.dtype)
+    if "quality" in cube.data_vars:
+        q = cube["quality"]
+        if q.dims != ("time", "y", "x") or q.dtype != np.uint8:
+            raise DatacubeError(
+                f"quality must be uint8 with dims (time, y, x), got {q.dtype} {q.dims}; build the "
+                "datacube with xclay.as_datacube(..., quality=...)."
+            )
 
 
 def check_chip_alignment(cube: xr.Dataset, chip_size: int, stride: int | None = None) -> None:
@@ -682,6 +717,7 @@ def write_datacube(
     shard_chips: int | None = None,
     compression: Compression = "zstd",
     overwrite: bool = False,
+    require_data: bool = False,
 ) -> Path:
     """Write a datacube as Zarr v3 with chunks aligned to the chip grid.
 
@@ -703,6 +739,8 @@ def write_datacube(
         read, largest on disk).
     overwrite
         Replace an existing store at ``path``.
+    require_data
+        Refuse (and write nothing) when no pixel of the cube is valid.
 
     Returns
     -------
@@ -724,15 +762,13 @@ def write_datacube(
     block = chip_size * (shard_chips or 1)
     shards = (1, nb, block, block) if shard_chips else None
 
+    has_quality = "quality" in cube.data_vars
     with atomic_output(Path(path), overwrite=overwrite) as tmp:
-        meta = cube.drop_vars("pixels")
+        meta = cube.drop_vars(["pixels", "quality"] if has_quality else ["pixels"])
         meta.attrs = {**cube.attrs, "xclay_version": __version__}
         meta.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False)
         group = zarr.open_group(tmp, mode="r+", zarr_format=3)
-        attrs = jsonable({k: v for k, v in pixels.attrs.items() if k != "coordinates"})
-        attrs["coordinates"] = " ".join(
-            sorted(str(c) for c in cube.coords if c not in DATACUBE_DIMS)
-        )
+        coordinates = " ".join(sorted(str(c) for c in cube.coords if c not in DATACUBE_DIMS))
         fill = nodata_value(pixels)
         array = group.create_array(
             "pixels",
@@ -743,16 +779,63 @@ def write_datacube(
             compressors=_compressors(compression),
             fill_value=fill if fill is not None else 0,
             dimension_names=DATACUBE_DIMS,
-            attributes=attrs,
+            attributes=_variable_attrs(pixels, coordinates),
         )
-        variable = pixels.variable
+        quality = None
+        if has_quality:
+            from xclay.masks import PixelClass
+
+            quality = group.create_array(
+                "quality",
+                shape=cube["quality"].shape,
+                dtype=np.uint8,
+                chunks=(1, chip_size, chip_size),
+                shards=(1, block, block) if shard_chips else None,
+                compressors=_compressors(compression),
+                fill_value=int(PixelClass.NODATA),
+                dimension_names=("time", "y", "x"),
+                attributes=_variable_attrs(cube["quality"], coordinates),
+            )
+        any_valid = False
         for t in range(nt):
             for y0 in range(0, ny, block):
                 for x0 in range(0, nx, block):
                     y1, x1 = min(ny, y0 + block), min(nx, x0 + block)
-                    array[t, :, y0:y1, x0:x1] = np.asarray(variable[t, :, y0:y1, x0:x1].values)
+                    values = np.asarray(pixels.variable[t, :, y0:y1, x0:x1].values)
+                    array[t, :, y0:y1, x0:x1] = values
+                    q = None
+                    if quality is not None:
+                        q = np.asarray(cube["quality"].variable[t, y0:y1, x0:x1].values)
+                        quality[t, y0:y1, x0:x1] = q
+                    if require_data and not any_valid:
+                        any_valid = _any_valid(values, fill, q)
+        if require_data and not any_valid:
+            raise DatacubeError(
+                "the region has no valid pixel (every pixel is nodata, or masked as nodata); "
+                "nothing was written. Check the area, the time range and the masks."
+            )
     log.info("wrote datacube %s (%d x %d x %d x %d)", path, nt, nb, ny, nx)
     return Path(path)
+
+
+def _variable_attrs(var: xr.DataArray, coordinates: str) -> dict[str, Any]:
+    attrs: dict[str, Any] = jsonable({k: v for k, v in var.attrs.items() if k != "coordinates"})
+    attrs["coordinates"] = coordinates
+    return attrs
+
+
+def _any_valid(values: np.ndarray, nodata: float | None, quality: np.ndarray | None) -> bool:
+    """Whether a block (band, y, x) has a pixel with data in every band."""
+    from xclay.masks import PixelClass
+
+    ok = np.ones(values.shape[1:], dtype=bool)
+    if nodata is not None and math.isfinite(nodata):
+        ok &= (values != nodata).all(axis=0)
+    if values.dtype.kind == "f":
+        ok &= np.isfinite(values).all(axis=0)
+    if quality is not None:
+        ok &= quality != PixelClass.NODATA
+    return bool(ok.any())
 
 
 def _compressors(compression: Compression) -> Any:

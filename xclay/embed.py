@@ -16,6 +16,7 @@ from xclay._version import __version__
 from xclay.batching import (
     ArrayWindowReader,
     BatchPlan,
+    ChipQuality,
     iter_batches,
     make_sampler,
     to_chip_batch,
@@ -30,6 +31,7 @@ from xclay.datacube import (
 )
 from xclay.devices import Precision, resolve_device, resolve_dtype
 from xclay.errors import DatacubeError, ModelError
+from xclay.masks import PixelClass
 from xclay.protocols import Encoder, InputSpec
 
 __all__ = ["EMBEDDINGS_CONVENTION", "EmbedConfig", "embed"]
@@ -52,6 +54,9 @@ class EmbedConfig:
     max_nodata
         Skip chips with a larger nodata fraction (chips that are all nodata
         are always skipped).
+    max_cloud
+        Skip chips with a larger cloud fraction (cubes with a ``quality``
+        variable; chips of unknown cloud cover are kept).
     device
         ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
     precision
@@ -64,6 +69,7 @@ class EmbedConfig:
     grid: ChipGridSpec = field(default_factory=ChipGridSpec)
     batch_size: int = 16
     max_nodata: float = 0.5
+    max_cloud: float = 1.0
     device: str = "cpu"
     precision: Precision = "auto"
     prefetch: int = 2
@@ -71,8 +77,10 @@ class EmbedConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise DatacubeError(f"batch_size must be >= 1, got {self.batch_size}.")
-        if not 0.0 <= self.max_nodata <= 1.0:
-            raise DatacubeError(f"max_nodata must be within [0, 1], got {self.max_nodata}.")
+        for name in ("max_nodata", "max_cloud"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise DatacubeError(f"{name} must be within [0, 1], got {value}.")
         if self.prefetch < 0:
             raise DatacubeError(f"prefetch must be >= 0, got {self.prefetch}.")
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -100,6 +108,7 @@ def embed(
     edges: Edges = "drop",
     batch_size: int | Literal["auto"] = 16,
     max_nodata: float = 0.5,
+    max_cloud: float = 1.0,
     device: str = "cpu",
     precision: Precision = "auto",
     prefetch: int = 2,
@@ -124,6 +133,8 @@ def embed(
         encoder's hint from free GPU memory or CPU work, else 16).
     max_nodata
         Skip chips whose nodata fraction is larger (0..1).
+    max_cloud
+        Skip chips whose cloud fraction is larger (0..1; needs a cube with quality classes).
     device, precision
         Where and in which precision the encoder runs.
     prefetch
@@ -149,6 +160,7 @@ def embed(
         grid=ChipGridSpec(chip_size=chip_size, stride=stride, edges=edges),
         batch_size=batch_size,
         max_nodata=max_nodata,
+        max_cloud=max_cloud,
         device=device,
         precision=precision,
         prefetch=prefetch,
@@ -169,7 +181,7 @@ def embed_with_config(
     cube = _as_cube(cube)
     grid = ChipGrid.from_geobox(datacube_geobox(cube), config.grid)
     check_chip_alignment(cube, grid.spec.chip_size, grid.spec.step)
-    reader = ArrayWindowReader(cube["pixels"])
+    reader = ArrayWindowReader.of(cube)
     dev = resolve_device(config.device)
     dtype = resolve_dtype(config.precision, dev, encoder.preferred_precision)
 
@@ -189,17 +201,21 @@ def embed_with_config(
     card = encoder.card
 
     plan = BatchPlan(
-        grid=grid, times=len(times), batch_size=config.batch_size, max_nodata=config.max_nodata
+        grid=grid,
+        times=len(times),
+        batch_size=config.batch_size,
+        max_nodata=config.max_nodata,
+        max_cloud=config.max_cloud,
     )
     shape = (len(times), grid.rows, grid.cols)
     vectors = np.full((*shape, *card.vector_shape), np.nan, dtype=np.float32)
-    nodata_fraction = np.full(shape, np.nan, dtype=np.float32)
+    quality = ChipQuality.empty(shape, with_classes=reader.has_quality)
     start = timer.perf_counter()
     # tqdm's disable=None: a bar only on an interactive terminal.
     disable = None if progress is None else not progress
     with tqdm(total=plan.total_chips, unit="chip", desc="embed", disable=disable) as bar:
         for host in iter_batches(
-            reader, plan, nodata_fraction, prefetch=config.prefetch, pin_memory=dev.type == "cuda"
+            reader, plan, quality, prefetch=config.prefetch, pin_memory=dev.type == "cuda"
         ):
             if len(host):
                 batch = to_chip_batch(host, lonlat, times, dev)
@@ -215,13 +231,16 @@ def embed_with_config(
     seconds = timer.perf_counter() - start
 
     embedded = np.asarray(np.isfinite(vectors).all(axis=tuple(range(3, vectors.ndim))))
-    scanned = np.isfinite(nodata_fraction)
-    skipped = scanned & ((nodata_fraction > config.max_nodata) | (nodata_fraction >= 1.0))
+    nodata = quality.nodata_fraction
+    scanned = np.isfinite(nodata)
+    skip_nodata = scanned & ((nodata > config.max_nodata) | (nodata >= 1.0))
+    skip_cloud = scanned & ~skip_nodata & (quality.cloud_fraction() > config.max_cloud)
     run = {
         "chips_total": int(np.prod(shape)),
         "chips_embedded": int(embedded.sum()),
-        "chips_skipped_nodata": int(skipped.sum()),
-        "chips_failed": int((scanned & ~skipped & ~embedded).sum()),
+        "chips_skipped_nodata": int(skip_nodata.sum()),
+        "chips_skipped_cloud": int(skip_cloud.sum()),
+        "chips_failed": int((scanned & ~skip_nodata & ~skip_cloud & ~embedded).sum()),
     }
     log.info(
         "embedded %d of %d chips in %.1f s (%.1f chips/s)",
@@ -231,8 +250,36 @@ def embed_with_config(
         run["chips_embedded"] / max(seconds, 1e-9),
     )
     return _embeddings_dataset(
-        cube, grid, times, vectors, nodata_fraction, embedded, card.to_dict(), config, run
+        cube, grid, times, vectors, quality, embedded, card.to_dict(), config, run
     )
+
+
+def _class_fractions(quality: ChipQuality, dims: tuple[str, ...]) -> dict[str, Any]:
+    """``<class>_fraction`` variables (cloud, cloud_shadow, haze, snow, clear); NaN when unknown."""
+    out = {}
+    for cls in (
+        PixelClass.CLOUD,
+        PixelClass.CLOUD_SHADOW,
+        PixelClass.HAZE,
+        PixelClass.SNOW,
+        PixelClass.CLEAR,
+    ):
+        name = cls.name.lower()
+        values = (
+            quality.class_fraction[..., cls]
+            if quality.class_fraction is not None
+            else np.full(quality.nodata_fraction.shape, np.nan, dtype=np.float32)
+        )
+        out[f"{name}_fraction"] = (
+            dims,
+            values,
+            {
+                "long_name": f"fraction of chip pixels of quality class {name} "
+                "(NaN: the cube has no quality classes)",
+                "units": "1",
+            },
+        )
+    return out
 
 
 def _auto_batch_size(
@@ -274,7 +321,7 @@ def _embeddings_dataset(
     grid: ChipGrid,
     times: np.ndarray,
     vectors: np.ndarray,
-    nodata_fraction: np.ndarray,
+    quality: ChipQuality,
     embedded: np.ndarray,
     card: dict[str, Any],
     config: EmbedConfig,
@@ -293,17 +340,10 @@ def _embeddings_dataset(
             ),
             "nodata_fraction": (
                 dims3,
-                nodata_fraction,
+                quality.nodata_fraction,
                 {"long_name": "fraction of chip pixels without data", "units": "1"},
             ),
-            "cloud_fraction": (
-                dims3,
-                np.full(nodata_fraction.shape, np.nan, dtype=np.float32),
-                {
-                    "long_name": "fraction of chip pixels under cloud (NaN: the cube has no cloud mask)",
-                    "units": "1",
-                },
-            ),
+            **_class_fractions(quality, dims3),
             "embedded": (
                 dims3,
                 embedded,

@@ -28,6 +28,14 @@ log = logging.getLogger(__name__)
 
 GEOPARQUET_VERSION = "1.1.0"
 PARQUET_CONVENTION = "xclay-geoparquet/1"
+# Per-chip fractions of quality classes (null: the cube had no quality classes).
+QUALITY_COLUMNS = (
+    "cloud_fraction",
+    "cloud_shadow_fraction",
+    "haze_fraction",
+    "snow_fraction",
+    "clear_fraction",
+)
 _ROW_GROUP_BYTES = 128 << 20
 
 
@@ -51,8 +59,8 @@ def to_zarr(emb: xr.Dataset, path: str | os.PathLike[str], *, overwrite: bool = 
     encoding: dict[str, dict[str, Any]] = {
         "embedding": {"chunks": (1, cy, cx, *(out.sizes[d] for d in out["embedding"].dims[3:]))},
         "nodata_fraction": {"chunks": (1, cy, cx)},
-        "cloud_fraction": {"chunks": (1, cy, cx)},
         "embedded": {"chunks": (1, cy, cx)},
+        **{name: {"chunks": (1, cy, cx)} for name in QUALITY_COLUMNS if name in out.data_vars},
     }
     for name in encoding:
         out[name].encoding = {}
@@ -103,7 +111,9 @@ def to_geoparquet(
     longitude first), ``bbox`` (covering struct), ``centre_lat``,
     ``centre_lon``, ``native_crs``, ``native_footprint`` (WKB in the
     datacube CRS), ``row_off``/``col_off``/``chip_size`` (pixel window),
-    ``nodata_fraction``, ``cloud_fraction``, ``platform``, ``source_ids``.
+    ``nodata_fraction``, ``cloud_fraction``, ``cloud_shadow_fraction``,
+    ``haze_fraction``, ``snow_fraction``, ``clear_fraction``, ``platform``,
+    ``source_ids``.
     The footer holds ``geo`` and ``xclay`` (model card, config, datacube,
     run) metadata. Chips that were not embedded are not written; their
     count is in the footer's ``run``.
@@ -170,9 +180,13 @@ def to_geoparquet(
             np.asarray(emb["nodata_fraction"].values, dtype=np.float32)[t_idx, i_idx, j_idx],
             type=pa.float32(),
         ),
-        "cloud_fraction": _floats_or_null(
-            np.asarray(emb["cloud_fraction"].values, dtype=np.float32)[t_idx, i_idx, j_idx]
-        ),
+        **{
+            name: _floats_or_null(
+                np.asarray(emb[name].values, dtype=np.float32)[t_idx, i_idx, j_idx]
+            )
+            for name in QUALITY_COLUMNS
+            if name in emb.data_vars
+        },
         "platform": pa.array([cube.get("platform", "")] * n, type=pa.string()),
         "source_ids": pa.array([sources] * n, type=pa.list_(pa.string())),
     }
