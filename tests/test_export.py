@@ -214,3 +214,10 @@ def test_float_nodata_survives_the_json_attrs(tmp_path: Path) -> None:
         pq.read_schema(xclay.to_geoparquet(emb, tmp_path / "e.parquet")).metadata[b"xclay"]
     )
     assert meta["datacube"]["nodata"] == "NaN"
+
+
+def test_geoparquet_from_a_reopened_embeddings_zarr(tmp_path: Path, emb: xr.Dataset) -> None:
+    reopened = xclay.open_embeddings(xclay.to_zarr(emb, tmp_path / "e.zarr"))
+    a = pq.read_table(xclay.to_geoparquet(reopened, tmp_path / "a.parquet"))
+    b = pq.read_table(xclay.to_geoparquet(emb, tmp_path / "b.parquet"))
+    assert a.equals(b)

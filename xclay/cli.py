@@ -67,15 +67,45 @@ def _parser() -> argparse.ArgumentParser:
     _add_embed_options(demo)
     demo.set_defaults(func=_demo)
 
+    run = sub.add_parser(
+        "run",
+        help="run a spec: STAC -> datacube -> embeddings -> GeoParquet",
+        description="Ingest, embed and export as a run spec (YAML) says; see docs/run-spec.md.",
+    )
+    run.add_argument("spec", type=Path, help="run spec (YAML)")
+    run.add_argument("--dry-run", action="store_true", help="print the plan; read no pixels")
+    run.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.set_defaults(func=_run)
+
+    ing = sub.add_parser("ingest", help="run a spec's first step: STAC -> datacube Zarr")
+    ing.add_argument("spec", type=Path, help="run spec (YAML)")
+    ing.add_argument("--overwrite", action="store_true", help="replace an existing datacube")
+    ing.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ing.set_defaults(func=_ingest)
+
     emb = sub.add_parser(
         "embed",
-        help="embed a datacube Zarr; write embeddings.zarr and embeddings.parquet",
+        help="embed a datacube Zarr (or a spec's datacube); write the embeddings",
+        description=(
+            "With a datacube Zarr: embed it and write embeddings.zarr and embeddings.parquet in "
+            "--out. With a run spec (YAML): run its embed step (the embeddings Zarr); the spec's "
+            "model, grid and quality settings apply and the options below are ignored."
+        ),
     )
-    emb.add_argument("cube", type=Path, help="datacube Zarr (xclay.write_datacube)")
-    emb.add_argument("--out", type=Path, required=True, help="output folder")
+    emb.add_argument("target", type=Path, help="datacube Zarr, or a run spec (YAML)")
+    emb.add_argument("--out", type=Path, default=None, help="output folder (datacube mode)")
     emb.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _add_embed_options(emb)
     emb.set_defaults(func=_embed)
+
+    exp = sub.add_parser("export", help="embeddings Zarr (or a spec's) -> GeoParquet")
+    exp.add_argument("target", type=Path, help="embeddings Zarr, or a run spec (YAML)")
+    exp.add_argument(
+        "--out", type=Path, default=None, help="GeoParquet path (default: beside the Zarr)"
+    )
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    exp.set_defaults(func=_export)
 
     info = sub.add_parser("info", help="versions, CPU/GPU, optional parts available")
     info.add_argument("--json", action="store_true", help="print JSON")
@@ -180,11 +210,82 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_spec(path: Path) -> bool:
+    return path.suffix in (".yaml", ".yml")
+
+
+def _spec(args: argparse.Namespace) -> Any:
+    import dataclasses
+
+    from xclay.run import load_spec
+
+    spec = load_spec(args.spec if hasattr(args, "spec") else args.target)
+    if getattr(args, "overwrite", False):
+        spec = dataclasses.replace(spec, outputs=dataclasses.replace(spec.outputs, overwrite=True))
+    return spec
+
+
+def _progress(args: argparse.Namespace) -> bool | None:
+    return False if getattr(args, "no_progress", False) else None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from xclay.run import plan, run
+
+    spec = _spec(args)
+    print(f"xclay run {args.spec}" + (f" ({spec.name})" if spec.name else ""))
+    if args.dry_run:
+        print(plan(spec).describe())
+        print("dry run: nothing read or written")
+        return 0
+    report = run(spec, progress=_progress(args))
+    print(report.plan.describe())
+    print(report.describe())
+    return 0
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from xclay.run import ingest, plan
+
+    spec = _spec(args)
+    resolved = plan(spec)
+    print(resolved.describe())
+    path = ingest(spec, resolved, progress=_progress(args))
+    print(f"  datacube    {path}")
+    return 0
+
+
 def _embed(args: argparse.Namespace) -> int:
     from xclay.datacube import open_datacube
 
-    cube = open_datacube(args.cube)
+    if _is_spec(args.target):
+        from xclay.run import embed_step
+
+        spec = _spec(args)
+        emb = embed_step(spec, progress=_progress(args))
+        run = emb.attrs["run"]
+        print(f"  embedded    {run['chips_embedded']} of {run['chips_total']} chips")
+        print(f"  embeddings  {spec.embeddings_path}")
+        return 0
+    if args.out is None:
+        print("xclay embed: error: --out is required with a datacube Zarr", file=sys.stderr)
+        return 2
+    cube = open_datacube(args.target)
     _embed_and_export(cube, args.out, args, overwrite=args.overwrite)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from xclay.export import open_embeddings, to_geoparquet
+
+    if _is_spec(args.target):
+        from xclay.run import export_step
+
+        path = export_step(_spec(args))
+    else:
+        out = args.out or args.target.with_suffix(".parquet")
+        path = to_geoparquet(open_embeddings(args.target), out, overwrite=args.overwrite)
+    print(f"  geoparquet  {path}")
     return 0
 
 

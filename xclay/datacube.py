@@ -718,6 +718,7 @@ def write_datacube(
     compression: Compression = "zstd",
     overwrite: bool = False,
     require_data: bool = False,
+    progress: bool | None = False,
 ) -> Path:
     """Write a datacube as Zarr v3 with chunks aligned to the chip grid.
 
@@ -741,6 +742,8 @@ def write_datacube(
         Replace an existing store at ``path``.
     require_data
         Refuse (and write nothing) when no pixel of the cube is valid.
+    progress
+        Show a progress bar over the blocks (``None``: on an interactive terminal).
 
     Returns
     -------
@@ -797,18 +800,23 @@ def write_datacube(
                 attributes=_variable_attrs(cube["quality"], coordinates),
             )
         any_valid = False
-        for t in range(nt):
-            for y0 in range(0, ny, block):
-                for x0 in range(0, nx, block):
-                    y1, x1 = min(ny, y0 + block), min(nx, x0 + block)
-                    values = np.asarray(pixels.variable[t, :, y0:y1, x0:x1].values)
-                    array[t, :, y0:y1, x0:x1] = values
-                    q = None
-                    if quality is not None:
-                        q = np.asarray(cube["quality"].variable[t, y0:y1, x0:x1].values)
-                        quality[t, y0:y1, x0:x1] = q
-                    if require_data and not any_valid:
-                        any_valid = _any_valid(values, fill, q)
+        step = _write_step(pixels, block)
+        blocks = [
+            (t, y0, x0) for t in range(nt) for y0 in range(0, ny, step) for x0 in range(0, nx, step)
+        ]
+        from tqdm.auto import tqdm
+
+        disable = None if progress is None else not progress
+        for t, y0, x0 in tqdm(blocks, unit="block", desc="write datacube", disable=disable):
+            y1, x1 = min(ny, y0 + step), min(nx, x0 + step)
+            values = np.asarray(pixels.variable[t, :, y0:y1, x0:x1].values)
+            array[t, :, y0:y1, x0:x1] = values
+            q = None
+            if quality is not None:
+                q = np.asarray(cube["quality"].variable[t, y0:y1, x0:x1].values)
+                quality[t, y0:y1, x0:x1] = q
+            if require_data and not any_valid:
+                any_valid = _any_valid(values, fill, q)
         if require_data and not any_valid:
             raise DatacubeError(
                 "the region has no valid pixel (every pixel is nodata, or masked as nodata); "
@@ -816,6 +824,15 @@ def write_datacube(
             )
     log.info("wrote datacube %s (%d x %d x %d x %d)", path, nt, nb, ny, nx)
     return Path(path)
+
+
+def _write_step(pixels: xr.DataArray, block: int) -> int:
+    """Pixels per written block edge: a whole number of stored blocks that also covers a
+    whole dask chunk, so no chunk of a lazy (e.g. STAC) cube is computed twice."""
+    if pixels.chunks is None:
+        return block
+    chunk = max(int(pixels.chunksizes["y"][0]), int(pixels.chunksizes["x"][0]))
+    return block * max(1, -(-chunk // block))
 
 
 def _variable_attrs(var: xr.DataArray, coordinates: str) -> dict[str, Any]:

@@ -145,7 +145,7 @@ def to_geoparquet(
     bounds = shapely.bounds(geoms) if n else np.empty((0, 4))
 
     times = np.asarray(emb["time"].values, dtype="datetime64[ns]")
-    chip_ids = np.asarray(emb["chip_id"].values).astype(str)[i_idx, j_idx]
+    chip_ids = np.asarray(emb["chip_id"].values, dtype=object)[i_idx, j_idx].astype(str)
     row_time = times[t_idx]
     ids = [f"{c}_{_time_tag(t)}" for c, t in zip(chip_ids, row_time, strict=True)]
     sources = _source_ids(cube.get("provenance", {}))
@@ -227,6 +227,8 @@ def to_geoparquet(
             else "as stored",
         },
         "run": emb.attrs.get("run"),
+        "run_spec": emb.attrs.get("run_spec"),
+        "run_plan": emb.attrs.get("run_plan"),
     }
     table = table.replace_schema_metadata(
         {

@@ -1,0 +1,240 @@
+"""Run specs and `xclay run`: STAC items -> datacube -> embeddings -> GeoParquet."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pystac
+import pytest
+import rasterio
+import yaml
+
+import xclay
+from xclay.ingest import stac_item
+from xclay.run import SpecError, load_spec
+
+from .helpers import OLINDA_BANDS, OLINDA_WAVELENGTHS
+
+
+def _xclay(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "xclay.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def _spec(folder: Path, items: str, **changes: object) -> Path:
+    spec = {
+        "name": "olinda",
+        "input": {"stac": {"items": items}, "bands": OLINDA_BANDS, "composite": "median"},
+        "grid": {"resolution": 28.5, "chip_size": 32, "edges": "pad"},
+        "model": {"name": "rcf", "options": {"num_filters": 16, "sample_chips": 8}},
+        "quality": {"max_nodata": 0.9},
+        "outputs": {"dir": "out"},
+    }
+    for key, value in changes.items():
+        section, _, name = key.partition("__")
+        if name:
+            spec[section][name] = value  # type: ignore[index]
+        else:
+            spec[section] = value
+    path = folder / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _save(items: list[pystac.Item], path: Path) -> str:
+    pystac.ItemCollection(items).save_object(dest_href=str(path))
+    return path.name
+
+
+@pytest.fixture(scope="module")
+def olinda_per_band(olinda_tif: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("bands")
+    with rasterio.open(olinda_tif) as src:
+        profile = {**src.profile, "count": 1}
+        files = {}
+        for k, band in enumerate(OLINDA_BANDS):
+            files[band] = folder / f"olinda_{band}.tif"
+            with rasterio.open(files[band], "w", **profile) as dst:
+                dst.write(src.read(k + 1), 1)
+    return files
+
+
+def test_olinda_run_same_embeddings_from_one_or_many_assets(
+    tmp_path: Path, olinda_tif: Path, olinda_per_band: dict[str, Path]
+) -> None:
+    import geopandas as gpd
+
+    runs = {}
+    for kind, item in {
+        "multiband": stac_item(
+            olinda_tif, bands=OLINDA_BANDS, wavelengths=OLINDA_WAVELENGTHS, id="olinda"
+        ),
+        "per_band": stac_item(
+            olinda_per_band,
+            wavelengths=dict(zip(OLINDA_BANDS, OLINDA_WAVELENGTHS, strict=True)),
+            id="olinda",
+        ),
+    }.items():
+        folder = tmp_path / kind
+        folder.mkdir()
+        spec = _spec(folder, _save([item], folder / "items.json"))
+        result = _xclay("run", str(spec), "--no-progress")
+        assert result.returncode == 0, result.stderr
+        assert "chips" in result.stdout and "geoparquet" in result.stdout
+        runs[kind] = folder / "out"
+    a = xclay.open_embeddings(runs["multiband"] / "embeddings.zarr")
+    b = xclay.open_embeddings(runs["per_band"] / "embeddings.zarr")
+    np.testing.assert_array_equal(a["embedding"].values, b["embedding"].values)
+    assert a.sizes["chip_y"] == 11 and a.sizes["chip_x"] == 11
+    gdf = gpd.read_parquet(runs["per_band"] / "embeddings.parquet")
+    assert (
+        gdf["centre_lat"].between(-8.2, -7.8).all()
+        and gdf["centre_lon"].between(-35.05, -34.75).all()
+    )
+    # The spec and the resolved plan travel with the outputs.
+    meta = json.loads(pq.read_schema(runs["per_band"] / "embeddings.parquet").metadata[b"xclay"])
+    assert meta["run_spec"]["name"] == "olinda" and meta["run_spec"]["grid"]["chip_size"] == 32
+    assert meta["run_plan"]["items"] == ["olinda"] and meta["run_plan"]["crs"] == "EPSG:31985"
+    assert a.attrs["run_spec"]["input"]["bands"] == OLINDA_BANDS
+    cube = xclay.open_datacube(runs["multiband"] / "cube.zarr")
+    assert cube.attrs["run_spec"]["input"]["composite"] == "median"
+    assert cube.attrs["provenance"]["sources"][0]["id"] == "olinda"
+
+
+def test_dry_run_plans_without_reading_or_writing(tmp_path: Path, olinda_tif: Path) -> None:
+    item = stac_item(olinda_tif, bands=OLINDA_BANDS, wavelengths=OLINDA_WAVELENGTHS)
+    spec = _spec(tmp_path, _save([item], tmp_path / "items.json"))
+    result = _xclay("run", str(spec), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "352 x 349 px at 28.5 in EPSG:31985" in result.stdout
+    assert "chips       121" in result.stdout
+    assert "km2" in result.stdout and "MiB" in result.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_steps_one_at_a_time(tmp_path: Path, olinda_tif: Path) -> None:
+    item = stac_item(olinda_tif, bands=OLINDA_BANDS, wavelengths=OLINDA_WAVELENGTHS)
+    spec = _spec(tmp_path, _save([item], tmp_path / "items.json"))
+    for step in ("ingest", "embed", "export"):
+        result = (
+            _xclay(step, str(spec), "--no-progress")
+            if step != "export"
+            else _xclay(step, str(spec))
+        )
+        assert result.returncode == 0, (step, result.stderr)
+    out = tmp_path / "out"
+    assert (
+        (out / "cube.zarr").is_dir()
+        and (out / "embeddings.zarr").is_dir()
+        and (out / "embeddings.parquet").is_file()
+    )
+    again = _xclay("run", str(spec), "--no-progress")
+    assert (
+        again.returncode == 1
+        and "already exists" in again.stderr
+        and "Nothing was run" in again.stderr
+    )
+    assert _xclay("run", str(spec), "--no-progress", "--overwrite").returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"grid__resolution": -30}, "grid.resolution: must be positive, got -30"),
+        ({"grid__edges": "wrap"}, "grid.edges: must be one of 'drop', 'pad', got 'wrap'"),
+        ({"grid__chipsize": 32}, "grid.chipsize: unknown setting; allowed: chip_size, compression"),
+        (
+            {"input__composite": "mean"},
+            "input.composite: must be one of 'median', 'first-valid', 'none'",
+        ),
+        (
+            {"input__bbox": [10, 5, 0, 6]},
+            "input.bbox: must be [west, south, east, north] with west < east",
+        ),
+        ({"model": {"name": "clay-v9"}}, "model.name: must be one of 'clay-v1.5', 'rcf'"),
+        ({"quality": {"max_cloud": 2}}, "quality.max_cloud: must be within [0, 1], got 2"),
+        ({"outputs": {}}, "outputs.dir: required setting is missing"),
+        (
+            {"input": {"stac": {"items": "a.json", "api": "https://x"}, "bands": ["red"]}},
+            "give exactly one of items",
+        ),
+        ({"compute": {"batch_size": "lots"}}, "compute.batch_size: must be an integer"),
+    ],
+)
+def test_malformed_specs_name_the_file_the_field_and_what_is_allowed(
+    tmp_path: Path, changes: dict, message: str
+) -> None:
+    path = _spec(tmp_path, "items.json", **changes)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(info.value).startswith(str(path) + ": ")
+    assert message in str(info.value)
+
+
+def test_invalid_yaml_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("input: [unclosed\n")
+    with pytest.raises(SpecError, match=r"bad\.yaml: not valid YAML"):
+        load_spec(bad)
+    result = _xclay("run", str(tmp_path / "none.yaml"))
+    assert result.returncode == 1 and "no such run spec file" in result.stderr
+
+
+def test_region_without_a_valid_pixel_writes_nothing(tmp_path: Path) -> None:
+    from affine import Affine
+
+    tif = tmp_path / "empty.tif"
+    with rasterio.open(
+        tif, "w", driver="GTiff", width=64, height=64, count=2, dtype="uint16", crs="EPSG:32633",
+        transform=Affine(10, 0, 500000, 0, -10, 4000000), nodata=0,
+    ) as dst:  # fmt: skip
+        dst.write(np.zeros((2, 64, 64), dtype=np.uint16))
+    item = stac_item(tif, bands=["red", "nir"], wavelengths=[0.66, 0.84])
+    spec = _spec(
+        tmp_path,
+        _save([item], tmp_path / "items.json"),
+        input__bands=["red", "nir"],
+        grid__resolution=10,
+    )
+    result = _xclay("run", str(spec), "--no-progress")
+    assert result.returncode == 1 and "no valid pixel" in result.stderr
+    assert not (tmp_path / "out" / "cube.zarr").exists()
+    assert not any(p.name.startswith(".cube.zarr") for p in (tmp_path / "out").iterdir())
+
+
+def test_unreachable_asset_href_is_reported_and_nothing_written(
+    tmp_path: Path, olinda_tif: Path
+) -> None:
+    item = stac_item(olinda_tif, bands=OLINDA_BANDS, wavelengths=OLINDA_WAVELENGTHS)
+    item.assets["data"].href = "https://imagery.invalid/olinda.tif"
+    spec = _spec(tmp_path, _save([item], tmp_path / "items.json"))
+    result = _xclay("run", str(spec), "--no-progress")
+    assert result.returncode == 1, result.stdout
+    assert "reading the imagery failed" in result.stderr and "imagery.invalid" in result.stderr
+    assert not (tmp_path / "out" / "cube.zarr").exists()
+
+
+def test_band_the_items_do_not_have(tmp_path: Path, olinda_tif: Path) -> None:
+    item = stac_item(olinda_tif, bands=OLINDA_BANDS, wavelengths=OLINDA_WAVELENGTHS)
+    spec = _spec(tmp_path, _save([item], tmp_path / "items.json"), input__bands=["red", "rededge1"])
+    result = _xclay("run", str(spec), "--dry-run")
+    assert result.returncode == 0  # the plan reads no item assets
+    result = _xclay("run", str(spec))
+    assert result.returncode == 1 and "bands ['rededge1'] are not in every item" in result.stderr
+
+
+def test_empty_search_is_reported(tmp_path: Path, olinda_tif: Path) -> None:
+    item = stac_item(
+        olinda_tif, bands=OLINDA_BANDS, wavelengths=OLINDA_WAVELENGTHS, datetime="2001-05-05"
+    )
+    spec = _spec(
+        tmp_path, _save([item], tmp_path / "items.json"), input__datetime="2020-01-01/2020-12-31"
+    )
+    result = _xclay("run", str(spec), "--dry-run")
+    assert result.returncode == 1 and "the STAC search is empty" in result.stderr

@@ -1,0 +1,756 @@
+"""Run specs and the runner: STAC -> datacube -> embeddings -> GeoParquet in one command.
+
+A run spec is a YAML file (see ``docs/run-spec.md``)::
+
+    name: olinda
+    input:
+      stac: {items: items.json}        # or {api: URL, collections: [...], query: {...}}
+      bands: [blue, green, red, nir08, swir16, swir22]
+      datetime: 2000-01-01/2000-12-31
+      composite: median
+    grid: {resolution: 28.5, chip_size: 32, edges: pad}
+    model: {name: rcf}
+    outputs: {dir: out}
+
+:func:`load_spec` validates it (an error names the file, the field and what
+is allowed); :func:`plan` resolves it without reading pixels (``--dry-run``);
+:func:`run` ingests, embeds and exports, and stores the spec and the resolved
+plan in every output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import xarray as xr
+
+from xclay.errors import XClayError
+
+if TYPE_CHECKING:
+    from xclay.chips import Edges
+    from xclay.datacube import Compression, Engine
+    from xclay.devices import Precision
+    from xclay.ingest import Composite
+
+__all__ = ["RunReport", "RunSpec", "SpecError", "load_spec", "plan", "run"]
+
+log = logging.getLogger(__name__)
+
+
+class SpecError(XClayError, ValueError):
+    """A run spec that is malformed: names the file, the field and what is allowed."""
+
+
+# --------------------------------------------------------------------------- spec
+
+
+@dataclass(frozen=True)
+class StacSource:
+    items: str | None = None
+    api: str | None = None
+    collections: tuple[str, ...] = ()
+    query: dict[str, Any] | None = None
+    max_items: int | None = None
+
+
+@dataclass(frozen=True)
+class InputSettings:
+    stac: StacSource
+    bands: tuple[str, ...] | None = None
+    platform: str | None = None
+    wavelengths: dict[str, float] | None = None
+    datetime: str | None = None
+    bbox: tuple[float, float, float, float] | None = None
+    composite: Composite = "median"
+    mask: str | None = "auto"
+
+
+@dataclass(frozen=True)
+class GridSettings:
+    resolution: float
+    crs: str | None = None
+    chip_size: int = 256
+    stride: int | None = None
+    edges: Edges = "drop"
+    shard_chips: int | None = None
+    compression: Compression = "zstd"
+    max_pixels: int = 250_000_000_000
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    name: str = "rcf"
+    checkpoint: str | None = None
+    output: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ComputeSettings:
+    device: str = "cpu"
+    engine: Engine = "zarr"
+    batch_size: int | Literal["auto"] = 16
+    precision: Precision = "auto"
+    prefetch: int = 2
+
+
+@dataclass(frozen=True)
+class QualitySettings:
+    max_nodata: float = 0.5
+    max_cloud: float = 1.0
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    dir: str
+    datacube: str = "cube.zarr"
+    embeddings: str = "embeddings.zarr"
+    geoparquet: str = "embeddings.parquet"
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A validated run spec. ``base`` is the folder relative paths are resolved from."""
+
+    input: InputSettings
+    grid: GridSettings
+    outputs: OutputSettings
+    model: ModelSettings = field(default_factory=ModelSettings)
+    compute: ComputeSettings = field(default_factory=ComputeSettings)
+    quality: QualitySettings = field(default_factory=QualitySettings)
+    name: str = ""
+    version: int = 1
+    base: str = "."
+
+    def path(self, value: str) -> Path:
+        """A path of the spec, resolved from the spec file's folder."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else Path(self.base) / p
+
+    @property
+    def datacube_path(self) -> Path:
+        return self.path(self.outputs.dir) / self.outputs.datacube
+
+    @property
+    def embeddings_path(self) -> Path:
+        return self.path(self.outputs.dir) / self.outputs.embeddings
+
+    @property
+    def geoparquet_path(self) -> Path:
+        return self.path(self.outputs.dir) / self.outputs.geoparquet
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("base")
+        return _plain(out)
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "<spec>", base: str = ".") -> RunSpec:
+        return _Reader(source).spec(data, base)
+
+
+def load_spec(path: str | os.PathLike[str]) -> RunSpec:
+    """Read and validate a YAML run spec."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise SpecError(f"{file}: no such run spec file.")
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as err:
+        raise SpecError(f"{file}: not valid YAML ({err}).") from err
+    return RunSpec.from_dict(data, source=str(file), base=str(file.parent.resolve()))
+
+
+class _Reader:
+    """Builds the spec's dataclasses from plain data, with errors that point at the field."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, where: str, problem: str) -> SpecError:
+        return SpecError(f"{self.source}: {where}: {problem}")
+
+    def section(
+        self,
+        data: Any,
+        where: str,
+        allowed: set[str],
+        required: frozenset[str] | set[str] = frozenset(),
+    ) -> dict[str, Any]:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise self.fail(where, f"must be a mapping of settings, got {type(data).__name__}.")
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise self.fail(
+                f"{where}.{unknown[0]}" if where else unknown[0],
+                f"unknown setting; allowed: {', '.join(sorted(allowed))}.",
+            )
+        missing = sorted(required - set(data))
+        if missing:
+            raise self.fail(
+                f"{where}.{missing[0]}" if where else missing[0], "required setting is missing."
+            )
+        return dict(data)
+
+    def choice(self, value: Any, where: str, options: tuple[Any, ...]) -> Any:
+        if value not in options:
+            raise self.fail(
+                where, f"must be one of {', '.join(map(repr, options))}, got {value!r}."
+            )
+        return value
+
+    def number(
+        self,
+        value: Any,
+        where: str,
+        *,
+        low: float | None = None,
+        high: float | None = None,
+        integer: bool = False,
+        positive: bool = False,
+    ) -> Any:
+        ok = isinstance(value, int) if integer else isinstance(value, int | float)
+        if isinstance(value, bool) or not ok or (not integer and not math.isfinite(value)):
+            raise self.fail(
+                where, f"must be {'an integer' if integer else 'a number'}, got {value!r}."
+            )
+        if positive and value <= 0:
+            raise self.fail(where, f"must be positive, got {value!r}.")
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise self.fail(where, f"must be within [{low}, {high}], got {value!r}.")
+        return value
+
+    def text(self, value: Any, where: str, *, optional: bool = True) -> str | None:
+        if value is None and optional:
+            return None
+        if not isinstance(value, str) or not value:
+            raise self.fail(where, f"must be a non-empty string, got {value!r}.")
+        return value
+
+    def names(self, value: Any, where: str) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if (
+            not isinstance(value, list)
+            or not value
+            or not all(isinstance(v, str) and v for v in value)
+        ):
+            raise self.fail(where, f"must be a non-empty list of names, got {value!r}.")
+        return tuple(value)
+
+    def spec(self, data: Any, base: str) -> RunSpec:
+        top = self.section(
+            data,
+            "",
+            {"name", "version", "input", "grid", "model", "compute", "quality", "outputs"},
+            {"input", "grid", "outputs"},
+        )
+        version = top.get("version", 1)
+        if version != 1:
+            raise self.fail("version", f"this xclay reads run spec version 1, got {version!r}.")
+        return RunSpec(
+            input=self.input(top["input"]),
+            grid=self.grid(top["grid"]),
+            outputs=self.outputs(top["outputs"]),
+            model=self.model(top.get("model")),
+            compute=self.compute(top.get("compute")),
+            quality=self.quality(top.get("quality")),
+            name=self.text(top.get("name"), "name") or "",
+            version=1,
+            base=base,
+        )
+
+    def input(self, data: Any) -> InputSettings:
+        d = self.section(
+            data,
+            "input",
+            {"stac", "bands", "platform", "wavelengths", "datetime", "bbox", "composite", "mask"},
+            {"stac"},
+        )
+        stac = self.section(
+            d["stac"], "input.stac", {"items", "api", "collections", "query", "max_items"}
+        )
+        if bool(stac.get("items")) == bool(stac.get("api")):
+            raise self.fail(
+                "input.stac", "give exactly one of items (a file) or api (a STAC API URL)."
+            )
+        source = StacSource(
+            items=self.text(stac.get("items"), "input.stac.items"),
+            api=self.text(stac.get("api"), "input.stac.api"),
+            collections=self.names(stac.get("collections"), "input.stac.collections") or (),
+            query=stac.get("query"),
+            max_items=self.number(
+                stac["max_items"], "input.stac.max_items", integer=True, positive=True
+            )
+            if "max_items" in stac
+            else None,
+        )
+        if source.api and not source.collections:
+            raise self.fail(
+                "input.stac.collections",
+                "a STAC API search needs collections, e.g. [sentinel-2-l2a].",
+            )
+        platform = self.text(d.get("platform"), "input.platform")
+        if platform is not None:
+            from xclay.models.sensors import list_platforms
+
+            self.choice(platform, "input.platform", tuple(list_platforms()))
+        bands = self.names(d.get("bands"), "input.bands")
+        if bands is None and platform is None:
+            raise self.fail(
+                "input.bands", "required unless input.platform names a sensor (its bands are used)."
+            )
+        waves = d.get("wavelengths")
+        if waves is not None and (
+            not isinstance(waves, Mapping)
+            or not all(isinstance(v, int | float) and v > 0 for v in waves.values())
+        ):
+            raise self.fail(
+                "input.wavelengths", "must map band names to wavelengths in micrometres."
+            )
+        bbox = d.get("bbox")
+        if bbox is not None:
+            if not (
+                isinstance(bbox, list)
+                and len(bbox) == 4
+                and all(isinstance(v, int | float) for v in bbox)
+            ):
+                raise self.fail(
+                    "input.bbox", f"must be [west, south, east, north] in degrees, got {bbox!r}."
+                )
+            if not (-180 <= bbox[0] < bbox[2] <= 180 and -90 <= bbox[1] < bbox[3] <= 90):
+                raise self.fail(
+                    "input.bbox",
+                    f"must be [west, south, east, north] with west < east, south < north, in degrees; got {bbox!r}.",
+                )
+        when = d.get("datetime")
+        if when is not None and not isinstance(when, str):
+            when = str(when)  # YAML turns a bare date into a date
+        from xclay.masks import MASK_KINDS
+
+        return InputSettings(
+            stac=source,
+            bands=bands,
+            platform=platform,
+            wavelengths={str(k): float(v) for k, v in waves.items()} if waves else None,
+            datetime=when,
+            bbox=(float(bbox[0]), float(bbox[1]), float(bbox[2]), float(bbox[3])) if bbox else None,
+            composite=self.choice(
+                d.get("composite", "median"), "input.composite", ("median", "first-valid", "none")
+            ),
+            mask=self.choice(
+                d.get("mask", "auto"), "input.mask", ("auto", "none", None, *MASK_KINDS)
+            ),
+        )
+
+    def grid(self, data: Any) -> GridSettings:
+        d = self.section(
+            data,
+            "grid",
+            {
+                "resolution",
+                "crs",
+                "chip_size",
+                "stride",
+                "edges",
+                "shard_chips",
+                "compression",
+                "max_pixels",
+            },
+            {"resolution"},
+        )
+        return GridSettings(
+            resolution=float(self.number(d["resolution"], "grid.resolution", positive=True)),
+            crs=self.text(d.get("crs"), "grid.crs")
+            if d.get("crs") is None or isinstance(d.get("crs"), str)
+            else f"EPSG:{self.number(d['crs'], 'grid.crs', integer=True, positive=True)}",
+            chip_size=self.number(
+                d.get("chip_size", 256), "grid.chip_size", integer=True, positive=True
+            ),
+            stride=self.number(d["stride"], "grid.stride", integer=True, positive=True)
+            if d.get("stride") is not None
+            else None,
+            edges=self.choice(d.get("edges", "drop"), "grid.edges", ("drop", "pad")),
+            shard_chips=self.number(
+                d["shard_chips"], "grid.shard_chips", integer=True, positive=True
+            )
+            if d.get("shard_chips") is not None
+            else None,
+            compression=self.choice(
+                d.get("compression", "zstd"), "grid.compression", ("zstd", "lz4", "none")
+            ),
+            max_pixels=self.number(
+                d.get("max_pixels", 250_000_000_000), "grid.max_pixels", integer=True, positive=True
+            ),
+        )
+
+    def model(self, data: Any) -> ModelSettings:
+        from xclay.models import list_models
+
+        d = self.section(data, "model", {"name", "checkpoint", "output", "options"})
+        options = d.get("options") or {}
+        if not isinstance(options, Mapping):
+            raise self.fail("model.options", "must be a mapping of the model's options.")
+        return ModelSettings(
+            name=self.choice(d.get("name", "rcf"), "model.name", tuple(list_models())),
+            checkpoint=self.text(d.get("checkpoint"), "model.checkpoint"),
+            output=self.choice(d.get("output"), "model.output", (None, "cls", "mean", "patches")),
+            options=dict(options),
+        )
+
+    def compute(self, data: Any) -> ComputeSettings:
+        d = self.section(
+            data, "compute", {"device", "engine", "batch_size", "precision", "prefetch"}
+        )
+        batch = d.get("batch_size", 16)
+        if batch != "auto":
+            batch = self.number(batch, "compute.batch_size", integer=True, positive=True)
+        device = self.text(d.get("device", "cpu"), "compute.device") or "cpu"
+        if not (device in ("cpu", "cuda", "auto") or device.startswith("cuda:")):
+            raise self.fail("compute.device", f"must be cpu, cuda, cuda:N or auto, got {device!r}.")
+        return ComputeSettings(
+            device=device,
+            engine=self.choice(
+                d.get("engine", "zarr"), "compute.engine", ("zarr", "kvikio", "auto")
+            ),
+            batch_size=batch,
+            precision=self.choice(
+                d.get("precision", "auto"), "compute.precision", ("auto", "fp32", "bf16")
+            ),
+            prefetch=self.number(
+                d.get("prefetch", 2), "compute.prefetch", integer=True, low=0, high=64
+            ),
+        )
+
+    def quality(self, data: Any) -> QualitySettings:
+        d = self.section(data, "quality", {"max_nodata", "max_cloud"})
+        return QualitySettings(
+            max_nodata=float(
+                self.number(d.get("max_nodata", 0.5), "quality.max_nodata", low=0, high=1)
+            ),
+            max_cloud=float(
+                self.number(d.get("max_cloud", 1.0), "quality.max_cloud", low=0, high=1)
+            ),
+        )
+
+    def outputs(self, data: Any) -> OutputSettings:
+        d = self.section(
+            data, "outputs", {"dir", "datacube", "embeddings", "geoparquet", "overwrite"}, {"dir"}
+        )
+        overwrite = d.get("overwrite", False)
+        if not isinstance(overwrite, bool):
+            raise self.fail("outputs.overwrite", f"must be true or false, got {overwrite!r}.")
+        return OutputSettings(
+            dir=self.text(d["dir"], "outputs.dir", optional=False) or "",
+            datacube=self.text(d.get("datacube", "cube.zarr"), "outputs.datacube") or "cube.zarr",
+            embeddings=self.text(d.get("embeddings", "embeddings.zarr"), "outputs.embeddings")
+            or "embeddings.zarr",
+            geoparquet=self.text(d.get("geoparquet", "embeddings.parquet"), "outputs.geoparquet")
+            or "embeddings.parquet",
+            overwrite=overwrite,
+        )
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run will do, resolved without reading pixels."""
+
+    items: tuple[Any, ...]
+    bands: tuple[str, ...]
+    platform: str | None
+    crs: str
+    resolution: float
+    shape: tuple[int, int]
+    time_steps: int
+    chips: int
+    area_km2: float
+    bytes_estimate: int
+    bbox_lonlat: tuple[float, float, float, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "items": [i.id for i in self.items],
+            "bands": list(self.bands),
+            "platform": self.platform,
+            "crs": self.crs,
+            "resolution": self.resolution,
+            "shape": list(self.shape),
+            "time_steps": self.time_steps,
+            "chips": self.chips,
+            "area_km2": round(self.area_km2, 3),
+            "bytes_estimate": self.bytes_estimate,
+            "bbox_lonlat": list(self.bbox_lonlat),
+        }
+
+    def describe(self) -> str:
+        ny, nx = self.shape
+        return "\n".join(
+            [
+                f"  items       {len(self.items)} ({', '.join(i.id for i in self.items[:3])}{', ...' if len(self.items) > 3 else ''})",
+                f"  bands       {', '.join(self.bands)}"
+                + (f"  (platform {self.platform})" if self.platform else ""),
+                f"  area        {self.area_km2:,.1f} km2, bbox {[round(v, 4) for v in self.bbox_lonlat]}",
+                f"  grid        {ny:,} x {nx:,} px at {self.resolution:g} in {self.crs}, {self.time_steps} time step(s)",
+                f"  chips       {self.chips:,}",
+                f"  data        ~{_human_bytes(self.bytes_estimate)} of pixels to read and write",
+            ]
+        )
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:,.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _search(spec: RunSpec) -> list[Any]:
+    from xclay.ingest import IngestError, filter_items, load_items
+
+    source = spec.input.stac
+    if source.items:
+        items = load_items(spec.path(source.items))
+        return filter_items(items, bbox=spec.input.bbox, datetime=spec.input.datetime)
+    try:
+        from pystac_client import Client
+    except ImportError as err:
+        from xclay.errors import MissingDependencyError
+
+        raise MissingDependencyError(
+            'STAC API search needs pystac-client: pip install "xclay[io]"'
+        ) from err
+    try:
+        search = Client.open(str(source.api)).search(
+            collections=list(source.collections),
+            bbox=list(spec.input.bbox) if spec.input.bbox else None,
+            datetime=spec.input.datetime,
+            query=source.query,
+            max_items=source.max_items,
+        )
+        return list(search.items())
+    except Exception as err:  # network and API errors come in many types
+        raise IngestError(
+            f"STAC API search at {source.api} failed: {type(err).__name__}: {err}"
+        ) from err
+
+
+def plan(spec: RunSpec) -> RunPlan:
+    """Resolve a spec: items, grid, chips and data volume, without reading pixels."""
+    from xclay.chips import ChipGrid, ChipGridSpec
+    from xclay.ingest import IngestError, _platform_of, plan_grid
+    from xclay.models.sensors import get_sensor
+
+    items = _search(spec)
+    if not items:
+        raise IngestError(
+            f"the STAC search is empty: no items for bbox={list(spec.input.bbox) if spec.input.bbox else None}, "
+            f"datetime={spec.input.datetime!r}. Widen the area or the time range."
+        )
+    platform = spec.input.platform or _platform_of(items)
+    bands = spec.input.bands or (get_sensor(platform).band_names if platform else ())
+    grid = plan_grid(
+        items,
+        resolution=spec.grid.resolution,
+        crs=spec.grid.crs,
+        bbox=spec.input.bbox,
+        max_pixels=spec.grid.max_pixels,
+    )
+    days = {(i.datetime.date() if i.datetime else None) for i in items}
+    steps = len(days) if spec.input.composite == "none" else 1
+    chip_grid = ChipGrid.from_geobox(
+        grid.geobox,
+        ChipGridSpec(chip_size=spec.grid.chip_size, stride=spec.grid.stride, edges=spec.grid.edges),
+    )
+    ny, nx = grid.geobox.shape
+    res = abs(float(grid.geobox.resolution.x))
+    geographic = grid.geobox.crs is not None and grid.geobox.crs.geographic
+    area = float("nan") if geographic else ny * nx * res * res / 1e6
+    # Reading: every item's bands once over the grid; writing: the composite (2 bytes a sample).
+    bytes_estimate = int(ny * nx * len(bands) * 2 * (len(items) + steps))
+    return RunPlan(
+        items=tuple(items),
+        bands=tuple(bands),
+        platform=platform,
+        crs=str(grid.geobox.crs),
+        resolution=res,
+        shape=(int(ny), int(nx)),
+        time_steps=steps,
+        chips=chip_grid.rows * chip_grid.cols * steps,
+        area_km2=area,
+        bytes_estimate=bytes_estimate,
+        bbox_lonlat=grid.bbox_lonlat,
+    )
+
+
+# --------------------------------------------------------------------------- steps
+
+
+@dataclass
+class RunReport:
+    """What a run did."""
+
+    plan: RunPlan
+    outputs: dict[str, str]
+    seconds: dict[str, float]
+    run: dict[str, int]
+
+    def describe(self) -> str:
+        r = self.run
+        embed_s = self.seconds.get("embed", 0.0)
+        lines = [
+            f"  chips       {r['chips_embedded']:,} embedded of {r['chips_total']:,}; skipped "
+            f"{r['chips_skipped_nodata']} (nodata), {r.get('chips_skipped_cloud', 0)} (cloud), "
+            f"{r['chips_failed']} (no valid window)",
+            f"  throughput  {r['chips_embedded'] / max(embed_s, 1e-9):.1f} chips/s embedding; "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()),
+        ]
+        lines += [f"  {k:11s} {v}" for k, v in self.outputs.items()]
+        lines.append(f"  provenance  {len(self.plan.items)} STAC items, recorded in every output")
+        return "\n".join(lines)
+
+
+def ingest(spec: RunSpec, resolved: RunPlan | None = None, *, progress: bool | None = None) -> Path:
+    """Step 1: STAC items -> composite datacube Zarr (written whole, or not at all)."""
+    from xclay.datacube import write_datacube
+    from xclay.ingest import IngestError, from_stac
+
+    resolved = resolved or plan(spec)
+    block = spec.grid.chip_size * (spec.grid.shard_chips or 1)
+    chunk = block * max(1, 2048 // block)
+    cube = from_stac(
+        list(resolved.items),
+        bands=list(resolved.bands),
+        resolution=spec.grid.resolution,
+        crs=spec.grid.crs,
+        bbox=spec.input.bbox,
+        datetime=spec.input.datetime,
+        composite=spec.input.composite,
+        mask=spec.input.mask,
+        platform=resolved.platform,
+        wavelengths=spec.input.wavelengths,
+        chunk_size=chunk,
+        max_pixels=spec.grid.max_pixels,
+    )
+    cube.attrs["run_spec"] = spec.to_dict()
+    try:
+        return write_datacube(
+            cube,
+            spec.datacube_path,
+            chip_size=spec.grid.chip_size,
+            shard_chips=spec.grid.shard_chips,
+            compression=spec.grid.compression,
+            overwrite=spec.outputs.overwrite,
+            require_data=True,
+            progress=progress,
+        )
+    except OSError as err:
+        if isinstance(err, FileExistsError):
+            raise
+        raise IngestError(
+            f"reading the imagery failed: {err}. Check that every asset href is reachable "
+            "(network, credentials) and readable; nothing was written."
+        ) from err
+
+
+def embed_step(
+    spec: RunSpec, resolved: RunPlan | None = None, *, progress: bool | None = None
+) -> xr.Dataset:
+    """Step 2: datacube Zarr -> embeddings (returned, and written as the embeddings Zarr)."""
+    from xclay.datacube import open_datacube
+    from xclay.embed import embed
+    from xclay.export import to_zarr
+    from xclay.models import get_model
+
+    cube = open_datacube(spec.datacube_path, engine=spec.compute.engine)
+    options = dict(spec.model.options)
+    if spec.model.output is not None:
+        options["output"] = spec.model.output
+    checkpoint = spec.path(spec.model.checkpoint) if spec.model.checkpoint else None
+    encoder = get_model(spec.model.name, checkpoint=checkpoint, **options)
+    emb = embed(
+        cube,
+        model=encoder,
+        chip_size=spec.grid.chip_size,
+        stride=spec.grid.stride,
+        edges=spec.grid.edges,
+        batch_size=spec.compute.batch_size,
+        max_nodata=spec.quality.max_nodata,
+        max_cloud=spec.quality.max_cloud,
+        device=spec.compute.device,
+        precision=spec.compute.precision,
+        prefetch=spec.compute.prefetch,
+        progress=progress,
+    )
+    emb.attrs["run_spec"] = spec.to_dict()
+    if resolved is not None:
+        emb.attrs["run_plan"] = resolved.to_dict()
+    to_zarr(emb, spec.embeddings_path, overwrite=spec.outputs.overwrite)
+    return emb
+
+
+def export_step(spec: RunSpec) -> Path:
+    """Step 3: embeddings Zarr -> GeoParquet."""
+    from xclay.export import open_embeddings, to_geoparquet
+
+    emb = open_embeddings(spec.embeddings_path)
+    return to_geoparquet(emb, spec.geoparquet_path, overwrite=spec.outputs.overwrite)
+
+
+def run(spec: RunSpec, *, progress: bool | None = None) -> RunReport:
+    """Ingest, embed and export, as the spec says; returns what was done."""
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    resolved = plan(spec)
+    seconds["plan"] = time.perf_counter() - start
+    for path in (spec.datacube_path, spec.embeddings_path, spec.geoparquet_path):
+        if path.exists() and not spec.outputs.overwrite:
+            from xclay.errors import OutputExistsError
+
+            raise OutputExistsError(
+                f"{path} already exists; set outputs.overwrite: true (CLI: --overwrite) or choose "
+                "another outputs.dir. Nothing was run."
+            )
+    start = time.perf_counter()
+    ingest(spec, resolved, progress=progress)
+    seconds["ingest"] = time.perf_counter() - start
+    start = time.perf_counter()
+    emb = embed_step(spec, resolved, progress=progress)
+    seconds["embed"] = time.perf_counter() - start
+    start = time.perf_counter()
+    export_step(spec)
+    seconds["export"] = time.perf_counter() - start
+    return RunReport(
+        plan=resolved,
+        outputs={
+            "datacube": str(spec.datacube_path),
+            "embeddings": str(spec.embeddings_path),
+            "geoparquet": str(spec.geoparquet_path),
+        },
+        seconds=seconds,
+        run=dict(emb.attrs["run"]),
+    )
