@@ -238,3 +238,102 @@ def test_empty_search_is_reported(tmp_path: Path, olinda_tif: Path) -> None:
     )
     result = _xclay("run", str(spec), "--dry-run")
     assert result.returncode == 1 and "the STAC search is empty" in result.stderr
+
+
+@pytest.fixture
+def stac_api(olinda_tif: Path):
+    """A minimal STAC API on localhost (landing page, conformance, item search) serving Olinda."""
+    import http.server
+    import threading
+    from urllib.parse import parse_qs, urlparse
+
+    from xclay.ingest import _time_range
+
+    item = stac_item(
+        olinda_tif,
+        bands=OLINDA_BANDS,
+        wavelengths=OLINDA_WAVELENGTHS,
+        datetime="2001-05-05",
+        id="olinda",
+    )
+    item.collection_id = "landsat-olinda"
+    feature = item.to_dict()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _send(self, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _search(self, params: dict) -> None:
+            start, end = _time_range(params.get("datetime"))
+            when = item.datetime
+            hit = (start is None or when >= start) and (end is None or when <= end)
+            self._send(
+                {"type": "FeatureCollection", "features": [feature] if hit else [], "links": []}
+            )
+
+        def do_GET(self) -> None:
+            url = urlparse(self.path)
+            if url.path == "/search":
+                self._search({k: v[0] for k, v in parse_qs(url.query).items()})
+                return
+            base = f"http://127.0.0.1:{self.server.server_address[1]}"
+            self._send(
+                {
+                    "type": "Catalog", "id": "test-api", "description": "test", "stac_version": "1.0.0",
+                    "conformsTo": ["https://api.stacspec.org/v1.0.0/core", "https://api.stacspec.org/v1.0.0/item-search"],
+                    "links": [
+                        {"rel": "self", "href": base + "/"},
+                        {"rel": "root", "href": base + "/"},
+                        {"rel": "search", "href": base + "/search", "type": "application/geo+json", "method": "GET"},
+                        {"rel": "search", "href": base + "/search", "type": "application/geo+json", "method": "POST"},
+                    ],
+                }
+            )  # fmt: skip
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+            self._search(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_stac_api_search_end_to_end(tmp_path: Path, stac_api: str) -> None:
+    from xclay.run import plan, run
+
+    spec = load_spec(
+        _spec(tmp_path, "unused", input__stac={"api": stac_api, "collections": ["landsat-olinda"]})
+    )
+    assert [i.id for i in plan(spec).items] == ["olinda"]
+    report = run(spec, progress=False)
+    assert report.run["chips_embedded"] == 121
+    empty = load_spec(
+        _spec(
+            tmp_path,
+            "unused",
+            input__stac={"api": stac_api, "collections": ["landsat-olinda"]},
+            input__datetime="2020-01-01/2020-12-31",
+        )
+    )
+    with pytest.raises(xclay.ingest.IngestError, match="the STAC search is empty"):
+        plan(empty)
+    down = load_spec(
+        _spec(tmp_path, "unused", input__stac={"api": "http://127.0.0.1:9/", "collections": ["x"]})
+    )
+    with pytest.raises(
+        xclay.ingest.IngestError, match=r"STAC API search at http://127\.0\.0\.1:9/ failed"
+    ):
+        plan(down)
