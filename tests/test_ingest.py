@@ -228,3 +228,39 @@ def test_absurd_grids_are_refused_before_reading(s2_series, kw: dict, message: s
     items, _, _ = s2_series
     with pytest.raises(IngestError, match=message):
         plan_grid(items, **kw)
+
+
+def test_mixed_resolutions_and_crs_land_on_one_grid(tmp_path: Path) -> None:
+    from pyproj import Transformer
+
+    # Item A: red at 10 m and nir at 20 m (UTM 20S); item B: both at 10 m in UTM 21S.
+    red_a = np.full((40, 40), 1000, dtype=np.uint16)
+    nir_a = np.full((20, 20), 3000, dtype=np.uint16)
+    a = stac_item(
+        {"red": write_tif(tmp_path / "a_red.tif", red_a, nodata=0),
+         "nir": write_tif(tmp_path / "a_nir.tif", nir_a, res=20.0, nodata=0)},
+        datetime="2024-05-01", id="A", wavelengths={"red": 0.665, "nir": 0.842},
+    )  # fmt: skip
+    x21, y21 = Transformer.from_crs("EPSG:32720", "EPSG:32721", always_xy=True).transform(*ORIGIN)
+    red_b = np.full((40, 40), 1200, dtype=np.uint16)
+    nir_b = np.full((40, 40), 3200, dtype=np.uint16)
+    b = stac_item(
+        {"red": write_tif(tmp_path / "b_red.tif", red_b, crs="EPSG:32721", origin=(x21 + 150, y21), nodata=0),
+         "nir": write_tif(tmp_path / "b_nir.tif", nir_b, crs="EPSG:32721", origin=(x21 + 150, y21), nodata=0)},
+        datetime="2024-05-11", id="B", wavelengths={"red": 0.665, "nir": 0.842},
+    )  # fmt: skip
+    cube = from_stac(
+        [a, b], bands=["red", "nir"], resolution=10.0, crs="EPSG:32720", composite="none"
+    )
+    gb = datacube_geobox(cube)
+    assert gb.crs.epsg == 32720 and gb.resolution.x == 10
+    px = cube["pixels"].values  # [time, band, y, x]
+    first = px[0][:, (px[0] != 0).all(axis=0)]
+    assert set(np.unique(first[0])) == {1000} and set(np.unique(first[1])) == {
+        3000
+    }  # 20 m nir upsampled
+    second = px[1][:, (px[1] != 0).all(axis=0)]
+    assert set(np.unique(second[0])) == {1200} and set(np.unique(second[1])) == {
+        3200
+    }  # reprojected
+    assert first.shape[1] > 1000 and second.shape[1] > 1000
