@@ -12,6 +12,7 @@ import xclay
 from xclay.batching import (
     ArrayWindowReader,
     BatchPlan,
+    Block,
     ChipQuality,
     iter_batches,
     make_sampler,
@@ -27,11 +28,16 @@ def _plan(
     cube, size: int = 32, *, batch: int = 3, max_nodata: float = 0.5, edges: str = "drop"
 ) -> BatchPlan:
     grid = ChipGrid.from_geobox(datacube_geobox(cube), ChipGridSpec(chip_size=size, edges=edges))  # type: ignore[arg-type]
-    return BatchPlan(grid=grid, times=cube.sizes["time"], batch_size=batch, max_nodata=max_nodata)
+    return BatchPlan(
+        grid=grid,
+        block=Block.whole(cube.sizes["time"], grid),
+        batch_size=batch,
+        max_nodata=max_nodata,
+    )
 
 
 def _quality(plan: BatchPlan, *, classes: bool = False) -> ChipQuality:
-    return ChipQuality.empty((plan.times, plan.grid.rows, plan.grid.cols), with_classes=classes)
+    return ChipQuality.empty(plan.block.shape, with_classes=classes)
 
 
 def _collect(reader, plan, prefetch: int):

@@ -234,3 +234,20 @@ def test_gpu_embeddings_match_cpu(demo_cube_256: xr.Dataset) -> None:
     np.testing.assert_allclose(
         gpu["embedding"].values, cpu["embedding"].values, rtol=1e-3, atol=1e-3
     )
+
+
+def test_a_block_embeds_exactly_like_its_slice_of_the_whole(demo_cube_256: xr.Dataset) -> None:
+    from xclay.batching import Block
+    from xclay.embed import EmbedConfig, EmbedSession
+    from xclay.models.rcf import RCFEncoder
+
+    config = EmbedConfig(grid=xclay.ChipGridSpec(chip_size=32), batch_size=5)
+    session = EmbedSession(
+        demo_cube_256, xclay.models.get_model("rcf", num_filters=8, sample_chips=4), config
+    )
+    whole = session.dataset(session.embed_block())
+    again = EmbedSession(demo_cube_256, RCFEncoder.from_card(session.card), config)
+    part = again.dataset(again.embed_block(Block((0, 1), (2, 5), (3, 8))))
+    expected = whole.isel(chip_y=slice(2, 5), chip_x=slice(3, 8))
+    xr.testing.assert_identical(part.drop_attrs(), expected.drop_attrs())
+    assert part.attrs["run"]["chips_total"] == 15

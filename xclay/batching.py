@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ArrayWindowReader",
     "BatchPlan",
+    "Block",
     "ChipQuality",
     "HostBatch",
     "iter_batches",
@@ -142,11 +143,38 @@ class ArrayWindowReader:
 
 
 @dataclass(frozen=True)
+class Block:
+    """A block of chips: half-open ranges of time steps, chip rows and chip columns."""
+
+    times: tuple[int, int]
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        for name in ("times", "rows", "cols"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi:
+                raise DatacubeError(f"block {name} must be a range lo <= hi, got {(lo, hi)}.")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (
+            self.times[1] - self.times[0],
+            self.rows[1] - self.rows[0],
+            self.cols[1] - self.cols[0],
+        )
+
+    @classmethod
+    def whole(cls, times: int, grid: ChipGrid) -> Block:
+        return cls((0, times), (0, grid.rows), (0, grid.cols))
+
+
+@dataclass(frozen=True)
 class BatchPlan:
-    """What to batch: which chips, how many at once, and the quality filters."""
+    """What to batch: which chips (a block of the grid), how many at once, and the filters."""
 
     grid: ChipGrid
-    times: int
+    block: Block
     batch_size: int
     max_nodata: float
     max_cloud: float = 1.0
@@ -167,14 +195,15 @@ class BatchPlan:
 
     @property
     def total_chips(self) -> int:
-        return self.times * self.grid.rows * self.grid.cols
+        t, r, c = self.block.shape
+        return t * r * c
 
 
 @dataclass
 class ChipQuality:
-    """Per-chip quality, filled in as chips are read.
+    """Per-chip quality of a block of chips, filled in as chips are read.
 
-    ``nodata_fraction`` ``[time, rows, cols]``: fraction of invalid pixels;
+    ``nodata_fraction`` ``[time, rows, cols]`` (the block's): fraction of invalid pixels;
     ``class_fraction`` ``[time, rows, cols, classes]``: fraction of each
     :class:`~xclay.masks.PixelClass` (None when the cube has no quality
     variable). NaN until a chip is scanned.
@@ -246,7 +275,7 @@ def iter_batches(
     prefetch: int = 2,
     pin_memory: bool = False,
 ) -> Iterator[HostBatch]:
-    """Yield batches of accepted chips in (time, chip row, chip col) order.
+    """Yield batches of the block's accepted chips in (time, chip row, chip col) order.
 
     Fills ``quality`` for every chip scanned. A chip is accepted when its
     nodata fraction is below 1 and at most ``max_nodata``, and its cloud
@@ -286,17 +315,20 @@ def _fill_batches(
 ) -> Iterator[HostBatch]:
     grid = plan.grid
     size = grid.spec.chip_size
+    (t0, t1), (r0, r1), (c0, c1) = plan.block.times, plan.block.rows, plan.block.cols
     rows, cols = grid.row_offsets, grid.col_offsets
     pixels_count = float(size * size)
     classes = np.empty((size, size), dtype=np.uint8) if reader.has_quality else None
     slot = pool.free.get()
     n, scanned = 0, 0
     index = np.empty((plan.batch_size, 3), dtype=np.int64)
-    for t in range(plan.times):
-        for i, row in enumerate(rows):
-            for j, col in enumerate(cols):
+    for t in range(t0, t1):
+        for i in range(r0, r1):
+            for j in range(c0, c1):
                 if stop is not None and stop.is_set():
                     return
+                row, col = rows[i], cols[j]
+                at = (t - t0, i - r0, j - c0)  # where the chip sits in the block's arrays
                 buf, valid = pool.pixels[slot][n], pool.valid[slot][n]
                 reader.read(t, int(row), int(col), size, buf)
                 cloud = float("nan")
@@ -305,11 +337,11 @@ def _fill_batches(
                     counts = np.bincount(classes.ravel(), minlength=len(PixelClass))[
                         : len(PixelClass)
                     ]
-                    quality.class_fraction[t, i, j] = counts / pixels_count
+                    quality.class_fraction[at] = counts / pixels_count
                     cloud = counts[PixelClass.CLOUD] / pixels_count
                 reader.valid(t, int(row), int(col), size, buf, valid, classes)
                 fraction = 1.0 - np.count_nonzero(valid) / pixels_count
-                quality.nodata_fraction[t, i, j] = fraction
+                quality.nodata_fraction[at] = fraction
                 scanned += 1
                 if not plan.accepts(fraction, cloud):
                     continue

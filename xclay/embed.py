@@ -16,6 +16,7 @@ from xclay._version import __version__
 from xclay.batching import (
     ArrayWindowReader,
     BatchPlan,
+    Block,
     ChipQuality,
     iter_batches,
     make_sampler,
@@ -176,82 +177,127 @@ def embed_with_config(
     progress: bool | None = None,
 ) -> xr.Dataset:
     """:func:`embed` with its settings grouped in an :class:`EmbedConfig`."""
-    from tqdm.auto import tqdm
+    session = EmbedSession(cube, encoder, config)
+    return session.dataset(session.embed_block(progress=progress))
 
-    cube = _as_cube(cube)
-    grid = ChipGrid.from_geobox(datacube_geobox(cube), config.grid)
-    check_chip_alignment(cube, grid.spec.chip_size, grid.spec.step)
-    reader = ArrayWindowReader.of(cube)
-    dev = resolve_device(config.device)
-    dtype = resolve_dtype(config.precision, dev, encoder.preferred_precision)
 
-    times = np.asarray(cube["time"].values, dtype="datetime64[ns]")
-    lon, lat = grid.centres_lonlat()
-    lonlat = np.stack([lon, lat], axis=-1)
-    spec = InputSpec(
-        platform=cube.attrs.get("platform") or None,
-        bands=tuple(str(b) for b in cube["band"].values),
-        wavelengths=tuple(float(w) for w in cube["wavelength"].values),
-        gsd=float(cube.attrs["gsd"]),
-        nodata=reader.nodata,
-        dtype=str(reader.dtype),
-        chip_size=grid.spec.chip_size,
-    )
-    encoder.prepare(spec, make_sampler(reader, grid, lonlat, times), device=dev, dtype=dtype)
-    card = encoder.card
+@dataclass
+class BlockResult:
+    """The embeddings and quality of a block of chips."""
 
-    plan = BatchPlan(
-        grid=grid,
-        times=len(times),
-        batch_size=config.batch_size,
-        max_nodata=config.max_nodata,
-        max_cloud=config.max_cloud,
-    )
-    shape = (len(times), grid.rows, grid.cols)
-    vectors = np.full((*shape, *card.vector_shape), np.nan, dtype=np.float32)
-    quality = ChipQuality.empty(shape, with_classes=reader.has_quality)
-    start = timer.perf_counter()
-    # tqdm's disable=None: a bar only on an interactive terminal.
-    disable = None if progress is None else not progress
-    with tqdm(total=plan.total_chips, unit="chip", desc="embed", disable=disable) as bar:
-        for host in iter_batches(
-            reader, plan, quality, prefetch=config.prefetch, pin_memory=dev.type == "cuda"
-        ):
-            if len(host):
-                batch = to_chip_batch(host, lonlat, times, dev)
-                out = encoder.encode(batch)
-                if tuple(out.shape) != (len(host), *card.vector_shape):
-                    raise ModelError(
-                        f"encoder {card.name!r} returned shape {tuple(out.shape)} for "
-                        f"{len(host)} chips; expected {(len(host), *card.vector_shape)}."
-                    )
-                t, i, j = host.index.T
-                vectors[t, i, j] = out.float().cpu().numpy()
-            bar.update(host.scanned)
-    seconds = timer.perf_counter() - start
+    block: Block
+    vectors: np.ndarray  # [time, rows, cols, *vector_shape] float32, NaN where not embedded
+    quality: ChipQuality
+    embedded: np.ndarray  # [time, rows, cols] bool
+    counts: dict[str, int]
+    seconds: float
 
-    embedded = np.asarray(np.isfinite(vectors).all(axis=tuple(range(3, vectors.ndim))))
-    nodata = quality.nodata_fraction
-    scanned = np.isfinite(nodata)
-    skip_nodata = scanned & ((nodata > config.max_nodata) | (nodata >= 1.0))
-    skip_cloud = scanned & ~skip_nodata & (quality.cloud_fraction() > config.max_cloud)
-    run = {
-        "chips_total": int(np.prod(shape)),
-        "chips_embedded": int(embedded.sum()),
-        "chips_skipped_nodata": int(skip_nodata.sum()),
-        "chips_skipped_cloud": int(skip_cloud.sum()),
-        "chips_failed": int((scanned & ~skip_nodata & ~skip_cloud & ~embedded).sum()),
-    }
-    log.info(
-        "embedded %d of %d chips in %.1f s (%.1f chips/s)",
-        run["chips_embedded"],
-        run["chips_total"],
-        seconds,
-        run["chips_embedded"] / max(seconds, 1e-9),
-    )
-    return _embeddings_dataset(
-        cube, grid, times, vectors, quality, embedded, card.to_dict(), config, run
-    )
+
+class EmbedSession:
+    """An encoder prepared for one datacube: embeds the whole chip grid or any block of it.
+
+    Preparing (normalisation, rcf filters, Clay's wave kernel) happens once,
+    here; distributed runs rebuild the prepared encoder on every worker from
+    its model card and embed their own blocks.
+    """
+
+    def __init__(
+        self, cube: xr.Dataset | xr.DataArray, encoder: Encoder, config: EmbedConfig
+    ) -> None:
+        self.cube = _as_cube(cube)
+        self.config = config
+        self.encoder = encoder
+        self.grid = ChipGrid.from_geobox(datacube_geobox(self.cube), config.grid)
+        check_chip_alignment(self.cube, self.grid.spec.chip_size, self.grid.spec.step)
+        self.reader = ArrayWindowReader.of(self.cube)
+        self.device = resolve_device(config.device)
+        dtype = resolve_dtype(config.precision, self.device, encoder.preferred_precision)
+        self.times = np.asarray(self.cube["time"].values, dtype="datetime64[ns]")
+        lon, lat = self.grid.centres_lonlat()
+        self.lonlat = np.stack([lon, lat], axis=-1)
+        spec = InputSpec(
+            platform=self.cube.attrs.get("platform") or None,
+            bands=tuple(str(b) for b in self.cube["band"].values),
+            wavelengths=tuple(float(w) for w in self.cube["wavelength"].values),
+            gsd=float(self.cube.attrs["gsd"]),
+            nodata=self.reader.nodata,
+            dtype=str(self.reader.dtype),
+            chip_size=self.grid.spec.chip_size,
+        )
+        sampler = make_sampler(self.reader, self.grid, self.lonlat, self.times)
+        encoder.prepare(spec, sampler, device=self.device, dtype=dtype)
+        self.card = encoder.card
+
+    @property
+    def whole(self) -> Block:
+        return Block.whole(len(self.times), self.grid)
+
+    def embed_block(
+        self, block: Block | None = None, *, progress: bool | None = None
+    ) -> BlockResult:
+        """Embed the chips of ``block`` (default: all)."""
+        from tqdm.auto import tqdm
+
+        block = block or self.whole
+        card, config = self.card, self.config
+        plan = BatchPlan(
+            grid=self.grid,
+            block=block,
+            batch_size=config.batch_size,
+            max_nodata=config.max_nodata,
+            max_cloud=config.max_cloud,
+        )
+        shape = block.shape
+        vectors = np.full((*shape, *card.vector_shape), np.nan, dtype=np.float32)
+        quality = ChipQuality.empty(shape, with_classes=self.reader.has_quality)
+        t0, r0, c0 = block.times[0], block.rows[0], block.cols[0]
+        start = timer.perf_counter()
+        # tqdm's disable=None: a bar only on an interactive terminal.
+        disable = None if progress is None else not progress
+        with tqdm(total=plan.total_chips, unit="chip", desc="embed", disable=disable) as bar:
+            for host in iter_batches(
+                self.reader,
+                plan,
+                quality,
+                prefetch=config.prefetch,
+                pin_memory=self.device.type == "cuda",
+            ):
+                if len(host):
+                    batch = to_chip_batch(host, self.lonlat, self.times, self.device)
+                    out = self.encoder.encode(batch)
+                    if tuple(out.shape) != (len(host), *card.vector_shape):
+                        raise ModelError(
+                            f"encoder {card.name!r} returned shape {tuple(out.shape)} for "
+                            f"{len(host)} chips; expected {(len(host), *card.vector_shape)}."
+                        )
+                    t, i, j = host.index.T
+                    vectors[t - t0, i - r0, j - c0] = out.float().cpu().numpy()
+                bar.update(host.scanned)
+        seconds = timer.perf_counter() - start
+        embedded = np.asarray(np.isfinite(vectors).all(axis=tuple(range(3, vectors.ndim))))
+        nodata = quality.nodata_fraction
+        scanned = np.isfinite(nodata)
+        skip_nodata = scanned & ((nodata > config.max_nodata) | (nodata >= 1.0))
+        skip_cloud = scanned & ~skip_nodata & (quality.cloud_fraction() > config.max_cloud)
+        counts = {
+            "chips_total": int(np.prod(shape)),
+            "chips_embedded": int(embedded.sum()),
+            "chips_skipped_nodata": int(skip_nodata.sum()),
+            "chips_skipped_cloud": int(skip_cloud.sum()),
+            "chips_failed": int((scanned & ~skip_nodata & ~skip_cloud & ~embedded).sum()),
+        }
+        log.info(
+            "embedded %d of %d chips in %.1f s (%.1f chips/s)",
+            counts["chips_embedded"],
+            counts["chips_total"],
+            seconds,
+            counts["chips_embedded"] / max(seconds, 1e-9),
+        )
+        return BlockResult(block, vectors, quality, embedded, counts, seconds)
+
+    def dataset(self, result: BlockResult) -> xr.Dataset:
+        """The embeddings Dataset of a block (the whole grid's coords, cut to the block)."""
+        return _embeddings_dataset(self, result)
 
 
 def _class_fractions(quality: ChipQuality, dims: tuple[str, ...]) -> dict[str, Any]:
@@ -316,20 +362,16 @@ def _as_cube(obj: xr.Dataset | xr.DataArray) -> xr.Dataset:
     return obj
 
 
-def _embeddings_dataset(
-    cube: xr.Dataset,
-    grid: ChipGrid,
-    times: np.ndarray,
-    vectors: np.ndarray,
-    quality: ChipQuality,
-    embedded: np.ndarray,
-    card: dict[str, Any],
-    config: EmbedConfig,
-    run: dict[str, int],
-) -> xr.Dataset:
-    geobox = grid.geobox()
-    coords = xr_coords(geobox, crs_coord_name="spatial_ref")
-    lon, lat = grid.centres_lonlat()
+def _embeddings_dataset(session: EmbedSession, result: BlockResult) -> xr.Dataset:
+    cube, grid, config = session.cube, session.grid, session.config
+    (t0, t1), (r0, r1), (c0, c1) = result.block.times, result.block.rows, result.block.cols
+    times = session.times[t0:t1]
+    vectors, quality, embedded = result.vectors, result.quality, result.embedded
+    card = session.card.to_dict()
+    run = result.counts
+    coords = xr_coords(grid.geobox(), crs_coord_name="spatial_ref")
+    lon = session.lonlat[r0:r1, c0:c1, 0]
+    lat = session.lonlat[r0:r1, c0:c1, 1]
     dims3 = ("time", "chip_y", "chip_x")
     ds = xr.Dataset(
         {
@@ -354,17 +396,17 @@ def _embeddings_dataset(
             "time": times,
             "chip_y": (
                 "chip_y",
-                coords["y"].values,
+                coords["y"].values[r0:r1],
                 {"units": "metre", "long_name": "chip centre y (datacube CRS)"},
             ),
             "chip_x": (
                 "chip_x",
-                coords["x"].values,
+                coords["x"].values[c0:c1],
                 {"units": "metre", "long_name": "chip centre x (datacube CRS)"},
             ),
             "feature": np.arange(vectors.shape[-1], dtype=np.int32),
             "spatial_ref": coords["spatial_ref"],
-            "chip_id": (("chip_y", "chip_x"), grid.chip_ids()),
+            "chip_id": (("chip_y", "chip_x"), grid.chip_ids()[r0:r1, c0:c1]),
             "lat": (
                 ("chip_y", "chip_x"),
                 lat,
@@ -377,19 +419,19 @@ def _embeddings_dataset(
             ),
             "row_off": (
                 "chip_y",
-                grid.row_offsets,
+                grid.row_offsets[r0:r1],
                 {"long_name": "top pixel row of the chip window in the datacube"},
             ),
             "col_off": (
                 "chip_x",
-                grid.col_offsets,
+                grid.col_offsets[c0:c1],
                 {"long_name": "left pixel column of the chip window in the datacube"},
             ),
         },
     )
     for extra in ("time_start", "time_end"):
         if extra in cube.coords:
-            ds = ds.assign_coords({extra: ("time", cube[extra].values)})
+            ds = ds.assign_coords({extra: ("time", cube[extra].values[t0:t1])})
     t = grid.source.affine
     ds.attrs = {
         "convention": EMBEDDINGS_CONVENTION,
