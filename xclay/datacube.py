@@ -47,11 +47,15 @@ __all__ = [
     "DATACUBE_DIMS",
     "as_datacube",
     "check_chip_alignment",
+    "create_datacube_store",
     "datacube_geobox",
+    "is_complete",
+    "mark_complete",
     "nodata_value",
     "open_datacube",
     "validate_datacube",
     "write_datacube",
+    "write_datacube_block",
 ]
 
 log = logging.getLogger(__name__)
@@ -752,7 +756,6 @@ def write_datacube(
 
     Memory stays bounded by one shard (or chunk) row block, whatever the cube's size.
     """
-    import zarr
 
     validate_datacube(cube)
     if chip_size < 1:
@@ -761,44 +764,12 @@ def write_datacube(
         raise ChunkingError(f"shard_chips must be >= 1, got {shard_chips}.")
     pixels = cube["pixels"]
     nt, nb, ny, nx = pixels.shape
-    chunks = (1, nb, chip_size, chip_size)
     block = chip_size * (shard_chips or 1)
-    shards = (1, nb, block, block) if shard_chips else None
 
-    has_quality = "quality" in cube.data_vars
     with atomic_output(Path(path), overwrite=overwrite) as tmp:
-        meta = cube.drop_vars(["pixels", "quality"] if has_quality else ["pixels"])
-        meta.attrs = {**cube.attrs, "xclay_version": __version__}
-        meta.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False)
-        group = zarr.open_group(tmp, mode="r+", zarr_format=3)
-        coordinates = " ".join(sorted(str(c) for c in cube.coords if c not in DATACUBE_DIMS))
-        fill = nodata_value(pixels)
-        array = group.create_array(
-            "pixels",
-            shape=pixels.shape,
-            dtype=pixels.dtype,
-            chunks=chunks,
-            shards=shards,
-            compressors=_compressors(compression),
-            fill_value=fill if fill is not None else 0,
-            dimension_names=DATACUBE_DIMS,
-            attributes=_variable_attrs(pixels, coordinates),
+        create_datacube_store(
+            cube, tmp, chip_size=chip_size, shard_chips=shard_chips, compression=compression
         )
-        quality = None
-        if has_quality:
-            from xclay.masks import PixelClass
-
-            quality = group.create_array(
-                "quality",
-                shape=cube["quality"].shape,
-                dtype=np.uint8,
-                chunks=(1, chip_size, chip_size),
-                shards=(1, block, block) if shard_chips else None,
-                compressors=_compressors(compression),
-                fill_value=int(PixelClass.NODATA),
-                dimension_names=("time", "y", "x"),
-                attributes=_variable_attrs(cube["quality"], coordinates),
-            )
         any_valid = False
         step = _write_step(pixels, block)
         blocks = [
@@ -808,22 +779,119 @@ def write_datacube(
 
         disable = None if progress is None else not progress
         for t, y0, x0 in tqdm(blocks, unit="block", desc="write datacube", disable=disable):
-            y1, x1 = min(ny, y0 + step), min(nx, x0 + step)
-            values = np.asarray(pixels.variable[t, :, y0:y1, x0:x1].values)
-            array[t, :, y0:y1, x0:x1] = values
-            q = None
-            if quality is not None:
-                q = np.asarray(cube["quality"].variable[t, y0:y1, x0:x1].values)
-                quality[t, y0:y1, x0:x1] = q
-            if require_data and not any_valid:
-                any_valid = _any_valid(values, fill, q)
+            valid = write_datacube_block(
+                cube, tmp, t, (y0, min(ny, y0 + step)), (x0, min(nx, x0 + step))
+            )
+            any_valid = any_valid or valid
         if require_data and not any_valid:
             raise DatacubeError(
                 "the region has no valid pixel (every pixel is nodata, or masked as nodata); "
                 "nothing was written. Check the area, the time range and the masks."
             )
+        mark_complete(tmp)
     log.info("wrote datacube %s (%d x %d x %d x %d)", path, nt, nb, ny, nx)
     return Path(path)
+
+
+COMPLETE_ATTR = "xclay_complete"
+
+
+def create_datacube_store(
+    cube: xr.Dataset,
+    path: str | os.PathLike[str],
+    *,
+    chip_size: int,
+    shard_chips: int | None = None,
+    compression: Compression = "zstd",
+) -> Path:
+    """Create a datacube store with its coords and attributes and empty (nodata) arrays,
+    chunked for ``chip_size``; marked incomplete until :func:`mark_complete`.
+
+    Blocks are then written with :func:`write_datacube_block`, in any order and
+    by several processes at once when each writes whole shards (or chunks).
+    """
+    import zarr
+
+    pixels = cube["pixels"]
+    nb = pixels.shape[1]
+    block = chip_size * (shard_chips or 1)
+    has_quality = "quality" in cube.data_vars
+    meta = cube.drop_vars(["pixels", "quality"] if has_quality else ["pixels"])
+    meta.attrs = {**cube.attrs, "xclay_version": __version__, COMPLETE_ATTR: False}
+    meta.to_zarr(path, mode="w", zarr_format=3, consolidated=False)
+    group = zarr.open_group(path, mode="r+", zarr_format=3)
+    coordinates = " ".join(sorted(str(c) for c in cube.coords if c not in DATACUBE_DIMS))
+    fill = nodata_value(pixels)
+    group.create_array(
+        "pixels",
+        shape=pixels.shape,
+        dtype=pixels.dtype,
+        chunks=(1, nb, chip_size, chip_size),
+        shards=(1, nb, block, block) if shard_chips else None,
+        compressors=_compressors(compression),
+        fill_value=fill if fill is not None else 0,
+        dimension_names=DATACUBE_DIMS,
+        attributes=_variable_attrs(pixels, coordinates),
+    )
+    if has_quality:
+        from xclay.masks import PixelClass
+
+        group.create_array(
+            "quality",
+            shape=cube["quality"].shape,
+            dtype=np.uint8,
+            chunks=(1, chip_size, chip_size),
+            shards=(1, block, block) if shard_chips else None,
+            compressors=_compressors(compression),
+            fill_value=int(PixelClass.NODATA),
+            dimension_names=("time", "y", "x"),
+            attributes=_variable_attrs(cube["quality"], coordinates),
+        )
+    return Path(path)
+
+
+def write_datacube_block(
+    cube: xr.Dataset,
+    path: str | os.PathLike[str],
+    t: int,
+    rows: tuple[int, int],
+    cols: tuple[int, int],
+) -> bool:
+    """Compute one block (all bands) of ``cube`` and write it into the store at ``path``.
+
+    Returns whether the block has a valid pixel.
+    """
+    import zarr
+
+    (y0, y1), (x0, x1) = rows, cols
+    group = zarr.open_group(path, mode="r+", zarr_format=3)
+    pixels = cube["pixels"]
+    values = np.asarray(pixels.variable[t, :, y0:y1, x0:x1].values)
+    group["pixels"][t, :, y0:y1, x0:x1] = values  # type: ignore[index]
+    quality = None
+    if "quality" in cube.data_vars:
+        quality = np.asarray(cube["quality"].variable[t, y0:y1, x0:x1].values)
+        group["quality"][t, y0:y1, x0:x1] = quality  # type: ignore[index]
+    return _any_valid(values, nodata_value(pixels), quality)
+
+
+def mark_complete(path: str | os.PathLike[str], **attrs: Any) -> None:
+    """Flag a store (datacube or embeddings) as complete, with final attributes."""
+    import zarr
+
+    group = zarr.open_group(path, mode="r+", zarr_format=3)
+    group.attrs.update(jsonable({**attrs, COMPLETE_ATTR: True}))
+
+
+def is_complete(path: str | os.PathLike[str]) -> bool:
+    """Whether a store exists and was marked complete (stores older than the flag count as complete)."""
+    meta = Path(path) / "zarr.json"
+    if not meta.is_file():
+        return False
+    import json
+
+    attrs = json.loads(meta.read_text()).get("attributes", {})
+    return bool(attrs.get(COMPLETE_ATTR, True))
 
 
 def _write_step(pixels: xr.DataArray, block: int) -> int:
@@ -887,6 +955,11 @@ def open_datacube(path: str | os.PathLike[str], *, engine: Engine = "zarr") -> x
     if not (store / "zarr.json").is_file():
         raise FileNotFoundError(
             f"no datacube at {store}: expected a Zarr v3 store written by xclay.write_datacube."
+        )
+    if not is_complete(store):
+        raise DatacubeError(
+            f"the datacube at {store} is incomplete (a run was interrupted while writing it); "
+            "resume the run (xclay run SPEC) or rewrite it."
         )
     # Never mask pixels into floats: nodata stays a value, named in pixels.attrs["nodata"].
     cube = xr.open_zarr(

@@ -32,6 +32,7 @@ from xclay.datacube import (
 )
 from xclay.devices import Precision, resolve_device, resolve_dtype
 from xclay.errors import DatacubeError, ModelError
+from xclay.export import EmbeddingsLayout, VariableSpec
 from xclay.masks import PixelClass
 from xclay.protocols import Encoder, InputSpec
 
@@ -299,6 +300,28 @@ class EmbedSession:
         """The embeddings Dataset of a block (the whole grid's coords, cut to the block)."""
         return _embeddings_dataset(self, result)
 
+    def layout(self) -> EmbeddingsLayout:
+        """The whole grid's embeddings, without data: coords, attributes, and each variable's
+        dims, dtype and attributes (for :func:`xclay.export.create_embeddings_store`)."""
+        empty = BlockResult(
+            block=Block((0, 0), (0, 0), (0, 0)),
+            vectors=np.zeros((0, 0, 0, *self.card.vector_shape), dtype=np.float32),
+            quality=ChipQuality.empty((0, 0, 0), with_classes=self.reader.has_quality),
+            embedded=np.zeros((0, 0, 0), dtype=bool),
+            counts={},
+            seconds=0.0,
+        )
+        variables = {
+            name: VariableSpec(
+                dims=tuple(dims), dtype=str(np.asarray(values).dtype), attrs=dict(attrs)
+            )
+            for name, (dims, values, attrs) in _data_vars(empty, self.card.name).items()
+        }
+        coords = xr.Dataset(
+            coords=_embeddings_coords(self, self.whole), attrs=_embeddings_attrs(self, {})
+        )
+        return EmbeddingsLayout(coords=coords, variables=variables)
+
 
 def _class_fractions(quality: ChipQuality, dims: tuple[str, ...]) -> dict[str, Any]:
     """``<class>_fraction`` variables (cloud, cloud_shadow, haze, snow, clear); NaN when unknown."""
@@ -363,80 +386,89 @@ def _as_cube(obj: xr.Dataset | xr.DataArray) -> xr.Dataset:
 
 
 def _embeddings_dataset(session: EmbedSession, result: BlockResult) -> xr.Dataset:
-    cube, grid, config = session.cube, session.grid, session.config
-    (t0, t1), (r0, r1), (c0, c1) = result.block.times, result.block.rows, result.block.cols
-    times = session.times[t0:t1]
-    vectors, quality, embedded = result.vectors, result.quality, result.embedded
-    card = session.card.to_dict()
-    run = result.counts
-    coords = xr_coords(grid.geobox(), crs_coord_name="spatial_ref")
-    lon = session.lonlat[r0:r1, c0:c1, 0]
-    lat = session.lonlat[r0:r1, c0:c1, 1]
-    dims3 = ("time", "chip_y", "chip_x")
     ds = xr.Dataset(
-        {
-            "embedding": (
-                (*dims3, *(("patch_y", "patch_x") if vectors.ndim == 6 else ()), "feature"),
-                vectors,
-                {"grid_mapping": "spatial_ref", "long_name": f"{card['name']} chip embedding"},
-            ),
-            "nodata_fraction": (
-                dims3,
-                quality.nodata_fraction,
-                {"long_name": "fraction of chip pixels without data", "units": "1"},
-            ),
-            **_class_fractions(quality, dims3),
-            "embedded": (
-                dims3,
-                embedded,
-                {"long_name": "chip was embedded (passed the filters, vector valid)"},
-            ),
-        },
-        coords={
-            "time": times,
-            "chip_y": (
-                "chip_y",
-                coords["y"].values[r0:r1],
-                {"units": "metre", "long_name": "chip centre y (datacube CRS)"},
-            ),
-            "chip_x": (
-                "chip_x",
-                coords["x"].values[c0:c1],
-                {"units": "metre", "long_name": "chip centre x (datacube CRS)"},
-            ),
-            "feature": np.arange(vectors.shape[-1], dtype=np.int32),
-            "spatial_ref": coords["spatial_ref"],
-            "chip_id": (("chip_y", "chip_x"), grid.chip_ids()[r0:r1, c0:c1]),
-            "lat": (
-                ("chip_y", "chip_x"),
-                lat,
-                {"units": "degrees_north", "long_name": "chip centre latitude (WGS84)"},
-            ),
-            "lon": (
-                ("chip_y", "chip_x"),
-                lon,
-                {"units": "degrees_east", "long_name": "chip centre longitude (WGS84)"},
-            ),
-            "row_off": (
-                "chip_y",
-                grid.row_offsets[r0:r1],
-                {"long_name": "top pixel row of the chip window in the datacube"},
-            ),
-            "col_off": (
-                "chip_x",
-                grid.col_offsets[c0:c1],
-                {"long_name": "left pixel column of the chip window in the datacube"},
-            ),
-        },
+        _data_vars(result, session.card.name),
+        coords=_embeddings_coords(session, result.block),
+        attrs=_embeddings_attrs(session, result.counts),
     )
+    return ds
+
+
+_DIMS3 = ("time", "chip_y", "chip_x")
+_VAR_ATTRS: dict[str, dict[str, Any]] = {
+    "nodata_fraction": {"long_name": "fraction of chip pixels without data", "units": "1"},
+    "embedded": {"long_name": "chip was embedded (passed the filters, vector valid)"},
+}
+
+
+def _data_vars(result: BlockResult, model_name: str) -> dict[str, Any]:
+    vectors = result.vectors
+    patch_dims = ("patch_y", "patch_x") if vectors.ndim == 6 else ()
+    return {
+        "embedding": (
+            (*_DIMS3, *patch_dims, "feature"),
+            vectors,
+            {"grid_mapping": "spatial_ref", "long_name": f"{model_name} chip embedding"},
+        ),
+        "nodata_fraction": (_DIMS3, result.quality.nodata_fraction, _VAR_ATTRS["nodata_fraction"]),
+        **_class_fractions(result.quality, _DIMS3),
+        "embedded": (_DIMS3, result.embedded, _VAR_ATTRS["embedded"]),
+    }
+
+
+def _embeddings_coords(session: EmbedSession, block: Block) -> dict[str, Any]:
+    grid, cube = session.grid, session.cube
+    (t0, t1), (r0, r1), (c0, c1) = block.times, block.rows, block.cols
+    centres = xr_coords(grid.geobox(), crs_coord_name="spatial_ref")
+    coords: dict[str, Any] = {
+        "time": session.times[t0:t1],
+        "chip_y": (
+            "chip_y",
+            centres["y"].values[r0:r1],
+            {"units": "metre", "long_name": "chip centre y (datacube CRS)"},
+        ),
+        "chip_x": (
+            "chip_x",
+            centres["x"].values[c0:c1],
+            {"units": "metre", "long_name": "chip centre x (datacube CRS)"},
+        ),
+        "feature": np.arange(session.card.dim, dtype=np.int32),
+        "spatial_ref": centres["spatial_ref"],
+        "chip_id": (("chip_y", "chip_x"), grid.chip_ids()[r0:r1, c0:c1]),
+        "lat": (
+            ("chip_y", "chip_x"),
+            session.lonlat[r0:r1, c0:c1, 1],
+            {"units": "degrees_north", "long_name": "chip centre latitude (WGS84)"},
+        ),
+        "lon": (
+            ("chip_y", "chip_x"),
+            session.lonlat[r0:r1, c0:c1, 0],
+            {"units": "degrees_east", "long_name": "chip centre longitude (WGS84)"},
+        ),
+        "row_off": (
+            "chip_y",
+            grid.row_offsets[r0:r1],
+            {"long_name": "top pixel row of the chip window in the datacube"},
+        ),
+        "col_off": (
+            "chip_x",
+            grid.col_offsets[c0:c1],
+            {"long_name": "left pixel column of the chip window in the datacube"},
+        ),
+    }
     for extra in ("time_start", "time_end"):
         if extra in cube.coords:
-            ds = ds.assign_coords({extra: ("time", cube[extra].values[t0:t1])})
+            coords[extra] = ("time", cube[extra].values[t0:t1])
+    return coords
+
+
+def _embeddings_attrs(session: EmbedSession, counts: dict[str, int]) -> dict[str, Any]:
+    cube, grid = session.cube, session.grid
     t = grid.source.affine
-    ds.attrs = {
+    return {
         "convention": EMBEDDINGS_CONVENTION,
-        "model": card,
-        "config": config.to_dict(),
+        "model": session.card.to_dict(),
+        "config": session.config.to_dict(),
         "datacube": {
             "platform": cube.attrs.get("platform", ""),
             "gsd": float(cube.attrs["gsd"]),
@@ -449,7 +481,6 @@ def _embeddings_dataset(session: EmbedSession, result: BlockResult) -> xr.Datase
             "dtype": str(cube["pixels"].dtype),
             "provenance": cube.attrs.get("provenance", {}),
         },
-        "run": run,
+        "run": counts,
         "xclay_version": __version__,
     }
-    return ds

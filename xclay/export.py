@@ -10,6 +10,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,16 @@ from xclay._json import jsonable
 from xclay.chips import window_corners
 from xclay.errors import DatacubeError
 
-__all__ = ["GEOPARQUET_VERSION", "open_embeddings", "to_geoparquet", "to_zarr"]
+__all__ = [
+    "GEOPARQUET_VERSION",
+    "EmbeddingsLayout",
+    "VariableSpec",
+    "create_embeddings_store",
+    "open_embeddings",
+    "to_geoparquet",
+    "to_zarr",
+    "write_embeddings_region",
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +80,23 @@ def to_zarr(emb: xr.Dataset, path: str | os.PathLike[str], *, overwrite: bool = 
     return Path(path)
 
 
-def open_embeddings(path: str | os.PathLike[str]) -> xr.Dataset:
-    """Open an embeddings Zarr written by :func:`to_zarr` (lazily)."""
+def open_embeddings(path: str | os.PathLike[str], *, allow_incomplete: bool = False) -> xr.Dataset:
+    """Open an embeddings Zarr written by :func:`to_zarr` or a run (lazily).
+
+    A run's store is refused until every region is written, unless ``allow_incomplete``
+    (regions not written yet read as NaN, ``embedded`` False).
+    """
     store = Path(path)
     if not (store / "zarr.json").is_file():
         raise FileNotFoundError(
             f"no embeddings Zarr at {store}: expected a store written by to_zarr."
+        )
+    from xclay.datacube import is_complete
+
+    if not allow_incomplete and not is_complete(store):
+        raise DatacubeError(
+            f"the embeddings at {store} are incomplete (a run is in progress or was interrupted); "
+            "resume it with xclay run SPEC, or pass allow_incomplete=True to read what is there."
         )
     emb = xr.open_zarr(store, chunks=None, consolidated=False, zarr_format=3)
     validate_embeddings(emb)
@@ -95,6 +116,85 @@ def validate_embeddings(emb: xr.Dataset) -> None:
             f"the embeddings Dataset lacks {missing or 'its datacube/config attrs'}; it must come "
             "from xclay.embed (or xclay.open_embeddings) unchanged apart from selections."
         )
+
+
+# --------------------------------------------------------------------------- regional stores
+
+
+@dataclass(frozen=True)
+class VariableSpec:
+    """Dims, dtype and attributes of one data variable of an embeddings store."""
+
+    dims: tuple[str, ...]
+    dtype: str
+    attrs: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class EmbeddingsLayout:
+    """An embeddings Dataset without its data: the whole grid's coords and attributes
+    (``coords``) and its data variables' specs."""
+
+    coords: xr.Dataset
+    variables: dict[str, VariableSpec]
+
+
+def create_embeddings_store(
+    layout: EmbeddingsLayout, path: str | os.PathLike[str], *, region_chips: int
+) -> Path:
+    """Create an embeddings Zarr whose chunks are ``region_chips x region_chips`` chips:
+    coords and attributes written, data variables empty (NaN / False), marked incomplete.
+
+    Regions of that size are then written with :func:`write_embeddings_region`, in any
+    order and by several processes at once (no two regions share a chunk).
+    """
+    import zarr
+
+    from xclay.datacube import COMPLETE_ATTR
+
+    coords = layout.coords.copy()
+    coords.attrs = jsonable({**coords.attrs, COMPLETE_ATTR: False})
+    coords["chip_id"] = coords["chip_id"].astype(object)
+    coords.to_zarr(path, mode="w", zarr_format=3, consolidated=False)
+    group = zarr.open_group(path, mode="r+", zarr_format=3)
+    sizes = dict(coords.sizes)
+    names = " ".join(sorted(str(c) for c in coords.coords if c not in coords.dims))
+    for name, spec in layout.variables.items():
+        shape = tuple(sizes[d] for d in spec.dims)
+        chunks = tuple(
+            1
+            if d == "time"
+            else min(sizes[d], region_chips)
+            if d in ("chip_y", "chip_x")
+            else sizes[d]
+            for d in spec.dims
+        )
+        dtype = np.dtype(spec.dtype)
+        group.create_array(
+            name,
+            shape=shape,
+            dtype=dtype,
+            chunks=chunks,
+            fill_value=False if dtype.kind == "b" else np.nan,
+            dimension_names=spec.dims,
+            attributes=jsonable({**spec.attrs, "coordinates": names}),
+        )
+    return Path(path)
+
+
+def write_embeddings_region(
+    path: str | os.PathLike[str], block: xr.Dataset, offsets: tuple[int, int, int]
+) -> None:
+    """Write a block's data variables (from :meth:`EmbedSession.dataset`) into the store,
+    at ``offsets`` = (time, chip row, chip column) of its first chip."""
+    import zarr
+
+    group = zarr.open_group(path, mode="r+", zarr_format=3)
+    t0, r0, c0 = offsets
+    for name in block.data_vars:
+        values = np.asarray(block[name].values)
+        t, r, c = values.shape[:3]
+        group[str(name)][t0 : t0 + t, r0 : r0 + r, c0 : c0 + c] = values  # type: ignore[index]
 
 
 # --------------------------------------------------------------------------- GeoParquet
