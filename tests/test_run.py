@@ -98,7 +98,9 @@ def test_olinda_run_same_embeddings_from_one_or_many_assets(
         and gdf["centre_lon"].between(-35.05, -34.75).all()
     )
     # The spec and the resolved plan travel with the outputs.
-    meta = json.loads(pq.read_schema(runs["per_band"] / "embeddings.parquet").metadata[b"xclay"])
+    parts = sorted((runs["per_band"] / "embeddings.parquet").glob("part-*.parquet"))
+    assert parts and (runs["per_band"] / "embeddings.parquet" / "_xclay_complete.json").is_file()
+    meta = json.loads(pq.read_schema(parts[0]).metadata[b"xclay"])
     assert meta["run_spec"]["name"] == "olinda" and meta["run_spec"]["grid"]["chip_size"] == 32
     assert meta["run_plan"]["items"] == ["olinda"] and meta["run_plan"]["crs"] == "EPSG:31985"
     assert a.attrs["run_spec"]["input"]["bands"] == OLINDA_BANDS
@@ -129,18 +131,16 @@ def test_steps_one_at_a_time(tmp_path: Path, olinda_tif: Path) -> None:
         )
         assert result.returncode == 0, (step, result.stderr)
     out = tmp_path / "out"
-    assert (
-        (out / "cube.zarr").is_dir()
-        and (out / "embeddings.zarr").is_dir()
-        and (out / "embeddings.parquet").is_file()
-    )
-    again = _xclay("run", str(spec), "--no-progress")
-    assert (
-        again.returncode == 1
-        and "already exists" in again.stderr
-        and "Nothing was run" in again.stderr
-    )
+    assert (out / "cube.zarr").is_dir() and (out / "embeddings.zarr").is_dir()
+    assert list((out / "embeddings.parquet").glob("part-*.parquet"))
+    again = _xclay("run", str(spec), "--no-progress")  # the same spec: resumes, nothing left to do
+    assert again.returncode == 0 and "resumed" in again.stdout, again.stderr
     assert _xclay("run", str(spec), "--no-progress", "--overwrite").returncode == 0
+    foreign = tmp_path / "foreign"
+    (foreign / "out" / "cube.zarr").mkdir(parents=True)
+    other = _spec(foreign, str(tmp_path / "items.json"))
+    refused = _xclay("run", str(other), "--no-progress")
+    assert refused.returncode == 1 and "not from a run of this spec" in refused.stderr
 
 
 @pytest.mark.parametrize(
@@ -208,16 +208,22 @@ def test_region_without_a_valid_pixel_writes_nothing(tmp_path: Path) -> None:
     assert not any(p.name.startswith(".cube.zarr") for p in (tmp_path / "out").iterdir())
 
 
-def test_unreachable_asset_href_is_reported_and_nothing_written(
+def test_unreachable_asset_href_fails_its_region_and_nothing_looks_complete(
     tmp_path: Path, olinda_tif: Path
 ) -> None:
     item = stac_item(olinda_tif, bands=OLINDA_BANDS, wavelengths=OLINDA_WAVELENGTHS)
     item.assets["data"].href = "https://imagery.invalid/olinda.tif"
     spec = _spec(tmp_path, _save([item], tmp_path / "items.json"))
     result = _xclay("run", str(spec), "--no-progress")
-    assert result.returncode == 1, result.stdout
-    assert "reading the imagery failed" in result.stderr and "imagery.invalid" in result.stderr
-    assert not (tmp_path / "out" / "cube.zarr").exists()
+    assert result.returncode == 3, result.stderr  # incomplete
+    assert (
+        "INCOMPLETE" in result.stdout and "Could not resolve host: imagery.invalid" in result.stdout
+    )
+    cube = tmp_path / "out" / "cube.zarr"
+    assert not xclay.datacube.is_complete(cube)
+    with pytest.raises(xclay.errors.DatacubeError, match="is incomplete"):
+        xclay.open_datacube(cube)
+    assert not (tmp_path / "out" / "embeddings.zarr").exists()
 
 
 def test_band_the_items_do_not_have(tmp_path: Path, olinda_tif: Path) -> None:

@@ -76,12 +76,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="print the plan; read no pixels")
     run.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_cluster_options(run)
     run.set_defaults(func=_run)
 
     ing = sub.add_parser("ingest", help="run a spec's first step: STAC -> datacube Zarr")
     ing.add_argument("spec", type=Path, help="run spec (YAML)")
     ing.add_argument("--overwrite", action="store_true", help="replace an existing datacube")
     ing.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_cluster_options(ing)
     ing.set_defaults(func=_ingest)
 
     emb = sub.add_parser(
@@ -97,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     emb.add_argument("--out", type=Path, default=None, help="output folder (datacube mode)")
     emb.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _add_embed_options(emb)
+    _add_cluster_options(emb)
     emb.set_defaults(func=_embed)
 
     exp = sub.add_parser("export", help="embeddings Zarr (or a spec's) -> GeoParquet")
@@ -111,6 +114,25 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_info)
     return parser
+
+
+def _add_cluster_options(p: argparse.ArgumentParser) -> None:
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--cluster",
+        default=None,
+        metavar="local:N",
+        help="run regions on a local Dask cluster of N workers",
+    )
+    where.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="run regions on an existing Dask cluster",
+    )
+
+
+INCOMPLETE = 3  # exit code: the run finished, but some regions failed
 
 
 def _add_embed_options(p: argparse.ArgumentParser) -> None:
@@ -229,6 +251,19 @@ def _progress(args: argparse.Namespace) -> bool | None:
     return False if getattr(args, "no_progress", False) else None
 
 
+def _client(args: argparse.Namespace, spec: Any) -> tuple[Any, int | None]:
+    from xclay.run import client_for
+
+    return client_for(
+        getattr(args, "cluster", None), getattr(args, "scheduler", None), spec.compute.device
+    )
+
+
+def _finish(report: Any) -> int:
+    print(report.describe())
+    return 0 if report.status == "complete" else INCOMPLETE
+
+
 def _run(args: argparse.Namespace) -> int:
     from xclay.run import plan, run
 
@@ -238,21 +273,29 @@ def _run(args: argparse.Namespace) -> int:
         print(plan(spec).describe())
         print("dry run: nothing read or written")
         return 0
-    report = run(spec, progress=_progress(args))
+    client, threads = _client(args, spec)
+    try:
+        report = run(spec, client=client, progress=_progress(args), torch_threads=threads)
+    finally:
+        if client is not None:
+            client.close()
     print(report.plan.describe())
-    print(report.describe())
-    return 0
+    return _finish(report)
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from xclay.run import ingest, plan
+    from xclay.run import ingest
 
     spec = _spec(args)
-    resolved = plan(spec)
-    print(resolved.describe())
-    path = ingest(spec, resolved, progress=_progress(args))
-    print(f"  datacube    {path}")
-    return 0
+    client, _ = _client(args, spec)
+    try:
+        report = ingest(spec, client=client, progress=_progress(args))
+    finally:
+        if client is not None:
+            client.close()
+    print(report.plan.describe())
+    print(f"  datacube    {spec.datacube_path}")
+    return 0 if report.status == "complete" else _finish(report)
 
 
 def _embed(args: argparse.Namespace) -> int:
@@ -262,11 +305,13 @@ def _embed(args: argparse.Namespace) -> int:
         from xclay.run import embed_step
 
         spec = _spec(args)
-        emb = embed_step(spec, progress=_progress(args))
-        run = emb.attrs["run"]
-        print(f"  embedded    {run['chips_embedded']} of {run['chips_total']} chips")
-        print(f"  embeddings  {spec.embeddings_path}")
-        return 0
+        client, _ = _client(args, spec)
+        try:
+            report = embed_step(spec, client=client, progress=_progress(args))
+        finally:
+            if client is not None:
+                client.close()
+        return _finish(report)
     if args.out is None:
         print("xclay embed: error: --out is required with a datacube Zarr", file=sys.stderr)
         return 2

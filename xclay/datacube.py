@@ -856,22 +856,28 @@ def write_datacube_block(
     t: int,
     rows: tuple[int, int],
     cols: tuple[int, int],
+    *,
+    at: tuple[int, int, int] | None = None,
 ) -> bool:
     """Compute one block (all bands) of ``cube`` and write it into the store at ``path``.
 
+    ``at``: where the block goes in the store (time, row, column), when ``cube``
+    is itself only a part of the store's grid (default: the same place).
     Returns whether the block has a valid pixel.
     """
     import zarr
 
     (y0, y1), (x0, x1) = rows, cols
+    st, sy, sx = at if at is not None else (t, y0, x0)
+    h, w = y1 - y0, x1 - x0
     group = zarr.open_group(path, mode="r+", zarr_format=3)
     pixels = cube["pixels"]
     values = np.asarray(pixels.variable[t, :, y0:y1, x0:x1].values)
-    group["pixels"][t, :, y0:y1, x0:x1] = values  # type: ignore[index]
+    group["pixels"][st, :, sy : sy + h, sx : sx + w] = values  # type: ignore[index]
     quality = None
     if "quality" in cube.data_vars:
         quality = np.asarray(cube["quality"].variable[t, y0:y1, x0:x1].values)
-        group["quality"][t, y0:y1, x0:x1] = quality  # type: ignore[index]
+        group["quality"][st, sy : sy + h, sx : sx + w] = quality  # type: ignore[index]
     return _any_valid(values, nodata_value(pixels), quality)
 
 

@@ -425,6 +425,8 @@ def from_stac(
     resampling: str = "nearest",
     chunk_size: int = 2048,
     max_pixels: int = MAX_PIXELS,
+    geobox: GeoBox | None = None,
+    provenance: bool = True,
 ) -> xr.Dataset:
     """A composite datacube from STAC items, lazily (dask) until written.
 
@@ -464,6 +466,11 @@ def from_stac(
         Dask chunk edge in pixels; make it a multiple of the chip (and shard) size.
     max_pixels
         Refuse grids larger than this (a units mistake, not a request).
+    geobox
+        Load exactly this pixel grid (e.g. one region of a run's grid) instead of
+        planning one from ``resolution``, ``crs`` and ``bbox``.
+    provenance
+        Record the items' provenance (hashing local assets); regions of a run skip it.
     """
     _require_io()
     import odc.stac
@@ -492,7 +499,13 @@ def from_stac(
         )
     _check_local_hrefs(selected, bands)
     mask_kind = _mask_kind(mask, platform, available)
-    grid = plan_grid(selected, resolution=resolution, crs=crs, bbox=bbox, max_pixels=max_pixels)
+    if geobox is not None:
+        w, so, e, n = (float(v) for v in (bbox or _union_bbox(selected)))
+        grid = GridPlan(
+            geobox=geobox, items=tuple(i.id for i in selected), bbox_lonlat=(w, so, e, n)
+        )
+    else:
+        grid = plan_grid(selected, resolution=resolution, crs=crs, bbox=bbox, max_pixels=max_pixels)
 
     load_bands = bands + ([mask_kind[1]] if mask_kind else [])
     time_chunk = 1 if composite == "none" else -1
@@ -526,7 +539,9 @@ def from_stac(
         wavelengths=waves,
         nodata=nodata,
         time=time_range if composite != "none" and not unknown_time else None,
-        provenance=_provenance(selected, bands, composite, time_range, grid, datetime),
+        provenance=_provenance(selected, bands, composite, time_range, grid, datetime)
+        if provenance
+        else {},
         quality=quality,
     )
     return cube

@@ -100,6 +100,7 @@ class ComputeSettings:
     batch_size: int | Literal["auto"] = 16
     precision: Precision = "auto"
     prefetch: int = 2
+    region_chips: int = 16
 
 
 @dataclass(frozen=True)
@@ -413,7 +414,9 @@ class _Reader:
 
     def compute(self, data: Any) -> ComputeSettings:
         d = self.section(
-            data, "compute", {"device", "engine", "batch_size", "precision", "prefetch"}
+            data,
+            "compute",
+            {"device", "engine", "batch_size", "precision", "prefetch", "region_chips"},
         )
         batch = d.get("batch_size", 16)
         if batch != "auto":
@@ -432,6 +435,9 @@ class _Reader:
             ),
             prefetch=self.number(
                 d.get("prefetch", 2), "compute.prefetch", integer=True, low=0, high=64
+            ),
+            region_chips=self.number(
+                d.get("region_chips", 16), "compute.region_chips", integer=True, positive=True
             ),
         )
 
@@ -490,6 +496,16 @@ class RunPlan:
     area_km2: float
     bytes_estimate: int
     bbox_lonlat: tuple[float, float, float, float]
+    geobox: Any = None
+
+    def grid_record(self) -> dict[str, Any]:
+        """The pixel grid, exactly, for the run state (workers rebuild region grids from it)."""
+        t = self.geobox.affine
+        return {
+            "shape": list(self.shape),
+            "affine": [t.a, t.b, t.c, t.d, t.e, t.f],
+            "crs": self.crs,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -513,7 +529,7 @@ class RunPlan:
                 f"  items       {len(self.items)} ({', '.join(i.id for i in self.items[:3])}{', ...' if len(self.items) > 3 else ''})",
                 f"  bands       {', '.join(self.bands)}"
                 + (f"  (platform {self.platform})" if self.platform else ""),
-                f"  area        {self.area_km2:,.1f} km2, bbox {[round(v, 4) for v in self.bbox_lonlat]}",
+                f"  area        {self.area_km2:,.1f} km2, bbox {[round(float(v), 4) for v in self.bbox_lonlat]}",
                 f"  grid        {ny:,} x {nx:,} px at {self.resolution:g} in {self.crs}, {self.time_steps} time step(s)",
                 f"  chips       {self.chips:,}",
                 f"  data        ~{_human_bytes(self.bytes_estimate)} of pixels to read and write",
@@ -604,6 +620,7 @@ def plan(spec: RunSpec) -> RunPlan:
         area_km2=area,
         bytes_estimate=bytes_estimate,
         bbox_lonlat=grid.bbox_lonlat,
+        geobox=grid.geobox,
     )
 
 
@@ -612,138 +629,300 @@ def plan(spec: RunSpec) -> RunPlan:
 
 @dataclass
 class RunReport:
-    """What a run did."""
+    """What a run did (or, when incomplete, how far it got and what failed)."""
 
     plan: RunPlan
     outputs: dict[str, str]
     seconds: dict[str, float]
     run: dict[str, int]
+    status: Literal["complete", "incomplete"] = "complete"
+    failed: list[dict[str, str]] = field(default_factory=list)
+    resumed: bool = False
 
     def describe(self) -> str:
         r = self.run
         embed_s = self.seconds.get("embed", 0.0)
-        lines = [
-            f"  chips       {r['chips_embedded']:,} embedded of {r['chips_total']:,}; skipped "
-            f"{r['chips_skipped_nodata']} (nodata), {r.get('chips_skipped_cloud', 0)} (cloud), "
-            f"{r['chips_failed']} (no valid window)",
-            f"  throughput  {r['chips_embedded'] / max(embed_s, 1e-9):.1f} chips/s embedding; "
-            + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()),
-        ]
+        lines = []
+        if self.resumed:
+            lines.append(
+                "  resumed     a previous run of this spec: its finished regions were kept"
+            )
+        if r:
+            lines.append(
+                f"  chips       {r['chips_embedded']:,} embedded of {r['chips_total']:,}; skipped "
+                f"{r['chips_skipped_nodata']} (nodata), {r.get('chips_skipped_cloud', 0)} (cloud), "
+                f"{r['chips_failed']} (no valid window)"
+            )
+        lines.append(
+            f"  throughput  {r.get('chips_embedded', 0) / max(embed_s, 1e-9):.1f} chips/s embedding; "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
+        )
         lines += [f"  {k:11s} {v}" for k, v in self.outputs.items()]
         lines.append(f"  provenance  {len(self.plan.items)} STAC items, recorded in every output")
+        if self.failed:
+            lines.append(
+                f"  INCOMPLETE  {len(self.failed)} region(s) failed; rerun the same spec to retry them:"
+            )
+            lines += [f"    {f['region']}: {f['reason']}" for f in self.failed[:10]]
         return "\n".join(lines)
 
 
-def ingest(spec: RunSpec, resolved: RunPlan | None = None, *, progress: bool | None = None) -> Path:
-    """Step 1: STAC items -> composite datacube Zarr (written whole, or not at all)."""
-    from xclay.datacube import write_datacube
-    from xclay.ingest import IngestError, from_stac
+def _identity(spec: RunSpec, resolved: RunPlan) -> dict[str, Any]:
+    """What must not change between a run and its resumption (else outputs would mix)."""
+    from xclay.models.checkpoints import file_sha256
 
-    resolved = resolved or plan(spec)
-    block = spec.grid.chip_size * (spec.grid.shard_chips or 1)
-    chunk = block * max(1, 2048 // block)
-    cube = from_stac(
-        list(resolved.items),
-        bands=list(resolved.bands),
-        resolution=spec.grid.resolution,
-        crs=spec.grid.crs,
-        bbox=spec.input.bbox,
-        datetime=spec.input.datetime,
-        composite=spec.input.composite,
-        mask=spec.input.mask,
-        platform=resolved.platform,
-        wavelengths=spec.input.wavelengths,
-        chunk_size=chunk,
-        max_pixels=spec.grid.max_pixels,
-    )
-    cube.attrs["run_spec"] = spec.to_dict()
-    try:
-        return write_datacube(
-            cube,
-            spec.datacube_path,
+    checkpoint = spec.path(spec.model.checkpoint) if spec.model.checkpoint else None
+    return {
+        "input": dataclasses.asdict(spec.input),
+        "grid": dataclasses.asdict(spec.grid),
+        "model": {
+            "name": spec.model.name,
+            "output": spec.model.output,
+            "options": spec.model.options,
+            "checkpoint_sha256": file_sha256(checkpoint)
+            if checkpoint and checkpoint.is_file()
+            else None,
+        },
+        "quality": dataclasses.asdict(spec.quality),
+        "region_chips": spec.compute.region_chips,
+        "precision": spec.compute.precision,
+        "items": [i.id for i in resolved.items],
+    }
+
+
+def _start(spec: RunSpec, resolved: RunPlan, torch_threads: int | None) -> tuple[Any, bool]:
+    """The run state, begun or resumed; on overwrite, previous outputs are removed first."""
+    import pystac
+
+    from xclay.errors import OutputExistsError
+    from xclay.regions import RunState
+
+    state = RunState(spec.path(spec.outputs.dir))
+    outputs = (spec.datacube_path, spec.embeddings_path, spec.geoparquet_path)
+    if spec.outputs.overwrite:
+        for path in outputs:
+            _remove(path)
+        state.reset()
+    elif not state.exists():
+        for path in outputs:
+            if path.exists():
+                raise OutputExistsError(
+                    f"{path} already exists and is not from a run of this spec; set "
+                    "outputs.overwrite: true (CLI: --overwrite) or choose another outputs.dir. "
+                    "Nothing was run."
+                )
+    paths = {
+        "datacube": str(spec.datacube_path),
+        "embeddings": str(spec.embeddings_path),
+        "geoparquet": str(spec.geoparquet_path),
+        "checkpoint": str(spec.path(spec.model.checkpoint)) if spec.model.checkpoint else None,
+    }
+    payload = {
+        "spec": spec.to_dict(),
+        "plan": resolved.to_dict(),
+        "grid": resolved.grid_record(),
+        "paths": paths,
+    }
+    resumed = state.begin(_identity(spec, resolved), payload)
+    state.update(torch_threads=torch_threads)
+    items_file = state.root / "items.json"
+    if not items_file.is_file():
+        items = [i.clone() for i in resolved.items]
+        for item in items:
+            item.make_asset_hrefs_absolute()
+        pystac.ItemCollection(items).save_object(dest_href=str(items_file))
+    return state, resumed
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def _execute(
+    fn: Any, regions: list[Any], outdir: Path, client: Any, desc: str, progress: bool | None
+) -> list[dict[str, Any]]:
+    """Run ``fn(outdir, region)`` for each region: as tasks on the Dask client, or here."""
+    from tqdm.auto import tqdm
+
+    disable = None if progress is None else not progress
+    results: list[dict[str, Any]] = []
+    with tqdm(total=len(regions), unit="region", desc=desc, disable=disable) as bar:
+        if client is None:
+            for region in regions:
+                results.append(fn(str(outdir), region.to_dict()))
+                bar.update(1)
+            return results
+        from distributed import as_completed
+
+        futures = client.map(
+            fn, [str(outdir)] * len(regions), [r.to_dict() for r in regions], pure=False
+        )
+        for future in as_completed(futures):
+            try:
+                results.append(future.result())
+            except Exception as err:  # its workers kept dying (KilledWorker), or similar
+                reason = f"{type(err).__name__}: {err}"
+                results.append({"region": "?", "status": "failed", "reason": reason})
+            bar.update(1)
+    return results
+
+
+def _failures(state: Any, phase: str, results: list[dict[str, Any]]) -> list[dict[str, str]]:
+    recorded = [
+        {
+            "region": f"{f['region']['phase']}-{f['region']['index']:06d}",
+            "reason": f["reason"].splitlines()[0],
+        }
+        for f in state.failed(phase)
+    ]
+    lost = [r for r in results if r.get("status") == "failed" and r.get("region") == "?"]
+    return recorded + [{"region": "?", "reason": r["reason"]} for r in lost]
+
+
+def _ingest_phase(
+    spec: RunSpec, resolved: RunPlan, state: Any, client: Any, progress: bool | None
+) -> list[dict[str, str]]:
+    from xclay.datacube import create_datacube_store, is_complete, mark_complete
+    from xclay.ingest import IngestError, from_stac
+    from xclay.regions import ingest_regions
+    from xclay.tasks import ingest_region
+
+    path = spec.datacube_path
+    if is_complete(path):
+        return []
+    if not (path / "zarr.json").is_file():
+        template = from_stac(
+            list(resolved.items),
+            bands=list(resolved.bands),
+            resolution=spec.grid.resolution,
+            datetime=spec.input.datetime,
+            composite=spec.input.composite,
+            mask=spec.input.mask,
+            platform=resolved.platform,
+            wavelengths=spec.input.wavelengths,
+            geobox=resolved.geobox,
+        )
+        template.attrs["run_spec"] = spec.to_dict()
+        create_datacube_store(
+            template,
+            path,
             chip_size=spec.grid.chip_size,
             shard_chips=spec.grid.shard_chips,
             compression=spec.grid.compression,
-            overwrite=spec.outputs.overwrite,
-            require_data=True,
-            progress=progress,
         )
-    except OSError as err:
-        if isinstance(err, FileExistsError):
-            raise
+    block = spec.grid.chip_size * spec.compute.region_chips
+    regions = ingest_regions(resolved.time_steps, resolved.shape, block)
+    todo = [r for r in regions if not state.is_done(r)]
+    results = _execute(ingest_region, todo, state.root.parent, client, "ingest", progress)
+    failed = _failures(state, "ingest", results)
+    if failed:
+        return failed
+    if not any(d.get("any_valid") for d in state.done("ingest")):
+        _remove(path)
+        state.reset()
         raise IngestError(
-            f"reading the imagery failed: {err}. Check that every asset href is reachable "
-            "(network, credentials) and readable; nothing was written."
-        ) from err
+            "the region has no valid pixel (every pixel is nodata, or masked as nodata); "
+            "nothing was written. Check the area, the time range and the masks."
+        )
+    mark_complete(path)
+    return []
 
 
-def embed_step(
-    spec: RunSpec, resolved: RunPlan | None = None, *, progress: bool | None = None
-) -> xr.Dataset:
-    """Step 2: datacube Zarr -> embeddings (returned, and written as the embeddings Zarr)."""
-    from xclay.datacube import open_datacube
-    from xclay.embed import embed
-    from xclay.export import to_zarr
+def _embed_phase(
+    spec: RunSpec, resolved: RunPlan, state: Any, client: Any, progress: bool | None
+) -> list[dict[str, str]]:
+    from xclay.datacube import is_complete, mark_complete, open_datacube
+    from xclay.embed import EmbedConfig, EmbedSession
+    from xclay.export import create_embeddings_store
+    from xclay.models.registry import encoder_from_card
+    from xclay.regions import embed_regions, write_json_atomic
+    from xclay.tasks import embed_region
+
+    path = spec.embeddings_path
+    if is_complete(path):
+        return []
+    record = state.record()
+    cube = open_datacube(spec.datacube_path, engine=spec.compute.engine)
+    if "card" in record:  # resuming: the encoder exactly as it was first prepared
+        config = EmbedConfig.from_dict(record["embed_config"])
+        encoder = encoder_from_card(record["card"], checkpoint=record["paths"]["checkpoint"])
+    else:
+        encoder = _encoder(spec)
+        config = _embed_config(spec, cube, encoder)
+    session = EmbedSession(cube, encoder, config)
+    if "card" not in record:
+        state.update(card=session.card.to_dict(), embed_config=config.to_dict())
+    if not (path / "zarr.json").is_file():
+        layout = session.layout()
+        layout.coords.attrs.update({"run_spec": spec.to_dict(), "run_plan": resolved.to_dict()})
+        create_embeddings_store(layout, path, region_chips=spec.compute.region_chips)
+    spec.geoparquet_path.mkdir(parents=True, exist_ok=True)
+    regions = embed_regions(len(session.times), session.grid.shape, spec.compute.region_chips)
+    todo = [r for r in regions if not state.is_done(r)]
+    results = _execute(embed_region, todo, state.root.parent, client, "embed", progress)
+    failed = _failures(state, "embed", results)
+    if failed:
+        return failed
+    counts = _total_counts(state)
+    mark_complete(path, run=counts)
+    parts = sorted(p.name for p in spec.geoparquet_path.glob("part-*.parquet"))
+    write_json_atomic(
+        spec.geoparquet_path / "_xclay_complete.json", {"run": counts, "parts": parts}
+    )
+    return []
+
+
+def _encoder(spec: RunSpec) -> Any:
     from xclay.models import get_model
 
-    cube = open_datacube(spec.datacube_path, engine=spec.compute.engine)
     options = dict(spec.model.options)
     if spec.model.output is not None:
         options["output"] = spec.model.output
     checkpoint = spec.path(spec.model.checkpoint) if spec.model.checkpoint else None
-    encoder = get_model(spec.model.name, checkpoint=checkpoint, **options)
-    emb = embed(
-        cube,
-        model=encoder,
-        chip_size=spec.grid.chip_size,
-        stride=spec.grid.stride,
-        edges=spec.grid.edges,
-        batch_size=spec.compute.batch_size,
+    return get_model(spec.model.name, checkpoint=checkpoint, **options)
+
+
+def _embed_config(spec: RunSpec, cube: xr.Dataset, encoder: Any) -> Any:
+    from xclay.chips import ChipGridSpec
+    from xclay.embed import EmbedConfig, _auto_batch_size
+
+    batch = spec.compute.batch_size
+    if batch == "auto":
+        batch = _auto_batch_size(encoder, cube, spec.grid.chip_size, spec.compute.device)
+    return EmbedConfig(
+        grid=ChipGridSpec(
+            chip_size=spec.grid.chip_size, stride=spec.grid.stride, edges=spec.grid.edges
+        ),
+        batch_size=batch,
         max_nodata=spec.quality.max_nodata,
         max_cloud=spec.quality.max_cloud,
         device=spec.compute.device,
         precision=spec.compute.precision,
         prefetch=spec.compute.prefetch,
-        progress=progress,
     )
-    emb.attrs["run_spec"] = spec.to_dict()
-    if resolved is not None:
-        emb.attrs["run_plan"] = resolved.to_dict()
-    to_zarr(emb, spec.embeddings_path, overwrite=spec.outputs.overwrite)
-    return emb
 
 
-def export_step(spec: RunSpec) -> Path:
-    """Step 3: embeddings Zarr -> GeoParquet."""
-    from xclay.export import open_embeddings, to_geoparquet
+def _total_counts(state: Any) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for done in state.done("embed"):
+        for key, value in done["counts"].items():
+            total[key] = total.get(key, 0) + int(value)
+    return total
 
-    emb = open_embeddings(spec.embeddings_path)
-    return to_geoparquet(emb, spec.geoparquet_path, overwrite=spec.outputs.overwrite)
 
-
-def run(spec: RunSpec, *, progress: bool | None = None) -> RunReport:
-    """Ingest, embed and export, as the spec says; returns what was done."""
-    seconds: dict[str, float] = {}
-    start = time.perf_counter()
-    resolved = plan(spec)
-    seconds["plan"] = time.perf_counter() - start
-    for path in (spec.datacube_path, spec.embeddings_path, spec.geoparquet_path):
-        if path.exists() and not spec.outputs.overwrite:
-            from xclay.errors import OutputExistsError
-
-            raise OutputExistsError(
-                f"{path} already exists; set outputs.overwrite: true (CLI: --overwrite) or choose "
-                "another outputs.dir. Nothing was run."
-            )
-    start = time.perf_counter()
-    ingest(spec, resolved, progress=progress)
-    seconds["ingest"] = time.perf_counter() - start
-    start = time.perf_counter()
-    emb = embed_step(spec, resolved, progress=progress)
-    seconds["embed"] = time.perf_counter() - start
-    start = time.perf_counter()
-    export_step(spec)
-    seconds["export"] = time.perf_counter() - start
+def _report(
+    spec: RunSpec,
+    resolved: RunPlan,
+    state: Any,
+    seconds: dict[str, float],
+    failed: list[dict[str, str]],
+    resumed: bool,
+) -> RunReport:
     return RunReport(
         plan=resolved,
         outputs={
@@ -752,5 +931,132 @@ def run(spec: RunSpec, *, progress: bool | None = None) -> RunReport:
             "geoparquet": str(spec.geoparquet_path),
         },
         seconds=seconds,
-        run=dict(emb.attrs["run"]),
+        run=_total_counts(state),
+        status="incomplete" if failed else "complete",
+        failed=failed,
+        resumed=resumed,
     )
+
+
+def run(
+    spec: RunSpec,
+    *,
+    client: Any = None,
+    progress: bool | None = None,
+    torch_threads: int | None = None,
+) -> RunReport:
+    """Ingest, embed and export as the spec says, region by region, resumably.
+
+    Parameters
+    ----------
+    spec
+        A validated run spec (:func:`load_spec`).
+    client
+        A ``distributed.Client``: regions run as tasks on its workers. ``None``:
+        in this process, one after another.
+    progress
+        Progress bars (``None``: on an interactive terminal).
+    torch_threads
+        Threads for torch in each task (e.g. cores / workers on a local cluster).
+
+    A rerun of the same spec resumes: finished regions are kept, failed and
+    missing ones are done. The report's ``status`` is ``"incomplete"`` when
+    regions failed; nothing half-written is ever marked complete.
+    """
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    resolved = plan(spec)
+    state, resumed = _start(spec, resolved, torch_threads)
+    seconds["plan"] = time.perf_counter() - start
+    for phase, step in (("ingest", _ingest_phase), ("embed", _embed_phase)):
+        start = time.perf_counter()
+        failed = step(spec, resolved, state, client, progress)
+        seconds[phase] = time.perf_counter() - start
+        if failed:
+            return _report(spec, resolved, state, seconds, failed, resumed)
+    return _report(spec, resolved, state, seconds, [], resumed)
+
+
+def ingest(spec: RunSpec, *, client: Any = None, progress: bool | None = None) -> RunReport:
+    """Step 1 alone: STAC items -> datacube Zarr (resumable, like :func:`run`)."""
+    resolved = plan(spec)
+    state, resumed = _start(spec, resolved, None)
+    start = time.perf_counter()
+    failed = _ingest_phase(spec, resolved, state, client, progress)
+    seconds = {"ingest": time.perf_counter() - start}
+    return _report(spec, resolved, state, seconds, failed, resumed)
+
+
+def embed_step(spec: RunSpec, *, client: Any = None, progress: bool | None = None) -> RunReport:
+    """Step 2 alone: datacube Zarr -> embeddings Zarr and GeoParquet parts (after step 1)."""
+    from xclay.datacube import is_complete
+
+    if not is_complete(spec.datacube_path):
+        raise XClayError(
+            f"{spec.datacube_path} is not a complete datacube yet; run xclay ingest first."
+        )
+    resolved = plan(spec)
+    state, resumed = _start(spec, resolved, None)
+    start = time.perf_counter()
+    failed = _embed_phase(spec, resolved, state, client, progress)
+    seconds = {"embed": time.perf_counter() - start}
+    return _report(spec, resolved, state, seconds, failed, resumed)
+
+
+def export_step(spec: RunSpec) -> Path:
+    """Step 3 alone: (re)write the GeoParquet parts from the complete embeddings Zarr."""
+    from xclay.export import open_embeddings, to_geoparquet
+    from xclay.regions import embed_regions
+
+    emb = open_embeddings(spec.embeddings_path)
+    out = spec.geoparquet_path
+    out.mkdir(parents=True, exist_ok=True)
+    shape = (emb.sizes["chip_y"], emb.sizes["chip_x"])
+    for region in embed_regions(emb.sizes["time"], shape, spec.compute.region_chips):
+        part = emb.isel(
+            time=slice(region.time, region.time + 1),
+            chip_y=slice(*region.rows),
+            chip_x=slice(*region.cols),
+        )
+        path = out / f"part-{region.index:06d}.parquet"
+        if bool(part["embedded"].any()):
+            to_geoparquet(part.load(), path, overwrite=True)
+        else:
+            path.unlink(missing_ok=True)
+    return out
+
+
+def client_for(cluster: str | None, scheduler: str | None, device: str) -> tuple[Any, int | None]:
+    """A Dask client for ``--cluster local:N`` or ``--scheduler ADDRESS``, and the torch threads
+    each task should use; ``(None, None)`` to run in this process."""
+    if cluster is None and scheduler is None:
+        return None, None
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError as err:
+        from xclay.errors import MissingDependencyError
+
+        raise MissingDependencyError(
+            'distributed runs need Dask: pip install "xclay[dask]"'
+        ) from err
+    if scheduler is not None:
+        return Client(scheduler), None
+    assert cluster is not None
+    kind, _, count = cluster.partition(":")
+    if kind != "local" or not count.isdigit() or int(count) < 1:
+        raise SpecError(f"--cluster must be local:N (N workers), got {cluster!r}.")
+    workers = int(count)
+    if device != "cpu":
+        try:
+            import torch
+            from dask_cuda import LocalCUDACluster
+
+            if torch.cuda.is_available():
+                gpus = min(workers, torch.cuda.device_count())
+                return Client(LocalCUDACluster(n_workers=gpus)), None
+        except ImportError:
+            log.info("dask-cuda is not installed; a CPU LocalCluster is used")
+    cluster_obj = LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+    )
+    return Client(cluster_obj), max(1, (os.cpu_count() or 1) // workers)

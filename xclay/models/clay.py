@@ -331,6 +331,33 @@ class ClayV15:
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
         return clay_batch_size(self.size, chip_size, bands, free_bytes=free)
 
+    @classmethod
+    def from_card(
+        cls,
+        card: ModelCard | Mapping[str, Any],
+        *,
+        checkpoint: str | os.PathLike[str] | None = None,
+    ) -> ClayV15:
+        """The encoder a model card describes: same weights (checked by sha256), output and
+        normalisation, so every worker of a run embeds exactly as the driver prepared."""
+        card = card if isinstance(card, ModelCard) else ModelCard.from_dict(dict(card))
+        enc = cls.from_checkpoint(
+            checkpoint,
+            size=card.params.get("size"),
+            output=card.output,  # type: ignore[arg-type]
+            normalization={b: (v["mean"], v["std"]) for b, v in card.normalization.items()},
+        )
+        if (
+            enc._checkpoint
+            and card.checkpoint_sha256
+            and enc._checkpoint[1] != card.checkpoint_sha256
+        ):
+            raise CheckpointError(
+                f"the checkpoint {enc._checkpoint[0]} (sha256 {enc._checkpoint[1][:12]}...) is not the "
+                f"one these embeddings were made with (sha256 {card.checkpoint_sha256[:12]}...)."
+            )
+        return enc
+
     # -- Encoder protocol ----------------------------------------------------
 
     @property

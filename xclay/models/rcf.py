@@ -338,8 +338,14 @@ class RCFEncoder:
         return enc
 
     @classmethod
-    def from_card(cls, card: ModelCard | Mapping[str, Any]) -> RCFEncoder:
-        """Rebuild the exact encoder that produced an embedding set from its model card."""
+    def from_card(
+        cls,
+        card: ModelCard | Mapping[str, Any],
+        *,
+        checkpoint: str | os.PathLike[str] | None = None,
+    ) -> RCFEncoder:
+        """Rebuild the exact encoder that produced an embedding set from its model card
+        (the filters are in the card; ``checkpoint`` is not needed)."""
         card = card if isinstance(card, ModelCard) else ModelCard.from_dict(dict(card))
         if card.name != "rcf" or "filters" not in card.params:
             raise ModelError("this model card is not a fitted rcf encoder's.")

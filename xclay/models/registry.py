@@ -9,13 +9,22 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from xclay.errors import ModelError
+from xclay.models.card import ModelCard
 from xclay.protocols import Encoder
 
-__all__ = ["ModelInfo", "get_model", "get_model_info", "list_models", "register_model"]
+__all__ = [
+    "ModelInfo",
+    "encoder_from_card",
+    "get_model",
+    "get_model_info",
+    "list_models",
+    "register_model",
+]
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,10 @@ class ModelInfo:
         Which bands the model accepts.
     normalization
         Where its normalisation constants come from by default.
+    rebuild
+        ``"module:callable"`` rebuilding the exact prepared encoder from a model
+        card (and the checkpoint path): how distributed workers get the encoder
+        the driver prepared.
     """
 
     name: str
@@ -54,6 +67,7 @@ class ModelInfo:
     patch_size: int | None
     bands: str
     normalization: str
+    rebuild: str | None = None
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
@@ -117,6 +131,18 @@ def get_model(
     return target(checkpoint, **options) if use_loader else target(**options)
 
 
+def encoder_from_card(
+    card: ModelCard | Mapping[str, Any], *, checkpoint: str | os.PathLike[str] | None = None
+) -> Encoder:
+    """Rebuild the prepared encoder a model card describes (same filters, normalisation,
+    output), e.g. on a worker of a distributed run."""
+    card = card if isinstance(card, ModelCard) else ModelCard.from_dict(dict(card))
+    info = get_model_info(card.name)
+    if info.rebuild is None:
+        raise ModelError(f"model {card.name!r} cannot be rebuilt from its model card.")
+    return _resolve(info.rebuild)(card, checkpoint=checkpoint)
+
+
 def _resolve(target: str) -> Any:
     module, _, attr = target.partition(":")
     obj: Any = importlib.import_module(module)
@@ -139,6 +165,7 @@ register_model(
         patch_size=None,
         bands="any",
         normalization="sensor table for known platforms, else measured on the cube",
+        rebuild="xclay.models.rcf:RCFEncoder.from_card",
     )
 )
 
@@ -156,5 +183,6 @@ register_model(
         patch_size=8,
         bands="any bands with central wavelengths",
         normalization="sensor table for known platforms, else measured on the cube or given",
+        rebuild="xclay.models.clay:ClayV15.from_card",
     )
 )
