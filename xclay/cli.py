@@ -35,6 +35,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except XClayError as err:
         print(f"xclay {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # disk full, read-only or missing folders, unreachable files
+        where = f" ({err.filename})" if err.filename else ""
+        print(
+            f"xclay {args.command}: error: {err.strerror or err}{where}. Check free space and "
+            "permissions of the output folder; nothing unfinished was marked complete, and "
+            "rerunning resumes.",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print(f"xclay {args.command}: interrupted; nothing half-written was kept.", file=sys.stderr)
         return 130

@@ -890,14 +890,18 @@ def mark_complete(path: str | os.PathLike[str], **attrs: Any) -> None:
 
 
 def is_complete(path: str | os.PathLike[str]) -> bool:
-    """Whether a store exists and was marked complete (stores older than the flag count as complete)."""
+    """Whether a store exists and was marked complete; a store without the mark (for
+    instance one whose creation was cut short) is not."""
     meta = Path(path) / "zarr.json"
     if not meta.is_file():
         return False
     import json
 
-    attrs = json.loads(meta.read_text()).get("attributes", {})
-    return bool(attrs.get(COMPLETE_ATTR, True))
+    try:
+        attrs = json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return False
+    return attrs.get(COMPLETE_ATTR) is True
 
 
 def _write_step(pixels: xr.DataArray, block: int) -> int:

@@ -59,8 +59,10 @@ def to_zarr(emb: xr.Dataset, path: str | os.PathLike[str], *, overwrite: bool = 
     single chip's vector touches few files.
     """
     validate_embeddings(emb)
+    from xclay.datacube import COMPLETE_ATTR
+
     out = emb.copy()
-    out.attrs = jsonable(dict(emb.attrs))
+    out.attrs = jsonable({**emb.attrs, COMPLETE_ATTR: True})
     out["chip_id"] = out["chip_id"].astype(object)
     n_y, n_x = out.sizes["chip_y"], out.sizes["chip_x"]
     per_chip = int(np.prod([out.sizes[d] for d in out["embedding"].dims[3:]]))

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import xarray as xr
 
+from xclay._atomic import atomic_output
 from xclay.errors import XClayError
 
 if TYPE_CHECKING:
@@ -808,13 +809,14 @@ def _ingest_phase(
             geobox=resolved.geobox,
         )
         template.attrs["run_spec"] = spec.to_dict()
-        create_datacube_store(
-            template,
-            path,
-            chip_size=spec.grid.chip_size,
-            shard_chips=spec.grid.shard_chips,
-            compression=spec.grid.compression,
-        )
+        with atomic_output(path, overwrite=True) as tmp:  # a half-created store never stays
+            create_datacube_store(
+                template,
+                tmp,
+                chip_size=spec.grid.chip_size,
+                shard_chips=spec.grid.shard_chips,
+                compression=spec.grid.compression,
+            )
     block = spec.grid.chip_size * spec.compute.region_chips
     regions = ingest_regions(resolved.time_steps, resolved.shape, block)
     todo = [r for r in regions if not state.is_done(r)]
@@ -860,7 +862,8 @@ def _embed_phase(
     if not (path / "zarr.json").is_file():
         layout = session.layout()
         layout.coords.attrs.update({"run_spec": spec.to_dict(), "run_plan": resolved.to_dict()})
-        create_embeddings_store(layout, path, region_chips=spec.compute.region_chips)
+        with atomic_output(path, overwrite=True) as tmp:
+            create_embeddings_store(layout, tmp, region_chips=spec.compute.region_chips)
     spec.geoparquet_path.mkdir(parents=True, exist_ok=True)
     regions = embed_regions(len(session.times), session.grid.shape, spec.compute.region_chips)
     todo = [r for r in regions if not state.is_done(r)]
