@@ -251,3 +251,15 @@ def test_a_block_embeds_exactly_like_its_slice_of_the_whole(demo_cube_256: xr.Da
     expected = whole.isel(chip_y=slice(2, 5), chip_x=slice(3, 8))
     xr.testing.assert_identical(part.drop_attrs(), expected.drop_attrs())
     assert part.attrs["run"]["chips_total"] == 15
+
+
+def test_infinite_and_nan_pixels_are_never_embedded() -> None:
+    cube = random_cube((1, 2, 64, 64), dtype="float32", nodata=None)
+    cube["pixels"].values[0, 0, :32, :32] = np.inf  # chip (0, 0): all inf
+    cube["pixels"].values[0, 1, :32, 32:] = np.nan  # chip (0, 1): all NaN
+    cube["pixels"].values[0, 0, 32:40, :32] = -np.inf  # chip (1, 0): a quarter -inf
+    emb = _embed(cube, chip_size=32, max_nodata=0.5)
+    assert emb["embedded"].values[0].tolist() == [[False, False], [True, True]]
+    np.testing.assert_allclose(emb["nodata_fraction"].values[0], [[1, 1], [0.25, 0]])
+    assert np.isfinite(emb["embedding"].values[0, 1]).all()
+    assert np.isnan(emb["embedding"].values[0, 0]).all()

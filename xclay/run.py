@@ -760,6 +760,7 @@ def _execute(
             return results
         from distributed import as_completed
 
+        warm_workers(client)
         futures = client.map(
             fn, [str(outdir)] * len(regions), [r.to_dict() for r in regions], pure=False
         )
@@ -771,6 +772,21 @@ def _execute(
                 results.append({"region": "?", "status": "failed", "reason": reason})
             bar.update(1)
     return results
+
+
+def warm_workers(client: Any) -> None:
+    """Import the heavy modules on every worker now, in parallel, rather than in each
+    worker's first task."""
+    client.run(_import_task_modules)
+
+
+def _import_task_modules() -> None:
+    import odc.stac  # noqa: F401
+    import torch  # noqa: F401
+
+    import xclay.embed
+    import xclay.ingest
+    import xclay.tasks  # noqa: F401
 
 
 def _failures(state: Any, phase: str, results: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -1029,9 +1045,12 @@ def export_step(spec: RunSpec) -> Path:
     return out
 
 
-def client_for(cluster: str | None, scheduler: str | None, device: str) -> tuple[Any, int | None]:
+def client_for(
+    cluster: str | None, scheduler: str | None, device: str, *, threads: int | None = None
+) -> tuple[Any, int | None]:
     """A Dask client for ``--cluster local:N`` or ``--scheduler ADDRESS``, and the torch threads
-    each task should use; ``(None, None)`` to run in this process."""
+    each task should use (``threads``, default: the cores shared among the workers);
+    ``(None, None)`` to run in this process."""
     if cluster is None and scheduler is None:
         return None, None
     try:
@@ -1059,7 +1078,31 @@ def client_for(cluster: str | None, scheduler: str | None, device: str) -> tuple
                 return Client(LocalCUDACluster(n_workers=gpus)), None
         except ImportError:
             log.info("dask-cuda is not installed; a CPU LocalCluster is used")
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    _worker_environment(threads)
     cluster_obj = LocalCluster(
         n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
     )
-    return Client(cluster_obj), max(1, (os.cpu_count() or 1) // workers)
+    return Client(cluster_obj), threads
+
+
+def _worker_environment(threads: int) -> None:
+    """What Dask puts in a new worker's environment (kept for the workers it restarts).
+
+    Dask sets OMP/MKL/OpenBLAS to 1 thread and MALLOC_TRIM_THRESHOLD_; setting any glibc
+    malloc threshold turns off glibc's adaptive mmap threshold, so every large temporary
+    is mapped and page-faulted anew: small torch ops ran 10x slower in a worker than in a
+    plain process (benchmarks/scaling.py, docs/hpc.md). Give workers their share of the
+    cores and leave malloc alone.
+    """
+    import dask
+
+    dask.config.set(
+        {
+            "distributed.nanny.pre-spawn-environ": {
+                "OMP_NUM_THREADS": threads,
+                "MKL_NUM_THREADS": threads,
+                "OPENBLAS_NUM_THREADS": threads,
+            }
+        }
+    )

@@ -91,14 +91,19 @@ def _ingest(outdir: str, record: dict[str, Any], region: Region) -> dict[str, An
         provenance=False,
     )
     (y0, y1), (x0, x1) = region.rows, region.cols
-    any_valid = write_datacube_block(
-        cube,
-        record["paths"]["datacube"],
-        region.time,
-        (0, y1 - y0),
-        (0, x1 - x0),
-        at=(region.time, y0, x0),
-    )
+    import dask
+
+    # The region's graph is small: compute it here, in this task's threads, not by sending
+    # it back through the cluster's scheduler (which a nested compute in a task would do).
+    with dask.config.set(scheduler="threads"):
+        any_valid = write_datacube_block(
+            cube,
+            record["paths"]["datacube"],
+            region.time,
+            (0, y1 - y0),
+            (0, x1 - x0),
+            at=(region.time, y0, x0),
+        )
     return {"any_valid": bool(any_valid)}
 
 
