@@ -1106,3 +1106,6 @@ def _worker_environment(threads: int) -> None:
             }
         }
     )
+    # A nanny leaves the variables it set in this process's environment, where later
+    # workers (restarted ones too) would inherit them: take it out.
+    os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
