@@ -92,7 +92,18 @@ def test_olinda_run_same_embeddings_from_one_or_many_assets(
     b = xclay.open_embeddings(runs["per_band"] / "embeddings.zarr")
     np.testing.assert_array_equal(a["embedding"].values, b["embedding"].values)
     assert a.sizes["chip_y"] == 11 and a.sizes["chip_x"] == 11
-    gdf = gpd.read_parquet(runs["per_band"] / "embeddings.parquet")
+    import duckdb
+
+    folder = runs["per_band"] / "embeddings.parquet"
+    gdf = gpd.read_parquet(folder)
+    assert len(gdf) == 121 and gdf["id"].is_unique and gdf.crs.to_epsg() == 4326
+    assert pq.read_table(folder).num_rows == 121  # the folder of parts is one table
+    rows = (
+        duckdb.connect()
+        .execute(f"SELECT count(*), count(DISTINCT chip_id) FROM '{folder}/*.parquet'")
+        .fetchone()
+    )
+    assert rows == (121, 121)
     assert (
         gdf["centre_lat"].between(-8.2, -7.8).all()
         and gdf["centre_lon"].between(-35.05, -34.75).all()
