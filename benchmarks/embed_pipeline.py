@@ -30,13 +30,13 @@ from xclay.batching import (
     ArrayWindowReader,
     BatchPlan,
     Block,
-    ChipQuality,
     iter_batches,
     to_chip_batch,
 )
 from xclay.chips import ChipGrid, ChipGridSpec
 from xclay.datacube import datacube_geobox
 from xclay.models.card import ModelCard
+from xclay.quality import ChipQuality
 
 
 def main() -> None:
@@ -83,9 +83,7 @@ def main() -> None:
 
         # The same batches, read once into memory: the encoder alone.
         grid = ChipGrid.from_geobox(datacube_geobox(cube), ChipGridSpec(chip_size=args.chip_size))
-        plan = BatchPlan(
-            grid=grid, block=Block.whole(1, grid), batch_size=args.batch_size, max_nodata=0.5
-        )
+        plan = BatchPlan(grid=grid, block=Block.whole(1, grid), batch_size=args.batch_size)
         lon, lat = grid.centres_lonlat()
         lonlat = np.stack([lon, lat], -1)
         fraction = ChipQuality.empty((1, grid.rows, grid.cols), with_classes=False)

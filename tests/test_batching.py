@@ -13,13 +13,13 @@ from xclay.batching import (
     ArrayWindowReader,
     BatchPlan,
     Block,
-    ChipQuality,
     iter_batches,
     make_sampler,
     to_chip_batch,
 )
 from xclay.chips import ChipGrid, ChipGridSpec
 from xclay.datacube import datacube_geobox
+from xclay.quality import ChipQuality, QualityFilter
 
 from .helpers import random_cube
 
@@ -32,7 +32,7 @@ def _plan(
         grid=grid,
         block=Block.whole(cube.sizes["time"], grid),
         batch_size=batch,
-        max_nodata=max_nodata,
+        quality=QualityFilter(max_nodata=max_nodata),
     )
 
 

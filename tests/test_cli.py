@@ -78,6 +78,20 @@ def test_bad_chip_size_is_reported(tmp_path: Path, demo_cube_256: xr.Dataset) ->
     assert "multiples of 64" in run.stderr
 
 
+def test_chip_filters_from_the_command_line(tmp_path: Path, demo_cube_256: xr.Dataset) -> None:
+    cube = xclay.write_datacube(demo_cube_256, tmp_path / "cube.zarr", chip_size=64)
+    out = tmp_path / "o"
+    strict = _xclay("embed", str(cube), "--out", str(out), "--max-nodata", "0", "--no-progress")
+    assert strict.returncode == 0, strict.stderr
+    emb = xclay.open_embeddings(out / "embeddings.zarr")
+    skipped = int((emb["nodata_fraction"].values > 0).sum())
+    assert skipped > 0 and f"{skipped} (nodata)" in strict.stdout  # the demo has gaps
+    assert emb.attrs["config"]["quality"]["max_nodata"] == 0.0
+    clouds = _xclay("embed", str(cube), "--out", str(tmp_path / "c"), "--min-clear", "0.5")
+    assert clouds.returncode == 1 and "Traceback" not in clouds.stderr
+    assert "need a datacube with a 'quality' variable" in clouds.stderr
+
+
 def test_info_reports_machine_and_parts() -> None:
     run = _xclay("info", "--json")
     assert run.returncode == 0, run.stderr

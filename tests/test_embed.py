@@ -51,7 +51,7 @@ def test_chips_over_max_nodata_are_skipped_and_counted() -> None:
     cube = random_cube((1, 3, 128, 128))
     cube["pixels"].values[0, :, :64, :64] = 0  # chip (0, 0): all nodata
     cube["pixels"].values[0, :, 64:128, 64:104] = 0  # chip (1, 1): 62.5 % nodata
-    emb = _embed(cube, max_nodata=0.5)
+    emb = _embed(cube, quality={"max_nodata": 0.5})
     embedded = emb["embedded"].values[0]
     assert embedded.tolist() == [[False, True], [True, False]]
     assert np.isnan(emb["embedding"].values[0, 0, 0]).all()
@@ -61,9 +61,13 @@ def test_chips_over_max_nodata_are_skipped_and_counted() -> None:
         "chips_embedded": 2,
         "chips_skipped_nodata": 2,
         "chips_skipped_cloud": 0,
+        "chips_skipped_cloud_shadow": 0,
+        "chips_skipped_haze": 0,
+        "chips_skipped_snow": 0,
+        "chips_skipped_clear": 0,
         "chips_failed": 0,
     }
-    lenient = _embed(cube, max_nodata=0.9)
+    lenient = _embed(cube, quality={"max_nodata": 0.9})
     assert lenient["embedded"].values[0].tolist() == [
         [False, True],
         [True, True],
@@ -192,7 +196,8 @@ def test_cuda_without_a_gpu_is_a_clear_error(demo_cube_256: xr.Dataset) -> None:
     [
         ({"chip_size": 512}, DatacubeError, "smaller than one chip"),
         ({"batch_size": 0}, DatacubeError, "batch_size must be >= 1"),
-        ({"max_nodata": 1.5}, DatacubeError, "max_nodata must be within"),
+        ({"quality": {"max_nodata": 1.5}}, DatacubeError, "max_nodata must be within"),
+        ({"quality": {"max_fog": 0.5}}, DatacubeError, "unknown quality threshold"),
         ({"precision": "fp8"}, DatacubeError, "precision must be"),
         ({"model": "nope"}, ModelError, "unknown model 'nope'"),
     ],
@@ -258,7 +263,7 @@ def test_infinite_and_nan_pixels_are_never_embedded() -> None:
     cube["pixels"].values[0, 0, :32, :32] = np.inf  # chip (0, 0): all inf
     cube["pixels"].values[0, 1, :32, 32:] = np.nan  # chip (0, 1): all NaN
     cube["pixels"].values[0, 0, 32:40, :32] = -np.inf  # chip (1, 0): a quarter -inf
-    emb = _embed(cube, chip_size=32, max_nodata=0.5)
+    emb = _embed(cube, chip_size=32, quality={"max_nodata": 0.5})
     assert emb["embedded"].values[0].tolist() == [[False, False], [True, True]]
     np.testing.assert_allclose(emb["nodata_fraction"].values[0], [[1, 1], [0.25, 0]])
     assert np.isfinite(emb["embedding"].values[0, 1]).all()

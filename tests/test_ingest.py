@@ -151,7 +151,11 @@ def test_no_composite_keeps_each_acquisition_with_its_mask(s2_series, tmp_path: 
     cube_path = xclay.write_datacube(cube, tmp_path / "c.zarr", chip_size=16)
     model = xclay.models.get_model("rcf", num_filters=8, sample_chips=4)
     emb = xclay.embed(
-        xclay.open_datacube(cube_path), model=model, chip_size=16, max_cloud=0.5, progress=False
+        xclay.open_datacube(cube_path),
+        model=model,
+        chip_size=16,
+        quality={"max_cloud": 0.5},
+        progress=False,
     )
     cloud = emb["cloud_fraction"].values
     assert cloud[0, 0, 0] == 1.0 and not emb["embedded"].values[0, 0, 0]  # date 0, top-left chip

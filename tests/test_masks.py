@@ -11,6 +11,7 @@ import xarray as xr
 
 import xclay
 from xclay.masks import PixelClass, decode_qa_pixel, decode_scl
+from xclay.quality import ChipQuality, QualityFilter
 
 from .helpers import random_cube
 
@@ -84,7 +85,7 @@ def test_quality_round_trips_through_zarr(tmp_path: Path) -> None:
 def test_chip_class_fractions_and_cloud_filter(tmp_path: Path) -> None:
     cube = _cube_with_quality()
     model = xclay.models.get_model("rcf", num_filters=8, sample_chips=2)
-    emb = xclay.embed(cube, model=model, chip_size=32, max_cloud=0.5, progress=False)
+    emb = xclay.embed(cube, model=model, chip_size=32, quality={"max_cloud": 0.5}, progress=False)
     np.testing.assert_allclose(emb["cloud_fraction"].values[0], [[1.0, 0.0], [0.0, 0.0]])
     np.testing.assert_allclose(emb["cloud_shadow_fraction"].values[0], [[0.0, 0.5], [0.0, 0.0]])
     np.testing.assert_allclose(emb["snow_fraction"].values[0], [[0.0, 0.0], [0.0, 0.25]])
@@ -100,14 +101,76 @@ def test_chip_class_fractions_and_cloud_filter(tmp_path: Path) -> None:
 def test_without_quality_the_fractions_are_unknown(tmp_path: Path) -> None:
     cube = random_cube((1, 3, 64, 64))
     model = xclay.models.get_model("rcf", num_filters=8, sample_chips=2)
-    emb = xclay.embed(cube, model=model, chip_size=32, max_cloud=0.0, progress=False)
+    emb = xclay.embed(cube, model=model, chip_size=32, progress=False)
     assert (
         np.isnan(emb["cloud_fraction"].values).all()
         and np.isnan(emb["clear_fraction"].values).all()
     )
-    assert emb["embedded"].values.all()  # unknown cloud cover is not filtered out
+    assert emb["embedded"].values.all()
     table = pq.read_table(xclay.to_geoparquet(emb, tmp_path / "e.parquet"))
     assert table["cloud_fraction"].null_count == table.num_rows
+
+
+@pytest.mark.parametrize("threshold", [{"max_cloud": 0.0}, {"min_clear": 0.5}])
+def test_class_filters_on_a_cube_without_classes_are_refused(threshold: dict) -> None:
+    cube = random_cube((1, 3, 64, 64))
+    model = xclay.models.get_model("rcf", num_filters=8, sample_chips=2)
+    with pytest.raises(xclay.errors.DatacubeError, match="need a datacube with a 'quality'"):
+        xclay.embed(cube, model=model, chip_size=32, quality=threshold, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("threshold", "embedded", "reason"),
+    [
+        ({"max_cloud_shadow": 0.4}, [[False, False], [True, True]], "cloud_shadow"),
+        ({"max_snow": 0.2}, [[False, True], [True, False]], "snow"),
+        ({"min_clear": 0.6}, [[False, False], [False, True]], "clear"),
+        ({"max_haze": 0.0}, [[False, True], [True, True]], None),
+    ],
+)
+def test_each_class_filter_skips_and_counts_its_chips(
+    threshold: dict, embedded: list, reason: str | None
+) -> None:
+    # chip (0, 0) is all cloud: skipped by max_cloud (checked first) in every case.
+    cube = _cube_with_quality()
+    model = xclay.models.get_model("rcf", num_filters=8, sample_chips=2)
+    quality = {"max_cloud": 0.9, **threshold}
+    emb = xclay.embed(cube, model=model, chip_size=32, quality=quality, progress=False)
+    assert emb["embedded"].values[0].tolist() == embedded
+    run = emb.attrs["run"]
+    assert run["chips_skipped_cloud"] == 1
+    skipped = sum(v for k, v in run.items() if k.startswith("chips_skipped_"))
+    assert skipped == 4 - run["chips_embedded"]
+    if reason is not None:
+        assert run[f"chips_skipped_{reason}"] == 4 - run["chips_embedded"] - 1
+    assert emb.attrs["config"]["quality"]["max_cloud"] == 0.9
+
+
+def test_filter_reason_per_chip_agrees_with_the_block_reasons() -> None:
+    rng = np.random.default_rng(3)
+    shape = (2, 5, 7)
+    quality = ChipQuality.empty(shape, with_classes=True)
+    assert quality.class_fraction is not None
+    raw = rng.dirichlet(np.ones(len(PixelClass)), size=shape).astype(np.float32)
+    quality.class_fraction[:] = raw
+    quality.nodata_fraction[:] = raw[..., PixelClass.NODATA]
+    quality.nodata_fraction[0, 0, 0] = np.nan  # not scanned
+    f = QualityFilter(
+        max_nodata=0.3,
+        max_cloud=0.3,
+        max_cloud_shadow=0.3,
+        max_haze=0.3,
+        max_snow=0.3,
+        min_clear=0.05,
+    )
+    reasons = f.reasons(quality)
+    assert reasons[0, 0, 0] == -1
+    for at in np.ndindex(shape):
+        if at != (0, 0, 0):
+            assert reasons[at] == f.reason(
+                float(quality.nodata_fraction[at]), quality.class_fraction[at]
+            )
+    assert len(set(reasons.ravel().tolist())) > 3  # the draw exercises several reasons
 
 
 def test_a_region_with_no_valid_pixel_writes_nothing(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ def olinda(olinda_tif: Path, tmp_path_factory: pytest.TempPathFactory):
     )
     model = xclay.models.get_model("rcf", num_filters=32, sample_chips=16)
     emb = xclay.embed(
-        cube, model=model, chip_size=CHIP, edges="pad", max_nodata=1.0, progress=False
+        cube, model=model, chip_size=CHIP, edges="pad", quality={"max_nodata": 1.0}, progress=False
     )
     path = xclay.to_geoparquet(emb, tmp_path_factory.mktemp("olinda") / "olinda.parquet")
     return emb, gpd.read_parquet(path)

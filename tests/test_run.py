@@ -170,6 +170,11 @@ def test_steps_one_at_a_time(tmp_path: Path, olinda_tif: Path) -> None:
         ),
         ({"model": {"name": "clay-v9"}}, "model.name: must be one of 'clay-v1.5', 'rcf'"),
         ({"quality": {"max_cloud": 2}}, "quality.max_cloud: must be within [0, 1], got 2"),
+        ({"quality": {"min_clear": -0.1}}, "quality.min_clear: must be within [0, 1]"),
+        (
+            {"quality": {"max_fog": 0.1}},
+            "quality.max_fog: unknown setting; allowed: max_cloud, max_cloud_shadow, max_haze",
+        ),
         ({"outputs": {}}, "outputs.dir: required setting is missing"),
         (
             {"input": {"stac": {"items": "a.json", "api": "https://x"}, "bands": ["red"]}},

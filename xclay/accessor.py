@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from xclay.datacube import Compression, TimeLike
     from xclay.devices import Precision
     from xclay.protocols import Encoder
+    from xclay.quality import QualityFilter
 
 __all__ = ["ClayDataArrayAccessor", "ClayDatasetAccessor"]
 
@@ -38,8 +39,7 @@ class ClayDatasetAccessor:
         stride: int | None = None,
         edges: Edges = "drop",
         batch_size: int | Literal["auto"] = 16,
-        max_nodata: float = 0.5,
-        max_cloud: float = 1.0,
+        quality: QualityFilter | Mapping[str, float] | None = None,
         device: str = "cpu",
         precision: Precision = "auto",
         prefetch: int = 2,
@@ -56,8 +56,7 @@ class ClayDatasetAccessor:
             stride=stride,
             edges=edges,
             batch_size=batch_size,
-            max_nodata=max_nodata,
-            max_cloud=max_cloud,
+            quality=quality,
             device=device,
             precision=precision,
             prefetch=prefetch,
@@ -141,8 +140,7 @@ class ClayDataArrayAccessor:
         stride: int | None = None,
         edges: Edges = "drop",
         batch_size: int | Literal["auto"] = 16,
-        max_nodata: float = 0.5,
-        max_cloud: float = 1.0,
+        quality: QualityFilter | Mapping[str, float] | None = None,
         device: str = "cpu",
         precision: Precision = "auto",
         prefetch: int = 2,
@@ -159,8 +157,7 @@ class ClayDataArrayAccessor:
             stride=stride,
             edges=edges,
             batch_size=batch_size,
-            max_nodata=max_nodata,
-            max_cloud=max_cloud,
+            quality=quality,
             device=device,
             precision=precision,
             prefetch=prefetch,

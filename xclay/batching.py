@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,6 +25,7 @@ from xclay.chips import ChipGrid
 from xclay.datacube import in_memory, nodata_value
 from xclay.errors import DatacubeError
 from xclay.masks import PixelClass
+from xclay.quality import ChipQuality, QualityFilter
 
 if TYPE_CHECKING:
     import torch
@@ -35,7 +36,6 @@ __all__ = [
     "ArrayWindowReader",
     "BatchPlan",
     "Block",
-    "ChipQuality",
     "HostBatch",
     "iter_batches",
     "make_sampler",
@@ -176,53 +176,16 @@ class BatchPlan:
     grid: ChipGrid
     block: Block
     batch_size: int
-    max_nodata: float
-    max_cloud: float = 1.0
+    quality: QualityFilter = field(default_factory=QualityFilter)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise DatacubeError(f"batch_size must be >= 1, got {self.batch_size}.")
-        for name in ("max_nodata", "max_cloud"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise DatacubeError(f"{name} must be within [0, 1], got {value}.")
-
-    def accepts(self, nodata_fraction: float, cloud_fraction: float) -> bool:
-        """Whether a chip passes the filters (one that is all nodata never does)."""
-        if nodata_fraction >= 1.0 or nodata_fraction > self.max_nodata:
-            return False
-        return not cloud_fraction > self.max_cloud  # NaN (unknown) passes
 
     @property
     def total_chips(self) -> int:
         t, r, c = self.block.shape
         return t * r * c
-
-
-@dataclass
-class ChipQuality:
-    """Per-chip quality of a block of chips, filled in as chips are read.
-
-    ``nodata_fraction`` ``[time, rows, cols]`` (the block's): fraction of invalid pixels;
-    ``class_fraction`` ``[time, rows, cols, classes]``: fraction of each
-    :class:`~xclay.masks.PixelClass` (None when the cube has no quality
-    variable). NaN until a chip is scanned.
-    """
-
-    nodata_fraction: np.ndarray
-    class_fraction: np.ndarray | None
-
-    @classmethod
-    def empty(cls, shape: tuple[int, int, int], *, with_classes: bool) -> ChipQuality:
-        return cls(
-            np.full(shape, np.nan, dtype=np.float32),
-            np.full((*shape, len(PixelClass)), np.nan, dtype=np.float32) if with_classes else None,
-        )
-
-    def cloud_fraction(self) -> np.ndarray:
-        if self.class_fraction is None:
-            return np.full(self.nodata_fraction.shape, np.nan, dtype=np.float32)
-        return self.class_fraction[..., PixelClass.CLOUD]
 
 
 @dataclass
@@ -277,9 +240,8 @@ def iter_batches(
 ) -> Iterator[HostBatch]:
     """Yield batches of the block's accepted chips in (time, chip row, chip col) order.
 
-    Fills ``quality`` for every chip scanned. A chip is accepted when its
-    nodata fraction is below 1 and at most ``max_nodata``, and its cloud
-    fraction (when known) at most ``max_cloud``.
+    Fills ``quality`` for every chip scanned; batches hold the chips that pass
+    the plan's :class:`~xclay.quality.QualityFilter`.
     A yielded batch's buffer is reused once the consumer asks for the next
     one: use (or copy) it before then.
     """
@@ -331,19 +293,19 @@ def _fill_batches(
                 at = (t - t0, i - r0, j - c0)  # where the chip sits in the block's arrays
                 buf, valid = pool.pixels[slot][n], pool.valid[slot][n]
                 reader.read(t, int(row), int(col), size, buf)
-                cloud = float("nan")
+                fractions = None
                 if classes is not None and quality.class_fraction is not None:
                     reader.read_quality(t, int(row), int(col), size, classes)
                     counts = np.bincount(classes.ravel(), minlength=len(PixelClass))[
                         : len(PixelClass)
                     ]
-                    quality.class_fraction[at] = counts / pixels_count
-                    cloud = counts[PixelClass.CLOUD] / pixels_count
+                    fractions = counts / pixels_count
+                    quality.class_fraction[at] = fractions
                 reader.valid(t, int(row), int(col), size, buf, valid, classes)
                 fraction = 1.0 - np.count_nonzero(valid) / pixels_count
                 quality.nodata_fraction[at] = fraction
                 scanned += 1
-                if not plan.accepts(fraction, cloud):
+                if plan.quality.reason(fraction, fractions) >= 0:
                     continue
                 index[n] = (t, i, j)
                 n += 1

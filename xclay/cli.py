@@ -13,6 +13,7 @@ from typing import Any
 
 from xclay._version import __version__
 from xclay.errors import XClayError
+from xclay.quality import SKIP_REASONS, QualityFilter
 
 __all__ = ["main"]
 
@@ -168,15 +169,19 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
         default=16,
         help="chips per encoder call, or auto (default 16)",
     )
-    p.add_argument(
-        "--max-nodata", type=float, default=0.5, help="skip chips with more nodata (default 0.5)"
+    filters = p.add_argument_group(
+        "chip filters", "fractions 0..1; the class filters need a cube with quality classes"
     )
-    p.add_argument(
-        "--max-cloud",
-        type=float,
-        default=1.0,
-        help="skip chips with more cloud (default 1: keep all)",
-    )
+    for name, default in QualityFilter().to_dict().items():
+        what = name.split("_", 1)[1].replace("_", " ")
+        filters.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=float,
+            default=default,
+            metavar="F",
+            help=f"skip chips with {'less' if name.startswith('min_') else 'more'} {what} "
+            f"(default {default:g})",
+        )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -208,8 +213,7 @@ def _embed_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "stride": args.stride,
         "edges": args.edges,
         "batch_size": args.batch_size,
-        "max_nodata": args.max_nodata,
-        "max_cloud": args.max_cloud,
+        "quality": {name: getattr(args, name) for name in QualityFilter().to_dict()},
         "device": args.device,
         "precision": args.precision,
         "progress": False if args.no_progress else None,
@@ -357,13 +361,15 @@ def _embed_and_export(cube: Any, out: Path, args: argparse.Namespace, *, overwri
         f"  embedded    {done} of {run['chips_total']} chips with {card['name']} "
         f"({card['dim']}-d) on {args.device} in {seconds:.1f} s: {done / max(seconds, 1e-9):.1f} chips/s"
     )
-    skipped = run["chips_skipped_nodata"] + run["chips_skipped_cloud"] + run["chips_failed"]
+    skipped = {
+        reason: run[f"chips_skipped_{reason}"]
+        for reason in SKIP_REASONS
+        if run.get(f"chips_skipped_{reason}")
+    }
+    if run["chips_failed"]:
+        skipped["no valid window"] = run["chips_failed"]
     if skipped:
-        print(
-            f"  skipped     {run['chips_skipped_nodata']} with nodata > {args.max_nodata:g}, "
-            f"{run['chips_skipped_cloud']} with cloud > {args.max_cloud:g}, "
-            f"{run['chips_failed']} with no valid window"
-        )
+        print("  skipped     " + ", ".join(f"{n} ({why})" for why, n in skipped.items()))
     zarr_path = to_zarr(emb, out / "embeddings.zarr", overwrite=overwrite)
     print(f"  embeddings  {zarr_path}")
     pq_path = to_geoparquet(emb, out / "embeddings.parquet", overwrite=overwrite)

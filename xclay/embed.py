@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time as timer
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -17,7 +18,6 @@ from xclay.batching import (
     ArrayWindowReader,
     BatchPlan,
     Block,
-    ChipQuality,
     iter_batches,
     make_sampler,
     to_chip_batch,
@@ -35,6 +35,7 @@ from xclay.errors import DatacubeError, ModelError
 from xclay.export import EmbeddingsLayout, VariableSpec
 from xclay.masks import PixelClass
 from xclay.protocols import Encoder, InputSpec
+from xclay.quality import ChipQuality, QualityFilter
 
 __all__ = ["EMBEDDINGS_CONVENTION", "EmbedConfig", "embed"]
 
@@ -53,12 +54,8 @@ class EmbedConfig:
         Chip size, stride and edge policy.
     batch_size
         Chips per encoder call.
-    max_nodata
-        Skip chips with a larger nodata fraction (chips that are all nodata
-        are always skipped).
-    max_cloud
-        Skip chips with a larger cloud fraction (cubes with a ``quality``
-        variable; chips of unknown cloud cover are kept).
+    quality
+        Which chips to embed, by their nodata and pixel-class fractions.
     device
         ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
     precision
@@ -70,8 +67,7 @@ class EmbedConfig:
 
     grid: ChipGridSpec = field(default_factory=ChipGridSpec)
     batch_size: int = 16
-    max_nodata: float = 0.5
-    max_cloud: float = 1.0
+    quality: QualityFilter = field(default_factory=QualityFilter)
     device: str = "cpu"
     precision: Precision = "auto"
     prefetch: int = 2
@@ -79,10 +75,6 @@ class EmbedConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise DatacubeError(f"batch_size must be >= 1, got {self.batch_size}.")
-        for name in ("max_nodata", "max_cloud"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise DatacubeError(f"{name} must be within [0, 1], got {value}.")
         if self.prefetch < 0:
             raise DatacubeError(f"prefetch must be >= 0, got {self.prefetch}.")
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -97,6 +89,7 @@ class EmbedConfig:
     def from_dict(cls, data: dict[str, Any]) -> EmbedConfig:
         data = dict(data)
         data["grid"] = ChipGridSpec.from_dict(data.get("grid", {}))
+        data["quality"] = QualityFilter.of(data.get("quality"))
         return cls(**data)
 
 
@@ -109,8 +102,7 @@ def embed(
     stride: int | None = None,
     edges: Edges = "drop",
     batch_size: int | Literal["auto"] = 16,
-    max_nodata: float = 0.5,
-    max_cloud: float = 1.0,
+    quality: QualityFilter | Mapping[str, float] | None = None,
     device: str = "cpu",
     precision: Precision = "auto",
     prefetch: int = 2,
@@ -133,10 +125,11 @@ def embed(
     batch_size
         Chips per encoder call; ``"auto"``: what fills the device (the
         encoder's hint from free GPU memory or CPU work, else 16).
-    max_nodata
-        Skip chips whose nodata fraction is larger (0..1).
-    max_cloud
-        Skip chips whose cloud fraction is larger (0..1; needs a cube with quality classes).
+    quality
+        Which chips to embed: a :class:`~xclay.quality.QualityFilter` or a
+        mapping of its thresholds, e.g. ``{"max_nodata": 0.2, "max_cloud":
+        0.1, "min_clear": 0.8}`` (fractions 0..1; default: at most half nodata).
+        Class thresholds need a cube with quality classes.
     device, precision
         Where and in which precision the encoder runs.
     prefetch
@@ -161,8 +154,7 @@ def embed(
     config = EmbedConfig(
         grid=ChipGridSpec(chip_size=chip_size, stride=stride, edges=edges),
         batch_size=batch_size,
-        max_nodata=max_nodata,
-        max_cloud=max_cloud,
+        quality=QualityFilter.of(quality),
         device=device,
         precision=precision,
         prefetch=prefetch,
@@ -211,6 +203,12 @@ class EmbedSession:
         self.grid = ChipGrid.from_geobox(datacube_geobox(self.cube), config.grid)
         check_chip_alignment(self.cube, self.grid.spec.chip_size, self.grid.spec.step)
         self.reader = ArrayWindowReader.of(self.cube)
+        if config.quality.uses_classes and not self.reader.has_quality:
+            raise DatacubeError(
+                "quality thresholds on cloud, cloud shadow, haze, snow or clear need a datacube "
+                "with a 'quality' variable of pixel classes; this one has none. Ingest with a "
+                "mask (xclay.ingest.from_stac(mask='auto')) or use only max_nodata."
+            )
         self.device = resolve_device(config.device)
         dtype = resolve_dtype(config.precision, self.device, encoder.preferred_precision)
         self.times = np.asarray(self.cube["time"].values, dtype="datetime64[ns]")
@@ -245,8 +243,7 @@ class EmbedSession:
             grid=self.grid,
             block=block,
             batch_size=config.batch_size,
-            max_nodata=config.max_nodata,
-            max_cloud=config.max_cloud,
+            quality=config.quality,
         )
         shape = block.shape
         vectors = np.full((*shape, *card.vector_shape), np.nan, dtype=np.float32)
@@ -276,16 +273,12 @@ class EmbedSession:
                 bar.update(host.scanned)
         seconds = timer.perf_counter() - start
         embedded = np.asarray(np.isfinite(vectors).all(axis=tuple(range(3, vectors.ndim))))
-        nodata = quality.nodata_fraction
-        scanned = np.isfinite(nodata)
-        skip_nodata = scanned & ((nodata > config.max_nodata) | (nodata >= 1.0))
-        skip_cloud = scanned & ~skip_nodata & (quality.cloud_fraction() > config.max_cloud)
+        passed = np.isfinite(quality.nodata_fraction) & (config.quality.reasons(quality) < 0)
         counts = {
             "chips_total": int(np.prod(shape)),
             "chips_embedded": int(embedded.sum()),
-            "chips_skipped_nodata": int(skip_nodata.sum()),
-            "chips_skipped_cloud": int(skip_cloud.sum()),
-            "chips_failed": int((scanned & ~skip_nodata & ~skip_cloud & ~embedded).sum()),
+            **config.quality.skip_counts(quality),
+            "chips_failed": int((passed & ~embedded).sum()),
         }
         log.info(
             "embedded %d of %d chips in %.1f s (%.1f chips/s)",
@@ -334,11 +327,7 @@ def _class_fractions(quality: ChipQuality, dims: tuple[str, ...]) -> dict[str, A
         PixelClass.CLEAR,
     ):
         name = cls.name.lower()
-        values = (
-            quality.class_fraction[..., cls]
-            if quality.class_fraction is not None
-            else np.full(quality.nodata_fraction.shape, np.nan, dtype=np.float32)
-        )
+        values = quality.fraction(cls)
         out[f"{name}_fraction"] = (
             dims,
             values,

@@ -34,6 +34,7 @@ import xarray as xr
 
 from xclay._atomic import atomic_output
 from xclay.errors import XClayError
+from xclay.quality import QualityFilter
 
 if TYPE_CHECKING:
     from xclay.chips import Edges
@@ -105,12 +106,6 @@ class ComputeSettings:
 
 
 @dataclass(frozen=True)
-class QualitySettings:
-    max_nodata: float = 0.5
-    max_cloud: float = 1.0
-
-
-@dataclass(frozen=True)
 class OutputSettings:
     dir: str
     datacube: str = "cube.zarr"
@@ -128,7 +123,7 @@ class RunSpec:
     outputs: OutputSettings
     model: ModelSettings = field(default_factory=ModelSettings)
     compute: ComputeSettings = field(default_factory=ComputeSettings)
-    quality: QualitySettings = field(default_factory=QualitySettings)
+    quality: QualityFilter = field(default_factory=QualityFilter)
     name: str = ""
     version: int = 1
     base: str = "."
@@ -442,15 +437,14 @@ class _Reader:
             ),
         )
 
-    def quality(self, data: Any) -> QualitySettings:
-        d = self.section(data, "quality", {"max_nodata", "max_cloud"})
-        return QualitySettings(
-            max_nodata=float(
-                self.number(d.get("max_nodata", 0.5), "quality.max_nodata", low=0, high=1)
-            ),
-            max_cloud=float(
-                self.number(d.get("max_cloud", 1.0), "quality.max_cloud", low=0, high=1)
-            ),
+    def quality(self, data: Any) -> QualityFilter:
+        defaults = QualityFilter().to_dict()
+        d = self.section(data, "quality", set(defaults))
+        return QualityFilter(
+            **{
+                name: float(self.number(d.get(name, default), f"quality.{name}", low=0, high=1))
+                for name, default in defaults.items()
+            }
         )
 
     def outputs(self, data: Any) -> OutputSettings:
@@ -918,8 +912,7 @@ def _embed_config(spec: RunSpec, cube: xr.Dataset, encoder: Any) -> Any:
             chip_size=spec.grid.chip_size, stride=spec.grid.stride, edges=spec.grid.edges
         ),
         batch_size=batch,
-        max_nodata=spec.quality.max_nodata,
-        max_cloud=spec.quality.max_cloud,
+        quality=spec.quality,
         device=spec.compute.device,
         precision=spec.compute.precision,
         prefetch=spec.compute.prefetch,
