@@ -89,3 +89,19 @@ def test_embeddings_separate_land_from_sea(olinda) -> None:
     within = (v[east] @ v[east].T).mean()
     across = (v[east] @ v[west].T).mean()
     assert within > across
+
+
+def test_int8_vectors_keep_the_direction_of_real_imagery_vectors(olinda, tmp_path: Path) -> None:
+    emb, _gdf = olinda
+    vectors = emb["embedding"].values[emb["embedded"].values]
+    path = xclay.to_zarr(emb, tmp_path / "i8.zarr", quantize="int8")
+    restored = xclay.open_embeddings(path)["embedding"].values[emb["embedded"].values]
+    cosine = (vectors * restored).sum(-1) / (
+        np.linalg.norm(vectors, axis=-1) * np.linalg.norm(restored, axis=-1)
+    )
+    assert cosine.min() >= 0.995  # the goal for compact vectors, on every chip
+    table = xclay.read_geoparquet(
+        xclay.to_geoparquet(emb, tmp_path / "i8.parquet", quantize="int8")
+    )
+    from_parquet = np.asarray(table["embedding"].combine_chunks().values).reshape(len(cosine), -1)
+    np.testing.assert_allclose(from_parquet, restored, rtol=0, atol=1e-6 * np.abs(vectors).max())

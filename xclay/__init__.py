@@ -10,7 +10,8 @@ from xclay._version import __version__
 from xclay.chips import ChipGrid, ChipGridSpec
 from xclay.datacube import as_datacube, open_datacube, validate_datacube, write_datacube
 from xclay.embed import EmbedConfig, embed
-from xclay.export import open_embeddings, to_geoparquet, to_zarr
+from xclay.export import open_embeddings, read_geoparquet, to_geoparquet, to_zarr
+from xclay.quality import QualityFilter
 
 del _accessor
 
@@ -18,6 +19,7 @@ __all__ = [
     "ChipGrid",
     "ChipGridSpec",
     "EmbedConfig",
+    "QualityFilter",
     "__version__",
     "as_datacube",
     "datasets",
@@ -25,6 +27,7 @@ __all__ = [
     "models",
     "open_datacube",
     "open_embeddings",
+    "read_geoparquet",
     "to_geoparquet",
     "to_zarr",
     "validate_datacube",

@@ -84,17 +84,29 @@ class ClayDatasetAccessor:
             overwrite=overwrite,
         )
 
-    def to_zarr(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    def to_zarr(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        quantize: str | None = None,
+        overwrite: bool = False,
+    ) -> Path:
         """Write these embeddings as Zarr v3: see :func:`xclay.export.to_zarr`."""
         from xclay.export import to_zarr
 
-        return to_zarr(self._obj, path, overwrite=overwrite)
+        return to_zarr(self._obj, path, quantize=quantize, overwrite=overwrite)
 
-    def to_geoparquet(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    def to_geoparquet(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        quantize: str | None = None,
+        overwrite: bool = False,
+    ) -> Path:
         """Write these embeddings as GeoParquet 1.1: see :func:`xclay.to_geoparquet`."""
         from xclay.export import to_geoparquet
 
-        return to_geoparquet(self._obj, path, overwrite=overwrite)
+        return to_geoparquet(self._obj, path, quantize=quantize, overwrite=overwrite)
 
 
 @xr.register_dataarray_accessor("clay")

@@ -14,6 +14,7 @@ from typing import Any
 from xclay._version import __version__
 from xclay.errors import XClayError
 from xclay.quality import SKIP_REASONS, QualityFilter
+from xclay.quantize import QUANTIZATIONS
 
 __all__ = ["main"]
 
@@ -118,12 +119,22 @@ def _parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=None, help="GeoParquet path (default: beside the Zarr)"
     )
     exp.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    _add_quantize_option(exp)
     exp.set_defaults(func=_export)
 
     info = sub.add_parser("info", help="versions, CPU/GPU, optional parts available")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_info)
     return parser
+
+
+def _add_quantize_option(p: argparse.ArgumentParser | Any) -> None:
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZATIONS,
+        default=None,
+        help="store int8 vectors with a scale per vector (default: float32)",
+    )
 
 
 def _add_cluster_options(p: argparse.ArgumentParser) -> None:
@@ -185,6 +196,8 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    stored = p.add_argument_group("what each chip stores")
+    _add_quantize_option(stored)
 
 
 def _batch_size(text: str) -> int | str:
@@ -342,7 +355,9 @@ def _export(args: argparse.Namespace) -> int:
         path = export_step(_spec(args))
     else:
         out = args.out or args.target.with_suffix(".parquet")
-        path = to_geoparquet(open_embeddings(args.target), out, overwrite=args.overwrite)
+        path = to_geoparquet(
+            open_embeddings(args.target), out, quantize=args.quantize, overwrite=args.overwrite
+        )
     print(f"  geoparquet  {path}")
     return 0
 
@@ -370,9 +385,11 @@ def _embed_and_export(cube: Any, out: Path, args: argparse.Namespace, *, overwri
         skipped["no valid window"] = run["chips_failed"]
     if skipped:
         print("  skipped     " + ", ".join(f"{n} ({why})" for why, n in skipped.items()))
-    zarr_path = to_zarr(emb, out / "embeddings.zarr", overwrite=overwrite)
+    zarr_path = to_zarr(emb, out / "embeddings.zarr", quantize=args.quantize, overwrite=overwrite)
     print(f"  embeddings  {zarr_path}")
-    pq_path = to_geoparquet(emb, out / "embeddings.parquet", overwrite=overwrite)
+    pq_path = to_geoparquet(
+        emb, out / "embeddings.parquet", quantize=args.quantize, overwrite=overwrite
+    )
     print(f"  geoparquet  {pq_path}  ({done} rows)")
     return emb
 

@@ -21,7 +21,19 @@ from affine import Affine
 from xclay._atomic import atomic_output
 from xclay._json import jsonable
 from xclay.chips import window_corners
-from xclay.errors import DatacubeError
+from xclay.errors import DatacubeError, MissingDependencyError
+from xclay.quantize import (
+    MISSING_INT8,
+    SCALE_VARIABLE,
+    check_quantize,
+    dequantize_embeddings,
+    dequantize_int8,
+    quantization_attrs,
+    quantization_of,
+    quantize_embeddings,
+    quantize_int8,
+    scale_attrs,
+)
 
 __all__ = [
     "GEOPARQUET_VERSION",
@@ -29,6 +41,7 @@ __all__ = [
     "VariableSpec",
     "create_embeddings_store",
     "open_embeddings",
+    "read_geoparquet",
     "to_geoparquet",
     "to_zarr",
     "write_embeddings_region",
@@ -47,31 +60,42 @@ QUALITY_COLUMNS = (
     "clear_fraction",
 )
 _ROW_GROUP_BYTES = 128 << 20
+SCALE_COLUMN = "embedding_scale"
 
 
 # --------------------------------------------------------------------------- Zarr
 
 
-def to_zarr(emb: xr.Dataset, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+def to_zarr(
+    emb: xr.Dataset,
+    path: str | os.PathLike[str],
+    *,
+    quantize: str | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write an embeddings Dataset as Zarr v3 (a raster of vectors any GIS can place).
 
     Chunks hold 32 x 32 chips with all features, so reading a region or a
-    single chip's vector touches few files.
+    single chip's vector touches few files. ``quantize="int8"`` stores int8
+    vectors and a per-vector ``embedding_scale`` (:mod:`xclay.quantize`);
+    :func:`open_embeddings` restores float32.
     """
     validate_embeddings(emb)
     from xclay.datacube import COMPLETE_ATTR
 
-    out = emb.copy()
-    out.attrs = jsonable({**emb.attrs, COMPLETE_ATTR: True})
+    out = quantize_embeddings(emb, quantize) if quantize else emb.copy()
+    out.attrs = jsonable({**out.attrs, COMPLETE_ATTR: True})
     out["chip_id"] = out["chip_id"].astype(object)
     n_y, n_x = out.sizes["chip_y"], out.sizes["chip_x"]
     per_chip = int(np.prod([out.sizes[d] for d in out["embedding"].dims[3:]]))
     side = 32 if per_chip <= 4096 else 2  # patch grids: a few chips per chunk (~16 MiB)
     cy, cx = min(n_y, side), min(n_x, side)
+    vector_chunks = (1, cy, cx, *(out.sizes[d] for d in out["embedding"].dims[3:]))
     encoding: dict[str, dict[str, Any]] = {
-        "embedding": {"chunks": (1, cy, cx, *(out.sizes[d] for d in out["embedding"].dims[3:]))},
+        "embedding": {"chunks": vector_chunks},
         "nodata_fraction": {"chunks": (1, cy, cx)},
         "embedded": {"chunks": (1, cy, cx)},
+        **({SCALE_VARIABLE: {"chunks": vector_chunks[:-1]}} if SCALE_VARIABLE in out else {}),
         **{name: {"chunks": (1, cy, cx)} for name in QUALITY_COLUMNS if name in out.data_vars},
     }
     for name in encoding:
@@ -82,11 +106,15 @@ def to_zarr(emb: xr.Dataset, path: str | os.PathLike[str], *, overwrite: bool = 
     return Path(path)
 
 
-def open_embeddings(path: str | os.PathLike[str], *, allow_incomplete: bool = False) -> xr.Dataset:
+def open_embeddings(
+    path: str | os.PathLike[str], *, dequantize: bool = True, allow_incomplete: bool = False
+) -> xr.Dataset:
     """Open an embeddings Zarr written by :func:`to_zarr` or a run (lazily).
 
-    A run's store is refused until every region is written, unless ``allow_incomplete``
-    (regions not written yet read as NaN, ``embedded`` False).
+    Quantised stores read as float32 vectors (``dequantize=False``: the stored
+    int8 ``embedding`` and its ``embedding_scale``). A run's store is refused
+    until every region is written, unless ``allow_incomplete`` (regions not
+    written yet read as missing, ``embedded`` False).
     """
     store = Path(path)
     if not (store / "zarr.json").is_file():
@@ -102,7 +130,7 @@ def open_embeddings(path: str | os.PathLike[str], *, allow_incomplete: bool = Fa
         )
     emb = xr.open_zarr(store, chunks=None, consolidated=False, zarr_format=3)
     validate_embeddings(emb)
-    return emb
+    return dequantize_embeddings(emb) if dequantize else emb
 
 
 def validate_embeddings(emb: xr.Dataset) -> None:
@@ -112,6 +140,8 @@ def validate_embeddings(emb: xr.Dataset) -> None:
             "expected an embeddings Dataset (from xclay.embed) with an 'embedding' variable."
         )
     needed = ["embedded", "nodata_fraction", "chip_id", "lat", "lon", "row_off", "col_off"]
+    if quantization_of(emb):
+        needed.append(SCALE_VARIABLE)
     missing = [n for n in needed if n not in emb.variables]
     if missing or "datacube" not in emb.attrs or "config" not in emb.attrs:
         raise DatacubeError(
@@ -130,6 +160,7 @@ class VariableSpec:
     dims: tuple[str, ...]
     dtype: str
     attrs: dict[str, Any]
+    fill_value: Any = None  # what unwritten chunks read as (None: NaN, False for bool)
 
 
 @dataclass(frozen=True)
@@ -139,6 +170,21 @@ class EmbeddingsLayout:
 
     coords: xr.Dataset
     variables: dict[str, VariableSpec]
+
+    def quantized(self, method: str) -> EmbeddingsLayout:
+        """The layout of the same embeddings stored quantised (:mod:`xclay.quantize`)."""
+        check_quantize(method)
+        vector = self.variables["embedding"]
+        variables = dict(self.variables)
+        variables["embedding"] = VariableSpec(
+            vector.dims, "int8", {**vector.attrs, "units": "1 (scaled)"}, MISSING_INT8
+        )
+        variables[SCALE_VARIABLE] = VariableSpec(
+            vector.dims[:-1], "float32", scale_attrs(vector.attrs)
+        )
+        coords = self.coords.copy()
+        coords.attrs = {**coords.attrs, "quantization": quantization_attrs()}
+        return EmbeddingsLayout(coords, variables)
 
 
 def create_embeddings_store(
@@ -177,7 +223,9 @@ def create_embeddings_store(
             shape=shape,
             dtype=dtype,
             chunks=chunks,
-            fill_value=False if dtype.kind == "b" else np.nan,
+            fill_value=spec.fill_value
+            if spec.fill_value is not None
+            else (False if dtype.kind == "b" else np.nan),
             dimension_names=spec.dims,
             attributes=jsonable({**spec.attrs, "coordinates": names}),
         )
@@ -203,13 +251,18 @@ def write_embeddings_region(
 
 
 def to_geoparquet(
-    emb: xr.Dataset, path: str | os.PathLike[str], *, overwrite: bool = False
+    emb: xr.Dataset,
+    path: str | os.PathLike[str],
+    *,
+    quantize: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write one GeoParquet 1.1 row per embedded (time, chip).
 
     Columns: ``id`` (unique per row), ``chip_id`` (per window), ``time``,
     ``start_datetime``/``end_datetime`` (composites), ``embedding``
-    (fixed-size list of float32), ``geometry`` (WKB polygon, EPSG:4326,
+    (fixed-size list of float32; with ``quantize="int8"`` of int8, and an
+    ``embedding_scale`` column: :func:`read_geoparquet` restores float32), ``geometry`` (WKB polygon, EPSG:4326,
     longitude first), ``bbox`` (covering struct), ``centre_lat``,
     ``centre_lon``, ``native_crs``, ``native_footprint`` (WKB in the
     datacube CRS), ``row_off``/``col_off``/``chip_size`` (pixel window),
@@ -226,6 +279,7 @@ def to_geoparquet(
     from pyproj import CRS as ProjCRS
 
     validate_embeddings(emb)
+    check_quantize(quantize)
     cube = emb.attrs["datacube"]
     size = int(emb.attrs["config"]["grid"]["chip_size"])
     transform = Affine(*_gdal_to_affine(cube["geotransform"]))
@@ -235,9 +289,15 @@ def to_geoparquet(
     t_idx, i_idx, j_idx = np.nonzero(embedded)
     n = t_idx.size
     dim = emb.sizes["feature"]
-    vectors = np.asarray(emb["embedding"].values, dtype=np.float32)[t_idx, i_idx, j_idx]
+    vectors = np.asarray(emb["embedding"].values)[t_idx, i_idx, j_idx]
+    if quantization_of(emb):  # stored int8: back to float32 first
+        vectors = dequantize_int8(
+            vectors, np.asarray(emb[SCALE_VARIABLE].values)[t_idx, i_idx, j_idx]
+        )
+    vectors = vectors.astype(np.float32, copy=False)
     if vectors.ndim == 4:  # patch grids: one vector per chip, the mean of its patch tokens
         vectors = vectors.mean(axis=(1, 2))
+    vector_columns = _vector_columns(vectors, dim, quantize)
 
     row_off = np.asarray(emb["row_off"].values, dtype=np.int64)
     col_off = np.asarray(emb["col_off"].values, dtype=np.int64)
@@ -259,9 +319,7 @@ def to_geoparquet(
         "time": _timestamps(row_time),
         "start_datetime": _timestamps(_coord_or_nat(emb, "time_start")[t_idx]),
         "end_datetime": _timestamps(_coord_or_nat(emb, "time_end")[t_idx]),
-        "embedding": pa.FixedSizeListArray.from_arrays(
-            pa.array(vectors.reshape(-1), type=pa.float32()), dim
-        ),
+        **vector_columns,
         "geometry": pa.array(shapely.to_wkb(geoms).tolist() if n else [], type=pa.binary()),
         "bbox": pa.StructArray.from_arrays(
             [pa.array(bounds[:, k], type=pa.float64()) for k in range(4)],
@@ -321,8 +379,8 @@ def to_geoparquet(
         "datacube": cube,
         "embedding": {
             "dim": int(dim),
-            "dtype": "float32",
-            "quantization": None,
+            "dtype": "int8" if quantize else "float32",
+            "quantization": {**quantization_attrs(), "scale": SCALE_COLUMN} if quantize else None,
             "output": (emb.attrs.get("model") or {}).get("output"),
             "per_chip": "mean of patch tokens"
             if "patch_y" in emb["embedding"].dims
@@ -338,11 +396,84 @@ def to_geoparquet(
             b"xclay": json.dumps(jsonable(xclay_meta)).encode(),
         }
     )
-    rows_per_group = max(1, _ROW_GROUP_BYTES // (4 * dim + 512))
+    rows_per_group = max(1, _ROW_GROUP_BYTES // ((1 if quantize else 4) * dim + 512))
     with atomic_output(Path(path), overwrite=overwrite) as tmp:
         pq.write_table(table, tmp, compression="zstd", row_group_size=rows_per_group)
     log.info("wrote GeoParquet %s (%d rows)", path, n)
     return Path(path)
+
+
+def _vector_columns(vectors: np.ndarray, dim: int, quantize: str | None) -> dict[str, Any]:
+    import pyarrow as pa
+
+    if not quantize:
+        flat = pa.array(vectors.reshape(-1), type=pa.float32())
+        return {"embedding": pa.FixedSizeListArray.from_arrays(flat, dim)}
+    q, scale = quantize_int8(vectors)
+    return {
+        "embedding": pa.FixedSizeListArray.from_arrays(
+            pa.array(q.reshape(-1), type=pa.int8()), dim
+        ),
+        SCALE_COLUMN: pa.array(scale, type=pa.float32()),
+    }
+
+
+def read_geoparquet(
+    path: str | os.PathLike[str],
+    *,
+    columns: list[str] | None = None,
+    filters: Any = None,
+    dequantize: bool = True,
+    geodataframe: bool = False,
+) -> Any:
+    """Read xclay GeoParquet (a file, or a run's folder of parts) as a ``pyarrow.Table``
+    (``geodataframe=True``: a ``geopandas.GeoDataFrame``, needs geopandas).
+
+    Quantised vectors come back as float32 (``dequantize=False``: the stored
+    int8 and ``embedding_scale``). ``columns`` and ``filters`` are
+    :func:`pyarrow.parquet.read_table`'s (e.g. ``[("cloud_fraction", "<", 0.1)]``).
+    """
+    import pyarrow.parquet as pq
+
+    source = Path(path)
+    if not source.exists():
+        raise FileNotFoundError(f"no GeoParquet at {source}.")
+    wanted = columns
+    if columns is not None and "embedding" in columns and SCALE_COLUMN not in columns:
+        wanted = [*columns, SCALE_COLUMN]  # needed to dequantise; dropped again below
+    table = pq.read_table(source, columns=wanted, filters=filters)
+    names = table.column_names
+    if dequantize and "embedding" in names and SCALE_COLUMN in names:
+        table = _dequantized_table(table)
+    if not geodataframe:
+        return table
+    try:
+        import geopandas as gpd
+    except ImportError as err:
+        raise MissingDependencyError(
+            "geodataframe=True needs geopandas: pip install geopandas"
+        ) from err
+    frame = table.to_pandas()
+    if "geometry" not in frame:
+        return frame
+    geometry = gpd.GeoSeries.from_wkb(frame.pop("geometry"), crs="EPSG:4326")
+    return gpd.GeoDataFrame(frame, geometry=geometry)
+
+
+def _dequantized_table(table: Any) -> Any:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    names = table.column_names
+    vectors = table["embedding"].combine_chunks()
+    dim = vectors.type.list_size
+    q = np.asarray(pc.list_flatten(vectors)).reshape(-1, dim)
+    restored = dequantize_int8(q, np.asarray(table[SCALE_COLUMN]))
+    floats = pa.FixedSizeListArray.from_arrays(
+        pa.array(restored.reshape(-1), type=pa.float32()), dim
+    )
+    table = table.set_column(names.index("embedding"), "embedding", floats)
+    return table.drop_columns([SCALE_COLUMN])
 
 
 def _gdal_to_affine(gt: list[float]) -> tuple[float, float, float, float, float, float]:

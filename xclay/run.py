@@ -35,6 +35,7 @@ import xarray as xr
 from xclay._atomic import atomic_output
 from xclay.errors import XClayError
 from xclay.quality import QualityFilter
+from xclay.quantize import QUANTIZATIONS
 
 if TYPE_CHECKING:
     from xclay.chips import Edges
@@ -112,6 +113,7 @@ class OutputSettings:
     embeddings: str = "embeddings.zarr"
     geoparquet: str = "embeddings.parquet"
     overwrite: bool = False
+    quantize: str | None = None
 
 
 @dataclass(frozen=True)
@@ -449,7 +451,10 @@ class _Reader:
 
     def outputs(self, data: Any) -> OutputSettings:
         d = self.section(
-            data, "outputs", {"dir", "datacube", "embeddings", "geoparquet", "overwrite"}, {"dir"}
+            data,
+            "outputs",
+            {"dir", "datacube", "embeddings", "geoparquet", "overwrite", "quantize"},
+            {"dir"},
         )
         overwrite = d.get("overwrite", False)
         if not isinstance(overwrite, bool):
@@ -462,6 +467,7 @@ class _Reader:
             geoparquet=self.text(d.get("geoparquet", "embeddings.parquet"), "outputs.geoparquet")
             or "embeddings.parquet",
             overwrite=overwrite,
+            quantize=self.choice(d.get("quantize"), "outputs.quantize", (None, *QUANTIZATIONS)),
         )
 
 
@@ -681,6 +687,7 @@ def _identity(spec: RunSpec, resolved: RunPlan) -> dict[str, Any]:
         "quality": dataclasses.asdict(spec.quality),
         "region_chips": spec.compute.region_chips,
         "precision": spec.compute.precision,
+        "stored": {"quantize": spec.outputs.quantize},
         "items": [i.id for i in resolved.items],
     }
 
@@ -871,6 +878,8 @@ def _embed_phase(
         state.update(card=session.card.to_dict(), embed_config=config.to_dict())
     if not (path / "zarr.json").is_file():
         layout = session.layout()
+        if spec.outputs.quantize:
+            layout = layout.quantized(spec.outputs.quantize)
         layout.coords.attrs.update({"run_spec": spec.to_dict(), "run_plan": resolved.to_dict()})
         with atomic_output(path, overwrite=True) as tmp:
             create_embeddings_store(layout, tmp, region_chips=spec.compute.region_chips)
@@ -1032,7 +1041,7 @@ def export_step(spec: RunSpec) -> Path:
         )
         path = out / f"part-{region.index:06d}.parquet"
         if bool(part["embedded"].any()):
-            to_geoparquet(part.load(), path, overwrite=True)
+            to_geoparquet(part.load(), path, quantize=spec.outputs.quantize, overwrite=True)
         else:
             path.unlink(missing_ok=True)
     return out

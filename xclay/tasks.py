@@ -145,6 +145,7 @@ def _session(outdir: str, record: dict[str, Any]) -> Any:
 def _embed(outdir: str, record: dict[str, Any], region: Region) -> dict[str, Any]:
     from xclay.batching import Block
     from xclay.export import to_geoparquet, write_embeddings_region
+    from xclay.quantize import quantize_embeddings
 
     session = _session(outdir, record)
     block = Block((region.time, region.time + 1), region.rows, region.cols)
@@ -152,12 +153,14 @@ def _embed(outdir: str, record: dict[str, Any], region: Region) -> dict[str, Any
     ds = session.dataset(result)
     ds.attrs["run_spec"] = record["spec"]
     ds.attrs["run_plan"] = record["plan"]
+    quantize = record["spec"]["outputs"].get("quantize")
+    stored = quantize_embeddings(ds, quantize) if quantize else ds
     write_embeddings_region(
-        record["paths"]["embeddings"], ds, (region.time, region.rows[0], region.cols[0])
+        record["paths"]["embeddings"], stored, (region.time, region.rows[0], region.cols[0])
     )
     part = Path(record["paths"]["geoparquet"]) / f"part-{region.index:06d}.parquet"
     if result.counts["chips_embedded"]:
-        to_geoparquet(ds, part, overwrite=True)
+        to_geoparquet(ds, part, quantize=quantize, overwrite=True)
     else:
         part.unlink(missing_ok=True)
     return {"counts": result.counts}
