@@ -43,6 +43,7 @@ class ClayDatasetAccessor:
         device: str = "cpu",
         precision: Precision = "auto",
         prefetch: int = 2,
+        thumbnails: bool | int = False,
         progress: bool | None = None,
     ) -> xr.Dataset:
         """Embed every chip of this datacube: see :func:`xclay.embed`."""
@@ -60,6 +61,7 @@ class ClayDatasetAccessor:
             device=device,
             precision=precision,
             prefetch=prefetch,
+            thumbnails=thumbnails,
             progress=progress,
         )
 
@@ -156,6 +158,7 @@ class ClayDataArrayAccessor:
         device: str = "cpu",
         precision: Precision = "auto",
         prefetch: int = 2,
+        thumbnails: bool | int = False,
         progress: bool | None = None,
     ) -> xr.Dataset:
         """Embed this imagery (a datacube's ``pixels``): see :func:`xclay.embed`."""
@@ -173,5 +176,6 @@ class ClayDataArrayAccessor:
             device=device,
             precision=precision,
             prefetch=prefetch,
+            thumbnails=thumbnails,
             progress=progress,
         )

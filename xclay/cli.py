@@ -198,6 +198,15 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     stored = p.add_argument_group("what each chip stores")
     _add_quantize_option(stored)
+    stored.add_argument(
+        "--thumbnails",
+        type=int,
+        nargs="?",
+        const=64,
+        default=0,
+        metavar="PX",
+        help="a true-colour preview per chip, PX pixels wide (default when given: 64)",
+    )
 
 
 def _batch_size(text: str) -> int | str:
@@ -229,6 +238,7 @@ def _embed_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "quality": {name: getattr(args, name) for name in QualityFilter().to_dict()},
         "device": args.device,
         "precision": args.precision,
+        "thumbnails": args.thumbnails,
         "progress": False if args.no_progress else None,
     }
 

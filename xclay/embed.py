@@ -6,13 +6,14 @@ import logging
 import os
 import time as timer
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
 import xarray as xr
 from odc.geo.xr import xr_coords
 
+from xclay._json import jsonable
 from xclay._version import __version__
 from xclay.batching import (
     ArrayWindowReader,
@@ -34,14 +35,17 @@ from xclay.devices import Precision, resolve_device, resolve_dtype
 from xclay.errors import DatacubeError, ModelError
 from xclay.export import EmbeddingsLayout, VariableSpec
 from xclay.masks import PixelClass
-from xclay.protocols import Encoder, InputSpec
+from xclay.protocols import Encoder, InputSpec, Sampler
 from xclay.quality import ChipQuality, QualityFilter
+from xclay.thumbnails import DEFAULT_SIZE as DEFAULT_THUMBNAIL_SIZE
+from xclay.thumbnails import ThumbnailStretch, make_thumbnails, rgb_bands, thumbnail_size
 
 __all__ = ["EMBEDDINGS_CONVENTION", "EmbedConfig", "embed"]
 
 log = logging.getLogger(__name__)
 
 EMBEDDINGS_CONVENTION = "xclay-embeddings/1"
+THUMBNAIL_SAMPLE_CHIPS = 64  # chips the thumbnails' colour stretch is fitted on
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,11 @@ class EmbedConfig:
         device runs it fast).
     prefetch
         Batches read ahead in a background thread (0: read in the loop).
+    thumbnails
+        Edge in pixels of a true-colour preview stored per chip (0: none).
+    thumbnail_stretch
+        The thumbnails' colour scale (None: fitted on sample chips when the
+        run is prepared, then stored here).
     """
 
     grid: ChipGridSpec = field(default_factory=ChipGridSpec)
@@ -71,25 +80,36 @@ class EmbedConfig:
     device: str = "cpu"
     precision: Precision = "auto"
     prefetch: int = 2
+    thumbnails: int = 0
+    thumbnail_stretch: ThumbnailStretch | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise DatacubeError(f"batch_size must be >= 1, got {self.batch_size}.")
         if self.prefetch < 0:
             raise DatacubeError(f"prefetch must be >= 0, got {self.prefetch}.")
+        if isinstance(self.thumbnails, bool) or not isinstance(self.thumbnails, int):
+            raise DatacubeError(
+                f"thumbnails must be an edge in pixels (0: none), got {self.thumbnails!r}."
+            )
+        if self.thumbnails < 0:
+            raise DatacubeError(f"thumbnails must be >= 0 px, got {self.thumbnails}.")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise DatacubeError(
                 f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}."
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out: dict[str, Any] = jsonable(asdict(self))
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EmbedConfig:
         data = dict(data)
         data["grid"] = ChipGridSpec.from_dict(data.get("grid", {}))
         data["quality"] = QualityFilter.of(data.get("quality"))
+        if data.get("thumbnail_stretch") is not None:
+            data["thumbnail_stretch"] = ThumbnailStretch.from_dict(data["thumbnail_stretch"])
         return cls(**data)
 
 
@@ -106,6 +126,7 @@ def embed(
     device: str = "cpu",
     precision: Precision = "auto",
     prefetch: int = 2,
+    thumbnails: bool | int = False,
     progress: bool | None = None,
 ) -> xr.Dataset:
     """Embed every chip of a datacube.
@@ -134,6 +155,9 @@ def embed(
         Where and in which precision the encoder runs.
     prefetch
         Batches read ahead while the encoder runs (0: no background reading).
+    thumbnails
+        Store a true-colour preview of every embedded chip: ``True`` (64 px)
+        or an edge in pixels (at most the chip size); see :mod:`xclay.thumbnails`.
     progress
         Show a progress bar (``None``: only on an interactive terminal).
 
@@ -158,8 +182,18 @@ def embed(
         device=device,
         precision=precision,
         prefetch=prefetch,
+        thumbnails=thumbnail_edge(thumbnails),
     )
     return embed_with_config(cube, encoder, config, progress=progress)
+
+
+def thumbnail_edge(value: bool | int) -> int:
+    """``thumbnails=`` as an edge in pixels: True -> 64, False -> 0 (none)."""
+    if value is True:
+        return DEFAULT_THUMBNAIL_SIZE
+    if value is False or value is None:
+        return 0
+    return int(value)
 
 
 def embed_with_config(
@@ -184,6 +218,7 @@ class BlockResult:
     embedded: np.ndarray  # [time, rows, cols] bool
     counts: dict[str, int]
     seconds: float
+    thumbnails: np.ndarray | None = None  # [time, rows, cols, size, size, 4] uint8
 
 
 class EmbedSession:
@@ -224,8 +259,36 @@ class EmbedSession:
             chip_size=self.grid.spec.chip_size,
         )
         sampler = make_sampler(self.reader, self.grid, self.lonlat, self.times)
+        self._thumbnail_bands: list[int] = []
+        if config.thumbnails:
+            self.config = config = self._with_thumbnail_stretch(config, spec, sampler)
         encoder.prepare(spec, sampler, device=self.device, dtype=dtype)
         self.card = encoder.card
+
+    def _with_thumbnail_stretch(
+        self, config: EmbedConfig, spec: InputSpec, sampler: Sampler
+    ) -> EmbedConfig:
+        stretch = config.thumbnail_stretch
+        if stretch is None:
+            rgb = rgb_bands(spec.bands, spec.wavelengths, spec.platform)
+            sample = sampler(THUMBNAIL_SAMPLE_CHIPS, 0)
+            stretch = ThumbnailStretch.fit(
+                sample.pixels.numpy(), sample.valid.numpy(), spec.bands, rgb
+            )
+        missing = [b for b in stretch.bands if b not in spec.bands]
+        if missing:
+            raise DatacubeError(
+                f"the thumbnail bands {missing} are not bands of this cube {list(spec.bands)}."
+            )
+        self._thumbnail_bands = [spec.bands.index(b) for b in stretch.bands]
+        return replace(config, thumbnail_stretch=stretch)
+
+    @property
+    def thumbnail_size(self) -> int:
+        """Edge of the stored thumbnails (0: none)."""
+        if not self.config.thumbnails:
+            return 0
+        return thumbnail_size(self.config.thumbnails, self.grid.spec.chip_size)
 
     @property
     def whole(self) -> Block:
@@ -247,6 +310,8 @@ class EmbedSession:
         )
         shape = block.shape
         vectors = np.full((*shape, *card.vector_shape), np.nan, dtype=np.float32)
+        edge = self.thumbnail_size
+        thumbs = np.zeros((*shape, edge, edge, 4), dtype=np.uint8) if edge else None
         quality = ChipQuality.empty(shape, with_classes=self.reader.has_quality)
         t0, r0, c0 = block.times[0], block.rows[0], block.cols[0]
         start = timer.perf_counter()
@@ -270,6 +335,14 @@ class EmbedSession:
                         )
                     t, i, j = host.index.T
                     vectors[t - t0, i - r0, j - c0] = out.float().cpu().numpy()
+                    if thumbs is not None and config.thumbnail_stretch is not None:
+                        thumbs[t - t0, i - r0, j - c0] = make_thumbnails(
+                            batch.pixels,
+                            batch.valid,
+                            self._thumbnail_bands,
+                            config.thumbnail_stretch,
+                            edge,
+                        )
                 bar.update(host.scanned)
         seconds = timer.perf_counter() - start
         embedded = np.asarray(np.isfinite(vectors).all(axis=tuple(range(3, vectors.ndim))))
@@ -287,7 +360,9 @@ class EmbedSession:
             seconds,
             counts["chips_embedded"] / max(seconds, 1e-9),
         )
-        return BlockResult(block, vectors, quality, embedded, counts, seconds)
+        if thumbs is not None:
+            thumbs[~embedded] = 0  # chips without a vector get no preview
+        return BlockResult(block, vectors, quality, embedded, counts, seconds, thumbs)
 
     def dataset(self, result: BlockResult) -> xr.Dataset:
         """The embeddings Dataset of a block (the whole grid's coords, cut to the block)."""
@@ -303,12 +378,17 @@ class EmbedSession:
             embedded=np.zeros((0, 0, 0), dtype=bool),
             counts={},
             seconds=0.0,
+            thumbnails=np.zeros((0, 0, 0, self.thumbnail_size, self.thumbnail_size, 4), np.uint8)
+            if self.thumbnail_size
+            else None,
         )
         variables = {
             name: VariableSpec(
                 dims=tuple(dims), dtype=str(np.asarray(values).dtype), attrs=dict(attrs)
             )
-            for name, (dims, values, attrs) in _data_vars(empty, self.card.name).items()
+            for name, (dims, values, attrs) in _data_vars(
+                empty, self.card.name, self.config.thumbnail_stretch
+            ).items()
         }
         coords = xr.Dataset(
             coords=_embeddings_coords(self, self.whole), attrs=_embeddings_attrs(self, {})
@@ -376,7 +456,7 @@ def _as_cube(obj: xr.Dataset | xr.DataArray) -> xr.Dataset:
 
 def _embeddings_dataset(session: EmbedSession, result: BlockResult) -> xr.Dataset:
     ds = xr.Dataset(
-        _data_vars(result, session.card.name),
+        _data_vars(result, session.card.name, session.config.thumbnail_stretch),
         coords=_embeddings_coords(session, result.block),
         attrs=_embeddings_attrs(session, result.counts),
     )
@@ -390,9 +470,23 @@ _VAR_ATTRS: dict[str, dict[str, Any]] = {
 }
 
 
-def _data_vars(result: BlockResult, model_name: str) -> dict[str, Any]:
+def _data_vars(
+    result: BlockResult, model_name: str, stretch: ThumbnailStretch | None
+) -> dict[str, Any]:
     vectors = result.vectors
     patch_dims = ("patch_y", "patch_x") if vectors.ndim == 6 else ()
+    extra: dict[str, Any] = {}
+    if result.thumbnails is not None and stretch is not None:
+        extra["thumbnail"] = (
+            (*_DIMS3, "thumb_y", "thumb_x", "rgba"),
+            result.thumbnails,
+            {
+                "long_name": "true-colour preview of the chip (RGBA; alpha: valid fraction)",
+                "bands": list(stretch.bands),
+                "stretch_low": list(stretch.low),
+                "stretch_high": list(stretch.high),
+            },
+        )
     return {
         "embedding": (
             (*_DIMS3, *patch_dims, "feature"),
@@ -402,6 +496,7 @@ def _data_vars(result: BlockResult, model_name: str) -> dict[str, Any]:
         "nodata_fraction": (_DIMS3, result.quality.nodata_fraction, _VAR_ATTRS["nodata_fraction"]),
         **_class_fractions(result.quality, _DIMS3),
         "embedded": (_DIMS3, result.embedded, _VAR_ATTRS["embedded"]),
+        **extra,
     }
 
 

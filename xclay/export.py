@@ -96,6 +96,7 @@ def to_zarr(
         "nodata_fraction": {"chunks": (1, cy, cx)},
         "embedded": {"chunks": (1, cy, cx)},
         **({SCALE_VARIABLE: {"chunks": vector_chunks[:-1]}} if SCALE_VARIABLE in out else {}),
+        **({"thumbnail": {"chunks": _thumbnail_chunks(out)}} if "thumbnail" in out else {}),
         **{name: {"chunks": (1, cy, cx)} for name in QUALITY_COLUMNS if name in out.data_vars},
     }
     for name in encoding:
@@ -104,6 +105,13 @@ def to_zarr(
         out.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, encoding=encoding)
     log.info("wrote embeddings Zarr %s", path)
     return Path(path)
+
+
+def _thumbnail_chunks(emb: xr.Dataset) -> tuple[int, ...]:
+    """Chunks of about 16 MiB (32 x 32 chips of 64 px thumbnails), never more than 32 x 32 chips."""
+    edge = emb.sizes["thumb_y"]
+    side = int(max(1, min(32, np.sqrt((16 << 20) / max(1, edge * edge * 4)))))
+    return (1, min(emb.sizes["chip_y"], side), min(emb.sizes["chip_x"], side), edge, edge, 4)
 
 
 def open_embeddings(
@@ -160,7 +168,7 @@ class VariableSpec:
     dims: tuple[str, ...]
     dtype: str
     attrs: dict[str, Any]
-    fill_value: Any = None  # what unwritten chunks read as (None: NaN, False for bool)
+    fill_value: Any = None  # what unwritten chunks read as (None: NaN, False, 0 by dtype)
 
 
 @dataclass(frozen=True)
@@ -223,13 +231,17 @@ def create_embeddings_store(
             shape=shape,
             dtype=dtype,
             chunks=chunks,
-            fill_value=spec.fill_value
-            if spec.fill_value is not None
-            else (False if dtype.kind == "b" else np.nan),
+            fill_value=spec.fill_value if spec.fill_value is not None else _default_fill(dtype),
             dimension_names=spec.dims,
             attributes=jsonable({**spec.attrs, "coordinates": names}),
         )
     return Path(path)
+
+
+def _default_fill(dtype: np.dtype[Any]) -> Any:
+    if dtype.kind == "b":
+        return False
+    return np.nan if dtype.kind == "f" else 0
 
 
 def write_embeddings_region(
@@ -267,8 +279,8 @@ def to_geoparquet(
     ``centre_lon``, ``native_crs``, ``native_footprint`` (WKB in the
     datacube CRS), ``row_off``/``col_off``/``chip_size`` (pixel window),
     ``nodata_fraction``, ``cloud_fraction``, ``cloud_shadow_fraction``,
-    ``haze_fraction``, ``snow_fraction``, ``clear_fraction``, ``platform``,
-    ``source_ids``.
+    ``haze_fraction``, ``snow_fraction``, ``clear_fraction``, ``thumbnail``
+    (PNG bytes, when the embeddings have thumbnails), ``platform``, ``source_ids``.
     The footer holds ``geo`` and ``xclay`` (model card, config, datacube,
     run) metadata. Chips that were not embedded are not written; their
     count is in the footer's ``run``.
@@ -347,6 +359,11 @@ def to_geoparquet(
             for name in QUALITY_COLUMNS
             if name in emb.data_vars
         },
+        **(
+            {"thumbnail": _png_column(np.asarray(emb["thumbnail"].values)[t_idx, i_idx, j_idx])}
+            if "thumbnail" in emb.data_vars
+            else {}
+        ),
         "platform": pa.array([cube.get("platform", "")] * n, type=pa.string()),
         "source_ids": pa.array([sources] * n, type=pa.list_(pa.string())),
     }
@@ -416,6 +433,14 @@ def _vector_columns(vectors: np.ndarray, dim: int, quantize: str | None) -> dict
         ),
         SCALE_COLUMN: pa.array(scale, type=pa.float32()),
     }
+
+
+def _png_column(thumbnails: np.ndarray) -> Any:
+    import pyarrow as pa
+
+    from xclay.thumbnails import encode_png
+
+    return pa.array([encode_png(t) for t in thumbnails], type=pa.binary())
 
 
 def read_geoparquet(

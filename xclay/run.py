@@ -114,6 +114,7 @@ class OutputSettings:
     geoparquet: str = "embeddings.parquet"
     overwrite: bool = False
     quantize: str | None = None
+    thumbnails: int = 0
 
 
 @dataclass(frozen=True)
@@ -453,7 +454,7 @@ class _Reader:
         d = self.section(
             data,
             "outputs",
-            {"dir", "datacube", "embeddings", "geoparquet", "overwrite", "quantize"},
+            {"dir", "datacube", "embeddings", "geoparquet", "overwrite", "quantize", "thumbnails"},
             {"dir"},
         )
         overwrite = d.get("overwrite", False)
@@ -468,7 +469,13 @@ class _Reader:
             or "embeddings.parquet",
             overwrite=overwrite,
             quantize=self.choice(d.get("quantize"), "outputs.quantize", (None, *QUANTIZATIONS)),
+            thumbnails=self.thumbnails(d.get("thumbnails", False)),
         )
+
+    def thumbnails(self, value: Any) -> int:
+        if isinstance(value, bool):
+            return 64 if value else 0
+        return int(self.number(value, "outputs.thumbnails", integer=True, low=0, high=1024))
 
 
 def _plain(value: Any) -> Any:
@@ -687,7 +694,7 @@ def _identity(spec: RunSpec, resolved: RunPlan) -> dict[str, Any]:
         "quality": dataclasses.asdict(spec.quality),
         "region_chips": spec.compute.region_chips,
         "precision": spec.compute.precision,
-        "stored": {"quantize": spec.outputs.quantize},
+        "stored": {"quantize": spec.outputs.quantize, "thumbnails": spec.outputs.thumbnails},
         "items": [i.id for i in resolved.items],
     }
 
@@ -875,7 +882,8 @@ def _embed_phase(
         config = _embed_config(spec, cube, encoder)
     session = EmbedSession(cube, encoder, config)
     if "card" not in record:
-        state.update(card=session.card.to_dict(), embed_config=config.to_dict())
+        # The session's config: with what preparing fixed (the thumbnails' stretch).
+        state.update(card=session.card.to_dict(), embed_config=session.config.to_dict())
     if not (path / "zarr.json").is_file():
         layout = session.layout()
         if spec.outputs.quantize:
@@ -925,6 +933,7 @@ def _embed_config(spec: RunSpec, cube: xr.Dataset, encoder: Any) -> Any:
         device=spec.compute.device,
         precision=spec.compute.precision,
         prefetch=spec.compute.prefetch,
+        thumbnails=spec.outputs.thumbnails,
     )
 
 

@@ -9,12 +9,9 @@ import numpy as np
 import xarray as xr
 
 from xclay.datacube import nodata_value
-from xclay.errors import DatacubeError
-from xclay.models.sensors import get_sensor
+from xclay.thumbnails import rgb_bands
 
 __all__ = ["pca_colour", "save_preview", "true_colour"]
-
-_RGB_WAVELENGTHS = (0.665, 0.56, 0.49)  # micrometres: red, green, blue
 
 
 def true_colour(cube: xr.Dataset, *, time: int = 0, max_size: int = 1024) -> np.ndarray:
@@ -112,13 +109,8 @@ def save_preview(
 
 
 def _rgb_bands(cube: xr.Dataset) -> list[str]:
-    names = [str(b) for b in cube["band"].values]
-    platform = cube.attrs.get("platform")
-    if platform:
-        sensor = get_sensor(platform)
-        if sensor.rgb_bands and all(b in names for b in sensor.rgb_bands):
-            return list(sensor.rgb_bands)
-    waves = np.asarray(cube["wavelength"].values, dtype=np.float64)
-    if len(names) < 3:
-        raise DatacubeError("a true-colour image needs at least three bands.")
-    return [names[int(np.argmin(np.abs(waves - w)))] for w in _RGB_WAVELENGTHS]
+    return rgb_bands(
+        [str(b) for b in cube["band"].values],
+        [float(w) for w in cube["wavelength"].values],
+        cube.attrs.get("platform"),
+    )
