@@ -5,7 +5,13 @@ Sizes tiny, base and large at 256 px (10 bands), fp32 and bf16 (autocast),
 random weights (throughput does not depend on their values). fp32 and bf16
 runs are interleaved so a machine whose speed drifts slows both alike.
 
+With ``--loss`` it also times the per-chip reconstruction loss (a masked
+encoder pass over a quarter of the tokens, then the v1.5 decoder: 512 wide,
+4 blocks), interleaved with the plain encoder pass, and reports its cost
+relative to embedding.
+
     python benchmarks/model_throughput.py                       # CPU, all sizes
+    python benchmarks/model_throughput.py --sizes large --loss  # + the loss's cost
     python benchmarks/model_throughput.py --device cuda --batch large=128 base=256 tiny=512
 """
 
@@ -20,6 +26,7 @@ import torch
 from _common import save
 
 from xclay.models.clay import ClayV15
+from xclay.models.clay_decoder import ClayDecoder, DecoderSize, count_loss_flops
 from xclay.models.clay_encoder import ClayEncoder, count_forward_flops
 from xclay.protocols import ChipBatch, InputSpec
 
@@ -64,6 +71,7 @@ def main() -> None:
     p.add_argument("--batch", nargs="*", default=[], help="per-size batch, e.g. large=2 tiny=16")
     p.add_argument("--repeats", type=int, default=3, help="interleaved fp32/bf16 pairs per size")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder")
+    p.add_argument("--loss", action="store_true", help="also time the reconstruction loss")
     args = p.parse_args()
     device = torch.device(args.device)
     batch_size = {
@@ -97,30 +105,55 @@ def main() -> None:
             valid=torch.ones(bs, chip, chip, dtype=torch.bool, device=device),
             lonlat=torch.tensor([[-60.5, -3.2]] * bs, dtype=torch.float64),
             time=np.array(["2024-07-02"] * bs, dtype="datetime64[ns]"),
+            chip_ids=np.array([f"EPSG32720_{chip}px_10m_{i}_0" for i in range(bs)]),
         )
         norm = dict.fromkeys(spec.bands, (2000.0, 1000.0))
         encoders = {}
         model = ClayEncoder.from_size(size)
+        decoder = ClayDecoder(model.dim, DecoderSize()) if args.loss else None
         for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
             enc = ClayV15(model, size=size, normalization=norm, compile=args.compile)
+            if decoder is not None:
+                enc.decoder = decoder.eval()
+                enc.enable_loss(0)
             enc.prepare(spec, lambda k, s, b=batch: b, device=device, dtype=dtype)
             enc.encode(batch)  # warm-up (and compilation)
+            if decoder is not None:
+                enc.loss(batch)
             encoders[precision] = enc
             _sync(device)
-        times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+        times: dict[str, list[float]] = {"fp32": [], "bf16": [], "fp32+loss": [], "bf16+loss": []}
         for _ in range(args.repeats):
             for precision, enc in encoders.items():
-                _sync(device)
-                start = time.perf_counter()
-                enc.encode(batch)
-                _sync(device)
-                times[precision].append(time.perf_counter() - start)
+                for what, run in (("", enc.encode), ("+loss", enc.loss)):
+                    if what and decoder is None:
+                        continue
+                    _sync(device)
+                    start = time.perf_counter()
+                    run(batch)
+                    _sync(device)
+                    times[precision + what].append(time.perf_counter() - start)
         flops = count_forward_flops(size, chip, bands)
+        loss_flops = count_loss_flops(size, chip, bands, DecoderSize())
         for precision in ("fp32", "bf16"):
             chips_s = bs / statistics.median(times[precision])
             tflops = chips_s * flops / 1e12
+            loss_cost = {}
+            if decoder is not None:
+                ratios = [
+                    b / a for a, b in zip(times[precision], times[precision + "+loss"], strict=True)
+                ]
+                loss_cost = {
+                    "loss_chips_per_s": round(
+                        bs / statistics.median(times[precision + "+loss"]), 3
+                    ),
+                    "loss_time_over_embed_time": round(statistics.median(ratios), 3),
+                    "loss_flops_over_embed_flops": round(loss_flops / flops, 3),
+                    "loss_seconds": [round(t, 3) for t in times[precision + "+loss"]],
+                }
             rows.append(
                 {
+                    **loss_cost,
                     "size": size,
                     "precision": precision,
                     "batch": bs,
@@ -158,6 +191,12 @@ def main() -> None:
         print(
             f"{r['size']:6s} {r['precision']:5s} {r['batch']:5d} {r['chips_per_s']:9.3f} {r['achieved_tflops']:8.3f} {r['fraction_of_matmul_peak']:8.2f}"
         )
+        if "loss_time_over_embed_time" in r:
+            print(
+                f"       + loss: {r['loss_chips_per_s']:.3f} chips/s, "
+                f"{r['loss_time_over_embed_time']:.2f}x the embedding time "
+                f"({r['loss_flops_over_embed_flops']:.2f}x its FLOPs)"
+            )
     if large:
         print(
             f"large bf16 / reference fp32 (0.55 chips/s): {results['large_bf16_over_reference_fp32_055']}x; bf16 / fp32 here: {results['large_bf16_over_fp32_same_machine']}x"

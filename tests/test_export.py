@@ -221,3 +221,39 @@ def test_geoparquet_from_a_reopened_embeddings_zarr(tmp_path: Path, emb: xr.Data
     a = pq.read_table(xclay.to_geoparquet(reopened, tmp_path / "a.parquet"))
     b = pq.read_table(xclay.to_geoparquet(emb, tmp_path / "b.parquet"))
     assert a.equals(b)
+
+
+def test_regional_store_of_patch_grids_thumbnails_and_int8_equals_the_whole(
+    tmp_path: Path, demo_cube_256: xr.Dataset
+) -> None:
+    """What a run does region by region gives what one embed of the whole cube gives."""
+    import torch
+
+    from xclay.batching import Block
+    from xclay.datacube import mark_complete
+    from xclay.embed import EmbedConfig, EmbedSession
+    from xclay.export import create_embeddings_store, write_embeddings_region
+    from xclay.models.clay_encoder import ClayEncoder
+    from xclay.quantize import quantize_embeddings
+    from xclay.regions import embed_regions
+
+    torch.manual_seed(0)
+    torch.save(ClayEncoder.from_size("tiny").state_dict(), tmp_path / "tiny.pt")
+    model = xclay.models.get_model("clay-v1.5", checkpoint=tmp_path / "tiny.pt", output="patches")
+    config = EmbedConfig(grid=xclay.ChipGridSpec(chip_size=64), thumbnails=16, precision="fp32")
+    session = EmbedSession(demo_cube_256, model, config)
+    store = create_embeddings_store(
+        session.layout().quantized("int8"), tmp_path / "regions.zarr", region_chips=2
+    )
+    for region in embed_regions(1, session.grid.shape, 2):
+        block = Block((region.time, region.time + 1), region.rows, region.cols)
+        part = quantize_embeddings(session.dataset(session.embed_block(block, progress=False)))
+        write_embeddings_region(store, part, (region.time, region.rows[0], region.cols[0]))
+    mark_complete(store)
+    whole = session.dataset(session.embed_block(progress=False))
+    regional = xclay.open_embeddings(store).load()
+    reference = xclay.open_embeddings(xclay.to_zarr(whole, tmp_path / "w.zarr", quantize="int8"))
+    assert regional["embedding"].shape == (1, 4, 4, 8, 8, 192)
+    assert regional["thumbnail"].shape == (1, 4, 4, 16, 16, 4)
+    for name in ("embedding", "thumbnail", "embedded", "nodata_fraction"):
+        np.testing.assert_array_equal(regional[name].values, reference[name].values)

@@ -120,6 +120,54 @@ def test_olinda_run_same_embeddings_from_one_or_many_assets(
     assert cube.attrs["provenance"]["sources"][0]["id"] == "olinda"
 
 
+def test_run_stores_loss_thumbnails_and_int8_vectors(tmp_path: Path, olinda_tif: Path) -> None:
+    import torch
+
+    from xclay.models.clay_decoder import ClayDecoder, DecoderSize
+    from xclay.models.clay_encoder import ClayEncoder
+
+    torch.manual_seed(0)
+    encoder = ClayEncoder.from_size("tiny")
+    decoder = ClayDecoder(encoder.dim, DecoderSize(dim=64, depth=1, heads=4, dim_head=16))
+    state = {f"model.encoder.{k}": v for k, v in encoder.state_dict().items()}
+    state.update({f"model.decoder.{k}": v for k, v in decoder.state_dict().items()})
+    torch.save({"state_dict": state, "hyper_parameters": {}}, tmp_path / "clay.ckpt")
+    item = stac_item(olinda_tif, bands=OLINDA_BANDS, wavelengths=OLINDA_WAVELENGTHS)
+    spec = _spec(
+        tmp_path,
+        _save([item], tmp_path / "items.json"),
+        model={"name": "clay-v1.5", "checkpoint": "clay.ckpt"},
+        outputs={"dir": "out", "quantize": "int8", "thumbnails": 16, "loss": True},
+        compute={"region_chips": 4, "precision": "fp32"},
+    )
+    result = _xclay("run", str(spec), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    raw = xclay.open_embeddings(out / "embeddings.zarr", dequantize=False)
+    assert raw["embedding"].dtype == np.int8 and "embedding_scale" in raw
+    emb = xclay.open_embeddings(out / "embeddings.zarr")
+    embedded = emb["embedded"].values
+    assert embedded.sum() == 121
+    assert np.isfinite(emb["embedding"].values[embedded]).all()
+    assert np.isfinite(emb["loss"].values[embedded]).all()
+    thumbs = emb["thumbnail"].values
+    assert thumbs.shape == (1, 11, 11, 16, 16, 4) and (thumbs[embedded][..., 3] > 0).any()
+    # The stretch was fitted once, by the driver, and every region used it.
+    stretch = emb["thumbnail"].attrs["stretch_low"], emb["thumbnail"].attrs["stretch_high"]
+    record = json.loads((out / "_xclay" / "run.json").read_text())
+    assert list(stretch[0]) == record["embed_config"]["thumbnail_stretch"]["low"]
+    assert record["card"]["params"]["loss"]["seed"] == 0
+    table = xclay.read_geoparquet(out / "embeddings.parquet")
+    assert table.num_rows == 121 and table["loss"].null_count == 0
+    assert table.schema.field("embedding").type.value_type == "float"  # restored
+    parts = pq.read_table(out / "embeddings.parquet")
+    assert parts.schema.field("embedding").type.value_type == "int8"
+    by_id = dict(zip(table["chip_id"].to_pylist(), table["loss"].to_pylist(), strict=True))
+    ids = emb["chip_id"].values
+    for i, j in [(0, 0), (5, 7), (10, 10)]:
+        assert by_id[ids[i, j]] == pytest.approx(float(emb["loss"].values[0, i, j]))
+
+
 def test_dry_run_plans_without_reading_or_writing(tmp_path: Path, olinda_tif: Path) -> None:
     item = stac_item(olinda_tif, bands=OLINDA_BANDS, wavelengths=OLINDA_WAVELENGTHS)
     spec = _spec(tmp_path, _save([item], tmp_path / "items.json"))

@@ -44,6 +44,7 @@ class ClayDatasetAccessor:
         precision: Precision = "auto",
         prefetch: int = 2,
         thumbnails: bool | int = False,
+        loss: bool = False,
         progress: bool | None = None,
     ) -> xr.Dataset:
         """Embed every chip of this datacube: see :func:`xclay.embed`."""
@@ -62,6 +63,7 @@ class ClayDatasetAccessor:
             precision=precision,
             prefetch=prefetch,
             thumbnails=thumbnails,
+            loss=loss,
             progress=progress,
         )
 
@@ -159,6 +161,7 @@ class ClayDataArrayAccessor:
         precision: Precision = "auto",
         prefetch: int = 2,
         thumbnails: bool | int = False,
+        loss: bool = False,
         progress: bool | None = None,
     ) -> xr.Dataset:
         """Embed this imagery (a datacube's ``pixels``): see :func:`xclay.embed`."""
@@ -177,5 +180,6 @@ class ClayDataArrayAccessor:
             precision=precision,
             prefetch=prefetch,
             thumbnails=thumbnails,
+            loss=loss,
             progress=progress,
         )

@@ -376,10 +376,12 @@ def to_chip_batch(
     lonlat: np.ndarray,
     times: np.ndarray,
     device: torch.device,
+    chip_ids: np.ndarray | None = None,
 ) -> ChipBatch:
     """Hand a host batch to torch (zero-copy on CPU, async copy from pinned memory on CUDA).
 
-    ``lonlat`` is ``(rows, cols, 2)`` chip centres, ``times`` ``(time,)`` datetime64.
+    ``lonlat`` is ``(rows, cols, 2)`` chip centres, ``times`` ``(time,)`` datetime64,
+    ``chip_ids`` ``(rows, cols)`` (optional).
     """
     import torch
 
@@ -396,6 +398,7 @@ def to_chip_batch(
         valid=valid,
         lonlat=torch.from_numpy(np.ascontiguousarray(lonlat[i, j], dtype=np.float64)).to(device),
         time=np.asarray(times)[t],
+        chip_ids=None if chip_ids is None else chip_ids[i, j],
     )
 
 

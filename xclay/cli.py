@@ -207,6 +207,11 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
         metavar="PX",
         help="a true-colour preview per chip, PX pixels wide (default when given: 64)",
     )
+    stored.add_argument(
+        "--loss",
+        action="store_true",
+        help="score each chip with Clay's masked-reconstruction loss (loads the decoder)",
+    )
 
 
 def _batch_size(text: str) -> int | str:
@@ -239,6 +244,7 @@ def _embed_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "precision": args.precision,
         "thumbnails": args.thumbnails,
+        "loss": args.loss,
         "progress": False if args.no_progress else None,
     }
 

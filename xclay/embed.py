@@ -35,7 +35,7 @@ from xclay.devices import Precision, resolve_device, resolve_dtype
 from xclay.errors import DatacubeError, ModelError
 from xclay.export import EmbeddingsLayout, VariableSpec
 from xclay.masks import PixelClass
-from xclay.protocols import Encoder, InputSpec, Sampler
+from xclay.protocols import Encoder, InputSpec, ReconstructionScorer, Sampler
 from xclay.quality import ChipQuality, QualityFilter
 from xclay.thumbnails import DEFAULT_SIZE as DEFAULT_THUMBNAIL_SIZE
 from xclay.thumbnails import ThumbnailStretch, make_thumbnails, rgb_bands, thumbnail_size
@@ -72,6 +72,11 @@ class EmbedConfig:
     thumbnail_stretch
         The thumbnails' colour scale (None: fitted on sample chips when the
         run is prepared, then stored here).
+    loss
+        Score every chip with the model's masked-reconstruction loss (models
+        with a decoder: Clay).
+    loss_seed
+        Seed of the loss's per-chip masking (see :mod:`xclay.models.clay_decoder`).
     """
 
     grid: ChipGridSpec = field(default_factory=ChipGridSpec)
@@ -82,6 +87,8 @@ class EmbedConfig:
     prefetch: int = 2
     thumbnails: int = 0
     thumbnail_stretch: ThumbnailStretch | None = None
+    loss: bool = False
+    loss_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -127,6 +134,7 @@ def embed(
     precision: Precision = "auto",
     prefetch: int = 2,
     thumbnails: bool | int = False,
+    loss: bool = False,
     progress: bool | None = None,
 ) -> xr.Dataset:
     """Embed every chip of a datacube.
@@ -158,6 +166,10 @@ def embed(
     thumbnails
         Store a true-colour preview of every embedded chip: ``True`` (64 px)
         or an edge in pixels (at most the chip size); see :mod:`xclay.thumbnails`.
+    loss
+        Also score every embedded chip with the model's masked-reconstruction
+        loss (``clay-v1.5``: loads the decoder from the same checkpoint; for
+        the large model it costs about a quarter of an embedding pass).
     progress
         Show a progress bar (``None``: only on an interactive terminal).
 
@@ -183,6 +195,7 @@ def embed(
         precision=precision,
         prefetch=prefetch,
         thumbnails=thumbnail_edge(thumbnails),
+        loss=loss,
     )
     return embed_with_config(cube, encoder, config, progress=progress)
 
@@ -219,6 +232,7 @@ class BlockResult:
     counts: dict[str, int]
     seconds: float
     thumbnails: np.ndarray | None = None  # [time, rows, cols, size, size, 4] uint8
+    loss: np.ndarray | None = None  # [time, rows, cols] float32, NaN where not scored
 
 
 class EmbedSession:
@@ -249,6 +263,7 @@ class EmbedSession:
         self.times = np.asarray(self.cube["time"].values, dtype="datetime64[ns]")
         lon, lat = self.grid.centres_lonlat()
         self.lonlat = np.stack([lon, lat], axis=-1)
+        self.chip_ids = self.grid.chip_ids()
         spec = InputSpec(
             platform=self.cube.attrs.get("platform") or None,
             bands=tuple(str(b) for b in self.cube["band"].values),
@@ -262,6 +277,13 @@ class EmbedSession:
         self._thumbnail_bands: list[int] = []
         if config.thumbnails:
             self.config = config = self._with_thumbnail_stretch(config, spec, sampler)
+        if config.loss:
+            if not isinstance(encoder, ReconstructionScorer):
+                raise ModelError(
+                    f"model {encoder.card.name!r} has no decoder to compute a reconstruction "
+                    "loss; loss=True needs model='clay-v1.5'."
+                )
+            encoder.enable_loss(config.loss_seed)
         encoder.prepare(spec, sampler, device=self.device, dtype=dtype)
         self.card = encoder.card
 
@@ -312,6 +334,7 @@ class EmbedSession:
         vectors = np.full((*shape, *card.vector_shape), np.nan, dtype=np.float32)
         edge = self.thumbnail_size
         thumbs = np.zeros((*shape, edge, edge, 4), dtype=np.uint8) if edge else None
+        losses = np.full(shape, np.nan, dtype=np.float32) if config.loss else None
         quality = ChipQuality.empty(shape, with_classes=self.reader.has_quality)
         t0, r0, c0 = block.times[0], block.rows[0], block.cols[0]
         start = timer.perf_counter()
@@ -326,7 +349,7 @@ class EmbedSession:
                 pin_memory=self.device.type == "cuda",
             ):
                 if len(host):
-                    batch = to_chip_batch(host, self.lonlat, self.times, self.device)
+                    batch = to_chip_batch(host, self.lonlat, self.times, self.device, self.chip_ids)
                     out = self.encoder.encode(batch)
                     if tuple(out.shape) != (len(host), *card.vector_shape):
                         raise ModelError(
@@ -335,6 +358,9 @@ class EmbedSession:
                         )
                     t, i, j = host.index.T
                     vectors[t - t0, i - r0, j - c0] = out.float().cpu().numpy()
+                    if losses is not None and isinstance(self.encoder, ReconstructionScorer):
+                        scores = self.encoder.loss(batch)
+                        losses[t - t0, i - r0, j - c0] = scores.float().cpu().numpy()
                     if thumbs is not None and config.thumbnail_stretch is not None:
                         thumbs[t - t0, i - r0, j - c0] = make_thumbnails(
                             batch.pixels,
@@ -362,7 +388,9 @@ class EmbedSession:
         )
         if thumbs is not None:
             thumbs[~embedded] = 0  # chips without a vector get no preview
-        return BlockResult(block, vectors, quality, embedded, counts, seconds, thumbs)
+        if losses is not None:
+            losses[~embedded] = np.nan
+        return BlockResult(block, vectors, quality, embedded, counts, seconds, thumbs, losses)
 
     def dataset(self, result: BlockResult) -> xr.Dataset:
         """The embeddings Dataset of a block (the whole grid's coords, cut to the block)."""
@@ -381,10 +409,14 @@ class EmbedSession:
             thumbnails=np.zeros((0, 0, 0, self.thumbnail_size, self.thumbnail_size, 4), np.uint8)
             if self.thumbnail_size
             else None,
+            loss=np.zeros((0, 0, 0), np.float32) if self.config.loss else None,
         )
         variables = {
             name: VariableSpec(
-                dims=tuple(dims), dtype=str(np.asarray(values).dtype), attrs=dict(attrs)
+                dims=tuple(dims),
+                dtype=str(np.asarray(values).dtype),
+                attrs=dict(attrs),
+                chip_shape=tuple(int(n) for n in np.shape(values)[3:]),
             )
             for name, (dims, values, attrs) in _data_vars(
                 empty, self.card.name, self.config.thumbnail_stretch
@@ -467,6 +499,11 @@ _DIMS3 = ("time", "chip_y", "chip_x")
 _VAR_ATTRS: dict[str, dict[str, Any]] = {
     "nodata_fraction": {"long_name": "fraction of chip pixels without data", "units": "1"},
     "embedded": {"long_name": "chip was embedded (passed the filters, vector valid)"},
+    "loss": {
+        "long_name": "masked-reconstruction loss of the chip: mean L1 error over its 75 % "
+        "masked patches, normalised units (model attrs: params.loss)",
+        "units": "1",
+    },
 }
 
 
@@ -476,6 +513,8 @@ def _data_vars(
     vectors = result.vectors
     patch_dims = ("patch_y", "patch_x") if vectors.ndim == 6 else ()
     extra: dict[str, Any] = {}
+    if result.loss is not None:
+        extra["loss"] = (_DIMS3, result.loss, _VAR_ATTRS["loss"])
     if result.thumbnails is not None and stretch is not None:
         extra["thumbnail"] = (
             (*_DIMS3, "thumb_y", "thumb_x", "rgba"),

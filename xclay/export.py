@@ -95,6 +95,7 @@ def to_zarr(
         "embedding": {"chunks": vector_chunks},
         "nodata_fraction": {"chunks": (1, cy, cx)},
         "embedded": {"chunks": (1, cy, cx)},
+        **({"loss": {"chunks": (1, cy, cx)}} if "loss" in out else {}),
         **({SCALE_VARIABLE: {"chunks": vector_chunks[:-1]}} if SCALE_VARIABLE in out else {}),
         **({"thumbnail": {"chunks": _thumbnail_chunks(out)}} if "thumbnail" in out else {}),
         **{name: {"chunks": (1, cy, cx)} for name in QUALITY_COLUMNS if name in out.data_vars},
@@ -163,11 +164,16 @@ def validate_embeddings(emb: xr.Dataset) -> None:
 
 @dataclass(frozen=True)
 class VariableSpec:
-    """Dims, dtype and attributes of one data variable of an embeddings store."""
+    """Dims, dtype and attributes of one data variable of an embeddings store.
+
+    ``chip_shape``: its shape per chip, after (time, chip_y, chip_x) (the
+    features; patch grids and thumbnails add theirs).
+    """
 
     dims: tuple[str, ...]
     dtype: str
     attrs: dict[str, Any]
+    chip_shape: tuple[int, ...] = ()
     fill_value: Any = None  # what unwritten chunks read as (None: NaN, False, 0 by dtype)
 
 
@@ -185,10 +191,14 @@ class EmbeddingsLayout:
         vector = self.variables["embedding"]
         variables = dict(self.variables)
         variables["embedding"] = VariableSpec(
-            vector.dims, "int8", {**vector.attrs, "units": "1 (scaled)"}, MISSING_INT8
+            vector.dims,
+            "int8",
+            {**vector.attrs, "units": "1 (scaled)"},
+            vector.chip_shape,
+            MISSING_INT8,
         )
         variables[SCALE_VARIABLE] = VariableSpec(
-            vector.dims[:-1], "float32", scale_attrs(vector.attrs)
+            vector.dims[:-1], "float32", scale_attrs(vector.attrs), vector.chip_shape[:-1]
         )
         coords = self.coords.copy()
         coords.attrs = {**coords.attrs, "quantization": quantization_attrs()}
@@ -216,14 +226,12 @@ def create_embeddings_store(
     sizes = dict(coords.sizes)
     names = " ".join(sorted(str(c) for c in coords.coords if c not in coords.dims))
     for name, spec in layout.variables.items():
-        shape = tuple(sizes[d] for d in spec.dims)
-        chunks = tuple(
-            1
-            if d == "time"
-            else min(sizes[d], region_chips)
-            if d in ("chip_y", "chip_x")
-            else sizes[d]
-            for d in spec.dims
+        shape = (sizes["time"], sizes["chip_y"], sizes["chip_x"], *spec.chip_shape)
+        chunks = (
+            1,
+            min(sizes["chip_y"], region_chips),
+            min(sizes["chip_x"], region_chips),
+            *spec.chip_shape,
         )
         dtype = np.dtype(spec.dtype)
         group.create_array(
@@ -279,7 +287,8 @@ def to_geoparquet(
     ``centre_lon``, ``native_crs``, ``native_footprint`` (WKB in the
     datacube CRS), ``row_off``/``col_off``/``chip_size`` (pixel window),
     ``nodata_fraction``, ``cloud_fraction``, ``cloud_shadow_fraction``,
-    ``haze_fraction``, ``snow_fraction``, ``clear_fraction``, ``thumbnail``
+    ``haze_fraction``, ``snow_fraction``, ``clear_fraction``, ``loss``
+    (when the embeddings have it), ``thumbnail``
     (PNG bytes, when the embeddings have thumbnails), ``platform``, ``source_ids``.
     The footer holds ``geo`` and ``xclay`` (model card, config, datacube,
     run) metadata. Chips that were not embedded are not written; their
@@ -359,6 +368,15 @@ def to_geoparquet(
             for name in QUALITY_COLUMNS
             if name in emb.data_vars
         },
+        **(
+            {
+                "loss": _floats_or_null(
+                    np.asarray(emb["loss"].values, np.float32)[t_idx, i_idx, j_idx]
+                )
+            }
+            if "loss" in emb.data_vars
+            else {}
+        ),
         **(
             {"thumbnail": _png_column(np.asarray(emb["thumbnail"].values)[t_idx, i_idx, j_idx])}
             if "thumbnail" in emb.data_vars

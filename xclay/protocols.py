@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from xclay.devices import Precision
     from xclay.models.card import ModelCard
 
-__all__ = ["ChipBatch", "Encoder", "InputSpec", "Sampler", "WindowReader"]
+__all__ = ["ChipBatch", "Encoder", "InputSpec", "ReconstructionScorer", "Sampler", "WindowReader"]
 
 
 @dataclass(frozen=True)
@@ -71,12 +71,15 @@ class ChipBatch:
         ``[B, 2]`` float64 chip centres in degrees, (lon, lat) order.
     time
         ``[B]`` datetime64[ns] acquisition times (midpoints for composites); NaT: unknown.
+    chip_ids
+        ``[B]`` chip ids (:mod:`xclay.chips`), where known (not for sample chips).
     """
 
     pixels: torch.Tensor
     valid: torch.Tensor
     lonlat: torch.Tensor
     time: np.ndarray
+    chip_ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.pixels.shape[0])
@@ -110,6 +113,19 @@ class Encoder(Protocol):
 
     def encode(self, batch: ChipBatch) -> torch.Tensor:
         """``[B, dim]`` float32 embeddings (NaN rows for chips it cannot embed)."""
+        ...
+
+
+@runtime_checkable
+class ReconstructionScorer(Protocol):
+    """An encoder that can also score chips by how well its decoder reconstructs them."""
+
+    def enable_loss(self, seed: int) -> None:
+        """Load what scoring needs (the decoder); call before ``prepare``."""
+        ...
+
+    def loss(self, batch: ChipBatch) -> torch.Tensor:
+        """``[B]`` float32 per-chip reconstruction loss."""
         ...
 
 

@@ -115,6 +115,7 @@ class OutputSettings:
     overwrite: bool = False
     quantize: str | None = None
     thumbnails: int = 0
+    loss: bool = False
 
 
 @dataclass(frozen=True)
@@ -454,12 +455,18 @@ class _Reader:
         d = self.section(
             data,
             "outputs",
-            {"dir", "datacube", "embeddings", "geoparquet", "overwrite", "quantize", "thumbnails"},
+            {
+                "dir",
+                "datacube",
+                "embeddings",
+                "geoparquet",
+                "overwrite",
+                "quantize",
+                "thumbnails",
+                "loss",
+            },
             {"dir"},
         )
-        overwrite = d.get("overwrite", False)
-        if not isinstance(overwrite, bool):
-            raise self.fail("outputs.overwrite", f"must be true or false, got {overwrite!r}.")
         return OutputSettings(
             dir=self.text(d["dir"], "outputs.dir", optional=False) or "",
             datacube=self.text(d.get("datacube", "cube.zarr"), "outputs.datacube") or "cube.zarr",
@@ -467,10 +474,16 @@ class _Reader:
             or "embeddings.zarr",
             geoparquet=self.text(d.get("geoparquet", "embeddings.parquet"), "outputs.geoparquet")
             or "embeddings.parquet",
-            overwrite=overwrite,
+            overwrite=self.flag(d.get("overwrite", False), "outputs.overwrite"),
             quantize=self.choice(d.get("quantize"), "outputs.quantize", (None, *QUANTIZATIONS)),
             thumbnails=self.thumbnails(d.get("thumbnails", False)),
+            loss=self.flag(d.get("loss", False), "outputs.loss"),
         )
+
+    def flag(self, value: Any, where: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(where, f"must be true or false, got {value!r}.")
+        return value
 
     def thumbnails(self, value: Any) -> int:
         if isinstance(value, bool):
@@ -694,7 +707,11 @@ def _identity(spec: RunSpec, resolved: RunPlan) -> dict[str, Any]:
         "quality": dataclasses.asdict(spec.quality),
         "region_chips": spec.compute.region_chips,
         "precision": spec.compute.precision,
-        "stored": {"quantize": spec.outputs.quantize, "thumbnails": spec.outputs.thumbnails},
+        "stored": {
+            "quantize": spec.outputs.quantize,
+            "thumbnails": spec.outputs.thumbnails,
+            "loss": spec.outputs.loss,
+        },
         "items": [i.id for i in resolved.items],
     }
 
@@ -934,6 +951,7 @@ def _embed_config(spec: RunSpec, cube: xr.Dataset, encoder: Any) -> Any:
         precision=spec.compute.precision,
         prefetch=spec.compute.prefetch,
         thumbnails=spec.outputs.thumbnails,
+        loss=spec.outputs.loss,
     )
 
 

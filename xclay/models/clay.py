@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     import torch
 
     from xclay.devices import Precision
+    from xclay.models.clay_decoder import ClayDecoder
     from xclay.models.clay_encoder import ClayEncoder
     from xclay.protocols import ChipBatch, InputSpec, Sampler
 
@@ -59,7 +60,10 @@ log = logging.getLogger(__name__)
 OFFICIAL_WEIGHTS_URL = "https://huggingface.co/made-with-clay/Clay/blob/main/v1.5/clay-v1.5.ckpt"
 CHECKPOINT_ENV = "XCLAY_CHECKPOINT"
 Output = Literal["cls", "mean", "patches"]
-_ENCODER_PREFIXES = ("model.encoder.", "encoder.")
+_PREFIXES = {
+    "encoder": ("model.encoder.", "encoder."),
+    "decoder": ("model.decoder.", "decoder."),
+}
 
 
 # --------------------------------------------------------------------------- inputs
@@ -128,13 +132,14 @@ def _locate_checkpoint() -> Path:
 
 
 def load_clay_state_dict(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str], *, part: Literal["encoder", "decoder"] = "encoder"
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The encoder's state dict (prefix stripped) and the checkpoint's hyper-parameters.
+    """The encoder's (or decoder's) state dict, prefix stripped, and the checkpoint's
+    hyper-parameters.
 
-    Accepts a Lightning ``.ckpt`` (``state_dict`` with ``model.encoder.*``), a
-    plain state dict (``.pt``, with or without that prefix) and
-    ``.safetensors``. Never unpickles arbitrary objects.
+    Accepts a Lightning ``.ckpt`` (``state_dict`` with ``model.encoder.*`` and
+    ``model.decoder.*``), a plain state dict (``.pt``; an encoder's keys may
+    lack the prefix) and ``.safetensors``. Never unpickles arbitrary objects.
     """
     import torch
 
@@ -154,10 +159,15 @@ def load_clay_state_dict(
             f"{file} holds no state dict of tensors; expected the official clay-v1.5.ckpt, an "
             "encoder state dict saved with torch.save, or a .safetensors file."
         )
-    for prefix in _ENCODER_PREFIXES:
+    for prefix in _PREFIXES[part]:
         if any(k.startswith(prefix) for k in raw):
-            raw = {k[len(prefix) :]: v for k, v in raw.items() if k.startswith(prefix)}
-            break
+            return {k[len(prefix) :]: v for k, v in raw.items() if k.startswith(prefix)}, hyper
+    if part == "decoder":
+        raise CheckpointError(
+            f"{file.name} holds no Clay decoder (no model.decoder.* keys): the per-chip loss needs "
+            f"the official checkpoint (clay-v1.5.ckpt, {OFFICIAL_WEIGHTS_URL}), or a state dict "
+            "with the decoder under decoder.*. Embeddings alone do not need it."
+        )
     return dict(raw), hyper
 
 
@@ -259,6 +269,9 @@ class ClayV15:
         self.normalization_request = normalization
         self.compile = compile
         self._checkpoint = checkpoint
+        self.checkpoint_path: Path | None = None
+        self.decoder: ClayDecoder | None = None
+        self._loss: dict[str, Any] | None = None
         self._norm: Normalization | None = None
         self._waves: dict[str, float] = {}
         self._waves_source = ""
@@ -315,7 +328,7 @@ class ClayV15:
             )
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
         log.info("loaded Clay %s encoder from %s", found, path)
-        return cls(
+        encoder = cls(
             model,
             size=found,
             output=output,
@@ -323,6 +336,64 @@ class ClayV15:
             compile=compile,
             checkpoint=(path.name, file_sha256(path)),
         )
+        encoder.checkpoint_path = path
+        return encoder
+
+    def enable_loss(self, seed: int = 0) -> None:
+        """Load the decoder from the same checkpoint, so :meth:`loss` can score chips.
+
+        ``seed`` enters every chip's masking permutation
+        (:mod:`xclay.models.clay_decoder`). Call before :meth:`prepare`.
+        """
+        from xclay.models.clay_decoder import MASK_RATIO, MASK_RULE
+
+        if self.decoder is None:
+            self.decoder, norm_pix_loss = self._load_decoder()
+        else:
+            norm_pix_loss = bool(self._loss and self._loss["norm_pix_loss"])
+        size = self.decoder.size
+        self._loss = {
+            "seed": int(seed),
+            "mask_ratio": MASK_RATIO,
+            "mask_rule": MASK_RULE,
+            "norm_pix_loss": norm_pix_loss,
+            "metric": "mean over the masked patches of each patch's mean L1 error, on the "
+            "normalised chip (nodata pixels 0)",
+            "decoder": {
+                "dim": size.dim,
+                "depth": size.depth,
+                "heads": size.heads,
+                "dim_head": size.dim_head,
+                "mlp_ratio": size.mlp_ratio,
+            },
+        }
+
+    def _load_decoder(self) -> tuple[ClayDecoder, bool]:
+        from xclay.models.clay_decoder import ClayDecoder, DecoderSize
+
+        if self.checkpoint_path is None:
+            raise ModelError(
+                "the per-chip loss needs the decoder of this encoder's checkpoint, but the "
+                "encoder was not loaded from a file; build it with ClayV15.from_checkpoint(PATH)."
+            )
+        path = self.checkpoint_path
+        state, hyper = load_clay_state_dict(path, part="decoder")
+        try:
+            size = DecoderSize.of_state_dict(state, heads=int(hyper.get("decoder_heads", 4)))
+        except (KeyError, ValueError) as err:
+            raise CheckpointError(f"{path.name}: not a Clay decoder ({err}).") from err
+        decoder = ClayDecoder(self.model.dim, size, patch_size=self.model.patch_size)
+        expected = decoder.state_dict()
+        wrong = sorted(set(expected) ^ set(state)) or [
+            k for k, v in expected.items() if tuple(state[k].shape) != tuple(v.shape)
+        ]
+        if wrong:
+            raise CheckpointError(
+                f"{path.name}: the decoder keys or shapes do not match Clay's, e.g. {wrong[:3]}."
+            )
+        decoder.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        log.info("loaded Clay decoder (%s) from %s", size, path)
+        return decoder.eval(), bool(hyper.get("norm_pix_loss", False))
 
     def batch_size_hint(self, device: torch.device, chip_size: int, bands: int) -> int:
         """A batch that fills ``device``: see :func:`clay_batch_size`."""
@@ -347,6 +418,8 @@ class ClayV15:
             output=card.output,  # type: ignore[arg-type]
             normalization={b: (v["mean"], v["std"]) for b, v in card.normalization.items()},
         )
+        if card.params.get("loss"):
+            enc.enable_loss(seed=int(card.params["loss"]["seed"]))
         if (
             enc._checkpoint
             and card.checkpoint_sha256
@@ -406,6 +479,7 @@ class ClayV15:
                 ),
                 "latlon_encoding": "[sin lat, cos lat, sin lon, cos lon] of the chip centre, radians",
                 "nodata": "pixels set to 0 after normalisation (the band mean)",
+                **({"loss": self._loss} if self._loss else {}),
             },
         )
 
@@ -439,12 +513,22 @@ class ClayV15:
             )
             grid = spec.chip_size // p
             position = posemb_2d_gsd(grid, grid, self.model.dim - META_DIMS, spec.gsd, device)
+            if self.decoder is not None:
+                self.decoder.to(device)
+                projection, decoder_position = self.decoder.prepare(
+                    torch.tensor(waves, dtype=torch.float32, device=device), grid, grid, spec.gsd
+                )
         self._state = {
             "mean": torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1),
             "std": torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1),
             "kernel": kernel,
             "bias": bias,
             "position": position,
+            **(
+                {"projection": projection, "decoder_position": decoder_position}
+                if self.decoder is not None
+                else {}
+            ),
         }
         self._forward = self.model.forward_with_kernel
         if self.compile:
@@ -452,22 +536,9 @@ class ClayV15:
 
     def encode(self, batch: ChipBatch) -> torch.Tensor:
         """``[B, dim]`` (cls, mean) or ``[B, H/8, W/8, dim]`` (patches), float32."""
-        import torch
 
-        if not self._state or self._device is None:
-            raise ModelError("call prepare() before encode(): the Clay inputs are not ready.")
-        device = self._device
-        x = (
-            batch.pixels.to(device=device, dtype=torch.float32) - self._state["mean"]
-        ) / self._state["std"]
-        x = x.masked_fill(~batch.valid.to(device).unsqueeze(1), 0.0)
-        time = torch.from_numpy(time_encoding(batch.time)).to(device)
-        latlon = latlon_encoding(batch.lonlat).to(device)
-        bf16 = self._dtype == torch.bfloat16
-        with (
-            torch.inference_mode(),
-            torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
-        ):
+        x, time, latlon = self._inputs(batch)
+        with self._inference():
             tokens = self._forward(
                 x,
                 time,
@@ -484,6 +555,78 @@ class ClayV15:
             return tokens[:, 1:].mean(dim=1)
         grid = x.shape[-1] // self.model.patch_size
         return tokens[:, 1:].reshape(tokens.shape[0], -1, grid, tokens.shape[-1])
+
+    def loss(self, batch: ChipBatch) -> torch.Tensor:
+        """``[B]`` float32: each chip's masked-reconstruction loss (after :meth:`enable_loss`).
+
+        The encoder sees the chip's unmasked quarter of patches, the decoder
+        reconstructs all of them; the loss is the mean L1 error over the
+        masked patches of the normalised chip.
+        """
+        import torch
+
+        from xclay.models.clay_decoder import chip_seeds, mask_permutations, reconstruction_loss
+
+        if self.decoder is None or self._loss is None or "projection" not in self._state:
+            raise ModelError("call enable_loss() before prepare() to score chips with the decoder.")
+        if batch.chip_ids is None:
+            raise ModelError("the loss needs each chip's id (ChipBatch.chip_ids) for its mask.")
+        x, time, latlon = self._inputs(batch)
+        p = self.model.patch_size
+        n_patches = (x.shape[-2] // p) * (x.shape[-1] // p)
+        seeds = chip_seeds([str(c) for c in batch.chip_ids], batch.time, self._loss["seed"])
+        masked_np, unmasked_np = mask_permutations(seeds, n_patches)
+        masked = torch.from_numpy(masked_np).to(x.device)
+        unmasked = torch.from_numpy(unmasked_np).to(x.device)
+        with self._inference():
+            encoded = self.model.forward_with_kernel(
+                x,
+                time,
+                latlon,
+                float(self._gsd or 0.0),
+                self._state["kernel"],
+                self._state["bias"],
+                self._state["position"],
+                keep=unmasked,
+            )
+            predicted = self.decoder(
+                encoded,
+                unmasked,
+                masked,
+                time,
+                latlon,
+                self._state["decoder_position"],
+                self._state["projection"],
+            )
+            return reconstruction_loss(
+                predicted, x, masked, p, norm_pix_loss=self._loss["norm_pix_loss"]
+            )
+
+    def _inputs(self, batch: ChipBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normalised pixels (nodata 0), time and latlon encodings, on the device."""
+        import torch
+
+        if not self._state or self._device is None:
+            raise ModelError("call prepare() before encode(): the Clay inputs are not ready.")
+        device = self._device
+        x = (
+            batch.pixels.to(device=device, dtype=torch.float32) - self._state["mean"]
+        ) / self._state["std"]
+        x = x.masked_fill(~batch.valid.to(device).unsqueeze(1), 0.0)
+        time = torch.from_numpy(time_encoding(batch.time)).to(device)
+        return x, time, latlon_encoding(batch.lonlat).to(device)
+
+    def _inference(self) -> Any:
+        """Inference mode, in bf16 autocast when the model runs in bf16."""
+        import contextlib
+
+        import torch
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        if self._device is not None and self._dtype == torch.bfloat16:
+            stack.enter_context(torch.autocast(self._device.type, dtype=torch.bfloat16))
+        return stack
 
 
 def clay_batch_size(size: str, chip_size: int, bands: int, *, free_bytes: int | None) -> int:

@@ -303,8 +303,15 @@ class ClayEncoder(nn.Module):
         kernel: torch.Tensor,
         bias: torch.Tensor,
         position: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """:meth:`forward` with the patch kernel (and optionally the position encoding) given."""
+        """:meth:`forward` with the patch kernel (and optionally the position encoding) given.
+
+        ``keep`` ``[B, Lu]`` (long): the patch tokens the transformer sees, in
+        that order, after their position and metadata encodings are added
+        (the masked pass of the reconstruction loss); the output is then
+        ``[B, 1 + Lu, dim]``.
+        """
         b, _, h, w = pixels.shape
         p = self.patch_size
         if h % p or w % p:
@@ -312,27 +319,35 @@ class ClayEncoder(nn.Module):
         tokens = self.patch_embedding(pixels, kernel.to(pixels.dtype), bias.to(pixels.dtype))
         if position is None:
             position = posemb_2d_gsd(h // p, w // p, self.dim - META_DIMS, gsd, pixels.device)
-        meta = torch.cat([time, latlon], dim=1).to(tokens.dtype)  # [B, 8]
-        encoding = torch.cat(
-            [
-                position.to(tokens.dtype).expand(b, -1, -1),
-                meta[:, None, :].expand(-1, tokens.shape[1], -1),
-            ],
-            dim=-1,
-        )
-        tokens = tokens + encoding
+        tokens = tokens + token_encoding(position, time, latlon).to(tokens.dtype)
+        if keep is not None:
+            tokens = torch.gather(tokens, 1, keep[..., None].expand(-1, -1, tokens.shape[-1]))
         x = torch.cat([self.cls_token.to(tokens.dtype).expand(b, -1, -1), tokens], dim=1)
         return self.transformer(x)
+
+
+def token_encoding(
+    position: torch.Tensor, time: torch.Tensor, latlon: torch.Tensor
+) -> torch.Tensor:
+    """``[B, L, D' + 8]``: every token's position encoding ``[L, D']`` then its chip's
+    ``concat(time, latlon)`` ``[B, 8]``."""
+    b, n = time.shape[0], position.shape[0]
+    meta = torch.cat([time, latlon], dim=1).to(position.dtype)
+    return torch.cat([position.expand(b, -1, -1), meta[:, None, :].expand(-1, n, -1)], dim=-1)
 
 
 def count_forward_flops(size: str, chip_size: int, bands: int, patch_size: int = 8) -> float:
     """Floating-point operations (2 x multiply-adds) of one forward on one chip."""
     s = CLAY_SIZES[size]
     tokens = (chip_size // patch_size) ** 2 + 1
-    inner = s.heads * s.dim_head
-    mlp = int(s.dim * s.mlp_ratio)
-    per_layer = (
-        tokens * (s.dim * 3 * inner + inner * s.dim + 2 * s.dim * mlp) + 2 * tokens * tokens * inner
-    )
     patch = (tokens - 1) * s.dim * bands * patch_size * patch_size
-    return 2.0 * (s.depth * per_layer + patch)
+    inner, mlp = s.heads * s.dim_head, int(s.dim * s.mlp_ratio)
+    return transformer_flops(tokens, s.dim, s.depth, inner, mlp) + 2.0 * patch
+
+
+def transformer_flops(tokens: int, dim: int, depth: int, inner: int, mlp: int) -> float:
+    """Floating-point operations of ``depth`` pre-norm blocks over ``tokens`` tokens."""
+    per_layer = (
+        tokens * (dim * 3 * inner + inner * dim + 2 * dim * mlp) + 2 * tokens * tokens * inner
+    )
+    return 2.0 * depth * per_layer
