@@ -92,6 +92,30 @@ def test_chip_filters_from_the_command_line(tmp_path: Path, demo_cube_256: xr.Da
     assert "need a datacube with a 'quality' variable" in clouds.stderr
 
 
+def test_stored_extras_from_the_command_line(tmp_path: Path, demo_cube_256: xr.Dataset) -> None:
+    cube = xclay.write_datacube(demo_cube_256, tmp_path / "cube.zarr", chip_size=64)
+    out = tmp_path / "o"
+    run = _xclay(
+        "embed", str(cube), "--out", str(out), "--chip-size", "64", "--thumbnails", "16",
+        "--quantize", "int8", "--no-progress",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    raw = xclay.open_embeddings(out / "embeddings.zarr", dequantize=False)
+    assert raw["embedding"].dtype == np.int8 and raw["thumbnail"].shape[3:] == (16, 16, 4)
+    table = xclay.read_geoparquet(out / "embeddings.parquet")
+    assert table["thumbnail"].null_count == 0 and "embedding_scale" not in table.column_names
+    again = _xclay("export", str(out / "embeddings.zarr"), "--out", str(tmp_path / "f.parquet"))
+    assert again.returncode == 0, again.stderr  # float32 unless --quantize
+    assert (
+        xclay.read_geoparquet(tmp_path / "f.parquet", dequantize=False)["embedding"].type.value_type
+        == "float"
+    )
+    loss = _xclay("embed", str(cube), "--out", str(tmp_path / "l"), "--loss")
+    assert (
+        loss.returncode == 1 and "has no decoder" in loss.stderr and "Traceback" not in loss.stderr
+    )
+
+
 def test_info_reports_machine_and_parts() -> None:
     run = _xclay("info", "--json")
     assert run.returncode == 0, run.stderr

@@ -116,7 +116,8 @@ def scale_attrs(embedding_attrs: dict[str, Any]) -> dict[str, Any]:
 
 def dequantize_embeddings(emb: xr.Dataset) -> xr.Dataset:
     """float32 ``embedding`` again (lazily for lazily opened stores); ``embedding_scale``
-    dropped. The ``quantization`` attribute stays, to say the values are approximate."""
+    dropped, and the ``quantization`` attribute renamed ``dequantized_from`` (the values
+    are approximate: within half a quantisation step)."""
     if not quantization_of(emb):
         return emb
     if SCALE_VARIABLE not in emb.data_vars:
@@ -137,6 +138,8 @@ def dequantize_embeddings(emb: xr.Dataset) -> xr.Dataset:
         variable = xr.Variable(q.dims, lazy, attrs)
     out = emb.drop_vars(SCALE_VARIABLE)
     out["embedding"] = variable
+    out.attrs = {k: v for k, v in emb.attrs.items() if k != "quantization"}
+    out.attrs["dequantized_from"] = emb.attrs["quantization"]
     return out
 
 
