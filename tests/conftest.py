@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ from xclay.datasets import demo_composite
 from xclay.protocols import Encoder
 
 from .helpers import OLINDA_TIF
+
+os.environ.setdefault("MPLBACKEND", "Agg")  # plots render to files; no display needed
 
 
 @functools.cache

@@ -25,7 +25,7 @@ __all__ = ["ClayDataArrayAccessor", "ClayDatasetAccessor"]
 
 @xr.register_dataset_accessor("clay")
 class ClayDatasetAccessor:
-    """``ds.clay``: embed a datacube; write datacubes and embeddings."""
+    """``ds.clay``: embed a datacube; write datacubes and embeddings; search and plot them."""
 
     def __init__(self, obj: xr.Dataset) -> None:
         self._obj = obj
@@ -111,6 +111,34 @@ class ClayDatasetAccessor:
         from xclay.export import to_geoparquet
 
         return to_geoparquet(self._obj, path, quantize=quantize, overwrite=overwrite)
+
+    def similar(
+        self, query: Any, *, k: int = 10, time: Any = None, include_query: bool = False
+    ) -> Any:
+        """The chips of these embeddings most like ``query``: see :func:`xclay.explore.similar`."""
+        from xclay.explore import similar
+
+        return similar(self._obj, query, k=k, time=time, include_query=include_query)
+
+    def plot_pca(self, *, time: int = 0, ax: Any = None) -> Any:
+        """PCA false-colour map of these embeddings: see :func:`xclay.viz.plot_pca`."""
+        from xclay.viz import plot_pca
+
+        return plot_pca(self._obj, time=time, ax=ax)
+
+    def plot_similarity(
+        self, query: Any, *, time: int = 0, ax: Any = None, cmap: str = "magma"
+    ) -> Any:
+        """Similarity heat map for a query: see :func:`xclay.viz.plot_similarity`."""
+        from xclay.viz import plot_similarity
+
+        return plot_similarity(self._obj, query, time=time, ax=ax, cmap=cmap)
+
+    def plot_true_colour(self, *, time: int = 0, ax: Any = None) -> Any:
+        """This datacube in true colour: see :func:`xclay.viz.plot_true_colour`."""
+        from xclay.viz import plot_true_colour
+
+        return plot_true_colour(self._obj, time=time, ax=ax)
 
 
 @xr.register_dataarray_accessor("clay")

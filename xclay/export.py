@@ -39,7 +39,9 @@ __all__ = [
     "GEOPARQUET_VERSION",
     "EmbeddingsLayout",
     "VariableSpec",
+    "chip_footprints",
     "create_embeddings_store",
+    "embeddings_table",
     "open_embeddings",
     "read_geoparquet",
     "to_geoparquet",
@@ -294,8 +296,21 @@ def to_geoparquet(
     run) metadata. Chips that were not embedded are not written; their
     count is in the footer's ``run``.
     """
-    import pyarrow as pa
     import pyarrow.parquet as pq
+
+    table = embeddings_table(emb, quantize=quantize)
+    dim = emb.sizes["feature"]
+    rows_per_group = max(1, _ROW_GROUP_BYTES // ((1 if quantize else 4) * dim + 512))
+    with atomic_output(Path(path), overwrite=overwrite) as tmp:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=rows_per_group)
+    log.info("wrote GeoParquet %s (%d rows)", path, table.num_rows)
+    return Path(path)
+
+
+def embeddings_table(emb: xr.Dataset, *, quantize: str | None = None) -> Any:
+    """The rows :func:`to_geoparquet` writes, as a ``pyarrow.Table`` with its footer
+    metadata (``geo``, ``xclay``) in the schema."""
+    import pyarrow as pa
     import shapely
     from pyproj import CRS as ProjCRS
 
@@ -303,7 +318,6 @@ def to_geoparquet(
     check_quantize(quantize)
     cube = emb.attrs["datacube"]
     size = int(emb.attrs["config"]["grid"]["chip_size"])
-    transform = Affine(*_gdal_to_affine(cube["geotransform"]))
     native_crs = ProjCRS.from_wkt(cube["crs_wkt"])
 
     embedded = np.asarray(emb["embedded"].values, dtype=bool)
@@ -322,15 +336,13 @@ def to_geoparquet(
 
     row_off = np.asarray(emb["row_off"].values, dtype=np.int64)
     col_off = np.asarray(emb["col_off"].values, dtype=np.int64)
-    native = window_corners(transform, row_off[i_idx], col_off[j_idx], size)  # [n, 5, 2]
-    lonlat = _to_lonlat(native_crs, native)
-    geoms = _lonlat_polygons(lonlat)
+    native, geoms = chip_footprints(emb, i_idx, j_idx)
     bounds = shapely.bounds(geoms) if n else np.empty((0, 4))
 
     times = np.asarray(emb["time"].values, dtype="datetime64[ns]")
     chip_ids = np.asarray(emb["chip_id"].values, dtype=object)[i_idx, j_idx].astype(str)
     row_time = times[t_idx]
-    ids = [f"{c}_{_time_tag(t)}" for c, t in zip(chip_ids, row_time, strict=True)]
+    ids = row_ids(chip_ids, row_time)
     sources = _source_ids(cube.get("provenance", {}))
     epsg = native_crs.to_epsg()
 
@@ -431,11 +443,22 @@ def to_geoparquet(
             b"xclay": json.dumps(jsonable(xclay_meta)).encode(),
         }
     )
-    rows_per_group = max(1, _ROW_GROUP_BYTES // ((1 if quantize else 4) * dim + 512))
-    with atomic_output(Path(path), overwrite=overwrite) as tmp:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=rows_per_group)
-    log.info("wrote GeoParquet %s (%d rows)", path, n)
-    return Path(path)
+    return table
+
+
+def chip_footprints(emb: xr.Dataset, rows: np.ndarray, cols: np.ndarray) -> tuple[Any, Any]:
+    """Footprints of chips ``(rows[k], cols[k])`` of the grid: native rings ``[n, 5, 2]``
+    in the datacube CRS, and WGS84 polygons (split at the antimeridian where they cross it)."""
+    from pyproj import CRS as ProjCRS
+
+    cube = emb.attrs["datacube"]
+    size = int(emb.attrs["config"]["grid"]["chip_size"])
+    transform = Affine(*_gdal_to_affine(cube["geotransform"]))
+    row_off = np.asarray(emb["row_off"].values, dtype=np.int64)[rows]
+    col_off = np.asarray(emb["col_off"].values, dtype=np.int64)[cols]
+    native = window_corners(transform, row_off, col_off, size)
+    lonlat = _to_lonlat(ProjCRS.from_wkt(cube["crs_wkt"]), native)
+    return native, _lonlat_polygons(lonlat)
 
 
 def _vector_columns(vectors: np.ndarray, dim: int, quantize: str | None) -> dict[str, Any]:
@@ -482,12 +505,17 @@ def read_geoparquet(
     if not source.exists():
         raise FileNotFoundError(f"no GeoParquet at {source}.")
     wanted = columns
-    if columns is not None and "embedding" in columns and SCALE_COLUMN not in columns:
+    if (
+        columns is not None
+        and "embedding" in columns
+        and SCALE_COLUMN not in columns
+        and SCALE_COLUMN in pq.ParquetDataset(source).schema.names
+    ):
         wanted = [*columns, SCALE_COLUMN]  # needed to dequantise; dropped again below
     table = pq.read_table(source, columns=wanted, filters=filters)
     names = table.column_names
     if dequantize and "embedding" in names and SCALE_COLUMN in names:
-        table = _dequantized_table(table)
+        table = dequantize_table(table)
     if not geodataframe:
         return table
     try:
@@ -503,7 +531,9 @@ def read_geoparquet(
     return gpd.GeoDataFrame(frame, geometry=geometry)
 
 
-def _dequantized_table(table: Any) -> Any:
+def dequantize_table(table: Any) -> Any:
+    """A GeoParquet ``pyarrow.Table`` with int8 ``embedding`` and ``embedding_scale``
+    -> the same rows with float32 vectors."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -582,6 +612,11 @@ def _floats_or_null(values: np.ndarray) -> Any:
     import pyarrow as pa
 
     return pa.array(values, type=pa.float32(), mask=~np.isfinite(values))
+
+
+def row_ids(chip_ids: Any, times: np.ndarray) -> list[str]:
+    """Unique row ids: ``{chip_id}_{time as YYYYMMDDTHHMMSS}`` (``notime`` when unknown)."""
+    return [f"{c}_{_time_tag(t)}" for c, t in zip(chip_ids, times, strict=True)]
 
 
 def _time_tag(t: np.datetime64) -> str:

@@ -1,17 +1,29 @@
-"""Pictures of cubes and embeddings: true colour, PCA false colour, the demo preview."""
+"""Pictures of cubes and embeddings: true colour, PCA false colour, similarity maps,
+the demo preview. The ``plot_*`` functions draw with matplotlib
+(``pip install "xclay[explore]"``) in the datacube's CRS."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import xarray as xr
 
-from xclay.datacube import nodata_value
+from xclay.datacube import datacube_geobox, nodata_value
+from xclay.errors import MissingDependencyError
 from xclay.thumbnails import rgb_bands
 
-__all__ = ["pca_colour", "save_preview", "true_colour"]
+__all__ = [
+    "pca_colour",
+    "plot_pca",
+    "plot_side_by_side",
+    "plot_similarity",
+    "plot_true_colour",
+    "save_preview",
+    "true_colour",
+]
 
 
 def true_colour(cube: xr.Dataset, *, time: int = 0, max_size: int = 1024) -> np.ndarray:
@@ -114,3 +126,97 @@ def _rgb_bands(cube: xr.Dataset) -> list[str]:
         [float(w) for w in cube["wavelength"].values],
         cube.attrs.get("platform"),
     )
+
+
+# --------------------------------------------------------------------------- matplotlib
+
+
+def plot_true_colour(cube: xr.Dataset, *, time: int = 0, ax: Any = None) -> Any:
+    """Draw the datacube in true colour on ``ax`` (new axes if None), in its CRS."""
+    ax = _axes(ax)
+    image = true_colour(cube, time=time)
+    geobox = datacube_geobox(cube)
+    left, bottom, right, top = geobox.extent.boundingbox
+    ax.imshow(image, extent=(left, right, bottom, top), interpolation="nearest")
+    _label(ax, geobox.crs, "true colour")
+    return ax
+
+
+def plot_pca(emb: xr.Dataset, *, time: int = 0, ax: Any = None) -> Any:
+    """Draw the embeddings' first three principal components as red, green and blue, one
+    cell per chip, in the datacube's CRS (chips not embedded are left blank)."""
+    ax = _axes(ax)
+    ax.imshow(pca_colour(emb, time=time), extent=_chip_extent(emb), interpolation="nearest")
+    _label(ax, _crs(emb), f"{emb.attrs['model']['name']} embeddings: PCA false colour")
+    return ax
+
+
+def plot_similarity(
+    emb: xr.Dataset, query: Any, *, time: int = 0, ax: Any = None, cmap: str = "magma"
+) -> Any:
+    """Draw every chip's cosine similarity to ``query`` (a chip id, a (lon, lat) point or a
+    vector; see :func:`xclay.explore.similar`) as a heat map, the queried chip outlined."""
+    from xclay.explore import SimilarityIndex
+
+    ax = _axes(ax)
+    index = SimilarityIndex.from_dataset(emb)
+    scores = index.scores(query)
+    grid = np.full((emb.sizes["chip_y"], emb.sizes["chip_x"]), np.nan)
+    rows = index.rows
+    at = (rows["t"] == time).to_numpy()
+    grid[rows["chip_row"].to_numpy()[at], rows["chip_col"].to_numpy()[at]] = scores[at]
+    extent = _chip_extent(emb)
+    shown = ax.imshow(grid, extent=extent, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
+    ax.figure.colorbar(shown, ax=ax, label="cosine similarity", shrink=0.8)
+    if isinstance(query, str) or np.asarray(query).shape == (2,):
+        k = index.locate(query)
+        x = float(emb["chip_x"].values[rows["chip_col"][k]])
+        y = float(emb["chip_y"].values[rows["chip_row"][k]])
+        ax.plot([x], [y], marker="s", markersize=12, markerfacecolor="none", color="cyan")
+    _label(ax, _crs(emb), "similarity to the query")
+    return ax
+
+
+def plot_side_by_side(cube: xr.Dataset, emb: xr.Dataset, *, time: int = 0) -> Any:
+    """A figure: the true-colour datacube beside the PCA map of its embeddings, same extent."""
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 6), sharex=True, sharey=True)
+    plot_true_colour(cube, time=time, ax=left)
+    plot_pca(emb, time=time, ax=right)
+    fig.tight_layout()
+    return fig
+
+
+def _axes(ax: Any) -> Any:
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise MissingDependencyError('plots need matplotlib: pip install "xclay[explore]"') from err
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 6))
+    return ax
+
+
+def _chip_extent(emb: xr.Dataset) -> tuple[float, float, float, float]:
+    """Image extent (left, right, bottom, top) of the chip-centre grid: one cell per chip."""
+    x = np.asarray(emb["chip_x"].values, dtype=np.float64)
+    y = np.asarray(emb["chip_y"].values, dtype=np.float64)
+    gt = [float(v) for v in str(emb["spatial_ref"].attrs["GeoTransform"]).split()]
+    dx, dy = gt[1], gt[5]
+    return (x[0] - dx / 2, x[-1] + dx / 2, y[-1] + dy / 2, y[0] - dy / 2)
+
+
+def _crs(emb: xr.Dataset) -> Any:
+    from pyproj import CRS
+
+    return CRS.from_wkt(emb.attrs["datacube"]["crs_wkt"])
+
+
+def _label(ax: Any, crs: Any, title: str) -> None:
+    epsg = crs.to_epsg() if hasattr(crs, "to_epsg") else getattr(crs, "epsg", None)
+    name = f"EPSG:{epsg}" if epsg else "datacube CRS"
+    ax.set_title(title)
+    ax.set_xlabel(f"x ({name}, m)")
+    ax.set_ylabel(f"y ({name}, m)")
+    ax.set_aspect("equal")
