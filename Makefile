@@ -16,12 +16,12 @@ else
 TORCH_INDEX ?= --extra-index-url https://download.pytorch.org/whl/cpu
 endif
 
-.PHONY: demo test lint typecheck pytest lock clean
+.PHONY: demo test lint typecheck pytest docs lock clean
 
 demo: $(VENV)/.installed
 	$(BIN)/xclay demo
 
-test: $(VENV)/.dev lint typecheck pytest
+test: $(VENV)/.dev lint typecheck pytest docs
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
@@ -32,6 +32,11 @@ typecheck: $(VENV)/.dev
 
 pytest: $(VENV)/.dev
 	$(BIN)/pytest
+
+# The documentation site; notebooks run during the build; any warning fails it.
+docs: $(VENV)/.dev
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+	@echo "docs: docs/_build/html/index.html"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -62,4 +67,4 @@ lock: | $(BIN)/python
 	  --no-header -o $(LOCK)
 
 clean:
-	rm -rf $(VENV) xclay-demo .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) xclay-demo .mypy_cache .pytest_cache .ruff_cache docs/_build docs/generated

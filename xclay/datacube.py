@@ -39,6 +39,7 @@ from xarray.core.indexing import (
 from xclay._atomic import atomic_output
 from xclay._hashing import sha256_file
 from xclay._json import jsonable, number
+from xclay._progress import progress_bar
 from xclay._version import __version__
 from xclay.errors import ChunkingError, DatacubeError, DeviceError, MissingDependencyError
 from xclay.models.sensors import get_sensor
@@ -775,14 +776,13 @@ def write_datacube(
         blocks = [
             (t, y0, x0) for t in range(nt) for y0 in range(0, ny, step) for x0 in range(0, nx, step)
         ]
-        from tqdm.auto import tqdm
-
-        disable = None if progress is None else not progress
-        for t, y0, x0 in tqdm(blocks, unit="block", desc="write datacube", disable=disable):
-            valid = write_datacube_block(
-                cube, tmp, t, (y0, min(ny, y0 + step)), (x0, min(nx, x0 + step))
-            )
-            any_valid = any_valid or valid
+        with progress_bar(len(blocks), progress, desc="write datacube", unit="block") as bar:
+            for t, y0, x0 in blocks:
+                valid = write_datacube_block(
+                    cube, tmp, t, (y0, min(ny, y0 + step)), (x0, min(nx, x0 + step))
+                )
+                any_valid = any_valid or valid
+                bar.update(1)
         if require_data and not any_valid:
             raise DatacubeError(
                 "the region has no valid pixel (every pixel is nodata, or masked as nodata); "

@@ -14,6 +14,7 @@ import xarray as xr
 from odc.geo.xr import xr_coords
 
 from xclay._json import jsonable
+from xclay._progress import progress_bar
 from xclay._version import __version__
 from xclay.batching import (
     ArrayWindowReader,
@@ -320,8 +321,6 @@ class EmbedSession:
         self, block: Block | None = None, *, progress: bool | None = None
     ) -> BlockResult:
         """Embed the chips of ``block`` (default: all)."""
-        from tqdm.auto import tqdm
-
         block = block or self.whole
         card, config = self.card, self.config
         plan = BatchPlan(
@@ -338,9 +337,7 @@ class EmbedSession:
         quality = ChipQuality.empty(shape, with_classes=self.reader.has_quality)
         t0, r0, c0 = block.times[0], block.rows[0], block.cols[0]
         start = timer.perf_counter()
-        # tqdm's disable=None: a bar only on an interactive terminal.
-        disable = None if progress is None else not progress
-        with tqdm(total=plan.total_chips, unit="chip", desc="embed", disable=disable) as bar:
+        with progress_bar(plan.total_chips, progress, desc="embed", unit="chip") as bar:
             for host in iter_batches(
                 self.reader,
                 plan,

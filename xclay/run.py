@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import xarray as xr
 
 from xclay._atomic import atomic_output
+from xclay._progress import progress_bar
 from xclay.errors import XClayError
 from xclay.quality import QualityFilter
 from xclay.quantize import QUANTIZATIONS
@@ -773,11 +774,8 @@ def _execute(
     fn: Any, regions: list[Any], outdir: Path, client: Any, desc: str, progress: bool | None
 ) -> list[dict[str, Any]]:
     """Run ``fn(outdir, region)`` for each region: as tasks on the Dask client, or here."""
-    from tqdm.auto import tqdm
-
-    disable = None if progress is None else not progress
     results: list[dict[str, Any]] = []
-    with tqdm(total=len(regions), unit="region", desc=desc, disable=disable) as bar:
+    with progress_bar(len(regions), progress, desc=desc, unit="region") as bar:
         if client is None:
             for region in regions:
                 results.append(fn(str(outdir), region.to_dict()))

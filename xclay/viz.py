@@ -166,7 +166,10 @@ def plot_similarity(
     at = (rows["t"] == time).to_numpy()
     grid[rows["chip_row"].to_numpy()[at], rows["chip_col"].to_numpy()[at]] = scores[at]
     extent = _chip_extent(emb)
-    shown = ax.imshow(grid, extent=extent, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
+    # The scale spans what the chips score (embeddings of non-negative features are never
+    # far apart), up to 1: the query itself.
+    low = float(np.nanpercentile(grid, 2)) if np.isfinite(grid).any() else -1.0
+    shown = ax.imshow(grid, extent=extent, cmap=cmap, vmin=low, vmax=1, interpolation="nearest")
     ax.figure.colorbar(shown, ax=ax, label="cosine similarity", shrink=0.8)
     if isinstance(query, str) or np.asarray(query).shape == (2,):
         k = index.locate(query)
@@ -220,3 +223,4 @@ def _label(ax: Any, crs: Any, title: str) -> None:
     ax.set_xlabel(f"x ({name}, m)")
     ax.set_ylabel(f"y ({name}, m)")
     ax.set_aspect("equal")
+    ax.ticklabel_format(useOffset=False, style="plain")
