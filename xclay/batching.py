@@ -22,7 +22,8 @@ import numpy as np
 import xarray as xr
 
 from xclay.chips import ChipGrid
-from xclay.datacube import in_memory, nodata_value
+from xclay.chunkio import ArrayLayout, DirectWindowReader, UnsupportedLayout
+from xclay.datacube import in_memory, nodata_value, store_source
 from xclay.errors import DatacubeError
 from xclay.masks import PixelClass
 from xclay.quality import ChipQuality, QualityFilter
@@ -55,6 +56,10 @@ class ArrayWindowReader:
 
     def __init__(self, pixels: xr.DataArray, quality: xr.DataArray | None = None) -> None:
         self._variable = pixels.variable
+        self.direct = _direct_reader(pixels, pad=None)
+        self._direct_quality = (
+            _direct_reader(quality, pad=float(PixelClass.NODATA)) if quality is not None else None
+        )
         # Not pixels.data: for a lazily opened cube that would read every pixel.
         self._numpy = pixels.variable._data if in_memory(pixels) else None
         self._quality = quality.variable if quality is not None else None
@@ -95,6 +100,9 @@ class ArrayWindowReader:
         _, _, ny, nx = self._shape
         r0, r1 = max(row, 0), min(row + size, ny)
         c0, c1 = max(col, 0), min(col + size, nx)
+        if self._direct_quality is not None:
+            self._direct_quality.read(t, row, col, size, out)
+            return
         if r1 - r0 != size or c1 - c0 != size:
             out.fill(PixelClass.NODATA)
         if self._quality_numpy is not None:
@@ -104,6 +112,9 @@ class ArrayWindowReader:
         out[r0 - row : r1 - row, c0 - col : c1 - col] = window
 
     def read(self, t: int, row: int, col: int, size: int, out: np.ndarray) -> None:
+        if self.direct is not None:
+            self.direct.read(t, row, col, size, out)
+            return
         _, _, ny, nx = self._shape
         r0, r1 = max(row, 0), min(row + size, ny)
         c0, c1 = max(col, 0), min(col + size, nx)
@@ -140,6 +151,25 @@ class ArrayWindowReader:
             inside = np.zeros((size, size), dtype=bool)
             inside[max(0, -row) : min(size, ny - row), max(0, -col) : min(size, nx - col)] = True
             out &= inside
+
+
+def _direct_reader(da: xr.DataArray, pad: float | None) -> DirectWindowReader | None:
+    """Direct chunk reads for a variable opened unchanged from a store xclay can read
+    (:mod:`xclay.chunkio`); None (read through xarray) otherwise."""
+    source = store_source(da)
+    if source is None:
+        return None
+    try:
+        layout = ArrayLayout.open(source)
+        if layout.shape != tuple(da.shape) or layout.dtype.newbyteorder("=") != da.dtype:
+            return None
+        if pad is None:
+            nodata = nodata_value(da)
+            pad = nodata if nodata is not None else (float("nan") if da.dtype.kind == "f" else 0.0)
+        return DirectWindowReader(layout, pad_value=pad)
+    except UnsupportedLayout as err:
+        log.info("reading %s through zarr: %s", source, err)
+        return None
 
 
 @dataclass(frozen=True)

@@ -976,7 +976,42 @@ def open_datacube(path: str | os.PathLike[str], *, engine: Engine = "zarr") -> x
         store, chunks=None, consolidated=False, zarr_format=3, mask_and_scale={"pixels": False}
     )
     validate_datacube(cube)
+    for name in ("pixels", "quality"):
+        if name in cube.data_vars:  # where its chunks are, for direct reads (xclay.chunkio)
+            cube[name].encoding[STORE_ENCODING] = {
+                "path": str(store / name),
+                "coords": _coords_fingerprint(cube[name]),
+            }
     return cube
+
+
+STORE_ENCODING = "xclay_store"
+
+
+def store_source(da: xr.DataArray) -> str | None:
+    """The Zarr array a lazily opened variable still reads unchanged (same shape, same
+    coordinates, no selection applied), or None: then only xarray knows how to read it."""
+    info = da.encoding.get(STORE_ENCODING)
+    if not info or in_memory(da) or da.chunks is not None:
+        return None
+    if info.get("coords") != _coords_fingerprint(da):
+        return None
+    return str(info["path"])
+
+
+def _coords_fingerprint(da: xr.DataArray) -> dict[str, Any]:
+    """Shape, dims and each dim's first, last and count of coordinate values: a selection,
+    reordering or transpose of the variable changes it."""
+    out: dict[str, Any] = {"dims": list(da.dims), "shape": list(da.shape)}
+    for dim in da.dims:
+        if dim in da.coords:
+            values = np.asarray(da[dim].values)
+            out[str(dim)] = [
+                str(values[0]),
+                str(values[-1]),
+                str(values.tolist()) if values.size < 64 else "",
+            ]
+    return out
 
 
 def _resolve_engine(engine: str) -> str:

@@ -1,0 +1,147 @@
+"""Direct chunk reads (xclay.chunkio) give exactly what zarr gives, for every layout xclay
+writes, and step aside for layouts they do not know."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+import xclay
+from xclay.batching import ArrayWindowReader
+from xclay.chunkio import ArrayLayout, DirectWindowReader, UnsupportedLayout
+
+from .helpers import random_cube
+
+WINDOWS = [  # (row, col, size): aligned, several chunks, unaligned, past the edges, outside
+    (0, 0, 32),
+    (32, 64, 32),
+    (0, 0, 64),
+    (7, 13, 32),
+    (-16, -16, 32),
+    (80, 100, 32),
+    (200, 200, 32),
+]
+
+
+def _expected(values: np.ndarray, t: int, row: int, col: int, size: int, pad: float) -> np.ndarray:
+    ny, nx = values.shape[-2:]
+    out = np.full((*values.shape[1:-2], size, size), pad, dtype=values.dtype)
+    r0, r1, c0, c1 = max(row, 0), min(row + size, ny), max(col, 0), min(col + size, nx)
+    if r0 < r1 and c0 < c1:
+        out[..., r0 - row : r1 - row, c0 - col : c1 - col] = values[t, ..., r0:r1, c0:c1]
+    return out
+
+
+@pytest.fixture(scope="module")
+def cube() -> xr.Dataset:
+    c = random_cube((2, 3, 96, 112), seed=5)
+    c["pixels"].values[1, :, 32:64, 32:64] = 0  # one chunk all nodata: zarr may not write it
+    return c
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd", "lz4"])
+@pytest.mark.parametrize("shard", [None, 2])
+def test_every_layout_reads_like_zarr(tmp_path: Path, cube: xr.Dataset, compression, shard) -> None:
+    path = xclay.write_datacube(
+        cube, tmp_path / "c.zarr", chip_size=32, compression=compression, shard_chips=shard
+    )
+    layout = ArrayLayout.open(path / "pixels")
+    assert layout.compressor == {"none": None, "zstd": "zstd", "lz4": "blosc"}[compression]
+    assert layout.chunk_shape == (1, 3, 32, 32)
+    assert (layout.shard_shape is not None) == (shard is not None)
+    reader = DirectWindowReader(layout, pad_value=0)
+    values = cube["pixels"].values
+    for t in (0, 1):
+        for row, col, size in WINDOWS:
+            out = np.empty((3, size, size), dtype=values.dtype)
+            reader.read(t, row, col, size, out)
+            np.testing.assert_array_equal(out, _expected(values, t, row, col, size, 0))
+
+
+def test_a_missing_chunk_reads_as_the_fill_value(tmp_path: Path, cube: xr.Dataset) -> None:
+    path = xclay.write_datacube(cube, tmp_path / "c.zarr", chip_size=32, compression="none")
+    (path / "pixels" / "c" / "0" / "0" / "1" / "2").unlink()
+    out = np.empty((3, 32, 32), dtype=np.uint16)
+    DirectWindowReader(ArrayLayout.open(path / "pixels"), pad_value=0).read(0, 32, 64, 32, out)
+    assert (out == 0).all()  # the store's fill value (here also the nodata value)
+
+
+def test_corrupt_and_truncated_files_are_errors_not_garbage(
+    tmp_path: Path, cube: xr.Dataset
+) -> None:
+    sharded = xclay.write_datacube(cube, tmp_path / "s.zarr", chip_size=32, shard_chips=2)
+    shard = sharded / "pixels" / "c" / "0" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF  # inside the shard index
+    shard.write_bytes(bytes(data))
+    out = np.empty((3, 32, 32), dtype=np.uint16)
+    with pytest.raises(OSError, match="checksum does not match"):
+        DirectWindowReader(ArrayLayout.open(sharded / "pixels"), pad_value=0).read(0, 0, 0, 32, out)
+    plain = xclay.write_datacube(cube, tmp_path / "p.zarr", chip_size=32, compression="none")
+    chunk = plain / "pixels" / "c" / "0" / "0" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    with pytest.raises(OSError, match="chunk truncated"):
+        DirectWindowReader(ArrayLayout.open(plain / "pixels"), pad_value=0).read(0, 0, 0, 32, out)
+
+
+def test_quality_classes_read_directly(tmp_path: Path) -> None:
+    c = random_cube((1, 2, 64, 64))
+    q = xr.DataArray(
+        np.random.default_rng(0).integers(0, 6, (64, 64), dtype=np.uint8), dims=("y", "x")
+    )
+    cube = xclay.as_datacube(c, quality=q)
+    opened = xclay.open_datacube(xclay.write_datacube(cube, tmp_path / "q.zarr", chip_size=32))
+    reader = ArrayWindowReader.of(opened)
+    assert reader.direct is not None
+    out = np.empty((32, 32), dtype=np.uint8)
+    reader.read_quality(0, -8, 40, 32, out)
+    expected = np.full((32, 32), 1, dtype=np.uint8)  # outside the raster: class nodata
+    expected[8:, :24] = q.values[0:24, 40:64]
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_big_endian_chunks_are_swapped(tmp_path: Path) -> None:
+    from zarr.codecs import BytesCodec
+
+    values = np.arange(2 * 3 * 8 * 8, dtype=np.uint16).reshape(2, 3, 8, 8)
+    array = zarr.create_array(
+        tmp_path / "be.zarr", shape=values.shape, chunks=(1, 3, 4, 4), dtype="uint16",
+        serializer=BytesCodec(endian="big"), compressors=None, fill_value=0,
+    )  # fmt: skip
+    array[:] = values
+    layout = ArrayLayout.open(tmp_path / "be.zarr")
+    assert layout.dtype.byteorder == ">"
+    out = np.empty((3, 8, 8), dtype=np.uint16)
+    DirectWindowReader(layout, pad_value=0).read(1, 0, 0, 8, out)
+    np.testing.assert_array_equal(out, values[1])
+
+
+def test_unknown_layouts_step_aside(tmp_path: Path) -> None:
+    from zarr.codecs import GzipCodec
+
+    array = zarr.create_array(
+        tmp_path / "g.zarr", shape=(1, 2, 8, 8), chunks=(1, 2, 4, 4), dtype="uint16",
+        compressors=[GzipCodec()], fill_value=0,
+    )  # fmt: skip
+    array[:] = 1
+    with pytest.raises(UnsupportedLayout, match="gzip"):
+        ArrayLayout.open(tmp_path / "g.zarr")
+    with pytest.raises(UnsupportedLayout, match=r"no readable zarr\.json"):
+        ArrayLayout.open(tmp_path / "missing.zarr")
+
+
+def test_selections_read_through_xarray(tmp_path: Path, cube: xr.Dataset) -> None:
+    opened = xclay.open_datacube(xclay.write_datacube(cube, tmp_path / "c.zarr", chip_size=32))
+    assert ArrayWindowReader.of(opened).direct is not None
+    reordered = opened.isel(band=[2, 0, 1])
+    reader = ArrayWindowReader.of(reordered)
+    assert reader.direct is None  # the store's chunk order is not this variable's
+    out = np.empty((3, 32, 32), dtype=np.uint16)
+    reader.read(0, 0, 0, 32, out)
+    np.testing.assert_array_equal(out, cube["pixels"].values[0, [2, 0, 1], :32, :32])
+    cropped = opened.isel(x=slice(32, None))
+    assert ArrayWindowReader.of(cropped).direct is None
