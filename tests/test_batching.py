@@ -199,3 +199,34 @@ def test_sampler_is_reproducible_and_skips_mostly_empty_chips() -> None:
     assert len(a) == 5
     assert (a.valid.float().mean(dim=(1, 2)) >= 0.5).all()
     assert not torch.equal(sample(5, 8).pixels, a.pixels)
+
+
+@pytest.mark.parametrize(
+    ("shape", "size", "stride", "edges"),
+    [
+        ((96, 80), 32, None, "drop"),
+        ((96, 80), 32, None, "pad"),
+        ((100, 70), 32, 16, "drop"),
+        ((100, 70), 32, 16, "pad"),
+        ((100, 70), 16, 40, "pad"),  # gaps between chips
+        ((64, 64), 64, None, "drop"),
+    ],
+)
+def test_xbatcher_windows_are_the_chip_grid(shape, size, stride, edges) -> None:
+    from xclay.batching import chip_windows
+
+    cube = random_cube((1, 1, *shape))
+    spec = ChipGridSpec(chip_size=size, stride=stride, edges=edges)
+    grid = ChipGrid.from_geobox(datacube_geobox(cube), spec)
+    rows, cols = chip_windows(grid)
+    step = stride or size
+    ny, nx = shape
+    # Independent rule: origins every `step`; drop keeps windows inside, pad adds the
+    # first window reaching past the edge.
+    last = (lambda n: n - size) if edges == "drop" else (lambda n: max(0, n - size + step - 1))
+    np.testing.assert_array_equal(rows, np.arange(0, last(ny) + 1, step))
+    np.testing.assert_array_equal(cols, np.arange(0, last(nx) + 1, step))
+    if edges == "pad":
+        assert rows[-1] + size >= ny and cols[-1] + size >= nx
+    else:
+        assert rows[-1] + size <= ny and cols[-1] + size <= nx

@@ -125,7 +125,13 @@ def test_info_reports_machine_and_parts() -> None:
     assert "rcf" in info["models"]
     assert set(info["optional"]) == {"gpu", "dask", "io"}
     assert info["gpu"]["cuda"] in (True, False)
+    data_path = info["gpu"]["data_path"]
+    import importlib.util
+
+    assert (data_path["kvikio"] is None) == (importlib.util.find_spec("kvikio") is None)
     text = _xclay("info")
+    io_line = next(line for line in text.stdout.splitlines() if line.startswith("GPU I/O"))
+    assert "kvikio" in io_line and "nvCOMP" in io_line
     assert text.returncode == 0 and "CPU" in text.stdout
     models = next(line for line in text.stdout.splitlines() if line.startswith("models"))
     assert "rcf" in models and "clay-v1.5" in models

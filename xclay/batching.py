@@ -14,9 +14,9 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 import xarray as xr
@@ -38,6 +38,7 @@ __all__ = [
     "BatchPlan",
     "Block",
     "HostBatch",
+    "chip_windows",
     "iter_batches",
     "make_sampler",
     "to_chip_batch",
@@ -108,7 +109,7 @@ class ArrayWindowReader:
         if self._quality_numpy is not None:
             window = self._quality_numpy[t, r0:r1, c0:c1]
         else:
-            window = np.asarray(self._quality[t, r0:r1, c0:c1].values)
+            window = _host(self._quality[t, r0:r1, c0:c1].data)
         out[r0 - row : r1 - row, c0 - col : c1 - col] = window
 
     def read(self, t: int, row: int, col: int, size: int, out: np.ndarray) -> None:
@@ -123,7 +124,7 @@ class ArrayWindowReader:
         if self._numpy is not None:
             window = self._numpy[t, :, r0:r1, c0:c1]
         else:
-            window = np.asarray(self._variable[t, :, r0:r1, c0:c1].values)
+            window = _host(self._variable[t, :, r0:r1, c0:c1].data)
         out[:, r0 - row : r1 - row, c0 - col : c1 - col] = window
 
     def valid(
@@ -153,6 +154,12 @@ class ArrayWindowReader:
             out &= inside
 
 
+def _host(data: Any) -> np.ndarray:
+    """A window as NumPy: CuPy results (engine="kvikio") come back to the host."""
+    get = getattr(data, "get", None)
+    return np.asarray(get() if callable(get) and not isinstance(data, np.ndarray) else data)
+
+
 def _direct_reader(da: xr.DataArray, pad: float | None) -> DirectWindowReader | None:
     """Direct chunk reads for a variable opened unchanged from a store xclay can read
     (:mod:`xclay.chunkio`); None (read through xarray) otherwise."""
@@ -170,6 +177,50 @@ def _direct_reader(da: xr.DataArray, pad: float | None) -> DirectWindowReader | 
     except UnsupportedLayout as err:
         log.info("reading %s through zarr: %s", source, err)
         return None
+
+
+def chip_windows(grid: ChipGrid) -> tuple[np.ndarray, np.ndarray]:
+    """Top-left pixel offsets of the chip rows and columns, enumerated by xbatcher.
+
+    xbatcher's :class:`~xbatcher.BatchSchema` walks ``chip_size`` windows with
+    an overlap of ``chip_size - stride`` over the raster (for ``edges="pad"``,
+    over the raster grown to cover the last windows) without touching pixels.
+    The result must equal the chip grid's own layout, whose offsets place every
+    footprint and chip id: if the two ever disagree (an xbatcher release that
+    changes its edge rule), batching stops here instead of misplacing chips.
+    """
+    from xbatcher import BatchSchema
+
+    size, step = grid.spec.chip_size, grid.spec.step
+    extent = tuple(grid.source.shape)
+    if grid.spec.edges == "pad":
+        extent = tuple(
+            max(n, (count - 1) * step + size)
+            for n, count in zip(grid.source.shape, grid.shape, strict=True)
+        )
+    raster = xr.DataArray(np.broadcast_to(np.uint8(0), extent), dims=("y", "x"))
+    schema = BatchSchema(
+        raster,
+        input_dims={"y": size, "x": size},
+        input_overlap={"y": size - step, "x": size - step},
+        concat_input_bins=False,
+        preload_batch=False,
+    )
+    windows = [selectors[0] for selectors in schema.selectors.values()]
+    rows = np.array(sorted({w["y"].start for w in windows}), dtype=np.int64)
+    cols = np.array(sorted({w["x"].start for w in windows}), dtype=np.int64)
+    if (
+        len(windows) != rows.size * cols.size
+        or not np.array_equal(rows, grid.row_offsets)
+        or not np.array_equal(cols, grid.col_offsets)
+    ):
+        raise DatacubeError(
+            f"xbatcher enumerates {len(windows)} chip windows ({rows.size} x {cols.size}) "
+            f"where the chip grid has {grid.rows} x {grid.cols} (edges={grid.spec.edges!r}); "
+            "this xbatcher version cuts windows differently: pin xbatcher to a supported "
+            "version (see pyproject.toml)."
+        )
+    return rows, cols
 
 
 @dataclass(frozen=True)
@@ -251,6 +302,13 @@ class _Pool:
         for i in range(n):
             self.free.put(i)
 
+    @property
+    def slots(self) -> int:
+        return len(self.pixels)
+
+    def release(self, slot: int) -> None:
+        self.free.put(slot)
+
 
 def _host_buffer(shape: tuple[int, ...], dtype: np.dtype[Any], pin: bool) -> np.ndarray:
     if not pin:
@@ -281,15 +339,37 @@ def iter_batches(
     if prefetch == 0:
         yield from _recycling(_fill_batches(reader, plan, quality, pool, None), pool)
         return
-    yield from _recycling(_prefetched(reader, plan, quality, pool, prefetch), pool)
+
+    def fill(stop: threading.Event) -> Iterator[HostBatch]:
+        return _fill_batches(reader, plan, quality, pool, stop)
+
+    yield from _recycling(_prefetched(fill, pool, prefetch), pool)
 
 
-def _recycling(batches: Iterator[HostBatch], pool: _Pool) -> Iterator[HostBatch]:
-    previous: HostBatch | None = None
+class BufferPool(Protocol):
+    """Reusable batch buffers: a batch's ``slot`` goes back with ``release`` once used."""
+
+    free: queue.Queue[int]
+
+    @property
+    def slots(self) -> int: ...
+
+    def release(self, slot: int) -> None: ...
+
+
+class PooledBatch(Protocol):
+    slot: int
+
+
+B = TypeVar("B", bound=PooledBatch)
+
+
+def _recycling(batches: Iterator[B], pool: BufferPool) -> Iterator[B]:
+    previous: B | None = None
     try:
         for batch in batches:
             if previous is not None:
-                pool.free.put(previous.slot)
+                pool.release(previous.slot)
             previous = batch
             yield batch
     finally:
@@ -308,7 +388,7 @@ def _fill_batches(
     grid = plan.grid
     size = grid.spec.chip_size
     (t0, t1), (r0, r1), (c0, c1) = plan.block.times, plan.block.rows, plan.block.cols
-    rows, cols = grid.row_offsets, grid.col_offsets
+    rows, cols = chip_windows(grid)
     pixels_count = float(size * size)
     classes = np.empty((size, size), dtype=np.uint8) if reader.has_quality else None
     slot = pool.free.get()
@@ -357,19 +437,15 @@ _DONE = object()
 
 
 def _prefetched(
-    reader: ArrayWindowReader,
-    plan: BatchPlan,
-    quality: ChipQuality,
-    pool: _Pool,
-    depth: int,
-) -> Iterator[HostBatch]:
-    """Run :func:`_fill_batches` in a thread, ``depth`` batches ahead of the consumer."""
+    fill: Callable[[threading.Event], Iterator[B]], pool: BufferPool, depth: int
+) -> Iterator[B]:
+    """Run ``fill`` (a batch producer) in a thread, ``depth`` batches ahead of the consumer."""
     ready: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
     def produce() -> None:
         try:
-            for batch in _fill_batches(reader, plan, quality, pool, stop):
+            for batch in fill(stop):
                 while not stop.is_set():
                     try:
                         ready.put(batch, timeout=0.1)
@@ -393,7 +469,7 @@ def _prefetched(
     finally:
         stop.set()
         # Unblock a producer waiting for a free buffer or a queue slot, then wait for it.
-        for i in range(len(pool.pixels)):
+        for i in range(pool.slots):
             pool.free.put(i)
         while thread.is_alive():
             with contextlib.suppress(queue.Empty):
@@ -402,13 +478,15 @@ def _prefetched(
 
 
 def to_chip_batch(
-    host: HostBatch,
+    host: HostBatch | Any,
     lonlat: np.ndarray,
     times: np.ndarray,
     device: torch.device,
     chip_ids: np.ndarray | None = None,
 ) -> ChipBatch:
-    """Hand a host batch to torch (zero-copy on CPU, async copy from pinned memory on CUDA).
+    """Hand a batch to torch: a host batch through DLPack (zero-copy on CPU, then an async
+    copy from pinned memory on CUDA); a device batch
+    (:class:`xclay.chunk_batches.DeviceBatch`) as it is.
 
     ``lonlat`` is ``(rows, cols, 2)`` chip centres, ``times`` ``(time,)`` datetime64,
     ``chip_ids`` ``(rows, cols)`` (optional).
@@ -418,9 +496,13 @@ def to_chip_batch(
     from xclay.protocols import ChipBatch
 
     t, i, j = host.index[:, 0], host.index[:, 1], host.index[:, 2]
-    pixels = torch.from_numpy(host.pixels)
-    valid = torch.from_numpy(host.valid)
-    if device.type != "cpu":
+    pixels: torch.Tensor = (
+        torch.from_dlpack(host.pixels) if isinstance(host.pixels, np.ndarray) else host.pixels
+    )
+    valid: torch.Tensor = (
+        torch.from_dlpack(host.valid) if isinstance(host.valid, np.ndarray) else host.valid
+    )
+    if pixels.device != device:
         pixels = pixels.to(device, non_blocking=True)
         valid = valid.to(device, non_blocking=True)
     return ChipBatch(

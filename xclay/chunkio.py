@@ -25,7 +25,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ArrayLayout", "ChunkRef", "DirectWindowReader", "UnsupportedLayout"]
+__all__ = [
+    "ArrayLayout",
+    "ChipChunks",
+    "ChunkRef",
+    "DirectWindowReader",
+    "HostChunkBatchReader",
+    "UnsupportedLayout",
+]
 
 _EMPTY = np.uint64(2**64 - 1)  # a shard index entry for an inner chunk that was never written
 _INDEX_CRC_BYTES = 4
@@ -261,6 +268,9 @@ class DirectWindowReader:
         if ref is None:
             out.fill(self.layout.fill_value)
             return
+        self._read_ref(ref, out)
+
+    def _read_ref(self, ref: ChunkRef, out: np.ndarray) -> None:
         raw = out.view(np.uint8).reshape(-1)
         fd = os.open(ref.path, os.O_RDONLY)
         try:
@@ -286,3 +296,74 @@ def _host_decoder(layout: ArrayLayout) -> Any:
     if layout.compressor == "zstd":
         return numcodecs.Zstd(level=int(layout.codec_config.get("level", 0)))
     return numcodecs.Blosc()  # Blosc frames describe themselves: no settings needed to decode
+
+
+class ChipChunks:
+    """The chunks behind chip windows when each chip is exactly one chunk.
+
+    ``plan(windows)`` turns ``(t, row, col)`` windows into chunk references
+    (None: never written, holds the fill value) and how many rows and columns
+    of each reach past the raster. Raises :class:`UnsupportedLayout` unless the
+    chip size equals the chunk edge and every window starts on a chunk
+    boundary: then a batch is one read (and one decode) per chip, the unit both
+    the threaded host reader and the GPU reader (:mod:`xclay.gpu`) work in.
+    """
+
+    def __init__(self, layout: ArrayLayout, chip_size: int) -> None:
+        if len(layout.shape) not in (3, 4):
+            raise UnsupportedLayout(f"array of shape {layout.shape}")
+        if len(layout.shape) == 4 and layout.chunk_shape[1] != layout.shape[1]:
+            raise UnsupportedLayout("bands split across chunks")
+        if layout.chunk_shape[0] != 1:
+            raise UnsupportedLayout("several time steps per chunk")
+        if layout.chunk_shape[-2:] != (chip_size, chip_size):
+            raise UnsupportedLayout(
+                f"chunks of {layout.chunk_shape[-2:]} px for chips of {chip_size} px"
+            )
+        self.layout = layout
+        self.locator = ChunkLocator(layout)
+        self.chip_size = chip_size
+
+    def plan(
+        self, windows: Sequence[tuple[int, int, int]]
+    ) -> tuple[list[ChunkRef | None], list[tuple[int, int]]]:
+        size = self.chip_size
+        ny, nx = self.layout.shape[-2], self.layout.shape[-1]
+        refs: list[ChunkRef | None] = []
+        outside: list[tuple[int, int]] = []
+        for t, row, col in windows:
+            if row % size or col % size:
+                raise UnsupportedLayout(f"window at ({row}, {col}) is not on a chunk boundary")
+            gy, gx = row // size, col // size
+            index = (t, 0, gy, gx) if len(self.layout.shape) == 4 else (t, gy, gx)
+            refs.append(self.locator.find(index))
+            outside.append((max(0, row + size - ny), max(0, col + size - nx)))
+        return refs, outside
+
+
+class HostChunkBatchReader:
+    """Reads a batch of chip chunks into host memory with a pool of threads (``pread`` and
+    zstd/Blosc decoding release the GIL, so chunks decode in parallel)."""
+
+    def __init__(self, chunks: ChipChunks, *, threads: int | None = None) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.chunks = chunks
+        self._reader = DirectWindowReader(chunks.layout, pad_value=0)
+        self.threads = threads or min(8, os.cpu_count() or 1)
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="xclay-chunks")
+
+    def read(self, refs: Sequence[ChunkRef | None], out: np.ndarray) -> None:
+        """Decode chunk ``k`` of ``refs`` into ``out[k]`` (C-contiguous, chunk-shaped)."""
+        fill = self.chunks.layout.fill_value
+        jobs = []
+        for k, ref in enumerate(refs):
+            if ref is None:
+                out[k].fill(fill)
+            else:
+                jobs.append(self._pool.submit(self._reader._read_ref, ref, out[k]))
+        for job in jobs:
+            job.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)

@@ -432,6 +432,7 @@ def _info(args: argparse.Namespace) -> int:
     else:
         build = gpu.get("torch_cuda_build") or "CPU-only build"
         print(f"GPU     none usable (torch: {build})")
+    print("GPU I/O " + _data_path_line(gpu.get("data_path", {})))
     print(
         "parts   " + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in info["optional"].items())
     )
@@ -440,6 +441,27 @@ def _info(args: argparse.Namespace) -> int:
     for name, version in info["packages"].items():
         print(f"  {name:20s} {version}")
     return 0
+
+
+def _data_path_line(status: dict[str, Any]) -> str:
+    """kvikIO's mode and threads and nvCOMP, as one line of `xclay info`."""
+    kvikio = status.get("kvikio")
+    if not kvikio:
+        text = "kvikio not installed (engine='kvikio' needs xclay[gpu])"
+    elif "error" in kvikio:
+        text = f"kvikio unusable: {kvikio['error']}"
+    else:
+        mode = kvikio.get("compat_mode")
+        gds = kvikio.get("gds", "unknown")
+        text = (
+            f"kvikio {kvikio.get('version')}: compat_mode {mode}, GDS {gds}, "
+            f"{kvikio.get('num_threads')} threads"
+        )
+    nvcomp = status.get("nvcomp")
+    text += f"; nvCOMP {nvcomp}" if nvcomp else "; nvCOMP not installed (zstd decodes on the host)"
+    if not status.get("cuda"):
+        text += "; no CUDA device"
+    return text
 
 
 if __name__ == "__main__":  # pragma: no cover

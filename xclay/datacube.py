@@ -41,7 +41,7 @@ from xclay._hashing import sha256_file
 from xclay._json import jsonable, number
 from xclay._progress import progress_bar
 from xclay._version import __version__
-from xclay.errors import ChunkingError, DatacubeError, DeviceError, MissingDependencyError
+from xclay.errors import ChunkingError, DatacubeError
 from xclay.models.sensors import get_sensor
 
 __all__ = [
@@ -956,11 +956,15 @@ def open_datacube(path: str | os.PathLike[str], *, engine: Engine = "zarr") -> x
     path
         A store written by :func:`write_datacube`.
     engine
-        ``"zarr"``: host (NumPy) arrays. ``"kvikio"``: GPU (CuPy) arrays read
-        through kvikIO GPUDirect Storage; needs CUDA and ``xclay[gpu]``.
-        ``"auto"``: kvikio where it can run, else zarr.
+        ``"zarr"``: host (NumPy) arrays. ``"kvikio"``: ``pixels`` and
+        ``quality`` read into GPU memory through kvikIO (GPUDirect Storage
+        where the system has it) as CuPy arrays, basic slices only; embedding
+        such a cube on a CUDA device reads whole batches of chip chunks
+        straight into GPU memory and decodes zstd there (:mod:`xclay.gpu`).
+        Needs CUDA and ``xclay[gpu]``. ``"auto"``: kvikio where it can run,
+        else zarr.
     """
-    _resolve_engine(engine)
+    resolved = _resolve_engine(engine)
     store = Path(path)
     if not (store / "zarr.json").is_file():
         raise FileNotFoundError(
@@ -977,11 +981,18 @@ def open_datacube(path: str | os.PathLike[str], *, engine: Engine = "zarr") -> x
     )
     validate_datacube(cube)
     for name in ("pixels", "quality"):
-        if name in cube.data_vars:  # where its chunks are, for direct reads (xclay.chunkio)
-            cube[name].encoding[STORE_ENCODING] = {
-                "path": str(store / name),
-                "coords": _coords_fingerprint(cube[name]),
-            }
+        if name not in cube.data_vars:
+            continue
+        if resolved == "kvikio":
+            from xclay.gpu import gpu_variable
+
+            cube[name] = cube[name].copy(data=gpu_variable(store, name, cube[name]))
+        # Where its chunks are, for direct reads (xclay.chunkio) and the GPU path.
+        cube[name].encoding[STORE_ENCODING] = {
+            "path": str(store / name),
+            "coords": _coords_fingerprint(cube[name]),
+            "engine": resolved,
+        }
     return cube
 
 
@@ -997,6 +1008,14 @@ def store_source(da: xr.DataArray) -> str | None:
     if info.get("coords") != _coords_fingerprint(da):
         return None
     return str(info["path"])
+
+
+def store_engine(da: xr.DataArray) -> str | None:
+    """The engine a variable was opened with (None: not opened by :func:`open_datacube`,
+    or changed since)."""
+    if store_source(da) is None:
+        return None
+    return str(da.encoding[STORE_ENCODING].get("engine", "zarr"))
 
 
 def _coords_fingerprint(da: xr.DataArray) -> dict[str, Any]:
@@ -1017,28 +1036,10 @@ def _coords_fingerprint(da: xr.DataArray) -> dict[str, Any]:
 def _resolve_engine(engine: str) -> str:
     if engine not in ("auto", "zarr", "kvikio"):
         raise DatacubeError(f"engine must be 'auto', 'zarr' or 'kvikio', got {engine!r}.")
+    from xclay import gpu
+
     if engine == "auto":
-        return "zarr"
+        return "kvikio" if gpu.kvikio_usable() else "zarr"
     if engine == "kvikio":
-        _require_cuda_kvikio()
-        raise DeviceError(
-            "engine='kvikio' is not implemented in this version of xclay; use engine='zarr'."
-        )
+        gpu.require_kvikio()
     return engine
-
-
-def _require_cuda_kvikio() -> None:
-    try:
-        import kvikio  # noqa: F401
-    except ImportError as err:
-        raise MissingDependencyError(
-            "engine='kvikio' needs kvikio and cupy: pip install \"xclay[gpu]\" "
-            "(or xclay[gpu-cu12] on CUDA 12)."
-        ) from err
-    from xclay.devices import cuda_available
-
-    if not cuda_available():
-        raise DeviceError(
-            "engine='kvikio' reads into GPU memory, but no CUDA GPU is usable here; "
-            "use engine='zarr' (or engine='auto', which picks zarr on this machine)."
-        )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time as timer
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
@@ -20,11 +20,13 @@ from xclay.batching import (
     ArrayWindowReader,
     BatchPlan,
     Block,
+    HostBatch,
     iter_batches,
     make_sampler,
     to_chip_batch,
 )
 from xclay.chips import ChipGrid, ChipGridSpec, Edges
+from xclay.chunk_batches import DeviceBatch, chunk_batch_source, iter_chunk_batches
 from xclay.datacube import (
     as_datacube,
     check_chip_alignment,
@@ -253,13 +255,15 @@ class EmbedSession:
         self.grid = ChipGrid.from_geobox(datacube_geobox(self.cube), config.grid)
         check_chip_alignment(self.cube, self.grid.spec.chip_size, self.grid.spec.step)
         self.reader = ArrayWindowReader.of(self.cube)
+        self.device = resolve_device(config.device)
+        # engine="kvikio" on a GPU: batches of chip chunks read and decoded in GPU memory.
+        self.chunks = chunk_batch_source(self.cube, self.grid.spec.chip_size, self.device)
         if config.quality.uses_classes and not self.reader.has_quality:
             raise DatacubeError(
                 "quality thresholds on cloud, cloud shadow, haze, snow or clear need a datacube "
                 "with a 'quality' variable of pixel classes; this one has none. Ingest with a "
                 "mask (xclay.ingest.from_stac(mask='auto')) or use only max_nodata."
             )
-        self.device = resolve_device(config.device)
         dtype = resolve_dtype(config.precision, self.device, encoder.preferred_precision)
         self.times = np.asarray(self.cube["time"].values, dtype="datetime64[ns]")
         lon, lat = self.grid.centres_lonlat()
@@ -338,13 +342,7 @@ class EmbedSession:
         t0, r0, c0 = block.times[0], block.rows[0], block.cols[0]
         start = timer.perf_counter()
         with progress_bar(plan.total_chips, progress, desc="embed", unit="chip") as bar:
-            for host in iter_batches(
-                self.reader,
-                plan,
-                quality,
-                prefetch=config.prefetch,
-                pin_memory=self.device.type == "cuda",
-            ):
+            for host in self._batches(plan, quality):
                 if len(host):
                     batch = to_chip_batch(host, self.lonlat, self.times, self.device, self.chip_ids)
                     out = self.encoder.encode(batch)
@@ -388,6 +386,17 @@ class EmbedSession:
         if losses is not None:
             losses[~embedded] = np.nan
         return BlockResult(block, vectors, quality, embedded, counts, seconds, thumbs, losses)
+
+    def _batches(self, plan: BatchPlan, quality: ChipQuality) -> Iterator[HostBatch | DeviceBatch]:
+        if self.chunks is not None:
+            return iter_chunk_batches(self.chunks, plan, quality, prefetch=self.config.prefetch)
+        return iter_batches(
+            self.reader,
+            plan,
+            quality,
+            prefetch=self.config.prefetch,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def dataset(self, result: BlockResult) -> xr.Dataset:
         """The embeddings Dataset of a block (the whole grid's coords, cut to the block)."""

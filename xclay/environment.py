@@ -45,7 +45,7 @@ _PACKAGES = (
 _OPTIONAL = {
     "gpu": ("cupy", "kvikio"),
     "dask": ("dask", "distributed"),
-    "io": ("rioxarray", "odc.stac", "xbatcher"),
+    "io": ("rioxarray", "odc.stac"),
 }
 
 
@@ -117,6 +117,9 @@ def _gpu() -> dict[str, Any]:
             }
             for i in range(torch.cuda.device_count())
         ]
+    from xclay.gpu import gpu_status
+
+    out["data_path"] = gpu_status()
     return out
 
 

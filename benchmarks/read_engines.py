@@ -1,0 +1,273 @@
+"""Reading a datacube into (GPU) memory: the engines side by side, with the raw ceiling.
+
+For each layout (chunk size 128/256/512 px = chip size, uncompressed or zstd,
+one file per chunk or sharded), every chip of the cube is read once per
+repeat, batch by batch, into the memory the encoder reads from:
+
+- ``zarr-python + copy``: per chip through xarray and zarr-python into a
+  (pinned) host batch, then one host-to-device copy per batch;
+- ``xclay host + copy``: the ``zarr`` engine's default, per chip with direct
+  chunk reads (:mod:`xclay.chunkio`), then the same copy;
+- ``xclay host threads + copy``: whole batches of chunks read and decoded by a
+  pool of threads, then the copy;
+- ``kvikio``: the ``kvikio`` engine: chunks read with kvikIO into GPU memory,
+  zstd decoded there by nvCOMP (GPU only);
+- ``kvikio, host decode``: the same reads with zstd decoded on the host (GPU only);
+- ceilings measured in the same run: ``raw reads`` (the same chunk bytes read
+  with no Zarr and no decode: kvikIO into GPU memory, or ``preadv`` on a CPU)
+  and, on a GPU, a device-to-device copy of the same bytes.
+
+GB/s counts decoded pixel bytes. Files are in the page cache unless
+``--cold`` (each pass first asks the kernel to drop the store's pages). On a
+machine without CUDA the GPU rows are skipped and "copy" is no copy.
+
+    python benchmarks/read_engines.py                       # all layouts, 2048 px demo cube
+    python benchmarks/read_engines.py --size 4096 --cold    # on a GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from _common import median, save
+
+import xclay
+from xclay.batching import ArrayWindowReader, BatchPlan, Block, iter_batches
+from xclay.chips import ChipGrid, ChipGridSpec
+from xclay.chunk_batches import iter_chunk_batches, open_chunk_source
+from xclay.chunkio import ArrayLayout, ChipChunks
+from xclay.datacube import STORE_ENCODING, datacube_geobox
+from xclay.quality import ChipQuality, QualityFilter
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--size", type=int, default=2048, help="demo cube edge in pixels")
+    p.add_argument("--chunks", type=int, nargs="+", default=[128, 256, 512])
+    p.add_argument("--compression", nargs="+", default=["none", "zstd"])
+    p.add_argument("--shards", type=int, nargs="+", default=[0, 4], help="0: unsharded")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--cold", action="store_true", help="drop the store from the page cache")
+    args = p.parse_args()
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    kvikio = False
+    if cuda:
+        from xclay.gpu import kvikio_usable
+
+        kvikio = kvikio_usable()
+    cube = xclay.datasets.demo_composite(args.size)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for chunk in args.chunks:
+            for compression in args.compression:
+                for shard in args.shards:
+                    path = xclay.write_datacube(
+                        cube,
+                        Path(tmp) / f"c{chunk}_{compression}_{shard}.zarr",
+                        chip_size=chunk,
+                        compression=compression,
+                        shard_chips=shard or None,
+                    )
+                    layout = f"{chunk} px, {compression}, {'sharded' if shard else 'unsharded'}"
+                    rows += _measure(path, layout, chunk, device, kvikio, args)
+                    print(_table(rows[-7:]), flush=True)
+    results = {"rows": rows}
+    params = {
+        **vars(args),
+        "cube_shape": list(cube["pixels"].shape),
+        "dtype": str(cube["pixels"].dtype),
+        "device": str(device),
+        "kvikio": kvikio,
+    }
+    out = save("read_engines", params, results, device=device.type)
+    print()
+    print(_table(rows))
+    print(f"saved {out}")
+
+
+def _measure(
+    path: Path, layout: str, chunk: int, device: torch.device, kvikio: bool, args: Any
+) -> list[dict[str, Any]]:
+    opened = xclay.open_datacube(path)
+    grid = ChipGrid.from_geobox(datacube_geobox(opened), ChipGridSpec(chip_size=chunk))
+    plan = BatchPlan(
+        grid,
+        Block.whole(opened.sizes["time"], grid),
+        args.batch_size,
+        QualityFilter(max_nodata=1.0),
+    )
+    chips = plan.total_chips
+    nbytes = chips * opened.sizes["band"] * chunk * chunk * opened["pixels"].dtype.itemsize
+    cuda = device.type == "cuda"
+
+    def host(through_zarr: bool) -> Callable[[], None]:
+        def run() -> None:
+            cube = xclay.open_datacube(path)
+            if through_zarr:
+                cube["pixels"].encoding.pop(STORE_ENCODING, None)
+            quality = ChipQuality.empty(plan.block.shape, with_classes=False)
+            for b in iter_batches(
+                ArrayWindowReader.of(cube), plan, quality, prefetch=0, pin_memory=cuda
+            ):
+                if cuda:
+                    torch.from_numpy(b.pixels).to(device, non_blocking=True)
+            if cuda:
+                torch.cuda.synchronize()
+
+        return run
+
+    def chunked(reads: str, decode: str = "auto") -> Callable[[], None]:
+        target = device if reads == "kvikio" else torch.device("cpu")
+
+        def run() -> None:
+            source = open_chunk_source(
+                xclay.open_datacube(path), chunk, target, reads=reads, decode=decode
+            )  # type: ignore[arg-type]
+            assert source is not None
+            quality = ChipQuality.empty(plan.block.shape, with_classes=False)
+            for b in iter_chunk_batches(source, plan, quality, prefetch=0):
+                if cuda and reads == "host":
+                    b.pixels.pin_memory().to(device, non_blocking=True)
+            if cuda:
+                torch.cuda.synchronize()
+            source.close()
+
+        return run
+
+    variants: list[tuple[str, Callable[[], None] | None]] = [
+        ("zarr-python + copy", host(True)),
+        ("xclay host + copy", host(False)),
+        ("xclay host threads + copy", chunked("host")),
+        ("kvikio", chunked("kvikio", "auto") if kvikio else None),
+        (
+            "kvikio, host decode",
+            chunked("kvikio", "host") if kvikio and "zstd" in layout else None,
+        ),
+        ("raw reads (ceiling)", _raw_reads(path, chunk, device, kvikio)),
+        ("device copy (ceiling)", _device_copy(nbytes) if cuda else None),
+    ]
+    out = []
+    for name, fn in variants:
+        row: dict[str, Any] = {"layout": layout, "variant": name}
+        if fn is None:
+            nothing_to_decode = kvikio and name == "kvikio, host decode"
+            row["skipped"] = (
+                "uncompressed: nothing to decode" if nothing_to_decode else "needs CUDA and kvikio"
+            )
+            out.append(row)
+            continue
+        fn()  # warm-up: imports, thread pools, page cache (unless --cold)
+        times = []
+        for _ in range(args.repeats):
+            if args.cold:
+                _drop_page_cache(path)
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        seconds = median(times)
+        row.update(
+            chips=chips,
+            seconds=round(seconds, 4),
+            chips_per_s=round(chips / seconds, 1),
+            gb_per_s=round(nbytes / seconds / 1e9, 3),
+            seconds_all=[round(t, 4) for t in times],
+        )
+        out.append(row)
+    return out
+
+
+def _raw_reads(path: Path, chunk: int, device: torch.device, kvikio: bool) -> Callable[[], None]:
+    """Every chunk's stored bytes read into one buffer: no Zarr, no decode, no validity."""
+    layout = ArrayLayout.open(path / "pixels")
+    chunks = ChipChunks(layout, chunk)
+    t, _, ny, nx = layout.shape
+    windows = [
+        (ti, r, c)
+        for ti in range(t)
+        for r in range(0, ny - chunk + 1, chunk)
+        for c in range(0, nx - chunk + 1, chunk)
+    ]
+    refs = [ref for ref in chunks.plan(windows)[0] if ref is not None]
+    sizes = [
+        ref.nbytes if ref.nbytes is not None else Path(ref.path).stat().st_size for ref in refs
+    ]
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    if kvikio:
+        import cupy
+        import kvikio as kv
+
+        buffer = cupy.empty(int(starts[-1]), dtype=cupy.uint8)
+
+        def run() -> None:
+            handles: dict[str, Any] = {}
+            futures = []
+            for i, ref in enumerate(refs):
+                f = handles.get(ref.path) or handles.setdefault(ref.path, kv.CuFile(ref.path, "r"))
+                futures.append(f.pread(buffer[starts[i] : starts[i + 1]], sizes[i], ref.offset))
+            for fut in futures:
+                fut.get()
+            for f in handles.values():
+                f.close()
+
+        return run
+    host = np.empty(int(starts[-1]), dtype=np.uint8)
+
+    def run_host() -> None:
+        for i, ref in enumerate(refs):
+            fd = os.open(ref.path, os.O_RDONLY)
+            try:
+                os.preadv(fd, [memoryview(host[starts[i] : starts[i + 1]])], ref.offset)
+            finally:
+                os.close(fd)
+
+    return run_host
+
+
+def _device_copy(nbytes: int) -> Callable[[], None]:
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(src)
+
+    def run() -> None:
+        dst.copy_(src)
+        torch.cuda.synchronize()
+
+    return run
+
+
+def _drop_page_cache(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'layout':30s} {'variant':28s} {'chips/s':>10s} {'GB/s':>8s}"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"{r['layout']:30s} {r['variant']:28s} {'skipped: ' + r['skipped']}")
+        else:
+            lines.append(
+                f"{r['layout']:30s} {r['variant']:28s} {r['chips_per_s']:10.1f} {r['gb_per_s']:8.3f}"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
