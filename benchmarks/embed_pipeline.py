@@ -16,6 +16,7 @@ xarray and zarr-python.
 
     python benchmarks/embed_pipeline.py                 # demo cube 2048 px, rcf, 256 px chips
     python benchmarks/embed_pipeline.py --compression none --prefetch 0
+    python benchmarks/embed_pipeline.py --device cuda --engine kvikio --model clay-large
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ def main() -> None:
     p.add_argument("--prefetch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5, help="interleaved end-to-end/encoder pairs")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--engine",
+        choices=("zarr", "kvikio", "auto"),
+        default="zarr",
+        help="datacube engine for the end-to-end runs (kvikio: chunks into GPU memory)",
+    )
     args = p.parse_args()
 
     device = torch.device(args.device)
@@ -78,7 +85,10 @@ def main() -> None:
 
         def end_to_end() -> object:
             return xclay.embed(
-                xclay.open_datacube(path), model=encoder, prefetch=args.prefetch, **options
+                xclay.open_datacube(path, engine=args.engine),
+                model=encoder,
+                prefetch=args.prefetch,
+                **options,
             )
 
         emb = end_to_end()
@@ -145,6 +155,8 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
     }
     variant = f"{args.model}_{args.compression}_prefetch{args.prefetch}"
+    if args.engine != "zarr":
+        variant += f"_{args.engine}"
     out = save("embed_pipeline", params, results, device=device.type, variant=variant)
     print(f"{'':24s}{'chips/s':>10s}")
     print(f"{'end to end':24s}{e2e:10.2f}")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import xarray as xr
 
 import xclay
@@ -156,3 +157,17 @@ def test_embed_with_clay_checkpoint_and_output(tmp_path: Path, demo_cube_256: xr
     assert emb.attrs["model"]["output"] == "mean" and emb.attrs["model"]["checkpoint"] == "tiny.pt"
     bad = _xclay("embed", str(cube), "--out", str(tmp_path / "o2"), "--output", "mean")
     assert bad.returncode == 1 and "has no options ['output']" in bad.stderr
+
+
+def test_embed_with_the_kvikio_engine_needs_a_gpu_and_says_so(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; tests/test_gpu_engine.py covers the kvikio engine")
+    from .helpers import random_cube
+
+    cube = xclay.write_datacube(random_cube(), tmp_path / "c.zarr", chip_size=16)
+    run = _xclay("embed", str(cube), "--out", str(tmp_path / "o"), "--engine", "kvikio")
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert "engine='kvikio'" in run.stderr and "engine='zarr'" in run.stderr
+    assert not (tmp_path / "o" / "embeddings.zarr").exists()

@@ -109,6 +109,15 @@ def _parser() -> argparse.ArgumentParser:
     emb.add_argument("target", type=Path, help="datacube Zarr, or a run spec (YAML)")
     emb.add_argument("--out", type=Path, default=None, help="output folder (datacube mode)")
     emb.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    emb.add_argument(
+        "--engine",
+        choices=("zarr", "kvikio", "auto"),
+        default="zarr",
+        help=(
+            "datacube reader (datacube mode): zarr (host), kvikio (chunks straight into GPU "
+            "memory, with --device cuda), auto (kvikio where it can run)"
+        ),
+    )
     _add_embed_options(emb)
     _add_cluster_options(emb)
     emb.set_defaults(func=_embed)
@@ -357,7 +366,7 @@ def _embed(args: argparse.Namespace) -> int:
     if args.out is None:
         print("xclay embed: error: --out is required with a datacube Zarr", file=sys.stderr)
         return 2
-    cube = open_datacube(args.target)
+    cube = open_datacube(args.target, engine=args.engine)
     _embed_and_export(cube, args.out, args, overwrite=args.overwrite)
     return 0
 
