@@ -205,18 +205,24 @@ def _check_crc32c(data: bytes, stored: bytes, path: Path) -> None:
         raise OSError(f"{path}: the shard index checksum does not match; the file is corrupt.")
 
 
+def _check_window_layout(layout: ArrayLayout) -> None:
+    """A ``(time, band, y, x)`` or ``(time, y, x)`` array with one time step and all bands
+    per chunk: the layouts whose chip windows are read chunk by chunk."""
+    if layout.shape[0] < 1 or len(layout.shape) not in (3, 4):
+        raise UnsupportedLayout(f"array of shape {layout.shape}")
+    if len(layout.shape) == 4 and layout.chunk_shape[1] != layout.shape[1]:
+        raise UnsupportedLayout("bands split across chunks")
+    if layout.chunk_shape[0] != 1:
+        raise UnsupportedLayout("several time steps per chunk")
+
+
 class DirectWindowReader:
     """Reads chip windows of a ``(time, band, y, x)`` or ``(time, y, x)`` Zarr v3 array into
     host buffers: ``pread`` per chunk, decoded in place; windows may span several chunks
     and reach past the raster (filled with ``pad_value``)."""
 
     def __init__(self, layout: ArrayLayout, *, pad_value: float) -> None:
-        if layout.shape[0] < 1 or len(layout.shape) not in (3, 4):
-            raise UnsupportedLayout(f"array of shape {layout.shape}")
-        if len(layout.shape) == 4 and layout.chunk_shape[1] != layout.shape[1]:
-            raise UnsupportedLayout("bands split across chunks")
-        if layout.chunk_shape[0] != 1:
-            raise UnsupportedLayout("several time steps per chunk")
+        _check_window_layout(layout)
         self.layout = layout
         self.locator = ChunkLocator(layout)
         self.pad_value = pad_value
@@ -310,12 +316,7 @@ class ChipChunks:
     """
 
     def __init__(self, layout: ArrayLayout, chip_size: int) -> None:
-        if len(layout.shape) not in (3, 4):
-            raise UnsupportedLayout(f"array of shape {layout.shape}")
-        if len(layout.shape) == 4 and layout.chunk_shape[1] != layout.shape[1]:
-            raise UnsupportedLayout("bands split across chunks")
-        if layout.chunk_shape[0] != 1:
-            raise UnsupportedLayout("several time steps per chunk")
+        _check_window_layout(layout)
         if layout.chunk_shape[-2:] != (chip_size, chip_size):
             raise UnsupportedLayout(
                 f"chunks of {layout.chunk_shape[-2:]} px for chips of {chip_size} px"

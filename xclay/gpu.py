@@ -132,13 +132,12 @@ def _kvikio_status() -> dict[str, Any]:
             info[key] = _plain(kvikio.defaults.get(key))
         except Exception as err:  # older kvikio: no generic get(); not fatal
             info[key] = f"unknown ({type(err).__name__})"
-    if out := _gds_available():
-        info["gds"] = out
+    info["gds"] = _gds_available()
     return info
 
 
-def _gds_available() -> str | None:
-    """Whether cuFile (GDS) would be used: 'yes', 'no (reason)', or None when unknown."""
+def _gds_available() -> str:
+    """Whether cuFile (GDS) would be used: 'yes', 'no (...)' or 'unknown (...)'."""
     try:
         import kvikio.cufile_driver
 
