@@ -1,21 +1,25 @@
 """Reading a datacube into (GPU) memory: the engines side by side, with the raw ceiling.
 
 For each layout (chunk size 128/256/512 px = chip size, uncompressed or zstd,
-one file per chunk or sharded), every chip of the cube is read once per
-repeat, batch by batch, into the memory the encoder reads from:
+one file per chunk or sharded), every chip of the cube is read ``--passes``
+times per repeat (so each measurement covers thousands of chip reads), batch
+by batch through the one fill loop (:func:`xclay.batching.iter_batches`:
+validity and nodata fractions included), into the memory the encoder reads
+from. The batch sources side by side:
 
 - ``zarr-python + copy``: per chip through xarray and zarr-python into a
   (pinned) host batch, then one host-to-device copy per batch;
-- ``xclay host + copy``: the ``zarr`` engine's default, per chip with direct
-  chunk reads (:mod:`xclay.chunkio`), then the same copy;
-- ``xclay host threads + copy``: whole batches of chunks read and decoded by a
-  pool of threads, then the copy;
-- ``kvikio``: the ``kvikio`` engine: chunks read with kvikIO into GPU memory,
-  zstd decoded there by nvCOMP (GPU only);
+- ``xclay host, 1 thread + copy``: direct chunk reads (:mod:`xclay.chunkio`)
+  in the reading thread, then the same copy;
+- ``xclay host, N threads + copy``: the same with the decode threads the
+  thread budget gives this machine (the ``zarr`` engine's default);
+- ``kvikio``: chunks read with kvikIO into GPU memory, zstd decoded there by
+  nvCOMP straight into the batch (GPU only; the ``kvikio`` engine);
 - ``kvikio, host decode``: the same reads with zstd decoded on the host (GPU only);
 - ceilings measured in the same run: ``raw reads`` (the same chunk bytes read
-  with no Zarr and no decode: kvikIO into GPU memory, or ``preadv`` on a CPU)
-  and, on a GPU, a device-to-device copy of the same bytes.
+  with no Zarr, no decode and no validity: kvikIO into GPU memory with its
+  thread pool, or ``preadv`` on a CPU) and, on a GPU, a device-to-device copy
+  of the same bytes.
 
 GB/s counts decoded pixel bytes. Files are in the page cache unless
 ``--cold`` (each pass first asks the kernel to drop the store's pages). On a
@@ -31,7 +35,7 @@ import argparse
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +44,13 @@ import torch
 from _common import median, save
 
 import xclay
-from xclay.batching import ArrayWindowReader, BatchPlan, Block, iter_batches
+from xclay.batching import BatchPlan, Block, iter_batches
 from xclay.chips import ChipGrid, ChipGridSpec
-from xclay.chunk_batches import iter_chunk_batches, open_chunk_source
 from xclay.chunkio import ArrayLayout, ChipChunks
 from xclay.datacube import STORE_ENCODING, datacube_geobox
+from xclay.devices import ThreadBudget
 from xclay.quality import ChipQuality, QualityFilter
+from xclay.readers import ChunkSource, WindowSource, store_layouts
 
 
 def main() -> None:
@@ -58,6 +63,7 @@ def main() -> None:
     p.add_argument("--shards", type=int, nargs="+", default=[0, 4], help="0: unsharded")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--passes", type=int, default=1, help="reads of every chip per measurement")
     p.add_argument("--cold", action="store_true", help="drop the store from the page cache")
     args = p.parse_args()
 
@@ -109,54 +115,55 @@ def _measure(
         args.batch_size,
         QualityFilter(max_nodata=1.0),
     )
-    chips = plan.total_chips
+    chips = plan.total_chips * args.passes
     nbytes = chips * opened.sizes["band"] * chunk * chunk * opened["pixels"].dtype.itemsize
     cuda = device.type == "cuda"
+    budget = ThreadBudget.for_device(device)
 
-    def host(through_zarr: bool) -> Callable[[], None]:
+    def batches(source: Any, pin: bool = False) -> Iterator[Any]:
+        for _ in range(args.passes):
+            quality = ChipQuality.empty(plan.block.shape, with_classes=False)
+            yield from iter_batches(source, plan, quality, prefetch=0, pin_memory=pin)
+
+    def host(kind: str) -> Callable[[], None]:
         def run() -> None:
             cube = xclay.open_datacube(path)
-            if through_zarr:
+            if kind == "zarr":
                 cube["pixels"].encoding.pop(STORE_ENCODING, None)
-            quality = ChipQuality.empty(plan.block.shape, with_classes=False)
-            for b in iter_batches(
-                ArrayWindowReader.of(cube), plan, quality, prefetch=0, pin_memory=cuda
-            ):
+                source: Any = WindowSource(cube["pixels"])
+            else:
+                threads = 1 if kind == "1" else budget.decode
+                source = ChunkSource(*store_layouts(cube), nodata=None, threads=threads)
+            for b in batches(source, pin=cuda):
                 if cuda:
                     torch.from_numpy(b.pixels).to(device, non_blocking=True)
-            if cuda:
-                torch.cuda.synchronize()
-
-        return run
-
-    def chunked(reads: str, decode: str = "auto") -> Callable[[], None]:
-        target = device if reads == "kvikio" else torch.device("cpu")
-
-        def run() -> None:
-            source = open_chunk_source(
-                xclay.open_datacube(path), chunk, target, reads=reads, decode=decode
-            )  # type: ignore[arg-type]
-            assert source is not None
-            quality = ChipQuality.empty(plan.block.shape, with_classes=False)
-            for b in iter_chunk_batches(source, plan, quality, prefetch=0):
-                if cuda and reads == "host":
-                    b.pixels.pin_memory().to(device, non_blocking=True)
             if cuda:
                 torch.cuda.synchronize()
             source.close()
 
         return run
 
+    def gpu(decode: str) -> Callable[[], None]:
+        from xclay.gpu import KvikioChunkSource
+
+        def run() -> None:
+            layouts = store_layouts(xclay.open_datacube(path))
+            source = KvikioChunkSource(
+                *layouts, chip_size=chunk, nodata=None, threads=budget, decode=decode
+            )  # type: ignore[arg-type]
+            for _ in batches(source):
+                pass
+            source.close()
+
+        return run
+
     variants: list[tuple[str, Callable[[], None] | None]] = [
-        ("zarr-python + copy", host(True)),
-        ("xclay host + copy", host(False)),
-        ("xclay host threads + copy", chunked("host")),
-        ("kvikio", chunked("kvikio", "auto") if kvikio else None),
-        (
-            "kvikio, host decode",
-            chunked("kvikio", "host") if kvikio and "zstd" in layout else None,
-        ),
-        ("raw reads (ceiling)", _raw_reads(path, chunk, device, kvikio)),
+        ("zarr-python + copy", host("zarr")),
+        ("xclay host, 1 thread + copy", host("1")),
+        (f"xclay host, {budget.decode} threads + copy", host("n")),
+        ("kvikio", gpu("auto") if kvikio else None),
+        ("kvikio, host decode", gpu("host") if kvikio and "zstd" in layout else None),
+        ("raw reads (ceiling)", _raw_reads(path, chunk, device, kvikio, args.passes, budget)),
         ("device copy (ceiling)", _device_copy(nbytes) if cuda else None),
     ]
     out = []
@@ -189,7 +196,9 @@ def _measure(
     return out
 
 
-def _raw_reads(path: Path, chunk: int, device: torch.device, kvikio: bool) -> Callable[[], None]:
+def _raw_reads(
+    path: Path, chunk: int, device: torch.device, kvikio: bool, passes: int, budget: ThreadBudget
+) -> Callable[[], None]:
     """Every chunk's stored bytes read into one buffer: no Zarr, no decode, no validity."""
     layout = ArrayLayout.open(path / "pixels")
     chunks = ChipChunks(layout, chunk)
@@ -209,29 +218,34 @@ def _raw_reads(path: Path, chunk: int, device: torch.device, kvikio: bool) -> Ca
         import cupy
         import kvikio as kv
 
+        kv.defaults.set("num_threads", budget.io)
         buffer = cupy.empty(int(starts[-1]), dtype=cupy.uint8)
 
         def run() -> None:
-            handles: dict[str, Any] = {}
-            futures = []
-            for i, ref in enumerate(refs):
-                f = handles.get(ref.path) or handles.setdefault(ref.path, kv.CuFile(ref.path, "r"))
-                futures.append(f.pread(buffer[starts[i] : starts[i + 1]], sizes[i], ref.offset))
-            for fut in futures:
-                fut.get()
-            for f in handles.values():
-                f.close()
+            for _ in range(passes):
+                handles: dict[str, Any] = {}
+                futures = []
+                for i, ref in enumerate(refs):
+                    f = handles.get(ref.path) or handles.setdefault(
+                        ref.path, kv.CuFile(ref.path, "r")
+                    )
+                    futures.append(f.pread(buffer[starts[i] : starts[i + 1]], sizes[i], ref.offset))
+                for fut in futures:
+                    fut.get()
+                for f in handles.values():
+                    f.close()
 
         return run
     host = np.empty(int(starts[-1]), dtype=np.uint8)
 
     def run_host() -> None:
-        for i, ref in enumerate(refs):
-            fd = os.open(ref.path, os.O_RDONLY)
-            try:
-                os.preadv(fd, [memoryview(host[starts[i] : starts[i + 1]])], ref.offset)
-            finally:
-                os.close(fd)
+        for _ in range(passes):
+            for i, ref in enumerate(refs):
+                fd = os.open(ref.path, os.O_RDONLY)
+                try:
+                    os.preadv(fd, [memoryview(host[starts[i] : starts[i + 1]])], ref.offset)
+                finally:
+                    os.close(fd)
 
     return run_host
 
@@ -258,13 +272,13 @@ def _drop_page_cache(path: Path) -> None:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'layout':30s} {'variant':28s} {'chips/s':>10s} {'GB/s':>8s}"]
+    lines = [f"{'layout':30s} {'variant':32s} {'chips/s':>10s} {'GB/s':>8s}"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"{r['layout']:30s} {r['variant']:28s} {'skipped: ' + r['skipped']}")
+            lines.append(f"{r['layout']:30s} {r['variant']:32s} {'skipped: ' + r['skipped']}")
         else:
             lines.append(
-                f"{r['layout']:30s} {r['variant']:28s} {r['chips_per_s']:10.1f} {r['gb_per_s']:8.3f}"
+                f"{r['layout']:30s} {r['variant']:32s} {r['chips_per_s']:10.1f} {r['gb_per_s']:8.3f}"
             )
     return "\n".join(lines)
 

@@ -11,8 +11,8 @@ import xarray as xr
 import zarr
 
 import xclay
-from xclay.batching import ArrayWindowReader
 from xclay.chunkio import ArrayLayout, DirectWindowReader, UnsupportedLayout
+from xclay.readers import ChunkSource, store_layouts
 
 from .helpers import random_cube
 
@@ -95,13 +95,13 @@ def test_quality_classes_read_directly(tmp_path: Path) -> None:
     )
     cube = xclay.as_datacube(c, quality=q)
     opened = xclay.open_datacube(xclay.write_datacube(cube, tmp_path / "q.zarr", chip_size=32))
-    reader = ArrayWindowReader.of(opened)
-    assert reader.direct is not None
-    out = np.empty((32, 32), dtype=np.uint8)
-    reader.read_quality(0, -8, 40, 32, out)
+    source = ChunkSource(*store_layouts(opened), nodata=0)
+    pixels = np.empty((1, 2, 32, 32), dtype=np.uint16)
+    classes = np.empty((1, 32, 32), dtype=np.uint8)
+    source.read(np.array([[0, -8, 40]]), pixels, classes)
     expected = np.full((32, 32), 1, dtype=np.uint8)  # outside the raster: class nodata
     expected[8:, :24] = q.values[0:24, 40:64]
-    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(classes[0], expected)
 
 
 def test_big_endian_chunks_are_swapped(tmp_path: Path) -> None:
@@ -134,14 +134,10 @@ def test_unknown_layouts_step_aside(tmp_path: Path) -> None:
         ArrayLayout.open(tmp_path / "missing.zarr")
 
 
-def test_selections_read_through_xarray(tmp_path: Path, cube: xr.Dataset) -> None:
+def test_selections_are_not_read_from_the_store(tmp_path: Path, cube: xr.Dataset) -> None:
     opened = xclay.open_datacube(xclay.write_datacube(cube, tmp_path / "c.zarr", chip_size=32))
-    assert ArrayWindowReader.of(opened).direct is not None
-    reordered = opened.isel(band=[2, 0, 1])
-    reader = ArrayWindowReader.of(reordered)
-    assert reader.direct is None  # the store's chunk order is not this variable's
-    out = np.empty((3, 32, 32), dtype=np.uint16)
-    reader.read(0, 0, 0, 32, out)
-    np.testing.assert_array_equal(out, cube["pixels"].values[0, [2, 0, 1], :32, :32])
-    cropped = opened.isel(x=slice(32, None))
-    assert ArrayWindowReader.of(cropped).direct is None
+    assert store_layouts(opened)[0].shape == (2, 3, 96, 112)
+    # The store's chunk order is not a reordered variable's; a crop is not the store's grid.
+    for selection in (opened.isel(band=[2, 0, 1]), opened.isel(x=slice(32, None))):
+        with pytest.raises(UnsupportedLayout, match="not read unchanged"):
+            store_layouts(selection)

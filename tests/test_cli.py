@@ -167,7 +167,9 @@ def test_embed_with_the_kvikio_engine_needs_a_gpu_and_says_so(tmp_path: Path) ->
     from .helpers import random_cube
 
     cube = xclay.write_datacube(random_cube(), tmp_path / "c.zarr", chip_size=16)
-    run = _xclay("embed", str(cube), "--out", str(tmp_path / "o"), "--engine", "kvikio")
+    run = _xclay(
+        "embed", str(cube), "--out", str(tmp_path / "o"), "--engine", "kvikio", "--chip-size", "16"
+    )
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert "engine='kvikio'" in run.stderr and "engine='zarr'" in run.stderr
     assert not (tmp_path / "o" / "embeddings.zarr").exists()

@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pystac
 import pytest
-import rasterio
+
+pystac = pytest.importorskip("pystac", reason="needs xclay[io]")
+rasterio = pytest.importorskip("rasterio", reason="needs xclay[io]")
+pytest.importorskip("odc.stac", reason="needs xclay[io]")
+
 from affine import Affine
 
 import xclay

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
+
+rasterio = pytest.importorskip("rasterio", reason="needs xclay[io]")
+rioxarray = pytest.importorskip("rioxarray", reason="needs xclay[io]")
+
 import shapely
 from affine import Affine
 from pyproj import Transformer

@@ -14,8 +14,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pystac
 import pytest
+
+pystac = pytest.importorskip("pystac", reason="needs xclay[io]")
+pytest.importorskip("odc.stac", reason="needs xclay[io]")
+
 import yaml
 
 import xclay

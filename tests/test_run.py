@@ -9,9 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import pystac
 import pytest
-import rasterio
+
+pystac = pytest.importorskip("pystac", reason="needs xclay[io]")
+rasterio = pytest.importorskip("rasterio", reason="needs xclay[io]")
+pytest.importorskip("odc.stac", reason="needs xclay[io]")
+
 import yaml
 
 import xclay

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from xclay.devices import Precision
     from xclay.protocols import Encoder
     from xclay.quality import QualityFilter
+    from xclay.readers import Engine
 
 __all__ = ["ClayDataArrayAccessor", "ClayDatasetAccessor"]
 
@@ -40,7 +41,8 @@ class ClayDatasetAccessor:
         edges: Edges = "drop",
         batch_size: int | Literal["auto"] = 16,
         quality: QualityFilter | Mapping[str, float] | None = None,
-        device: str = "cpu",
+        device: str = "auto",
+        engine: Engine = "auto",
         precision: Precision = "auto",
         prefetch: int = 2,
         thumbnails: bool | int = False,
@@ -60,6 +62,7 @@ class ClayDatasetAccessor:
             batch_size=batch_size,
             quality=quality,
             device=device,
+            engine=engine,
             precision=precision,
             prefetch=prefetch,
             thumbnails=thumbnails,
@@ -185,7 +188,8 @@ class ClayDataArrayAccessor:
         edges: Edges = "drop",
         batch_size: int | Literal["auto"] = 16,
         quality: QualityFilter | Mapping[str, float] | None = None,
-        device: str = "cpu",
+        device: str = "auto",
+        engine: Engine = "auto",
         precision: Precision = "auto",
         prefetch: int = 2,
         thumbnails: bool | int = False,
@@ -205,6 +209,7 @@ class ClayDataArrayAccessor:
             batch_size=batch_size,
             quality=quality,
             device=device,
+            engine=engine,
             precision=precision,
             prefetch=prefetch,
             thumbnails=thumbnails,

@@ -1,11 +1,23 @@
-"""From chip windows to batches: read, check validity, assemble, prefetch.
+"""From chip windows to batches: one fill loop for every reader and every device.
 
-The hot path reads each chip window straight from the cube's backing array
-(NumPy, or the Zarr store through xarray's lazy indexer: basic slices only,
-no coordinate lookups) into a slot of a preallocated batch buffer. Buffers
-are reused from a fixed pool, so memory stays at ``(prefetch + 2)`` batches
-whatever the size of the cube. With ``prefetch > 0`` a background thread
-reads the next batches while the encoder works on the current one.
+A :class:`~xclay.protocols.BatchSource` reads chip windows (all bands, and the
+quality classes where the cube has them) into slots of a preallocated batch
+buffer; this module does everything else, the same way for every source:
+
+- the block's chip windows, enumerated once per block (xbatcher, checked
+  against the chip grid's arithmetic);
+- validity (nodata, non-finite values, quality class nodata, pixels past the
+  raster), nodata and class fractions, and the quality filter, for a whole
+  read at once, with the source's array module: NumPy on the host, CuPy on a
+  GPU; that is the only difference between the paths;
+- batches of exactly ``batch_size`` accepted chips (the last one may be
+  smaller): chips that fail the filter are compacted out in place;
+- a fixed pool of buffers (pinned host memory when feeding a GPU; device
+  memory for GPU sources), reused only once the consumer's work on them has
+  finished (a CUDA event per slot), so memory stays at ``prefetch + 2``
+  batches whatever the size of the cube;
+- a background thread that reads ``prefetch`` batches ahead of the encoder;
+- the hand-off to torch through DLPack (zero-copy on the CPU and on the GPU).
 """
 
 from __future__ import annotations
@@ -16,14 +28,12 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xarray as xr
 
 from xclay.chips import ChipGrid
-from xclay.chunkio import ArrayLayout, DirectWindowReader, UnsupportedLayout
-from xclay.datacube import in_memory, nodata_value, store_source
 from xclay.errors import DatacubeError
 from xclay.masks import PixelClass
 from xclay.quality import ChipQuality, QualityFilter
@@ -31,14 +41,16 @@ from xclay.quality import ChipQuality, QualityFilter
 if TYPE_CHECKING:
     import torch
 
-    from xclay.protocols import ChipBatch, Sampler
+    from xclay.protocols import BatchSource, ChipBatch, Sampler
 
 __all__ = [
-    "ArrayWindowReader",
+    "Batch",
     "BatchPlan",
     "Block",
-    "HostBatch",
+    "BufferPool",
+    "chip_validity",
     "chip_windows",
+    "class_fractions",
     "iter_batches",
     "make_sampler",
     "to_chip_batch",
@@ -46,181 +58,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-
-class ArrayWindowReader:
-    """Reads chip windows from a datacube's ``pixels`` (NumPy, dask or lazily opened Zarr),
-    and from its ``quality`` classes when it has them.
-
-    Validity of a pixel: inside the raster, no band equal to the nodata
-    value, every band finite, and not of quality class nodata.
-    """
-
-    def __init__(self, pixels: xr.DataArray, quality: xr.DataArray | None = None) -> None:
-        self._variable = pixels.variable
-        self.direct = _direct_reader(pixels, pad=None)
-        self._direct_quality = (
-            _direct_reader(quality, pad=float(PixelClass.NODATA)) if quality is not None else None
-        )
-        # Not pixels.data: for a lazily opened cube that would read every pixel.
-        self._numpy = pixels.variable._data if in_memory(pixels) else None
-        self._quality = quality.variable if quality is not None else None
-        self._quality_numpy = (
-            quality.variable._data if quality is not None and in_memory(quality) else None
-        )
-        self.nodata: float | None = nodata_value(pixels)
-        self._shape = tuple(int(s) for s in pixels.shape)
-        self._dtype = np.dtype(pixels.dtype)
-        # Value written where a padded window leaves the raster (masked out anyway).
-        if self.nodata is not None:
-            self._pad_value: float = self.nodata
-        else:
-            self._pad_value = float("nan") if self._dtype.kind == "f" else 0.0
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        t, b, y, x = self._shape
-        return t, b, y, x
-
-    @property
-    def dtype(self) -> np.dtype[Any]:
-        return self._dtype
-
-    @property
-    def has_quality(self) -> bool:
-        return self._quality is not None
-
-    @classmethod
-    def of(cls, cube: xr.Dataset) -> ArrayWindowReader:
-        """The reader of a datacube's pixels (and quality classes, if any)."""
-        return cls(cube["pixels"], cube["quality"] if "quality" in cube.data_vars else None)
-
-    def read_quality(self, t: int, row: int, col: int, size: int, out: np.ndarray) -> None:
-        """Fill ``out`` ``[size, size]`` with quality classes; nodata outside the raster."""
-        if self._quality is None:
-            raise DatacubeError("this datacube has no quality variable.")
-        _, _, ny, nx = self._shape
-        r0, r1 = max(row, 0), min(row + size, ny)
-        c0, c1 = max(col, 0), min(col + size, nx)
-        if self._direct_quality is not None:
-            self._direct_quality.read(t, row, col, size, out)
-            return
-        if r1 - r0 != size or c1 - c0 != size:
-            out.fill(PixelClass.NODATA)
-        if self._quality_numpy is not None:
-            window = self._quality_numpy[t, r0:r1, c0:c1]
-        else:
-            window = _host(self._quality[t, r0:r1, c0:c1].data)
-        out[r0 - row : r1 - row, c0 - col : c1 - col] = window
-
-    def read(self, t: int, row: int, col: int, size: int, out: np.ndarray) -> None:
-        if self.direct is not None:
-            self.direct.read(t, row, col, size, out)
-            return
-        _, _, ny, nx = self._shape
-        r0, r1 = max(row, 0), min(row + size, ny)
-        c0, c1 = max(col, 0), min(col + size, nx)
-        if r1 - r0 != size or c1 - c0 != size:
-            out.fill(self._pad_value)
-        if self._numpy is not None:
-            window = self._numpy[t, :, r0:r1, c0:c1]
-        else:
-            window = _host(self._variable[t, :, r0:r1, c0:c1].data)
-        out[:, r0 - row : r1 - row, c0 - col : c1 - col] = window
-
-    def valid(
-        self,
-        t: int,
-        row: int,
-        col: int,
-        size: int,
-        pixels: np.ndarray,
-        out: np.ndarray,
-        quality: np.ndarray | None = None,
-    ) -> None:
-        """Fill ``out`` ``[size, size]`` with pixel validity of a window read into ``pixels``
-        (and its quality classes, read with :meth:`read_quality`)."""
-        _, _, ny, nx = self._shape
-        if self.nodata is not None and np.isfinite(self.nodata):
-            np.all(pixels != pixels.dtype.type(self.nodata), axis=0, out=out)
-        else:
-            out.fill(True)
-        if self._dtype.kind == "f":
-            out &= np.isfinite(pixels).all(axis=0)
-        if quality is not None:
-            out &= quality != PixelClass.NODATA
-        if row < 0 or col < 0 or row + size > ny or col + size > nx:
-            inside = np.zeros((size, size), dtype=bool)
-            inside[max(0, -row) : min(size, ny - row), max(0, -col) : min(size, nx - col)] = True
-            out &= inside
-
-
-def _host(data: Any) -> np.ndarray:
-    """A window as NumPy: CuPy results (engine="kvikio") come back to the host."""
-    get = getattr(data, "get", None)
-    return np.asarray(get() if callable(get) and not isinstance(data, np.ndarray) else data)
-
-
-def _direct_reader(da: xr.DataArray, pad: float | None) -> DirectWindowReader | None:
-    """Direct chunk reads for a variable opened unchanged from a store xclay can read
-    (:mod:`xclay.chunkio`); None (read through xarray) otherwise."""
-    source = store_source(da)
-    if source is None:
-        return None
-    try:
-        layout = ArrayLayout.open(source)
-        if layout.shape != tuple(da.shape) or layout.dtype.newbyteorder("=") != da.dtype:
-            return None
-        if pad is None:
-            nodata = nodata_value(da)
-            pad = nodata if nodata is not None else (float("nan") if da.dtype.kind == "f" else 0.0)
-        return DirectWindowReader(layout, pad_value=pad)
-    except UnsupportedLayout as err:
-        log.info("reading %s through zarr: %s", source, err)
-        return None
-
-
-def chip_windows(grid: ChipGrid) -> tuple[np.ndarray, np.ndarray]:
-    """Top-left pixel offsets of the chip rows and columns, enumerated by xbatcher.
-
-    xbatcher's :class:`~xbatcher.BatchSchema` walks ``chip_size`` windows with
-    an overlap of ``chip_size - stride`` over the raster (for ``edges="pad"``,
-    over the raster grown to cover the last windows) without touching pixels.
-    The result must equal the chip grid's own layout, whose offsets place every
-    footprint and chip id: if the two ever disagree (an xbatcher release that
-    changes its edge rule), batching stops here instead of misplacing chips.
-    """
-    from xbatcher import BatchSchema
-
-    size, step = grid.spec.chip_size, grid.spec.step
-    extent = tuple(grid.source.shape)
-    if grid.spec.edges == "pad":
-        extent = tuple(
-            max(n, (count - 1) * step + size)
-            for n, count in zip(grid.source.shape, grid.shape, strict=True)
-        )
-    raster = xr.DataArray(np.broadcast_to(np.uint8(0), extent), dims=("y", "x"))
-    schema = BatchSchema(
-        raster,
-        input_dims={"y": size, "x": size},
-        input_overlap={"y": size - step, "x": size - step},
-        concat_input_bins=False,
-        preload_batch=False,
-    )
-    windows = [selectors[0] for selectors in schema.selectors.values()]
-    rows = np.array(sorted({w["y"].start for w in windows}), dtype=np.int64)
-    cols = np.array(sorted({w["x"].start for w in windows}), dtype=np.int64)
-    if (
-        len(windows) != rows.size * cols.size
-        or not np.array_equal(rows, grid.row_offsets)
-        or not np.array_equal(cols, grid.col_offsets)
-    ):
-        raise DatacubeError(
-            f"xbatcher enumerates {len(windows)} chip windows ({rows.size} x {cols.size}) "
-            f"where the chip grid has {grid.rows} x {grid.cols} (edges={grid.spec.edges!r}); "
-            "this xbatcher version cuts windows differently: pin xbatcher to a supported "
-            "version (see pyproject.toml)."
-        )
-    return rows, cols
+# NumPy or CuPy arrays: the fill loop uses only what both modules share.
+Array = Any
+N_CLASSES = len(PixelClass)
 
 
 @dataclass(frozen=True)
@@ -245,14 +85,69 @@ class Block:
             self.cols[1] - self.cols[0],
         )
 
+    @property
+    def size(self) -> int:
+        t, r, c = self.shape
+        return t * r * c
+
     @classmethod
     def whole(cls, times: int, grid: ChipGrid) -> Block:
         return cls((0, times), (0, grid.rows), (0, grid.cols))
 
 
+def chip_windows(grid: ChipGrid, block: Block | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-left pixel offsets of a block's chip rows and columns, enumerated by xbatcher.
+
+    xbatcher's :class:`~xbatcher.BatchSchema` walks ``chip_size`` windows with
+    an overlap of ``chip_size - stride`` over the block's pixel extent (which,
+    for ``edges="pad"``, may reach past the raster) without touching pixels.
+    It costs what the block costs, not the whole grid. The result must equal
+    the chip grid's own arithmetic, which places every footprint and chip id:
+    if the two ever disagree (an xbatcher release that changes its edge rule),
+    batching stops here instead of misplacing chips.
+    """
+    from xbatcher import BatchSchema
+
+    rows, cols = (block.rows, block.cols) if block is not None else (None, None)
+    want_rows, want_cols = grid.offsets(rows, cols)
+    if want_rows.size == 0 or want_cols.size == 0:
+        return want_rows, want_cols
+    size, step = grid.spec.chip_size, grid.spec.step
+    origin = (int(want_rows[0]), int(want_cols[0]))
+    extent = (int(want_rows[-1]) - origin[0] + size, int(want_cols[-1]) - origin[1] + size)
+    raster = xr.DataArray(np.broadcast_to(np.uint8(0), extent), dims=("y", "x"))
+    schema = BatchSchema(
+        raster,
+        input_dims={"y": size, "x": size},
+        input_overlap={"y": size - step, "x": size - step},
+        concat_input_bins=False,
+        preload_batch=False,
+    )
+    windows = [selectors[0] for selectors in schema.selectors.values()]
+    got_rows = np.array(sorted({w["y"].start for w in windows}), dtype=np.int64) + origin[0]
+    got_cols = np.array(sorted({w["x"].start for w in windows}), dtype=np.int64) + origin[1]
+    if (
+        len(windows) != got_rows.size * got_cols.size
+        or not np.array_equal(got_rows, want_rows)
+        or not np.array_equal(got_cols, want_cols)
+    ):
+        raise DatacubeError(
+            f"xbatcher enumerates {len(windows)} chip windows ({got_rows.size} x "
+            f"{got_cols.size}) where the chip grid has {want_rows.size} x {want_cols.size} "
+            f"(edges={grid.spec.edges!r}); this xbatcher version cuts windows differently: pin "
+            "xbatcher to a supported version (see pyproject.toml)."
+        )
+    return got_rows, got_cols
+
+
 @dataclass(frozen=True)
 class BatchPlan:
-    """What to batch: which chips (a block of the grid), how many at once, and the filters."""
+    """What to batch: which chips (a block of the grid), how many at once, and the filters.
+
+    ``batch_size`` is the number of *accepted* chips per batch, on every path:
+    the encoder is always called with ``batch_size`` chips, except the last
+    call of a block.
+    """
 
     grid: ChipGrid
     block: Block
@@ -265,21 +160,23 @@ class BatchPlan:
 
     @property
     def total_chips(self) -> int:
-        t, r, c = self.block.shape
-        return t * r * c
+        return self.block.size
 
 
 @dataclass
-class HostBatch:
-    """Chips assembled in host memory: a view of one pooled buffer.
+class Batch:
+    """Accepted chips of one batch, in a slot of the buffer pool.
 
-    ``pixels[:n]``/``valid[:n]`` hold the accepted chips, ``index[:n]`` their
-    ``(t, chip_row, chip_col)``; ``scanned`` counts all chips looked at to
-    fill it (accepted or filtered out).
+    ``pixels[n, band, y, x]`` (the cube's dtype) and ``valid[n, y, x]`` are
+    NumPy arrays for host sources and CuPy arrays for GPU sources;
+    ``index[n]`` holds each chip's ``(t, chip_row, chip_col)`` in the grid;
+    ``scanned`` counts the chips looked at to fill it (accepted or filtered
+    out). The data is in place when the batch is yielded, and stays valid
+    until the consumer asks for the next batch.
     """
 
-    pixels: np.ndarray
-    valid: np.ndarray
+    pixels: Array
+    valid: Array
     index: np.ndarray
     scanned: int
     slot: int
@@ -288,84 +185,241 @@ class HostBatch:
         return int(self.index.shape[0])
 
 
-class _Pool:
-    """Fixed set of reusable batch buffers (pinned host memory when feeding a GPU)."""
+class BufferPool:
+    """A fixed set of reusable batch buffers in the source's memory.
+
+    A slot goes back with :meth:`release` once the consumer has queued its work
+    on it; when the consumer computes on a CUDA device, the slot is taken
+    again only after that work has finished (an event recorded on the
+    consumer's stream), since neither kvikIO writes nor host writes to pinned
+    memory are ordered on a CUDA stream.
+    """
 
     def __init__(
-        self, n: int, plan: BatchPlan, bands: int, dtype: np.dtype[Any], pin: bool
+        self,
+        xp: Any,
+        slots: int,
+        shape: tuple[int, int, int, int],
+        dtype: np.dtype[Any],
+        *,
+        with_classes: bool,
+        pin: bool = False,
+        cuda_events: bool = False,
     ) -> None:
-        size = plan.grid.spec.chip_size
-        shape = (plan.batch_size, bands, size, size)
-        self.pixels = [_host_buffer(shape, dtype, pin) for _ in range(n)]
-        self.valid = [np.empty((plan.batch_size, size, size), dtype=bool) for _ in range(n)]
+        n, _bands, size, _ = shape
+        self.xp = xp
+        self.pixels = [_buffer(xp, shape, dtype, pin) for _ in range(slots)]
+        self.valid = [xp.empty((n, size, size), dtype=bool) for _ in range(slots)]
+        self.classes = [
+            xp.empty((n, size, size), dtype=np.uint8) for _ in range(slots if with_classes else 0)
+        ]
+        self._events: list[Any] = [None] * slots
+        self._cuda_events = cuda_events
         self.free: queue.Queue[int] = queue.Queue()
-        for i in range(n):
+        for i in range(slots):
             self.free.put(i)
 
     @property
     def slots(self) -> int:
         return len(self.pixels)
 
+    def take(self) -> int:
+        slot = self.free.get()
+        event, self._events[slot] = self._events[slot], None
+        if event is not None:
+            event.synchronize()
+        return slot
+
     def release(self, slot: int) -> None:
+        if self._cuda_events:
+            import torch
+
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream())
+            self._events[slot] = event
         self.free.put(slot)
 
+    def unblock(self) -> None:
+        """Wake a producer waiting for a slot (when the consumer stops early)."""
+        for i in range(self.slots):
+            self.free.put(i)
 
-def _host_buffer(shape: tuple[int, ...], dtype: np.dtype[Any], pin: bool) -> np.ndarray:
-    if not pin:
-        return np.empty(shape, dtype=dtype)
+
+def _buffer(xp: Any, shape: tuple[int, ...], dtype: np.dtype[Any], pin: bool) -> Array:
+    if xp is not np or not pin:
+        return xp.empty(shape, dtype=dtype)
     import torch
 
-    return torch.empty(shape, dtype=_torch_dtype(dtype), pin_memory=True).numpy()
+    return torch.empty(shape, dtype=torch_dtype(dtype), pin_memory=True).numpy()
+
+
+# --------------------------------------------------------------------------- validity
+
+
+def chip_validity(
+    xp: Any,
+    pixels: Array,
+    classes: Array | None,
+    nodata: float | None,
+    out: Array,
+    outside: tuple[np.ndarray, np.ndarray] | None = None,
+) -> None:
+    """``out[k, y, x]``: pixel ``(y, x)`` of chip ``k`` has data.
+
+    A pixel is valid when no band equals ``nodata``, every band is finite, its
+    quality class (``classes[k, y, x]``) is not nodata, and it lies inside the
+    raster: ``outside`` holds, per chip, how many of its last rows and columns
+    reach past the raster (``edges="pad"``).
+    """
+    if nodata is not None and np.isfinite(nodata):
+        xp.all(pixels != pixels.dtype.type(nodata), axis=1, out=out)
+    else:
+        out.fill(True)
+    if pixels.dtype.kind == "f":
+        out &= xp.isfinite(pixels).all(axis=1)
+    if classes is not None:
+        out &= classes != PixelClass.NODATA
+    if outside is not None:
+        rows_out, cols_out = outside
+        size = out.shape[-1]
+        if rows_out.any() or cols_out.any():
+            ramp = xp.arange(size)
+            keep_rows = ramp[None, :] < xp.asarray(size - rows_out)[:, None]
+            keep_cols = ramp[None, :] < xp.asarray(size - cols_out)[:, None]
+            out &= keep_rows[:, :, None] & keep_cols[:, None, :]
+
+
+def class_fractions(xp: Any, classes: Array) -> Array:
+    """``[k, N_CLASSES]`` float64 fraction of each :class:`PixelClass` in each chip
+    (codes outside the known classes count towards no class)."""
+    k = classes.shape[0]
+    area = classes.shape[1] * classes.shape[2]
+    codes = xp.minimum(classes.reshape(k, -1), N_CLASSES).astype(np.int32)
+    codes += (xp.arange(k, dtype=np.int32) * (N_CLASSES + 1))[:, None]
+    counts = xp.bincount(codes.ravel(), minlength=k * (N_CLASSES + 1))
+    return counts.reshape(k, N_CLASSES + 1)[:, :N_CLASSES] / float(area)
+
+
+def _host(a: Array) -> np.ndarray:
+    """A small array (fractions, flags) on the host: CuPy results come back."""
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
+
+
+# --------------------------------------------------------------------------- the fill loop
 
 
 def iter_batches(
-    reader: ArrayWindowReader,
+    source: BatchSource,
     plan: BatchPlan,
     quality: ChipQuality,
     *,
     prefetch: int = 2,
     pin_memory: bool = False,
-) -> Iterator[HostBatch]:
+    cuda_events: bool = False,
+) -> Iterator[Batch]:
     """Yield batches of the block's accepted chips in (time, chip row, chip col) order.
 
-    Fills ``quality`` for every chip scanned; batches hold the chips that pass
-    the plan's :class:`~xclay.quality.QualityFilter`.
-    A yielded batch's buffer is reused once the consumer asks for the next
-    one: use (or copy) it before then.
+    Fills ``quality`` (block-shaped) for every chip scanned; batches hold the
+    chips that pass the plan's :class:`~xclay.quality.QualityFilter`, exactly
+    ``plan.batch_size`` of them except in the last batch. A yielded batch's
+    buffer is reused once the consumer asks for the next one: use (or copy) it
+    before then. ``pin_memory``: host buffers in pinned memory (feeding a
+    GPU); ``cuda_events``: the consumer computes on a CUDA device (see
+    :class:`BufferPool`).
     """
     if prefetch < 0:
         raise DatacubeError(f"prefetch must be >= 0, got {prefetch}.")
-    pool = _Pool(prefetch + 2, plan, reader.shape[1], reader.dtype, pin_memory)
+    size = plan.grid.spec.chip_size
+    bands = source.shape[1]
+    pool = BufferPool(
+        source.xp,
+        prefetch + 2,
+        (plan.batch_size, bands, size, size),
+        source.dtype,
+        with_classes=source.has_quality,
+        pin=pin_memory,
+        cuda_events=cuda_events,
+    )
     if prefetch == 0:
-        yield from _recycling(_fill_batches(reader, plan, quality, pool, None), pool)
+        yield from _recycling(_fill(source, plan, quality, pool, None), pool)
         return
 
-    def fill(stop: threading.Event) -> Iterator[HostBatch]:
-        return _fill_batches(reader, plan, quality, pool, stop)
+    def fill(stop: threading.Event) -> Iterator[Batch]:
+        with source.reading_stream():
+            yield from _fill(source, plan, quality, pool, stop)
 
     yield from _recycling(_prefetched(fill, pool, prefetch), pool)
 
 
-class BufferPool(Protocol):
-    """Reusable batch buffers: a batch's ``slot`` goes back with ``release`` once used."""
+def _fill(
+    source: BatchSource,
+    plan: BatchPlan,
+    quality: ChipQuality,
+    pool: BufferPool,
+    stop: threading.Event | None,
+) -> Iterator[Batch]:
+    xp = source.xp
+    grid, block, capacity = plan.grid, plan.block, plan.batch_size
+    size = grid.spec.chip_size
+    _, _, ny, nx = source.shape
+    row_off, col_off = chip_windows(grid, block)
+    (t0, t1), (r0, r1), (c0, c1) = block.times, block.rows, block.cols
+    tt, ii, jj = np.meshgrid(
+        np.arange(t0, t1), np.arange(r0, r1), np.arange(c0, c1), indexing="ij", copy=False
+    )
+    order = np.stack([tt.ravel(), ii.ravel(), jj.ravel()], axis=1)
+    with_classes = source.has_quality
+    slot = pool.take()
+    index = np.empty((capacity, 3), dtype=np.int64)
+    n, scanned, pos = 0, 0, 0
+    while pos < len(order):
+        if stop is not None and stop.is_set():
+            pool.release(slot)
+            return
+        chips = order[pos : pos + capacity - n]
+        pos += len(chips)
+        k = len(chips)
+        windows = np.stack(
+            [chips[:, 0], row_off[chips[:, 1] - r0], col_off[chips[:, 2] - c0]], axis=1
+        )
+        pixels = pool.pixels[slot][n : n + k]
+        classes = pool.classes[slot][n : n + k] if with_classes else None
+        valid = pool.valid[slot][n : n + k]
+        source.read(windows, pixels, classes)
+        outside = (
+            np.maximum(0, windows[:, 1] + size - ny),
+            np.maximum(0, windows[:, 2] + size - nx),
+        )
+        chip_validity(xp, pixels, classes, source.nodata, valid, outside)
+        nodata_fraction = 1.0 - _host(valid.sum(axis=(1, 2))) / float(size * size)
+        fractions = _host(class_fractions(xp, classes)) if classes is not None else None
+        at = (chips[:, 0] - t0, chips[:, 1] - r0, chips[:, 2] - c0)
+        quality.nodata_fraction[at] = nodata_fraction
+        if fractions is not None and quality.class_fraction is not None:
+            quality.class_fraction[at] = fractions
+        keep = plan.quality.reasons_of(nodata_fraction, fractions) < 0
+        kept = int(keep.sum())
+        if kept < k and kept:
+            chosen = xp.asarray(np.flatnonzero(keep))
+            pixels[:kept] = pixels[chosen]
+            valid[:kept] = valid[chosen]
+        index[n : n + kept] = chips[keep]
+        n += kept
+        scanned += k
+        if n == capacity:
+            yield Batch(
+                pool.pixels[slot][:n], pool.valid[slot][:n], index[:n].copy(), scanned, slot
+            )
+            slot = pool.take()
+            n, scanned = 0, 0
+    if n or scanned:
+        yield Batch(pool.pixels[slot][:n], pool.valid[slot][:n], index[:n].copy(), scanned, slot)
+    else:
+        pool.release(slot)
 
-    free: queue.Queue[int]
 
-    @property
-    def slots(self) -> int: ...
-
-    def release(self, slot: int) -> None: ...
-
-
-class PooledBatch(Protocol):
-    slot: int
-
-
-B = TypeVar("B", bound=PooledBatch)
-
-
-def _recycling(batches: Iterator[B], pool: BufferPool) -> Iterator[B]:
-    previous: B | None = None
+def _recycling(batches: Iterator[Batch], pool: BufferPool) -> Iterator[Batch]:
+    previous: Batch | None = None
     try:
         for batch in batches:
             if previous is not None:
@@ -378,67 +432,12 @@ def _recycling(batches: Iterator[B], pool: BufferPool) -> Iterator[B]:
             close()
 
 
-def _fill_batches(
-    reader: ArrayWindowReader,
-    plan: BatchPlan,
-    quality: ChipQuality,
-    pool: _Pool,
-    stop: threading.Event | None,
-) -> Iterator[HostBatch]:
-    grid = plan.grid
-    size = grid.spec.chip_size
-    (t0, t1), (r0, r1), (c0, c1) = plan.block.times, plan.block.rows, plan.block.cols
-    rows, cols = chip_windows(grid)
-    pixels_count = float(size * size)
-    classes = np.empty((size, size), dtype=np.uint8) if reader.has_quality else None
-    slot = pool.free.get()
-    n, scanned = 0, 0
-    index = np.empty((plan.batch_size, 3), dtype=np.int64)
-    for t in range(t0, t1):
-        for i in range(r0, r1):
-            for j in range(c0, c1):
-                if stop is not None and stop.is_set():
-                    return
-                row, col = rows[i], cols[j]
-                at = (t - t0, i - r0, j - c0)  # where the chip sits in the block's arrays
-                buf, valid = pool.pixels[slot][n], pool.valid[slot][n]
-                reader.read(t, int(row), int(col), size, buf)
-                fractions = None
-                if classes is not None and quality.class_fraction is not None:
-                    reader.read_quality(t, int(row), int(col), size, classes)
-                    counts = np.bincount(classes.ravel(), minlength=len(PixelClass))[
-                        : len(PixelClass)
-                    ]
-                    fractions = counts / pixels_count
-                    quality.class_fraction[at] = fractions
-                reader.valid(t, int(row), int(col), size, buf, valid, classes)
-                fraction = 1.0 - np.count_nonzero(valid) / pixels_count
-                quality.nodata_fraction[at] = fraction
-                scanned += 1
-                if plan.quality.reason(fraction, fractions) >= 0:
-                    continue
-                index[n] = (t, i, j)
-                n += 1
-                if n == plan.batch_size:
-                    yield HostBatch(
-                        pool.pixels[slot], pool.valid[slot], index.copy(), scanned, slot
-                    )
-                    slot = pool.free.get()
-                    n, scanned = 0, 0
-    if n or scanned:
-        yield HostBatch(
-            pool.pixels[slot][:n], pool.valid[slot][:n], index[:n].copy(), scanned, slot
-        )
-    else:
-        pool.free.put(slot)
-
-
 _DONE = object()
 
 
 def _prefetched(
-    fill: Callable[[threading.Event], Iterator[B]], pool: BufferPool, depth: int
-) -> Iterator[B]:
+    fill: Callable[[threading.Event], Iterator[Batch]], pool: BufferPool, depth: int
+) -> Iterator[Batch]:
     """Run ``fill`` (a batch producer) in a thread, ``depth`` batches ahead of the consumer."""
     ready: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -468,40 +467,39 @@ def _prefetched(
             yield item
     finally:
         stop.set()
-        # Unblock a producer waiting for a free buffer or a queue slot, then wait for it.
-        for i in range(pool.slots):
-            pool.free.put(i)
+        pool.unblock()  # a producer waiting for a free buffer wakes up and sees the stop
         while thread.is_alive():
             with contextlib.suppress(queue.Empty):
                 ready.get(timeout=0.1)
         thread.join()
 
 
+# --------------------------------------------------------------------------- to torch
+
+
 def to_chip_batch(
-    host: HostBatch | Any,
+    batch: Batch,
     lonlat: np.ndarray,
     times: np.ndarray,
     device: torch.device,
     chip_ids: np.ndarray | None = None,
+    origin: tuple[int, int] = (0, 0),
 ) -> ChipBatch:
-    """Hand a batch to torch: a host batch through DLPack (zero-copy on CPU, then an async
-    copy from pinned memory on CUDA); a device batch
-    (:class:`xclay.chunk_batches.DeviceBatch`) as it is.
+    """Hand a batch to torch through DLPack: zero-copy for NumPy (CPU) and CuPy (GPU)
+    buffers; host buffers feeding a GPU are copied asynchronously from pinned memory.
 
-    ``lonlat`` is ``(rows, cols, 2)`` chip centres, ``times`` ``(time,)`` datetime64,
-    ``chip_ids`` ``(rows, cols)`` (optional).
+    ``lonlat`` ``(rows, cols, 2)`` and ``chip_ids`` ``(rows, cols)`` cover a block of
+    the grid whose first chip is at ``origin`` (chip row, chip column); ``times``
+    are the cube's ``(time,)`` datetime64.
     """
     import torch
 
     from xclay.protocols import ChipBatch
 
-    t, i, j = host.index[:, 0], host.index[:, 1], host.index[:, 2]
-    pixels: torch.Tensor = (
-        torch.from_dlpack(host.pixels) if isinstance(host.pixels, np.ndarray) else host.pixels
-    )
-    valid: torch.Tensor = (
-        torch.from_dlpack(host.valid) if isinstance(host.valid, np.ndarray) else host.valid
-    )
+    t = batch.index[:, 0]
+    i, j = batch.index[:, 1] - origin[0], batch.index[:, 2] - origin[1]
+    pixels: torch.Tensor = torch.from_dlpack(batch.pixels)
+    valid: torch.Tensor = torch.from_dlpack(batch.valid)
     if pixels.device != device:
         pixels = pixels.to(device, non_blocking=True)
         valid = valid.to(device, non_blocking=True)
@@ -514,17 +512,13 @@ def to_chip_batch(
     )
 
 
-def make_sampler(
-    reader: ArrayWindowReader,
-    grid: ChipGrid,
-    lonlat: np.ndarray,
-    times: np.ndarray,
-) -> Sampler:
+def make_sampler(source: BatchSource, grid: ChipGrid, times: np.ndarray) -> Sampler:
     """A reproducible source of sample chips for fitting (rcf filters, measured normalisation).
 
     ``sample(n, seed)`` draws chips uniformly over (time, row, col) with the
     seed and returns up to ``n`` of them with at most half their pixels
     nodata (fewer if the cube has fewer such chips), as a CPU ChipBatch.
+    ``source`` must read into host memory.
     """
 
     def sample(n: int, seed: int) -> ChipBatch:
@@ -537,42 +531,51 @@ def make_sampler(
         rng = np.random.default_rng(seed)
         # Candidates beyond n leave room for chips that are mostly nodata.
         order = rng.choice(total, size=min(total, 8 * n), replace=False)
-        bands = reader.shape[1]
-        pixels = np.empty((n, bands, size, size), dtype=reader.dtype)
+        t, rest = np.divmod(order.astype(np.int64), grid.rows * grid.cols)
+        i, j = np.divmod(rest, grid.cols)
+        step = grid.spec.step
+        windows = np.stack([t, i * step, j * step], axis=1)
+        _, bands, ny, nx = source.shape
+        pixels = np.empty((n, bands, size, size), dtype=source.dtype)
         valid = np.empty((n, size, size), dtype=bool)
-        classes = np.empty((size, size), dtype=np.uint8) if reader.has_quality else None
-        picked: list[tuple[int, int, int]] = []
-        for flat in order:
+        picked: list[int] = []
+        # Read candidates a few at a time, in order, until n are mostly valid.
+        for start in range(0, len(order), max(1, min(n, 64))):
             if len(picked) == n:
                 break
-            t, rest = divmod(int(flat), grid.rows * grid.cols)
-            i, j = divmod(rest, grid.cols)
-            row, col = int(grid.row_offsets[i]), int(grid.col_offsets[j])
-            k = len(picked)
-            reader.read(t, row, col, size, pixels[k])
-            if classes is not None:
-                reader.read_quality(t, row, col, size, classes)
-            reader.valid(t, row, col, size, pixels[k], valid[k], classes)
-            if valid[k].mean() >= 0.5:
-                picked.append((t, i, j))
+            todo = windows[start : start + max(1, min(n, 64))]
+            px = np.empty((len(todo), bands, size, size), dtype=source.dtype)
+            ok = np.empty((len(todo), size, size), dtype=bool)
+            cl = np.empty((len(todo), size, size), np.uint8) if source.has_quality else None
+            source.read(todo, px, cl)
+            outside = (
+                np.maximum(0, todo[:, 1] + size - ny),
+                np.maximum(0, todo[:, 2] + size - nx),
+            )
+            chip_validity(np, px, cl, source.nodata, ok, outside)
+            for k in np.flatnonzero(ok.mean(axis=(1, 2)) >= 0.5)[: n - len(picked)]:
+                pixels[len(picked)], valid[len(picked)] = px[k], ok[k]
+                picked.append(start + int(k))
         if not picked:
             raise DatacubeError(
                 "no chip of the cube has at least half of its pixels valid: nothing to fit or "
                 "measure on. Check the nodata value and the masks."
             )
-        k = len(picked)
-        idx = np.array(picked)
+        chosen = np.asarray(picked)
+        lon, lat = grid.lonlat_of(i[chosen], j[chosen])
+        m = len(picked)
         return ChipBatch(
-            pixels=torch.from_numpy(pixels[:k].copy()),
-            valid=torch.from_numpy(valid[:k].copy()),
-            lonlat=torch.from_numpy(lonlat[idx[:, 1], idx[:, 2]].astype(np.float64)),
-            time=np.asarray(times)[idx[:, 0]],
+            pixels=torch.from_numpy(pixels[:m].copy()),
+            valid=torch.from_numpy(valid[:m].copy()),
+            lonlat=torch.from_numpy(np.stack([lon, lat], axis=-1).astype(np.float64)),
+            time=np.asarray(times)[t[chosen]],
         )
 
     return sample
 
 
-def _torch_dtype(dtype: np.dtype[Any]) -> torch.dtype:
+def torch_dtype(dtype: np.dtype[Any]) -> torch.dtype:
+    """The torch dtype of a NumPy dtype; a clear error for dtypes torch cannot hold."""
     import torch
 
     try:

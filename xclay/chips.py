@@ -15,6 +15,7 @@ model asks for (lat, lon)).
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -26,9 +27,11 @@ from pyproj import Transformer
 
 from xclay.errors import DatacubeError
 
-__all__ = ["ChipGrid", "ChipGridSpec", "Edges", "crs_tag", "window_corners"]
+__all__ = ["ChipGrid", "ChipGridSpec", "Edges", "Span", "crs_tag", "to_lonlat", "window_corners"]
 
 Edges = Literal["drop", "pad"]
+# Chip rows or columns of a block, a half-open range (None: all of them).
+Span = tuple[int, int] | None
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,30 @@ class ChipGrid:
         """Left pixel column of each chip column, shape ``(cols,)``."""
         return np.arange(self.cols, dtype=np.int64) * self.spec.step
 
+    # -- any block of the grid, from arithmetic alone --------------------------
+    #
+    # Every method below takes the chip rows and columns of a block (half-open
+    # ranges; None: all) and costs what the block costs, never the whole grid:
+    # a region of a continental run computes its own windows, ids and footprints.
+
+    def _span(self, rows: Span, cols: Span) -> tuple[tuple[int, int], tuple[int, int]]:
+        r = (0, self.rows) if rows is None else (int(rows[0]), int(rows[1]))
+        c = (0, self.cols) if cols is None else (int(cols[0]), int(cols[1]))
+        if not (0 <= r[0] <= r[1] <= self.rows and 0 <= c[0] <= c[1] <= self.cols):
+            raise DatacubeError(
+                f"chip rows {r} / cols {c} are outside the {self.rows} x {self.cols} chip grid."
+            )
+        return r, c
+
+    def offsets(self, rows: Span = None, cols: Span = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top pixel rows ``(n_rows,)`` and left pixel columns ``(n_cols,)`` of a block's chips."""
+        (r0, r1), (c0, c1) = self._span(rows, cols)
+        step = self.spec.step
+        return (
+            np.arange(r0, r1, dtype=np.int64) * step,
+            np.arange(c0, c1, dtype=np.int64) * step,
+        )
+
     # -- geometry --------------------------------------------------------------
 
     @property
@@ -123,29 +150,39 @@ class ChipGrid:
             raise DatacubeError("the datacube grid has no CRS.")
         return crs
 
-    def centres(self) -> tuple[np.ndarray, np.ndarray]:
-        """Chip centres in the native CRS: ``(y (rows,), x (cols,))``."""
+    def centres(self, rows: Span = None, cols: Span = None) -> tuple[np.ndarray, np.ndarray]:
+        """Chip centres in the native CRS: ``(y (n_rows,), x (n_cols,))``."""
+        row_off, col_off = self.offsets(rows, cols)
         half = self.spec.chip_size / 2
         t = self.source.affine
-        x = t.c + t.a * (self.col_offsets + half)
-        y = t.f + t.e * (self.row_offsets + half)
+        x = t.c + t.a * (col_off + half)
+        y = t.f + t.e * (row_off + half)
         return y, x
 
-    def centres_lonlat(self) -> tuple[np.ndarray, np.ndarray]:
-        """Chip centres in WGS84 degrees: ``(lon, lat)``, each ``(rows, cols)``."""
-        y, x = self.centres()
+    def centres_lonlat(self, rows: Span = None, cols: Span = None) -> tuple[np.ndarray, np.ndarray]:
+        """Chip centres in WGS84 degrees: ``(lon, lat)``, each ``(n_rows, n_cols)``."""
+        y, x = self.centres(rows, cols)
         xx, yy = np.meshgrid(x, y)
-        return _to_lonlat(self.crs, xx, yy)
+        return to_lonlat(self.crs, xx, yy)
 
-    def corners_native(self) -> np.ndarray:
-        """Window corners in the native CRS, ``(rows, cols, 5, 2)`` closed rings of (x, y)."""
-        rr, cc = np.meshgrid(self.row_offsets, self.col_offsets, indexing="ij")
+    def lonlat_of(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """WGS84 ``(lon, lat)`` centres of chips ``(rows[k], cols[k])`` (any chips of the grid)."""
+        half = self.spec.chip_size / 2
+        step, t = self.spec.step, self.source.affine
+        x = t.c + t.a * (np.asarray(cols, dtype=np.int64) * step + half)
+        y = t.f + t.e * (np.asarray(rows, dtype=np.int64) * step + half)
+        return to_lonlat(self.crs, x, y)
+
+    def corners_native(self, rows: Span = None, cols: Span = None) -> np.ndarray:
+        """Window corners in the native CRS, ``(n_rows, n_cols, 5, 2)`` closed rings of (x, y)."""
+        row_off, col_off = self.offsets(rows, cols)
+        rr, cc = np.meshgrid(row_off, col_off, indexing="ij")
         return window_corners(self.source.affine, rr, cc, self.spec.chip_size)
 
-    def corners_lonlat(self) -> np.ndarray:
-        """Window corners in WGS84, ``(rows, cols, 5, 2)`` closed rings of (lon, lat)."""
-        native = self.corners_native()
-        lon, lat = _to_lonlat(self.crs, native[..., 0], native[..., 1])
+    def corners_lonlat(self, rows: Span = None, cols: Span = None) -> np.ndarray:
+        """Window corners in WGS84, ``(n_rows, n_cols, 5, 2)`` closed rings of (lon, lat)."""
+        native = self.corners_native(rows, cols)
+        lon, lat = to_lonlat(self.crs, native[..., 0], native[..., 1])
         return np.stack([lon, lat], axis=-1)
 
     def geobox(self) -> GeoBox:
@@ -159,21 +196,29 @@ class ChipGrid:
         affine = Affine(t.a * step, 0.0, origin[0], 0.0, t.e * step, origin[1])
         return GeoBox((self.rows, self.cols), affine, self.crs)
 
-    def chip_ids(self) -> np.ndarray:
-        """Deterministic chip ids, ``(rows, cols)`` of str.
+    def chip_ids(self, rows: Span = None, cols: Span = None) -> np.ndarray:
+        """Deterministic chip ids, ``(n_rows, n_cols)`` of str.
 
         ``{crs}_{size}px_{res}m_{x}_{y}``: the CRS, the chip size, the pixel
         size and the native coordinates of the window's top-left corner. The
-        same window of the same grid gets the same id in every run.
+        same window of the same grid gets the same id in every run, whichever
+        block it is computed in.
         """
+        row_off, col_off = self.offsets(rows, cols)
         t = self.source.affine
-        tag = crs_tag(self.crs)
         res = _fmt(abs(t.a))
-        xs = [_fmt(v) for v in t.c + t.a * self.col_offsets]
-        ys = [_fmt(v) for v in t.f + t.e * self.row_offsets]
-        size = self.spec.chip_size
-        ids = [[f"{tag}_{size}px_{res}m_{x}_{y}" for x in xs] for y in ys]
-        return np.array(ids, dtype=object).reshape(self.rows, self.cols)
+        prefix = f"{crs_tag(self.crs)}_{self.spec.chip_size}px_{res}m_"
+        xs = np.array([f"{prefix}{_fmt(v)}_" for v in t.c + t.a * col_off], dtype=object)
+        ys = np.array([_fmt(v) for v in t.f + t.e * row_off], dtype=object)
+        return _outer_ids(xs, ys)
+
+
+def _outer_ids(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """``out[i, j] = xs[j] + ys[i]`` as an object array of str."""
+    out = np.empty((ys.size, xs.size), dtype=object)
+    for i, y in enumerate(ys):
+        out[i] = xs + y
+    return out
 
 
 def window_corners(
@@ -199,12 +244,27 @@ def crs_tag(crs: CRS) -> str:
     return "CRS" + hashlib.sha256(crs.to_wkt().encode()).hexdigest()[:10]
 
 
-def _to_lonlat(crs: CRS, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    transformer = Transformer.from_crs(crs.to_wkt(), "EPSG:4326", always_xy=True)
-    lon, lat = transformer.transform(
+def to_lonlat(crs: Any, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Native coordinates of ``crs`` (an odc-geo or pyproj CRS, or WKT) to WGS84
+    ``(lon, lat)`` degrees, longitude first."""
+    wkt = crs if isinstance(crs, str) else crs.to_wkt()
+    lon, lat = _lonlat_transformer(wkt).transform(
         np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     )
     return np.asarray(lon), np.asarray(lat)
+
+
+_TRANSFORMERS = threading.local()
+
+
+def _lonlat_transformer(wkt: str) -> Transformer:
+    """One transformer per CRS and thread (building one costs milliseconds; regions of a
+    run ask for the same CRS thousands of times; pyproj transformers are not thread-safe)."""
+    cache: dict[str, Transformer] = _TRANSFORMERS.__dict__.setdefault("cache", {})
+    transformer = cache.get(wkt)
+    if transformer is None:
+        transformer = cache[wkt] = Transformer.from_crs(wkt, "EPSG:4326", always_xy=True)
+    return transformer
 
 
 def _count(n: int, size: int, step: int, edges: Edges) -> int:

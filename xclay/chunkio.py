@@ -30,7 +30,6 @@ __all__ = [
     "ChipChunks",
     "ChunkRef",
     "DirectWindowReader",
-    "HostChunkBatchReader",
     "UnsupportedLayout",
 ]
 
@@ -340,31 +339,3 @@ class ChipChunks:
             refs.append(self.locator.find(index))
             outside.append((max(0, row + size - ny), max(0, col + size - nx)))
         return refs, outside
-
-
-class HostChunkBatchReader:
-    """Reads a batch of chip chunks into host memory with a pool of threads (``pread`` and
-    zstd/Blosc decoding release the GIL, so chunks decode in parallel)."""
-
-    def __init__(self, chunks: ChipChunks, *, threads: int | None = None) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.chunks = chunks
-        self._reader = DirectWindowReader(chunks.layout, pad_value=0)
-        self.threads = threads or min(8, os.cpu_count() or 1)
-        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="xclay-chunks")
-
-    def read(self, refs: Sequence[ChunkRef | None], out: np.ndarray) -> None:
-        """Decode chunk ``k`` of ``refs`` into ``out[k]`` (C-contiguous, chunk-shaped)."""
-        fill = self.chunks.layout.fill_value
-        jobs = []
-        for k, ref in enumerate(refs):
-            if ref is None:
-                out[k].fill(fill)
-            else:
-                jobs.append(self._pool.submit(self._reader._read_ref, ref, out[k]))
-        for job in jobs:
-            job.result()
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)

@@ -9,12 +9,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from xclay._version import __version__
 from xclay.errors import XClayError
 from xclay.quality import SKIP_REASONS, QualityFilter
 from xclay.quantize import QUANTIZATIONS
+from xclay.readers import Engine
 
 __all__ = ["main"]
 
@@ -109,15 +110,6 @@ def _parser() -> argparse.ArgumentParser:
     emb.add_argument("target", type=Path, help="datacube Zarr, or a run spec (YAML)")
     emb.add_argument("--out", type=Path, default=None, help="output folder (datacube mode)")
     emb.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    emb.add_argument(
-        "--engine",
-        choices=("zarr", "kvikio", "auto"),
-        default="zarr",
-        help=(
-            "datacube reader (datacube mode): zarr (host), kvikio (chunks straight into GPU "
-            "memory, with --device cuda), auto (kvikio where it can run)"
-        ),
-    )
     _add_embed_options(emb)
     _add_cluster_options(emb)
     emb.set_defaults(func=_embed)
@@ -202,7 +194,18 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
             help=f"skip chips with {'less' if name.startswith('min_') else 'more'} {what} "
             f"(default {default:g})",
         )
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument(
+        "--device", default="auto", help="auto (a CUDA GPU if there is one), cpu, cuda, cuda:N"
+    )
+    p.add_argument(
+        "--engine",
+        choices=get_args(Engine),
+        default="auto",
+        help=(
+            "how chips are read: zarr (host), kvikio (into GPU memory, decoded there; needs a "
+            "CUDA device), auto (kvikio on a GPU where kvikIO is installed; default)"
+        ),
+    )
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     stored = p.add_argument_group("what each chip stores")
@@ -251,6 +254,7 @@ def _embed_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "quality": {name: getattr(args, name) for name in QualityFilter().to_dict()},
         "device": args.device,
+        "engine": args.engine,
         "precision": args.precision,
         "thumbnails": args.thumbnails,
         "loss": args.loss,
@@ -366,7 +370,7 @@ def _embed(args: argparse.Namespace) -> int:
     if args.out is None:
         print("xclay embed: error: --out is required with a datacube Zarr", file=sys.stderr)
         return 2
-    cube = open_datacube(args.target, engine=args.engine)
+    cube = open_datacube(args.target)
     _embed_and_export(cube, args.out, args, overwrite=args.overwrite)
     return 0
 
@@ -397,10 +401,14 @@ def _embed_and_export(cube: Any, out: Path, args: argparse.Namespace, *, overwri
     run = emb.attrs["run"]
     card = emb.attrs["model"]
     done = run["chips_embedded"]
+    data_path = emb.attrs["data_path"]
     print(
         f"  embedded    {done} of {run['chips_total']} chips with {card['name']} "
-        f"({card['dim']}-d) on {args.device} in {seconds:.1f} s: {done / max(seconds, 1e-9):.1f} chips/s"
+        f"({card['dim']}-d) on {data_path['device']} in {seconds:.1f} s: "
+        f"{done / max(seconds, 1e-9):.1f} chips/s"
     )
+    if data_path["fallbacks"]:
+        print("  data path   " + "; ".join(data_path["fallbacks"]))
     skipped = {
         reason: run[f"chips_skipped_{reason}"]
         for reason in SKIP_REASONS

@@ -991,7 +991,6 @@ def open_datacube(path: str | os.PathLike[str], *, engine: Engine = "zarr") -> x
         cube[name].encoding[STORE_ENCODING] = {
             "path": str(store / name),
             "coords": _coords_fingerprint(cube[name]),
-            "engine": resolved,
         }
     return cube
 
@@ -1008,14 +1007,6 @@ def store_source(da: xr.DataArray) -> str | None:
     if info.get("coords") != _coords_fingerprint(da):
         return None
     return str(info["path"])
-
-
-def store_engine(da: xr.DataArray) -> str | None:
-    """The engine a variable was opened with (None: not opened by :func:`open_datacube`,
-    or changed since)."""
-    if store_source(da) is None:
-        return None
-    return str(da.encoding[STORE_ENCODING].get("engine", "zarr"))
 
 
 def _coords_fingerprint(da: xr.DataArray) -> dict[str, Any]:

@@ -17,16 +17,14 @@ from xclay._json import jsonable
 from xclay._progress import progress_bar
 from xclay._version import __version__
 from xclay.batching import (
-    ArrayWindowReader,
+    Batch,
     BatchPlan,
     Block,
-    HostBatch,
     iter_batches,
     make_sampler,
     to_chip_batch,
 )
 from xclay.chips import ChipGrid, ChipGridSpec, Edges
-from xclay.chunk_batches import DeviceBatch, chunk_batch_source, iter_chunk_batches
 from xclay.datacube import (
     as_datacube,
     check_chip_alignment,
@@ -34,12 +32,13 @@ from xclay.datacube import (
     nodata_value,
     validate_datacube,
 )
-from xclay.devices import Precision, resolve_device, resolve_dtype
+from xclay.devices import Precision, ThreadBudget, resolve_device, resolve_dtype
 from xclay.errors import DatacubeError, ModelError
 from xclay.export import EmbeddingsLayout, VariableSpec
 from xclay.masks import PixelClass
 from xclay.protocols import Encoder, InputSpec, ReconstructionScorer, Sampler
 from xclay.quality import ChipQuality, QualityFilter
+from xclay.readers import Engine, open_batch_source
 from xclay.thumbnails import DEFAULT_SIZE as DEFAULT_THUMBNAIL_SIZE
 from xclay.thumbnails import ThumbnailStretch, make_thumbnails, rgb_bands, thumbnail_size
 
@@ -60,11 +59,17 @@ class EmbedConfig:
     grid
         Chip size, stride and edge policy.
     batch_size
-        Chips per encoder call.
+        Chips per encoder call (chips that pass the quality filter; only a
+        block's last call may have fewer).
     quality
         Which chips to embed, by their nodata and pixel-class fractions.
     device
-        ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
+        ``"auto"`` (CUDA when usable, else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    engine
+        How chips are read: ``"zarr"`` (on the host: straight from the chunk
+        files where xclay can, else through xarray), ``"kvikio"`` (into GPU
+        memory, decoded there; needs a CUDA device), or ``"auto"`` (kvikio when
+        the encoder runs on a CUDA GPU and kvikIO is installed, else zarr).
     precision
         ``"fp32"``, ``"bf16"`` or ``"auto"`` (the model's preference where the
         device runs it fast).
@@ -85,7 +90,8 @@ class EmbedConfig:
     grid: ChipGridSpec = field(default_factory=ChipGridSpec)
     batch_size: int = 16
     quality: QualityFilter = field(default_factory=QualityFilter)
-    device: str = "cpu"
+    device: str = "auto"
+    engine: Engine = "auto"
     precision: Precision = "auto"
     prefetch: int = 2
     thumbnails: int = 0
@@ -108,6 +114,8 @@ class EmbedConfig:
             raise DatacubeError(
                 f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}."
             )
+        if self.engine not in ("auto", "zarr", "kvikio"):
+            raise DatacubeError(f"engine must be 'auto', 'zarr' or 'kvikio', got {self.engine!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = jsonable(asdict(self))
@@ -133,7 +141,8 @@ def embed(
     edges: Edges = "drop",
     batch_size: int | Literal["auto"] = 16,
     quality: QualityFilter | Mapping[str, float] | None = None,
-    device: str = "cpu",
+    device: str = "auto",
+    engine: Engine = "auto",
     precision: Precision = "auto",
     prefetch: int = 2,
     thumbnails: bool | int = False,
@@ -163,7 +172,13 @@ def embed(
         0.1, "min_clear": 0.8}`` (fractions 0..1; default: at most half nodata).
         Class thresholds need a cube with quality classes.
     device, precision
-        Where and in which precision the encoder runs.
+        Where and in which precision the encoder runs (``device="auto"``: a
+        CUDA GPU when there is one, else the CPU).
+    engine
+        How chips are read: ``"auto"`` (GPU reads with kvikIO when the encoder
+        runs on a GPU and kvikIO is installed, else host reads), ``"zarr"`` or
+        ``"kvikio"``; a slower path than asked for is a
+        :class:`~xclay.errors.DataPathWarning`.
     prefetch
         Batches read ahead while the encoder runs (0: no background reading).
     thumbnails
@@ -195,6 +210,7 @@ def embed(
         batch_size=batch_size,
         quality=QualityFilter.of(quality),
         device=device,
+        engine=engine,
         precision=precision,
         prefetch=prefetch,
         thumbnails=thumbnail_edge(thumbnails),
@@ -221,7 +237,10 @@ def embed_with_config(
 ) -> xr.Dataset:
     """:func:`embed` with its settings grouped in an :class:`EmbedConfig`."""
     session = EmbedSession(cube, encoder, config)
-    return session.dataset(session.embed_block(progress=progress))
+    try:
+        return session.dataset(session.embed_block(progress=progress))
+    finally:
+        session.close()
 
 
 @dataclass
@@ -236,13 +255,16 @@ class BlockResult:
     seconds: float
     thumbnails: np.ndarray | None = None  # [time, rows, cols, size, size, 4] uint8
     loss: np.ndarray | None = None  # [time, rows, cols] float32, NaN where not scored
+    geometry: BlockGeometry | None = None  # chip centres and ids of the block
 
 
 class EmbedSession:
     """An encoder prepared for one datacube: embeds the whole chip grid or any block of it.
 
-    Preparing (normalisation, rcf filters, Clay's wave kernel) happens once,
-    here; distributed runs rebuild the prepared encoder on every worker from
+    Preparing (normalisation, rcf filters, Clay's wave kernel), choosing the
+    batch source (engine, device, threads) and enumerating nothing of the
+    grid happen once, here; :meth:`embed_block` then costs what its block
+    costs. Distributed runs rebuild the prepared encoder on every worker from
     its model card and embed their own blocks.
     """
 
@@ -254,11 +276,17 @@ class EmbedSession:
         self.encoder = encoder
         self.grid = ChipGrid.from_geobox(datacube_geobox(self.cube), config.grid)
         check_chip_alignment(self.cube, self.grid.spec.chip_size, self.grid.spec.step)
-        self.reader = ArrayWindowReader.of(self.cube)
         self.device = resolve_device(config.device)
-        # engine="kvikio" on a GPU: batches of chip chunks read and decoded in GPU memory.
-        self.chunks = chunk_batch_source(self.cube, self.grid.spec.chip_size, self.device)
-        if config.quality.uses_classes and not self.reader.has_quality:
+        self.threads = ThreadBudget.for_device(self.device)
+        self.sources = open_batch_source(
+            self.cube,
+            chip_size=self.grid.spec.chip_size,
+            engine=config.engine,
+            device=self.device,
+            threads=self.threads,
+        )
+        host = self.sources.host
+        if config.quality.uses_classes and not host.has_quality:
             raise DatacubeError(
                 "quality thresholds on cloud, cloud shadow, haze, snow or clear need a datacube "
                 "with a 'quality' variable of pixel classes; this one has none. Ingest with a "
@@ -266,30 +294,28 @@ class EmbedSession:
             )
         dtype = resolve_dtype(config.precision, self.device, encoder.preferred_precision)
         self.times = np.asarray(self.cube["time"].values, dtype="datetime64[ns]")
-        lon, lat = self.grid.centres_lonlat()
-        self.lonlat = np.stack([lon, lat], axis=-1)
-        self.chip_ids = self.grid.chip_ids()
         spec = InputSpec(
             platform=self.cube.attrs.get("platform") or None,
             bands=tuple(str(b) for b in self.cube["band"].values),
             wavelengths=tuple(float(w) for w in self.cube["wavelength"].values),
             gsd=float(self.cube.attrs["gsd"]),
-            nodata=self.reader.nodata,
-            dtype=str(self.reader.dtype),
+            nodata=host.nodata,
+            dtype=str(host.dtype),
             chip_size=self.grid.spec.chip_size,
         )
-        sampler = make_sampler(self.reader, self.grid, self.lonlat, self.times)
+        sampler = make_sampler(host, self.grid, self.times)
         self._thumbnail_bands: list[int] = []
-        if config.thumbnails:
-            self.config = config = self._with_thumbnail_stretch(config, spec, sampler)
-        if config.loss:
-            if not isinstance(encoder, ReconstructionScorer):
-                raise ModelError(
-                    f"model {encoder.card.name!r} has no decoder to compute a reconstruction "
-                    "loss; loss=True needs model='clay-v1.5'."
-                )
-            encoder.enable_loss(config.loss_seed)
-        encoder.prepare(spec, sampler, device=self.device, dtype=dtype)
+        with self.threads.applied():
+            if config.thumbnails:
+                self.config = config = self._with_thumbnail_stretch(config, spec, sampler)
+            if config.loss:
+                if not isinstance(encoder, ReconstructionScorer):
+                    raise ModelError(
+                        f"model {encoder.card.name!r} has no decoder to compute a reconstruction "
+                        "loss; loss=True needs model='clay-v1.5'."
+                    )
+                encoder.enable_loss(config.loss_seed)
+            encoder.prepare(spec, sampler, device=self.device, dtype=dtype)
         self.card = encoder.card
 
     def _with_thumbnail_stretch(
@@ -321,6 +347,21 @@ class EmbedSession:
     def whole(self) -> Block:
         return Block.whole(len(self.times), self.grid)
 
+    @property
+    def data_path(self) -> dict[str, Any]:
+        """How chips are read, for reports and outputs: engine, reader, threads, fallbacks."""
+        return {
+            "engine": self.sources.engine,
+            "reader": self.sources.batches.name,
+            "device": str(self.device),
+            "threads": {"torch": self.threads.torch, "decode": self.threads.decode},
+            "fallbacks": list(self.sources.fallbacks),
+        }
+
+    def close(self) -> None:
+        """Stop the readers' threads (a session used after this reopens nothing)."""
+        self.sources.close()
+
     def embed_block(
         self, block: Block | None = None, *, progress: bool | None = None
     ) -> BlockResult:
@@ -334,37 +375,48 @@ class EmbedSession:
             quality=config.quality,
         )
         shape = block.shape
+        geometry = BlockGeometry.of(self.grid, block)
         vectors = np.full((*shape, *card.vector_shape), np.nan, dtype=np.float32)
         edge = self.thumbnail_size
         thumbs = np.zeros((*shape, edge, edge, 4), dtype=np.uint8) if edge else None
         losses = np.full(shape, np.nan, dtype=np.float32) if config.loss else None
-        quality = ChipQuality.empty(shape, with_classes=self.reader.has_quality)
+        quality = ChipQuality.empty(shape, with_classes=self.sources.batches.has_quality)
         t0, r0, c0 = block.times[0], block.rows[0], block.cols[0]
         start = timer.perf_counter()
-        with progress_bar(plan.total_chips, progress, desc="embed", unit="chip") as bar:
-            for host in self._batches(plan, quality):
-                if len(host):
-                    batch = to_chip_batch(host, self.lonlat, self.times, self.device, self.chip_ids)
-                    out = self.encoder.encode(batch)
-                    if tuple(out.shape) != (len(host), *card.vector_shape):
+        with (
+            self.threads.applied(),
+            progress_bar(plan.total_chips, progress, desc="embed", unit="chip") as bar,
+        ):
+            for batch in self._batches(plan, quality):
+                if len(batch):
+                    chips = to_chip_batch(
+                        batch,
+                        geometry.lonlat,
+                        self.times,
+                        self.device,
+                        geometry.chip_ids,
+                        origin=(r0, c0),
+                    )
+                    out = self.encoder.encode(chips)
+                    if tuple(out.shape) != (len(batch), *card.vector_shape):
                         raise ModelError(
                             f"encoder {card.name!r} returned shape {tuple(out.shape)} for "
-                            f"{len(host)} chips; expected {(len(host), *card.vector_shape)}."
+                            f"{len(batch)} chips; expected {(len(batch), *card.vector_shape)}."
                         )
-                    t, i, j = host.index.T
+                    t, i, j = batch.index.T
                     vectors[t - t0, i - r0, j - c0] = out.float().cpu().numpy()
                     if losses is not None and isinstance(self.encoder, ReconstructionScorer):
-                        scores = self.encoder.loss(batch)
+                        scores = self.encoder.loss(chips)
                         losses[t - t0, i - r0, j - c0] = scores.float().cpu().numpy()
                     if thumbs is not None and config.thumbnail_stretch is not None:
                         thumbs[t - t0, i - r0, j - c0] = make_thumbnails(
-                            batch.pixels,
-                            batch.valid,
+                            chips.pixels,
+                            chips.valid,
                             self._thumbnail_bands,
                             config.thumbnail_stretch,
                             edge,
                         )
-                bar.update(host.scanned)
+                bar.update(batch.scanned)
         seconds = timer.perf_counter() - start
         embedded = np.asarray(np.isfinite(vectors).all(axis=tuple(range(3, vectors.ndim))))
         passed = np.isfinite(quality.nodata_fraction) & (config.quality.reasons(quality) < 0)
@@ -385,30 +437,36 @@ class EmbedSession:
             thumbs[~embedded] = 0  # chips without a vector get no preview
         if losses is not None:
             losses[~embedded] = np.nan
-        return BlockResult(block, vectors, quality, embedded, counts, seconds, thumbs, losses)
+        return BlockResult(
+            block, vectors, quality, embedded, counts, seconds, thumbs, losses, geometry
+        )
 
-    def _batches(self, plan: BatchPlan, quality: ChipQuality) -> Iterator[HostBatch | DeviceBatch]:
-        if self.chunks is not None:
-            return iter_chunk_batches(self.chunks, plan, quality, prefetch=self.config.prefetch)
+    def _batches(self, plan: BatchPlan, quality: ChipQuality) -> Iterator[Batch]:
+        on_gpu = self.device.type == "cuda"
         return iter_batches(
-            self.reader,
+            self.sources.batches,
             plan,
             quality,
             prefetch=self.config.prefetch,
-            pin_memory=self.device.type == "cuda",
+            pin_memory=on_gpu,
+            cuda_events=on_gpu,
         )
 
     def dataset(self, result: BlockResult) -> xr.Dataset:
-        """The embeddings Dataset of a block (the whole grid's coords, cut to the block)."""
+        """The embeddings Dataset of a block (its own coords, computed for the block)."""
         return _embeddings_dataset(self, result)
 
     def layout(self) -> EmbeddingsLayout:
-        """The whole grid's embeddings, without data: coords, attributes, and each variable's
-        dims, dtype and attributes (for :func:`xclay.export.create_embeddings_store`)."""
+        """The whole grid's embeddings, without data: the grid's 1-D coords and the
+        attributes, and each variable's dims, dtype and attributes (per-chip coordinates
+        such as ``lat``/``lon``/``chip_id`` included, which regions write as they go), for
+        :func:`xclay.export.create_embeddings_store`. Costs the grid's rows plus columns,
+        not its chips."""
+        empty_block = Block((0, 0), (0, 0), (0, 0))
         empty = BlockResult(
-            block=Block((0, 0), (0, 0), (0, 0)),
+            block=empty_block,
             vectors=np.zeros((0, 0, 0, *self.card.vector_shape), dtype=np.float32),
-            quality=ChipQuality.empty((0, 0, 0), with_classes=self.reader.has_quality),
+            quality=ChipQuality.empty((0, 0, 0), with_classes=self.sources.host.has_quality),
             embedded=np.zeros((0, 0, 0), dtype=bool),
             counts={},
             seconds=0.0,
@@ -416,6 +474,7 @@ class EmbedSession:
             if self.thumbnail_size
             else None,
             loss=np.zeros((0, 0, 0), np.float32) if self.config.loss else None,
+            geometry=BlockGeometry.of(self.grid, empty_block),
         )
         variables = {
             name: VariableSpec(
@@ -428,10 +487,33 @@ class EmbedSession:
                 empty, self.card.name, self.config.thumbnail_stretch
             ).items()
         }
+        for name, (dims, values, attrs) in _chip_coords(
+            BlockGeometry.of(self.grid, empty_block)
+        ).items():
+            variables[name] = VariableSpec(
+                dims=tuple(dims),
+                dtype="str" if name == "chip_id" else str(np.asarray(values).dtype),
+                attrs=dict(attrs),
+                coordinate=True,
+            )
         coords = xr.Dataset(
-            coords=_embeddings_coords(self, self.whole), attrs=_embeddings_attrs(self, {})
+            coords=_grid_coords(self, self.whole), attrs=_embeddings_attrs(self, {})
         )
         return EmbeddingsLayout(coords=coords, variables=variables)
+
+
+@dataclass(frozen=True)
+class BlockGeometry:
+    """Where a block's chips are, from the grid's arithmetic alone: centres in WGS84
+    (``lonlat`` ``(rows, cols, 2)``, longitude first) and chip ids ``(rows, cols)``."""
+
+    lonlat: np.ndarray
+    chip_ids: np.ndarray
+
+    @classmethod
+    def of(cls, grid: ChipGrid, block: Block) -> BlockGeometry:
+        lon, lat = grid.centres_lonlat(block.rows, block.cols)
+        return cls(np.stack([lon, lat], axis=-1), grid.chip_ids(block.rows, block.cols))
 
 
 def _class_fractions(quality: ChipQuality, dims: tuple[str, ...]) -> dict[str, Any]:
@@ -493,9 +575,10 @@ def _as_cube(obj: xr.Dataset | xr.DataArray) -> xr.Dataset:
 
 
 def _embeddings_dataset(session: EmbedSession, result: BlockResult) -> xr.Dataset:
+    geometry = result.geometry or BlockGeometry.of(session.grid, result.block)
     ds = xr.Dataset(
         _data_vars(result, session.card.name, session.config.thumbnail_stretch),
-        coords=_embeddings_coords(session, result.block),
+        coords={**_grid_coords(session, result.block), **_chip_coords(geometry)},
         attrs=_embeddings_attrs(session, result.counts),
     )
     return ds
@@ -545,43 +628,39 @@ def _data_vars(
     }
 
 
-def _embeddings_coords(session: EmbedSession, block: Block) -> dict[str, Any]:
+def _grid_coords(session: EmbedSession, block: Block) -> dict[str, Any]:
+    """The 1-D coords of a block (time, chip centres, pixel offsets): rows plus columns."""
     grid, cube = session.grid, session.cube
     (t0, t1), (r0, r1), (c0, c1) = block.times, block.rows, block.cols
-    centres = xr_coords(grid.geobox(), crs_coord_name="spatial_ref")
+    # The same arithmetic for every block, so a region's coords equal its slice of the whole.
+    y, x = grid.centres((r0, r1), (c0, c1))
+    row_off, col_off = grid.offsets((r0, r1), (c0, c1))
+    cells = grid.geobox()
+    if r1 > r0 and c1 > c0:
+        cells = cells[r0:r1, c0:c1]
+    spatial_ref = xr_coords(cells, crs_coord_name="spatial_ref")["spatial_ref"]
     coords: dict[str, Any] = {
         "time": session.times[t0:t1],
         "chip_y": (
             "chip_y",
-            centres["y"].values[r0:r1],
+            y,
             {"units": "metre", "long_name": "chip centre y (datacube CRS)"},
         ),
         "chip_x": (
             "chip_x",
-            centres["x"].values[c0:c1],
+            x,
             {"units": "metre", "long_name": "chip centre x (datacube CRS)"},
         ),
         "feature": np.arange(session.card.dim, dtype=np.int32),
-        "spatial_ref": centres["spatial_ref"],
-        "chip_id": (("chip_y", "chip_x"), grid.chip_ids()[r0:r1, c0:c1]),
-        "lat": (
-            ("chip_y", "chip_x"),
-            session.lonlat[r0:r1, c0:c1, 1],
-            {"units": "degrees_north", "long_name": "chip centre latitude (WGS84)"},
-        ),
-        "lon": (
-            ("chip_y", "chip_x"),
-            session.lonlat[r0:r1, c0:c1, 0],
-            {"units": "degrees_east", "long_name": "chip centre longitude (WGS84)"},
-        ),
+        "spatial_ref": spatial_ref,
         "row_off": (
             "chip_y",
-            grid.row_offsets[r0:r1],
+            row_off,
             {"long_name": "top pixel row of the chip window in the datacube"},
         ),
         "col_off": (
             "chip_x",
-            grid.col_offsets[c0:c1],
+            col_off,
             {"long_name": "left pixel column of the chip window in the datacube"},
         ),
     }
@@ -589,6 +668,26 @@ def _embeddings_coords(session: EmbedSession, block: Block) -> dict[str, Any]:
         if extra in cube.coords:
             coords[extra] = ("time", cube[extra].values[t0:t1])
     return coords
+
+
+_CHIP_DIMS = ("chip_y", "chip_x")
+
+
+def _chip_coords(geometry: BlockGeometry) -> dict[str, Any]:
+    """Per-chip coords of a block: WGS84 centres and chip ids (regions write their own)."""
+    return {
+        "chip_id": (_CHIP_DIMS, geometry.chip_ids, {"long_name": "chip id (see xclay.chips)"}),
+        "lat": (
+            _CHIP_DIMS,
+            geometry.lonlat[..., 1],
+            {"units": "degrees_north", "long_name": "chip centre latitude (WGS84)"},
+        ),
+        "lon": (
+            _CHIP_DIMS,
+            geometry.lonlat[..., 0],
+            {"units": "degrees_east", "long_name": "chip centre longitude (WGS84)"},
+        ),
+    }
 
 
 def _embeddings_attrs(session: EmbedSession, counts: dict[str, int]) -> dict[str, Any]:
@@ -611,5 +710,6 @@ def _embeddings_attrs(session: EmbedSession, counts: dict[str, int]) -> dict[str
             "provenance": cube.attrs.get("provenance", {}),
         },
         "run": counts,
+        "data_path": session.data_path,
         "xclay_version": __version__,
     }

@@ -10,12 +10,14 @@ from __future__ import annotations
 __all__ = [
     "CheckpointError",
     "ChunkingError",
+    "DataPathWarning",
     "DatacubeError",
     "DeviceError",
     "MissingDependencyError",
     "ModelError",
     "OutputExistsError",
     "XClayError",
+    "XClayWarning",
 ]
 
 
@@ -49,3 +51,12 @@ class MissingDependencyError(XClayError, ImportError):
 
 class OutputExistsError(XClayError, FileExistsError):
     """An output path already exists and overwriting was not asked for."""
+
+
+class XClayWarning(UserWarning):
+    """Base class of the warnings xclay gives a user (filter them by this category)."""
+
+
+class DataPathWarning(XClayWarning):
+    """The data path took a slower road than the one asked for (no nvCOMP, no GPUDirect
+    Storage, a layout the fast path cannot read); the message says why and what to do."""

@@ -176,13 +176,15 @@ class VariableSpec:
     dtype: str
     attrs: dict[str, Any]
     chip_shape: tuple[int, ...] = ()
-    fill_value: Any = None  # what unwritten chunks read as (None: NaN, False, 0 by dtype)
+    fill_value: Any = None  # what unwritten chunks read as (None: NaN, False, 0, "" by dtype)
+    coordinate: bool = False  # a per-chip coordinate (chip_id, lat, lon), not data
 
 
 @dataclass(frozen=True)
 class EmbeddingsLayout:
-    """An embeddings Dataset without its data: the whole grid's coords and attributes
-    (``coords``) and its data variables' specs."""
+    """An embeddings Dataset without its data: the whole grid's 1-D coords and attributes
+    (``coords``), and the specs of its data variables and per-chip coordinates, which
+    regions write as they go (so creating a store costs the grid's rows plus columns)."""
 
     coords: xr.Dataset
     variables: dict[str, VariableSpec]
@@ -211,7 +213,8 @@ def create_embeddings_store(
     layout: EmbeddingsLayout, path: str | os.PathLike[str], *, region_chips: int
 ) -> Path:
     """Create an embeddings Zarr whose chunks are ``region_chips x region_chips`` chips:
-    coords and attributes written, data variables empty (NaN / False), marked incomplete.
+    1-D coords and attributes written, data variables and per-chip coordinates empty
+    (NaN / False / ""), marked incomplete.
 
     Regions of that size are then written with :func:`write_embeddings_region`, in any
     order and by several processes at once (no two regions share a chunk).
@@ -222,33 +225,36 @@ def create_embeddings_store(
 
     coords = layout.coords.copy()
     coords.attrs = jsonable({**coords.attrs, COMPLETE_ATTR: False})
-    coords["chip_id"] = coords["chip_id"].astype(object)
     coords.to_zarr(path, mode="w", zarr_format=3, consolidated=False)
     group = zarr.open_group(path, mode="r+", zarr_format=3)
     sizes = dict(coords.sizes)
-    names = " ".join(sorted(str(c) for c in coords.coords if c not in coords.dims))
+    per_chip = [name for name, spec in layout.variables.items() if spec.coordinate]
+    names = " ".join(sorted([*(str(c) for c in coords.coords if c not in coords.dims), *per_chip]))
+    edges = {"time": 1, "chip_y": region_chips, "chip_x": region_chips}
     for name, spec in layout.variables.items():
-        shape = (sizes["time"], sizes["chip_y"], sizes["chip_x"], *spec.chip_shape)
-        chunks = (
-            1,
-            min(sizes["chip_y"], region_chips),
-            min(sizes["chip_x"], region_chips),
-            *spec.chip_shape,
-        )
-        dtype = np.dtype(spec.dtype)
+        grid_dims = spec.dims[: len(spec.dims) - len(spec.chip_shape)]
+        shape = (*(sizes[d] for d in grid_dims), *spec.chip_shape)
+        chunks = (*(min(sizes[d], edges[d]) for d in grid_dims), *spec.chip_shape)
+        strings = spec.dtype == "str"
+        dtype: Any = str if strings else np.dtype(spec.dtype)
+        fill = spec.fill_value if spec.fill_value is not None else _default_fill(spec.dtype)
+        attrs = dict(spec.attrs) if spec.coordinate else {**spec.attrs, "coordinates": names}
         group.create_array(
             name,
             shape=shape,
             dtype=dtype,
             chunks=chunks,
-            fill_value=spec.fill_value if spec.fill_value is not None else _default_fill(dtype),
+            fill_value=fill,
             dimension_names=spec.dims,
-            attributes=jsonable({**spec.attrs, "coordinates": names}),
+            attributes=jsonable(attrs),
         )
     return Path(path)
 
 
-def _default_fill(dtype: np.dtype[Any]) -> Any:
+def _default_fill(dtype_name: str) -> Any:
+    if dtype_name == "str":
+        return ""
+    dtype = np.dtype(dtype_name)
     if dtype.kind == "b":
         return False
     return np.nan if dtype.kind == "f" else 0
@@ -257,16 +263,26 @@ def _default_fill(dtype: np.dtype[Any]) -> Any:
 def write_embeddings_region(
     path: str | os.PathLike[str], block: xr.Dataset, offsets: tuple[int, int, int]
 ) -> None:
-    """Write a block's data variables (from :meth:`EmbedSession.dataset`) into the store,
-    at ``offsets`` = (time, chip row, chip column) of its first chip."""
+    """Write a block (from :meth:`EmbedSession.dataset`) into the store at ``offsets`` =
+    (time, chip row, chip column) of its first chip: its data variables, and its per-chip
+    coordinates (chip ids, WGS84 centres)."""
     import zarr
 
     group = zarr.open_group(path, mode="r+", zarr_format=3)
     t0, r0, c0 = offsets
-    for name in block.data_vars:
-        values = np.asarray(block[name].values)
-        t, r, c = values.shape[:3]
-        group[str(name)][t0 : t0 + t, r0 : r0 + r, c0 : c0 + c] = values  # type: ignore[index]
+    starts = {"time": t0, "chip_y": r0, "chip_x": c0}
+    stored = set(group.array_keys())
+    for name, var in block.variables.items():
+        if name not in stored or var.dims[:1] not in (("time",), ("chip_y",)):
+            continue
+        if name in block.coords and var.dims != ("chip_y", "chip_x"):
+            continue  # the grid's 1-D coords were written when the store was created
+        values = np.asarray(var.values)
+        key = tuple(
+            slice(starts[d], starts[d] + n) if d in starts else slice(None)
+            for d, n in zip(var.dims, values.shape, strict=True)
+        )
+        group[str(name)][key] = values  # type: ignore[index]
 
 
 # --------------------------------------------------------------------------- GeoParquet

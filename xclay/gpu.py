@@ -8,9 +8,10 @@ system has it, kvikIO's POSIX compatibility mode otherwise) and:
 - uncompressed chunks land in their slot of the batch buffer: no decode, no
   host copy;
 - zstd chunks land in a device staging buffer and are decompressed on the GPU
-  in one nvCOMP batch call, straight from disk bytes to pixels;
+  in one nvCOMP batch call, straight into their slots of the batch buffer;
 - where nvCOMP is missing (or the codec is Blosc), chunks are decoded on the
-  host by threads and copied up once per batch, and the reason is logged.
+  host by threads and copied up once per read, and the run says so
+  (:class:`~xclay.errors.DataPathWarning`, a line in its report).
 
 Nothing here imports cupy, kvikio or nvCOMP until a reader is built, so the
 package imports on machines without CUDA; :func:`gpu_status` says what the
@@ -29,15 +30,16 @@ import numpy as np
 import xarray as xr
 from xarray.backends import BackendArray
 
-from xclay.chunkio import ChipChunks, ChunkRef, HostChunkBatchReader, UnsupportedLayout
+from xclay.chunkio import ArrayLayout, ChipChunks, ChunkRef, UnsupportedLayout
 from xclay.errors import DatacubeError, DeviceError, MissingDependencyError
+from xclay.masks import PixelClass
 
 if TYPE_CHECKING:
-    import torch
+    from xclay.devices import ThreadBudget
 
 __all__ = [
     "Decode",
-    "KvikioChunkBatchReader",
+    "KvikioChunkSource",
     "gpu_status",
     "gpu_variable",
     "kvikio_usable",
@@ -151,37 +153,93 @@ def _plain(value: Any) -> Any:
     return value if isinstance(value, int | float | str | bool) else str(value)
 
 
-class KvikioChunkBatchReader:
-    """Reads a batch of chip chunks into a CUDA tensor with kvikIO, decoding on the GPU.
+class KvikioChunkSource:
+    """Chip windows read into GPU memory with kvikIO and decoded there
+    (a :class:`~xclay.protocols.BatchSource` whose buffers are CuPy arrays).
 
-    ``decode``: ``"auto"`` (nvCOMP where it can decode the codec, else host
-    threads), ``"nvcomp"`` (required), or ``"host"`` (read and decode on the
-    host, then one host-to-device copy per batch: the baseline the benchmarks
-    compare against).
+    Needs one chip per chunk (:class:`~xclay.chunkio.ChipChunks`; otherwise
+    :class:`~xclay.chunkio.UnsupportedLayout`). Per read: one kvikIO ``pread``
+    per chunk; uncompressed chunks land in their slot of the batch buffer,
+    zstd chunks in a device staging buffer from which one nvCOMP batch call
+    decodes them straight into their slots. ``decode``: ``"auto"`` (nvCOMP
+    where it decodes the codec, else host threads), ``"nvcomp"`` (required),
+    or ``"host"`` (read and decode on the host, one copy per read: the
+    benchmarks' baseline). :attr:`fallbacks` lists every slower road taken.
     """
 
-    def __init__(self, chunks: ChipChunks, *, decode: Decode = "auto") -> None:
+    def __init__(
+        self,
+        pixels: ArrayLayout,
+        quality: ArrayLayout | None,
+        *,
+        chip_size: int,
+        nodata: float | None,
+        threads: ThreadBudget,
+        decode: Decode = "auto",
+    ) -> None:
         require_kvikio()
         import cupy
         import kvikio
 
-        self._cupy, self._kvikio = cupy, kvikio
-        self.chunks = chunks
-        layout = chunks.layout
-        if not layout.dtype.isnative:
-            raise UnsupportedLayout(f"{layout.dtype.str} pixels (big-endian): read on the host")
-        self.chunk_bytes = layout.chunk_nbytes
-        self.decode = self._choose_decode(decode, layout.compressor)
-        self._host = (
-            HostChunkBatchReader(chunks) if self.decode == "host" and layout.compressor else None
-        )
-        self._staging: Any = None
-        self._codec: Any = None
-        self._pinned: np.ndarray | None = None
-        self._lock = threading.Lock()
+        from xclay.readers import ChunkSource
 
-    @staticmethod
-    def _choose_decode(decode: Decode, compressor: str | None) -> str:
+        self._cupy, self._kvikio = cupy, kvikio
+        self._chunks = ChipChunks(pixels, chip_size)
+        self._quality_chunks = ChipChunks(quality, chip_size) if quality is not None else None
+        for layout in (pixels, quality):
+            if layout is not None and not layout.dtype.isnative:
+                raise UnsupportedLayout(f"{layout.dtype.str} chunks (big-endian)")
+        self.fallbacks: list[str] = []
+        self._decode = {
+            "pixels": self._choose_decode(decode, pixels.compressor),
+            "quality": self._choose_decode(decode, quality.compressor) if quality else "none",
+        }
+        self._host = ChunkSource(pixels, quality, nodata=nodata, threads=threads.decode)
+        self._threads = _set_kvikio_threads(kvikio, threads.io)
+        gds = _gds_available()
+        if gds != "yes":
+            self.fallbacks.append(
+                f"GPUDirect Storage is not in use ({gds}); kvikIO reads through host bounce "
+                "buffers. Reads are still direct to GPU memory, but bounded by host memory "
+                "bandwidth."
+            )
+        self._shape = tuple(int(s) for s in pixels.shape)
+        self._dtype = pixels.dtype.newbyteorder("=")
+        self._nodata = nodata
+        self._pad = (
+            nodata if nodata is not None else (float("nan") if self._dtype.kind == "f" else 0)
+        )
+        self._stream = cupy.cuda.Stream(non_blocking=True)
+        self._local = threading.local()  # nvCOMP codecs and staging buffers: one per thread
+        self._pinned: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
+
+    @property
+    def xp(self) -> Any:
+        return self._cupy
+
+    @property
+    def name(self) -> str:
+        decode = self._decode["pixels"]
+        return f"kvikIO ({self._threads} thread(s)), {decode} decode"
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        t, b, y, x = self._shape
+        return t, b, y, x
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return self._dtype
+
+    @property
+    def nodata(self) -> float | None:
+        return self._nodata
+
+    @property
+    def has_quality(self) -> bool:
+        return self._quality_chunks is not None
+
+    def _choose_decode(self, decode: Decode, compressor: str | None) -> str:
         if compressor is None:
             return "none"
         if decode == "host":
@@ -195,63 +253,93 @@ class KvikioChunkBatchReader:
             return "nvcomp"
         if decode == "nvcomp":
             raise DatacubeError(f"decode='nvcomp' is not possible: {reason}.")
-        log.warning("decoding %s chunks on the host: %s", compressor, reason)
+        self.fallbacks.append(
+            f"{compressor} chunks are decoded on the host and copied to the GPU: {reason}"
+        )
         return "host"
 
-    def read(self, refs: Sequence[ChunkRef | None], out: torch.Tensor) -> None:
-        """Fill ``out[k]`` (a CUDA tensor, chunk-shaped per chip) with chunk ``k`` of
-        ``refs``; missing chunks take the fill value. Work is ordered on torch's current
-        stream; returns when the data is in place."""
-        import torch
+    def reading_stream(self) -> Any:
+        """The side stream a background reader works on (CuPy's current stream inside)."""
+        return self._stream
 
-        cupy = self._cupy
-        stream = torch.cuda.current_stream(out.device)
-        with cupy.cuda.ExternalStream(stream.cuda_stream, out.device.index or 0):
-            target = cupy.from_dlpack(out)
-            fill = self.chunks.layout.fill_value
-            for k, ref in enumerate(refs):
-                if ref is None:
-                    target[k].fill(fill)
-            present = [(k, ref) for k, ref in enumerate(refs) if ref is not None]
-            if not present:
-                return
-            if self.decode == "none":
-                self._read_raw(present, target)
-            elif self.decode == "nvcomp":
-                self._read_nvcomp(present, target, stream.cuda_stream)
-            else:
-                self._read_host(present, target)
-            stream.synchronize()
+    def read(self, windows: np.ndarray, pixels: Any, classes: Any | None) -> None:
+        """Fill ``pixels[k]`` (and ``classes[k]``) with window ``k``; work is queued on
+        CuPy's current stream, which is synchronised before returning."""
+        tuples = [(int(t), int(r), int(c)) for t, r, c in windows.tolist()]
+        on_host = {
+            "pixels": self._decode["pixels"] == "host",
+            "quality": classes is not None and self._decode["quality"] == "host",
+        }
+        if any(on_host.values()):
+            self._read_host(
+                windows,
+                pixels if on_host["pixels"] else None,
+                classes if on_host["quality"] else None,
+            )
+        refs, outside = self._chunks.plan(tuples)
+        if not on_host["pixels"]:
+            self._read_chunks(self._decode["pixels"], self._chunks, refs, pixels)
+        if classes is not None and self._quality_chunks is not None and not on_host["quality"]:
+            qrefs, _ = self._quality_chunks.plan(tuples)
+            self._read_chunks(self._decode["quality"], self._quality_chunks, qrefs, classes)
+        for k, (oy, ox) in enumerate(outside):  # the part of a padded window past the raster
+            if oy:
+                pixels[k, :, pixels.shape[-2] - oy :, :] = self._pad
+                if classes is not None:
+                    classes[k, classes.shape[-2] - oy :, :] = PixelClass.NODATA
+            if ox:
+                pixels[k, :, :, pixels.shape[-1] - ox :] = self._pad
+                if classes is not None:
+                    classes[k, :, classes.shape[-1] - ox :] = PixelClass.NODATA
+        self._cupy.cuda.get_current_stream().synchronize()
 
-    def _read_raw(self, present: list[tuple[int, ChunkRef]], target: Any) -> None:
+    def _read_chunks(
+        self, decode: str, chunks: ChipChunks, refs: Sequence[ChunkRef | None], target: Any
+    ) -> None:
+        fill = chunks.layout.fill_value
+        for k, ref in enumerate(refs):
+            if ref is None:
+                target[k].fill(fill)
+        present = [(k, ref) for k, ref in enumerate(refs) if ref is not None]
+        if not present:
+            return
+        if decode == "none":
+            self._read_raw(present, target, chunks.layout.chunk_nbytes)
+        else:
+            self._read_nvcomp(present, target, chunks.layout.chunk_nbytes)
+
+    def _read_raw(self, present: list[tuple[int, ChunkRef]], target: Any, nbytes: int) -> None:
         """Uncompressed: each chunk's bytes go straight into its slot (cuFile DMA with GDS)."""
-        futures = []
         files = _Files(self._kvikio)
         try:
+            futures = []
             for k, ref in present:
                 slot = target[k].view(self._cupy.uint8).ravel()
                 futures.append(files.open(ref.path).pread(slot, slot.nbytes, ref.offset))
             for future, (_, ref) in zip(futures, present, strict=True):
                 got = future.get()
-                if got != self.chunk_bytes:
-                    raise OSError(f"{ref.path}: chunk truncated ({got} of {self.chunk_bytes})")
+                if got != nbytes:
+                    raise OSError(f"{ref.path}: chunk truncated ({got} of {nbytes} bytes)")
         finally:
             files.close()
 
-    def _read_nvcomp(self, present: list[tuple[int, ChunkRef]], target: Any, stream: int) -> None:
-        """zstd: encoded bytes into one device staging buffer, one nvCOMP batch decode."""
+    def _read_nvcomp(self, present: list[tuple[int, ChunkRef]], target: Any, nbytes: int) -> None:
+        """zstd: encoded bytes into one device staging buffer, then one nvCOMP batch decode
+        straight into the chips' slots (no per-chunk copy)."""
+        from nvidia import nvcomp
+
         cupy = self._cupy
         sizes = [_encoded_size(ref) for _, ref in present]
-        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        total = int(starts[-1])
-        if self._staging is None or self._staging.nbytes < total:
-            # Grown to 1.5x what is needed: compressed sizes vary from batch to batch.
-            self._staging = cupy.empty(total + total // 2, dtype=cupy.uint8)
+        # 16-byte aligned starts: what nvCOMP asks of the buffers it decodes from.
+        starts = np.concatenate([[0], np.cumsum([-(-s // 16) * 16 for s in sizes])]).astype(
+            np.int64
+        )
+        staging = self._staging(int(starts[-1]))
         files = _Files(self._kvikio)
         try:
             futures = [
                 files.open(ref.path).pread(
-                    self._staging[starts[i] : starts[i + 1]], sizes[i], ref.offset
+                    staging[starts[i] : starts[i] + sizes[i]], sizes[i], ref.offset
                 )
                 for i, (_, ref) in enumerate(present)
             ]
@@ -260,49 +348,75 @@ class KvikioChunkBatchReader:
                     raise OSError(f"{ref.path}: encoded chunk truncated")
         finally:
             files.close()
-        from nvidia import nvcomp
+        stream = cupy.cuda.get_current_stream().ptr
+        codec = self._codec(nvcomp, stream)
+        encoded = nvcomp.as_arrays(
+            [staging[starts[i] : starts[i] + sizes[i]] for i in range(len(present))],
+            cuda_stream=stream,
+        )
+        slots = nvcomp.as_arrays(
+            [target[k].view(cupy.uint8).ravel() for k, _ in present], cuda_stream=stream
+        )
+        decoded = codec.decode(encoded, out=slots)
+        for (_, ref), got in zip(present, decoded.buffer_sizes, strict=True):
+            if int(got) != nbytes:
+                raise OSError(f"{ref.path}: decoded {int(got)} bytes, expected {nbytes}")
 
-        if self._codec is None:
-            self._codec = nvcomp.Codec(
+    def _codec(self, nvcomp: Any, stream: int) -> Any:
+        """An nvCOMP zstd codec for this thread and stream (codecs are not thread-safe)."""
+        codecs: dict[int, Any] = self._local.__dict__.setdefault("codecs", {})
+        if stream not in codecs:
+            codecs[stream] = nvcomp.Codec(
                 algorithm="Zstd", bitstream_kind=nvcomp.BitstreamKind.RAW, cuda_stream=stream
             )
-        encoded = [
-            nvcomp.as_array(self._staging[starts[i] : starts[i + 1]]) for i in range(len(present))
-        ]
-        decoded = self._codec.decode(encoded)
-        for (k, ref), chunk in zip(present, decoded, strict=True):
-            raw = cupy.asarray(chunk).view(cupy.uint8).ravel()
-            if raw.nbytes != self.chunk_bytes:
-                raise OSError(
-                    f"{ref.path}: decoded {raw.nbytes} bytes, expected {self.chunk_bytes}"
-                )
-            target[k].view(cupy.uint8).ravel()[...] = raw
+        return codecs[stream]
 
-    def _read_host(self, present: list[tuple[int, ChunkRef]], target: Any) -> None:
-        """Host decode (threads), then one copy of the whole batch to the device."""
-        assert self._host is not None
-        shape = (target.shape[0], *target.shape[1:])
-        if self._pinned is None or self._pinned.shape != shape:
+    def _staging(self, nbytes: int) -> Any:
+        staging = getattr(self._local, "staging", None)
+        if staging is None or staging.nbytes < nbytes:
+            # Grown to 1.5x what is needed: compressed sizes vary from read to read.
+            staging = self._cupy.empty(nbytes + nbytes // 2, dtype=self._cupy.uint8)
+            self._local.staging = staging
+        return staging
+
+    def _read_host(self, windows: np.ndarray, pixels: Any | None, classes: Any | None) -> None:
+        """Host decode (threads) into pinned memory, then one copy per array and read."""
+        stream = self._cupy.cuda.get_current_stream()
+        staged = [self._pinned_like(name, a) for name, a in (("px", pixels), ("q", classes))]
+        self._host.read(windows, staged[0], staged[1])
+        for device, host in zip((pixels, classes), staged, strict=True):
+            if device is not None:
+                device.set(host, stream=stream)
+        stream.synchronize()  # the pinned buffers are reused by the next read
+
+    def _pinned_like(self, name: str, target: Any | None) -> np.ndarray | None:
+        if target is None:
+            return None
+        key = (name, tuple(target.shape))
+        pinned = self._pinned.get(key)
+        if pinned is None:
             import torch
 
+            from xclay.batching import torch_dtype
+
             pinned = torch.empty(
-                shape, dtype=torch.from_numpy(np.empty(0, target.dtype)).dtype, pin_memory=True
-            )
-            self._pinned = pinned.numpy()
-        refs: list[ChunkRef | None] = [None] * shape[0]
-        for k, ref in present:
-            refs[k] = ref
-        self._host.read(refs, self._pinned)
-        keep = [k for k, _ in present]
-        if len(keep) == shape[0]:
-            target.set(self._pinned)
-        else:
-            for k in keep:
-                target[k].set(self._pinned[k])
+                target.shape, dtype=torch_dtype(np.dtype(target.dtype)), pin_memory=True
+            ).numpy()
+            self._pinned[key] = pinned
+        return pinned
 
     def close(self) -> None:
-        if self._host is not None:
-            self._host.close()
+        self._host.close()
+
+
+def _set_kvikio_threads(kvikio: Any, threads: int) -> int:
+    """Size kvikIO's thread pool for this machine (it starts with one thread)."""
+    try:
+        kvikio.defaults.set("num_threads", int(threads))
+        return int(kvikio.defaults.get("num_threads"))
+    except Exception as err:  # an older kvikIO: keep its pool, say so
+        log.info("kvikIO thread pool left as it is: %s", err)
+        return -1
 
 
 def _encoded_size(ref: ChunkRef) -> int:
@@ -312,7 +426,7 @@ def _encoded_size(ref: ChunkRef) -> int:
 
 
 class _Files:
-    """kvikIO file handles for one batch: a shard file is opened once for all its chunks."""
+    """kvikIO file handles for one read: a shard file is opened once for all its chunks."""
 
     def __init__(self, kvikio: Any) -> None:
         self._kvikio = kvikio

@@ -2,8 +2,9 @@
 
 - :class:`Encoder`: turns a batch of chips into one vector per chip (the
   weight-free ``rcf`` baseline, Clay v1.5, ...).
-- :class:`WindowReader`: reads chip windows of a datacube into a batch
-  buffer (engine ``zarr`` on the host; ``kvikio`` into GPU memory).
+- :class:`BatchSource`: reads chip windows of a datacube into batch buffers
+  (on the host through xarray or straight from Zarr chunk files; into GPU
+  memory through kvikIO).
 
 And the plain data that crosses them: :class:`InputSpec` (what an encoder
 must know about the cube's bands) and :class:`ChipBatch`.
@@ -12,6 +13,7 @@ must know about the cube's bands) and :class:`ChipBatch`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
     from xclay.devices import Precision
     from xclay.models.card import ModelCard
 
-__all__ = ["ChipBatch", "Encoder", "InputSpec", "ReconstructionScorer", "Sampler", "WindowReader"]
+__all__ = ["BatchSource", "ChipBatch", "Encoder", "InputSpec", "ReconstructionScorer", "Sampler"]
 
 
 @dataclass(frozen=True)
@@ -130,8 +132,24 @@ class ReconstructionScorer(Protocol):
 
 
 @runtime_checkable
-class WindowReader(Protocol):
-    """Reads chip windows (all bands) of a datacube's pixels."""
+class BatchSource(Protocol):
+    """Reads chip windows of a datacube (all bands, and its quality classes) into batch
+    buffers: the one seam between a datacube's storage and the batch path
+    (:mod:`xclay.batching`). Implementations: :class:`xclay.readers.WindowSource`
+    (any xarray cube), :class:`xclay.readers.ChunkSource` (Zarr v3 chunk files
+    decoded by host threads), :class:`xclay.gpu.KvikioChunkSource` (kvikIO reads
+    into GPU memory, nvCOMP decode).
+    """
+
+    @property
+    def name(self) -> str:
+        """What reads, for reports: e.g. ``"chunks (host, 2 threads)"``."""
+        ...
+
+    @property
+    def xp(self) -> Any:
+        """The array module of the buffers it fills: ``numpy``, or ``cupy`` on a GPU."""
+        ...
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -141,9 +159,27 @@ class WindowReader(Protocol):
     @property
     def dtype(self) -> np.dtype[Any]: ...
 
-    def read(self, t: int, row: int, col: int, size: int, out: np.ndarray) -> None:
-        """Fill ``out`` ``[band, size, size]`` with the window at ``(row, col)`` of time ``t``.
-
-        Parts of the window outside the raster are filled with the nodata value.
-        """
+    @property
+    def nodata(self) -> float | None:
+        """The pixels' nodata value (None: none; NaN is always nodata for floats)."""
         ...
+
+    @property
+    def has_quality(self) -> bool:
+        """Whether it reads quality classes (the cube has a ``quality`` variable)."""
+        ...
+
+    def read(self, windows: np.ndarray, pixels: Any, classes: Any | None) -> None:
+        """Fill ``pixels[k]`` ``[band, size, size]`` with the window ``windows[k]`` =
+        ``(t, row, col)`` (top-left pixel), and ``classes[k]`` ``[size, size]`` with its
+        quality classes when given. Parts of a window past the raster hold the nodata
+        value (pixels) and :attr:`xclay.masks.PixelClass.NODATA` (classes). Returns when
+        the data is in place."""
+        ...
+
+    def reading_stream(self) -> AbstractContextManager[Any]:
+        """Where a background reader works: a side CUDA stream for GPU sources, nothing
+        for host ones."""
+        ...
+
+    def close(self) -> None: ...

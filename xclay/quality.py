@@ -112,12 +112,21 @@ class QualityFilter:
     def reasons(self, quality: ChipQuality) -> np.ndarray:
         """Per chip of a block: the index into :data:`SKIP_REASONS` of why it was skipped,
         -1 where it passed (or was not scanned)."""
-        nodata = quality.nodata_fraction
+        return self.reasons_of(quality.nodata_fraction, quality.class_fraction)
+
+    def reasons_of(
+        self, nodata_fraction: np.ndarray, class_fraction: np.ndarray | None
+    ) -> np.ndarray:
+        """:meth:`reason` for many chips at once: ``nodata_fraction`` ``[...]`` and
+        ``class_fraction`` ``[..., classes]`` (None, or NaN: unknown, which passes the class
+        thresholds); -1 where a chip passes, or was not scanned (NaN nodata fraction)."""
+        nodata = np.asarray(nodata_fraction)
         failed = [(nodata >= 1.0) | (nodata > self.max_nodata)]
-        classes = quality.class_fraction
-        if classes is not None:  # NaN (unknown) compares False: passes
-            failed += [classes[..., cls] > getattr(self, n) for n, cls in _MAX_CLASSES.items()]
-            failed.append(classes[..., PixelClass.CLEAR] < self.min_clear)
+        if class_fraction is not None:  # NaN (unknown) compares False: passes
+            failed += [
+                class_fraction[..., cls] > getattr(self, n) for n, cls in _MAX_CLASSES.items()
+            ]
+            failed.append(class_fraction[..., PixelClass.CLEAR] < self.min_clear)
         out = np.full(nodata.shape, -1, dtype=np.int8)
         for k in reversed(range(len(failed))):  # the first failed check wins
             out[failed[k]] = k

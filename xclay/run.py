@@ -28,7 +28,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import xarray as xr
 
@@ -37,10 +37,11 @@ from xclay._progress import progress_bar
 from xclay.errors import XClayError
 from xclay.quality import QualityFilter
 from xclay.quantize import QUANTIZATIONS
+from xclay.readers import Engine
 
 if TYPE_CHECKING:
     from xclay.chips import Edges
-    from xclay.datacube import Compression, Engine
+    from xclay.datacube import Compression
     from xclay.devices import Precision
     from xclay.ingest import Composite
 
@@ -99,8 +100,8 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class ComputeSettings:
-    device: str = "cpu"
-    engine: Engine = "zarr"
+    device: str = "auto"
+    engine: Engine = "auto"
     batch_size: int | Literal["auto"] = 16
     precision: Precision = "auto"
     prefetch: int = 2
@@ -422,14 +423,12 @@ class _Reader:
         batch = d.get("batch_size", 16)
         if batch != "auto":
             batch = self.number(batch, "compute.batch_size", integer=True, positive=True)
-        device = self.text(d.get("device", "cpu"), "compute.device") or "cpu"
+        device = self.text(d.get("device", "auto"), "compute.device") or "auto"
         if not (device in ("cpu", "cuda", "auto") or device.startswith("cuda:")):
             raise self.fail("compute.device", f"must be cpu, cuda, cuda:N or auto, got {device!r}.")
         return ComputeSettings(
             device=device,
-            engine=self.choice(
-                d.get("engine", "zarr"), "compute.engine", ("zarr", "kvikio", "auto")
-            ),
+            engine=self.choice(d.get("engine", "auto"), "compute.engine", get_args(Engine)),
             batch_size=batch,
             precision=self.choice(
                 d.get("precision", "auto"), "compute.precision", ("auto", "fp32", "bf16")
@@ -888,7 +887,7 @@ def _embed_phase(
     if is_complete(path):
         return []
     record = state.record()
-    cube = open_datacube(spec.datacube_path, engine=spec.compute.engine)
+    cube = open_datacube(spec.datacube_path)
     if "card" in record:  # resuming: the encoder exactly as it was first prepared
         config = EmbedConfig.from_dict(record["embed_config"])
         encoder = encoder_from_card(record["card"], checkpoint=record["paths"]["checkpoint"])
@@ -946,6 +945,7 @@ def _embed_config(spec: RunSpec, cube: xr.Dataset, encoder: Any) -> Any:
         batch_size=batch,
         quality=spec.quality,
         device=spec.compute.device,
+        engine=spec.compute.engine,
         precision=spec.compute.precision,
         prefetch=spec.compute.prefetch,
         thumbnails=spec.outputs.thumbnails,

@@ -134,9 +134,7 @@ def _session(outdir: str, record: dict[str, Any]) -> Any:
         checkpoint = record["paths"].get("checkpoint")
         encoder = encoder_from_card(record["card"], checkpoint=checkpoint)
         config = EmbedConfig.from_dict(record["embed_config"])
-        cube = open_datacube(
-            record["paths"]["datacube"], engine=record["spec"]["compute"]["engine"]
-        )
+        cube = open_datacube(record["paths"]["datacube"])
         return EmbedSession(cube, encoder, config)
 
     return _cached(outdir, "session", build)

@@ -1,0 +1,328 @@
+"""Batch sources: where chip windows come from, and which one an embedding run uses.
+
+Three readers plug into :class:`~xclay.protocols.BatchSource`:
+
+- :class:`WindowSource`: any xarray cube (NumPy, dask, a lazily opened store
+  in a layout only zarr-python reads), one window at a time through xarray;
+- :class:`ChunkSource`: a datacube store xclay can read directly
+  (:mod:`xclay.chunkio`): chunk files read with ``pread`` and decoded in
+  place by a pool of host threads;
+- :class:`xclay.gpu.KvikioChunkSource`: the same chunks read into GPU memory
+  with kvikIO and decoded there by nvCOMP.
+
+:func:`open_batch_source` picks one from the embedding run's engine and
+device, once. Whenever it has to take a slower path than the one asked for
+(no nvCOMP, no GPUDirect Storage, a layout the fast path cannot read), it
+says so with a :class:`~xclay.errors.DataPathWarning` and records the reason,
+which runs put in their report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import xarray as xr
+
+from xclay.chunkio import ArrayLayout, DirectWindowReader, UnsupportedLayout
+from xclay.datacube import in_memory, nodata_value, store_source
+from xclay.errors import DataPathWarning, DeviceError
+from xclay.masks import PixelClass
+
+if TYPE_CHECKING:
+    import torch
+
+    from xclay.devices import ThreadBudget
+    from xclay.protocols import BatchSource
+
+__all__ = [
+    "ChunkSource",
+    "Engine",
+    "SourceChoice",
+    "WindowSource",
+    "open_batch_source",
+    "resolve_engine",
+]
+
+log = logging.getLogger(__name__)
+
+Engine = Literal["auto", "zarr", "kvikio"]
+
+
+def _pad_value(nodata: float | None, dtype: np.dtype[Any]) -> float:
+    """What fills the part of a window past the raster (masked out anyway)."""
+    if nodata is not None:
+        return nodata
+    return float("nan") if dtype.kind == "f" else 0.0
+
+
+class WindowSource:
+    """Chip windows of any xarray datacube, one window at a time: NumPy slices for cubes in
+    memory, xarray's lazy indexing (basic slices) for dask-backed or lazily opened ones."""
+
+    xp = np
+    name = "xarray windows"
+
+    def __init__(self, pixels: xr.DataArray, quality: xr.DataArray | None = None) -> None:
+        self._pixels = pixels.variable
+        self._quality = quality.variable if quality is not None else None
+        # Not pixels.data: for a lazily opened cube that would read every pixel.
+        self._numpy = pixels.variable._data if in_memory(pixels) else None
+        self._quality_numpy = (
+            quality.variable._data if quality is not None and in_memory(quality) else None
+        )
+        self._shape = tuple(int(s) for s in pixels.shape)
+        self._dtype = np.dtype(pixels.dtype)
+        self._nodata = nodata_value(pixels)
+        self._pad = _pad_value(self._nodata, self._dtype)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        t, b, y, x = self._shape
+        return t, b, y, x
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return self._dtype
+
+    @property
+    def nodata(self) -> float | None:
+        return self._nodata
+
+    @property
+    def has_quality(self) -> bool:
+        return self._quality is not None
+
+    def read(self, windows: np.ndarray, pixels: Any, classes: Any | None) -> None:
+        size = pixels.shape[-1]
+        _, _, ny, nx = self._shape
+        for k, (t, row, col) in enumerate(windows.tolist()):
+            r0, r1 = max(row, 0), min(row + size, ny)
+            c0, c1 = max(col, 0), min(col + size, nx)
+            whole = r1 - r0 == size and c1 - c0 == size
+            if not whole:
+                pixels[k].fill(self._pad)
+            if self._numpy is not None:
+                window = self._numpy[t, :, r0:r1, c0:c1]
+            else:
+                window = _host(self._pixels[t, :, r0:r1, c0:c1].data)
+            pixels[k, :, r0 - row : r1 - row, c0 - col : c1 - col] = window
+            if classes is None or self._quality is None:
+                continue
+            if not whole:
+                classes[k].fill(PixelClass.NODATA)
+            if self._quality_numpy is not None:
+                q = self._quality_numpy[t, r0:r1, c0:c1]
+            else:
+                q = _host(self._quality[t, r0:r1, c0:c1].data)
+            classes[k, r0 - row : r1 - row, c0 - col : c1 - col] = q
+
+    def reading_stream(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def close(self) -> None:
+        pass
+
+
+def _host(data: Any) -> np.ndarray:
+    """A window as NumPy: dask computes, CuPy results (engine="kvikio") come back."""
+    if hasattr(data, "compute") and not isinstance(data, np.ndarray):
+        data = data.compute()
+    get = getattr(data, "get", None)
+    return np.asarray(get() if callable(get) and not isinstance(data, np.ndarray) else data)
+
+
+class ChunkSource:
+    """Chip windows straight from a datacube store's Zarr v3 chunk files
+    (:mod:`xclay.chunkio`): one ``pread`` per chunk, decoded in place by a pool of
+    ``threads`` host threads (``pread`` and zstd/Blosc decoding release the GIL), with
+    windows that span several chunks or reach past the raster handled per chunk."""
+
+    xp = np
+
+    def __init__(
+        self,
+        pixels: ArrayLayout,
+        quality: ArrayLayout | None,
+        *,
+        nodata: float | None,
+        threads: int = 1,
+    ) -> None:
+        dtype = pixels.dtype.newbyteorder("=")
+        self._dtype = dtype
+        self._nodata = nodata
+        self._shape = tuple(int(s) for s in pixels.shape)
+        self._pixels = DirectWindowReader(pixels, pad_value=_pad_value(nodata, dtype))
+        self._quality = (
+            DirectWindowReader(quality, pad_value=float(PixelClass.NODATA))
+            if quality is not None
+            else None
+        )
+        self.threads = max(1, int(threads))
+        self._pool = (
+            ThreadPoolExecutor(self.threads, thread_name_prefix="xclay-chunks")
+            if self.threads > 1
+            else None
+        )
+        self.layouts = (pixels, quality)
+
+    @property
+    def name(self) -> str:
+        return f"chunk files (host, {self.threads} thread{'s' if self.threads > 1 else ''})"
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        t, b, y, x = self._shape
+        return t, b, y, x
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return self._dtype
+
+    @property
+    def nodata(self) -> float | None:
+        return self._nodata
+
+    @property
+    def has_quality(self) -> bool:
+        return self._quality is not None
+
+    def read(self, windows: np.ndarray, pixels: Any | None, classes: Any | None) -> None:
+        """As :meth:`BatchSource.read`; ``pixels`` may be None to read only the classes."""
+        shaped = pixels if pixels is not None else classes
+        assert shaped is not None
+        size = int(shaped.shape[-1])
+        quality = self._quality if classes is not None else None
+
+        def one(k: int, t: int, row: int, col: int) -> None:
+            if pixels is not None:
+                self._pixels.read(t, row, col, size, pixels[k])
+            if quality is not None and classes is not None:
+                quality.read(t, row, col, size, classes[k])
+
+        jobs = [(k, *w) for k, w in enumerate(windows.tolist())]
+        if self._pool is None or len(jobs) < 2:
+            for job in jobs:
+                one(*job)
+            return
+        for future in [self._pool.submit(one, *job) for job in jobs]:
+            future.result()
+
+    def reading_stream(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+def store_layouts(cube: xr.Dataset) -> tuple[ArrayLayout, ArrayLayout | None]:
+    """The chunk layouts of the stores behind a cube's ``pixels`` (and ``quality``), when
+    xclay can read them directly; :class:`~xclay.chunkio.UnsupportedLayout` (with the
+    reason) otherwise."""
+    layouts: dict[str, ArrayLayout] = {}
+    for name in ("pixels", "quality"):
+        if name not in cube.data_vars:
+            continue
+        da = cube[name]
+        source = store_source(da)
+        if source is None:
+            raise UnsupportedLayout(f"{name} is not read unchanged from its store")
+        layout = ArrayLayout.open(source)
+        if layout.shape != tuple(da.shape) or layout.dtype.newbyteorder("=") != da.dtype:
+            raise UnsupportedLayout(f"{name} has another shape or dtype than its store")
+        layouts[name] = layout
+    return layouts["pixels"], layouts.get("quality")
+
+
+def resolve_engine(engine: Engine, device: torch.device) -> Literal["zarr", "kvikio"]:
+    """``"auto"`` -> kvikio when the encoder runs on a CUDA device and kvikIO can read
+    there, else zarr; ``"kvikio"`` needs both (a clear error otherwise)."""
+    from xclay import gpu
+
+    if engine not in ("auto", "zarr", "kvikio"):
+        raise DeviceError(f"engine must be 'auto', 'zarr' or 'kvikio', got {engine!r}.")
+    if engine == "zarr":
+        return "zarr"
+    if engine == "auto":
+        return "kvikio" if device.type == "cuda" and gpu.kvikio_usable() else "zarr"
+    gpu.require_kvikio()
+    if device.type != "cuda":
+        raise DeviceError(
+            "engine='kvikio' reads chips into GPU memory for an encoder on the GPU, but "
+            f"device is {device.type!r}; use device='cuda' (or 'auto'), or engine='zarr'."
+        )
+    return "kvikio"
+
+
+@dataclass
+class SourceChoice:
+    """The sources an embedding run reads with, and why it is not faster.
+
+    ``batches``: what batches are read from; ``host``: a host source over the
+    same cube (sampling chips for fitting); ``engine``: the engine resolved;
+    ``fallbacks``: every slower path taken, one sentence each.
+    """
+
+    batches: BatchSource
+    host: BatchSource
+    engine: Literal["zarr", "kvikio"]
+    fallbacks: list[str] = field(default_factory=list)
+
+    def close(self) -> None:
+        self.batches.close()
+        if self.host is not self.batches:
+            self.host.close()
+
+
+def open_batch_source(
+    cube: xr.Dataset,
+    *,
+    chip_size: int,
+    engine: Engine,
+    device: torch.device,
+    threads: ThreadBudget,
+) -> SourceChoice:
+    """The batch sources for embedding ``cube`` on ``device`` with ``engine``, chosen once."""
+    resolved = resolve_engine(engine, device)
+    fallbacks: list[str] = []
+    try:
+        pixels, quality = store_layouts(cube)
+    except UnsupportedLayout as err:
+        window = WindowSource(cube["pixels"], cube.data_vars.get("quality"))
+        if store_source(cube["pixels"]) is not None or resolved == "kvikio":
+            _fallback(fallbacks, f"chips are read through xarray, one window at a time: {err}")
+        return SourceChoice(window, window, resolved, fallbacks)
+    host = ChunkSource(pixels, quality, nodata=nodata_value(cube["pixels"]), threads=threads.decode)
+    if resolved == "zarr":
+        return SourceChoice(host, host, resolved, fallbacks)
+    from xclay.gpu import KvikioChunkSource
+
+    try:
+        gpu_source = KvikioChunkSource(
+            pixels,
+            quality,
+            chip_size=chip_size,
+            nodata=nodata_value(cube["pixels"]),
+            threads=threads,
+        )
+    except UnsupportedLayout as err:
+        _fallback(
+            fallbacks,
+            f"kvikIO cannot read this layout ({err}); chips are decoded on the host by "
+            f"{host.threads} thread(s) and copied to the GPU",
+        )
+        return SourceChoice(host, host, resolved, fallbacks)
+    for reason in gpu_source.fallbacks:
+        _fallback(fallbacks, reason)
+    return SourceChoice(gpu_source, host, resolved, fallbacks)
+
+
+def _fallback(fallbacks: list[str], reason: str) -> None:
+    fallbacks.append(reason)
+    warnings.warn(reason, DataPathWarning, stacklevel=3)
