@@ -43,7 +43,7 @@ def main() -> None:
     import dask
     from distributed import Client, LocalCluster
 
-    from xclay.run import _worker_environment
+    from xclay.run.cluster import _worker_environment
 
     default_env = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
     opts = {"n_workers": 1, "threads_per_worker": 1, "processes": True, "dashboard_address": None}

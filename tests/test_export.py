@@ -134,8 +134,11 @@ def test_geoparquet_schema_and_footer_with_pyarrow(tmp_path: Path, emb: xr.Datas
     assert column["covering"]["bbox"]["xmin"] == ["bbox", "xmin"]
     lon_min, lat_min, lon_max, lat_max = column["bbox"]
     assert -65 < lon_min < lon_max < -60 and -5 < lat_min < lat_max < 0
-    meta = json.loads(schema.metadata[b"xclay"])
+    meta = xclay.export.read_footer(path)
     assert meta["model"] == json.loads(json.dumps(emb.attrs["model"]))
+    # Stored once: in the file's key-value metadata, not again inside the Arrow schema.
+    footer = pq.read_metadata(path).metadata
+    assert b"xclay" not in schema.metadata and b"rcf" not in footer[b"ARROW:schema"]
     assert meta["embedding"] == {
         "dim": 32,
         "dtype": "float32",
@@ -192,13 +195,13 @@ def test_footprints_across_the_antimeridian_are_split(tmp_path: Path) -> None:
 def test_failed_parquet_write_leaves_nothing(
     tmp_path: Path, emb: xr.Dataset, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = pq.write_table
+    real = pq.ParquetWriter.write_table
 
-    def disk_full(table: pa.Table, where: str, **kw: object) -> None:
-        real(table.slice(0, 3), where, **kw)  # part of the file is on disk...
+    def disk_full(self: pq.ParquetWriter, table: pa.Table, **kw: object) -> None:
+        real(self, table.slice(0, 3), **kw)  # part of the file is on disk...
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(pq, "write_table", disk_full)
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", disk_full)
     with pytest.raises(OSError, match="No space left"):
         xclay.to_geoparquet(emb, tmp_path / "e.parquet")
     assert list(tmp_path.iterdir()) == []
@@ -210,9 +213,7 @@ def test_float_nodata_survives_the_json_attrs(tmp_path: Path) -> None:
     emb = xclay.embed(cube, model=model, chip_size=32, progress=False)
     back = xclay.open_embeddings(xclay.to_zarr(emb, tmp_path / "e.zarr"))
     assert back.attrs["datacube"]["nodata"] == "NaN"
-    meta = json.loads(
-        pq.read_schema(xclay.to_geoparquet(emb, tmp_path / "e.parquet")).metadata[b"xclay"]
-    )
+    meta = xclay.export.read_footer(xclay.to_geoparquet(emb, tmp_path / "e.parquet"))
     assert meta["datacube"]["nodata"] == "NaN"
 
 
@@ -235,7 +236,7 @@ def test_regional_store_of_patch_grids_thumbnails_and_int8_equals_the_whole(
     from xclay.export import create_embeddings_store, write_embeddings_region
     from xclay.models.clay_encoder import ClayEncoder
     from xclay.quantize import quantize_embeddings
-    from xclay.regions import embed_regions
+    from xclay.run.state import embed_regions
 
     torch.manual_seed(0)
     torch.save(ClayEncoder.from_size("tiny").state_dict(), tmp_path / "tiny.pt")
@@ -245,7 +246,7 @@ def test_regional_store_of_patch_grids_thumbnails_and_int8_equals_the_whole(
     store = create_embeddings_store(
         session.layout().quantized("int8"), tmp_path / "regions.zarr", region_chips=2
     )
-    for region in embed_regions(1, session.grid.shape, 2):
+    for region in embed_regions(0, 1, session.grid.shape, 2):
         block = Block((region.time, region.time + 1), region.rows, region.cols)
         part = quantize_embeddings(session.dataset(session.embed_block(block, progress=False)))
         write_embeddings_region(store, part, (region.time, region.rows[0], region.cols[0]))

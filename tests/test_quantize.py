@@ -101,7 +101,7 @@ def test_geoparquet_int8_column_and_reader(tmp_path: Path, emb: xr.Dataset) -> N
     dim = emb.sizes["feature"]
     assert str(table.schema.field("embedding").type) == f"fixed_size_list<element: int8>[{dim}]"
     assert table.schema.field("embedding_scale").type == "float"
-    meta = __import__("json").loads(table.schema.metadata[b"xclay"])
+    meta = xclay.export.read_footer(path)
     assert meta["embedding"]["dtype"] == "int8"
     assert meta["embedding"]["quantization"]["scale"] == "embedding_scale"
 

@@ -69,8 +69,13 @@ def finish(proc: subprocess.Popen[str], timeout: float = 240) -> tuple[int, str,
     return proc.returncode, out, err
 
 
+def markers(outdir: Path, kind: str, phase: str) -> list[Path]:
+    """The region markers a run left (``_xclay/<kind>/<phase>/<zone>/<bucket>/*.json``)."""
+    return sorted((outdir / "_xclay" / kind / phase).rglob("*.json"))
+
+
 def done(outdir: Path, phase: str) -> int:
-    return len(list((outdir / "_xclay" / "done").glob(f"{phase}-*.json")))
+    return len(markers(outdir, "done", phase))
 
 
 def table(outdir: Path) -> pa.Table:
@@ -177,17 +182,21 @@ def test_corrupt_chunk_fails_its_region_and_only_it_is_retried(
     spec = write_spec(tmp_path, items_file)
     outdir = tmp_path / "out"
     assert finish(cli("ingest", str(spec), "--no-progress"))[0] == 0
-    chunk = outdir / "cube.zarr" / "pixels" / "c" / "0" / "0" / "3" / "4"  # chip (3, 4): region 8
+    # Chip (3, 4), in embed region 8: its chunk's bytes inside the shard are overwritten.
+    from xclay.chunkio import ArrayLayout, ChunkLocator
+
+    ref = ChunkLocator(ArrayLayout.open(outdir / "cube.zarr" / "pixels")).find((0, 0, 3, 4))
+    assert ref is not None and ref.nbytes is not None
+    chunk = Path(ref.path)
     original = chunk.read_bytes()
-    chunk.write_bytes(b"not a zstd frame" * 8)
+    damaged = bytearray(original)
+    damaged[ref.offset : ref.offset + ref.nbytes] = (b"not a zstd frame" * ref.nbytes)[: ref.nbytes]
+    chunk.write_bytes(bytes(damaged))
     code, out, err = finish(cli("embed", str(spec), "--no-progress"))
     assert code == 3, err  # incomplete
-    assert "embed-000008" in out and "INCOMPLETE" in out
-    failed = outdir / "_xclay" / "failed" / "embed-000008.json"
-    assert failed.is_file()
-    done_markers = {
-        p: p.stat().st_mtime_ns for p in (outdir / "_xclay" / "done").glob("embed-*.json")
-    }
+    assert "embed-z00-0000008" in out and "INCOMPLETE" in out
+    assert [p.stem for p in markers(outdir, "failed", "embed")] == ["embed-z00-0000008"]
+    done_markers = {p: p.stat().st_mtime_ns for p in markers(outdir, "done", "embed")}
     assert len(done_markers) == 35
     with pytest.raises(xclay.errors.DatacubeError, match="incomplete"):
         xclay.open_embeddings(outdir / "embeddings.zarr")
@@ -199,7 +208,7 @@ def test_corrupt_chunk_fails_its_region_and_only_it_is_retried(
     chunk.write_bytes(original)
     code, out, err = finish(cli("embed", str(spec), "--no-progress"))
     assert code == 0, err
-    assert not failed.exists()
+    assert not markers(outdir, "failed", "embed")
     assert_same_outputs(outdir, reference)
 
 

@@ -114,13 +114,21 @@ def test_olinda_run_same_embeddings_from_one_or_many_assets(
     # The spec and the resolved plan travel with the outputs.
     parts = sorted((runs["per_band"] / "embeddings.parquet").glob("part-*.parquet"))
     assert parts and (runs["per_band"] / "embeddings.parquet" / "_xclay_complete.json").is_file()
-    meta = json.loads(pq.read_schema(parts[0]).metadata[b"xclay"])
+    meta = xclay.export.read_footer(parts[0])  # the part's footer and the run's metadata
     assert meta["run_spec"]["name"] == "olinda" and meta["run_spec"]["grid"]["chip_size"] == 32
-    assert meta["run_plan"]["items"] == ["olinda"] and meta["run_plan"]["crs"] == "EPSG:31985"
+    assert meta["run_plan"]["items"] == 1 and meta["run_plan"]["crs"] == "EPSG:31985"
+    assert meta["model"]["name"] == "rcf" and meta["part"]["zone"] == "EPSG31985"
+    # ... stored once per run, not in every part: a part's own footer is small.
+    own = pq.read_metadata(parts[0]).metadata
+    assert len(own[b"xclay"]) < 2048 and b"filters" not in own[b"xclay"]
+    assert all(ids.as_py() == ["olinda"] for ids in pq.read_table(folder)["source_ids"])
     assert a.attrs["run_spec"]["input"]["bands"] == OLINDA_BANDS
     cube = xclay.open_datacube(runs["multiband"] / "cube.zarr")
     assert cube.attrs["run_spec"]["input"]["composite"] == "median"
-    assert cube.attrs["provenance"]["sources"][0]["id"] == "olinda"
+    items = cube.attrs["provenance"]["items"]  # the run's items: a sidecar, by hash
+    sidecar = runs["multiband"] / "cube.zarr" / items["file"]
+    assert items["count"] == 1 and sidecar.resolve() == (runs["multiband"] / "items.parquet")
+    assert pq.read_table(sidecar)["id"].to_pylist() == ["olinda"]
 
 
 def test_run_stores_loss_thumbnails_and_int8_vectors(tmp_path: Path, olinda_tif: Path) -> None:
@@ -296,10 +304,13 @@ def test_unreachable_asset_href_fails_its_region_and_nothing_looks_complete(
 def test_band_the_items_do_not_have(tmp_path: Path, olinda_tif: Path) -> None:
     item = stac_item(olinda_tif, bands=OLINDA_BANDS, wavelengths=OLINDA_WAVELENGTHS)
     spec = _spec(tmp_path, _save([item], tmp_path / "items.json"), input__bands=["red", "rededge1"])
-    result = _xclay("run", str(spec), "--dry-run")
-    assert result.returncode == 0  # the plan reads no item assets
-    result = _xclay("run", str(spec))
-    assert result.returncode == 1 and "bands ['rededge1'] are not in every item" in result.stderr
+    for args in (["--dry-run"], []):  # found from item metadata, before any pixel is read
+        result = _xclay("run", str(spec), *args)
+        assert (
+            result.returncode == 1 and "bands ['rededge1'] are not in every item" in result.stderr
+        )
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_empty_search_is_reported(tmp_path: Path, olinda_tif: Path) -> None:
@@ -390,7 +401,7 @@ def test_stac_api_search_end_to_end(tmp_path: Path, stac_api: str) -> None:
     spec = load_spec(
         _spec(tmp_path, "unused", input__stac={"api": stac_api, "collections": ["landsat-olinda"]})
     )
-    assert [i.id for i in plan(spec).items] == ["olinda"]
+    assert plan(spec).items.ids.tolist() == ["olinda"]
     report = run(spec, progress=False)
     assert report.run["chips_embedded"] == 121
     empty = load_spec(

@@ -153,14 +153,19 @@ class BatchPlan:
     block: Block
     batch_size: int
     quality: QualityFilter = field(default_factory=QualityFilter)
+    chips: np.ndarray | None = None  # block-shaped bool: the chips to read (None: all)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise DatacubeError(f"batch_size must be >= 1, got {self.batch_size}.")
+        if self.chips is not None and self.chips.shape != self.block.shape:
+            raise DatacubeError(
+                f"chips has shape {self.chips.shape}; the block's is {self.block.shape}."
+            )
 
     @property
     def total_chips(self) -> int:
-        return self.block.size
+        return self.block.size if self.chips is None else int(self.chips.sum())
 
 
 @dataclass
@@ -368,6 +373,8 @@ def _fill(
         np.arange(t0, t1), np.arange(r0, r1), np.arange(c0, c1), indexing="ij", copy=False
     )
     order = np.stack([tt.ravel(), ii.ravel(), jj.ravel()], axis=1)
+    if plan.chips is not None:
+        order = order[plan.chips.ravel()]
     with_classes = source.has_quality
     slot = pool.take()
     index = np.empty((capacity, 3), dtype=np.int64)
@@ -547,12 +554,13 @@ def make_sampler(source: BatchSource, grid: ChipGrid, times: np.ndarray) -> Samp
             px = np.empty((len(todo), bands, size, size), dtype=source.dtype)
             ok = np.empty((len(todo), size, size), dtype=bool)
             cl = np.empty((len(todo), size, size), np.uint8) if source.has_quality else None
-            source.read(todo, px, cl)
+            readable = _read_what_can_be_read(source, todo, px, cl)
             outside = (
                 np.maximum(0, todo[:, 1] + size - ny),
                 np.maximum(0, todo[:, 2] + size - nx),
             )
             chip_validity(np, px, cl, source.nodata, ok, outside)
+            ok &= readable[:, None, None]
             for k in np.flatnonzero(ok.mean(axis=(1, 2)) >= 0.5)[: n - len(picked)]:
                 pixels[len(picked)], valid[len(picked)] = px[k], ok[k]
                 picked.append(start + int(k))
@@ -572,6 +580,30 @@ def make_sampler(source: BatchSource, grid: ChipGrid, times: np.ndarray) -> Samp
         )
 
     return sample
+
+
+def _read_what_can_be_read(
+    source: BatchSource, windows: np.ndarray, pixels: np.ndarray, classes: np.ndarray | None
+) -> np.ndarray:
+    """Read sample windows; a window whose chunks cannot be read (corrupt, truncated) is
+    left out of the sample rather than stopping the fit: the region holding it fails on
+    its own when it is embedded, naming the chunk."""
+    try:
+        source.read(windows, pixels, classes)
+        return np.ones(len(windows), dtype=bool)
+    except (OSError, RuntimeError, ValueError):  # I/O, and decoders' errors on bad bytes
+        readable = np.ones(len(windows), dtype=bool)
+        for k in range(len(windows)):
+            try:
+                source.read(
+                    windows[k : k + 1],
+                    pixels[k : k + 1],
+                    None if classes is None else classes[k : k + 1],
+                )
+            except (OSError, RuntimeError, ValueError) as err:
+                log.warning("sample chip at %s left out: %s", windows[k].tolist(), err)
+                readable[k] = False
+        return readable
 
 
 def torch_dtype(dtype: np.dtype[Any]) -> torch.dtype:

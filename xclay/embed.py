@@ -363,9 +363,15 @@ class EmbedSession:
         self.sources.close()
 
     def embed_block(
-        self, block: Block | None = None, *, progress: bool | None = None
+        self,
+        block: Block | None = None,
+        *,
+        chips: np.ndarray | None = None,
+        progress: bool | None = None,
     ) -> BlockResult:
-        """Embed the chips of ``block`` (default: all)."""
+        """Embed the chips of ``block`` (default: all); ``chips`` (block-shaped bool) limits
+        them further (a zone's share of its grid): the others are neither read nor
+        counted, and stay not embedded."""
         block = block or self.whole
         card, config = self.card, self.config
         plan = BatchPlan(
@@ -373,6 +379,7 @@ class EmbedSession:
             block=block,
             batch_size=config.batch_size,
             quality=config.quality,
+            chips=chips,
         )
         shape = block.shape
         geometry = BlockGeometry.of(self.grid, block)
@@ -389,7 +396,7 @@ class EmbedSession:
         ):
             for batch in self._batches(plan, quality):
                 if len(batch):
-                    chips = to_chip_batch(
+                    chip_batch = to_chip_batch(
                         batch,
                         geometry.lonlat,
                         self.times,
@@ -397,7 +404,7 @@ class EmbedSession:
                         geometry.chip_ids,
                         origin=(r0, c0),
                     )
-                    out = self.encoder.encode(chips)
+                    out = self.encoder.encode(chip_batch)
                     if tuple(out.shape) != (len(batch), *card.vector_shape):
                         raise ModelError(
                             f"encoder {card.name!r} returned shape {tuple(out.shape)} for "
@@ -406,12 +413,12 @@ class EmbedSession:
                     t, i, j = batch.index.T
                     vectors[t - t0, i - r0, j - c0] = out.float().cpu().numpy()
                     if losses is not None and isinstance(self.encoder, ReconstructionScorer):
-                        scores = self.encoder.loss(chips)
+                        scores = self.encoder.loss(chip_batch)
                         losses[t - t0, i - r0, j - c0] = scores.float().cpu().numpy()
                     if thumbs is not None and config.thumbnail_stretch is not None:
                         thumbs[t - t0, i - r0, j - c0] = make_thumbnails(
-                            chips.pixels,
-                            chips.valid,
+                            chip_batch.pixels,
+                            chip_batch.valid,
                             self._thumbnail_bands,
                             config.thumbnail_stretch,
                             edge,
@@ -421,7 +428,7 @@ class EmbedSession:
         embedded = np.asarray(np.isfinite(vectors).all(axis=tuple(range(3, vectors.ndim))))
         passed = np.isfinite(quality.nodata_fraction) & (config.quality.reasons(quality) < 0)
         counts = {
-            "chips_total": int(np.prod(shape)),
+            "chips_total": plan.total_chips,
             "chips_embedded": int(embedded.sum()),
             **config.quality.skip_counts(quality),
             "chips_failed": int((passed & ~embedded).sum()),
@@ -455,6 +462,11 @@ class EmbedSession:
     def dataset(self, result: BlockResult) -> xr.Dataset:
         """The embeddings Dataset of a block (its own coords, computed for the block)."""
         return _embeddings_dataset(self, result)
+
+    def dataset_attrs(self) -> dict[str, Any]:
+        """The attributes every embeddings Dataset of this session carries (model card,
+        config, datacube, data path), without a block's counts."""
+        return _embeddings_attrs(self, {})
 
     def layout(self) -> EmbeddingsLayout:
         """The whole grid's embeddings, without data: the grid's 1-D coords and the

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from affine import Affine
 
 from xclay._atomic import atomic_output
 from xclay._json import jsonable
-from xclay.chips import window_corners
+from xclay.chips import to_lonlat, window_corners
 from xclay.errors import DatacubeError, MissingDependencyError
 from xclay.quantize import (
     MISSING_INT8,
@@ -43,6 +43,7 @@ __all__ = [
     "create_embeddings_store",
     "embeddings_table",
     "open_embeddings",
+    "read_footer",
     "read_geoparquet",
     "to_geoparquet",
     "to_zarr",
@@ -265,24 +266,34 @@ def write_embeddings_region(
 ) -> None:
     """Write a block (from :meth:`EmbedSession.dataset`) into the store at ``offsets`` =
     (time, chip row, chip column) of its first chip: its data variables, and its per-chip
-    coordinates (chip ids, WGS84 centres)."""
-    import zarr
+    coordinates (chip ids, WGS84 centres). The arrays are written concurrently."""
+    import asyncio
 
-    group = zarr.open_group(path, mode="r+", zarr_format=3)
+    from zarr.api.asynchronous import open_array
+    from zarr.core.sync import sync
+
     t0, r0, c0 = offsets
     starts = {"time": t0, "chip_y": r0, "chip_x": c0}
-    stored = set(group.array_keys())
+    writes: list[tuple[str, tuple[slice, ...], np.ndarray]] = []
     for name, var in block.variables.items():
-        if name not in stored or var.dims[:1] not in (("time",), ("chip_y",)):
-            continue
-        if name in block.coords and var.dims != ("chip_y", "chip_x"):
+        per_chip = var.dims == ("chip_y", "chip_x") and name in block.coords
+        if not (name in block.data_vars or per_chip):
             continue  # the grid's 1-D coords were written when the store was created
         values = np.asarray(var.values)
         key = tuple(
             slice(starts[d], starts[d] + n) if d in starts else slice(None)
             for d, n in zip(var.dims, values.shape, strict=True)
         )
-        group[str(name)][key] = values  # type: ignore[index]
+        writes.append((str(name), key, values))
+
+    async def write_all() -> None:
+        async def one(name: str, key: tuple[slice, ...], values: np.ndarray) -> None:
+            array = await open_array(store=str(path), path=name, mode="r+", zarr_format=3)
+            await array.setitem(key, values)
+
+        await asyncio.gather(*(one(*w) for w in writes))
+
+    sync(write_all())
 
 
 # --------------------------------------------------------------------------- GeoParquet
@@ -294,6 +305,8 @@ def to_geoparquet(
     *,
     quantize: str | None = None,
     overwrite: bool = False,
+    sources: Sequence[Sequence[str]] | None = None,
+    run_metadata: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write one GeoParquet 1.1 row per embedded (time, chip).
 
@@ -308,22 +321,76 @@ def to_geoparquet(
     ``haze_fraction``, ``snow_fraction``, ``clear_fraction``, ``loss``
     (when the embeddings have it), ``thumbnail``
     (PNG bytes, when the embeddings have thumbnails), ``platform``, ``source_ids``.
-    The footer holds ``geo`` and ``xclay`` (model card, config, datacube,
-    run) metadata. Chips that were not embedded are not written; their
-    count is in the footer's ``run``.
-    """
-    import pyarrow.parquet as pq
+    Chips that were not embedded are not written; their count is in the
+    footer's ``run``.
 
-    table = embeddings_table(emb, quantize=quantize)
+    ``sources``: per row (in row order), the ids of the STAC items behind the
+    chip (default: the datacube's own provenance, for every row). The footer
+    holds ``geo`` and ``xclay`` (model card, config, datacube, run); a run's
+    parts pass ``run_metadata`` instead, a reference to the run's metadata
+    file (read back by :func:`read_footer`), so no part repeats it.
+    """
+    table = embeddings_table(emb, quantize=quantize, sources=sources, run_metadata=run_metadata)
     dim = emb.sizes["feature"]
     rows_per_group = max(1, _ROW_GROUP_BYTES // ((1 if quantize else 4) * dim + 512))
     with atomic_output(Path(path), overwrite=overwrite) as tmp:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=rows_per_group)
+        write_table(table, tmp, row_group_size=rows_per_group)
     log.info("wrote GeoParquet %s (%d rows)", path, table.num_rows)
     return Path(path)
 
 
-def embeddings_table(emb: xr.Dataset, *, quantize: str | None = None) -> Any:
+def write_table(table: Any, path: str | os.PathLike[str], **options: Any) -> None:
+    """Write a table whose schema carries ``geo`` and ``xclay`` metadata: ``geo`` stays in
+    the Arrow schema (GeoParquet readers look there), ``xclay`` goes to the file's
+    key-value metadata only, so it is not stored a second time inside the serialised
+    Arrow schema."""
+    import pyarrow.parquet as pq
+
+    meta = dict(table.schema.metadata or {})
+    extra = meta.pop(b"xclay", None)
+    table = table.replace_schema_metadata(meta)
+    with pq.ParquetWriter(path, table.schema, compression="zstd") as writer:
+        writer.write_table(table, **options)
+        if extra is not None:
+            writer.add_key_value_metadata({b"xclay": extra})
+
+
+def read_footer(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``xclay`` metadata of a GeoParquet file (model card, config, datacube, run).
+
+    For a part of a run the run's metadata is read from the file the part
+    names (checked against its sha256) and merged in; ``part`` says which
+    region the file holds.
+    """
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    file = Path(path)
+    raw = (pq.read_metadata(file).metadata or {}).get(b"xclay")
+    if raw is None:
+        raise DatacubeError(f"{file} has no xclay metadata; it was not written by xclay.")
+    meta: dict[str, Any] = json.loads(raw)
+    ref = meta.get("run_metadata")
+    if ref:
+        shared = file.parent / ref["file"]
+        data = shared.read_bytes()
+        if hashlib.sha256(data).hexdigest() != ref["sha256"]:
+            raise DatacubeError(
+                f"{shared} is not the run metadata {file.name} was written with (its sha256 "
+                "differs); the run folder was changed after the run."
+            )
+        meta = {**json.loads(data), **meta}
+    return meta
+
+
+def embeddings_table(
+    emb: xr.Dataset,
+    *,
+    quantize: str | None = None,
+    sources: Sequence[Sequence[str]] | None = None,
+    run_metadata: Mapping[str, Any] | None = None,
+) -> Any:
     """The rows :func:`to_geoparquet` writes, as a ``pyarrow.Table`` with its footer
     metadata (``geo``, ``xclay``) in the schema."""
     import pyarrow as pa
@@ -359,7 +426,12 @@ def embeddings_table(emb: xr.Dataset, *, quantize: str | None = None) -> Any:
     chip_ids = np.asarray(emb["chip_id"].values, dtype=object)[i_idx, j_idx].astype(str)
     row_time = times[t_idx]
     ids = row_ids(chip_ids, row_time)
-    sources = _source_ids(cube.get("provenance", {}))
+    if sources is None:
+        source_lists: Any = [_source_ids(cube.get("provenance", {}))] * n
+    else:
+        source_lists = [list(row) for row in sources]
+        if len(source_lists) != n:
+            raise DatacubeError(f"sources has {len(source_lists)} rows for {n} embedded chips.")
     epsg = native_crs.to_epsg()
 
     columns: dict[str, pa.Array] = {
@@ -411,7 +483,7 @@ def embeddings_table(emb: xr.Dataset, *, quantize: str | None = None) -> Any:
             else {}
         ),
         "platform": pa.array([cube.get("platform", "")] * n, type=pa.string()),
-        "source_ids": pa.array([sources] * n, type=pa.list_(pa.string())),
+        "source_ids": pa.array(source_lists, type=pa.list_(pa.string())),
     }
     table = pa.table(columns)
     geo = {
@@ -434,25 +506,32 @@ def embeddings_table(emb: xr.Dataset, *, quantize: str | None = None) -> Any:
             }
         },
     }
-    xclay_meta = {
-        "convention": PARQUET_CONVENTION,
-        "xclay_version": emb.attrs.get("xclay_version"),
-        "model": emb.attrs.get("model"),
-        "config": emb.attrs.get("config"),
-        "datacube": cube,
-        "embedding": {
-            "dim": int(dim),
-            "dtype": "int8" if quantize else "float32",
-            "quantization": {**quantization_attrs(), "scale": SCALE_COLUMN} if quantize else None,
-            "output": (emb.attrs.get("model") or {}).get("output"),
-            "per_chip": "mean of patch tokens"
-            if "patch_y" in emb["embedding"].dims
-            else "as stored",
-        },
-        "run": emb.attrs.get("run"),
-        "run_spec": emb.attrs.get("run_spec"),
-        "run_plan": emb.attrs.get("run_plan"),
+    embedding_meta = {
+        "dim": int(dim),
+        "dtype": "int8" if quantize else "float32",
+        "quantization": {**quantization_attrs(), "scale": SCALE_COLUMN} if quantize else None,
+        "output": (emb.attrs.get("model") or {}).get("output"),
+        "per_chip": "mean of patch tokens" if "patch_y" in emb["embedding"].dims else "as stored",
     }
+    if run_metadata is not None:
+        xclay_meta: dict[str, Any] = {
+            "convention": PARQUET_CONVENTION,
+            "xclay_version": emb.attrs.get("xclay_version"),
+            **run_metadata,
+            "embedding": embedding_meta,
+        }
+    else:
+        xclay_meta = {
+            "convention": PARQUET_CONVENTION,
+            "xclay_version": emb.attrs.get("xclay_version"),
+            "model": emb.attrs.get("model"),
+            "config": emb.attrs.get("config"),
+            "datacube": cube,
+            "embedding": embedding_meta,
+            "run": emb.attrs.get("run"),
+            "run_spec": emb.attrs.get("run_spec"),
+            "run_plan": emb.attrs.get("run_plan"),
+        }
     table = table.replace_schema_metadata(
         {
             b"geo": json.dumps(geo).encode(),
@@ -465,16 +544,14 @@ def embeddings_table(emb: xr.Dataset, *, quantize: str | None = None) -> Any:
 def chip_footprints(emb: xr.Dataset, rows: np.ndarray, cols: np.ndarray) -> tuple[Any, Any]:
     """Footprints of chips ``(rows[k], cols[k])`` of the grid: native rings ``[n, 5, 2]``
     in the datacube CRS, and WGS84 polygons (split at the antimeridian where they cross it)."""
-    from pyproj import CRS as ProjCRS
-
     cube = emb.attrs["datacube"]
     size = int(emb.attrs["config"]["grid"]["chip_size"])
-    transform = Affine(*_gdal_to_affine(cube["geotransform"]))
+    transform = Affine.from_gdal(*cube["geotransform"])
     row_off = np.asarray(emb["row_off"].values, dtype=np.int64)[rows]
     col_off = np.asarray(emb["col_off"].values, dtype=np.int64)[cols]
     native = window_corners(transform, row_off, col_off, size)
-    lonlat = _to_lonlat(ProjCRS.from_wkt(cube["crs_wkt"]), native)
-    return native, _lonlat_polygons(lonlat)
+    lon, lat = to_lonlat(cube["crs_wkt"], native[..., 0], native[..., 1])
+    return native, _lonlat_polygons(np.stack([lon, lat], axis=-1))
 
 
 def _vector_columns(vectors: np.ndarray, dim: int, quantize: str | None) -> dict[str, Any]:
@@ -563,19 +640,6 @@ def dequantize_table(table: Any) -> Any:
     )
     table = table.set_column(names.index("embedding"), "embedding", floats)
     return table.drop_columns([SCALE_COLUMN])
-
-
-def _gdal_to_affine(gt: list[float]) -> tuple[float, float, float, float, float, float]:
-    c, a, b, f, d, e = (float(v) for v in gt)
-    return a, b, c, d, e, f
-
-
-def _to_lonlat(crs: Any, corners: np.ndarray) -> np.ndarray:
-    from pyproj import Transformer
-
-    tr = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
-    lon, lat = tr.transform(corners[..., 0], corners[..., 1])
-    return np.stack([np.asarray(lon), np.asarray(lat)], axis=-1)
 
 
 def _lonlat_polygons(rings: np.ndarray) -> np.ndarray:

@@ -36,7 +36,16 @@ if TYPE_CHECKING:
     import pystac
     from odc.geo.geobox import GeoBox
 
-__all__ = ["IngestError", "from_stac", "load_items", "plan_grid", "stac_item"]
+__all__ = [
+    "IngestError",
+    "datacube_template",
+    "from_stac",
+    "item_solar_day",
+    "load_items",
+    "plan_grid",
+    "solar_day",
+    "stac_item",
+]
 
 log = logging.getLogger(__name__)
 
@@ -427,6 +436,8 @@ def from_stac(
     max_pixels: int = MAX_PIXELS,
     geobox: GeoBox | None = None,
     provenance: bool = True,
+    time_range: tuple[np.datetime64, np.datetime64] | None = None,
+    days: Mapping[np.datetime64, np.datetime64] | None = None,
 ) -> xr.Dataset:
     """A composite datacube from STAC items, lazily (dask) until written.
 
@@ -463,7 +474,9 @@ def from_stac(
     resampling
         Resampling of the bands onto the grid (the mask always uses nearest).
     chunk_size
-        Dask chunk edge in pixels; make it a multiple of the chip (and shard) size.
+        Dask chunk edge in pixels; make it a multiple of the chip (and shard) size. A
+        composite holds all observations of one chunk at once (as float32): smaller
+        chunks bound the memory of long time series.
     max_pixels
         Refuse grids larger than this (a units mistake, not a request).
     geobox
@@ -471,6 +484,15 @@ def from_stac(
         planning one from ``resolution``, ``crs`` and ``bbox``.
     provenance
         Record the items' provenance (hashing local assets); regions of a run skip it.
+    time_range
+        The composite's time range (default: ``datetime``, else the items' own range);
+        regions of a run pass the run's, so every region has the same time coordinate.
+    days
+        With ``composite="none"``: the run's time steps, solar day -> time coordinate
+        (the day's first acquisition over all the run's items). The items'
+        acquisitions are grouped by solar day (:func:`solar_day` at each item's
+        centre) and each group gets its day's time, so every region of a run has the
+        same time steps whatever items it sees. Default: each group's own first time.
     """
     _require_io()
     import odc.stac
@@ -513,17 +535,20 @@ def from_stac(
         selected,
         bands=load_bands,
         geobox=grid.geobox,
-        groupby="solar_day",
+        groupby=_by_solar_day,
         chunks={"time": time_chunk, "y": chunk_size, "x": chunk_size},
         resampling={"*": resampling, **({mask_kind[1]: "nearest"} if mask_kind else {})},
         fail_on_error=True,
     )
     ds = ds.sortby("time")
+    if composite == "none" and days is not None:
+        ds = ds.assign_coords(time=_day_times(selected, ds["time"].values, days))
     quality = mask_kind[0].decode(ds[mask_kind[1]]) if mask_kind else None
     data = ds[bands]
     nodata = _common_nodata(data)
     times = np.asarray(ds["time"].values, dtype="datetime64[ns]")
-    time_range = _composite_range(datetime, times)
+    if time_range is None:
+        time_range = _composite_range(datetime, times)
     unknown_time = all(i.properties.get("xclay:datetime_unknown") for i in selected)
     if composite != "none":
         data, quality = _composite(data, quality, nodata, composite)
@@ -545,6 +570,163 @@ def from_stac(
         quality=quality,
     )
     return cube
+
+
+def datacube_template(
+    items: Sequence[pystac.Item],
+    *,
+    bands: Sequence[str],
+    geobox: GeoBox,
+    composite: Composite = "median",
+    mask: str | None = "auto",
+    platform: str | None = None,
+    wavelengths: Sequence[float] | Mapping[str, float] | None = None,
+    time_range: tuple[np.datetime64, np.datetime64] | None = None,
+    days: Mapping[np.datetime64, np.datetime64] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> xr.Dataset:
+    """The datacube :func:`from_stac` would make of ``items`` on ``geobox``, without
+    loading or even planning a load: bands, dtype and nodata from the items' metadata
+    (one item per collection), wavelengths, quality, time steps and the grid from
+    arithmetic. Its pixels are lazy zeros: it describes a datacube store to create
+    (:func:`xclay.datacube.create_datacube_store`) before regions fill it.
+
+    ``days`` (``composite="none"``) and ``time_range`` (composites) are as in
+    :func:`from_stac`; a run passes its own.
+    """
+    _require_io()
+    import dask.array as dask_array
+    from odc.geo.xr import xr_coords
+
+    selected = list(items)
+    if not selected:
+        raise IngestError("no STAC items: the search or file matched nothing.")
+    platform = platform or _platform_of(selected)
+    available = _band_names(selected)
+    missing = [b for b in bands if not all(b in names for names in available.values())]
+    if missing:
+        common = set.intersection(*available.values())
+        raise IngestError(
+            f"bands {missing} are not in every item; the items have {sorted(common)}."
+        )
+    mask_kind = _mask_kind(mask, platform, available)
+    dtype, nodata = _band_metadata(selected, bands)
+    unknown_time = all(i.properties.get("xclay:datetime_unknown") for i in selected)
+    if composite == "none":
+        if unknown_time or not days:
+            times = np.array([np.datetime64("NaT")], dtype="datetime64[ns]")
+        else:
+            times = np.asarray([days[d] for d in sorted(days)], dtype="datetime64[ns]")
+        when = None
+    else:
+        times = np.zeros(1, dtype="datetime64[ns]")  # replaced by as_datacube's midpoint
+        when = time_range if not unknown_time else None
+    ny, nx = geobox.shape
+    coords = xr_coords(geobox, crs_coord_name="spatial_ref")
+    chunks = (1, len(bands), min(ny, 4096), min(nx, 4096))
+    pixels = xr.DataArray(
+        dask_array.zeros((len(times), len(bands), ny, nx), dtype=dtype, chunks=chunks),
+        dims=("time", "band", "y", "x"),
+        coords={"band": list(bands), "y": coords["y"], "x": coords["x"],
+                "spatial_ref": coords["spatial_ref"]},
+    )  # fmt: skip
+    if composite == "none":
+        pixels = pixels.assign_coords(time=times)
+    else:
+        pixels = pixels.isel(time=0, drop=True)
+    quality = None
+    if mask_kind is not None:
+        quality = xr.DataArray(
+            dask_array.zeros((len(times), ny, nx), dtype=np.uint8, chunks=(1, *chunks[2:])),
+            dims=("time", "y", "x"),
+        )
+        if composite != "none":
+            quality = quality.isel(time=0, drop=True)
+    waves = wavelengths if wavelengths is not None else _item_wavelengths(selected, bands, platform)
+    return as_datacube(
+        pixels,
+        bands=list(bands),
+        platform=platform,
+        wavelengths=waves,
+        nodata=nodata,
+        time=when,
+        provenance=dict(provenance or {}),
+        quality=quality,
+    )
+
+
+def _band_metadata(items: Sequence[pystac.Item], bands: Sequence[str]) -> tuple[Any, float | None]:
+    """The dtype and nodata value odc-stac will load ``bands`` with (from one item per
+    collection); different nodata values across bands or collections are an error."""
+    import odc.stac
+
+    available = _band_names(items)
+    missing = [b for b in bands if not all(b in names for names in available.values())]
+    if missing:
+        common = set.intersection(*available.values())
+        raise IngestError(
+            f"bands {missing} are not in every item; the items have {sorted(common)}."
+        )
+    seen: dict[str | None, pystac.Item] = {}
+    for item in items:
+        seen.setdefault(item.collection_id, item)
+    dtypes, nodatas = [], set()
+    for item in seen.values():
+        meta = odc.stac.extract_collection_metadata(item).resolve_bands(list(bands))
+        for band in bands:
+            band_meta = meta[band]
+            dtypes.append(np.dtype(getattr(band_meta, "data_type", None) or "float32"))
+            value = getattr(band_meta, "nodata", None)
+            if value is not None:
+                nodatas.add(float(value))
+    if len(nodatas) > 1:
+        raise IngestError(f"the bands declare different nodata values {sorted(nodatas)}; pass one.")
+    return np.result_type(*dtypes), (nodatas.pop() if nodatas else None)
+
+
+def solar_day(when: dt.datetime, lon: float) -> dt.date:
+    """The day of an acquisition in local solar time at longitude ``lon`` (UTC shifted by
+    ``lon / 15`` hours): one orbit's passes over an area fall on one solar day."""
+    if when.tzinfo is not None:
+        when = when.astimezone(dt.UTC).replace(tzinfo=None)
+    return (when + dt.timedelta(hours=lon / 15.0)).date()
+
+
+def item_solar_day(item: pystac.Item) -> dt.date | None:
+    """An item's solar day, at its own centre (so every region groups it the same way)."""
+    when = item.datetime or item.common_metadata.start_datetime
+    if when is None:
+        return None
+    if item.bbox:
+        lon = (float(item.bbox[0]) + float(item.bbox[2])) / 2
+    else:
+        lon = 0.0
+    return solar_day(when, lon)
+
+
+def _by_solar_day(item: pystac.Item, parsed: Any, idx: int) -> Any:
+    """odc-stac ``groupby``: acquisitions of one solar day at each item's own centre."""
+    day = item_solar_day(item)
+    return day if day is not None else dt.date(1, 1, 1)
+
+
+def _day_times(
+    items: Sequence[pystac.Item], loaded: np.ndarray, days: Mapping[np.datetime64, np.datetime64]
+) -> np.ndarray:
+    """The run's time coordinate for each loaded group (groups come sorted by solar day, as
+    odc-stac makes them)."""
+    groups = sorted(d for d in {item_solar_day(i) for i in items} if d is not None)
+    if len(groups) != len(loaded):
+        raise IngestError(
+            f"{len(loaded)} time steps loaded for {len(groups)} solar days of the items."
+        )
+    out = []
+    for day in groups:
+        key = np.datetime64(day, "D")
+        if key not in days:
+            raise IngestError(f"items on {day} are outside the run's days.")
+        out.append(days[key].astype("datetime64[ns]"))
+    return np.asarray(out, dtype="datetime64[ns]")
 
 
 def _platform_of(items: Sequence[pystac.Item]) -> str | None:
@@ -645,12 +827,16 @@ def _composite(
     if how == "median":
         for name in data.data_vars:
             band = data[name]
+            # float32 holds every 8- and 16-bit value exactly: half the memory of float64.
+            work = (
+                np.float32 if band.dtype.itemsize <= 2 or band.dtype == np.float32 else np.float64
+            )
             med = xr.apply_ufunc(
                 _nanmedian,
-                band.where(valid),
+                band.astype(work).where(valid),
                 input_core_dims=[["time"]],
                 dask="parallelized",
-                output_dtypes=[np.float64],
+                output_dtypes=[work],
             )
             out[name] = (
                 med.fillna(fill).round().astype(band.dtype)

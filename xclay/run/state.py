@@ -1,18 +1,22 @@
 """Regions of a run, and the run's state on disk: what is done, what failed, what it is.
 
 A run splits its work into regions that never share a stored chunk:
-ingestion writes the datacube in blocks of whole shards, embedding writes
-the embeddings Zarr in blocks of whole chunks (and one GeoParquet part per
-region). A region counts as done only when its marker exists, and the marker
-is written last, after the region's data is durable; so a run killed at any
-moment resumes from its markers, and redoes at most the regions in flight.
+ingestion writes a zone's datacube in blocks of whole shards, embedding
+writes its embeddings Zarr in blocks of whole chunks (and one GeoParquet part
+per region). Regions are computed from grid arithmetic, never listed. A region
+counts as done only when its marker exists, and the marker is written last,
+after the region's data is durable; so a run killed at any moment resumes
+from its markers, and redoes at most the regions in flight.
 
 State lives in ``<outputs.dir>/_xclay/``::
 
-    run.json                   what the run is: fingerprint, spec, plan, model card
-    items.json                 the STAC items the plan resolved (workers read them)
-    done/<region>.json         a marker per finished region (counts, seconds)
-    failed/<region>.json       a marker per failed region (the reason), until retried
+    run.json                         what the run is: fingerprint, spec, plan, zones, model card
+    done/<phase>/<zone>/<bucket>/<region>.json    a marker per finished region (counts, seconds)
+    failed/<phase>/<zone>/<bucket>/<region>.json  a marker per failed region, until retried
+
+Markers sit in buckets of 1,000 regions, so no folder grows with the area;
+resuming lists the marker folders (one entry per finished region) and never
+walks the outputs.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from xclay.errors import XClayError
 __all__ = ["Region", "RunState", "RunStateError", "embed_regions", "ingest_regions"]
 
 Phase = Literal["ingest", "embed"]
+BUCKET = 1000  # markers per folder
 
 
 class RunStateError(XClayError, ValueError):
@@ -39,9 +44,11 @@ class RunStateError(XClayError, ValueError):
 
 @dataclass(frozen=True)
 class Region:
-    """One unit of work: a time step and a rectangle (pixels for ingest, chips for embed)."""
+    """One unit of work: a zone, a time step and a rectangle (pixels for ingest, chips for
+    embed) of that zone's grid."""
 
     phase: Phase
+    zone: int
     index: int
     time: int
     rows: tuple[int, int]
@@ -49,7 +56,7 @@ class Region:
 
     @property
     def name(self) -> str:
-        return f"{self.phase}-{self.index:06d}"
+        return f"{self.phase}-z{self.zone:02d}-{self.index:07d}"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,6 +65,7 @@ class Region:
     def from_dict(cls, data: Mapping[str, Any]) -> Region:
         return cls(
             phase=data["phase"],
+            zone=int(data.get("zone", 0)),
             index=int(data["index"]),
             time=int(data["time"]),
             rows=(int(data["rows"][0]), int(data["rows"][1])),
@@ -65,27 +73,30 @@ class Region:
         )
 
 
-def _tiles(times: int, ny: int, nx: int, step: int, phase: Phase) -> list[Region]:
-    regions: list[Region] = []
+def _tiles(zone: int, times: int, ny: int, nx: int, step: int, phase: Phase) -> Iterator[Region]:
+    index = 0
     for t in range(times):
         for y0 in range(0, ny, step):
             for x0 in range(0, nx, step):
-                regions.append(
-                    Region(
-                        phase, len(regions), t, (y0, min(ny, y0 + step)), (x0, min(nx, x0 + step))
-                    )
+                yield Region(
+                    phase, zone, index, t, (y0, min(ny, y0 + step)), (x0, min(nx, x0 + step))
                 )
-    return regions
+                index += 1
 
 
-def ingest_regions(times: int, shape: tuple[int, int], block_px: int) -> list[Region]:
-    """Pixel blocks of ``block_px`` (a whole number of shards or chunks) per time step."""
-    return _tiles(times, shape[0], shape[1], block_px, "ingest")
+def ingest_regions(
+    zone: int, times: int, shape: tuple[int, int], block_px: int
+) -> Iterator[Region]:
+    """Pixel blocks of ``block_px`` (a whole number of shards) per time step of a zone."""
+    return _tiles(zone, times, shape[0], shape[1], block_px, "ingest")
 
 
-def embed_regions(times: int, chip_shape: tuple[int, int], region_chips: int) -> list[Region]:
-    """Chip blocks of ``region_chips x region_chips`` (one embeddings chunk) per time step."""
-    return _tiles(times, chip_shape[0], chip_shape[1], region_chips, "embed")
+def embed_regions(
+    zone: int, times: int, chip_shape: tuple[int, int], region_chips: int
+) -> Iterator[Region]:
+    """Chip blocks of ``region_chips x region_chips`` (one embeddings chunk) per time step
+    of a zone."""
+    return _tiles(zone, times, chip_shape[0], chip_shape[1], region_chips, "embed")
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -130,7 +141,7 @@ class RunState:
         """Start a run, or resume one with the same identity. Returns True when resuming.
 
         ``identity``: what would make outputs incompatible if it changed (model,
-        checkpoint hash, grid, bands, ...). A different identity is refused.
+        checkpoint hash, grid, bands, items, ...). A different identity is refused.
         """
         key = fingerprint(identity)
         if self.exists():
@@ -161,20 +172,34 @@ class RunState:
     # -- regions ---------------------------------------------------------------
 
     def _marker(self, kind: str, region: Region) -> Path:
-        return self.root / kind / f"{region.name}.json"
+        bucket = f"{region.index // BUCKET:05d}"
+        return (
+            self.root / kind / region.phase / f"z{region.zone:02d}" / bucket / f"{region.name}.json"
+        )
 
     def is_done(self, region: Region) -> bool:
         return self._marker("done", region).is_file()
 
+    def done_names(self, phase: Phase) -> set[str]:
+        """Names of the finished regions of a phase: one listing per bucket folder."""
+        return {p.stem for p in self._markers("done", phase)}
+
+    def _markers(self, kind: str, phase: Phase) -> Iterator[Path]:
+        base = self.root / kind / phase
+        if not base.is_dir():
+            return
+        for zone in sorted(os.scandir(base), key=lambda e: e.name):
+            for bucket in sorted(os.scandir(zone.path), key=lambda e: e.name):
+                for entry in sorted(os.scandir(bucket.path), key=lambda e: e.name):
+                    if entry.name.endswith(".json") and not entry.name.startswith("."):
+                        yield Path(entry.path)
+
     def done(self, phase: Phase) -> Iterator[dict[str, Any]]:
-        for path in sorted((self.root / "done").glob(f"{phase}-*.json")):
+        for path in self._markers("done", phase):
             yield json.loads(path.read_text())
 
     def failed(self, phase: Phase) -> list[dict[str, Any]]:
-        return [
-            json.loads(p.read_text())
-            for p in sorted((self.root / "failed").glob(f"{phase}-*.json"))
-        ]
+        return [json.loads(p.read_text()) for p in self._markers("failed", phase)]
 
     def mark_done(self, region: Region, info: Mapping[str, Any]) -> None:
         write_json_atomic(self._marker("done", region), {"region": region.to_dict(), **info})
@@ -185,14 +210,23 @@ class RunState:
             self._marker("failed", region), {"region": region.to_dict(), "reason": reason}
         )
 
-    def sweep(self) -> None:
-        """Remove temporary files a killed process left behind (``.name.partial-<pid>``)."""
+    def sweep(self, *folders: Path) -> None:
+        """Remove temporary files a killed process left behind (``.name.partial-<pid>``):
+        in the state folder, the outputs folder itself, and ``folders`` (flat folders such
+        as the GeoParquet parts'); never inside the stores, whose files a run does not
+        write under temporary names."""
         outdir = self.root.parent
-        for path in outdir.rglob(".*.partial-*"):
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
+        places = [outdir, *folders]
+        if self.root.is_dir():
+            places += [Path(d) for d, _, _ in os.walk(self.root)]
+        for place in places:
+            if not place.is_dir():
+                continue
+            for path in place.glob(".*.partial-*"):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
 
 
 def _plain(value: Any) -> Any:

@@ -1,0 +1,692 @@
+"""Running a spec: ingest, embed and export, region by region, resumably, on any cluster.
+
+The driver plans the run (:mod:`xclay.run.plan`), records it, creates each
+zone's stores from metadata alone, and hands regions to tasks
+(:mod:`xclay.run.tasks`): in this process, or on a Dask cluster. Nothing the
+driver holds grows with the chips of the area: grids are rows plus columns,
+regions are computed and resumed from one listing of the markers, and the
+run's metadata is written once, not per part.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from xclay._atomic import atomic_output
+from xclay._progress import progress_bar
+from xclay.errors import OutputExistsError, XClayError
+from xclay.run.plan import RunPlan, plan
+from xclay.run.spec import RunSpec
+from xclay.run.state import Region, RunState, embed_regions, ingest_regions, write_json_atomic
+
+__all__ = ["RunReport", "embed_step", "export_step", "ingest", "run"]
+
+log = logging.getLogger(__name__)
+
+RUN_METADATA = "_xclay_run.json"
+COMPLETE = "_xclay_complete.json"
+
+
+@dataclass
+class RunReport:
+    """What a run did (or, when incomplete, how far it got and what failed).
+
+    ``data_path``: how the regions read their chips (``readers``) and every
+    slower road they had to take (``fallbacks``), over all workers.
+    """
+
+    plan: RunPlan
+    outputs: dict[str, str]
+    seconds: dict[str, float]
+    run: dict[str, int]
+    status: Literal["complete", "incomplete"] = "complete"
+    failed: list[dict[str, str]] = field(default_factory=list)
+    resumed: bool = False
+    data_path: dict[str, list[str]] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        r = self.run
+        embed_s = self.seconds.get("embed", 0.0)
+        lines = []
+        if self.resumed:
+            lines.append(
+                "  resumed     a previous run of this spec: its finished regions were kept"
+            )
+        if r:
+            lines.append(
+                f"  chips       {r['chips_embedded']:,} embedded of {r['chips_total']:,}; skipped "
+                f"{r['chips_skipped_nodata']} (nodata), {r.get('chips_skipped_cloud', 0)} (cloud), "
+                f"{r['chips_failed']} (no valid window)"
+            )
+        lines.append(
+            f"  throughput  {r.get('chips_embedded', 0) / max(embed_s, 1e-9):.1f} chips/s embedding; "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
+        )
+        lines += [f"  {k:11s} {v}" for k, v in self.outputs.items()]
+        if self.data_path.get("readers"):
+            lines.append(f"  data path   {'; '.join(self.data_path['readers'])}")
+        for reason in self.data_path.get("fallbacks", []):
+            lines.append(f"  SLOWER      {reason}")
+        if self.plan.items is not None:
+            lines.append(
+                f"  provenance  {len(self.plan.items):,} STAC items in {self.outputs.get('items')}; "
+                "each row lists its own"
+            )
+        if self.failed:
+            lines.append(
+                f"  INCOMPLETE  {len(self.failed)} region(s) failed; rerun the same spec to retry them:"
+            )
+            lines += [f"    {f['region']}: {f['reason']}" for f in self.failed[:10]]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the run's record
+
+
+def _paths(spec: RunSpec, resolved: RunPlan) -> dict[str, Any]:
+    """Where each output goes: one datacube and one embeddings store per zone (suffixed with
+    the zone when there are several), one GeoParquet folder, the items sidecar."""
+
+    def per_zone(path: Path) -> list[str]:
+        if len(resolved.zones) == 1:
+            return [str(path)]
+        return [str(path.with_name(f"{path.stem}-{z.tag}{path.suffix}")) for z in resolved.zones]
+
+    checkpoint = spec.path(spec.model.checkpoint) if spec.model.checkpoint else None
+    return {
+        "datacubes": per_zone(spec.datacube_path)
+        if spec.input.datacube is None
+        else [str(spec.datacube_path)],
+        "embeddings": per_zone(spec.embeddings_path),
+        "geoparquet": str(spec.geoparquet_path),
+        "items": str(spec.items_path) if resolved.items is not None else None,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+    }
+
+
+def _identity(spec: RunSpec, resolved: RunPlan) -> dict[str, Any]:
+    """What must not change between a run and its resumption (else outputs would mix)."""
+    from xclay.models.checkpoints import file_sha256
+
+    checkpoint = spec.path(spec.model.checkpoint) if spec.model.checkpoint else None
+    items = resolved.items
+    return {
+        "input": dataclasses.asdict(spec.input),
+        "grid": dataclasses.asdict(spec.grid),
+        "model": {
+            "name": spec.model.name,
+            "output": spec.model.output,
+            "options": spec.model.options,
+            "checkpoint_sha256": file_sha256(checkpoint)
+            if checkpoint and checkpoint.is_file()
+            else None,
+        },
+        "quality": dataclasses.asdict(spec.quality),
+        "region_chips": spec.compute.region_chips,
+        "precision": spec.compute.precision,
+        "stored": {
+            "quantize": spec.outputs.quantize,
+            "thumbnails": spec.outputs.thumbnails,
+            "loss": spec.outputs.loss,
+        },
+        "items": hashlib.sha256("\n".join(sorted(items.ids)).encode()).hexdigest()
+        if items is not None
+        else None,
+        "zones": [z.to_dict() for z in resolved.zones],
+    }
+
+
+def _start(spec: RunSpec, resolved: RunPlan, torch_threads: int | None) -> tuple[RunState, bool]:
+    """The run state, begun or resumed; on overwrite, previous outputs are removed first."""
+    state = RunState(spec.outdir)
+    paths = _paths(spec, resolved)
+    outputs = [
+        *(Path(p) for p in paths["embeddings"]),
+        Path(paths["geoparquet"]),
+        *([Path(paths["items"])] if paths["items"] else []),
+        *(Path(p) for p in paths["datacubes"] if spec.input.datacube is None),
+    ]
+    if spec.outputs.overwrite:
+        for path in outputs:
+            _remove(path)
+        state.reset()
+    elif not state.exists():
+        for path in outputs:
+            if path.exists():
+                raise OutputExistsError(
+                    f"{path} already exists and is not from a run of this spec; set "
+                    "outputs.overwrite: true (CLI: --overwrite) or choose another outputs.dir. "
+                    "Nothing was run."
+                )
+    payload = {
+        "spec": spec.to_dict(),
+        "plan": resolved.to_dict(),
+        "zones": [z.to_dict() for z in resolved.zones],
+        "days": [[str(d), str(t)] for d, t in resolved.days.items()]
+        if resolved.days is not None
+        else None,
+        "time_range": [str(v) for v in resolved.time_range] if resolved.time_range else None,
+        "paths": paths,
+    }
+    resumed = state.begin(_identity(spec, resolved), payload)
+    state.update(torch_threads=torch_threads)
+    state.sweep(Path(paths["geoparquet"]))
+    if resolved.items is not None and not Path(paths["items"]).is_file():
+        sha = resolved.items.save(paths["items"])
+        state.update(items_sha256=sha)
+    return state, resumed
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+# --------------------------------------------------------------------------- execution
+
+
+def _execute(
+    fn: Callable[[str, dict[str, Any]], dict[str, Any]],
+    regions: list[Region],
+    outdir: Path,
+    client: Any,
+    desc: str,
+    progress: bool | None,
+) -> list[dict[str, Any]]:
+    """Run ``fn(outdir, region)`` for each region: as tasks on the Dask client, or here."""
+    results: list[dict[str, Any]] = []
+    with progress_bar(len(regions), progress, desc=desc, unit="region") as bar:
+        if client is None:
+            for region in regions:
+                results.append(fn(str(outdir), region.to_dict()))
+                bar.update(1)
+            return results
+        from distributed import as_completed
+
+        from xclay.run.cluster import warm_workers
+
+        warm_workers(client)
+        futures = client.map(
+            fn, [str(outdir)] * len(regions), [r.to_dict() for r in regions], pure=False
+        )
+        for future in as_completed(futures):
+            try:
+                results.append(future.result())
+            except Exception as err:  # its workers kept dying (KilledWorker), or similar
+                reason = f"{type(err).__name__}: {err}"
+                results.append({"region": "?", "status": "failed", "reason": reason})
+            bar.update(1)
+    return results
+
+
+def _failures(
+    state: RunState, phase: Literal["ingest", "embed"], results: list[dict[str, Any]]
+) -> list[dict[str, str]]:
+    recorded = [
+        {
+            "region": Region.from_dict(f["region"]).name,
+            "reason": f["reason"].splitlines()[0],
+        }
+        for f in state.failed(phase)
+    ]
+    lost = [r for r in results if r.get("status") == "failed" and r.get("region") == "?"]
+    return recorded + [{"region": "?", "reason": r["reason"]} for r in lost]
+
+
+def _todo(
+    regions: Iterable[Region], done: set[str], keep: Callable[[Region], bool]
+) -> list[Region]:
+    return [r for r in regions if r.name not in done and keep(r)]
+
+
+def _in_cell(
+    resolved: RunPlan, block: Callable[[Region], tuple[float, float, float, float]]
+) -> Callable[[Region], bool]:
+    """Whether a region's native extent meets its zone's cell (regions wholly outside the
+    cell hold no chip of the zone, so they are not run)."""
+    import shapely
+
+    cells = [z.cell_native() for z in resolved.zones]
+
+    def keep(region: Region) -> bool:
+        cell = cells[region.zone]
+        return cell is None or bool(shapely.intersects(shapely.box(*block(region)), cell))
+
+    return keep
+
+
+def _shape(geobox: Any) -> tuple[int, int]:
+    ny, nx = geobox.shape
+    return int(ny), int(nx)
+
+
+def _pixel_bounds(
+    resolved: RunPlan, rows: tuple[int, int], cols: tuple[int, int], zone: int
+) -> tuple[float, float, float, float]:
+    t = resolved.zones[zone].geobox.affine
+    xs = (t.c + t.a * cols[0], t.c + t.a * cols[1])
+    ys = (t.f + t.e * rows[0], t.f + t.e * rows[1])
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+# --------------------------------------------------------------------------- ingest
+
+
+def _ingest_phase(
+    spec: RunSpec, resolved: RunPlan, state: RunState, client: Any, progress: bool | None
+) -> list[dict[str, str]]:
+    from xclay.datacube import create_datacube_store, is_complete, mark_complete
+    from xclay.ingest import IngestError
+    from xclay.run.tasks import ingest_region
+
+    if resolved.source == "datacube":
+        return []
+    record = state.record()
+    paths = [Path(p) for p in record["paths"]["datacubes"]]
+    zones = [k for k, path in enumerate(paths) if not is_complete(path)]
+    if not zones:
+        return []
+    shard = spec.grid.shard_chips or spec.compute.region_chips
+    for k in zones:
+        if not (paths[k] / "zarr.json").is_file():
+            template = _template(spec, resolved, k, record)
+            with atomic_output(paths[k], overwrite=True) as tmp:  # never a half-created store
+                create_datacube_store(
+                    template,
+                    tmp,
+                    chip_size=spec.grid.chip_size,
+                    shard_chips=shard,
+                    compression=spec.grid.compression,
+                )
+    # Blocks of whole shards: no two tasks write one shard.
+    block = spec.grid.chip_size * shard * max(1, -(-spec.compute.region_chips // shard))
+    regions: Iterator[Region] = (
+        region
+        for k in zones
+        for region in ingest_regions(
+            k, resolved.time_steps, _shape(resolved.zones[k].geobox), block
+        )
+    )
+    keep = _in_cell(resolved, lambda r: _pixel_bounds(resolved, r.rows, r.cols, r.zone))
+    todo = _todo(regions, state.done_names("ingest"), keep)
+    results = _execute(ingest_region, todo, spec.outdir, client, "ingest", progress)
+    failed = _failures(state, "ingest", results)
+    if failed:
+        return failed
+    valid = dict.fromkeys(zones, False)
+    for done in state.done("ingest"):
+        zone = int(done["region"].get("zone", 0))
+        valid[zone] = valid.get(zone, False) or bool(done.get("any_valid"))
+    if not any(valid.values()):
+        for k in zones:
+            _remove(paths[k])
+        state.reset()
+        raise IngestError(
+            "the region has no valid pixel (every pixel is nodata, or masked as nodata); "
+            "nothing was written. Check the area, the time range and the masks."
+        )
+    for k in zones:
+        mark_complete(paths[k])
+    return []
+
+
+def _template(spec: RunSpec, resolved: RunPlan, zone: int, record: dict[str, Any]) -> Any:
+    """A zone's datacube, described from item metadata (one item per collection) and grid
+    arithmetic; provenance points to the run's item sidecar instead of copying it."""
+    import os
+
+    from xclay.ingest import datacube_template
+
+    index = resolved.items
+    assert index is not None
+    first: dict[str, int] = {}
+    for k, collection in enumerate(index.table["collection"].to_pylist()):
+        first.setdefault(str(collection), k)
+    store = Path(record["paths"]["datacubes"][zone])
+    items_file = Path(record["paths"]["items"])
+    provenance = {
+        "items": {
+            "count": len(index),
+            "file": os.path.relpath(items_file, store),
+            "sha256": record.get("items_sha256"),
+        },
+        "stac": {
+            "bands": list(resolved.bands),
+            "composite": spec.input.composite,
+            "datetime": spec.input.datetime,
+            "bbox": list(resolved.bbox_lonlat),
+            "crs": resolved.zones[zone].crs,
+            "resolution": resolved.resolution,
+        },
+    }
+    cube = datacube_template(
+        index.items(sorted(first.values())),
+        bands=resolved.bands,
+        geobox=resolved.zones[zone].geobox,
+        composite=spec.input.composite,
+        mask=spec.input.mask,
+        platform=resolved.platform,
+        wavelengths=spec.input.wavelengths,
+        time_range=resolved.time_range,
+        days=resolved.days,
+        provenance=provenance,
+    )
+    cube.attrs["run_spec"] = spec.to_dict()
+    return cube
+
+
+# --------------------------------------------------------------------------- embed
+
+
+def _embed_phase(
+    spec: RunSpec, resolved: RunPlan, state: RunState, client: Any, progress: bool | None
+) -> list[dict[str, str]]:
+    from xclay.datacube import is_complete, mark_complete
+    from xclay.run.tasks import embed_region
+
+    record = state.record()
+    paths = [Path(p) for p in record["paths"]["embeddings"]]
+    zones = [k for k, path in enumerate(paths) if not is_complete(path)]
+    if not zones:
+        return []
+    sessions = _prepare(spec, resolved, state)
+    record = state.record()
+    spec.geoparquet_path.mkdir(parents=True, exist_ok=True)
+    if "run_metadata" not in record:
+        state.update(run_metadata=_write_run_metadata(spec, resolved, record, sessions))
+    for k in zones:
+        if not (paths[k] / "zarr.json").is_file():
+            layout = sessions[k].layout()
+            if spec.outputs.quantize:
+                layout = layout.quantized(spec.outputs.quantize)
+            layout.coords.attrs.update(
+                {
+                    "run_spec": spec.to_dict(),
+                    "run_plan": resolved.to_dict(),
+                    "zone": resolved.zones[k].tag,
+                }
+            )
+            with atomic_output(paths[k], overwrite=True) as tmp:
+                from xclay.export import create_embeddings_store
+
+                create_embeddings_store(layout, tmp, region_chips=spec.compute.region_chips)
+    grids = {k: sessions[k].grid for k in zones}
+    for session in sessions.values():
+        session.close()
+    regions: Iterator[Region] = (
+        region
+        for k in zones
+        for region in embed_regions(
+            k, resolved.time_steps, grids[k].shape, spec.compute.region_chips
+        )
+    )
+
+    def chip_bounds(region: Region) -> tuple[float, float, float, float]:
+        grid = grids[region.zone]
+        step, size = grid.spec.step, grid.spec.chip_size
+        rows = (region.rows[0] * step, (region.rows[1] - 1) * step + size)
+        cols = (region.cols[0] * step, (region.cols[1] - 1) * step + size)
+        return _pixel_bounds(resolved, rows, cols, region.zone)
+
+    todo = _todo(regions, state.done_names("embed"), _in_cell(resolved, chip_bounds))
+    results = _execute(embed_region, todo, spec.outdir, client, "embed", progress)
+    failed = _failures(state, "embed", results)
+    if failed:
+        return failed
+    per_zone: dict[int, dict[str, int]] = {}
+    for done in state.done("embed"):
+        zone = int(done["region"].get("zone", 0))
+        total = per_zone.setdefault(zone, {})
+        for key, value in done["counts"].items():
+            total[key] = total.get(key, 0) + int(value)
+    for k in zones:
+        mark_complete(paths[k], run=per_zone.get(k, {}))
+    parts = sum(1 for _ in spec.geoparquet_path.glob("part-*.parquet"))
+    write_json_atomic(
+        spec.geoparquet_path / COMPLETE, {"run": _total_counts(state), "parts": parts}
+    )
+    return []
+
+
+def _prepare(spec: RunSpec, resolved: RunPlan, state: RunState) -> dict[int, Any]:
+    """An embedding session per zone, with one encoder prepared once for the whole run (on
+    the first zone's chips) and recorded, so every zone and worker embeds with the same
+    model card."""
+    from xclay.datacube import open_datacube
+    from xclay.embed import EmbedConfig, EmbedSession
+    from xclay.models.registry import encoder_from_card
+
+    record = state.record()
+    cubes = [open_datacube(p) for p in record["paths"]["datacubes"]]
+    if "card" in record:  # resuming: the encoder exactly as it was first prepared
+        config = EmbedConfig.from_dict(record["embed_config"])
+        encoder = encoder_from_card(record["card"], checkpoint=record["paths"]["checkpoint"])
+    else:
+        encoder = _encoder(spec)
+        config = _embed_config(spec, cubes[0], encoder)
+    sessions = {0: EmbedSession(cubes[0], encoder, config)}
+    if "card" not in record:
+        # The session's config: with what preparing fixed (the thumbnails' stretch).
+        state.update(card=sessions[0].card.to_dict(), embed_config=sessions[0].config.to_dict())
+    config = sessions[0].config
+    for k in range(1, len(cubes)):
+        sessions[k] = EmbedSession(cubes[k], encoder, config)  # prepared once: not refitted
+    return sessions
+
+
+def _write_run_metadata(
+    spec: RunSpec, resolved: RunPlan, record: dict[str, Any], sessions: dict[int, Any]
+) -> dict[str, str]:
+    """The run's metadata, once, in the GeoParquet folder; parts refer to it by sha256."""
+    from xclay._json import jsonable
+
+    first = sessions[0].dataset_attrs()
+    metadata = {
+        "model": first["model"],
+        "config": first["config"],
+        "datacube": first["datacube"],
+        "zones": {
+            resolved.zones[k].tag: session.dataset_attrs()["datacube"]
+            for k, session in sessions.items()
+        },
+        "items": {
+            "file": str(Path(record["paths"]["items"]).name),
+            "sha256": record.get("items_sha256"),
+        }
+        if record["paths"].get("items")
+        else None,
+        "run_spec": spec.to_dict(),
+        "run_plan": resolved.to_dict(),
+    }
+    data = json.dumps(jsonable(metadata), indent=1, sort_keys=True).encode()
+    path = spec.geoparquet_path / RUN_METADATA
+    with atomic_output(path, overwrite=True) as tmp:
+        tmp.write_bytes(data)
+    return {"file": RUN_METADATA, "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _encoder(spec: RunSpec) -> Any:
+    from xclay.models import get_model
+
+    options = dict(spec.model.options)
+    if spec.model.output is not None:
+        options["output"] = spec.model.output
+    checkpoint = spec.path(spec.model.checkpoint) if spec.model.checkpoint else None
+    return get_model(spec.model.name, checkpoint=checkpoint, **options)
+
+
+def _embed_config(spec: RunSpec, cube: Any, encoder: Any) -> Any:
+    from xclay.chips import ChipGridSpec
+    from xclay.embed import EmbedConfig, _auto_batch_size
+
+    batch = spec.compute.batch_size
+    if batch == "auto":
+        batch = _auto_batch_size(encoder, cube, spec.grid.chip_size, spec.compute.device)
+    return EmbedConfig(
+        grid=ChipGridSpec(
+            chip_size=spec.grid.chip_size, stride=spec.grid.stride, edges=spec.grid.edges
+        ),
+        batch_size=batch,
+        quality=spec.quality,
+        device=spec.compute.device,
+        engine=spec.compute.engine,
+        precision=spec.compute.precision,
+        prefetch=spec.compute.prefetch,
+        thumbnails=spec.outputs.thumbnails,
+        loss=spec.outputs.loss,
+    )
+
+
+def _total_counts(state: RunState) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for done in state.done("embed"):
+        for key, value in done["counts"].items():
+            total[key] = total.get(key, 0) + int(value)
+    return total
+
+
+def _data_path(state: RunState) -> dict[str, list[str]]:
+    readers: dict[str, None] = {}
+    fallbacks: dict[str, None] = {}
+    for done in state.done("embed"):
+        path = done.get("data_path") or {}
+        if path.get("reader"):
+            readers[f"{path['reader']} on {path.get('device', '?')}"] = None
+        for reason in path.get("fallbacks", []):
+            fallbacks[reason] = None
+    return {"readers": list(readers), "fallbacks": list(fallbacks)}
+
+
+def _report(
+    spec: RunSpec,
+    resolved: RunPlan,
+    state: RunState,
+    seconds: dict[str, float],
+    failed: list[dict[str, str]],
+    resumed: bool,
+) -> RunReport:
+    paths = state.record()["paths"]
+    outputs = {
+        "datacube": ", ".join(paths["datacubes"]),
+        "embeddings": ", ".join(paths["embeddings"]),
+        "geoparquet": paths["geoparquet"],
+    }
+    if paths.get("items"):
+        outputs["items"] = paths["items"]
+    return RunReport(
+        plan=resolved,
+        outputs=outputs,
+        seconds=seconds,
+        run=_total_counts(state),
+        status="incomplete" if failed else "complete",
+        failed=failed,
+        resumed=resumed,
+        data_path=_data_path(state),
+    )
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def run(
+    spec: RunSpec,
+    *,
+    client: Any = None,
+    progress: bool | None = None,
+    torch_threads: int | None = None,
+) -> RunReport:
+    """Ingest, embed and export as the spec says, region by region, resumably.
+
+    Parameters
+    ----------
+    spec
+        A validated run spec (:func:`xclay.run.load_spec`).
+    client
+        A ``distributed.Client``: regions run as tasks on its workers. ``None``:
+        in this process, one after another.
+    progress
+        Progress bars (``None``: on an interactive terminal).
+    torch_threads
+        Threads for torch in each task (e.g. cores / workers on a local cluster).
+
+    A rerun of the same spec resumes: finished regions are kept, failed and
+    missing ones are done. The report's ``status`` is ``"incomplete"`` when
+    regions failed; nothing half-written is ever marked complete.
+    """
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    resolved = plan(spec)
+    state, resumed = _start(spec, resolved, torch_threads)
+    seconds["plan"] = time.perf_counter() - start
+    for phase, step in (("ingest", _ingest_phase), ("embed", _embed_phase)):
+        start = time.perf_counter()
+        failed = step(spec, resolved, state, client, progress)
+        seconds[phase] = time.perf_counter() - start
+        if failed:
+            return _report(spec, resolved, state, seconds, failed, resumed)
+    return _report(spec, resolved, state, seconds, [], resumed)
+
+
+def ingest(spec: RunSpec, *, client: Any = None, progress: bool | None = None) -> RunReport:
+    """Step 1 alone: STAC items -> datacube Zarr (resumable, like :func:`run`)."""
+    resolved = plan(spec)
+    state, resumed = _start(spec, resolved, None)
+    start = time.perf_counter()
+    failed = _ingest_phase(spec, resolved, state, client, progress)
+    seconds = {"ingest": time.perf_counter() - start}
+    return _report(spec, resolved, state, seconds, failed, resumed)
+
+
+def embed_step(spec: RunSpec, *, client: Any = None, progress: bool | None = None) -> RunReport:
+    """Step 2 alone: datacube Zarr -> embeddings Zarr and GeoParquet parts (after step 1)."""
+    from xclay.datacube import is_complete
+
+    resolved = plan(spec)
+    state, resumed = _start(spec, resolved, None)
+    cubes = state.record()["paths"]["datacubes"]
+    missing = [c for c in cubes if not is_complete(c)]
+    if missing:
+        raise XClayError(
+            f"{', '.join(missing)} is not a complete datacube yet; run xclay ingest first."
+        )
+    start = time.perf_counter()
+    failed = _embed_phase(spec, resolved, state, client, progress)
+    seconds = {"embed": time.perf_counter() - start}
+    return _report(spec, resolved, state, seconds, failed, resumed)
+
+
+def export_step(spec: RunSpec) -> Path:
+    """Step 3 alone: (re)write the GeoParquet parts from the complete embeddings Zarr(s)."""
+    from xclay.export import open_embeddings
+    from xclay.run.tasks import part_path, write_part
+
+    state = RunState(spec.outdir)
+    record = state.record()
+    out = spec.geoparquet_path
+    out.mkdir(parents=True, exist_ok=True)
+    for k, path in enumerate(record["paths"]["embeddings"]):
+        emb = open_embeddings(path)
+        shape = (emb.sizes["chip_y"], emb.sizes["chip_x"])
+        for region in embed_regions(k, emb.sizes["time"], shape, spec.compute.region_chips):
+            part = emb.isel(
+                time=slice(region.time, region.time + 1),
+                chip_y=slice(*region.rows),
+                chip_x=slice(*region.cols),
+            )
+            ds = part.load()
+            if bool(ds["embedded"].any()):
+                write_part(str(spec.outdir), record, region, ds, None)
+            else:
+                part_path(record, region).unlink(missing_ok=True)
+    return out

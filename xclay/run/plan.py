@@ -1,0 +1,358 @@
+"""Planning a run without reading pixels: items, zones, grids, time steps, chips, volume.
+
+:func:`plan` resolves a :class:`~xclay.run.spec.RunSpec` from item metadata
+and grid arithmetic alone (what ``xclay run --dry-run`` prints): the STAC
+search, the item index, the zones and their grids (one CRS, or tiled by UTM
+zone), the time steps, and the chips and bytes to expect. Nothing in it
+scales with the pixels of the area, only with its items, and with the rows
+plus columns of its grids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from xclay.chips import ChipGrid, ChipGridSpec
+from xclay.errors import MissingDependencyError
+from xclay.run.items import ItemIndex
+from xclay.run.spec import RunSpec
+from xclay.run.zones import Zone, single_zone, utm_cells, utm_zones
+
+__all__ = ["RunPlan", "plan"]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run will do, resolved without reading pixels.
+
+    ``zones``: the grids (one datacube each); ``days``: with ``composite:
+    none``, solar day -> time coordinate of each time step; ``time_range``: a
+    composite's range; ``chips``: chips in the area over all zones and time
+    steps (for zones tiled by UTM, an estimate from the cells' areas).
+    """
+
+    source: str  # "stac" or "datacube"
+    items: ItemIndex | None
+    bands: tuple[str, ...]
+    platform: str | None
+    zones: tuple[Zone, ...]
+    resolution: float
+    time_steps: int
+    chips: int
+    area_km2: float
+    bytes_estimate: int
+    bbox_lonlat: tuple[float, float, float, float]
+    dtype: str
+    days: Mapping[np.datetime64, np.datetime64] | None = None
+    time_range: tuple[np.datetime64, np.datetime64] | None = None
+    tiled: bool = False
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def crs(self) -> str:
+        return ", ".join(dict.fromkeys(z.crs for z in self.zones))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A summary for run records and outputs: counts, not lists that grow with the area."""
+        return {
+            "source": self.source,
+            "items": len(self.items) if self.items is not None else 0,
+            "bands": list(self.bands),
+            "platform": self.platform,
+            "crs": self.crs,
+            "zones": [z.tag for z in self.zones],
+            "tiled": self.tiled,
+            "resolution": self.resolution,
+            "time_steps": self.time_steps,
+            "chips": self.chips,
+            "area_km2": round(self.area_km2, 3),
+            "bytes_estimate": self.bytes_estimate,
+            "dtype": self.dtype,
+            "bbox_lonlat": list(self.bbox_lonlat),
+        }
+
+    def describe(self) -> str:
+        lines = []
+        if self.items is not None:
+            ids = self.items.ids
+            head = ", ".join(str(i) for i in ids[:3]) + (", ..." if len(ids) > 3 else "")
+            lines.append(f"  items       {len(ids):,} ({head})")
+        platform = f"  (platform {self.platform})" if self.platform else ""
+        lines.append(f"  bands       {', '.join(self.bands)}{platform}")
+        bbox = [round(float(v), 4) for v in self.bbox_lonlat]
+        lines.append(f"  area        {self.area_km2:,.1f} km2, bbox {bbox}")
+        for zone in self.zones:
+            ny, nx = zone.geobox.shape
+            lines.append(
+                f"  grid        {ny:,} x {nx:,} px at {self.resolution:g} in {zone.crs}"
+                + (f" (zone {zone.tag})" if self.tiled else "")
+            )
+        lines.append(f"  time steps  {self.time_steps}")
+        approx = "~" if self.tiled else ""
+        lines.append(f"  chips       {approx}{self.chips:,}")
+        lines.append(
+            f"  data        ~{_human_bytes(self.bytes_estimate)} of pixels to read and write "
+            f"({self.dtype})"
+        )
+        lines += [f"  note        {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def plan(spec: RunSpec) -> RunPlan:
+    """Resolve a spec: items, zones, grids, chips and data volume, without reading pixels."""
+    if spec.input.datacube is not None:
+        return _plan_datacube(spec)
+    return _plan_stac(spec)
+
+
+def _plan_datacube(spec: RunSpec) -> RunPlan:
+    from xclay.datacube import datacube_geobox, open_datacube
+
+    cube = open_datacube(spec.datacube_path)
+    geobox = datacube_geobox(cube)
+    grid = ChipGrid.from_geobox(geobox, _grid_spec(spec))
+    ny, nx = geobox.shape
+    res = abs(float(geobox.resolution.x))
+    steps = cube.sizes["time"]
+    geographic = geobox.crs is not None and geobox.crs.geographic
+    return RunPlan(
+        source="datacube",
+        items=None,
+        bands=tuple(str(b) for b in cube["band"].values),
+        platform=cube.attrs.get("platform") or None,
+        zones=tuple(single_zone(geobox)),
+        resolution=res,
+        time_steps=steps,
+        chips=grid.rows * grid.cols * steps,
+        area_km2=float("nan") if geographic else ny * nx * res * res / 1e6,
+        bytes_estimate=int(ny * nx * cube.sizes["band"] * cube["pixels"].dtype.itemsize * steps),
+        bbox_lonlat=tuple(float(v) for v in geobox.extent.to_crs("EPSG:4326").boundingbox),  # type: ignore[arg-type]
+        dtype=str(cube["pixels"].dtype),
+    )
+
+
+def _plan_stac(spec: RunSpec) -> RunPlan:
+    from xclay.ingest import IngestError, _band_metadata, _platform_of
+    from xclay.models.sensors import get_sensor
+
+    items = _search(spec)
+    if not items:
+        raise IngestError(
+            "the STAC search is empty: no items for "
+            f"bbox={list(spec.input.bbox) if spec.input.bbox else None}, "
+            f"datetime={spec.input.datetime!r}. Widen the area or the time range."
+        )
+    index = ItemIndex.from_items(items)
+    platform = spec.input.platform or _platform_of(items)
+    bands = spec.input.bands or (get_sensor(platform).band_names if platform else ())
+    dtype, _ = _band_metadata(items, bands)
+    assert spec.grid.resolution is not None
+    resolution = float(spec.grid.resolution)
+    step = spec.grid.stride or spec.grid.chip_size
+    bbox: tuple[float, float, float, float] = (
+        (
+            float(spec.input.bbox[0]),
+            float(spec.input.bbox[1]),
+            float(spec.input.bbox[2]),
+            float(spec.input.bbox[3]),
+        )
+        if spec.input.bbox
+        else _union_bbox(index)
+    )
+    zones, tiled, notes = _zones(spec, items, bbox, resolution, step)
+    pixels = sum(int(np.prod(z.geobox.shape)) for z in zones)
+    if pixels > spec.grid.max_pixels:
+        raise IngestError(
+            f"the requested grids hold {pixels:.2e} pixels at resolution {resolution}: more than "
+            f"grid.max_pixels={spec.grid.max_pixels:.1e}. Check the resolution and its units, or "
+            "split the area into runs."
+        )
+    days, time_range = _time_steps(spec, index)
+    steps = len(days) if days is not None else 1
+    chips = sum(_zone_chips(z, spec) for z in zones) * steps
+    area = sum(_zone_area_km2(z) for z in zones)
+    itemsize = np.dtype(dtype).itemsize
+    read = _item_pixels(index, bbox, pixels)
+    bytes_estimate = int((read + pixels * steps) * len(bands) * itemsize)
+    return RunPlan(
+        source="stac",
+        items=index,
+        bands=tuple(bands),
+        platform=platform,
+        zones=tuple(zones),
+        resolution=resolution,
+        time_steps=steps,
+        chips=chips,
+        area_km2=area,
+        bytes_estimate=bytes_estimate,
+        bbox_lonlat=bbox,
+        dtype=str(np.dtype(dtype)),
+        days=days,
+        time_range=time_range,
+        tiled=tiled,
+        notes=tuple(notes),
+    )
+
+
+def _grid_spec(spec: RunSpec) -> ChipGridSpec:
+    return ChipGridSpec(
+        chip_size=spec.grid.chip_size, stride=spec.grid.stride, edges=spec.grid.edges
+    )
+
+
+def _zones(
+    spec: RunSpec,
+    items: list[Any],
+    bbox: tuple[float, float, float, float],
+    resolution: float,
+    step: int,
+) -> tuple[list[Zone], bool, list[str]]:
+    """The run's grids: ``grid.crs: utm`` tiles by UTM zone; no ``grid.crs`` takes the items'
+    own grid when they share a CRS, tiles by UTM zone when the area spans several 6-degree
+    zones, else the UTM zone of its centre; any other ``grid.crs`` is one grid."""
+    from xclay.ingest import IngestError, plan_grid
+
+    crs = spec.grid.crs
+    try:
+        if crs == "utm":
+            return utm_zones(bbox, resolution, step), True, []
+        shared = _shared_crs(items)
+        longitudes = {code[-2:] for code, _ in utm_cells(bbox)}
+        if crs is None and shared is None and len(longitudes) > 1:
+            note = (
+                f"the area spans {len(longitudes)} UTM zones: one datacube per zone "
+                "(grid.crs: utm); set grid.crs to force one CRS"
+            )
+            return utm_zones(bbox, resolution, step), True, [note]
+    except ValueError as err:  # outside UTM's latitudes
+        raise IngestError(str(err)) from err
+    grid = plan_grid(
+        items,
+        resolution=resolution,
+        crs=crs,
+        bbox=spec.input.bbox,
+        max_pixels=spec.grid.max_pixels,
+    )
+    return single_zone(grid.geobox), False, []
+
+
+def _shared_crs(items: list[Any]) -> str | None:
+    codes = set()
+    for item in items:
+        p = item.properties
+        code = p.get("proj:code") or (f"EPSG:{p['proj:epsg']}" if p.get("proj:epsg") else None)
+        codes.add(code)
+    return codes.pop() if len(codes) == 1 and None not in codes else None
+
+
+def _zone_chips(zone: Zone, spec: RunSpec) -> int:
+    """Chips of a zone: its whole grid, or (tiled) about its cell's share of it."""
+    from xclay.datacube import DatacubeError
+
+    try:
+        grid = ChipGrid.from_geobox(zone.geobox, _grid_spec(spec))
+    except DatacubeError:
+        return 0
+    total = grid.rows * grid.cols
+    if zone.cell is None:
+        return total
+    cell = zone.cell_native()
+    ny, nx = zone.geobox.shape
+    res = abs(float(zone.geobox.resolution.x))
+    share = cell.area / (ny * nx * res * res)
+    return round(total * min(1.0, share))
+
+
+def _zone_area_km2(zone: Zone) -> float:
+    if zone.geobox.crs is not None and zone.geobox.crs.geographic:
+        return float("nan")
+    if zone.cell is not None:
+        return float(zone.cell_native().area) / 1e6
+    ny, nx = zone.geobox.shape
+    res = abs(float(zone.geobox.resolution.x))
+    return ny * nx * res * res / 1e6
+
+
+def _time_steps(
+    spec: RunSpec, index: ItemIndex
+) -> tuple[dict[np.datetime64, np.datetime64] | None, tuple[np.datetime64, np.datetime64] | None]:
+    """The run's time steps: with ``composite: none`` one per solar day (its first
+    acquisition over all items), else the composite's range (the spec's datetime, or the
+    items' own range)."""
+    from xclay.ingest import _time_range
+
+    if spec.input.composite == "none":
+        days: dict[np.datetime64, np.datetime64] = {}
+        for day, when in zip(index.days, index.times, strict=True):
+            if np.isnat(day):
+                continue
+            key = np.datetime64(day, "D")
+            days[key] = min(days.get(key, when), when)
+        return dict(sorted(days.items())), None
+    start, end = _time_range(spec.input.datetime)
+    own = index.time_range()
+    lo = np.datetime64(start.replace(tzinfo=None), "ns") if start else (own[0] if own else None)
+    hi = np.datetime64(end.replace(tzinfo=None), "ns") if end else (own[1] if own else None)
+    return None, ((lo, hi) if lo is not None and hi is not None else None)
+
+
+def _union_bbox(index: ItemIndex) -> tuple[float, float, float, float]:
+    b = index.bounds
+    return (
+        float(b[:, 0].min()),
+        float(b[:, 1].min()),
+        float(b[:, 2].max()),
+        float(b[:, 3].max()),
+    )
+
+
+def _item_pixels(index: ItemIndex, bbox: tuple[float, float, float, float], pixels: int) -> int:
+    """Pixels the items bring into the area: each item's share of the bbox times the grids'
+    pixels (what ingestion reads, before compositing)."""
+    west, south, east, north = bbox
+    b = index.bounds
+    w = np.clip(np.minimum(b[:, 2], east) - np.maximum(b[:, 0], west), 0, None)
+    h = np.clip(np.minimum(b[:, 3], north) - np.maximum(b[:, 1], south), 0, None)
+    area = max((east - west) * (north - south), 1e-12)
+    return int(pixels * float((w * h).sum()) / area)
+
+
+def _search(spec: RunSpec) -> list[Any]:
+    from xclay.ingest import IngestError, filter_items, load_items
+
+    source = spec.input.stac
+    assert source is not None
+    if source.items:
+        items = load_items(spec.path(source.items))
+        return filter_items(items, bbox=spec.input.bbox, datetime=spec.input.datetime)
+    try:
+        from pystac_client import Client
+    except ImportError as err:
+        raise MissingDependencyError(
+            'STAC API search needs pystac-client: pip install "xclay[io]"'
+        ) from err
+    try:
+        search = Client.open(str(source.api)).search(
+            collections=list(source.collections),
+            bbox=list(spec.input.bbox) if spec.input.bbox else None,
+            datetime=spec.input.datetime,
+            query=source.query,
+            max_items=source.max_items,
+        )
+        return list(search.items())
+    except Exception as err:  # network and API errors come in many types
+        raise IngestError(
+            f"STAC API search at {source.api} failed: {type(err).__name__}: {err}"
+        ) from err
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:,.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,548 @@
+"""Run specs: what a run is, read from YAML and validated field by field.
+
+A run spec is a YAML file (see ``docs/run-spec.md``)::
+
+    name: olinda
+    input:
+      stac: {items: items.json}        # or {api: URL, collections: [...], query: {...}}
+      bands: [blue, green, red, nir08, swir16, swir22]
+      datetime: 2000-01-01/2000-12-31
+      composite: median
+    grid: {resolution: 28.5, chip_size: 32, edges: pad}
+    model: {name: rcf}
+    outputs: {dir: out}
+
+or, to embed a datacube that already exists, ``input: {datacube: cube.zarr}``.
+:func:`load_spec` validates it: an error names the file, the field and what
+is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+from xclay.errors import XClayError
+from xclay.quality import QualityFilter
+from xclay.quantize import QUANTIZATIONS
+from xclay.readers import Engine
+
+if TYPE_CHECKING:
+    from xclay.chips import Edges
+    from xclay.datacube import Compression
+    from xclay.devices import Precision
+    from xclay.ingest import Composite
+
+__all__ = [
+    "ComputeSettings",
+    "GridSettings",
+    "InputSettings",
+    "ModelSettings",
+    "OutputSettings",
+    "RunSpec",
+    "SpecError",
+    "StacSource",
+    "load_spec",
+]
+
+
+class SpecError(XClayError, ValueError):
+    """A run spec that is malformed: names the file, the field and what is allowed."""
+
+
+# --------------------------------------------------------------------------- spec
+
+
+@dataclass(frozen=True)
+class StacSource:
+    items: str | None = None
+    api: str | None = None
+    collections: tuple[str, ...] = ()
+    query: dict[str, Any] | None = None
+    max_items: int | None = None
+
+
+@dataclass(frozen=True)
+class InputSettings:
+    stac: StacSource | None = None
+    datacube: str | None = None  # embed this existing datacube store (no ingest)
+    bands: tuple[str, ...] | None = None
+    platform: str | None = None
+    wavelengths: dict[str, float] | None = None
+    datetime: str | None = None
+    bbox: tuple[float, float, float, float] | None = None
+    composite: Composite = "median"
+    mask: str | None = "auto"
+
+
+@dataclass(frozen=True)
+class GridSettings:
+    resolution: float | None = None  # needed to ingest from STAC
+    crs: str | None = None  # a CRS, "utm" (tiled by UTM zone), or None (see xclay.run.plan)
+    chip_size: int = 256
+    stride: int | None = None
+    edges: Edges = "drop"
+    shard_chips: int | None = None
+    compression: Compression = "zstd"
+    max_pixels: int = 250_000_000_000
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    name: str = "rcf"
+    checkpoint: str | None = None
+    output: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ComputeSettings:
+    device: str = "auto"
+    engine: Engine = "auto"
+    batch_size: int | Literal["auto"] = 16
+    precision: Precision = "auto"
+    prefetch: int = 2
+    region_chips: int = 16
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    dir: str
+    datacube: str = "cube.zarr"
+    embeddings: str = "embeddings.zarr"
+    geoparquet: str = "embeddings.parquet"
+    items: str = "items.parquet"
+    overwrite: bool = False
+    quantize: str | None = None
+    thumbnails: int = 0
+    loss: bool = False
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A validated run spec. ``base`` is the folder relative paths are resolved from."""
+
+    input: InputSettings
+    grid: GridSettings
+    outputs: OutputSettings
+    model: ModelSettings = field(default_factory=ModelSettings)
+    compute: ComputeSettings = field(default_factory=ComputeSettings)
+    quality: QualityFilter = field(default_factory=QualityFilter)
+    name: str = ""
+    version: int = 1
+    base: str = "."
+
+    def path(self, value: str) -> Path:
+        """A path of the spec, resolved from the spec file's folder."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else Path(self.base) / p
+
+    @property
+    def outdir(self) -> Path:
+        return self.path(self.outputs.dir)
+
+    @property
+    def datacube_path(self) -> Path:
+        """The datacube store (the input's, when the run embeds an existing datacube)."""
+        if self.input.datacube is not None:
+            return self.path(self.input.datacube)
+        return self.path(self.outputs.dir) / self.outputs.datacube
+
+    @property
+    def items_path(self) -> Path:
+        return self.path(self.outputs.dir) / self.outputs.items
+
+    @property
+    def embeddings_path(self) -> Path:
+        return self.path(self.outputs.dir) / self.outputs.embeddings
+
+    @property
+    def geoparquet_path(self) -> Path:
+        return self.path(self.outputs.dir) / self.outputs.geoparquet
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("base")
+        return _plain(out)
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "<spec>", base: str = ".") -> RunSpec:
+        return _Reader(source).spec(data, base)
+
+
+def load_spec(path: str | os.PathLike[str]) -> RunSpec:
+    """Read and validate a YAML run spec."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise SpecError(f"{file}: no such run spec file.")
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as err:
+        raise SpecError(f"{file}: not valid YAML ({err}).") from err
+    return RunSpec.from_dict(data, source=str(file), base=str(file.parent.resolve()))
+
+
+class _Reader:
+    """Builds the spec's dataclasses from plain data, with errors that point at the field."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, where: str, problem: str) -> SpecError:
+        return SpecError(f"{self.source}: {where}: {problem}")
+
+    def section(
+        self,
+        data: Any,
+        where: str,
+        allowed: set[str],
+        required: frozenset[str] | set[str] = frozenset(),
+    ) -> dict[str, Any]:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise self.fail(where, f"must be a mapping of settings, got {type(data).__name__}.")
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise self.fail(
+                f"{where}.{unknown[0]}" if where else unknown[0],
+                f"unknown setting; allowed: {', '.join(sorted(allowed))}.",
+            )
+        missing = sorted(required - set(data))
+        if missing:
+            raise self.fail(
+                f"{where}.{missing[0]}" if where else missing[0], "required setting is missing."
+            )
+        return dict(data)
+
+    def choice(self, value: Any, where: str, options: tuple[Any, ...]) -> Any:
+        if value not in options:
+            raise self.fail(
+                where, f"must be one of {', '.join(map(repr, options))}, got {value!r}."
+            )
+        return value
+
+    def number(
+        self,
+        value: Any,
+        where: str,
+        *,
+        low: float | None = None,
+        high: float | None = None,
+        integer: bool = False,
+        positive: bool = False,
+    ) -> Any:
+        ok = isinstance(value, int) if integer else isinstance(value, int | float)
+        if isinstance(value, bool) or not ok or (not integer and not math.isfinite(value)):
+            raise self.fail(
+                where, f"must be {'an integer' if integer else 'a number'}, got {value!r}."
+            )
+        if positive and value <= 0:
+            raise self.fail(where, f"must be positive, got {value!r}.")
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise self.fail(where, f"must be within [{low}, {high}], got {value!r}.")
+        return value
+
+    def text(self, value: Any, where: str, *, optional: bool = True) -> str | None:
+        if value is None and optional:
+            return None
+        if not isinstance(value, str) or not value:
+            raise self.fail(where, f"must be a non-empty string, got {value!r}.")
+        return value
+
+    def names(self, value: Any, where: str) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if (
+            not isinstance(value, list)
+            or not value
+            or not all(isinstance(v, str) and v for v in value)
+        ):
+            raise self.fail(where, f"must be a non-empty list of names, got {value!r}.")
+        return tuple(value)
+
+    def spec(self, data: Any, base: str) -> RunSpec:
+        top = self.section(
+            data,
+            "",
+            {"name", "version", "input", "grid", "model", "compute", "quality", "outputs"},
+            {"input", "outputs"},
+        )
+        version = top.get("version", 1)
+        if version != 1:
+            raise self.fail("version", f"this xclay reads run spec version 1, got {version!r}.")
+        inputs = self.input(top["input"])
+        grid = self.grid(top.get("grid"))
+        if inputs.stac is not None and grid.resolution is None:
+            raise self.fail(
+                "grid.resolution", "required to ingest from STAC (pixel size, e.g. 10 for 10 m)."
+            )
+        if grid.crs is not None and grid.crs.lower() == "utm":
+            grid = dataclasses.replace(grid, crs="utm")
+        return RunSpec(
+            input=inputs,
+            grid=grid,
+            outputs=self.outputs(top["outputs"]),
+            model=self.model(top.get("model")),
+            compute=self.compute(top.get("compute")),
+            quality=self.quality(top.get("quality")),
+            name=self.text(top.get("name"), "name") or "",
+            version=1,
+            base=base,
+        )
+
+    def input(self, data: Any) -> InputSettings:
+        d = self.section(
+            data,
+            "input",
+            {
+                "stac",
+                "datacube",
+                "bands",
+                "platform",
+                "wavelengths",
+                "datetime",
+                "bbox",
+                "composite",
+                "mask",
+            },
+        )
+        if ("stac" in d) == ("datacube" in d):
+            raise self.fail(
+                "input",
+                "give exactly one of stac (items to ingest) or datacube (a store to embed).",
+            )
+        if "datacube" in d:
+            extra = sorted(set(d) - {"datacube"})
+            if extra:
+                raise self.fail(
+                    f"input.{extra[0]}",
+                    "describes STAC ingestion; an input datacube already has its bands and times.",
+                )
+            return InputSettings(
+                datacube=self.text(d["datacube"], "input.datacube", optional=False)
+            )
+        stac = self.section(
+            d["stac"], "input.stac", {"items", "api", "collections", "query", "max_items"}
+        )
+        if bool(stac.get("items")) == bool(stac.get("api")):
+            raise self.fail(
+                "input.stac", "give exactly one of items (a file) or api (a STAC API URL)."
+            )
+        source = StacSource(
+            items=self.text(stac.get("items"), "input.stac.items"),
+            api=self.text(stac.get("api"), "input.stac.api"),
+            collections=self.names(stac.get("collections"), "input.stac.collections") or (),
+            query=stac.get("query"),
+            max_items=self.number(
+                stac["max_items"], "input.stac.max_items", integer=True, positive=True
+            )
+            if "max_items" in stac
+            else None,
+        )
+        if source.api and not source.collections:
+            raise self.fail(
+                "input.stac.collections",
+                "a STAC API search needs collections, e.g. [sentinel-2-l2a].",
+            )
+        platform = self.text(d.get("platform"), "input.platform")
+        if platform is not None:
+            from xclay.models.sensors import list_platforms
+
+            self.choice(platform, "input.platform", tuple(list_platforms()))
+        bands = self.names(d.get("bands"), "input.bands")
+        if bands is None and platform is None:
+            raise self.fail(
+                "input.bands", "required unless input.platform names a sensor (its bands are used)."
+            )
+        waves = d.get("wavelengths")
+        if waves is not None and (
+            not isinstance(waves, Mapping)
+            or not all(isinstance(v, int | float) and v > 0 for v in waves.values())
+        ):
+            raise self.fail(
+                "input.wavelengths", "must map band names to wavelengths in micrometres."
+            )
+        bbox = d.get("bbox")
+        if bbox is not None:
+            if not (
+                isinstance(bbox, list)
+                and len(bbox) == 4
+                and all(isinstance(v, int | float) for v in bbox)
+            ):
+                raise self.fail(
+                    "input.bbox", f"must be [west, south, east, north] in degrees, got {bbox!r}."
+                )
+            if not (-180 <= bbox[0] < bbox[2] <= 180 and -90 <= bbox[1] < bbox[3] <= 90):
+                raise self.fail(
+                    "input.bbox",
+                    f"must be [west, south, east, north] with west < east, south < north, in degrees; got {bbox!r}.",
+                )
+        when = d.get("datetime")
+        if when is not None and not isinstance(when, str):
+            when = str(when)  # YAML turns a bare date into a date
+        from xclay.masks import MASK_KINDS
+
+        return InputSettings(
+            stac=source,
+            bands=bands,
+            platform=platform,
+            wavelengths={str(k): float(v) for k, v in waves.items()} if waves else None,
+            datetime=when,
+            bbox=(float(bbox[0]), float(bbox[1]), float(bbox[2]), float(bbox[3])) if bbox else None,
+            composite=self.choice(
+                d.get("composite", "median"), "input.composite", ("median", "first-valid", "none")
+            ),
+            mask=self.choice(
+                d.get("mask", "auto"), "input.mask", ("auto", "none", None, *MASK_KINDS)
+            ),
+        )
+
+    def grid(self, data: Any) -> GridSettings:
+        d = self.section(
+            data,
+            "grid",
+            {
+                "resolution",
+                "crs",
+                "chip_size",
+                "stride",
+                "edges",
+                "shard_chips",
+                "compression",
+                "max_pixels",
+            },
+        )
+        return GridSettings(
+            resolution=float(self.number(d["resolution"], "grid.resolution", positive=True))
+            if d.get("resolution") is not None
+            else None,
+            crs=self.text(d.get("crs"), "grid.crs")
+            if d.get("crs") is None or isinstance(d.get("crs"), str)
+            else f"EPSG:{self.number(d['crs'], 'grid.crs', integer=True, positive=True)}",
+            chip_size=self.number(
+                d.get("chip_size", 256), "grid.chip_size", integer=True, positive=True
+            ),
+            stride=self.number(d["stride"], "grid.stride", integer=True, positive=True)
+            if d.get("stride") is not None
+            else None,
+            edges=self.choice(d.get("edges", "drop"), "grid.edges", ("drop", "pad")),
+            shard_chips=self.number(
+                d["shard_chips"], "grid.shard_chips", integer=True, positive=True
+            )
+            if d.get("shard_chips") is not None
+            else None,
+            compression=self.choice(
+                d.get("compression", "zstd"), "grid.compression", ("zstd", "lz4", "none")
+            ),
+            max_pixels=self.number(
+                d.get("max_pixels", 250_000_000_000), "grid.max_pixels", integer=True, positive=True
+            ),
+        )
+
+    def model(self, data: Any) -> ModelSettings:
+        from xclay.models import list_models
+
+        d = self.section(data, "model", {"name", "checkpoint", "output", "options"})
+        options = d.get("options") or {}
+        if not isinstance(options, Mapping):
+            raise self.fail("model.options", "must be a mapping of the model's options.")
+        return ModelSettings(
+            name=self.choice(d.get("name", "rcf"), "model.name", tuple(list_models())),
+            checkpoint=self.text(d.get("checkpoint"), "model.checkpoint"),
+            output=self.choice(d.get("output"), "model.output", (None, "cls", "mean", "patches")),
+            options=dict(options),
+        )
+
+    def compute(self, data: Any) -> ComputeSettings:
+        d = self.section(
+            data,
+            "compute",
+            {"device", "engine", "batch_size", "precision", "prefetch", "region_chips"},
+        )
+        batch = d.get("batch_size", 16)
+        if batch != "auto":
+            batch = self.number(batch, "compute.batch_size", integer=True, positive=True)
+        device = self.text(d.get("device", "auto"), "compute.device") or "auto"
+        if not (device in ("cpu", "cuda", "auto") or device.startswith("cuda:")):
+            raise self.fail("compute.device", f"must be cpu, cuda, cuda:N or auto, got {device!r}.")
+        return ComputeSettings(
+            device=device,
+            engine=self.choice(d.get("engine", "auto"), "compute.engine", get_args(Engine)),
+            batch_size=batch,
+            precision=self.choice(
+                d.get("precision", "auto"), "compute.precision", ("auto", "fp32", "bf16")
+            ),
+            prefetch=self.number(
+                d.get("prefetch", 2), "compute.prefetch", integer=True, low=0, high=64
+            ),
+            region_chips=self.number(
+                d.get("region_chips", 16), "compute.region_chips", integer=True, positive=True
+            ),
+        )
+
+    def quality(self, data: Any) -> QualityFilter:
+        defaults = QualityFilter().to_dict()
+        d = self.section(data, "quality", set(defaults))
+        return QualityFilter(
+            **{
+                name: float(self.number(d.get(name, default), f"quality.{name}", low=0, high=1))
+                for name, default in defaults.items()
+            }
+        )
+
+    def outputs(self, data: Any) -> OutputSettings:
+        d = self.section(
+            data,
+            "outputs",
+            {
+                "dir",
+                "datacube",
+                "embeddings",
+                "geoparquet",
+                "items",
+                "overwrite",
+                "quantize",
+                "thumbnails",
+                "loss",
+            },
+            {"dir"},
+        )
+        return OutputSettings(
+            dir=self.text(d["dir"], "outputs.dir", optional=False) or "",
+            datacube=self.text(d.get("datacube", "cube.zarr"), "outputs.datacube") or "cube.zarr",
+            embeddings=self.text(d.get("embeddings", "embeddings.zarr"), "outputs.embeddings")
+            or "embeddings.zarr",
+            geoparquet=self.text(d.get("geoparquet", "embeddings.parquet"), "outputs.geoparquet")
+            or "embeddings.parquet",
+            items=self.text(d.get("items", "items.parquet"), "outputs.items") or "items.parquet",
+            overwrite=self.flag(d.get("overwrite", False), "outputs.overwrite"),
+            quantize=self.choice(d.get("quantize"), "outputs.quantize", (None, *QUANTIZATIONS)),
+            thumbnails=self.thumbnails(d.get("thumbnails", False)),
+            loss=self.flag(d.get("loss", False), "outputs.loss"),
+        )
+
+    def flag(self, value: Any, where: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(where, f"must be true or false, got {value!r}.")
+        return value
+
+    def thumbnails(self, value: Any) -> int:
+        if isinstance(value, bool):
+            return 64 if value else 0
+        return int(self.number(value, "outputs.thumbnails", integer=True, low=0, high=1024))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value

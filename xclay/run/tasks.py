@@ -1,0 +1,280 @@
+"""The work of one region, as run on a Dask worker (or in the driving process).
+
+Tasks take only plain values (the output folder and a region as a dict), read
+what they need from the run's state folder, and cache heavy objects once per
+process (the item index, the prepared encoder with its model, the open
+datacubes), so a worker loads the model once, not once per task. Nothing a
+task computes scales with the whole grid: a region's windows, chip ids,
+footprints and items come from its own extent. A task records its region as
+done only after the region's data is written; an error is recorded as the
+region's failure (with its reason) instead of crashing the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xclay.run.state import Region, RunState
+
+__all__ = ["embed_region", "ingest_region"]
+
+log = logging.getLogger(__name__)
+
+_CACHE: dict[tuple[str, str], Any] = {}
+_LOCK = threading.Lock()
+COMPOSITE_MEMORY = 256 << 20  # bytes of float32 observations one dask chunk of a band may hold
+
+
+def _cached(outdir: str, kind: str, build: Any) -> Any:
+    with _LOCK:
+        key = (outdir, kind)
+        if key not in _CACHE:
+            _CACHE[key] = build()
+        return _CACHE[key]
+
+
+def _threads(record: dict[str, Any]) -> None:
+    n = record.get("torch_threads")
+    if n:
+        import torch
+
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(int(n))
+
+
+def _run_task(outdir: str, region_data: dict[str, Any], work: Any) -> dict[str, Any]:
+    region = Region.from_dict(region_data)
+    state = RunState(outdir)
+    start = time.perf_counter()
+    try:
+        record = state.record()
+        _threads(record)
+        info = work(outdir, record, region)
+    except Exception as err:  # recorded for the report and the next run, not raised
+        reason = f"{type(err).__name__}: {err}"
+        log.warning("region %s failed: %s", region.name, reason)
+        state.mark_failed(region, reason + "\n" + traceback.format_exc(limit=8))
+        return {"region": region.name, "status": "failed", "reason": reason}
+    info["seconds"] = round(time.perf_counter() - start, 3)
+    state.mark_done(region, info)  # last: the region counts only once its data is written
+    return {"region": region.name, "status": "done", **info}
+
+
+def _zone(record: dict[str, Any], region: Region) -> Any:
+    from xclay.run.zones import Zone
+
+    return Zone.from_dict(record["zones"][region.zone])
+
+
+def _items(outdir: str, record: dict[str, Any]) -> Any:
+    from xclay.run.items import ItemIndex
+
+    return _cached(outdir, "items", lambda: ItemIndex.load(record["paths"]["items"]))
+
+
+def _days(record: dict[str, Any]) -> dict[np.datetime64, np.datetime64] | None:
+    days = record.get("days")
+    if days is None:
+        return None
+    return {np.datetime64(d, "D"): np.datetime64(t, "ns") for d, t in days}
+
+
+def _time_range(record: dict[str, Any]) -> tuple[np.datetime64, np.datetime64] | None:
+    rng = record.get("time_range")
+    return (np.datetime64(rng[0], "ns"), np.datetime64(rng[1], "ns")) if rng else None
+
+
+def _lonlat_area(geobox: Any) -> Any:
+    """A geobox's footprint in lon/lat (a shapely polygon), for item queries."""
+    import shapely
+
+    return shapely.geometry.shape(geobox.extent.to_crs("EPSG:4326").json)
+
+
+# --------------------------------------------------------------------------- ingest
+
+
+def ingest_region(outdir: str, region: dict[str, Any]) -> dict[str, Any]:
+    """Load, mask and composite one block of a zone from the STAC items that intersect it;
+    write it into the zone's datacube."""
+    return _run_task(outdir, region, _ingest)
+
+
+def _ingest(outdir: str, record: dict[str, Any], region: Region) -> dict[str, Any]:
+    import dask
+
+    from xclay.datacube import write_datacube_block
+    from xclay.ingest import from_stac
+
+    spec = record["spec"]
+    zone = _zone(record, region)
+    (y0, y1), (x0, x1) = region.rows, region.cols
+    geobox = zone.geobox[y0:y1, x0:x1]
+    index = _items(outdir, record)
+    days = _days(record)
+    day = sorted(days)[region.time] if days is not None else None
+    picks = index.query(_lonlat_area(geobox), day=day)
+    if picks.size == 0:  # nothing covers this block: it keeps the store's nodata fill
+        return {"any_valid": False, "items": 0}
+    items = index.items(picks)
+    observations = len({index.days[i] for i in picks}) if days is None else 1
+    cube = from_stac(
+        items,
+        bands=record["plan"]["bands"],
+        resolution=record["plan"]["resolution"],
+        datetime=spec["input"]["datetime"],
+        composite=spec["input"]["composite"],
+        mask=spec["input"]["mask"],
+        platform=record["plan"]["platform"],
+        wavelengths=spec["input"]["wavelengths"],
+        chunk_size=composite_tile(observations, max(geobox.shape)),
+        geobox=geobox,
+        provenance=False,
+        time_range=_time_range(record),
+        days=days,
+    )
+    # The region's graph is small: compute it here, in this task's threads, not by sending
+    # it back through the cluster's scheduler (which a nested compute in a task would do).
+    with dask.config.set(scheduler="threads"):
+        any_valid = write_datacube_block(
+            cube,
+            record["paths"]["datacubes"][region.zone],
+            0,
+            (0, y1 - y0),
+            (0, x1 - x0),
+            at=(region.time, y0, x0),
+        )
+    return {"any_valid": bool(any_valid), "items": int(picks.size)}
+
+
+def composite_tile(observations: int, block: int) -> int:
+    """The edge of a dask chunk of a composite: a power of two (at least 256 px, at most
+    the block) whose float32 observations of one band stay within COMPOSITE_MEMORY."""
+    fits = math.sqrt(COMPOSITE_MEMORY / (4 * max(1, observations)))
+    tile = 2 ** math.floor(math.log2(max(fits, 1.0)))
+    return int(min(max(tile, 256), max(block, 1)))
+
+
+# --------------------------------------------------------------------------- embed
+
+
+def embed_region(outdir: str, region: dict[str, Any]) -> dict[str, Any]:
+    """Embed one block of chips of a zone; write it into the zone's embeddings Zarr and a
+    GeoParquet part."""
+    return _run_task(outdir, region, _embed)
+
+
+def _session(outdir: str, record: dict[str, Any], zone: int) -> Any:
+    from xclay.datacube import open_datacube
+    from xclay.embed import EmbedConfig, EmbedSession
+    from xclay.models.registry import encoder_from_card
+
+    def build() -> Any:
+        checkpoint = record["paths"].get("checkpoint")
+        encoder = encoder_from_card(record["card"], checkpoint=checkpoint)
+        config = EmbedConfig.from_dict(record["embed_config"])
+        cube = open_datacube(record["paths"]["datacubes"][zone])
+        return EmbedSession(cube, encoder, config)
+
+    return _cached(outdir, f"session-{zone}", build)
+
+
+def zone_chips(cell_native: Any, grid: Any, rows: tuple[int, int], cols: tuple[int, int]) -> Any:
+    """Which chips of a block a zone embeds: those whose window intersects the zone's cell
+    (in the zone's CRS; None: all of them, when the zone owns its whole grid)."""
+    if cell_native is None:
+        return None
+    import shapely
+
+    corners = grid.corners_native(rows, cols)  # (rows, cols, 5, 2)
+    squares = shapely.polygons(corners.reshape(-1, 5, 2))
+    inside = shapely.intersects(squares, cell_native)
+    return np.asarray(inside, dtype=bool).reshape(corners.shape[:2])
+
+
+def _embed(outdir: str, record: dict[str, Any], region: Region) -> dict[str, Any]:
+    from xclay.batching import Block
+    from xclay.export import write_embeddings_region
+    from xclay.quantize import quantize_embeddings
+
+    session = _session(outdir, record, region.zone)
+    zone = _zone(record, region)
+    block = Block((region.time, region.time + 1), region.rows, region.cols)
+    cell = _cached(outdir, f"cell-{region.zone}", zone.cell_native)
+    mask = zone_chips(cell, session.grid, region.rows, region.cols)
+    chips = mask[None] if mask is not None else None
+    result = session.embed_block(block, chips=chips, progress=False)
+    ds = session.dataset(result)
+    quantize = record["spec"]["outputs"].get("quantize")
+    stored = quantize_embeddings(ds, quantize) if quantize else ds
+    write_embeddings_region(
+        record["paths"]["embeddings"][region.zone],
+        stored,
+        (region.time, region.rows[0], region.cols[0]),
+    )
+    if result.counts["chips_embedded"]:
+        write_part(outdir, record, region, ds, result.counts)
+    else:
+        part_path(record, region).unlink(missing_ok=True)
+    return {"counts": result.counts, "data_path": session.data_path}
+
+
+def part_path(record: dict[str, Any], region: Region) -> Path:
+    """The GeoParquet part of a region: ``part-<zone>-<time step>-<region>.parquet``."""
+    tag = record["zones"][region.zone]["tag"]
+    folder = Path(record["paths"]["geoparquet"])
+    return folder / f"part-{tag}-{region.time:03d}-{region.index:07d}.parquet"
+
+
+def write_part(
+    outdir: str,
+    record: dict[str, Any],
+    region: Region,
+    ds: Any,
+    counts: dict[str, int] | None,
+) -> Path:
+    """Write a region's GeoParquet part: its rows (each with its own sources) and a footer
+    that refers to the run's metadata instead of repeating it."""
+    from xclay.export import chip_footprints, to_geoparquet
+
+    sources = None
+    if record["paths"].get("items"):
+        _, i, j = np.nonzero(np.asarray(ds["embedded"].values, dtype=bool))
+        _, footprints = chip_footprints(ds, i, j)
+        sources = _row_sources(outdir, record, region, footprints)
+    part: dict[str, Any] = {"zone": record["zones"][region.zone]["tag"], "region": region.index,
+                            "time": region.time}  # fmt: skip
+    if counts is not None:
+        part["counts"] = counts
+    meta = {"run_metadata": record.get("run_metadata"), "part": part}
+    quantize = record["spec"]["outputs"].get("quantize")
+    path = part_path(record, region)
+    to_geoparquet(ds, path, quantize=quantize, overwrite=True, sources=sources, run_metadata=meta)
+    return path
+
+
+def _row_sources(
+    outdir: str, record: dict[str, Any], region: Region, footprints: Any
+) -> list[list[str]]:
+    """Each row's own sources: the run's items whose footprint intersects the chip's (and,
+    with one time step per day, acquired on that day)."""
+    index = _items(outdir, record)
+    days = _days(record)
+    day = sorted(days)[region.time] if days is not None else None
+    candidates = index.query(_union(footprints), day=day)
+    touching = index.touching(footprints, candidates)
+    return [index.ids[hits].tolist() for hits in touching]
+
+
+def _union(footprints: Any) -> Any:
+    import shapely
+
+    return shapely.box(*shapely.total_bounds(footprints))
