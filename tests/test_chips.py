@@ -121,3 +121,28 @@ def test_crs_tag_without_epsg_is_a_stable_hash() -> None:
     assert crs_tag(CRS("EPSG:4326")) == "EPSG4326"
     tag = crs_tag(custom)
     assert tag.startswith("CRS") and tag == crs_tag(custom)
+
+
+@pytest.mark.parametrize(
+    "spec", [{"chip_size": 16}, {"chip_size": 16, "stride": 8, "edges": "pad"}]
+)
+def test_a_blocks_windows_ids_and_footprints_are_its_part_of_the_whole(spec: dict) -> None:
+    grid = _grid(160, 120, **spec)
+    rows, cols = (2, grid.rows - 1), (1, 5)
+    r, c = slice(*rows), slice(*cols)
+    whole_rows, whole_cols = grid.offsets()
+    part_rows, part_cols = grid.offsets(rows, cols)
+    np.testing.assert_array_equal(part_rows, whole_rows[r])
+    np.testing.assert_array_equal(part_cols, whole_cols[c])
+    np.testing.assert_array_equal(grid.chip_ids(rows, cols), grid.chip_ids()[r, c])
+    np.testing.assert_array_equal(grid.corners_native(rows, cols), grid.corners_native()[r, c])
+    np.testing.assert_array_equal(grid.corners_lonlat(rows, cols), grid.corners_lonlat()[r, c])
+    lon, lat = grid.centres_lonlat(rows, cols)
+    whole_lon, whole_lat = grid.centres_lonlat()
+    np.testing.assert_array_equal(lon, whole_lon[r, c])
+    np.testing.assert_array_equal(lat, whole_lat[r, c])
+    ii, jj = np.meshgrid(np.arange(*rows), np.arange(*cols), indexing="ij")
+    one_by_one = grid.lonlat_of(ii.ravel(), jj.ravel())
+    np.testing.assert_array_equal(one_by_one[0], whole_lon[r, c].ravel())
+    with pytest.raises(DatacubeError, match="outside"):
+        grid.chip_ids((0, grid.rows + 1), (0, 1))

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 _CACHE: dict[tuple[str, str], Any] = {}
 _LOCK = threading.Lock()
-COMPOSITE_MEMORY = 256 << 20  # bytes of float32 observations one dask chunk of a band may hold
+COMPOSITE_MEMORY = 64 << 20  # bytes of float32 observations one dask chunk of a band may hold
 
 
 def _cached(outdir: str, kind: str, build: Any) -> Any:

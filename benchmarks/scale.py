@@ -1,0 +1,640 @@
+"""What a run costs besides the encoder, from 1e4 to 1e7 chips: growth exponents, and the
+arithmetic for South America (2.7e6 chips) and the world (1.5e8 chips).
+
+Everything here goes through the run machinery users run (``xclay.run``):
+
+- ``embed``: a whole run (``input: {datacube: ...}``) of an empty datacube
+  (8 px chips of one band, no chunk written: reads are the machinery, not
+  pixels) with a null encoder (a 16-d zero vector): planning, store creation,
+  regions, batches, quality, embeddings Zarr and GeoParquet writes, resume
+  bookkeeping, completion. Seconds per phase, CPU seconds, peak memory (RSS)
+  of the process. At ``--sample`` sizes and above, every driver step runs at
+  full size but only a random sample of the regions is embedded, and the
+  tasks' total is their median times the number of regions (tasks cost what
+  their region costs: the benchmark checks that the median does not grow with
+  the grid).
+- ``world``: the driver's and a worker's memory on a world-size grid
+  (1.5e8 chips): plan, store creation, region enumeration, a worker's session
+  and three region tasks, in a fresh process each (peak RSS).
+- ``catalogue``: a synthetic catalogue of 10,000 items over the area (footprints
+  on a grid, 100 dates): indexing it, its sidecar, a datacube store created for
+  it and blocks written into it, item queries per region, and the metadata a
+  GeoParquet row and a part's footer carry.
+
+    python benchmarks/scale.py                       # all sections, 1e4..1e7
+    python benchmarks/scale.py --sections embed --chips 1e4 1e5
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import torch
+import xarray as xr
+import yaml
+from _common import save
+from affine import Affine
+from odc.geo.geobox import GeoBox
+from odc.geo.xr import xr_coords
+
+import xclay
+from xclay.datacube import create_datacube_store, mark_complete
+from xclay.models.card import ModelCard
+from xclay.models.registry import ModelInfo, register_model
+
+CHIP = 8  # pixels a chip side: the pixel work per chip is negligible
+REGION = 32  # chips a region side
+DIM = 16
+SOUTH_AMERICA, WORLD = 2.7e6, 1.5e8
+
+
+# --------------------------------------------------------------------------- a null encoder
+
+
+class NullEncoder:
+    """Does no work: a DIM-d zero vector per chip."""
+
+    preferred_precision = "fp32"
+
+    @property
+    def card(self) -> ModelCard:
+        return ModelCard(
+            name="null", version="0", family="none", description="no-op", dim=DIM, output="pooled"
+        )
+
+    def prepare(self, spec: Any, sample: Any, *, device: Any, dtype: Any) -> None:
+        pass
+
+    def encode(self, batch: Any) -> torch.Tensor:
+        return torch.zeros(len(batch), DIM)
+
+    @classmethod
+    def from_card(cls, card: Any, *, checkpoint: Any = None) -> NullEncoder:
+        return cls()
+
+
+def null_factory(**options: Any) -> NullEncoder:
+    return NullEncoder()
+
+
+def register_null() -> None:
+    register_model(
+        ModelInfo(
+            name="null",
+            description="does nothing (benchmarks of everything but the encoder)",
+            factory="scale:null_factory",
+            loader=None,
+            needs_checkpoint=False,
+            dim=DIM,
+            patch_size=None,
+            bands="any",
+            normalization="none",
+            rebuild="scale:NullEncoder.from_card",
+        )
+    )
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def empty_cube(
+    path: Path, chips: float, *, origin: tuple[float, float] = (300000.0, 9000000.0)
+) -> Path:
+    """A datacube store of ``chips`` chips (a square grid), sharded by region, with no chunk
+    written (every read is the fill value, 0, which is not nodata: every chip is embedded)."""
+    side = math.isqrt(int(chips))
+    n = side * CHIP
+    geobox = GeoBox((n, n), Affine(10.0, 0, origin[0], 0, -10.0, origin[1]), "EPSG:32720")
+    coords = xr_coords(geobox, crs_coord_name="spatial_ref")
+    pixels = xr.DataArray(
+        da.zeros((1, 1, n, n), dtype="uint16", chunks=(1, 1, min(n, 8192), min(n, 8192))),
+        dims=("time", "band", "y", "x"),
+        coords={"time": np.array(["2024-07-01"], dtype="datetime64[ns]"), "band": ["b1"],
+                "y": coords["y"], "x": coords["x"], "spatial_ref": coords["spatial_ref"]},
+    )  # fmt: skip
+    cube = xclay.as_datacube(pixels, wavelengths=[0.65])
+    create_datacube_store(cube, path, chip_size=CHIP, shard_chips=REGION)
+    mark_complete(path)
+    return path
+
+
+def write_spec(folder: Path, cube: Path, region: int = REGION) -> Path:
+    spec = {
+        "input": {"datacube": str(cube)},
+        "grid": {"chip_size": CHIP},
+        "model": {"name": "null"},
+        "compute": {"device": "cpu", "region_chips": region, "batch_size": 1024, "prefetch": 0},
+        "quality": {"max_nodata": 1.0},
+        "outputs": {"dir": str(folder / "out")},
+    }
+    path = folder / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+# --------------------------------------------------------------------------- embed
+
+
+def embed_run(chips: float, sample: int | None, region: int, folder: Path) -> dict[str, Any]:
+    """One run of the embed phase over an empty cube of ``chips`` chips (in this process)."""
+    from xclay.run import phases
+    from xclay.run.state import Region
+
+    register_null()
+    folder.mkdir(parents=True, exist_ok=True)
+    cube = empty_cube(folder / "cube.zarr", chips)
+    spec = xclay.run.load_spec(write_spec(folder, cube, region))
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    times: dict[str, float] = {}
+    task_seconds: list[float] = []
+    real_execute = phases._execute
+
+    def sampled(
+        fn: Any, regions: list[Region], outdir: Path, client: Any, desc: str, progress: Any
+    ) -> list[dict[str, Any]]:
+        times["regions"] = float(len(regions))
+        picks = regions
+        if sample is not None and len(regions) > sample:
+            rng = np.random.default_rng(0)
+            picks = [regions[i] for i in sorted(rng.choice(len(regions), sample, replace=False))]
+        out = []
+        for r in picks:
+            start = time.perf_counter()
+            out += real_execute(fn, [r], outdir, None, desc, False)
+            task_seconds.append(time.perf_counter() - start)
+        return out
+
+    phases._execute = sampled  # type: ignore[assignment]
+    try:
+        start = time.perf_counter()
+        resolved = phases.plan(spec)
+        state, _ = phases._start(spec, resolved, None)
+        times["plan_and_state"] = time.perf_counter() - start
+        start = time.perf_counter()
+        failed = phases._embed_phase(spec, resolved, state, None, False)
+        times["embed_phase"] = time.perf_counter() - start
+        assert not failed, failed
+    finally:
+        phases._execute = real_execute  # type: ignore[assignment]
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    embedded = phases._total_counts(state).get("chips_embedded", 0)
+    n_regions = int(times["regions"])
+    task_median = float(np.median(task_seconds))
+    tasks_total = float(np.sum(task_seconds))
+    driver = times["plan_and_state"] + times["embed_phase"] - tasks_total
+    estimated = driver + task_median * n_regions
+    return {
+        "chips": int(math.isqrt(int(chips)) ** 2),
+        "regions": n_regions,
+        "regions_run": len(task_seconds),
+        "chips_embedded": embedded,
+        "region_chips": region,
+        "task_median_s": round(task_median, 4),
+        "driver_s": round(driver, 3),
+        "run_wall_s": round(wall, 3),
+        "run_cpu_s": round(cpu, 3),
+        "non_encoder_s": round(estimated, 3),
+        "non_encoder_us_per_chip": round(1e6 * estimated / (math.isqrt(int(chips)) ** 2), 1),
+        "sampled": len(task_seconds) < n_regions,
+        "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3, 1),
+    }
+
+
+def fit(rows: list[dict[str, Any]], key: str) -> tuple[float, float]:
+    """Least-squares fit of log(key) = a + b log(chips): (b, prediction at 1 chip's scale)."""
+    x = np.log([r["chips"] for r in rows])
+    y = np.log([r[key] for r in rows])
+    b, a = np.polyfit(x, y, 1)
+    return float(b), float(a)
+
+
+def extrapolate(rows: list[dict[str, Any]], chips: float) -> float:
+    """Seconds at ``chips``: the largest measured size's per-chip cost, scaled linearly
+    (when the exponent is ~1) or by the fitted power law (whichever is larger)."""
+    b, a = fit(rows, "non_encoder_s")
+    largest = max(rows, key=lambda r: r["chips"])
+    linear = largest["non_encoder_s"] / largest["chips"] * chips
+    return max(linear, float(math.exp(a) * chips**b))
+
+
+# --------------------------------------------------------------------------- world
+
+
+def _peak_rss_of(code: str) -> dict[str, Any]:
+    """Run ``code`` in a fresh Python (benchmarks/ on its path); its JSON line and peak RSS."""
+    here = Path(__file__).resolve().parent
+    return _run_python(code, here, f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+
+
+def _run_python(code: str, cwd: Path, pythonpath: str) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": pythonpath},
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"the measured process failed:\n{out.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+_DRIVER = """
+import json, resource, time, tempfile
+from pathlib import Path
+import scale, xclay
+from xclay.run import phases
+scale.register_null()
+folder = Path(tempfile.mkdtemp())
+t0 = time.perf_counter()
+cube = scale.empty_cube(folder / "cube.zarr", {chips})
+spec = xclay.run.load_spec(scale.write_spec(folder, cube))
+resolved = phases.plan(spec)
+state, _ = phases._start(spec, resolved, None)
+sessions = phases._prepare(spec, resolved, state)
+layout = sessions[0].layout()
+from xclay.export import create_embeddings_store
+create_embeddings_store(layout, folder / "emb.zarr", region_chips=scale.REGION)
+regions = list(phases.embed_regions(0, 1, sessions[0].grid.shape, scale.REGION))
+done = state.done_names("embed")
+todo = [r for r in regions if r.name not in done]
+print(json.dumps({{"regions": len(todo), "seconds": round(time.perf_counter() - t0, 2),
+    "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3, 1)}}))
+"""
+
+_WORKER = """
+import json, resource, time, tempfile
+from pathlib import Path
+import numpy as np, scale, xclay
+from xclay.batching import Block
+from xclay.chips import ChipGridSpec
+from xclay.embed import EmbedConfig, EmbedSession
+from xclay.export import create_embeddings_store, to_geoparquet, write_embeddings_region
+from xclay.quality import QualityFilter
+folder = Path(tempfile.mkdtemp())
+cube = xclay.open_datacube(scale.empty_cube(folder / "cube.zarr", {chips}))
+config = EmbedConfig(grid=ChipGridSpec(chip_size=scale.CHIP), batch_size=1024,
+    quality=QualityFilter(max_nodata=1.0), device="cpu", prefetch=0)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+t0 = time.perf_counter()
+session = EmbedSession(cube, scale.NullEncoder(), config)
+setup = time.perf_counter() - t0
+create_embeddings_store(session.layout(), folder / "emb.zarr", region_chips=scale.REGION)
+rows, cols = session.grid.shape
+rng = np.random.default_rng(1)
+seconds = []
+for k in range(3):
+    r = int(rng.integers(0, rows // scale.REGION)) * scale.REGION
+    c = int(rng.integers(0, cols // scale.REGION)) * scale.REGION
+    t = time.perf_counter()
+    block = Block((0, 1), (r, r + scale.REGION), (c, c + scale.REGION))
+    ds = session.dataset(session.embed_block(block, progress=False))
+    write_embeddings_region(folder / "emb.zarr", ds, (0, r, c))
+    to_geoparquet(ds, folder / f"p{{k}}.parquet")
+    seconds.append(time.perf_counter() - t)
+print(json.dumps({{"session_setup_s": round(setup, 3), "task_s": round(float(np.median(seconds)), 3),
+    "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3, 1),
+    "rss_before_session_mb": round(base, 1)}}))
+"""
+
+
+def world(chips: float) -> dict[str, Any]:
+    return {
+        "chips": chips,
+        "driver": _peak_rss_of(_DRIVER.format(chips=chips)),
+        "worker": _peak_rss_of(_WORKER.format(chips=chips)),
+    }
+
+
+# --------------------------------------------------------------------------- catalogue
+
+
+def synthetic_items(n_tiles: int, n_dates: int) -> list[Any]:
+    """``n_tiles`` footprints on a grid over the area of the empty cubes x ``n_dates``
+    dates: Sentinel-2-like items (4 bands, uint16, nodata 0) with metadata only."""
+    import pystac
+    from pystac.extensions.eo import Band, EOExtension
+    from pystac.extensions.raster import DataType, RasterBand, RasterExtension
+
+    side = math.isqrt(n_tiles)
+    lon0, lat0, step = -64.85, -9.0, 0.08  # a square degree over the cubes (EPSG:32720)
+    items = []
+    start = dt.datetime(2024, 1, 1, 14, 0, tzinfo=dt.UTC)
+    for d in range(n_dates):
+        when = start + dt.timedelta(days=3 * d)
+        for i in range(side):
+            for j in range(side):
+                w, n = lon0 + j * step, lat0 - i * step
+                geom = {"type": "Polygon", "coordinates": [[[w, n - step], [w + step, n - step],
+                        [w + step, n], [w, n], [w, n - step]]]}  # fmt: skip
+                item = pystac.Item(
+                    f"S2_T{i:03d}{j:03d}_{when:%Y%m%d}", geom, [w, n - step, w + step, n], when,
+                    {"proj:epsg": 32720}, collection="sentinel-2-l2a",
+                )  # fmt: skip
+                for b, wave in zip(
+                    ("blue", "green", "red", "nir"), (0.49, 0.56, 0.665, 0.842), strict=True
+                ):
+                    asset = pystac.Asset(
+                        f"/data/{item.id}_{b}.tif", media_type=pystac.MediaType.COG, roles=["data"]
+                    )
+                    item.add_asset(b, asset)
+                    EOExtension.ext(asset, add_if_missing=True).bands = [
+                        Band.create(name=b, center_wavelength=wave)
+                    ]
+                    RasterExtension.ext(asset, add_if_missing=True).bands = [
+                        RasterBand.create(nodata=0, data_type=DataType.UINT16)
+                    ]
+                items.append(item)
+    return items
+
+
+def catalogue(folder: Path, n_items: int = 10_000) -> dict[str, Any]:
+    from xclay.batching import Block
+    from xclay.chips import ChipGridSpec
+    from xclay.datacube import write_datacube_block
+    from xclay.embed import EmbedConfig, EmbedSession
+    from xclay.export import chip_footprints, to_geoparquet
+    from xclay.ingest import datacube_template
+    from xclay.quality import QualityFilter
+    from xclay.run.items import ItemIndex
+
+    out: dict[str, Any] = {"items": n_items}
+    t = time.perf_counter()
+    items = synthetic_items(n_items // 100, 100)
+    out["items_made_s"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    index = ItemIndex.from_items(items)
+    out["index_s"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    index.save(folder / "items.parquet")
+    out["sidecar_s"] = round(time.perf_counter() - t, 2)
+    out["sidecar_mb"] = round((folder / "items.parquet").stat().st_size / 1e6, 2)
+    # A datacube for the catalogue: created from metadata, then blocks written into it.
+    geobox = GeoBox((8192, 8192), Affine(10.0, 0, 300000.0, 0, -10.0, 9000000.0), "EPSG:32720")
+    provenance = {"items": {"count": len(index), "file": "../items.parquet", "sha256": "-"}}
+    t = time.perf_counter()
+    template = datacube_template(items[:1], bands=["blue", "green", "red", "nir"], geobox=geobox,
+                                 time_range=index.time_range(), provenance=provenance)  # fmt: skip
+    create_datacube_store(template, folder / "cube.zarr", chip_size=256, shard_chips=16)
+    out["store_create_s"] = round(time.perf_counter() - t, 3)
+    out["store_zarr_json_kb"] = round((folder / "cube.zarr" / "zarr.json").stat().st_size / 1e3, 1)
+    block = template.isel(x=slice(0, 4096), y=slice(0, 4096)).compute()
+    t = time.perf_counter()
+    for y0 in (0, 4096):
+        for x0 in (0, 4096):
+            write_datacube_block(
+                block, folder / "cube.zarr", 0, (0, 4096), (0, 4096), at=(0, y0, x0)
+            )
+    out["write_4_blocks_s"] = round(time.perf_counter() - t, 2)
+    # Item queries per region (4096 px blocks of the cube).
+    import shapely
+
+    t = time.perf_counter()
+    hits = []
+    for y0 in range(0, 8192, 4096):
+        for x0 in range(0, 8192, 4096):
+            area = shapely.geometry.shape(
+                geobox[y0 : y0 + 4096, x0 : x0 + 4096].extent.to_crs("EPSG:4326").json
+            )
+            hits.append(len(index.query(area)))
+    out["query_per_region_ms"] = round(1e3 * (time.perf_counter() - t) / len(hits), 2)
+    out["items_per_region"] = hits
+    # A region's GeoParquet part with each row's own sources.
+    cube = xclay.open_datacube(empty_cube(folder / "empty.zarr", 256 * 256))
+    session = EmbedSession(cube, NullEncoder(), EmbedConfig(grid=ChipGridSpec(chip_size=CHIP),
+        batch_size=1024, quality=QualityFilter(max_nodata=1.0), device="cpu", prefetch=0))  # fmt: skip
+    ds = session.dataset(session.embed_block(Block((0, 1), (0, 32), (0, 32)), progress=False))
+    _, i, j = np.nonzero(ds["embedded"].values)
+    _, footprints = chip_footprints(ds, i, j)
+    touching = index.touching(footprints)
+    sources = [index.ids[h].tolist() for h in touching]
+    meta = {"run_metadata": {"file": "_xclay_run.json", "sha256": "0" * 64},
+            "part": {"zone": "EPSG32720", "region": 0, "time": 0, "counts": ds.attrs["run"]}}  # fmt: skip
+    part = to_geoparquet(ds, folder / "part.parquet", sources=sources, run_metadata=meta)
+    import pyarrow.parquet as pq
+
+    md = pq.read_metadata(part)
+    rows = md.num_rows
+    source_bytes = sum(
+        md.row_group(g).column(c).total_compressed_size
+        for g in range(md.num_row_groups)
+        for c in range(md.num_columns)
+        if md.row_group(g).column(c).path_in_schema.startswith("source_ids")
+    )
+    footer = sum(len(k) + len(v) for k, v in (md.metadata or {}).items())
+    out.update(
+        part_rows=rows,
+        sources_per_row=round(float(np.mean([len(s) for s in sources])), 1),
+        source_ids_bytes_per_row=round(source_bytes / rows, 1),
+        footer_bytes=footer,
+        footer_bytes_per_row=round(footer / rows, 1),
+        xclay_footer_bytes=len(md.metadata[b"xclay"]),
+    )
+    return out
+
+
+# --------------------------------------------------------------------------- composite
+
+
+def composite_catalogue(
+    folder: Path, tiles: int = 10, dates: int = 100, tile_px: int = 512
+) -> Path:
+    """``tiles x tiles`` footprints x ``dates`` dates of real pixels (4 bands, uint16): one
+    base GeoTIFF, and a VRT per tile placing it there (items of one tile share it)."""
+    import pystac
+    import rasterio
+    from pystac.extensions.eo import Band, EOExtension
+    from pystac.extensions.projection import ProjectionExtension
+    from pystac.extensions.raster import DataType, RasterBand, RasterExtension
+
+    rng = np.random.default_rng(0)
+    base = folder / "base.tif"
+    with rasterio.open(base, "w", driver="GTiff", width=tile_px, height=tile_px, count=4,
+                       dtype="uint16", crs="EPSG:32720", nodata=0, tiled=True,
+                       transform=Affine(10.0, 0, 0, 0, -10.0, 0)) as dst:  # fmt: skip
+        dst.write(rng.integers(1, 10000, (4, tile_px, tile_px), dtype=np.uint16))
+    x0, y0, size = 300000.0, 9000000.0, tile_px * 10.0
+    items = []
+    start = dt.datetime(2024, 1, 1, 14, 0, tzinfo=dt.UTC)
+    to_lonlat = __import__("pyproj").Transformer.from_crs("EPSG:32720", "EPSG:4326", always_xy=True)
+    for i in range(tiles):
+        for j in range(tiles):
+            left, top = x0 + j * size, y0 - i * size
+            vrt = folder / f"tile_{i}_{j}.vrt"
+            vrt.write_text(_vrt(base, left, top, tile_px))
+            lon, lat = to_lonlat.transform([left, left + size, left + size, left],
+                                           [top, top, top - size, top - size])  # fmt: skip
+            ring = [[float(a), float(b)] for a, b in zip(lon, lat, strict=True)]
+            geom = {"type": "Polygon", "coordinates": [[*ring, ring[0]]]}
+            bbox = [min(lon), min(lat), max(lon), max(lat)]
+            for d in range(dates):
+                when = start + dt.timedelta(days=3 * d)
+                item = pystac.Item(f"T{i}{j}_{d:03d}", geom, bbox, when, {})
+                ext = ProjectionExtension.ext(item, add_if_missing=True)
+                ext.epsg, ext.shape = 32720, [tile_px, tile_px]
+                ext.transform = [10.0, 0.0, left, 0.0, -10.0, top]
+                # GDAL reads VRTs by content; odc-stac loads assets typed as GeoTIFF.
+                asset = pystac.Asset(str(vrt), media_type=pystac.MediaType.GEOTIFF, roles=["data"])
+                item.add_asset("data", asset)
+                EOExtension.ext(asset, add_if_missing=True).bands = [
+                    Band.create(name=b, center_wavelength=w)
+                    for b, w in zip(
+                        ("blue", "green", "red", "nir"), (0.49, 0.56, 0.665, 0.842), strict=True
+                    )
+                ]
+                RasterExtension.ext(asset, add_if_missing=True).bands = [
+                    RasterBand.create(nodata=0, data_type=DataType.UINT16) for _ in range(4)
+                ]
+                items.append(item)
+    path = folder / "items.json"
+    pystac.ItemCollection(items).save_object(dest_href=str(path))
+    return path
+
+
+def _vrt(base: Path, left: float, top: float, px: int) -> str:
+    bands = "".join(
+        f'<VRTRasterBand dataType="UInt16" band="{b}"><NoDataValue>0</NoDataValue><SimpleSource>'
+        f'<SourceFilename relativeToVRT="0">{base}</SourceFilename><SourceBand>{b}</SourceBand>'
+        f'<SrcRect xOff="0" yOff="0" xSize="{px}" ySize="{px}"/>'
+        f'<DstRect xOff="0" yOff="0" xSize="{px}" ySize="{px}"/></SimpleSource></VRTRasterBand>'
+        for b in range(1, 5)
+    )
+    return (
+        f'<VRTDataset rasterXSize="{px}" rasterYSize="{px}"><SRS>EPSG:32720</SRS>'
+        f"<GeoTransform>{left}, 10.0, 0.0, {top}, 0.0, -10.0</GeoTransform>{bands}</VRTDataset>"
+    )
+
+
+_COMPOSITE = """
+import json, resource, time
+import numpy as np
+from odc.geo.geobox import GeoBox
+from affine import Affine
+import xclay
+from xclay.ingest import from_stac, load_items
+from xclay.datacube import create_datacube_store, write_datacube_block
+items = load_items("{items}")
+block = GeoBox(({px}, {px}), Affine(10.0, 0, 300000.0 + 2560, 0, -10.0, 9000000.0 - 2560), "EPSG:32720")
+{select}
+t = time.perf_counter()
+cube = from_stac(chosen, bands=["blue", "green", "red", "nir"], resolution=10, composite="median",
+    mask=None, geobox=block, provenance=False, chunk_size={chunk})
+import dask
+with dask.config.set(scheduler="threads"):
+    values = cube["pixels"].values
+print(json.dumps({{"items": len(chosen), "seconds": round(time.perf_counter() - t, 2),
+    "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3, 1),
+    "checksum": int(values.astype(np.int64).sum())}}))
+"""
+
+
+def composite(folder: Path, old_code: Path | None, px: int = 1024) -> dict[str, Any]:
+    """One region's median composite over 100 dates: peak memory and time, the items it
+    loads, and (with ``old_code``, a checkout of an earlier xclay) the same region as that
+    code did it: all the run's items, float64, one chunk per block."""
+    from xclay.run.items import ItemIndex
+    from xclay.run.tasks import composite_tile
+
+    items_path = composite_catalogue(folder)
+    index = ItemIndex.from_items(xclay.ingest.load_items(items_path))
+    geobox = GeoBox(
+        (px, px), Affine(10.0, 0, 300000.0 + 2560, 0, -10.0, 9000000.0 - 2560), "EPSG:32720"
+    )
+    import shapely
+
+    picks = index.query(shapely.geometry.shape(geobox.extent.to_crs("EPSG:4326").json))
+    observations = len({index.days[i] for i in picks})
+    tile = composite_tile(observations, px)
+    (folder / "region-items.json").write_text(json.dumps(index.ids[picks].tolist()))
+    select = (
+        f"ids = set(json.loads(open('{folder / 'region-items.json'}').read()))\n"
+        "chosen = [i for i in items if i.id in ids]"
+    )
+    out: dict[str, Any] = {"catalogue_items": len(index), "region_px": px, "tile_px": tile,
+                           "observations": observations}  # fmt: skip
+    out["now"] = _peak_rss_of(_COMPOSITE.format(items=items_path, px=px, select=select, chunk=tile))
+    if old_code is not None:
+        code = _COMPOSITE.format(items=items_path, px=px, select="chosen = items", chunk=px)
+        out["before"] = _peak_rss_of_at(code, old_code)
+    return out
+
+
+def _peak_rss_of_at(code: str, root: Path) -> dict[str, Any]:
+    """As :func:`_peak_rss_of`, with the xclay of another checkout."""
+    return _run_python(code, root, str(root))
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--sections", nargs="+", default=["embed", "world", "catalogue", "composite"])
+    p.add_argument(
+        "--before", type=Path, default=None, help="a checkout of an earlier xclay to compare"
+    )
+    p.add_argument("--chips", type=float, nargs="+", default=[1e4, 1e5, 1e6, 1e7])
+    p.add_argument(
+        "--sample-from", type=float, default=3e6, help="sizes from which tasks are sampled"
+    )
+    p.add_argument("--sample", type=int, default=64, help="regions embedded at sampled sizes")
+    p.add_argument("--region-chips", type=int, default=REGION)
+    args = p.parse_args()
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if "embed" in args.sections:
+            rows = []
+            for n in args.chips:
+                sample = args.sample if n >= args.sample_from else None
+                row = embed_run(n, sample, args.region_chips, Path(tmp) / f"embed-{int(n)}")
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            b, _ = fit(rows, "non_encoder_s")
+            b_task, _ = fit(rows, "task_median_s")
+            results["embed"] = {
+                "rows": rows,
+                "exponent_non_encoder": round(b, 3),
+                "exponent_task": round(b_task, 3),
+                "south_america_s": round(extrapolate(rows, SOUTH_AMERICA), 1),
+                "world_cpu_hours": round(extrapolate(rows, WORLD) / 3600, 2),
+            }
+            print(
+                json.dumps({k: v for k, v in results["embed"].items() if k != "rows"}), flush=True
+            )
+        if "world" in args.sections:
+            results["world"] = world(WORLD)
+            print(json.dumps(results["world"]), flush=True)
+        if "catalogue" in args.sections:
+            folder = Path(tmp) / "catalogue"
+            folder.mkdir()
+            results["catalogue"] = catalogue(folder)
+            print(json.dumps(results["catalogue"]), flush=True)
+        if "composite" in args.sections:
+            folder = Path(tmp) / "composite"
+            folder.mkdir()
+            results["composite"] = composite(folder, args.before)
+            print(json.dumps(results["composite"]), flush=True)
+    params = {**vars(args), "before": str(args.before) if args.before else None,
+              "chip_px": CHIP, "dim": DIM, "cores": os.cpu_count()}  # fmt: skip
+    path = save("scale", params, results)
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
