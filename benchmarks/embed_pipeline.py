@@ -56,16 +56,24 @@ def main() -> None:
         default="auto",
         help="how the end-to-end runs read chips (kvikio: into GPU memory; auto: kvikio on a GPU)",
     )
+    p.add_argument(
+        "--cube",
+        type=Path,
+        default=None,
+        help="keep the demo datacube here and reuse it when it exists (several runs, one cube)",
+    )
     args = p.parse_args()
 
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
-        path = xclay.write_datacube(
-            xclay.datasets.demo_composite(args.size),
-            Path(tmp) / "cube.zarr",
-            chip_size=args.chip_size,
-            compression=args.compression,
-        )
+        path = args.cube or Path(tmp) / "cube.zarr"
+        if not (path / "zarr.json").is_file():
+            xclay.write_datacube(
+                xclay.datasets.demo_composite(args.size),
+                path,
+                chip_size=args.chip_size,
+                compression=args.compression,
+            )
         cube = xclay.open_datacube(path)
         encoder = _encoder(args.model)
         options = {
@@ -148,6 +156,7 @@ def main() -> None:
     }
     params = {
         **vars(args),
+        "cube": str(args.cube) if args.cube else None,
         "cube_shape": list(cube["pixels"].shape),
         "dtype": str(cube["pixels"].dtype),
         "embedding_dim": encoder.card.dim,

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# xclay's GPU acceptance, in one call on a CUDA machine (about 6-8 minutes on an H100/H200),
+# from the project root after `source .whl/install.sh` (wheels: ../shared/tools/device-wheels.sh).
+# Each step has its own time limit, writes its log under $OUT (or ./gpu-out) and prints its
+# tail; benchmark JSONs land in benchmarks/results/ and are packed into $OUT/results.tgz.
+#
+#   bash benchmarks/gpu_acceptance.sh                    # every step
+#   STEPS="pytest read" bash benchmarks/gpu_acceptance.sh  # a subset
+#
+# Steps (the figures they produce are the GPU issue's goals; docs/benchmarks.md):
+#   env     nvidia-smi and `xclay info` (kvikIO mode and threads, nvCOMP, GDS)
+#   pytest  the gpu tests, with the project's own pytest settings (no overrides)
+#   model   encoder-only throughput, Clay tiny and large, bf16
+#   pipe    end to end / encoder only, Clay large and tiny, zstd and uncompressed, engine auto
+#           (kvikio on the GPU), 1,024 chips of 256 px a measurement
+#   read    read engines against the raw-read ceiling, 256 px chunks, 2,048 chip reads a
+#           measurement
+set -u
+O=${OUT:-gpu-out}; mkdir -p "$O"
+STEPS=${STEPS:-"env pytest model pipe read"}
+T0=$SECONDS
+step() {
+  local name=$1 lim=$2; shift 2
+  echo "=== $name (limit ${lim}s) at t=$((SECONDS - T0))s"
+  timeout -k 5 "$lim" "$@" >"$O/$name.log" 2>&1
+  echo "rc=$? at t=$((SECONDS - T0))s"
+  tail -n "${TAILN:-16}" "$O/$name.log" | cut -c1-220
+}
+for s in $STEPS; do
+  case $s in
+  env) step env 60 bash -c "nvidia-smi -L; python3 -m xclay.cli info" ;;
+  pytest) step pytest 150 python3 -m pytest -p no:cacheprovider -m gpu -rfE --tb=short -q ;;
+  model) step model 120 python3 benchmarks/model_throughput.py --device cuda --sizes tiny large \
+           --repeats 3 ;;
+  pipe) step pipe 240 bash -c "for c in zstd none; do for m in clay-large clay-tiny; do \
+          python3 benchmarks/embed_pipeline.py --size 8192 --device cuda --model \$m \
+          --compression \$c --batch-size 64 --repeats 3 --cube /tmp/xclay-pipe-\$c.zarr \
+          | tail -9; done; done" ;;
+  read) step read 150 python3 benchmarks/read_engines.py --size 4096 --chunks 256 \
+          --compression none zstd --shards 0 4 --repeats 3 --passes 8 ;;
+  *) echo "unknown step $s" ;;
+  esac
+  tar czf "$O/results.tgz" benchmarks/results/*cuda* 2>/dev/null
+done
+echo "total $((SECONDS - T0))s"
