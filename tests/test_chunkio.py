@@ -11,7 +11,8 @@ import xarray as xr
 import zarr
 
 import xclay
-from xclay.chunkio import ArrayLayout, DirectWindowReader, UnsupportedLayout
+from xclay.chunkio import ArrayLayout, DirectWindowReader, UnsupportedLayout, crc32c
+from xclay.errors import DataIntegrityError
 from xclay.readers import ChunkSource, store_layouts
 
 from .helpers import random_cube
@@ -62,12 +63,30 @@ def test_every_layout_reads_like_zarr(tmp_path: Path, cube: xr.Dataset, compress
             np.testing.assert_array_equal(out, _expected(values, t, row, col, size, 0))
 
 
-def test_a_missing_chunk_reads_as_the_fill_value(tmp_path: Path, cube: xr.Dataset) -> None:
+def test_a_missing_chunk_is_damage_not_the_fill_value(tmp_path: Path, cube: xr.Dataset) -> None:
     path = xclay.write_datacube(cube, tmp_path / "c.zarr", chip_size=32, compression="none")
+    # Every chunk is written, the all-nodata one too (zarr would leave it out by default).
+    assert (path / "pixels" / "c" / "1" / "0" / "1" / "1").is_file()
     (path / "pixels" / "c" / "0" / "0" / "1" / "2").unlink()
     out = np.empty((3, 32, 32), dtype=np.uint16)
-    DirectWindowReader(ArrayLayout.open(path / "pixels"), pad_value=0).read(0, 32, 64, 32, out)
-    assert (out == 0).all()  # the store's fill value (here also the nodata value)
+    reader = DirectWindowReader(ArrayLayout.open(path / "pixels"), pad_value=0)
+    with pytest.raises(DataIntegrityError, match=r"c/0/0/1/2: chunk \(0, 0, 1, 2\) is missing"):
+        reader.read(0, 32, 64, 32, out)
+
+
+def test_stores_that_leave_out_chunks_read_them_as_the_fill_value(tmp_path: Path) -> None:
+    values = np.zeros((1, 2, 8, 8), dtype=np.uint16)
+    values[0, :, :4, :4] = 7
+    array = zarr.create_array(
+        tmp_path / "z.zarr", shape=values.shape, chunks=(1, 2, 4, 4), dtype="uint16",
+        fill_value=0,
+    )  # fmt: skip
+    array[:] = values  # zarr writes only the chunk that is not all fill value
+    layout = ArrayLayout.open(tmp_path / "z.zarr")
+    assert not layout.every_chunk_written and not layout.checksum
+    out = np.empty((2, 8, 8), dtype=np.uint16)
+    DirectWindowReader(layout, pad_value=0).read(0, 0, 0, 8, out)
+    np.testing.assert_array_equal(out, values[0])
 
 
 def test_corrupt_and_truncated_files_are_errors_not_garbage(
@@ -79,12 +98,12 @@ def test_corrupt_and_truncated_files_are_errors_not_garbage(
     data[-10] ^= 0xFF  # inside the shard index
     shard.write_bytes(bytes(data))
     out = np.empty((3, 32, 32), dtype=np.uint16)
-    with pytest.raises(OSError, match="checksum does not match"):
+    with pytest.raises(DataIntegrityError, match="shard index checksum does not match"):
         DirectWindowReader(ArrayLayout.open(sharded / "pixels"), pad_value=0).read(0, 0, 0, 32, out)
     plain = xclay.write_datacube(cube, tmp_path / "p.zarr", chip_size=32, compression="none")
     chunk = plain / "pixels" / "c" / "0" / "0" / "0" / "0"
     chunk.write_bytes(chunk.read_bytes()[:100])
-    with pytest.raises(OSError, match="chunk truncated"):
+    with pytest.raises(DataIntegrityError, match="chunk cut short"):
         DirectWindowReader(ArrayLayout.open(plain / "pixels"), pad_value=0).read(0, 0, 0, 32, out)
 
 
@@ -141,3 +160,39 @@ def test_selections_are_not_read_from_the_store(tmp_path: Path, cube: xr.Dataset
     for selection in (opened.isel(band=[2, 0, 1]), opened.isel(x=slice(32, None))):
         with pytest.raises(UnsupportedLayout, match="not read unchanged"):
             store_layouts(selection)
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd", "lz4"])
+@pytest.mark.parametrize("shard", [None, 2])
+def test_a_flipped_byte_in_any_chunk_is_caught(
+    tmp_path: Path, cube: xr.Dataset, compression: str, shard: int | None
+) -> None:
+    from xclay.chunkio import ChunkLocator
+
+    path = xclay.write_datacube(
+        cube, tmp_path / "c.zarr", chip_size=32, compression=compression, shard_chips=shard
+    )
+    layout = ArrayLayout.open(path / "pixels")
+    assert layout.checksum and layout.every_chunk_written
+    ref = ChunkLocator(layout).find((1, 0, 2, 1))
+    assert ref is not None
+    data = bytearray(Path(ref.path).read_bytes())
+    start = ref.offset
+    size = ref.nbytes if ref.nbytes is not None else len(data)
+    data[start + size // 2] ^= 0x01  # one bit, in the middle of the chunk's bytes
+    Path(ref.path).write_bytes(bytes(data))
+    out = np.empty((3, 32, 32), dtype=np.uint16)
+    reader = DirectWindowReader(layout, pad_value=0)
+    with pytest.raises(DataIntegrityError, match="checksum does not match"):
+        reader.read(1, 64, 32, 32, out)
+    reader.read(1, 0, 0, 32, out)  # the other chunks still read
+    np.testing.assert_array_equal(out, cube["pixels"].values[1, :, :32, :32])
+
+
+def test_crc32c_is_castagnolis() -> None:
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    data = np.random.default_rng(0).integers(0, 256, 100_003, dtype=np.uint8)
+    import google_crc32c
+
+    assert crc32c(data) == google_crc32c.value(data.tobytes())
+    assert crc32c(memoryview(data.tobytes())[5:]) == google_crc32c.value(data.tobytes()[5:])

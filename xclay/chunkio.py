@@ -1,13 +1,19 @@
-"""Chip windows straight from Zarr v3 chunk files, without zarr-python's per-chunk machinery.
+r"""Chip windows straight from Zarr v3 chunk files, without zarr-python's per-chunk machinery.
 
 A datacube written by :func:`xclay.write_datacube` stores one chunk per chip
 window (all bands), so reading a chip is reading one chunk: find its bytes
-(a file, or a byte range of a shard), decode them (nothing, zstd, or Blosc),
-and place them in the batch buffer. This module does exactly that from the
-Zarr v3 specification's layout (``zarr.json``: chunk grid, ``default`` chunk
-keys, the ``bytes``, ``zstd``, ``blosc`` and ``sharding_indexed`` codecs), so
-the host path reads a chunk with one ``pread`` (uncompressed: straight into
-the batch buffer) and the GPU path can issue the same reads into device memory.
+(a file, or a byte range of a shard), check them, decode them (nothing, zstd,
+or Blosc), and place them in the batch buffer. This module does exactly that
+from the Zarr v3 specification's layout (``zarr.json``: chunk grid,
+``default`` chunk keys, the ``bytes``, ``zstd``, ``blosc``, ``crc32c`` and
+``sharding_indexed`` codecs), so the host path reads a chunk with one
+``pread`` (uncompressed: straight into the batch buffer) and the GPU path can
+issue the same reads into device memory.
+
+Integrity: a chunk whose ``crc32c`` does not match its bytes, a chunk or shard
+cut short, and a chunk missing from a store that writes every chunk
+(``xclay_integrity`` in the array's attributes) are
+:class:`~xclay.errors.DataIntegrityError`\ s naming the chunk, never data.
 
 Layouts it does not cover (other codecs, transposes, variable chunk grids)
 raise :class:`UnsupportedLayout`, and callers fall back to xarray/zarr reads.
@@ -15,6 +21,7 @@ raise :class:`UnsupportedLayout`, and callers fall back to xarray/zarr reads.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -24,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from xclay.errors import DataIntegrityError
 
 __all__ = [
     "ArrayLayout",
@@ -69,6 +78,8 @@ class ArrayLayout:
     shard_shape: tuple[int, ...] | None
     index_at_end: bool
     separator: str
+    checksum: bool = False  # each stored chunk ends with the crc32c of what precedes it
+    every_chunk_written: bool = False  # a missing chunk is damage, not the fill value
 
     @classmethod
     def open(cls, array_path: str | os.PathLike[str]) -> ArrayLayout:
@@ -77,8 +88,12 @@ class ArrayLayout:
         path = Path(array_path)
         try:
             meta = json.loads((path / "zarr.json").read_text())
-        except (OSError, ValueError) as err:
+        except FileNotFoundError as err:
             raise UnsupportedLayout(f"no readable zarr.json in {path} ({err})") from err
+        except (OSError, ValueError) as err:
+            raise DataIntegrityError(
+                f"{path / 'zarr.json'} cannot be read ({err}); the store is damaged: rewrite it."
+            ) from err
         if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
             raise UnsupportedLayout("not a Zarr v3 array")
         grid = meta.get("chunk_grid", {})
@@ -105,7 +120,8 @@ class ArrayLayout:
             codecs = list(conf["codecs"])
         else:
             chunk_shape = outer
-        dtype, compressor, config = _codecs(meta["data_type"], codecs)
+        dtype, compressor, config, checksum = _codecs(meta["data_type"], codecs)
+        integrity = meta.get("attributes", {}).get("xclay_integrity") or {}
         return cls(
             path=path,
             shape=tuple(int(n) for n in meta["shape"]),
@@ -117,6 +133,8 @@ class ArrayLayout:
             shard_shape=shard_shape,
             index_at_end=index_at_end,
             separator=separator,
+            checksum=checksum,
+            every_chunk_written=bool(integrity.get("every_chunk_written")) and checksum,
         )
 
     @property
@@ -129,7 +147,9 @@ class ArrayLayout:
 
 def _codecs(
     data_type: str, codecs: list[dict[str, Any]]
-) -> tuple[np.dtype[Any], str | None, dict[str, Any]]:
+) -> tuple[np.dtype[Any], str | None, dict[str, Any], bool]:
+    """dtype, compressor (None, zstd, blosc), its configuration, and whether a crc32c
+    follows, from a chunk codec chain."""
     if not codecs or codecs[0]["name"] != "bytes":
         raise UnsupportedLayout(f"codecs {[c['name'] for c in codecs]} (array-to-array codecs)")
     try:
@@ -140,10 +160,13 @@ def _codecs(
     if dtype.itemsize > 1:
         dtype = dtype.newbyteorder("<" if endian == "little" else ">")
     rest = codecs[1:]
+    checksum = bool(rest) and rest[-1]["name"] == "crc32c"
+    if checksum:
+        rest = rest[:-1]
     if not rest:
-        return dtype, None, {}
+        return dtype, None, {}, checksum
     if len(rest) == 1 and rest[0]["name"] in ("zstd", "blosc"):
-        return dtype, rest[0]["name"], dict(rest[0].get("configuration", {}))
+        return dtype, rest[0]["name"], dict(rest[0].get("configuration", {})), checksum
     raise UnsupportedLayout(f"bytes-to-bytes codecs {[c['name'] for c in rest]}")
 
 
@@ -173,6 +196,23 @@ class ChunkLocator:
             return None
         return ChunkRef(str(lay.path / lay.key(shard)), int(offset), int(nbytes))
 
+    def missing(self, chunk: Sequence[int]) -> None:
+        """A chunk that was not found: damage in a store that writes every chunk (an error
+        naming it), the fill value otherwise."""
+        if self.layout.every_chunk_written:
+            lay = self.layout
+            if lay.shard_shape is None:
+                where = lay.path / lay.key(chunk)
+            else:
+                per = [s // c for s, c in zip(lay.shard_shape, lay.chunk_shape, strict=True)]
+                shard = tuple(int(i) // n for i, n in zip(chunk, per, strict=True))
+                where = lay.path / lay.key(shard)
+            raise DataIntegrityError(
+                f"{where}: chunk {tuple(int(i) for i in chunk)} is missing from a datacube that "
+                "writes every chunk; the datacube is damaged. Rewrite it (or remove it and "
+                "rerun the ingest)."
+            )
+
     def _index(self, shard: tuple[int, ...], per_shard: list[int]) -> np.ndarray | None:
         with self._lock:
             if shard in self._indexes:
@@ -187,21 +227,57 @@ class ChunkLocator:
                 start = total - size if self.layout.index_at_end else 0
                 raw = os.pread(f.fileno(), size, start)
             if len(raw) != size:
-                raise OSError(f"{path}: shard index truncated ({len(raw)} of {size} bytes)")
-            _check_crc32c(raw[:-_INDEX_CRC_BYTES], raw[-_INDEX_CRC_BYTES:], path)
+                raise DataIntegrityError(
+                    f"{path}: shard index truncated ({len(raw)} of {size} bytes); the shard is "
+                    "damaged."
+                )
+            if not crc32c_matches(raw[:-_INDEX_CRC_BYTES], raw[-_INDEX_CRC_BYTES:]):
+                raise DataIntegrityError(
+                    f"{path}: the shard index checksum does not match; the shard is damaged."
+                )
             index = np.frombuffer(raw[:-_INDEX_CRC_BYTES], dtype="<u8").reshape(n, 2)
         with self._lock:
             self._indexes[shard] = index
         return index
 
 
-def _check_crc32c(data: bytes, stored: bytes, path: Path) -> None:
-    from numcodecs import CRC32C
+def crc32c_matches(data: Any, stored: Any) -> bool:
+    """Whether ``stored`` (4 bytes, little-endian, as Zarr's ``crc32c`` codec writes them)
+    is the CRC32C of ``data`` (any bytes-like object)."""
+    return crc32c(data) == int.from_bytes(bytes(stored), "little")
 
-    # numcodecs' CRC32C appends the little-endian checksum, as Zarr's crc32c codec does.
-    expected = bytes(CRC32C().encode(np.frombuffer(data, dtype=np.uint8)))[-_INDEX_CRC_BYTES:]
-    if expected != stored:
-        raise OSError(f"{path}: the shard index checksum does not match; the file is corrupt.")
+
+def crc32c(data: Any) -> int:
+    """The CRC32C (Castagnoli) of a bytes-like object, without copying it: google-crc32c's
+    hardware-accelerated library called on the buffer itself (its Python API accepts only
+    ``bytes``, which would cost a copy of every chunk); a copy through that API where the
+    library cannot be loaded."""
+    array = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
+    array = array.reshape(-1).view(np.uint8)
+    extend = _native_crc32c()
+    if extend is not None and array.flags.c_contiguous:
+        return int(extend(0, array.ctypes.data, array.nbytes))
+    import google_crc32c
+
+    return int(google_crc32c.value(array.tobytes()))
+
+
+@functools.cache
+def _native_crc32c() -> Any:
+    import ctypes
+
+    import google_crc32c
+
+    package = Path(google_crc32c.__file__).parent
+    for lib in sorted((package.parent / "google_crc32c.libs").glob("libcrc32c*.so*")):
+        try:
+            extend = ctypes.CDLL(str(lib)).crc32c_extend
+        except (OSError, AttributeError):
+            continue
+        extend.restype = ctypes.c_uint32
+        extend.argtypes = [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t]
+        return extend  # ctypes calls release the GIL: threads check chunks in parallel
+    return None
 
 
 def _check_window_layout(layout: ArrayLayout) -> None:
@@ -269,28 +345,71 @@ class DirectWindowReader:
 
     def _read_chunk(self, t: int, gy: int, gx: int, out: np.ndarray) -> None:
         """Decode one chunk into ``out`` (C-contiguous, the chunk's shape without time)."""
-        ref = self.locator.find(self._grid_index(t, gy, gx))
+        index = self._grid_index(t, gy, gx)
+        ref = self.locator.find(index)
         if ref is None:
+            self.locator.missing(index)
             out.fill(self.layout.fill_value)
             return
         self._read_ref(ref, out)
 
     def _read_ref(self, ref: ChunkRef, out: np.ndarray) -> None:
-        raw = out.view(np.uint8).reshape(-1)
-        fd = os.open(ref.path, os.O_RDONLY)
-        try:
-            if self._decoder is None:
-                got = os.preadv(fd, [raw.data], ref.offset)
-                if got != raw.size:
-                    raise OSError(f"{ref.path}: chunk truncated ({got} of {raw.size} bytes)")
-            else:
-                nbytes = ref.nbytes if ref.nbytes is not None else os.fstat(fd).st_size
-                encoded = os.pread(fd, nbytes, ref.offset)
-                self._decoder.decode(encoded, out=raw)
-        finally:
-            os.close(fd)
-        if not self.layout.dtype.isnative:
-            out.byteswap(inplace=True)
+        read_chunk(self.layout, ref, out, self._decoder)
+
+
+def read_chunk(layout: ArrayLayout, ref: ChunkRef, out: np.ndarray, decoder: Any) -> None:
+    """Read, check and decode one stored chunk into ``out`` (C-contiguous, chunk-shaped):
+    uncompressed bytes land in ``out`` directly (the checksum read beside them)."""
+    raw = out.view(np.uint8).reshape(-1)
+    trailer = 4 if layout.checksum else 0
+    fd = os.open(ref.path, os.O_RDONLY)
+    try:
+        if decoder is None:
+            crc = bytearray(trailer)
+            got = os.preadv(fd, [raw.data, crc] if trailer else [raw.data], ref.offset)
+            if got != raw.size + trailer:
+                raise DataIntegrityError(
+                    f"{_chunk_name(layout, ref)}: chunk cut short ({got} of "
+                    f"{raw.size + trailer} bytes); the datacube is damaged."
+                )
+            if trailer and not crc32c_matches(raw, crc):
+                raise _mismatch(layout, ref)
+        else:
+            nbytes = ref.nbytes if ref.nbytes is not None else os.fstat(fd).st_size
+            encoded = os.pread(fd, nbytes, ref.offset)
+            if len(encoded) != nbytes:
+                raise DataIntegrityError(
+                    f"{_chunk_name(layout, ref)}: chunk cut short ({len(encoded)} of {nbytes} "
+                    "bytes); the datacube is damaged."
+                )
+            payload = memoryview(encoded)
+            if trailer:
+                if nbytes < trailer or not crc32c_matches(payload[:-trailer], payload[-trailer:]):
+                    raise _mismatch(layout, ref)
+                payload = payload[:-trailer]
+            try:
+                decoder.decode(payload, out=raw)
+            except Exception as err:  # zstd/blosc report bad frames as various errors
+                raise DataIntegrityError(
+                    f"{_chunk_name(layout, ref)}: the chunk does not decode ({err}); the "
+                    "datacube is damaged."
+                ) from err
+    finally:
+        os.close(fd)
+    if not layout.dtype.isnative:
+        out.byteswap(inplace=True)
+
+
+def _chunk_name(layout: ArrayLayout, ref: ChunkRef) -> str:
+    where = f" at byte {ref.offset}" if ref.nbytes is not None else ""
+    return f"{ref.path}{where}"
+
+
+def _mismatch(layout: ArrayLayout, ref: ChunkRef) -> DataIntegrityError:
+    return DataIntegrityError(
+        f"{_chunk_name(layout, ref)}: the chunk's checksum does not match its bytes; the "
+        "datacube is damaged. Rewrite it (or remove it and rerun the ingest)."
+    )
 
 
 def _host_decoder(layout: ArrayLayout) -> Any:
@@ -336,6 +455,9 @@ class ChipChunks:
                 raise UnsupportedLayout(f"window at ({row}, {col}) is not on a chunk boundary")
             gy, gx = row // size, col // size
             index = (t, 0, gy, gx) if len(self.layout.shape) == 4 else (t, gy, gx)
-            refs.append(self.locator.find(index))
+            ref = self.locator.find(index)
+            if ref is None:
+                self.locator.missing(index)
+            refs.append(ref)
             outside.append((max(0, row + size - ny), max(0, col + size - nx)))
         return refs, outside

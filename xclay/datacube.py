@@ -19,6 +19,7 @@ import datetime as dt
 import logging
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -41,7 +42,7 @@ from xclay._hashing import sha256_file
 from xclay._json import jsonable, number
 from xclay._progress import progress_bar
 from xclay._version import __version__
-from xclay.errors import ChunkingError, DatacubeError
+from xclay.errors import ChunkingError, DatacubeError, DataIntegrityError, DataIntegrityWarning
 from xclay.models.sensors import get_sensor
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "validate_datacube",
     "write_datacube",
     "write_datacube_block",
+    "write_empty_block",
 ]
 
 log = logging.getLogger(__name__)
@@ -831,7 +833,8 @@ def create_datacube_store(
         compressors=_compressors(compression),
         fill_value=fill if fill is not None else 0,
         dimension_names=DATACUBE_DIMS,
-        attributes=_variable_attrs(pixels, coordinates),
+        attributes={**_variable_attrs(pixels, coordinates), INTEGRITY_ATTR: dict(INTEGRITY)},
+        config={"write_empty_chunks": True},
     )
     if has_quality:
         from xclay.masks import PixelClass
@@ -845,7 +848,11 @@ def create_datacube_store(
             compressors=_compressors(compression),
             fill_value=int(PixelClass.NODATA),
             dimension_names=("time", "y", "x"),
-            attributes=_variable_attrs(cube["quality"], coordinates),
+            attributes={
+                **_variable_attrs(cube["quality"], coordinates),
+                INTEGRITY_ATTR: dict(INTEGRITY),
+            },
+            config={"write_empty_chunks": True},
         )
     return Path(path)
 
@@ -865,20 +872,41 @@ def write_datacube_block(
     is itself only a part of the store's grid (default: the same place).
     Returns whether the block has a valid pixel.
     """
-    import zarr
-
     (y0, y1), (x0, x1) = rows, cols
     st, sy, sx = at if at is not None else (t, y0, x0)
     h, w = y1 - y0, x1 - x0
-    group = zarr.open_group(path, mode="r+", zarr_format=3)
     pixels = cube["pixels"]
     values = np.asarray(pixels.variable[t, :, y0:y1, x0:x1].values)
-    group["pixels"][st, :, sy : sy + h, sx : sx + w] = values  # type: ignore[index]
+    _array(path, "pixels")[st, :, sy : sy + h, sx : sx + w] = values
     quality = None
     if "quality" in cube.data_vars:
         quality = np.asarray(cube["quality"].variable[t, y0:y1, x0:x1].values)
-        group["quality"][st, sy : sy + h, sx : sx + w] = quality  # type: ignore[index]
+        _array(path, "quality")[st, sy : sy + h, sx : sx + w] = quality
     return _any_valid(values, nodata_value(pixels), quality)
+
+
+def _array(path: str | os.PathLike[str], name: str) -> Any:
+    """An array of a datacube store, opened to write every chunk (zarr leaves out chunks
+    equal to the fill value by default, which would make them indistinguishable from
+    lost ones)."""
+    import zarr
+
+    array = zarr.open_array(path, path=name, mode="r+", zarr_format=3)
+    return array.with_config({"write_empty_chunks": True})
+
+
+def write_empty_block(
+    path: str | os.PathLike[str], t: int, rows: tuple[int, int], cols: tuple[int, int]
+) -> None:
+    """Write a block of a datacube store as "no data": pixels at their fill value (the
+    nodata value) and quality class nodata. A block no item covers is written like any
+    other, so that every chunk of a complete store exists (a missing chunk is damage)."""
+    (y0, y1), (x0, x1) = rows, cols
+    pixels = _array(path, "pixels")
+    pixels[t, :, y0:y1, x0:x1] = pixels.fill_value
+    if (Path(path) / "quality" / "zarr.json").is_file():
+        quality = _array(path, "quality")
+        quality[t, y0:y1, x0:x1] = quality.fill_value
 
 
 def mark_complete(path: str | os.PathLike[str], **attrs: Any) -> None:
@@ -934,15 +962,24 @@ def _any_valid(values: np.ndarray, nodata: float | None, quality: np.ndarray | N
 
 
 def _compressors(compression: Compression) -> Any:
-    from zarr.codecs import BloscCodec, ZstdCodec
+    """The chunk codecs after ``bytes``: the compressor, then a CRC32C of the stored bytes
+    (Zarr v3's ``crc32c`` codec), which every read path checks."""
+    from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
     if compression == "zstd":
-        return [ZstdCodec(level=3)]
+        return [ZstdCodec(level=3), Crc32cCodec()]
     if compression == "lz4":
-        return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")]
+        return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"), Crc32cCodec()]
     if compression == "none":
-        return None
+        return [Crc32cCodec()]
     raise DatacubeError(f"compression must be 'zstd', 'lz4' or 'none', got {compression!r}.")
+
+
+# Every chunk of a datacube array is written (zarr would otherwise leave out chunks that
+# equal the fill value) and checksummed: a chunk missing from a complete store is damage,
+# never a fill value, and a damaged chunk is an error naming it.
+INTEGRITY_ATTR = "xclay_integrity"
+INTEGRITY: dict[str, Any] = {"checksum": "crc32c", "every_chunk_written": True}
 
 
 # --------------------------------------------------------------------------- open
@@ -976,13 +1013,24 @@ def open_datacube(path: str | os.PathLike[str], *, engine: Engine = "zarr") -> x
             "resume the run (xclay run SPEC) or rewrite it."
         )
     # Never mask pixels into floats: nodata stays a value, named in pixels.attrs["nodata"].
-    cube = xr.open_zarr(
-        store, chunks=None, consolidated=False, zarr_format=3, mask_and_scale={"pixels": False}
-    )
+    try:
+        cube = xr.open_zarr(
+            store, chunks=None, consolidated=False, zarr_format=3, mask_and_scale={"pixels": False}
+        )
+    except (ValueError, KeyError, TypeError) as err:  # a damaged zarr.json, in any of its forms
+        raise DataIntegrityError(
+            f"the datacube at {store} cannot be opened ({type(err).__name__}: {err}); its "
+            "metadata (zarr.json) is damaged. Rewrite the datacube."
+        ) from err
     validate_datacube(cube)
+    unchecked = []
     for name in ("pixels", "quality"):
         if name not in cube.data_vars:
             continue
+        integrity = cube[name].attrs.pop(INTEGRITY_ATTR, None)
+        cube[name].encoding[INTEGRITY_ATTR] = integrity
+        if not integrity:
+            unchecked.append(name)
         if resolved == "kvikio":
             from xclay.gpu import gpu_variable
 
@@ -992,6 +1040,14 @@ def open_datacube(path: str | os.PathLike[str], *, engine: Engine = "zarr") -> x
             "path": str(store / name),
             "coords": _coords_fingerprint(cube[name]),
         }
+    if unchecked:
+        warnings.warn(
+            f"the datacube at {store} was written without chunk checksums (by an earlier xclay "
+            f"or another tool): damage to {' and '.join(unchecked)} cannot be detected, and a lost chunk "
+            "reads as its fill value. Rewrite it with xclay.write_datacube to check every read.",
+            DataIntegrityWarning,
+            stacklevel=2,
+        )
     return cube
 
 

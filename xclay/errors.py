@@ -10,6 +10,8 @@ from __future__ import annotations
 __all__ = [
     "CheckpointError",
     "ChunkingError",
+    "DataIntegrityError",
+    "DataIntegrityWarning",
     "DataPathWarning",
     "DatacubeError",
     "DeviceError",
@@ -41,6 +43,11 @@ class CheckpointError(XClayError, ValueError):
     """A checkpoint that is missing, corrupt, or for another model."""
 
 
+class DataIntegrityError(XClayError, OSError):
+    """Stored data that is damaged: a checksum that does not match, a chunk cut short or
+    missing. The message names the file (and byte range) and how to repair it."""
+
+
 class DeviceError(XClayError, RuntimeError):
     """A device (CUDA GPU) was asked for and is not usable here."""
 
@@ -60,3 +67,8 @@ class XClayWarning(UserWarning):
 class DataPathWarning(XClayWarning):
     """The data path took a slower road than the one asked for (no nvCOMP, no GPUDirect
     Storage, a layout the fast path cannot read); the message says why and what to do."""
+
+
+class DataIntegrityWarning(XClayWarning):
+    """Data that cannot be checked (a datacube written without checksums): damage in it
+    would go unnoticed."""

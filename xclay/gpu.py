@@ -31,7 +31,7 @@ import xarray as xr
 from xarray.backends import BackendArray
 
 from xclay.chunkio import ArrayLayout, ChipChunks, ChunkRef, UnsupportedLayout
-from xclay.errors import DatacubeError, DeviceError, MissingDependencyError
+from xclay.errors import DatacubeError, DataIntegrityError, DeviceError, MissingDependencyError
 from xclay.masks import PixelClass
 
 if TYPE_CHECKING:
@@ -304,12 +304,25 @@ class KvikioChunkSource:
         if not present:
             return
         if decode == "none":
-            self._read_raw(present, target, chunks.layout.chunk_nbytes)
+            self._read_raw(present, target, chunks.layout)
         else:
-            self._read_nvcomp(present, target, chunks.layout.chunk_nbytes)
+            self._read_nvcomp(present, target, chunks.layout)
 
-    def _read_raw(self, present: list[tuple[int, ChunkRef]], target: Any, nbytes: int) -> None:
-        """Uncompressed: each chunk's bytes go straight into its slot (cuFile DMA with GDS)."""
+    def _read_raw(
+        self, present: list[tuple[int, ChunkRef]], target: Any, layout: ArrayLayout
+    ) -> None:
+        """Uncompressed: each chunk's bytes go straight into its slot (cuFile DMA with GDS);
+        checksummed chunks are read to pinned host memory, checked, then copied up."""
+        nbytes = layout.chunk_nbytes
+        if layout.checksum:
+            host, starts, _sizes = self._read_checked(present, layout)
+            for i, (k, _) in enumerate(present):
+                slot = target[k].view(self._cupy.uint8).ravel()
+                slot.set(
+                    host[starts[i] : starts[i] + nbytes],
+                    stream=self._cupy.cuda.get_current_stream(),
+                )
+            return
         files = _Files(self._kvikio)
         try:
             futures = []
@@ -319,48 +332,115 @@ class KvikioChunkSource:
             for future, (_, ref) in zip(futures, present, strict=True):
                 got = future.get()
                 if got != nbytes:
-                    raise OSError(f"{ref.path}: chunk truncated ({got} of {nbytes} bytes)")
+                    raise DataIntegrityError(
+                        f"{ref.path}: chunk cut short ({got} of {nbytes} bytes); the datacube "
+                        "is damaged."
+                    )
         finally:
             files.close()
 
-    def _read_nvcomp(self, present: list[tuple[int, ChunkRef]], target: Any, nbytes: int) -> None:
-        """zstd: encoded bytes into one device staging buffer, then one nvCOMP batch decode
-        straight into the chips' slots (no per-chunk copy)."""
-        from nvidia import nvcomp
+    def _read_checked(
+        self, present: list[tuple[int, ChunkRef]], layout: ArrayLayout
+    ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """Stored bytes of the chunks into pinned host memory with kvikIO's pool, each
+        chunk's crc32c checked there (before anything reaches the GPU): the buffer, the
+        16-byte aligned start of each chunk, and each chunk's stored size (with its
+        checksum)."""
+        from xclay.chunkio import crc32c_matches
 
-        cupy = self._cupy
         sizes = [_encoded_size(ref) for _, ref in present]
-        # 16-byte aligned starts: what nvCOMP asks of the buffers it decodes from.
         starts = np.concatenate([[0], np.cumsum([-(-s // 16) * 16 for s in sizes])]).astype(
             np.int64
         )
-        staging = self._staging(int(starts[-1]))
+        host = self._pinned_bytes(int(starts[-1]))
         files = _Files(self._kvikio)
         try:
             futures = [
                 files.open(ref.path).pread(
-                    staging[starts[i] : starts[i] + sizes[i]], sizes[i], ref.offset
+                    host[starts[i] : starts[i] + sizes[i]], sizes[i], ref.offset
                 )
                 for i, (_, ref) in enumerate(present)
             ]
             for future, size, (_, ref) in zip(futures, sizes, present, strict=True):
                 if future.get() != size:
-                    raise OSError(f"{ref.path}: encoded chunk truncated")
+                    raise DataIntegrityError(
+                        f"{ref.path}: chunk cut short; the datacube is damaged."
+                    )
         finally:
             files.close()
-        stream = cupy.cuda.get_current_stream().ptr
-        codec = self._codec(nvcomp, stream)
+        for i, (_, ref) in enumerate(present):
+            chunk = host[starts[i] : starts[i] + sizes[i]]
+            if sizes[i] < 4 or not crc32c_matches(chunk[:-4], chunk[-4:]):
+                raise DataIntegrityError(
+                    f"{ref.path} at byte {ref.offset}: the chunk's checksum does not match its "
+                    "bytes; the datacube is damaged. Rewrite it (or remove it and rerun the "
+                    "ingest)."
+                )
+        return host, starts, sizes
+
+    def _pinned_bytes(self, nbytes: int) -> np.ndarray:
+        buffer = getattr(self._local, "pinned", None)
+        if buffer is None or buffer.nbytes < nbytes:
+            import torch
+
+            buffer = torch.empty(nbytes + nbytes // 2, dtype=torch.uint8, pin_memory=True).numpy()
+            self._local.pinned = buffer
+        return buffer
+
+    def _read_nvcomp(
+        self, present: list[tuple[int, ChunkRef]], target: Any, layout: ArrayLayout
+    ) -> None:
+        """zstd: encoded bytes into one device staging buffer, then one nvCOMP batch decode
+        straight into the chips' slots (no per-chunk copy). Checksummed chunks are read to
+        pinned host memory and checked first, then copied up in one transfer."""
+        from nvidia import nvcomp
+
+        cupy = self._cupy
+        nbytes = layout.chunk_nbytes
+        stream = cupy.cuda.get_current_stream()
+        if layout.checksum:
+            host, starts, sizes = self._read_checked(present, layout)
+            staging = self._staging(int(starts[-1]))
+            staging[: int(starts[-1])].set(host[: int(starts[-1])], stream=stream)
+            payloads = [s - 4 for s in sizes]  # the stored bytes without their checksum
+        else:
+            sizes = [_encoded_size(ref) for _, ref in present]
+            # 16-byte aligned starts: what nvCOMP asks of the buffers it decodes from.
+            starts = np.concatenate([[0], np.cumsum([-(-s // 16) * 16 for s in sizes])]).astype(
+                np.int64
+            )
+            staging = self._staging(int(starts[-1]))
+            files = _Files(self._kvikio)
+            try:
+                futures = [
+                    files.open(ref.path).pread(
+                        staging[starts[i] : starts[i] + sizes[i]], sizes[i], ref.offset
+                    )
+                    for i, (_, ref) in enumerate(present)
+                ]
+                for future, size, (_, ref) in zip(futures, sizes, present, strict=True):
+                    if future.get() != size:
+                        raise DataIntegrityError(
+                            f"{ref.path}: encoded chunk cut short; the datacube is damaged."
+                        )
+            finally:
+                files.close()
+            payloads = sizes
+        codec = self._codec(nvcomp, stream.ptr)
         encoded = nvcomp.as_arrays(
-            [staging[starts[i] : starts[i] + sizes[i]] for i in range(len(present))],
-            cuda_stream=stream,
+            [staging[starts[i] : starts[i] + payloads[i]] for i in range(len(present))],
+            cuda_stream=stream.ptr,
         )
         slots = nvcomp.as_arrays(
-            [target[k].view(cupy.uint8).ravel() for k, _ in present], cuda_stream=stream
+            [target[k].view(cupy.uint8).ravel() for k, _ in present], cuda_stream=stream.ptr
         )
         decoded = codec.decode(encoded, out=slots)
         for (_, ref), got in zip(present, decoded.buffer_sizes, strict=True):
             if int(got) != nbytes:
-                raise OSError(f"{ref.path}: decoded {int(got)} bytes, expected {nbytes}")
+                raise DataIntegrityError(
+                    f"{ref.path}: decoded {int(got)} bytes, expected {nbytes}; the datacube is "
+                    "damaged."
+                )
 
     def _codec(self, nvcomp: Any, stream: int) -> Any:
         """An nvCOMP zstd codec for this thread and stream (codecs are not thread-safe)."""

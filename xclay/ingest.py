@@ -546,6 +546,10 @@ def from_stac(
     quality = mask_kind[0].decode(ds[mask_kind[1]]) if mask_kind else None
     data = ds[bands]
     nodata = _common_nodata(data)
+    if quality is None and nodata is None:
+        # Nothing else tells "no item here" from a pixel of value 0 (odc-stac's fill):
+        # quality classes from the items' footprints say which pixels were observed.
+        quality = _coverage(selected, data, grid.geobox)
     times = np.asarray(ds["time"].values, dtype="datetime64[ns]")
     if time_range is None:
         time_range = _composite_range(datetime, times)
@@ -635,7 +639,7 @@ def datacube_template(
     else:
         pixels = pixels.isel(time=0, drop=True)
     quality = None
-    if mask_kind is not None:
+    if mask_kind is not None or nodata is None:  # from_stac adds coverage classes then
         quality = xr.DataArray(
             dask_array.zeros((len(times), ny, nx), dtype=np.uint8, chunks=(1, *chunks[2:])),
             dims=("time", "y", "x"),
@@ -727,6 +731,41 @@ def _day_times(
             raise IngestError(f"items on {day} are outside the run's days.")
         out.append(days[key].astype("datetime64[ns]"))
     return np.asarray(out, dtype="datetime64[ns]")
+
+
+def _coverage(items: Sequence[pystac.Item], data: xr.Dataset, geobox: GeoBox) -> xr.DataArray:
+    """Quality classes ``(time, y, x)`` of a load: clear where an item of that time step's
+    solar day covers the pixel (its footprint), nodata elsewhere."""
+    import shapely
+    from odc.geo.geom import Geometry
+    from odc.geo.xr import rasterize
+
+    by_day: dict[Any, list[Any]] = {}
+    for item in items:
+        geometry = item.geometry or (
+            shapely.geometry.mapping(shapely.box(*item.bbox)) if item.bbox else None
+        )
+        if geometry is not None:
+            by_day.setdefault(item_solar_day(item), []).append(shapely.geometry.shape(geometry))
+    steps = data.sizes["time"]
+    days = sorted(d for d in by_day if d is not None) if steps > 1 else list(by_day)
+    everything = [shape for shapes in by_day.values() for shape in shapes]
+    layers = []
+    for t in range(steps):
+        shapes = by_day[days[t]] if steps > 1 and t < len(days) else everything
+        if not shapes:
+            layers.append(np.zeros(geobox.shape, dtype=bool))
+            continue
+        assert geobox.crs is not None
+        footprint = Geometry(shapely.union_all(shapes), crs="EPSG:4326").to_crs(geobox.crs)
+        layers.append(np.asarray(rasterize(footprint, geobox, all_touched=True).values))
+    covered = np.stack(layers)
+    classes = np.where(covered, np.uint8(PixelClass.CLEAR), np.uint8(PixelClass.NODATA))
+    return xr.DataArray(
+        classes,
+        dims=("time", "y", "x"),
+        coords={"time": data["time"], "y": data["y"], "x": data["x"]},
+    )
 
 
 def _platform_of(items: Sequence[pystac.Item]) -> str | None:

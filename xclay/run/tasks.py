@@ -111,7 +111,7 @@ def ingest_region(outdir: str, region: dict[str, Any]) -> dict[str, Any]:
 def _ingest(outdir: str, record: dict[str, Any], region: Region) -> dict[str, Any]:
     import dask
 
-    from xclay.datacube import write_datacube_block
+    from xclay.datacube import write_datacube_block, write_empty_block
     from xclay.ingest import from_stac
 
     spec = record["spec"]
@@ -122,7 +122,9 @@ def _ingest(outdir: str, record: dict[str, Any], region: Region) -> dict[str, An
     days = _days(record)
     day = sorted(days)[region.time] if days is not None else None
     picks = index.query(_lonlat_area(geobox), day=day)
-    if picks.size == 0:  # nothing covers this block: it keeps the store's nodata fill
+    if picks.size == 0:  # nothing covers this block: it is written as nodata
+        path = record["paths"]["datacubes"][region.zone]
+        write_empty_block(path, region.time, region.rows, region.cols)
         return {"any_valid": False, "items": 0}
     items = index.items(picks)
     observations = len({index.days[i] for i in picks}) if days is None else 1
