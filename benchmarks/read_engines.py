@@ -32,9 +32,11 @@ machine without CUDA the GPU rows are skipped and "copy" is no copy.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--passes", type=int, default=1, help="reads of every chip per measurement")
     p.add_argument("--cold", action="store_true", help="drop the store from the page cache")
+    p.add_argument(
+        "--no-checksum-cost",
+        dest="checksum_cost",
+        action="store_false",
+        help="skip the paired timing of the host reads with and without chunk checksums",
+    )
     args = p.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -76,6 +84,7 @@ def main() -> None:
         kvikio = kvikio_usable()
     cube = xclay.datasets.demo_composite(args.size)
     rows: list[dict[str, Any]] = []
+    costs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for chunk in args.chunks:
             for compression in args.compression:
@@ -90,7 +99,14 @@ def main() -> None:
                     layout = f"{chunk} px, {compression}, {'sharded' if shard else 'unsharded'}"
                     rows += _measure(path, layout, chunk, device, kvikio, args)
                     print(_table(rows[-7:]), flush=True)
-    results = {"rows": rows}
+                    if args.checksum_cost:
+                        twin = _without_checksums(
+                            cube, Path(tmp) / f"u{chunk}_{compression}_{shard}.zarr",
+                            chunk, compression, shard,
+                        )  # fmt: skip
+                        costs.append(_checksum_cost(path, twin, layout, chunk, args))
+                        print(json.dumps(costs[-1]), flush=True)
+    results = {"rows": rows, "checksum_cost": costs}
     params = {
         **vars(args),
         "cube_shape": list(cube["pixels"].shape),
@@ -194,6 +210,64 @@ def _measure(
         )
         out.append(row)
     return out
+
+
+def _without_checksums(cube: Any, path: Path, chunk: int, compression: str, shard: int) -> Path:
+    """The same datacube written as before checksums (no crc32c codec, empty chunks left
+    out): the baseline of the checksums' cost."""
+    from unittest import mock
+
+    from zarr.codecs import Crc32cCodec
+
+    import xclay.datacube as dc
+
+    real = dc._compressors
+
+    def plain(compression: Any) -> Any:
+        return [c for c in real(compression) if not isinstance(c, Crc32cCodec)] or None
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", xclay.errors.DataIntegrityWarning)
+        with mock.patch.object(dc, "_compressors", plain), mock.patch.object(dc, "INTEGRITY", {}):
+            return xclay.write_datacube(
+                cube, path, chip_size=chunk, compression=compression, shard_chips=shard or None
+            )
+
+
+def _checksum_cost(
+    checked: Path, plain: Path, layout: str, chunk: int, args: Any
+) -> dict[str, Any]:
+    """Host chunk reads (the fill loop, one thread) of the same cube with and without
+    checksums, interleaved; the cost is the median of the paired time ratios."""
+    times: dict[str, list[float]] = {"checked": [], "plain": []}
+    sources = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", xclay.errors.DataIntegrityWarning)
+        for name, path in (("checked", checked), ("plain", plain)):
+            cube = xclay.open_datacube(path)
+            sources[name] = (cube, ChunkSource(*store_layouts(cube), nodata=None, threads=1))
+    grid = ChipGrid.from_geobox(
+        datacube_geobox(sources["checked"][0]), ChipGridSpec(chip_size=chunk)
+    )
+    plan = BatchPlan(grid, Block.whole(1, grid), args.batch_size, QualityFilter(max_nodata=1.0))
+    for _ in range(args.repeats + 1):  # the first pair warms up
+        for name, (_, source) in sources.items():
+            start = time.perf_counter()
+            for _ in range(args.passes):
+                quality = ChipQuality.empty(plan.block.shape, with_classes=False)
+                for _ in iter_batches(source, plan, quality, prefetch=0):
+                    pass
+            times[name].append(time.perf_counter() - start)
+    for _, source in sources.values():
+        source.close()
+    ratios = [a / b for a, b in zip(times["checked"][1:], times["plain"][1:], strict=True)]
+    return {
+        "layout": layout,
+        "checked_s": round(median(times["checked"][1:]), 4),
+        "plain_s": round(median(times["plain"][1:]), 4),
+        "cost": round(median(ratios) - 1.0, 3),
+        "ratios": [round(r, 3) for r in ratios],
+    }
 
 
 def _raw_reads(

@@ -60,10 +60,14 @@ def test_embed_command_on_a_written_cube(tmp_path: Path, demo_cube_256: xr.Datas
     assert run.returncode == 0, run.stderr
     emb = xclay.open_embeddings(tmp_path / "out" / "embeddings.zarr")
     assert emb.sizes["chip_y"] == 2 and np.isfinite(emb["embedding"].values).all()
+    # The same command again resumes (here: nothing left to do) ...
     again = _xclay("embed", str(cube), "--out", str(tmp_path / "out"), "--chip-size", "128")
-    assert (
-        again.returncode == 1 and "already exists" in again.stderr and "--overwrite" in again.stderr
-    )
+    assert again.returncode == 0 and "resumed" in again.stdout
+    # ... another one into the same folder is refused, saying how to start over.
+    other = _xclay("embed", str(cube), "--out", str(tmp_path / "out"), "--chip-size", "64")
+    assert other.returncode == 1 and "different run" in other.stderr
+    assert "--overwrite" in other.stderr and "Traceback" not in other.stderr
+    assert xclay.read_geoparquet(tmp_path / "out" / "embeddings.parquet").num_rows == 4
 
 
 def test_errors_are_one_clear_line_not_a_traceback(tmp_path: Path) -> None:

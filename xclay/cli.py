@@ -36,20 +36,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         result: int = args.func(args)
         return result
     except XClayError as err:
-        print(f"xclay {args.command}: error: {err}", file=sys.stderr)
+        _explain(args, str(err))
         return 1
+    except BrokenPipeError:  # the reader went away (xclay info | head): nothing to say
+        sys.stderr.close()
+        return 0
     except OSError as err:  # disk full, read-only or missing folders, unreachable files
-        where = f" ({err.filename})" if err.filename else ""
-        print(
-            f"xclay {args.command}: error: {err.strerror or err}{where}. Check free space and "
-            "permissions of the output folder; nothing unfinished was marked complete, and "
-            "rerunning resumes.",
-            file=sys.stderr,
-        )
+        _explain(args, _os_error(err, args.command))
         return 1
     except KeyboardInterrupt:
         print(f"xclay {args.command}: interrupted; nothing half-written was kept.", file=sys.stderr)
         return 130
+
+
+def _explain(args: argparse.Namespace, message: str) -> None:
+    """One line on stderr; the traceback only with ``-v``."""
+    if args.verbose:
+        import traceback
+
+        traceback.print_exc()
+    print(f"xclay {args.command}: error: {message}", file=sys.stderr)
+
+
+def _os_error(err: OSError, command: str) -> str:
+    """An operating-system error, worded for what it is: a full disk, a permission, a path
+    that does not exist; only commands that write regions can be resumed."""
+    import errno
+
+    where = f" ({err.filename})" if err.filename else ""
+    what = err.strerror or str(err)
+    resumes = command in ("run", "ingest", "embed")
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        advice = "Free space (or raise the quota) on the output folder's disk"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        advice = "Check the permissions of that path (outputs need a writable folder)"
+    elif err.errno in (errno.ENOENT, errno.ENOTDIR):
+        advice = "Check that the path exists"
+    else:
+        advice = "Check the path and the disk"
+    tail = "; nothing unfinished was marked complete, and rerunning resumes" if resumes else ""
+    return f"{what}{where}. {advice}{tail}."
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -111,6 +137,13 @@ def _parser() -> argparse.ArgumentParser:
     emb.add_argument("--out", type=Path, default=None, help="output folder (datacube mode)")
     emb.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _add_embed_options(emb)
+    emb.add_argument(
+        "--region-chips",
+        type=int,
+        default=16,
+        metavar="N",
+        help="chips per region edge (datacube mode): the unit of work and of resuming (default 16)",
+    )
     _add_cluster_options(emb)
     emb.set_defaults(func=_embed)
 
@@ -325,8 +358,13 @@ def _run(args: argparse.Namespace) -> int:
     spec = _spec(args)
     print(f"xclay run {args.spec}" + (f" ({spec.name})" if spec.name else ""))
     if args.dry_run:
-        print(plan(spec).describe())
-        print("dry run: nothing read or written")
+        from xclay.run.preflight import preflight
+
+        resolved = plan(spec)
+        print(resolved.describe())
+        preflight(spec, resolved, dry_run=True)
+        print("  preflight   model, checkpoint, output folder and free space: ok")
+        print("dry run: no pixel read, nothing written")
         return 0
     client, threads = _client(args, spec)
     try:
@@ -370,9 +408,48 @@ def _embed(args: argparse.Namespace) -> int:
     if args.out is None:
         print("xclay embed: error: --out is required with a datacube Zarr", file=sys.stderr)
         return 2
-    cube = open_datacube(args.target)
-    _embed_and_export(cube, args.out, args, overwrite=args.overwrite)
-    return 0
+    # A run of its own over the datacube: region by region, with markers, so a killed
+    # embed resumes (rerun the same command) and loses at most the regions in flight.
+    from xclay.run import RunSpec, run
+
+    open_datacube(args.target)  # refuses a missing or incomplete datacube before anything
+    spec = RunSpec.from_dict(_embed_spec(args), source="xclay embed", base=str(Path.cwd()))
+    client, threads = _client(args, spec)
+    try:
+        report = run(spec, client=client, progress=_progress(args), torch_threads=threads)
+    finally:
+        if client is not None:
+            client.close()
+    return _finish(report)
+
+
+def _embed_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """The run spec ``xclay embed CUBE --out DIR [options]`` stands for."""
+    model: dict[str, Any] = {"name": args.model}
+    if args.checkpoint:
+        model["checkpoint"] = str(Path(args.checkpoint).resolve())
+    if args.output:
+        model["output"] = args.output
+    return {
+        "input": {"datacube": str(Path(args.target).resolve())},
+        "grid": {"chip_size": args.chip_size, "stride": args.stride, "edges": args.edges},
+        "model": model,
+        "compute": {
+            "device": args.device,
+            "engine": args.engine,
+            "batch_size": args.batch_size,
+            "precision": args.precision,
+            "region_chips": args.region_chips,
+        },
+        "quality": {name: getattr(args, name) for name in QualityFilter().to_dict()},
+        "outputs": {
+            "dir": str(Path(args.out).resolve()),
+            "overwrite": bool(args.overwrite),
+            "quantize": args.quantize,
+            "thumbnails": args.thumbnails or 0,
+            "loss": bool(args.loss),
+        },
+    }
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -443,7 +443,42 @@ def _geobox_from_source(da: xr.DataArray, crs: str | int | None) -> GeoBox:
             f"the pixel grid is rotated or degenerate ({transform!r}); reproject it to a "
             "north-up grid first (e.g. odc.geo.xr.xr_reproject)."
         )
-    return GeoBox((ny, nx), transform, crs_obj)
+    if transform.almost_equals(Affine.identity()):
+        raise DatacubeError(
+            "the imagery has no georeferencing: its coordinates are pixel indices (an identity "
+            "geotransform; rasterio warns NotGeoreferencedWarning). Give it its real transform "
+            "(da.rio.write_transform(...)) or open a georeferenced file."
+        )
+    geobox = GeoBox((ny, nx), transform, crs_obj)
+    check_lonlat_extent(geobox)
+    return geobox
+
+
+def check_lonlat_extent(geobox: GeoBox) -> None:
+    """Refuse a grid whose corners do not map to real longitudes and latitudes: coordinates
+    in other units than its CRS's (degrees labelled as metres, or the reverse)."""
+    from xclay.chips import to_lonlat
+
+    ny, nx = geobox.shape
+    t = geobox.affine
+    cols = np.array([0, nx, 0, nx], dtype=np.float64)
+    rows = np.array([0, 0, ny, ny], dtype=np.float64)
+    x = t.c + t.a * cols + t.b * rows
+    y = t.f + t.d * cols + t.e * rows
+    try:
+        lon, lat = to_lonlat(geobox.crs, x, y)
+    except Exception as err:  # pyproj raises for points outside a projection's domain
+        lon, lat = np.full(4, np.inf), np.full(4, np.inf)
+        log.info("corners do not transform: %s", err)
+    if not (
+        np.isfinite(lon).all() and np.isfinite(lat).all() and (np.abs(lat) <= 90.0 + 1e-6).all()
+    ):
+        raise DatacubeError(
+            f"the grid's corners ({x.min():g}..{x.max():g}, {y.min():g}..{y.max():g} in "
+            f"{geobox.crs}) do not map to valid longitudes and latitudes: the coordinates are "
+            "not in that CRS's units. Check the CRS (degrees belong to EPSG:4326, metres to a "
+            "projected CRS such as UTM)."
+        )
 
 
 def _crs_of(da: xr.DataArray) -> CRS | None:
@@ -555,7 +590,7 @@ def _time_coords(
         times = np.asarray(da["time"].values) if "time" in da.coords else None
         if times is None or times.dtype.kind != "M":
             raise DatacubeError("the time dim needs datetime64 coordinates.")
-        coords: dict[str, Any] = {"time": times.astype("datetime64[ns]")}
+        coords: dict[str, Any] = {"time": unknown_as_nat(times.astype("datetime64[ns]"))}
         for bound in ("time_start", "time_end"):  # a composite's range, if the source has it
             if bound in da.coords and da[bound].dims == ("time",):
                 coords[bound] = ("time", np.asarray(da[bound].values, dtype="datetime64[ns]"))
@@ -573,6 +608,19 @@ def _time_coords(
             "time_end": ("time", np.array([end], dtype="datetime64[ns]")),
         }
     return {"time": np.array([_to_datetime64(time)], dtype="datetime64[ns]")}
+
+
+# No Earth observation satellite flew before Sputnik: an earlier time is a placeholder for
+# an unknown date (STAC requires a datetime; xclay.ingest.stac_item writes 1900-01-01).
+FIRST_SATELLITE = np.datetime64("1957-10-04", "ns")
+
+
+def unknown_as_nat(times: np.ndarray) -> np.ndarray:
+    """Acquisition times with placeholders (before the first satellite) as NaT: an unknown
+    date stays missing, it never becomes a real date in a model's input or an output."""
+    out = np.asarray(times, dtype="datetime64[ns]").copy()
+    out[~np.isnat(out) & (out < FIRST_SATELLITE)] = np.datetime64("NaT")
+    return out
 
 
 def _nodata_of(obj: xr.DataArray | xr.Dataset, pixels: xr.DataArray) -> float | None:
@@ -652,6 +700,7 @@ def validate_datacube(cube: xr.Dataset) -> None:
     waves = np.asarray(cube["wavelength"].values, dtype="float64")
     if not (np.isfinite(waves).all() and (waves > 0).all()):
         raise DatacubeError(f"wavelengths must be positive (micrometres), got {waves.tolist()}.")
+    _check_wavelengths(cube, waves)
     if _crs_of(pixels) is None:
         raise DatacubeError(
             "the datacube has no CRS (no spatial_ref grid mapping); build it with "
@@ -674,6 +723,31 @@ def validate_datacube(cube: xr.Dataset) -> None:
                 f"quality must be uint8 with dims (time, y, x), got {q.dtype} {q.dims}; build the "
                 "datacube with xclay.as_datacube(..., quality=...)."
             )
+
+
+OPTICAL_RANGE_UM = (0.3, 15.0)  # ultraviolet to thermal infrared, in micrometres
+
+
+def _check_wavelengths(cube: xr.Dataset, waves: np.ndarray) -> None:
+    """Wavelengths are micrometres of the optical and thermal range, except a known
+    platform's own (radar bands, in the sensor table)."""
+    platform = cube.attrs.get("platform") or None
+    table: dict[str, float] = {}
+    if platform:
+        try:
+            table = {b.name: b.wavelength for b in get_sensor(platform).bands}
+        except DatacubeError:
+            table = {}
+    lo, hi = OPTICAL_RANGE_UM
+    for name, wave in zip((str(b) for b in cube["band"].values), waves, strict=True):
+        if lo <= wave <= hi or math.isclose(table.get(name, -1.0), wave, rel_tol=1e-6):
+            continue
+        hint = f" ({wave:g} nm is {wave / 1000:g} µm)" if 300 <= wave <= 15000 else ""
+        raise DatacubeError(
+            f"band {name!r} has wavelength {wave:g}, outside {lo}-{hi} µm: wavelengths are "
+            f"micrometres{hint}. Give them in µm (wavelengths=), or a platform= whose bands "
+            "the sensor table knows."
+        )
 
 
 def check_chip_alignment(cube: xr.Dataset, chip_size: int, stride: int | None = None) -> None:
@@ -917,6 +991,20 @@ def mark_complete(path: str | os.PathLike[str], **attrs: Any) -> None:
     group.attrs.update(jsonable({**attrs, COMPLETE_ATTR: True}))
 
 
+def read_metadata(store: str | os.PathLike[str]) -> dict[str, Any]:
+    """A store's root ``zarr.json``; a damaged one is a :class:`DataIntegrityError` naming it."""
+    import json
+
+    meta = Path(store) / "zarr.json"
+    try:
+        data: dict[str, Any] = json.loads(meta.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DataIntegrityError(
+            f"{meta} is not valid JSON ({err}); the store's metadata is damaged. Rewrite it."
+        ) from err
+    return data
+
+
 def is_complete(path: str | os.PathLike[str]) -> bool:
     """Whether a store exists and was marked complete; a store without the mark (for
     instance one whose creation was cut short) is not."""
@@ -1007,6 +1095,7 @@ def open_datacube(path: str | os.PathLike[str], *, engine: Engine = "zarr") -> x
         raise FileNotFoundError(
             f"no datacube at {store}: expected a Zarr v3 store written by xclay.write_datacube."
         )
+    read_metadata(store)
     if not is_complete(store):
         raise DatacubeError(
             f"the datacube at {store} is incomplete (a run was interrupted while writing it); "

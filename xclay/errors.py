@@ -17,6 +17,7 @@ __all__ = [
     "DeviceError",
     "MissingDependencyError",
     "ModelError",
+    "OutputError",
     "OutputExistsError",
     "XClayError",
     "XClayWarning",
@@ -54,6 +55,10 @@ class DeviceError(XClayError, RuntimeError):
 
 class MissingDependencyError(XClayError, ImportError):
     """An optional dependency is needed for this feature and is not installed."""
+
+
+class OutputError(XClayError, OSError):
+    """Outputs that cannot be written where asked: a read-only folder, a disk too small."""
 
 
 class OutputExistsError(XClayError, FileExistsError):

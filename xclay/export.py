@@ -64,6 +64,9 @@ QUALITY_COLUMNS = (
 )
 _ROW_GROUP_BYTES = 128 << 20
 SCALE_COLUMN = "embedding_scale"
+# A run's GeoParquet folder: its metadata (written first) and its completion mark (last).
+RUN_METADATA = "_xclay_run.json"
+RUN_COMPLETE = "_xclay_complete.json"
 
 
 # --------------------------------------------------------------------------- Zarr
@@ -133,8 +136,9 @@ def open_embeddings(
         raise FileNotFoundError(
             f"no embeddings Zarr at {store}: expected a store written by to_zarr."
         )
-    from xclay.datacube import is_complete
+    from xclay.datacube import is_complete, read_metadata
 
+    read_metadata(store)
     if not allow_incomplete and not is_complete(store):
         raise DatacubeError(
             f"the embeddings at {store} are incomplete (a run is in progress or was interrupted); "
@@ -584,9 +588,15 @@ def read_geoparquet(
     filters: Any = None,
     dequantize: bool = True,
     geodataframe: bool = False,
+    partial: bool = False,
 ) -> Any:
     """Read xclay GeoParquet (a file, or a run's folder of parts) as a ``pyarrow.Table``
     (``geodataframe=True``: a ``geopandas.GeoDataFrame``, needs geopandas).
+
+    A run's folder (with ``_xclay_run.json``) is refused until the run is complete (its
+    ``_xclay_complete.json``),
+    as :func:`open_embeddings` refuses an unfinished store; ``partial=True`` reads the
+    parts written so far.
 
     Quantised vectors come back as float32 (``dequantize=False``: the stored
     int8 and ``embedding_scale``). ``columns`` and ``filters`` are
@@ -597,6 +607,13 @@ def read_geoparquet(
     source = Path(path)
     if not source.exists():
         raise FileNotFoundError(f"no GeoParquet at {source}.")
+    running = source.is_dir() and (source / RUN_METADATA).is_file()
+    if running and not partial and not (source / RUN_COMPLETE).is_file():
+        raise DatacubeError(
+            f"the GeoParquet parts in {source} are of a run that is not complete (in progress "
+            "or interrupted: no _xclay_complete.json); resume it (xclay run SPEC), or pass "
+            "partial=True to read the parts written so far."
+        )
     wanted = columns
     if (
         columns is not None

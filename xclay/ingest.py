@@ -147,7 +147,10 @@ def stac_item(
     datetime
         Acquisition time (ISO string or datetime); default: unknown (the
         file's modification time is not an acquisition time), recorded as
-        2000-01-01 with ``xclay:datetime_unknown``.
+        1900-01-01 (before any Earth observation satellite) with
+        ``xclay:datetime_unknown``: datacubes made from it, by xclay or by
+        ``odc.stac.load`` then :func:`xclay.as_datacube`, have an unknown time
+        (NaT), never a real date.
     id, platform, collection
         Item id (default: the first file's stem), ``platform`` property (a
         sensor-table key), collection id.
@@ -220,9 +223,14 @@ def _wavelength_for(
     return float(wavelengths[index]) if index < len(wavelengths) else None
 
 
+# What an item with an unknown acquisition date says (STAC requires a datetime): a time
+# before any Earth observation satellite, read back as unknown (NaT) by as_datacube.
+UNKNOWN_DATETIME = dt.datetime(1900, 1, 1, tzinfo=dt.UTC)
+
+
 def _parse_datetime(value: str | dt.datetime | None) -> tuple[dt.datetime, bool]:
     if value is None:
-        return dt.datetime(2000, 1, 1, tzinfo=dt.UTC), True
+        return UNKNOWN_DATETIME, True
     if isinstance(value, str):
         value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
     if value.tzinfo is None:
@@ -383,6 +391,8 @@ def filter_items(
             if w > bbox[2] or e < bbox[0] or s > bbox[3] or n < bbox[1]:
                 continue
         when = item.datetime or item.common_metadata.start_datetime
+        if item.properties.get("xclay:datetime_unknown"):
+            when = None  # an unknown date is not outside any range
         if when is not None and (
             (start is not None and when < start) or (end is not None and when > end)
         ):

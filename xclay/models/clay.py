@@ -282,6 +282,33 @@ class ClayV15:
         self._state: dict[str, torch.Tensor] = {}
         self._forward: Any = None
 
+    @staticmethod
+    def check_checkpoint(checkpoint: str | os.PathLike[str] | None = None) -> None:
+        """Refuse a checkpoint :meth:`from_checkpoint` could not load (missing, unreadable,
+        not a Clay encoder, keys or shapes of another architecture) without loading it: the
+        file is mapped, and the model is built on torch's meta device (no memory)."""
+        import torch
+
+        from xclay.models.clay_encoder import ClayEncoder
+
+        path = Path(checkpoint) if checkpoint is not None else _locate_checkpoint()
+        state, _ = load_clay_state_dict(path)
+        size, patch = detect_size(state)
+        with torch.device("meta"):
+            expected = ClayEncoder.from_size(size, patch_size=patch).state_dict()
+        missing = sorted(set(expected) - set(state))
+        wrong = sorted(
+            k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+        )
+        if missing or wrong:
+            raise CheckpointError(
+                f"{path.name} is not a Clay v1.5 {size} encoder: "
+                + (f"{len(missing)} tensors missing (e.g. {missing[0]})" if missing else "")
+                + ("; " if missing and wrong else "")
+                + (f"{len(wrong)} of other shapes (e.g. {wrong[0]})" if wrong else "")
+                + ". Use the official clay-v1.5.ckpt or a state dict saved from xclay's ClayEncoder."
+            )
+
     @classmethod
     def from_checkpoint(
         cls,
@@ -660,7 +687,10 @@ def _wavelengths(spec: InputSpec) -> tuple[list[float], str]:
     if spec.platform:
         sensor = get_sensor(spec.platform)
         if all(b in sensor.band_names for b in spec.bands):
-            return [sensor.band(b).wavelength for b in spec.bands], f"sensor-table:{spec.platform}"
+            # What Clay saw in training for this platform (MODIS in nm: see the sensor table).
+            return [
+                sensor.band(b).clay_wavelength for b in spec.bands
+            ], f"sensor-table:{spec.platform}"
     return [float(w) for w in spec.wavelengths], "cube wavelength coords"
 
 

@@ -97,18 +97,54 @@ def resolve_normalization(
     if request in ("auto", "sensor") and spec.platform:
         sensor = get_sensor(spec.platform)
         if all(b in sensor.band_names for b in spec.bands):
-            return Normalization(
+            norm = Normalization(
                 bands=spec.bands,
                 mean=tuple(sensor.band(b).mean for b in spec.bands),
                 std=tuple(sensor.band(b).std for b in spec.bands),
                 source=f"sensor-table:{spec.platform}",
             )
+            check_units(norm, spec, sample(MEASURE_CHIPS, seed))
+            return norm
     if request == "sensor":
         raise ModelError(
             f"normalization='sensor' needs a platform from the sensor table with bands "
             f"{list(spec.bands)}; the cube's platform is {spec.platform!r}. Use 'auto' or 'measured'."
         )
     return measure_normalization(spec.bands, sample(MEASURE_CHIPS, seed))
+
+
+# A cube whose values are 10x smaller (or larger) than a sensor's typical values is in
+# other units (8-bit, reflectance 0-1, scaled twice): normalising it with that sensor's
+# constants would feed the model inputs it never saw.
+UNITS_FACTOR = 10.0
+
+
+def check_units(norm: Normalization, spec: InputSpec, chips: Any) -> None:
+    """Refuse sample ``chips`` whose values are not in the units ``norm`` expects: their
+    99th percentile over all bands against the bands' typical values (mean + std)."""
+    pixels = chips.pixels.numpy()
+    valid = chips.valid.numpy()
+    if not valid.any():
+        return
+    values = np.moveaxis(pixels, 1, -1)[valid].astype(np.float64)  # [P, C]
+    finite = values[np.isfinite(values).all(axis=1)]
+    if finite.size == 0:
+        return
+    high = float(np.percentile(np.abs(finite), 99))
+    low = float(np.percentile(np.abs(finite), 50))
+    mean, std = norm.arrays(spec.bands)
+    typical = mean + std
+    if high * UNITS_FACTOR < float(typical.min()) or low > UNITS_FACTOR * float(typical.max()):
+        bigger = low > UNITS_FACTOR * float(typical.max())
+        raise ModelError(
+            f"the cube's pixels ({spec.dtype}, 99th percentile {high:g}, median {low:g}) are "
+            f"{'over' if bigger else 'under'} a tenth of what the {spec.platform} normalisation "
+            f"expects (typical values {float(typical.min()):g}-{float(typical.max()):g}): the "
+            "data are not in that sensor's units (8-bit? reflectance in 0-1? scaled twice?). "
+            "Convert them to the sensor's digital numbers (e.g. reflectance x 10000 for "
+            "Sentinel-2 L2A), or embed them without platform= (normalisation measured on the "
+            "cube), or give normalization= explicitly."
+        )
 
 
 def measure_normalization(bands: Sequence[str], chips: Any) -> Normalization:

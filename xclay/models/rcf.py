@@ -310,6 +310,12 @@ class RCFEncoder:
         return out
 
     @classmethod
+    def check_checkpoint(cls, path: str | os.PathLike[str]) -> None:
+        """Refuse a file :meth:`from_checkpoint` could not load (fitted filters are small:
+        checking is loading)."""
+        cls.from_checkpoint(path)
+
+    @classmethod
     def from_checkpoint(cls, path: str | os.PathLike[str]) -> RCFEncoder:
         """Load filters saved by :meth:`save`; embeddings of any cube are then comparable."""
         import torch

@@ -19,6 +19,7 @@ from xclay.protocols import Encoder
 
 __all__ = [
     "ModelInfo",
+    "check_model",
     "encoder_from_card",
     "get_model",
     "get_model_info",
@@ -110,6 +111,29 @@ def get_model(
         The model's own settings (e.g. ``num_filters=`` for ``rcf``); unknown
         names are refused with the list of valid ones.
     """
+    target, use_loader = _builder(name, checkpoint, options)
+    return target(checkpoint, **options) if use_loader else target(**options)
+
+
+def check_model(
+    name: str, *, checkpoint: str | os.PathLike[str] | None = None, **options: Any
+) -> None:
+    """What :func:`get_model` would refuse, found without building the model: an unknown
+    name or option, and a checkpoint that is missing, unreadable or of another architecture
+    (read as far as its header and tensor shapes; a 5 GB checkpoint is mapped, not read)."""
+    info = get_model_info(name)
+    _builder(name, checkpoint, options)
+    loader = info.loader or info.factory
+    module, _, attr = loader.partition(":")
+    owner = _resolve(f"{module}:{attr.rsplit('.', 1)[0]}") if "." in attr else None
+    check = getattr(owner, "check_checkpoint", None)
+    if check is not None and (info.needs_checkpoint or checkpoint is not None):
+        check(checkpoint)
+
+
+def _builder(
+    name: str, checkpoint: str | os.PathLike[str] | None, options: Mapping[str, Any]
+) -> tuple[Any, bool]:
     info = get_model_info(name)
     use_loader = checkpoint is not None or info.needs_checkpoint
     if use_loader and info.loader is None:
@@ -128,7 +152,7 @@ def get_model(
         raise ModelError(
             f"model {name!r} has no options {unknown}; its options are: {', '.join(allowed)}."
         )
-    return target(checkpoint, **options) if use_loader else target(**options)
+    return target, use_loader
 
 
 def encoder_from_card(

@@ -2,8 +2,10 @@
 
 The table (``data/clay-sensors.yaml``) gives per platform the band names, the
 ground sample distance, and per band the normalisation mean/std (applied to
-raw digital numbers) and the central wavelength the encoder expects
-(micrometres for optical sensors; see the file's header for the exceptions).
+raw digital numbers), the physical central wavelength in micrometres (what a
+datacube's ``wavelength`` coordinate holds), and where Clay v1.5 was trained
+with other values (MODIS in nanometres, Sentinel-1 placeholders), the value
+Clay expects (``clay_wavelength``): a quirk of that model, not of the data.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ class Band:
     """One band of a known platform."""
 
     name: str
-    wavelength: float
+    wavelength: float  # micrometres, physical
     mean: float
     std: float
+    clay_wavelength: float  # what Clay v1.5 was trained with for this band (its quirk)
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,11 @@ def get_sensor(platform: str) -> Sensor:
     entry = table[platform]
     bands = tuple(
         Band(
-            name=name, wavelength=float(b["wavelength"]), mean=float(b["mean"]), std=float(b["std"])
+            name=name,
+            wavelength=float(b["wavelength"]),
+            mean=float(b["mean"]),
+            std=float(b["std"]),
+            clay_wavelength=float(b.get("clay_wavelength", b["wavelength"])),
         )
         for name, b in entry["bands"].items()
     )

@@ -24,16 +24,15 @@ from typing import Any, Literal
 from xclay._atomic import atomic_output
 from xclay._progress import progress_bar
 from xclay.errors import OutputExistsError, XClayError
+from xclay.export import RUN_COMPLETE, RUN_METADATA
 from xclay.run.plan import RunPlan, plan
+from xclay.run.preflight import preflight
 from xclay.run.spec import RunSpec
 from xclay.run.state import Region, RunState, embed_regions, ingest_regions, write_json_atomic
 
 __all__ = ["RunReport", "embed_step", "export_step", "ingest", "run"]
 
 log = logging.getLogger(__name__)
-
-RUN_METADATA = "_xclay_run.json"
-COMPLETE = "_xclay_complete.json"
 
 
 @dataclass
@@ -52,6 +51,7 @@ class RunReport:
     failed: list[dict[str, str]] = field(default_factory=list)
     resumed: bool = False
     data_path: dict[str, list[str]] = field(default_factory=dict)
+    model: str = ""  # the encoder as prepared: name and embedding length
 
     def describe(self) -> str:
         r = self.run
@@ -61,6 +61,8 @@ class RunReport:
             lines.append(
                 "  resumed     a previous run of this spec: its finished regions were kept"
             )
+        if self.model:
+            lines.append(f"  model       {self.model}")
         if r:
             lines.append(
                 f"  chips       {r['chips_embedded']:,} embedded of {r['chips_total']:,}; skipped "
@@ -454,7 +456,7 @@ def _embed_phase(
         mark_complete(paths[k], run=per_zone.get(k, {}))
     parts = sum(1 for _ in spec.geoparquet_path.glob("part-*.parquet"))
     write_json_atomic(
-        spec.geoparquet_path / COMPLETE, {"run": _total_counts(state), "parts": parts}
+        spec.geoparquet_path / RUN_COMPLETE, {"run": _total_counts(state), "parts": parts}
     )
     return []
 
@@ -576,7 +578,10 @@ def _report(
     failed: list[dict[str, str]],
     resumed: bool,
 ) -> RunReport:
-    paths = state.record()["paths"]
+    record = state.record()
+    paths = record["paths"]
+    card = record.get("card") or {}
+    model = f"{card['name']} ({card['dim']}-d)" if card else ""
     outputs = {
         "datacube": ", ".join(paths["datacubes"]),
         "embeddings": ", ".join(paths["embeddings"]),
@@ -593,6 +598,7 @@ def _report(
         failed=failed,
         resumed=resumed,
         data_path=_data_path(state),
+        model=model,
     )
 
 
@@ -627,6 +633,7 @@ def run(
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     resolved = plan(spec)
+    preflight(spec, resolved)
     state, resumed = _start(spec, resolved, torch_threads)
     seconds["plan"] = time.perf_counter() - start
     for phase, step in (("ingest", _ingest_phase), ("embed", _embed_phase)):
@@ -641,6 +648,7 @@ def run(
 def ingest(spec: RunSpec, *, client: Any = None, progress: bool | None = None) -> RunReport:
     """Step 1 alone: STAC items -> datacube Zarr (resumable, like :func:`run`)."""
     resolved = plan(spec)
+    preflight(spec, resolved)
     state, resumed = _start(spec, resolved, None)
     start = time.perf_counter()
     failed = _ingest_phase(spec, resolved, state, client, progress)
@@ -653,6 +661,7 @@ def embed_step(spec: RunSpec, *, client: Any = None, progress: bool | None = Non
     from xclay.datacube import is_complete
 
     resolved = plan(spec)
+    preflight(spec, resolved)
     state, resumed = _start(spec, resolved, None)
     cubes = state.record()["paths"]["datacubes"]
     missing = [c for c in cubes if not is_complete(c)]

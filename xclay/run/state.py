@@ -153,7 +153,8 @@ class RunState:
                 raise RunStateError(
                     f"{self.root.parent} holds outputs of a different run (changed: "
                     f"{', '.join(changed) or 'unknown'}); mixing them would corrupt the outputs. Use "
-                    "another outputs.dir, or outputs.overwrite: true to start again."
+                    "another outputs.dir, or outputs.overwrite: true (CLI: --overwrite) to start "
+                    "again."
                 )
             self.sweep()
             return True

@@ -1,0 +1,92 @@
+"""Checks that need no pixels, run before any compute (and all of them by ``--dry-run``).
+
+A run that would fail after hours for a reason knowable at the start fails at
+the start instead: an output folder it cannot write, a disk too small for the
+planned outputs, a checkpoint that is missing, unreadable or of another
+architecture, model options the model does not have. (Bands the items lack
+and items that cannot be read are found by the plan itself.)
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+from xclay.errors import OutputError
+from xclay.run.plan import RunPlan
+from xclay.run.spec import RunSpec
+
+__all__ = ["check_outputs", "estimate_output_bytes", "preflight"]
+
+# zstd on imagery (the demo composite: 1.46x); outputs must fit with this margin.
+COMPRESSION = 1.4
+MARGIN = 1.1
+
+
+def preflight(spec: RunSpec, resolved: RunPlan, *, dry_run: bool = False) -> None:
+    """Raise the first problem found, in the order: model, outputs. ``dry_run``: write
+    nothing (the output folder is checked through its nearest existing parent)."""
+    from xclay.models.registry import check_model
+
+    options = dict(spec.model.options)
+    if spec.model.output is not None:
+        options["output"] = spec.model.output
+    checkpoint = spec.path(spec.model.checkpoint) if spec.model.checkpoint else None
+    check_model(spec.model.name, checkpoint=checkpoint, **options)
+    check_outputs(spec.outdir, estimate_output_bytes(spec, resolved), create=not dry_run)
+
+
+def estimate_output_bytes(spec: RunSpec, resolved: RunPlan) -> int:
+    """What a run writes: the datacube (unless it embeds an existing one), compressed,
+    and the vectors twice (embeddings Zarr and GeoParquet)."""
+    import numpy as np
+
+    from xclay.models import get_model_info
+
+    datacube = 0
+    if resolved.source == "stac":
+        pixels = sum(int(np.prod(z.geobox.shape)) for z in resolved.zones)
+        itemsize = np.dtype(resolved.dtype).itemsize
+        datacube = int(pixels * resolved.time_steps * len(resolved.bands) * itemsize / COMPRESSION)
+    dim = get_model_info(spec.model.name).dim
+    per_vector = dim * (1 if spec.outputs.quantize else 4) + 512  # + geometry and columns
+    return datacube + 2 * resolved.chips * per_vector
+
+
+def check_outputs(folder: Path, needed: int, *, create: bool = True) -> None:
+    """The output folder can be created and written (a probe file; with ``create=False``
+    its nearest existing parent must be writable, and nothing is written), and its disk
+    has room for ``needed`` bytes (with a margin)."""
+    folder = Path(folder)
+    try:
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".xclay-write-probe-{os.getpid()}"
+            with probe.open("wb") as f:
+                f.write(b"xclay")
+                f.flush()
+                os.fsync(f.fileno())
+            probe.unlink()
+            existing = folder
+        else:
+            existing = next(p for p in (folder, *folder.parents) if p.exists())
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, "permission denied", str(existing))
+    except OSError as err:
+        reason = "it is read-only" if err.errno == errno.EROFS else (err.strerror or str(err))
+        raise OutputError(
+            f"cannot write the outputs in {folder}: {reason}. Choose another outputs.dir (CLI: "
+            "the spec's outputs.dir, or --out), or fix its permissions. Nothing was run."
+        ) from err
+    free = shutil.disk_usage(existing).free
+    if free < needed * MARGIN:
+        raise OutputError(
+            f"the outputs need about {_gib(needed)} and {folder} has {_gib(free)} free; free "
+            "space there or choose another outputs.dir. Nothing was run."
+        )
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.2f} GiB"
