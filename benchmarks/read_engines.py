@@ -67,6 +67,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--passes", type=int, default=1, help="reads of every chip per measurement")
     p.add_argument("--cold", action="store_true", help="drop the store from the page cache")
+    p.add_argument("--tag", default="", help="added to the result file's name")
     p.add_argument(
         "--no-checksum-cost",
         dest="checksum_cost",
@@ -114,7 +115,7 @@ def main() -> None:
         "device": str(device),
         "kvikio": kvikio,
     }
-    out = save("read_engines", params, results, device=device.type)
+    out = save("read_engines", params, results, device=device.type, variant=args.tag)
     print()
     print(_table(rows))
     print(f"saved {out}")
