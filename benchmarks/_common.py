@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +43,7 @@ def save(
     payload = {
         "benchmark": name,
         "date": today,
+        "command": "python " + " ".join(sys.argv),
         "machine": describe(),
         "params": params,
         "results": results,

@@ -46,7 +46,7 @@ import torch
 from _common import median, save
 
 import xclay
-from xclay.batching import BatchPlan, Block, iter_batches
+from xclay.batching import BatchPlan, Block, batch_buffers, iter_batches
 from xclay.chips import ChipGrid, ChipGridSpec
 from xclay.chunkio import ArrayLayout, ChipChunks
 from xclay.datacube import STORE_ENCODING, datacube_geobox
@@ -69,6 +69,13 @@ def main() -> None:
     p.add_argument("--cold", action="store_true", help="drop the store from the page cache")
     p.add_argument("--tag", default="", help="added to the result file's name")
     p.add_argument(
+        "--chip-sizes",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also read chips of these sizes from each layout (chips decoupled from chunks)",
+    )
+    p.add_argument(
         "--no-checksum-cost",
         dest="checksum_cost",
         action="store_false",
@@ -86,6 +93,7 @@ def main() -> None:
     cube = xclay.datasets.demo_composite(args.size)
     rows: list[dict[str, Any]] = []
     costs: list[dict[str, Any]] = []
+    sizes: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for chunk in args.chunks:
             for compression in args.compression:
@@ -100,6 +108,9 @@ def main() -> None:
                     layout = f"{chunk} px, {compression}, {'sharded' if shard else 'unsharded'}"
                     rows += _measure(path, layout, chunk, device, kvikio, args)
                     print(_table(rows[-7:]), flush=True)
+                    if args.chip_sizes:
+                        sizes.append(_chip_sizes(path, layout, chunk, args))
+                        print(json.dumps(sizes[-1]), flush=True)
                     if args.checksum_cost:
                         twin = _without_checksums(
                             cube, Path(tmp) / f"u{chunk}_{compression}_{shard}.zarr",
@@ -107,7 +118,7 @@ def main() -> None:
                         )  # fmt: skip
                         costs.append(_checksum_cost(path, twin, layout, chunk, args))
                         print(json.dumps(costs[-1]), flush=True)
-    results = {"rows": rows, "checksum_cost": costs}
+    results = {"rows": rows, "checksum_cost": costs, "chip_sizes": sizes}
     params = {
         **vars(args),
         "cube_shape": list(cube["pixels"].shape),
@@ -210,6 +221,48 @@ def _measure(
             seconds_all=[round(t, 4) for t in times],
         )
         out.append(row)
+    return out
+
+
+def _chip_sizes(path: Path, layout: str, chunk: int, args: Any) -> dict[str, Any]:
+    """Chips of other sizes than the chunks (smaller, larger, not aligned) read from the same
+    store through the fill loop, interleaved with the aligned size; the cost of a size is
+    its time per pixel delivered over the aligned size's (median of paired ratios)."""
+    cube = xclay.open_datacube(path)
+    source = ChunkSource(*store_layouts(cube), nodata=None, threads=1)
+    sizes = sorted({chunk, *args.chip_sizes})
+    seconds: dict[int, list[float]] = {s: [] for s in sizes}
+    pixels: dict[int, int] = {}
+    buffers: dict[int, Any] = {}
+    for _ in range(args.repeats + 1):  # the first round warms up
+        for size in sizes:
+            grid = ChipGrid.from_geobox(datacube_geobox(cube), ChipGridSpec(chip_size=size))
+            plan = BatchPlan(
+                grid, Block.whole(1, grid), args.batch_size, QualityFilter(max_nodata=1.0)
+            )
+            pixels[size] = plan.total_chips * size * size * args.passes
+            if size not in buffers:  # as a session: made once (faulted in while warming up)
+                buffers[size] = batch_buffers(source, plan, prefetch=0)
+            start = time.perf_counter()
+            for _ in range(args.passes):
+                # The cache of decoded chunks must not carry the last pass's chunks
+                # over (a run reads each chip once).
+                source.clear_cache()
+                quality = ChipQuality.empty(plan.block.shape, with_classes=False)
+                for _ in iter_batches(source, plan, quality, prefetch=0, buffers=buffers[size]):
+                    pass
+            seconds[size].append(time.perf_counter() - start)
+    source.close()
+    out: dict[str, Any] = {"layout": layout, "sizes": {}}
+    for size in sizes:
+        ratios = [
+            (t / pixels[size]) / (a / pixels[chunk])
+            for t, a in zip(seconds[size][1:], seconds[chunk][1:], strict=True)
+        ]
+        out["sizes"][str(size)] = {
+            "mpixels_per_s": round(pixels[size] / median(seconds[size][1:]) / 1e6, 1),
+            "cost_vs_aligned": round(median(ratios), 3),
+        }
     return out
 
 

@@ -461,3 +461,39 @@ def test_other_processes_load_is_counted() -> None:
     assert busy_from_ticks((0, 0, 0), (200, 40, 40), 2) == 0.0  # all of it ours
     assert busy_from_ticks((5, 5, 5), (5, 5, 5), 2) == 0.0  # no time passed
     assert 0.0 <= other_busy_cores(window=0.05) <= len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_buffers_are_reused_across_loops_and_never_shared(prefetch: int) -> None:
+    from xclay.batching import batch_buffers
+
+    cube = random_cube((2, 3, 96, 96), seed=4)
+    source, plan = WindowSource(cube["pixels"]), _plan(cube)
+    expected, _ = _collect(source, plan, prefetch)
+    buffers = batch_buffers(source, plan, prefetch)
+
+    def loop() -> list[np.ndarray]:
+        quality = ChipQuality.empty(plan.block.shape, with_classes=False)
+        got = []
+        for b in iter_batches(source, plan, quality, prefetch=prefetch, buffers=buffers):
+            assert any(np.shares_memory(b.pixels, p) for p in buffers.pixels)  # reused
+            got.append(np.asarray(b.pixels).copy())
+        return got
+
+    for _ in range(2):  # two blocks of a session, the same buffers
+        got = loop()
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(g, e[0])
+    # A loop left open (after an error, say) still holds them: the next loop gets its own.
+    quality = ChipQuality.empty(plan.block.shape, with_classes=False)
+    left_open = iter_batches(source, plan, quality, prefetch=prefetch, buffers=buffers)
+    first = next(left_open)
+    other = iter_batches(source, plan, quality, prefetch=prefetch, buffers=buffers)
+    second = next(other)
+    assert not any(np.shares_memory(second.pixels, p) for p in buffers.pixels)
+    np.testing.assert_array_equal(np.asarray(first.pixels), expected[0][0])
+    np.testing.assert_array_equal(np.asarray(second.pixels), expected[0][0])
+    left_open.close()
+    other.close()
+    assert loop()  # closed: the buffers serve the next loop again

@@ -39,6 +39,31 @@ def test_chip_counts(n: int, size: int, stride: int | None, edges: str, expected
         assert offsets[-1] + size <= n  # no window leaves the raster
 
 
+@pytest.mark.parametrize(
+    ("size", "stride", "edges", "expected"),
+    [
+        (32, None, "drop", (4, 6)),  # 100 - 96, 70 - 64
+        (32, 16, "drop", (4, 6)),  # the last window ends at 96 and 64 too
+        (25, None, "drop", (0, 20)),  # 100 = 4 x 25: no rows left out
+        (32, None, "pad", (0, 0)),
+    ],
+)
+def test_pixels_left_out_at_the_edges(
+    size: int, stride: int | None, edges: str, expected: tuple[int, int]
+) -> None:
+    grid = _grid(100, 70, chip_size=size, stride=stride, edges=edges)
+    assert grid.left_out == expected
+    covered = np.zeros((100, 70), bool)  # the same count by marking each window's pixels
+    for r in grid.row_offsets:
+        for c in grid.col_offsets:
+            covered[r : r + size, c : c + size] = True
+    assert (100 - covered.any(1).sum(), 70 - covered.any(0).sum()) == expected
+    note = grid.describe_left_out()
+    assert (note is None) == (expected == (0, 0))
+    if note:
+        assert f"{expected[1]} px columns" in note and "edges='pad'" in note
+
+
 def test_too_small_for_drop_says_what_to_do() -> None:
     with pytest.raises(DatacubeError, match="edges='pad' or a chip_size of at most 20"):
         _grid(20, 30, chip_size=32)

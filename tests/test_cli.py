@@ -76,11 +76,21 @@ def test_errors_are_one_clear_line_not_a_traceback(tmp_path: Path) -> None:
     assert "no datacube at" in run.stderr
 
 
-def test_bad_chip_size_is_reported(tmp_path: Path, demo_cube_256: xr.Dataset) -> None:
+def test_chip_sizes_are_free_and_bad_ones_are_reported(
+    tmp_path: Path, demo_cube_256: xr.Dataset
+) -> None:
     cube = xclay.write_datacube(demo_cube_256, tmp_path / "cube.zarr", chip_size=64)
-    run = _xclay("embed", str(cube), "--out", str(tmp_path / "o"), "--chip-size", "96")
-    assert run.returncode == 1 and "Traceback" not in run.stderr
-    assert "multiples of 64" in run.stderr
+    # A chip size that is no multiple of the store's 64 px chunks embeds as it is ...
+    ok = _xclay("embed", str(cube), "--out", str(tmp_path / "o"), "--chip-size", "96")
+    assert ok.returncode == 0, ok.stderr
+    assert xclay.read_geoparquet(tmp_path / "o" / "embeddings.parquet").num_rows == 4
+    assert "64 px" in ok.stdout  # the columns and rows edges='drop' left out are reported
+    # ... one larger than the datacube, or not positive, is refused in one line with the fix.
+    big = _xclay("embed", str(cube), "--out", str(tmp_path / "b"), "--chip-size", "512")
+    assert big.returncode == 1 and "Traceback" not in big.stderr
+    assert "smaller than one chip" in big.stderr and "edges='pad'" in big.stderr
+    zero = _xclay("embed", str(cube), "--out", str(tmp_path / "z"), "--chip-size", "0")
+    assert zero.returncode == 1 and "chip_size" in zero.stderr and "positive" in zero.stderr
 
 
 def test_chip_filters_from_the_command_line(tmp_path: Path, demo_cube_256: xr.Dataset) -> None:

@@ -11,8 +11,8 @@ import zarr
 from affine import Affine
 
 import xclay
-from xclay.datacube import check_chip_alignment, datacube_geobox
-from xclay.errors import ChunkingError, DatacubeError, OutputExistsError
+from xclay.datacube import datacube_geobox
+from xclay.errors import DatacubeError, OutputExistsError
 
 from .helpers import OLINDA_BANDS, OLINDA_WAVELENGTHS, random_cube
 
@@ -238,18 +238,6 @@ def test_kvikio_engine_without_cuda_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(expected, match=message) as info:
         xclay.open_datacube(path, engine="kvikio")
     assert "libcuda" not in str(info.value)
-
-
-def test_chip_alignment_check(tmp_path: Path) -> None:
-    path = xclay.write_datacube(random_cube((1, 2, 128, 128)), tmp_path / "c.zarr", chip_size=32)
-    cube = xclay.open_datacube(path)
-    check_chip_alignment(cube, 64)  # two chunks per chip edge: aligned
-    check_chip_alignment(cube, 32, stride=32)
-    with pytest.raises(ChunkingError, match="chunks of 32 pixels"):
-        check_chip_alignment(cube, 48)
-    with pytest.raises(ChunkingError, match="every 16 px"):
-        check_chip_alignment(cube, 32, stride=16)
-    check_chip_alignment(cube.load(), 48)  # in memory: no stored chunks to cut through
 
 
 # --------------------------------------------------------------------------- laziness

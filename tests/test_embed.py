@@ -12,7 +12,7 @@ import xarray as xr
 
 import xclay
 from xclay.accessor import ClayDataArrayAccessor, ClayDatasetAccessor
-from xclay.errors import ChunkingError, DatacubeError, DeviceError, ModelError
+from xclay.errors import DatacubeError, DeviceError, ModelError
 
 from .helpers import random_cube
 
@@ -177,12 +177,6 @@ def test_accessor_signature_mirrors_the_function(accessor: type) -> None:
     assert [(p.name, p.default, p.kind) for p in method] == [
         (p.name, p.default, p.kind) for p in function
     ]
-
-
-def test_misaligned_stored_chunks_are_refused(tmp_path: Path, demo_cube_256: xr.Dataset) -> None:
-    path = xclay.write_datacube(demo_cube_256, tmp_path / "c.zarr", chip_size=64)
-    with pytest.raises(ChunkingError, match="multiples of 64"):
-        _embed(xclay.open_datacube(path), chip_size=96)
 
 
 def test_cuda_without_a_gpu_is_a_clear_error(demo_cube_256: xr.Dataset) -> None:

@@ -481,7 +481,7 @@ def test_cli_user_errors_never_print_a_traceback(tmp_path: Path) -> None:
         ("embed", str(tmp_path / "missing.zarr"), "--out", str(tmp_path / "o")),
         ("export", str(tmp_path / "missing.zarr")),
         ("run", str(tmp_path / "missing.yaml")),
-        ("embed", str(_cube(tmp_path)), "--out", str(tmp_path / "o"), "--chip-size", "7"),
+        ("embed", str(_cube(tmp_path)), "--out", str(tmp_path / "o"), "--chip-size", "0"),
     ]
     for args in cases:
         result = _xclay(*args)

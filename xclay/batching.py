@@ -198,6 +198,10 @@ class BufferPool:
     again only after that work has finished (an event recorded on the
     consumer's stream), since neither kvikIO writes nor host writes to pinned
     memory are ordered on a CUDA stream.
+
+    A session keeps one pool for all its blocks (:meth:`lease` it for each
+    block's fill loop): batch buffers are hundreds of MB, and fresh ones would
+    be faulted in (or pinned) again for every region.
     """
 
     def __init__(
@@ -223,6 +227,27 @@ class BufferPool:
         self.free: queue.Queue[int] = queue.Queue()
         for i in range(slots):
             self.free.put(i)
+        self.key = (xp, slots, shape, np.dtype(dtype), with_classes, pin, cuda_events)
+        self._leased = False
+        self._lock = threading.Lock()
+
+    def lease(self) -> bool:
+        """Take the pool for one fill loop with every slot free (a slot's pending CUDA
+        event still guards it); False while another loop holds it (one that was never
+        closed, after an error): that caller makes a pool of its own."""
+        with self._lock:
+            if self._leased:
+                return False
+            self._leased = True
+        while not self.free.empty():
+            self.free.get_nowait()
+        for i in range(self.slots):
+            self.free.put(i)
+        return True
+
+    def end_lease(self) -> None:
+        with self._lock:
+            self._leased = False
 
     @property
     def slots(self) -> int:
@@ -321,6 +346,7 @@ def iter_batches(
     prefetch: int = 2,
     pin_memory: bool = False,
     cuda_events: bool = False,
+    buffers: BufferPool | None = None,
 ) -> Iterator[Batch]:
     """Yield batches of the block's accepted chips in (time, chip row, chip col) order.
 
@@ -330,30 +356,57 @@ def iter_batches(
     buffer is reused once the consumer asks for the next one: use (or copy) it
     before then. ``pin_memory``: host buffers in pinned memory (feeding a
     GPU); ``cuda_events``: the consumer computes on a CUDA device (see
-    :class:`BufferPool`).
+    :class:`BufferPool`); ``buffers``: a pool from :func:`batch_buffers` to reuse.
     """
     if prefetch < 0:
         raise DatacubeError(f"prefetch must be >= 0, got {prefetch}.")
+    key = _buffers_key(source, plan, prefetch, pin_memory, cuda_events)
+    pool = buffers
+    if pool is None or pool.key != key or not pool.lease():  # none fits, or it is busy
+        pool = batch_buffers(source, plan, prefetch, pin_memory, cuda_events)
+        pool.lease()
+    try:
+        if prefetch == 0:
+            yield from _recycling(_fill(source, plan, quality, pool, None), pool)
+            return
+
+        def fill(stop: threading.Event) -> Iterator[Batch]:
+            with source.reading_stream():
+                yield from _fill(source, plan, quality, pool, stop)
+
+        yield from _recycling(_prefetched(fill, pool, prefetch), pool)
+    finally:
+        pool.end_lease()
+
+
+def _buffers_key(
+    source: BatchSource, plan: BatchPlan, prefetch: int, pin: bool, cuda_events: bool
+) -> tuple[Any, ...]:
     size = plan.grid.spec.chip_size
-    bands = source.shape[1]
-    pool = BufferPool(
+    shape = (plan.batch_size, source.shape[1], size, size)
+    dtype = np.dtype(source.dtype)
+    return (source.xp, prefetch + 2, shape, dtype, source.has_quality, pin, cuda_events)
+
+
+def batch_buffers(
+    source: BatchSource,
+    plan: BatchPlan,
+    prefetch: int = 2,
+    pin_memory: bool = False,
+    cuda_events: bool = False,
+) -> BufferPool:
+    """The buffers :func:`iter_batches` fills for ``source`` and ``plan``'s batches (a
+    session makes them once and passes them to every block's loop)."""
+    size = plan.grid.spec.chip_size
+    return BufferPool(
         source.xp,
         prefetch + 2,
-        (plan.batch_size, bands, size, size),
+        (plan.batch_size, source.shape[1], size, size),
         source.dtype,
         with_classes=source.has_quality,
         pin=pin_memory,
         cuda_events=cuda_events,
     )
-    if prefetch == 0:
-        yield from _recycling(_fill(source, plan, quality, pool, None), pool)
-        return
-
-    def fill(stop: threading.Event) -> Iterator[Batch]:
-        with source.reading_stream():
-            yield from _fill(source, plan, quality, pool, stop)
-
-    yield from _recycling(_prefetched(fill, pool, prefetch), pool)
 
 
 def _fill(

@@ -108,6 +108,29 @@ class ChipGrid:
         return self.rows, self.cols
 
     @property
+    def left_out(self) -> tuple[int, int]:
+        """Pixel rows and columns at the bottom and right edges that no chip covers
+        (``edges="drop"`` leaves out what is short of a whole chip; ``"pad"`` nothing)."""
+        size, step = self.spec.chip_size, self.spec.step
+
+        def uncovered(n: int, count: int) -> int:
+            return 0 if self.spec.edges == "pad" else n - ((count - 1) * step + size)
+
+        ny, nx = self.source.shape
+        return uncovered(ny, self.rows), uncovered(nx, self.cols)
+
+    def describe_left_out(self) -> str | None:
+        """A sentence for run plans when edges='drop' leaves pixels out; None when it does not."""
+        rows, cols = self.left_out
+        if not rows and not cols:
+            return None
+        parts = [f"{n} px {what}" for n, what in ((cols, "columns"), (rows, "rows")) if n]
+        return (
+            f"edges='drop' leaves out the last {' and '.join(parts)} of the datacube (short of "
+            "a whole chip); edges='pad' embeds them, padded with nodata"
+        )
+
+    @property
     def row_offsets(self) -> np.ndarray:
         """Top pixel row of each chip row, shape ``(rows,)``."""
         return np.arange(self.rows, dtype=np.int64) * self.spec.step

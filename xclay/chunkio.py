@@ -293,15 +293,30 @@ def _check_window_layout(layout: ArrayLayout) -> None:
 
 class DirectWindowReader:
     """Reads chip windows of a ``(time, band, y, x)`` or ``(time, y, x)`` Zarr v3 array into
-    host buffers: ``pread`` per chunk, decoded in place; windows may span several chunks
-    and reach past the raster (filled with ``pad_value``)."""
+    host buffers: ``pread`` per chunk, decoded in place; windows may be any size at any
+    place, spanning several chunks, part of one, or reaching past the raster (filled with
+    ``pad_value``).
 
-    def __init__(self, layout: ArrayLayout, *, pad_value: float) -> None:
+    A chunk the window holds whole is decoded straight into ``out`` (or, when the bands
+    of a larger window are strided, into a reused buffer and copied in). Chunks that
+    windows only partly cover are decoded once into a cache of ``cache_bytes`` (least
+    recently used first out) and cut from there, so neighbouring chips that share a
+    chunk (chips smaller than chunks, or not aligned with them) decode it once.
+    """
+
+    def __init__(
+        self, layout: ArrayLayout, *, pad_value: float, cache_bytes: int = 256 << 20
+    ) -> None:
         _check_window_layout(layout)
         self.layout = layout
         self.locator = ChunkLocator(layout)
         self.pad_value = pad_value
         self._decoder = _host_decoder(layout)
+        self._cache = _ChunkCache(
+            max(1, cache_bytes // max(1, layout.chunk_nbytes)),
+            layout.chunk_shape[1:],
+            layout.dtype.newbyteorder("="),
+        )
         self._local = threading.local()
 
     @property
@@ -325,23 +340,44 @@ class DirectWindowReader:
                 ys, ye = max(r0, gy * cy), min(r1, (gy + 1) * cy)
                 xs, xe = max(c0, gx * cx), min(c1, (gx + 1) * cx)
                 target = out[..., ys - row : ye - row, xs - col : xe - col]
-                whole = (ye - ys, xe - xs) == (cy, cx) and target.flags.c_contiguous
-                chunk = target if whole else self._scratch()
-                self._read_chunk(t, gy, gx, chunk)
-                if not whole:
-                    target[...] = chunk[
-                        ..., ys - gy * cy : ye - gy * cy, xs - gx * cx : xe - gx * cx
-                    ]
+                whole = (ye - ys, xe - xs) == (cy, cx)  # the window holds the whole chunk
+                if whole and target.flags.c_contiguous:
+                    self._read_chunk(t, gy, gx, target)  # in place
+                    continue
+                part = (..., slice(ys - gy * cy, ye - gy * cy), slice(xs - gx * cx, xe - gx * cx))
+                entry = self._cache.get((t, gy, gx))
+                if entry is None and whole:
+                    # No other window needs it (it lies inside this one): decode it beside
+                    # the window in this thread's hot buffer, rather than push shared
+                    # chunks out of the cache.
+                    scratch = self._scratch()
+                    self._read_chunk(t, gy, gx, scratch)
+                    target[...] = scratch
+                    continue
+                if entry is None:
+                    buffer = self._cache.buffer()
+                    self._read_chunk(t, gy, gx, buffer)
+                    entry = self._cache.put((t, gy, gx), buffer)
+                try:
+                    target[...] = entry.array[part]
+                finally:
+                    self._cache.release(entry)
+
+    def clear_cache(self) -> None:
+        """Forget the decoded chunks (their buffers are kept for the next ones)."""
+        self._cache.clear()
+
+    def _scratch(self) -> np.ndarray:
+        """This thread's chunk-sized buffer for chunks no other window needs: one hot
+        buffer instead of cache entries that would only push shared chunks out."""
+        buf: np.ndarray | None = getattr(self._local, "scratch", None)
+        if buf is None:
+            shape = self.layout.chunk_shape[1:]
+            buf = self._local.scratch = np.empty(shape, self.layout.dtype.newbyteorder("="))
+        return buf
 
     def _grid_index(self, t: int, gy: int, gx: int) -> tuple[int, ...]:
         return (t, 0, gy, gx) if len(self.layout.shape) == 4 else (t, gy, gx)
-
-    def _scratch(self) -> np.ndarray:
-        buf = getattr(self._local, "chunk", None)
-        if buf is None:
-            buf = np.empty(self.layout.chunk_shape[1:], dtype=self.layout.dtype.newbyteorder("="))
-            self._local.chunk = buf
-        return buf
 
     def _read_chunk(self, t: int, gy: int, gx: int, out: np.ndarray) -> None:
         """Decode one chunk into ``out`` (C-contiguous, the chunk's shape without time)."""
@@ -355,6 +391,92 @@ class DirectWindowReader:
 
     def _read_ref(self, ref: ChunkRef, out: np.ndarray) -> None:
         read_chunk(self.layout, ref, out, self._decoder)
+
+
+@dataclass
+class _CachedChunk:
+    array: np.ndarray
+    pins: int = 1  # readers copying from it now: its buffer is reused only after them
+    evicted: bool = False
+
+
+class _ChunkCache:
+    """Decoded chunks, at most ``capacity`` of them, the least recently used dropped first;
+    safe to share between reading threads.
+
+    Buffers come in slabs of several chunks (at least 8 MB: NumPy asks the kernel for
+    huge pages there, and decoding into 4 KB pages was 2x slower here), and a dropped
+    chunk's buffer becomes a spare for the next decode once no reader is copying from
+    it (pins), so a cache that keeps missing reuses memory instead of faulting in a
+    fresh chunk-sized array for every chunk it decodes.
+    """
+
+    SLAB_BYTES = 8 << 20
+
+    def __init__(self, capacity: int, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
+        from collections import OrderedDict
+
+        self.capacity = capacity
+        self._shape, self._dtype = tuple(shape), dtype
+        self._chunks: OrderedDict[tuple[int, ...], _CachedChunk] = OrderedDict()
+        self._spares: list[np.ndarray] = []
+        self._made = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[int, ...]) -> _CachedChunk | None:
+        """The chunk, pinned (call :meth:`release` after copying from it), or None."""
+        with self._lock:
+            entry = self._chunks.get(key)
+            if entry is not None:
+                entry.pins += 1
+                self._chunks.move_to_end(key)
+            return entry
+
+    def put(self, key: tuple[int, ...], array: np.ndarray) -> _CachedChunk:
+        """Cache a freshly decoded chunk; it comes back pinned, like :meth:`get`."""
+        entry = _CachedChunk(array)
+        with self._lock:
+            old = self._chunks.pop(key, None)  # another thread decoded it too
+            if old is not None:
+                self._drop(old)
+            self._chunks[key] = entry
+            while len(self._chunks) > self.capacity:
+                self._drop(self._chunks.popitem(last=False)[1])
+        return entry
+
+    def release(self, entry: _CachedChunk) -> None:
+        with self._lock:
+            entry.pins -= 1
+            if entry.evicted and entry.pins == 0:
+                self._keep_spare(entry.array)
+
+    def buffer(self) -> np.ndarray:
+        """A chunk-sized buffer to decode into: a spare, or one of a new slab's."""
+        with self._lock:
+            if not self._spares:
+                nbytes = max(1, int(np.prod(self._shape)) * self._dtype.itemsize)
+                room = max(1, self.capacity + 1 - self._made)  # the cache and one being read
+                count = min(room, max(1, -(-self.SLAB_BYTES // nbytes)))
+                slab = np.empty((count, *self._shape), self._dtype)
+                self._spares.extend(slab)
+                self._made += count
+            return self._spares.pop()
+
+    def clear(self) -> None:
+        with self._lock:
+            while self._chunks:
+                self._drop(self._chunks.popitem()[1])
+
+    def _drop(self, entry: _CachedChunk) -> None:
+        entry.evicted = True
+        if entry.pins == 0:
+            self._keep_spare(entry.array)
+
+    def _keep_spare(self, array: np.ndarray) -> None:
+        if len(self._spares) + len(self._chunks) <= self.capacity:
+            self._spares.append(array)
+        else:  # one more than the cache holds was made while others were pinned
+            self._made -= 1
 
 
 def read_chunk(layout: ArrayLayout, ref: ChunkRef, out: np.ndarray, decoder: Any) -> None:

@@ -63,6 +63,8 @@ def _os_error(err: OSError, command: str) -> str:
     that does not exist; only commands that write regions can be resumed."""
     import errno
 
+    if err.errno is None:  # raised by xclay with its own wording (which names the fix)
+        return str(err)
     where = f" ({err.filename})" if err.filename else ""
     what = err.strerror or str(err)
     resumes = command in ("run", "ingest", "embed")
@@ -413,7 +415,7 @@ def _embed(args: argparse.Namespace) -> int:
     from xclay.run import RunSpec, run
 
     open_datacube(args.target)  # refuses a missing or incomplete datacube before anything
-    spec = RunSpec.from_dict(_embed_spec(args), source="xclay embed", base=str(Path.cwd()))
+    spec = RunSpec.from_dict(_embed_spec(args), source="command-line options", base=str(Path.cwd()))
     client, threads = _client(args, spec)
     try:
         report = run(spec, client=client, progress=_progress(args), torch_threads=threads)

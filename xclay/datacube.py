@@ -48,7 +48,6 @@ from xclay.models.sensors import get_sensor
 __all__ = [
     "DATACUBE_DIMS",
     "as_datacube",
-    "check_chip_alignment",
     "create_datacube_store",
     "datacube_geobox",
     "is_complete",
@@ -750,41 +749,9 @@ def _check_wavelengths(cube: xr.Dataset, waves: np.ndarray) -> None:
         )
 
 
-def check_chip_alignment(cube: xr.Dataset, chip_size: int, stride: int | None = None) -> None:
-    """Raise :class:`ChunkingError` when chip windows would cut through stored chunks.
-
-    Applies to cubes backed by chunked storage (Zarr, dask): each chip window
-    must be one chunk or a whole number of chunks, so that reading a chip
-    never decodes a chunk that other chips will decode again.
-    """
-    stride = chip_size if stride is None else stride
-    for dim, size in _chunk_sizes(cube["pixels"]).items():
-        n = cube.sizes[dim]
-        if size >= n:
-            continue  # one chunk along this dim: nothing to cut through
-        if chip_size % size or stride % size:
-            raise ChunkingError(
-                f"the datacube is stored in chunks of {size} pixels along {dim}, which do not "
-                f"line up with chips of {chip_size} px every {stride} px. Use a chip size and "
-                f"stride that are multiples of {size}, or rewrite the cube with "
-                f"xclay.write_datacube(cube, path, chip_size={chip_size})."
-            )
-
-
 def in_memory(pixels: xr.DataArray) -> bool:
     """True when the pixels are a NumPy array already (``.data`` would load lazy arrays)."""
     return isinstance(pixels.variable._data, np.ndarray)
-
-
-def _chunk_sizes(pixels: xr.DataArray) -> dict[str, int]:
-    if in_memory(pixels):
-        return {}  # in memory (even if loaded from a store): any window is one slice
-    enc = pixels.encoding.get("chunks")
-    if pixels.chunks is not None:  # dask: regular chunks except maybe the last
-        return {d: int(pixels.chunksizes[d][0]) for d in ("y", "x")}
-    if enc is not None:
-        return {"y": int(enc[2]), "x": int(enc[3])}
-    return {}
 
 
 # --------------------------------------------------------------------------- write

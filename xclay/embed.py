@@ -20,6 +20,8 @@ from xclay.batching import (
     Batch,
     BatchPlan,
     Block,
+    BufferPool,
+    batch_buffers,
     iter_batches,
     make_sampler,
     to_chip_batch,
@@ -27,7 +29,6 @@ from xclay.batching import (
 from xclay.chips import ChipGrid, ChipGridSpec, Edges
 from xclay.datacube import (
     as_datacube,
-    check_chip_alignment,
     datacube_geobox,
     nodata_value,
     validate_datacube,
@@ -275,7 +276,6 @@ class EmbedSession:
         self.config = config
         self.encoder = encoder
         self.grid = ChipGrid.from_geobox(datacube_geobox(self.cube), config.grid)
-        check_chip_alignment(self.cube, self.grid.spec.chip_size, self.grid.spec.step)
         self.device = resolve_device(config.device)
         self.threads = ThreadBudget.for_device(self.device)
         self.sources = open_batch_source(
@@ -284,6 +284,7 @@ class EmbedSession:
             engine=config.engine,
             device=self.device,
             threads=self.threads,
+            stride=self.grid.spec.step,
         )
         host = self.sources.host
         if config.quality.uses_classes and not host.has_quality:
@@ -317,6 +318,7 @@ class EmbedSession:
                 encoder.enable_loss(config.loss_seed)
             encoder.prepare(spec, sampler, device=self.device, dtype=dtype)
         self.card = encoder.card
+        self._buffers: BufferPool | None = None
 
     def _with_thumbnail_stretch(
         self, config: EmbedConfig, spec: InputSpec, sampler: Sampler
@@ -353,14 +355,17 @@ class EmbedSession:
         return {
             "engine": self.sources.engine,
             "reader": self.sources.batches.name,
+            "layout": self.sources.layout,
             "device": str(self.device),
             "threads": {"torch": self.threads.torch, "decode": self.threads.decode},
             "fallbacks": list(self.sources.fallbacks),
         }
 
     def close(self) -> None:
-        """Stop the readers' threads (a session used after this reopens nothing)."""
+        """Stop the readers' threads and free the batch buffers (a session used after
+        this reopens nothing)."""
         self.sources.close()
+        self._buffers = None
 
     def embed_block(
         self,
@@ -450,13 +455,17 @@ class EmbedSession:
 
     def _batches(self, plan: BatchPlan, quality: ChipQuality) -> Iterator[Batch]:
         on_gpu = self.device.type == "cuda"
+        source, prefetch = self.sources.batches, self.config.prefetch
+        if self._buffers is None:  # made once: every block's loop reuses them
+            self._buffers = batch_buffers(source, plan, prefetch, on_gpu, on_gpu)
         return iter_batches(
-            self.sources.batches,
+            source,
             plan,
             quality,
-            prefetch=self.config.prefetch,
+            prefetch=prefetch,
             pin_memory=on_gpu,
             cuda_events=on_gpu,
+            buffers=self._buffers,
         )
 
     def dataset(self, result: BlockResult) -> xr.Dataset:

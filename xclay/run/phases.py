@@ -83,6 +83,7 @@ class RunReport:
                 f"  provenance  {len(self.plan.items):,} STAC items in {self.outputs.get('items')}; "
                 "each row lists its own"
             )
+        lines += [f"  note        {n}" for n in self.plan.notes]
         if self.failed:
             lines.append(
                 f"  INCOMPLETE  {len(self.failed)} region(s) failed; rerun the same spec to retry them:"

@@ -132,6 +132,7 @@ def _plan_datacube(spec: RunSpec) -> RunPlan:
         bytes_estimate=int(ny * nx * cube.sizes["band"] * cube["pixels"].dtype.itemsize * steps),
         bbox_lonlat=tuple(float(v) for v in geobox.extent.to_crs("EPSG:4326").boundingbox),  # type: ignore[arg-type]
         dtype=str(cube["pixels"].dtype),
+        notes=tuple(n for n in [grid.describe_left_out()] if n),
     )
 
 
