@@ -47,11 +47,12 @@ def random_cube(
             "time": np.array(["2024-06-01"] * t, dtype="datetime64[ns]")
             + np.arange(t).astype("timedelta64[D]"),
             "band": [f"b{i}" for i in range(b)],
-            "y": coords["y"],
-            "x": coords["x"],
+            "y": coords["y" if "y" in coords else "latitude"].values,
+            "x": coords["x" if "x" in coords else "longitude"].values,
             "spatial_ref": coords["spatial_ref"],
         },
     )
     if nodata is not None:
         da.attrs["nodata"] = nodata
-    return xclay.as_datacube(da, wavelengths=[0.45 + 0.1 * i for i in range(b)])
+    gsd = 11.0 if gb.crs is not None and gb.crs.geographic else None  # ~0.0001 degrees
+    return xclay.as_datacube(da, wavelengths=[0.45 + 0.1 * i for i in range(b)], gsd=gsd)

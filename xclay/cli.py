@@ -149,13 +149,36 @@ def _parser() -> argparse.ArgumentParser:
     _add_cluster_options(emb)
     emb.set_defaults(func=_embed)
 
-    exp = sub.add_parser("export", help="embeddings Zarr (or a spec's) -> GeoParquet")
+    exp = sub.add_parser(
+        "export",
+        help="embeddings Zarr (or a spec's) -> GeoParquet or Cloud-Optimized GeoTIFF",
+        description=(
+            "Write GeoParquet (one row per chip) or a Cloud-Optimized GeoTIFF (one cell per "
+            "chip; every feature a band, or --pca N components) from an embeddings Zarr, or "
+            "from every embeddings Zarr of a finished run (its spec)."
+        ),
+    )
     exp.add_argument("target", type=Path, help="embeddings Zarr, or a run spec (YAML)")
     exp.add_argument(
-        "--out", type=Path, default=None, help="GeoParquet path (default: beside the Zarr)"
+        "--format",
+        choices=("geoparquet", "cog"),
+        default="geoparquet",
+        help="geoparquet (default) or cog",
+    )
+    exp.add_argument(
+        "--out", type=Path, default=None, help="output path (default: beside the Zarr)"
     )
     exp.add_argument("--overwrite", action="store_true", help="replace an existing file")
     _add_quantize_option(exp)
+    exp.add_argument(
+        "--pca", type=int, default=None, metavar="N", help="cog: the first N principal components"
+    )
+    exp.add_argument(
+        "--dtype",
+        choices=("float32", "int8"),
+        default="float32",
+        help="cog: float32 (default) or int8 with a scale per band",
+    )
     exp.set_defaults(func=_export)
 
     info = sub.add_parser("info", help="versions, CPU/GPU, optional parts available")
@@ -457,6 +480,11 @@ def _embed_spec(args: argparse.Namespace) -> dict[str, Any]:
 def _export(args: argparse.Namespace) -> int:
     from xclay.export import open_embeddings, to_geoparquet
 
+    if args.format == "cog":
+        return _export_cog(args)
+    if args.pca is not None or args.dtype != "float32":
+        print("xclay export: error: --pca and --dtype apply to --format cog", file=sys.stderr)
+        return 2
     if _is_spec(args.target):
         from xclay.run import export_step
 
@@ -467,6 +495,30 @@ def _export(args: argparse.Namespace) -> int:
             open_embeddings(args.target), out, quantize=args.quantize, overwrite=args.overwrite
         )
     print(f"  geoparquet  {path}")
+    return 0
+
+
+def _export_cog(args: argparse.Namespace) -> int:
+    from xclay.cog import to_cog
+
+    if args.quantize:
+        print(
+            "xclay export: error: --quantize applies to geoparquet; use --dtype int8",
+            file=sys.stderr,
+        )
+        return 2
+    if _is_spec(args.target):
+        from xclay.run.state import RunState
+
+        spec = _spec(args)
+        stores = [Path(p) for p in RunState(spec.outdir).record()["paths"]["embeddings"]]
+        folder = args.out or spec.outdir
+        targets = [(store, folder / f"{store.stem}.tif") for store in stores]
+    else:
+        targets = [(args.target, args.out or args.target.with_suffix(".tif"))]
+    for store, out in targets:
+        for path in to_cog(store, out, pca=args.pca, dtype=args.dtype, overwrite=args.overwrite):
+            print(f"  cog         {path}")
     return 0
 
 

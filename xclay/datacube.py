@@ -148,10 +148,14 @@ def as_datacube(
     pixel_gsd = _gsd_of(geobox) if gsd is None else float(gsd)
 
     coords = xr_coords(geobox, crs_coord_name="spatial_ref")
+    # odc-geo names a geographic grid's axes latitude/longitude; the cube's dims are y/x.
+    y_name, x_name = (str(d) for d in geobox.dimensions)
+    y = xr.Variable("y", coords[y_name].values, coords[y_name].attrs)
+    x = xr.Variable("x", coords[x_name].values, coords[x_name].attrs)
     variable = _pixels_variable(sources, has_band, dtype)
     data = xr.DataArray(
         variable,
-        coords={"band": np.array(names, dtype=object), "y": coords["y"], "x": coords["x"]},
+        coords={"band": np.array(names, dtype=object), "y": y, "x": x},
         attrs={"grid_mapping": "spatial_ref", "platform": platform or ""},
     )
     if fill is not None:
@@ -864,6 +868,7 @@ def create_datacube_store(
     meta.to_zarr(path, mode="w", zarr_format=3, consolidated=False)
     group = zarr.open_group(path, mode="r+", zarr_format=3)
     coordinates = " ".join(sorted(str(c) for c in cube.coords if c not in DATACUBE_DIMS))
+    crs = datacube_geobox(cube).crs
     fill = nodata_value(pixels)
     group.create_array(
         "pixels",
@@ -874,7 +879,10 @@ def create_datacube_store(
         compressors=_compressors(compression),
         fill_value=fill if fill is not None else 0,
         dimension_names=DATACUBE_DIMS,
-        attributes={**_variable_attrs(pixels, coordinates), INTEGRITY_ATTR: dict(INTEGRITY)},
+        attributes={
+            **_variable_attrs(pixels, coordinates, crs),
+            INTEGRITY_ATTR: dict(INTEGRITY),
+        },
         config={"write_empty_chunks": True},
     )
     if has_quality:
@@ -890,7 +898,7 @@ def create_datacube_store(
             fill_value=int(PixelClass.NODATA),
             dimension_names=("time", "y", "x"),
             attributes={
-                **_variable_attrs(cube["quality"], coordinates),
+                **_variable_attrs(cube["quality"], coordinates, crs),
                 INTEGRITY_ATTR: dict(INTEGRITY),
             },
             config={"write_empty_chunks": True},
@@ -951,11 +959,26 @@ def write_empty_block(
 
 
 def mark_complete(path: str | os.PathLike[str], **attrs: Any) -> None:
-    """Flag a store (datacube or embeddings) as complete, with final attributes."""
+    """Flag a store (datacube or embeddings) as complete, with final attributes, and
+    consolidate its metadata (``xr.open_zarr`` then opens it without a warning, and
+    without listing every array on object storage)."""
     import zarr
 
     group = zarr.open_group(path, mode="r+", zarr_format=3)
     group.attrs.update(jsonable({**attrs, COMPLETE_ATTR: True}))
+    consolidate(path)
+
+
+def consolidate(path: str | os.PathLike[str]) -> None:
+    """Write a Zarr v3 store's consolidated metadata (zarr-python's extension, which
+    readers without it ignore)."""
+    import warnings
+
+    import zarr
+
+    with warnings.catch_warnings():  # "not part of the Zarr v3 specification (yet)"
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        zarr.consolidate_metadata(str(path), zarr_format=3)
 
 
 def read_metadata(store: str | os.PathLike[str]) -> dict[str, Any]:
@@ -996,10 +1019,23 @@ def _write_step(pixels: xr.DataArray, block: int) -> int:
     return block * max(1, -(-chunk // block))
 
 
-def _variable_attrs(var: xr.DataArray, coordinates: str) -> dict[str, Any]:
-    attrs: dict[str, Any] = jsonable({k: v for k, v in var.attrs.items() if k != "coordinates"})
+def _variable_attrs(var: xr.DataArray, coordinates: str, crs: Any) -> dict[str, Any]:
+    kept = {k: v for k, v in var.attrs.items() if k not in ("coordinates", GDAL_CRS_ATTR)}
+    attrs: dict[str, Any] = jsonable(kept)
     attrs["coordinates"] = coordinates
+    attrs.update(gdal_crs(crs))
     return attrs
+
+
+# GDAL's own Zarr attribute for an array's CRS. GDAL (>= 3.11 for Zarr v3) does not follow
+# CF's grid_mapping once a store has consolidated metadata, so stored arrays carry both;
+# opened datasets drop it (it would go stale when a user reprojects).
+GDAL_CRS_ATTR = "_CRS"
+
+
+def gdal_crs(crs: Any) -> dict[str, Any]:
+    """``{"_CRS": {"wkt": ...}}`` for a stored, georeferenced array (nothing without a CRS)."""
+    return {GDAL_CRS_ATTR: {"wkt": crs.to_wkt()}} if crs is not None else {}
 
 
 def _any_valid(values: np.ndarray, nodata: float | None, quality: np.ndarray | None) -> bool:
@@ -1083,6 +1119,7 @@ def open_datacube(path: str | os.PathLike[str], *, engine: Engine = "zarr") -> x
     for name in ("pixels", "quality"):
         if name not in cube.data_vars:
             continue
+        cube[name].attrs.pop(GDAL_CRS_ATTR, None)
         integrity = cube[name].attrs.pop(INTEGRITY_ATTR, None)
         cube[name].encoding[INTEGRITY_ATTR] = integrity
         if not integrity:

@@ -30,6 +30,7 @@ from xclay.chips import ChipGrid, ChipGridSpec, Edges
 from xclay.datacube import (
     as_datacube,
     datacube_geobox,
+    gdal_crs,
     nodata_value,
     validate_datacube,
 )
@@ -505,7 +506,7 @@ class EmbedSession:
                 chip_shape=tuple(int(n) for n in np.shape(values)[3:]),
             )
             for name, (dims, values, attrs) in _data_vars(
-                empty, self.card.name, self.config.thumbnail_stretch
+                empty, self.card.name, self.config.thumbnail_stretch, self.grid.crs
             ).items()
         }
         for name, (dims, values, attrs) in _chip_coords(
@@ -598,7 +599,7 @@ def _as_cube(obj: xr.Dataset | xr.DataArray) -> xr.Dataset:
 def _embeddings_dataset(session: EmbedSession, result: BlockResult) -> xr.Dataset:
     geometry = result.geometry or BlockGeometry.of(session.grid, result.block)
     ds = xr.Dataset(
-        _data_vars(result, session.card.name, session.config.thumbnail_stretch),
+        _data_vars(result, session.card.name, session.config.thumbnail_stretch, session.grid.crs),
         coords={**_grid_coords(session, result.block), **_chip_coords(geometry)},
         attrs=_embeddings_attrs(session, result.counts),
     )
@@ -617,7 +618,25 @@ _VAR_ATTRS: dict[str, dict[str, Any]] = {
 }
 
 
+def _georeferenced(crs: Any) -> dict[str, Any]:
+    """Attributes that place a per-chip variable on the map: CF's ``grid_mapping`` (xarray,
+    rioxarray, odc-geo) and GDAL's own ``_CRS`` (GDAL >= 3.11 reads Zarr v3; with
+    consolidated metadata it does not follow ``grid_mapping``)."""
+    return {"grid_mapping": "spatial_ref", **gdal_crs(crs)}
+
+
 def _data_vars(
+    result: BlockResult, model_name: str, stretch: ThumbnailStretch | None, crs: Any
+) -> dict[str, Any]:
+    variables = _chip_variables(result, model_name, stretch)
+    placed = _georeferenced(crs)
+    return {
+        name: (dims, values, {**attrs, **placed})
+        for name, (dims, values, attrs) in variables.items()
+    }
+
+
+def _chip_variables(
     result: BlockResult, model_name: str, stretch: ThumbnailStretch | None
 ) -> dict[str, Any]:
     vectors = result.vectors
@@ -640,7 +659,7 @@ def _data_vars(
         "embedding": (
             (*_DIMS3, *patch_dims, "feature"),
             vectors,
-            {"grid_mapping": "spatial_ref", "long_name": f"{model_name} chip embedding"},
+            {"long_name": f"{model_name} chip embedding"},
         ),
         "nodata_fraction": (_DIMS3, result.quality.nodata_fraction, _VAR_ATTRS["nodata_fraction"]),
         **_class_fractions(result.quality, _DIMS3),
@@ -662,16 +681,8 @@ def _grid_coords(session: EmbedSession, block: Block) -> dict[str, Any]:
     spatial_ref = xr_coords(cells, crs_coord_name="spatial_ref")["spatial_ref"]
     coords: dict[str, Any] = {
         "time": session.times[t0:t1],
-        "chip_y": (
-            "chip_y",
-            y,
-            {"units": "metre", "long_name": "chip centre y (datacube CRS)"},
-        ),
-        "chip_x": (
-            "chip_x",
-            x,
-            {"units": "metre", "long_name": "chip centre x (datacube CRS)"},
-        ),
+        "chip_y": ("chip_y", y, _axis_attrs(grid.crs, "y")),
+        "chip_x": ("chip_x", x, _axis_attrs(grid.crs, "x")),
         "feature": np.arange(session.card.dim, dtype=np.int32),
         "spatial_ref": spatial_ref,
         "row_off": (
@@ -691,6 +702,25 @@ def _grid_coords(session: EmbedSession, block: Block) -> dict[str, Any]:
     return coords
 
 
+def _axis_attrs(crs: Any, axis: Literal["x", "y"]) -> dict[str, str]:
+    """CF attributes of the chip-centre axes, by which rioxarray, odc-geo and GDAL find
+    the spatial dims of ``(chip_y, chip_x)`` without being told."""
+    geographic = bool(crs.geographic)
+    if geographic:
+        name, units = (
+            ("longitude", "degrees_east") if axis == "x" else ("latitude", "degrees_north")
+        )
+    else:
+        name = f"projection_{axis}_coordinate"
+        units = str(crs.units[0 if axis == "x" else 1])
+    return {
+        "axis": axis.upper(),
+        "standard_name": name,
+        "units": units,
+        "long_name": f"chip centre {axis} (datacube CRS)",
+    }
+
+
 _CHIP_DIMS = ("chip_y", "chip_x")
 
 
@@ -701,12 +731,20 @@ def _chip_coords(geometry: BlockGeometry) -> dict[str, Any]:
         "lat": (
             _CHIP_DIMS,
             geometry.lonlat[..., 1],
-            {"units": "degrees_north", "long_name": "chip centre latitude (WGS84)"},
+            {
+                "units": "degrees_north",
+                "standard_name": "latitude",
+                "long_name": "chip centre latitude (WGS84)",
+            },
         ),
         "lon": (
             _CHIP_DIMS,
             geometry.lonlat[..., 0],
-            {"units": "degrees_east", "long_name": "chip centre longitude (WGS84)"},
+            {
+                "units": "degrees_east",
+                "standard_name": "longitude",
+                "long_name": "chip centre longitude (WGS84)",
+            },
         ),
     }
 

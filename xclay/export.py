@@ -87,11 +87,16 @@ def to_zarr(
     :func:`open_embeddings` restores float32.
     """
     validate_embeddings(emb)
-    from xclay.datacube import COMPLETE_ATTR
+    from xclay.datacube import COMPLETE_ATTR, GDAL_CRS_ATTR, consolidate
 
     out = quantize_embeddings(emb, quantize) if quantize else emb.copy()
     out.attrs = jsonable({**out.attrs, COMPLETE_ATTR: True})
     out["chip_id"] = out["chip_id"].astype(object)
+    wkt = out["spatial_ref"].attrs.get("crs_wkt") if "spatial_ref" in out.coords else None
+    for var in out.data_vars.values():  # GDAL's CRS attribute, from the grid's own CRS
+        var.attrs = {k: v for k, v in var.attrs.items() if k != GDAL_CRS_ATTR}
+        if wkt and var.attrs.get("grid_mapping") == "spatial_ref":
+            var.attrs[GDAL_CRS_ATTR] = {"wkt": wkt}
     n_y, n_x = out.sizes["chip_y"], out.sizes["chip_x"]
     per_chip = int(np.prod([out.sizes[d] for d in out["embedding"].dims[3:]]))
     side = 32 if per_chip <= 4096 else 2  # patch grids: a few chips per chunk (~16 MiB)
@@ -110,6 +115,7 @@ def to_zarr(
         out[name].encoding = {}
     with atomic_output(Path(path), overwrite=overwrite) as tmp:
         out.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, encoding=encoding)
+        consolidate(tmp)
     log.info("wrote embeddings Zarr %s", path)
     return Path(path)
 
@@ -136,7 +142,7 @@ def open_embeddings(
         raise FileNotFoundError(
             f"no embeddings Zarr at {store}: expected a store written by to_zarr."
         )
-    from xclay.datacube import is_complete, read_metadata
+    from xclay.datacube import GDAL_CRS_ATTR, is_complete, read_metadata
 
     read_metadata(store)
     if not allow_incomplete and not is_complete(store):
@@ -146,6 +152,8 @@ def open_embeddings(
         )
     emb = xr.open_zarr(store, chunks=None, consolidated=False, zarr_format=3)
     validate_embeddings(emb)
+    for var in emb.data_vars.values():
+        var.attrs.pop(GDAL_CRS_ATTR, None)  # for GDAL; stale if the data is reprojected
     return dequantize_embeddings(emb) if dequantize else emb
 
 

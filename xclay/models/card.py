@@ -81,6 +81,24 @@ class ModelCard:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def compact(self, limit: int = 4096) -> dict[str, Any]:
+        """The card for places that only describe the model (GeoTIFF tags, STAC): params
+        longer than ``limit`` characters of JSON (rcf's filters) are left out, named in
+        ``omitted_params``; their sha256 stays where the model records one."""
+        import json
+
+        card = self.to_dict()
+        kept, omitted = {}, []
+        for key, value in card["params"].items():
+            if len(json.dumps(value, default=str)) > limit:
+                omitted.append(key)
+            else:
+                kept[key] = value
+        card["params"] = kept
+        if omitted:
+            card["omitted_params"] = omitted
+        return card
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelCard:
         known = {f.name for f in dataclasses.fields(cls)}
