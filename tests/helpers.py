@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -56,3 +57,34 @@ def random_cube(
         da.attrs["nodata"] = nodata
     gsd = 11.0 if gb.crs is not None and gb.crs.geographic else None  # ~0.0001 degrees
     return xclay.as_datacube(da, wavelengths=[0.45 + 0.1 * i for i in range(b)], gsd=gsd)
+
+
+STAC_SCHEMAS = Path(__file__).resolve().parent / "stac_schemas"
+
+
+def stac_validator() -> Any:
+    """pystac's validator with every schema it may need preloaded from tests/stac_schemas:
+    a schema missing there would be fetched from the internet, which these machines do not
+    reach, and the validation would fail."""
+    import json
+
+    from pystac.validation import JsonSchemaSTACValidator
+
+    validator = JsonSchemaSTACValidator()
+    for path in STAC_SCHEMAS.rglob("*"):
+        if path.is_file() and path.name != "SOURCES.md":
+            relative = path.relative_to(STAC_SCHEMAS).as_posix()
+            scheme = "http" if relative.startswith("json-schema.org/") else "https"
+            validator.schema_cache[f"{scheme}://{relative}"] = json.loads(path.read_text())
+    return validator
+
+
+def validate_stac(path: Path, validator: Any) -> list[str]:
+    """Validate a STAC JSON file; returns the schemas it was checked against."""
+    import json
+
+    import pystac.validation
+
+    data = json.loads(path.read_text())
+    schemas: list[str] = pystac.validation.validate_dict(data, href=str(path), validator=validator)
+    return schemas

@@ -25,6 +25,8 @@ from xclay.ingest import stac_item
 from xclay.run import load_spec, plan, run
 from xclay.run.zones import utm_cells, utm_zones
 
+from .helpers import stac_validator, validate_stac
+
 SEAM = -66.0  # between UTM zones 19 and 20
 BBOX = (-66.06, -10.05, -65.94, -9.95)
 RES = 30.0
@@ -186,3 +188,22 @@ def test_items_outside_a_region_never_reach_its_task(two_zones: Path) -> None:
         west_only += max(lon) < SEAM - 0.02
         east_only += min(lon) > SEAM + 0.02
     assert west_only and east_only  # regions that saw one item only exist
+
+
+def test_one_stac_collection_describes_both_zones(two_zones: Path) -> None:
+    """The run's STAC: one collection over both zones, an item per zone, its
+    emb:source-data the item index (stac-geoparquet); all valid."""
+    pytest.importorskip("pystac", reason="needs xclay[io]")
+    out = two_zones / "out"
+    validator = stac_validator()
+    collection = json.loads((out / "stac" / "collection.json").read_text())
+    source = next(link for link in collection["links"] if link["rel"] == "emb:source-data")
+    assert source["href"].endswith("items.parquet") and (out / "stac" / source["href"]).is_file()
+    assert collection["summaries"]["proj:code"] == ["EPSG:32719", "EPSG:32720"]
+    items = sorted((out / "stac" / "items").glob("*.json"))
+    assert [json.loads(i.read_text())["properties"]["proj:code"] for i in items] == [
+        "EPSG:32719",
+        "EPSG:32720",
+    ]
+    for path in sorted((out / "stac").rglob("*.json")):
+        validate_stac(path, validator)

@@ -519,6 +519,13 @@ def _export_cog(args: argparse.Namespace) -> int:
     for store, out in targets:
         for path in to_cog(store, out, pca=args.pca, dtype=args.dtype, overwrite=args.overwrite):
             print(f"  cog         {path}")
+    runs = {
+        store.parent for store, _ in targets if (store.parent / "_xclay" / "run.json").is_file()
+    }
+    for folder in sorted(runs):  # the run's STAC description lists its COGs
+        from xclay.run.catalog import write_catalog
+
+        print(f"  stac        {write_catalog(folder)}")
     return 0
 
 

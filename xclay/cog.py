@@ -21,10 +21,10 @@ from typing import Any, Literal
 
 import numpy as np
 import xarray as xr
-from affine import Affine
 
 from xclay._atomic import atomic_output
 from xclay.errors import DatacubeError, MissingDependencyError
+from xclay.export import chip_grid_transform
 
 __all__ = ["COG_CONVENTION", "to_cog"]
 
@@ -127,7 +127,7 @@ def _write_step(
         "count": bands,
         "dtype": dtype,
         "crs": emb.attrs["datacube"]["crs_wkt"],
-        "transform": _transform(emb),
+        "transform": chip_grid_transform(emb),
         "nodata": float("nan") if dtype == "float32" else MISSING_INT8,
         "tiled": True,
         "blockxsize": block,
@@ -251,24 +251,6 @@ def _encode(values: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- georeferencing
-
-
-def _transform(emb: xr.Dataset) -> Affine:
-    """Cells of the chip grid's step from the first chip's corner: a chip's cell is its
-    window when chips do not overlap (with a stride, the step around its corner)."""
-    c, a, b, f, d, e = emb.attrs["datacube"]["geotransform"]
-    grid = emb.attrs["config"]["grid"]
-    step = int(grid.get("stride") or grid["chip_size"])
-    rows = np.asarray(emb["row_off"].values)
-    cols = np.asarray(emb["col_off"].values)
-    for name, offsets in (("chip_y", rows), ("chip_x", cols)):
-        if len(offsets) > 1 and not (np.diff(offsets) == step).all():
-            raise DatacubeError(
-                f"the {name} chips are not every {step} px (a selection with a step?); a "
-                "raster needs a regular chip grid: select a contiguous block."
-            )
-    cube = Affine(a, b, c, d, e, f)
-    return cube @ Affine.translation(int(cols[0]), int(rows[0])) @ Affine.scale(step)
 
 
 def _blocksize(bands: int, itemsize: int) -> int:

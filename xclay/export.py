@@ -40,6 +40,7 @@ __all__ = [
     "EmbeddingsLayout",
     "VariableSpec",
     "chip_footprints",
+    "chip_grid_transform",
     "create_embeddings_store",
     "embeddings_table",
     "open_embeddings",
@@ -172,6 +173,25 @@ def validate_embeddings(emb: xr.Dataset) -> None:
             f"the embeddings Dataset lacks {missing or 'its datacube/config attrs'}; it must come "
             "from xclay.embed (or xclay.open_embeddings) unchanged apart from selections."
         )
+
+
+def chip_grid_transform(emb: xr.Dataset) -> Affine:
+    """The chip grid as a raster (GeoTIFFs, STAC's ``proj:transform``): cells of the grid's
+    step from the first chip's corner, so a chip's cell is its window when chips do not
+    overlap (with a stride, the step's square at its corner)."""
+    c, a, b, f, d, e = emb.attrs["datacube"]["geotransform"]
+    grid = emb.attrs["config"]["grid"]
+    step = int(grid.get("stride") or grid["chip_size"])
+    rows = np.asarray(emb["row_off"].values)
+    cols = np.asarray(emb["col_off"].values)
+    for name, offsets in (("chip_y", rows), ("chip_x", cols)):
+        if len(offsets) > 1 and not (np.diff(offsets) == step).all():
+            raise DatacubeError(
+                f"the {name} chips are not every {step} px (a selection with a step?); a "
+                "raster needs a regular chip grid: select a contiguous block."
+            )
+    cube = Affine(a, b, c, d, e, f)
+    return cube @ Affine.translation(int(cols[0]), int(rows[0])) @ Affine.scale(step)
 
 
 # --------------------------------------------------------------------------- regional stores

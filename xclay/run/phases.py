@@ -590,6 +590,10 @@ def _report(
     }
     if paths.get("items"):
         outputs["items"] = paths["items"]
+    if not failed:
+        from xclay.run.catalog import CATALOG
+
+        outputs["stac"] = str(spec.outdir / CATALOG / "collection.json")
     return RunReport(
         plan=resolved,
         outputs=outputs,
@@ -643,7 +647,15 @@ def run(
         seconds[phase] = time.perf_counter() - start
         if failed:
             return _report(spec, resolved, state, seconds, failed, resumed)
+    _describe(spec)
     return _report(spec, resolved, state, seconds, [], resumed)
+
+
+def _describe(spec: RunSpec) -> None:
+    """The STAC description of the finished run's outputs (xclay.run.catalog)."""
+    from xclay.run.catalog import write_catalog
+
+    write_catalog(spec.outdir)
 
 
 def ingest(spec: RunSpec, *, client: Any = None, progress: bool | None = None) -> RunReport:
@@ -673,6 +685,8 @@ def embed_step(spec: RunSpec, *, client: Any = None, progress: bool | None = Non
     start = time.perf_counter()
     failed = _embed_phase(spec, resolved, state, client, progress)
     seconds = {"embed": time.perf_counter() - start}
+    if not failed:
+        _describe(spec)
     return _report(spec, resolved, state, seconds, failed, resumed)
 
 
@@ -699,4 +713,5 @@ def export_step(spec: RunSpec) -> Path:
                 write_part(str(spec.outdir), record, region, ds, None)
             else:
                 part_path(record, region).unlink(missing_ok=True)
+    _describe(spec)
     return out
