@@ -188,6 +188,13 @@ def test_dry_run_plans_without_reading_or_writing(tmp_path: Path, olinda_tif: Pa
     assert "chips       121" in result.stdout
     assert "km2" in result.stdout and "MiB" in result.stdout
     assert not (tmp_path / "out").exists()
+    # The volume is that of the items' own dtype (uint8 here: 1 byte a value), read once
+    # from the item and written once into the datacube.
+    from xclay.run import plan
+
+    resolved = plan(load_spec(spec))
+    assert resolved.dtype == "uint8"
+    assert resolved.bytes_estimate == 2 * 352 * 349 * len(OLINDA_BANDS)
 
 
 def test_steps_one_at_a_time(tmp_path: Path, olinda_tif: Path) -> None:
