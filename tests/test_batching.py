@@ -463,6 +463,24 @@ def test_other_processes_load_is_counted() -> None:
     assert 0.0 <= other_busy_cores(window=0.05) <= len(os.sched_getaffinity(0))
 
 
+def test_a_process_spinning_a_core_is_seen_since_the_last_reading() -> None:
+    """A real process keeps one core busy for a second; the next budget, measured since the
+    last reading (no wait of its own), sees about one core taken."""
+    import subprocess
+    import sys
+    import time
+
+    from xclay.devices import other_busy_cores
+
+    other_busy_cores(window=0.05)  # the reading the next call measures from
+    spin = "import time\nend = time.time() + 1.0\nwhile time.time() < end: pass"
+    subprocess.run([sys.executable, "-c", spin], check=True, timeout=30)
+    start = time.monotonic()
+    busy = other_busy_cores(window=0.05)
+    assert time.monotonic() - start < 0.05  # no wait: the last reading is old enough
+    assert 0.6 <= busy <= len(os.sched_getaffinity(0))
+
+
 @pytest.mark.parametrize("prefetch", [0, 2])
 def test_buffers_are_reused_across_loops_and_never_shared(prefetch: int) -> None:
     from xclay.batching import batch_buffers

@@ -161,20 +161,43 @@ class ThreadBudget:
             torch.set_num_threads(before)
 
 
-def other_busy_cores(window: float = 0.1) -> float:
-    """How many of this process's cores other processes keep busy, measured over
-    ``window`` seconds from ``/proc/stat`` (minus this process's own use); 0 where that
-    cannot be read."""
+def other_busy_cores(window: float = 0.1, max_age: float = 30.0) -> float:
+    """How many of this process's cores other processes keep busy, from ``/proc/stat``
+    (minus this process's own use), over the time since the last reading when that is
+    between ``window`` and ``max_age`` seconds old (a reading is taken when xclay is
+    imported), else over a fresh ``window``; 0 where that cannot be read. So a session
+    costs no wait in a process that has been running a while."""
+    import time
+
+    global _LAST_READING
+    try:
+        cpus = os.sched_getaffinity(0)
+        now = time.monotonic()
+        last = _LAST_READING
+        if last is None or now - last[0] > max_age or last[2] != len(cpus):
+            last = (now, _ticks(cpus), len(cpus))
+            time.sleep(window)
+        elif now - last[0] < window:
+            time.sleep(window - (now - last[0]))
+        reading = (time.monotonic(), _ticks(cpus), len(cpus))
+    except (OSError, AttributeError, ValueError, IndexError):
+        return 0.0
+    _LAST_READING = reading
+    return busy_from_ticks(last[1], reading[1], len(cpus))
+
+
+def _ticks(cpus: set[int]) -> tuple[int, int, int]:
+    return (*_cpu_ticks(cpus), _own_ticks())
+
+
+def _first_reading() -> tuple[float, tuple[int, int, int], int] | None:
     import time
 
     try:
         cpus = os.sched_getaffinity(0)
-        before = (*_cpu_ticks(cpus), _own_ticks())
-        time.sleep(window)
-        after = (*_cpu_ticks(cpus), _own_ticks())
+        return (time.monotonic(), _ticks(cpus), len(cpus))
     except (OSError, AttributeError, ValueError, IndexError):
-        return 0.0
-    return busy_from_ticks(before, after, len(cpus))
+        return None
 
 
 def busy_from_ticks(before: tuple[int, int, int], after: tuple[int, int, int], cores: int) -> float:
@@ -205,3 +228,8 @@ def _own_ticks() -> int:
     """User + system ticks of this process (all its threads)."""
     fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])
+
+
+# The reading other_busy_cores() measures from: taken at import, so a session started a
+# tenth of a second or more later needs no wait.
+_LAST_READING = _first_reading()
