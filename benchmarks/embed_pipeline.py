@@ -219,7 +219,7 @@ class NullEncoder:
             name="null", version="0", family="none", description="no-op", dim=1, output="pooled"
         )
 
-    def prepare(self, spec, sample, *, device, dtype) -> None:
+    def prepare(self, spec, sample, *, device, precision) -> None:
         pass
 
     def encode(self, batch):

@@ -1,30 +1,41 @@
-"""Clay encoder throughput: chips/s, achieved TFLOP/s, and the fraction of the
-matrix-multiply peak measured in the same run on the same machine.
+"""Clay encoder throughput in each precision: chips/s, achieved TFLOP/s, and the fraction
+of that precision's matrix-multiply peak measured in the same run on the same machine.
 
-Sizes tiny, base and large at 256 px (10 bands), fp32 and bf16 (autocast),
-random weights (throughput does not depend on their values). fp32 and bf16
-runs are interleaved so a machine whose speed drifts slows both alike.
+Sizes tiny, base and large, chip sizes 128 and 256 px (10 bands), random weights fixed
+by seed (throughput does not depend on their values). Each precision gets its own copy
+of the same weights, set up exactly as ``xclay.embed`` sets it up (weights cast once,
+the fastest attention kernel found by a timed probe, ``torch.compile`` on CUDA by
+default, static batches), and its card's figures are reported: attention backend,
+compile seconds, and the accuracy check against strict fp32 (cosine min/median and
+10-NN recall on ``--check`` chips of distinct spectra; the gate on real imagery is
+``benchmarks/precision_gate.py``). Precisions are timed interleaved, so a machine whose
+speed drifts slows them alike.
 
-With ``--loss`` it also times the per-chip reconstruction loss (a masked
-encoder pass over a quarter of the tokens, then the v1.5 decoder: 512 wide,
-4 blocks), interleaved with the plain encoder pass, and reports its cost
-relative to embedding.
+With ``--loss`` it also times the per-chip reconstruction loss (a masked encoder pass
+over a quarter of the tokens, then the v1.5 decoder), interleaved with the plain pass.
 
-    python benchmarks/model_throughput.py                       # CPU, all sizes
-    python benchmarks/model_throughput.py --sizes large --loss  # + the loss's cost
-    python benchmarks/model_throughput.py --device cuda --batch large=128 base=256 tiny=512
+    python benchmarks/model_throughput.py                          # CPU: fp32, bf16
+    python benchmarks/model_throughput.py --sizes large --loss     # + the loss's cost
+    python benchmarks/model_throughput.py --device cuda            # fp32 tf32 bf16 fp8
+    python benchmarks/model_throughput.py --device cuda --sizes large --chip-sizes 256 \\
+        --precisions bf16 fp8 --batch large=auto
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import statistics
 import time
+from typing import Any
 
 import numpy as np
 import torch
 from _common import save
 
+from xclay.devices import ComputePrecision, resolve_precision
+from xclay.errors import DeviceError
 from xclay.models.clay import ClayV15
 from xclay.models.clay_decoder import ClayDecoder, DecoderSize, count_loss_flops
 from xclay.models.clay_encoder import ClayEncoder, count_forward_flops
@@ -34,25 +45,43 @@ DEFAULT_BATCH = {
     "cpu": {"tiny": 16, "base": 4, "large": 2},
     "cuda": {"tiny": 512, "base": 256, "large": 128},
 }
-REFERENCE_FP32_LARGE = (
-    0.55  # chips/s, the reference code on a 2-core CPU (specs/clay-v1.5-encoder.md)
-)
+DEFAULT_PRECISIONS = {"cpu": ["fp32", "bf16"], "cuda": ["fp32", "tf32", "bf16", "fp8"]}
+REFERENCE_FP32_LARGE = 0.55  # chips/s, the reference code on a 2-core CPU (specs/)
+BANDS = 10
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 10) -> float:
-    """Median TFLOP/s of an n x n x n matrix product on random data."""
+def matmul_peak(device: torch.device, precision: str, n: int, repeats: int = 10) -> float:
+    """Median TFLOP/s of an n x n x n matrix product in ``precision`` on random data
+    (fp8: e4m3 operands with per-row scales through ``torch._scaled_mm``, as the
+    encoder's FP8 layers multiply)."""
     g = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(device, dtype)
-    b = torch.randn(n, n, generator=g).to(device, dtype)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        a @ b
-        _sync(device)
-        times.append(time.perf_counter() - start)
+    a = torch.randn(n, n, generator=g).to(device)
+    b = torch.randn(n, n, generator=g).to(device)
+    mode = ComputePrecision("tf32" if precision == "tf32" else "fp32").matmul_mode()
+    if precision == "fp8":
+        from xclay.models.fp8 import _scaled_mm, quantize
+
+        (qa, sa), (qb, sb) = quantize(a), quantize(b)
+
+        def product() -> Any:
+            return _scaled_mm(qa, qb, sa, sb)
+    else:
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        a, b = a.to(dtype), b.to(dtype)
+
+        def product() -> Any:
+            return a @ b
+
+    with mode:
+        for _ in range(3):
+            product()
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            product()
+            _sync(device)
+            times.append(time.perf_counter() - start)
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
@@ -61,135 +90,211 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def chips(n: int, chip: int, device: torch.device, seed: int) -> ChipBatch:
+    """``n`` chips, each its own spectrum plus texture (neighbours mean something)."""
+    g = torch.Generator().manual_seed(seed)
+    spectra = 500 + 3000 * torch.rand(n, BANDS, 1, 1, generator=g)
+    texture = 400 * torch.rand(n, BANDS, chip, chip, generator=g)
+    return ChipBatch(
+        pixels=(spectra + texture).to(torch.uint16).to(device),
+        valid=torch.ones(n, chip, chip, dtype=torch.bool, device=device),
+        lonlat=torch.tensor([[-60.5 + 0.01 * i, -3.2] for i in range(n)], dtype=torch.float64),
+        time=np.array(["2024-07-02"] * n, dtype="datetime64[ns]"),
+        chip_ids=np.array([f"EPSG32720_{chip}px_10m_{i}_0" for i in range(n)]),
+    )
+
+
+def measure(
+    args: argparse.Namespace,
+    device: torch.device,
+    size: str,
+    chip: int,
+    batch_request: int | str,
+    precisions: list[str],
+    peaks: dict[str, float],
+) -> list[dict[str, Any]]:
+    """Rows for one model size and chip size, every precision timed interleaved."""
+    spec = InputSpec(
+        None,
+        tuple(f"b{i}" for i in range(BANDS)),
+        tuple(0.45 + 0.17 * i for i in range(BANDS)),
+        10.0,
+        0,
+        "uint16",
+        chip,
+    )
+    norm = dict.fromkeys(spec.bands, (2000.0, 1000.0))
+    torch.manual_seed(0)
+    weights = ClayEncoder.from_size(size).eval()
+    decoder = ClayDecoder(weights.dim, DecoderSize()).eval() if args.loss else None
+    if batch_request == "auto":
+        probe = ClayV15(copy.deepcopy(weights), size=size, normalization=norm)
+        bs = probe.batch_size_hint(device, chip, BANDS)
+    else:
+        bs = int(batch_request)
+    spec = dataclasses.replace(spec, batch_size=bs)
+    batch = chips(bs, chip, device, seed=1)
+    check = chips(max(args.check, 1), chip, device, seed=2)
+    encoders: dict[str, ClayV15] = {}
+    for name in precisions:
+        enc = ClayV15(
+            copy.deepcopy(weights),  # a precision's set-up converts its own copy
+            size=size,
+            normalization=norm,
+            compile={"auto": None, "on": True, "off": False}[args.compile],
+            precision_check=args.check,
+        )
+        if decoder is not None:
+            enc.decoder = copy.deepcopy(decoder)
+            enc.enable_loss(0)
+        enc.prepare(
+            spec,
+            lambda k, s: check.rows(0, k),
+            device=device,
+            precision=resolve_precision(name, device, "bf16"),  # type: ignore[arg-type]
+        )
+        enc.encode(batch)  # warm-up
+        if decoder is not None:
+            enc.loss(batch)
+        encoders[name] = enc
+        _sync(device)
+    times: dict[str, list[float]] = {k + w: [] for k in encoders for w in ("", "+loss")}
+    for _ in range(args.repeats):
+        for name, enc in encoders.items():
+            for what, run in (("", enc.encode), ("+loss", enc.loss)):
+                if what and decoder is None:
+                    continue
+                _sync(device)
+                start = time.perf_counter()
+                run(batch)
+                _sync(device)
+                times[name + what].append(time.perf_counter() - start)
+    flops = count_forward_flops(size, chip, BANDS)
+    rows = []
+    for name, enc in encoders.items():
+        card = enc.card.params
+        chips_s = bs / statistics.median(times[name])
+        tflops = chips_s * flops / 1e12
+        row: dict[str, Any] = {
+            "size": size,
+            "chip_size": chip,
+            "precision": name,
+            "batch": bs,
+            "chips_per_s": round(chips_s, 3),
+            "tflop_per_chip": round(flops / 1e12, 4),
+            "achieved_tflops": round(tflops, 4),
+            "fraction_of_matmul_peak": round(tflops / peaks[name], 3),
+            "attention": card.get("attention"),
+            "compiled": card.get("compiled"),
+            "compile_seconds": card.get("compile_seconds"),
+            "precision_check": card.get("precision_check"),
+            "fp8_scaling": card.get("fp8_scaling"),
+            "seconds": [round(t, 4) for t in times[name]],
+        }
+        if decoder is not None:
+            loss_flops = count_loss_flops(size, chip, BANDS, DecoderSize())
+            ratios = [b / a for a, b in zip(times[name], times[name + "+loss"], strict=True)]
+            row |= {
+                "loss_chips_per_s": round(bs / statistics.median(times[name + "+loss"]), 3),
+                "loss_time_over_embed_time": round(statistics.median(ratios), 3),
+                "loss_flops_over_embed_flops": round(loss_flops / flops, 3),
+            }
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--sizes", nargs="+", default=["tiny", "base", "large"])
-    p.add_argument("--chip-size", type=int, default=256)
-    p.add_argument("--batch", nargs="*", default=[], help="per-size batch, e.g. large=2 tiny=16")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved fp32/bf16 pairs per size")
-    p.add_argument("--compile", action="store_true", help="torch.compile the encoder")
+    p.add_argument("--chip-sizes", nargs="+", type=int, default=None, help="default 256")
+    p.add_argument("--precisions", nargs="+", default=None, help="default: all the device runs")
+    p.add_argument(
+        "--batch", nargs="*", default=[], help="per-size batch or auto, e.g. large=2 tiny=auto"
+    )
+    p.add_argument("--repeats", type=int, default=3, help="interleaved passes per precision")
+    p.add_argument(
+        "--compile", choices=["auto", "on", "off"], default="auto", help="auto: on CUDA only"
+    )
+    p.add_argument(
+        "--check",
+        type=int,
+        default=None,
+        help="chips compared with strict fp32 per fast precision (default 32 on CUDA, 0 on CPU)",
+    )
     p.add_argument("--loss", action="store_true", help="also time the reconstruction loss")
+    p.add_argument("--tag", default="", help="added to the results file's name")
     args = p.parse_args()
     device = torch.device(args.device)
-    batch_size = {
-        **DEFAULT_BATCH["cuda" if device.type == "cuda" else "cpu"],
-        **{k: int(v) for k, v in (b.split("=") for b in args.batch)},
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    args.chip_sizes = args.chip_sizes or [256]
+    args.check = args.check if args.check is not None else (32 if kind == "cuda" else 0)
+    requested = args.precisions or DEFAULT_PRECISIONS[kind]
+    precisions = []
+    for name in requested:
+        try:
+            resolve_precision(name, device, "bf16")
+        except DeviceError as err:
+            print(f"skipping {name}: {err}")
+            continue
+        precisions.append(name)
+    batch_size: dict[str, int | str] = {
+        **DEFAULT_BATCH[kind],
+        **{k: (v if v == "auto" else int(v)) for k, v in (b.split("=") for b in args.batch)},
     }
 
-    n = 8192 if device.type == "cuda" else 2048
-    peaks = {
-        "fp32": matmul_peak(device, torch.float32, n),
-        "bf16": matmul_peak(device, torch.bfloat16, n),
-    }
+    n = 8192 if kind == "cuda" else 2048
+    peaks = {name: matmul_peak(device, name, n) for name in precisions}
     rows = []
     for size in args.sizes:
-        torch.manual_seed(0)
-        bs, chip, bands = batch_size[size], args.chip_size, 10
-        spec = InputSpec(
-            None,
-            tuple(f"b{i}" for i in range(bands)),
-            tuple(0.45 + 0.17 * i for i in range(bands)),
-            10.0,
-            0,
-            "uint16",
-            chip,
-        )
-        g = torch.Generator().manual_seed(1)
-        batch = ChipBatch(
-            pixels=(500 + 3000 * torch.rand(bs, bands, chip, chip, generator=g))
-            .to(torch.uint16)
-            .to(device),
-            valid=torch.ones(bs, chip, chip, dtype=torch.bool, device=device),
-            lonlat=torch.tensor([[-60.5, -3.2]] * bs, dtype=torch.float64),
-            time=np.array(["2024-07-02"] * bs, dtype="datetime64[ns]"),
-            chip_ids=np.array([f"EPSG32720_{chip}px_10m_{i}_0" for i in range(bs)]),
-        )
-        norm = dict.fromkeys(spec.bands, (2000.0, 1000.0))
-        encoders = {}
-        model = ClayEncoder.from_size(size)
-        decoder = ClayDecoder(model.dim, DecoderSize()) if args.loss else None
-        for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            enc = ClayV15(model, size=size, normalization=norm, compile=args.compile)
-            if decoder is not None:
-                enc.decoder = decoder.eval()
-                enc.enable_loss(0)
-            enc.prepare(spec, lambda k, s, b=batch: b, device=device, dtype=dtype)
-            enc.encode(batch)  # warm-up (and compilation)
-            if decoder is not None:
-                enc.loss(batch)
-            encoders[precision] = enc
-            _sync(device)
-        times: dict[str, list[float]] = {"fp32": [], "bf16": [], "fp32+loss": [], "bf16+loss": []}
-        for _ in range(args.repeats):
-            for precision, enc in encoders.items():
-                for what, run in (("", enc.encode), ("+loss", enc.loss)):
-                    if what and decoder is None:
-                        continue
-                    _sync(device)
-                    start = time.perf_counter()
-                    run(batch)
-                    _sync(device)
-                    times[precision + what].append(time.perf_counter() - start)
-        flops = count_forward_flops(size, chip, bands)
-        loss_flops = count_loss_flops(size, chip, bands, DecoderSize())
-        for precision in ("fp32", "bf16"):
-            chips_s = bs / statistics.median(times[precision])
-            tflops = chips_s * flops / 1e12
-            loss_cost = {}
-            if decoder is not None:
-                ratios = [
-                    b / a for a, b in zip(times[precision], times[precision + "+loss"], strict=True)
-                ]
-                loss_cost = {
-                    "loss_chips_per_s": round(
-                        bs / statistics.median(times[precision + "+loss"]), 3
-                    ),
-                    "loss_time_over_embed_time": round(statistics.median(ratios), 3),
-                    "loss_flops_over_embed_flops": round(loss_flops / flops, 3),
-                    "loss_seconds": [round(t, 3) for t in times[precision + "+loss"]],
-                }
-            rows.append(
-                {
-                    **loss_cost,
-                    "size": size,
-                    "precision": precision,
-                    "batch": bs,
-                    "chips_per_s": round(chips_s, 3),
-                    "tflop_per_chip": round(flops / 1e12, 4),
-                    "achieved_tflops": round(tflops, 4),
-                    "fraction_of_matmul_peak": round(tflops / peaks[precision], 3),
-                    "seconds": [round(t, 3) for t in times[precision]],
-                }
-            )
-        del encoders, model
-    large = {r["precision"]: r["chips_per_s"] for r in rows if r["size"] == "large"}
+        for chip in args.chip_sizes:
+            rows += measure(args, device, size, chip, batch_size[size], precisions, peaks)
+    large = {
+        r["precision"]: r["chips_per_s"]
+        for r in rows
+        if r["size"] == "large" and r["chip_size"] == 256
+    }
     results = {
         "matmul_peak_tflops": {k: round(v, 4) for k, v in peaks.items()},
         "rows": rows,
         "large_bf16_over_reference_fp32_055": round(large["bf16"] / REFERENCE_FP32_LARGE, 3)
-        if large
+        if "bf16" in large
         else None,
         "large_bf16_over_fp32_same_machine": round(large["bf16"] / large["fp32"], 3)
-        if large
+        if {"bf16", "fp32"} <= set(large)
         else None,
     }
     params = {
         **vars(args),
+        "precisions": precisions,
         "batch": batch_size,
-        "bands": 10,
+        "bands": BANDS,
         "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
     }
-    out = save("model_throughput", params, results, device=device.type)
+    out = save("model_throughput", params, results, device=device.type, variant=args.tag)
     print(
-        f"matmul peak: fp32 {peaks['fp32']:.3f} TFLOP/s, bf16 {peaks['bf16']:.3f} TFLOP/s ({n}^3)"
+        "matmul peak (" + f"{n}^3): " + ", ".join(f"{k} {v:.3f} TFLOP/s" for k, v in peaks.items())
     )
-    print(f"{'size':6s} {'prec':5s} {'batch':>5s} {'chips/s':>9s} {'TFLOP/s':>8s} {'of peak':>8s}")
+    print(
+        f"{'size':6s} {'chip':>4s} {'prec':5s} {'batch':>5s} {'chips/s':>10s} {'TFLOP/s':>8s} "
+        f"{'of peak':>7s} {'attention':>9s} {'compile s':>9s}  check (cos min, 10-NN)"
+    )
     for r in rows:
+        check = r["precision_check"] or {}
+        figures = (
+            f"{check['cosine_min']:.5f}, {check['knn10_recall']}"
+            + ("" if check["passes"] else " FAILS")
+            if check
+            else "-"
+        )
         print(
-            f"{r['size']:6s} {r['precision']:5s} {r['batch']:5d} {r['chips_per_s']:9.3f} {r['achieved_tflops']:8.3f} {r['fraction_of_matmul_peak']:8.2f}"
+            f"{r['size']:6s} {r['chip_size']:4d} {r['precision']:5s} {r['batch']:5d} "
+            f"{r['chips_per_s']:10.3f} {r['achieved_tflops']:8.3f} "
+            f"{r['fraction_of_matmul_peak']:7.2f} {r['attention']!s:>9s} "
+            f"{r['compile_seconds'] if r['compile_seconds'] is not None else '-'!s:>9s}  {figures}"
         )
         if "loss_time_over_embed_time" in r:
             print(
@@ -197,9 +302,11 @@ def main() -> None:
                 f"{r['loss_time_over_embed_time']:.2f}x the embedding time "
                 f"({r['loss_flops_over_embed_flops']:.2f}x its FLOPs)"
             )
-    if large:
+    if results["large_bf16_over_reference_fp32_055"] is not None:
         print(
-            f"large bf16 / reference fp32 (0.55 chips/s): {results['large_bf16_over_reference_fp32_055']}x; bf16 / fp32 here: {results['large_bf16_over_fp32_same_machine']}x"
+            f"large bf16 / reference fp32 (0.55 chips/s): "
+            f"{results['large_bf16_over_reference_fp32_055']}x; bf16 / fp32 here: "
+            f"{results['large_bf16_over_fp32_same_machine']}x"
         )
     print(f"saved {out}")
 

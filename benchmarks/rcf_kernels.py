@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from _common import median, save, timed
 
+from xclay.devices import ComputePrecision
 from xclay.models.rcf import RCFEncoder
 from xclay.protocols import ChipBatch, InputSpec
 
@@ -53,7 +54,9 @@ def main() -> None:
         size,
     )
     encoder = RCFEncoder(num_filters=args.filters, sample_chips=4)
-    encoder.prepare(spec, lambda k, seed: batch, device=torch.device("cpu"), dtype=torch.float32)
+    encoder.prepare(
+        spec, lambda k, seed: batch, device=torch.device("cpu"), precision=ComputePrecision("fp32")
+    )
     tensors = encoder._tensors
     k = encoder.kernel_size
     kernels = tensors["weights"].reshape(args.filters, bands, k, k)

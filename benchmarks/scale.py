@@ -75,7 +75,7 @@ class NullEncoder:
             name="null", version="0", family="none", description="no-op", dim=DIM, output="pooled"
         )
 
-    def prepare(self, spec: Any, sample: Any, *, device: Any, dtype: Any) -> None:
+    def prepare(self, spec: Any, sample: Any, *, device: Any, precision: Any) -> None:
         pass
 
     def encode(self, batch: Any) -> torch.Tensor:

@@ -88,3 +88,24 @@ def validate_stac(path: Path, validator: Any) -> list[str]:
     data = json.loads(path.read_text())
     schemas: list[str] = pystac.validation.validate_dict(data, href=str(path), validator=validator)
     return schemas
+
+
+def olinda_chips(path: Path, chip: int, stride: int | None = None) -> tuple[Any, Any]:
+    """Every chip of the Olinda scene (in the sampler's order) as a ``ChipBatch``, and the
+    ``InputSpec`` an encoder gets for it (needs rioxarray)."""
+    import rioxarray
+
+    from xclay.batching import make_sampler
+    from xclay.chips import ChipGrid, ChipGridSpec
+    from xclay.datacube import datacube_geobox
+    from xclay.embed import input_spec
+    from xclay.readers import WindowSource
+
+    cube = xclay.as_datacube(
+        rioxarray.open_rasterio(path), bands=OLINDA_BANDS, wavelengths=OLINDA_WAVELENGTHS
+    )
+    source = WindowSource(cube["pixels"], None)
+    grid = ChipGrid.from_geobox(datacube_geobox(cube), ChipGridSpec(chip, stride))
+    times = cube["time"].values
+    batch = make_sampler(source, grid, times)(grid.rows * grid.cols * len(times), 0)
+    return batch, input_spec(cube, source, chip, len(batch))

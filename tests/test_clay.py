@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import xarray as xr
 
 import xclay
+from xclay.devices import ComputePrecision
 from xclay.errors import CheckpointError, ModelError
 from xclay.models.clay import ClayV15, latlon_encoding, load_clay_state_dict, time_encoding
 from xclay.models.clay_encoder import CLAY_SIZES, ClayEncoder, posemb_2d_gsd, wave_encoding
@@ -366,12 +367,17 @@ def _batch(n: int = 3, chip: int = 32, bands: int = 6, seed: int = 0) -> ChipBat
 
 
 def _prepared(
-    model: ClayEncoder, output: str = "cls", dtype: torch.dtype = torch.float32, chip: int = 32
+    model: ClayEncoder, output: str = "cls", precision: str = "fp32", chip: int = 32
 ) -> ClayV15:
     enc = ClayV15(
         model, size="tiny", output=output, normalization=dict.fromkeys("abcdef", (1500.0, 900.0))
     )  # type: ignore[arg-type]
-    enc.prepare(_spec(chip), lambda n, s: _batch(n), device=torch.device("cpu"), dtype=dtype)
+    enc.prepare(
+        _spec(chip),
+        lambda n, s: _batch(n),
+        device=torch.device("cpu"),
+        precision=ComputePrecision(precision),  # type: ignore[arg-type]
+    )
     return enc
 
 
@@ -418,7 +424,10 @@ def test_chip_size_must_be_a_multiple_of_the_patch_size(tiny: ClayEncoder) -> No
         ModelError, match="chip_size 100 is not a multiple of Clay's 8 px patches; use 96 or 104"
     ):
         enc.prepare(
-            _spec(100), lambda n, s: _batch(n), device=torch.device("cpu"), dtype=torch.float32
+            _spec(100),
+            lambda n, s: _batch(n),
+            device=torch.device("cpu"),
+            precision=ComputePrecision("fp32"),
         )
 
 
@@ -426,7 +435,10 @@ def test_known_platform_uses_the_sensor_table(tiny: ClayEncoder) -> None:
     enc = ClayV15(tiny, size="tiny")
     spec = InputSpec("landsat-c2l2-sr", ("red", "nir08"), (0.6, 0.9), 30.0, 0, "uint16", 32)
     enc.prepare(
-        spec, lambda n, s: _batch(n, bands=2), device=torch.device("cpu"), dtype=torch.float32
+        spec,
+        lambda n, s: _batch(n, bands=2),
+        device=torch.device("cpu"),
+        precision=ComputePrecision("fp32"),
     )
     card = enc.card
     assert card.normalization_source == "sensor-table:landsat-c2l2-sr"
@@ -437,7 +449,12 @@ def test_known_platform_uses_the_sensor_table(tiny: ClayEncoder) -> None:
 
 def test_unknown_sensor_normalisation_is_measured(tiny: ClayEncoder) -> None:
     enc = ClayV15(tiny, size="tiny")
-    enc.prepare(_spec(), lambda n, s: _batch(n), device=torch.device("cpu"), dtype=torch.float32)
+    enc.prepare(
+        _spec(),
+        lambda n, s: _batch(n),
+        device=torch.device("cpu"),
+        precision=ComputePrecision("fp32"),
+    )
     card = enc.card
     assert card.normalization_source == "measured"
     assert card.normalization["a"]["mean"] == pytest.approx(2000, rel=0.05)

@@ -195,7 +195,9 @@ def test_cuda_without_a_gpu_is_a_clear_error(demo_cube_256: xr.Dataset) -> None:
         ({"batch_size": 0}, DatacubeError, "batch_size must be >= 1"),
         ({"quality": {"max_nodata": 1.5}}, DatacubeError, "max_nodata must be within"),
         ({"quality": {"max_fog": 0.5}}, DatacubeError, "unknown quality threshold"),
-        ({"precision": "fp8"}, DatacubeError, "precision must be"),
+        ({"precision": "fp16"}, DatacubeError, "precision must be"),
+        ({"precision": "fp8", "device": "cpu"}, DeviceError, "FP8 tensor cores"),
+        ({"precision": "tf32", "device": "cpu"}, DeviceError, "tensor-core mode"),
         ({"model": "nope"}, ModelError, "unknown model 'nope'"),
     ],
 )

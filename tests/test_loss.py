@@ -15,6 +15,7 @@ import torch
 import xarray as xr
 
 import xclay
+from xclay.devices import ComputePrecision
 from xclay.embed import EmbedConfig, EmbedSession
 from xclay.errors import CheckpointError, ModelError
 from xclay.models.clay import ClayV15, latlon_encoding, time_encoding
@@ -86,7 +87,9 @@ def _scorer(path: Path, *, seed: int = 0, chip: int = 32) -> ClayV15:
     enc = ClayV15.from_checkpoint(path, normalization=dict.fromkeys("abcdef", (1500.0, 900.0)))
     enc.enable_loss(seed)
     spec = InputSpec(None, tuple("abcdef"), tuple(WAVES), 10.0, 0, "uint16", chip)
-    enc.prepare(spec, lambda n, s: _batch(n), device=torch.device("cpu"), dtype=torch.float32)
+    enc.prepare(
+        spec, lambda n, s: _batch(n), device=torch.device("cpu"), precision=ComputePrecision("fp32")
+    )
     return enc
 
 
@@ -153,8 +156,12 @@ def test_constant_and_noise_chips_score_differently(ckpt: Path) -> None:
 
 
 def test_same_chip_same_loss_across_batch_sizes_and_reruns(
-    ckpt: Path, demo_cube_256: xr.Dataset
+    ckpt: Path, demo_cube_256: xr.Dataset, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Bit for bit needs the same torch threads in every run: fixed, so the thread budget
+    # (which follows other processes' load) does not change them between runs.
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+
     def losses(batch_size: int, precision: str = "fp32") -> np.ndarray:
         emb = xclay.embed(
             demo_cube_256,

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import xclay
+from xclay.devices import ComputePrecision
 from xclay.errors import CheckpointError, ModelError
 from xclay.models.rcf import RCFEncoder
 from xclay.protocols import ChipBatch, Encoder, InputSpec
@@ -48,7 +49,7 @@ def _sampler(seed_offset: int = 0):
 
 def _fitted(**options) -> RCFEncoder:
     enc = RCFEncoder(**{"num_filters": 16, "sample_chips": 6, **options})
-    enc.prepare(SPEC, _sampler(), device=torch.device("cpu"), dtype=torch.float32)
+    enc.prepare(SPEC, _sampler(), device=torch.device("cpu"), precision=ComputePrecision("fp32"))
     return enc
 
 
@@ -145,7 +146,12 @@ def test_same_chip_same_vector_whatever_the_batch() -> None:
 def test_rebuilt_from_its_card_gives_identical_vectors() -> None:
     enc = _fitted()
     again = RCFEncoder.from_card(enc.card.to_dict())
-    again.prepare(SPEC, _sampler(seed_offset=1000), device=torch.device("cpu"), dtype=torch.float32)
+    again.prepare(
+        SPEC,
+        _sampler(seed_offset=1000),
+        device=torch.device("cpu"),
+        precision=ComputePrecision("fp32"),
+    )
     batch = _chips(3, 4)
     torch.testing.assert_close(again.encode(batch), enc.encode(batch), rtol=0, atol=0)
     assert again.card.params["filters_sha256"] == enc.card.params["filters_sha256"]
@@ -155,7 +161,12 @@ def test_checkpoint_round_trip_through_the_registry(tmp_path: Path) -> None:
     enc = _fitted()
     path = enc.save(tmp_path / "rcf.pt")
     loaded = xclay.models.get_model("rcf", checkpoint=path)
-    loaded.prepare(SPEC, _sampler(seed_offset=500), device=torch.device("cpu"), dtype=torch.float32)
+    loaded.prepare(
+        SPEC,
+        _sampler(seed_offset=500),
+        device=torch.device("cpu"),
+        precision=ComputePrecision("fp32"),
+    )
     batch = _chips(2, 8)
     torch.testing.assert_close(loaded.encode(batch), enc.encode(batch), rtol=0, atol=0)
     card = loaded.card
@@ -167,7 +178,9 @@ def test_checkpoint_for_other_bands_is_refused(tmp_path: Path) -> None:
     loaded = xclay.models.get_model("rcf", checkpoint=path)
     other = InputSpec(None, ("a", "b", "x"), (0.5, 0.6, 0.9), 10.0, 0, "uint16", 32)
     with pytest.raises(ModelError, match=r"not the cube's \['x'\]"):
-        loaded.prepare(other, _sampler(), device=torch.device("cpu"), dtype=torch.float32)
+        loaded.prepare(
+            other, _sampler(), device=torch.device("cpu"), precision=ComputePrecision("fp32")
+        )
 
 
 @pytest.mark.parametrize(
@@ -200,7 +213,7 @@ def test_bf16_stays_close_to_fp32() -> None:
     enc = _fitted(num_filters=64)
     batch = _chips(4, 21)
     fp32 = enc.encode(batch)
-    enc.prepare(SPEC, _sampler(), device=torch.device("cpu"), dtype=torch.bfloat16)
+    enc.prepare(SPEC, _sampler(), device=torch.device("cpu"), precision=ComputePrecision("bf16"))
     bf16 = enc.encode(batch)
     cos = F.cosine_similarity(fp32, bf16, dim=1)
     assert (cos > 0.995).all(), cos
@@ -214,7 +227,7 @@ def test_sensor_table_normalisation_for_known_platforms() -> None:
         c = _chips(n, seed)
         return ChipBatch(c.pixels[:, :2], c.valid, c.lonlat, c.time)
 
-    enc.prepare(spec, sample, device=torch.device("cpu"), dtype=torch.float32)
+    enc.prepare(spec, sample, device=torch.device("cpu"), precision=ComputePrecision("fp32"))
     assert enc.card.normalization_source == "sensor-table:sentinel-2-l2a"
     assert enc.card.normalization["red"] == {"mean": 1552.0, "std": 1888.0}
 
@@ -230,7 +243,7 @@ def test_too_few_valid_windows_is_a_clear_error() -> None:
         num_filters=16, sample_chips=4, normalization={"a": (0, 1), "b": (0, 1), "c": (0, 1)}
     )
     with pytest.raises(ModelError, match="mostly nodata"):
-        enc.prepare(SPEC, sample, device=torch.device("cpu"), dtype=torch.float32)
+        enc.prepare(SPEC, sample, device=torch.device("cpu"), precision=ComputePrecision("fp32"))
 
 
 def test_encode_before_prepare_is_refused() -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from xclay._version import __version__
+from xclay.devices import PRECISIONS
 from xclay.errors import XClayError
 from xclay.quality import SKIP_REASONS, QualityFilter
 from xclay.quantize import QUANTIZATIONS
@@ -236,8 +237,9 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batch-size",
         type=_batch_size,
-        default=16,
-        help="chips per encoder call, or auto (default 16)",
+        default="auto",
+        help="chips per encoder call, or auto (default: sized by the model for the device, "
+        "from free memory on a GPU)",
     )
     filters = p.add_argument_group(
         "chip filters", "fractions 0..1; the class filters need a cube with quality classes"
@@ -264,7 +266,12 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
             "CUDA device), auto (kvikio on a GPU where kvikIO is installed; default)"
         ),
     )
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto (default), fp32, bf16; on NVIDIA GPUs also tf32 and fp8",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     stored = p.add_argument_group("what each chip stores")
     _add_quantize_option(stored)

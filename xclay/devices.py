@@ -9,7 +9,7 @@ import platform
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 from xclay.errors import DeviceError
 
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from torch import device as TorchDevice
 
 __all__ = [
+    "ComputePrecision",
     "Precision",
     "ThreadBudget",
     "available_cores",
@@ -25,9 +26,13 @@ __all__ = [
     "cuda_available",
     "resolve_device",
     "resolve_dtype",
+    "resolve_precision",
 ]
 
-Precision = Literal["auto", "fp32", "bf16"]
+Precision = Literal["auto", "fp32", "tf32", "bf16", "fp8"]
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+# FP8 tensor cores: Ada (sm_89) and Hopper (sm_90) onwards.
+FP8_CAPABILITY = (8, 9)
 
 
 def cuda_available() -> bool:
@@ -78,17 +83,80 @@ def cpu_has_fast_bf16() -> bool:
     return platform.machine() in ("x86_64", "AMD64") and bool({"amx_bf16", "avx512_bf16"} & flags)
 
 
-def resolve_dtype(precision: Precision, device: torch.device, preferred: Precision) -> torch.dtype:
-    """The compute dtype for ``precision``; ``"auto"`` takes the model's preference
-    where the device runs it fast (bf16 on CUDA and on CPUs with AMX/AVX512-BF16)."""
-    import torch
+@dataclass(frozen=True)
+class ComputePrecision:
+    """How an encoder computes, resolved for a device.
 
-    if precision not in ("auto", "fp32", "bf16"):
-        raise DeviceError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}.")
+    ``name``: ``fp32`` (strict), ``tf32`` (fp32 storage, TF32 tensor-core matmuls on
+    CUDA), ``bf16`` (bf16 matmuls, fp32 norms and accumulation), ``fp8`` (a
+    transformer's linear layers in FP8 e4m3 with per-row scales and fp32
+    accumulation, the rest bf16). ``emulated``: FP8 computed exactly as on the GPU
+    but with fp32 matrix products (CPU tests and accuracy checks; slow).
+    """
+
+    name: Literal["fp32", "tf32", "bf16", "fp8"]
+    emulated: bool = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of activations (and of weights, except FP8's linear layers)."""
+        import torch
+
+        return torch.bfloat16 if self.name in ("bf16", "fp8") else torch.float32
+
+    @contextlib.contextmanager
+    def matmul_mode(self) -> Iterator[None]:
+        """TF32 tensor-core matmuls for the duration (``tf32`` only), restored after."""
+        if self.name != "tf32":
+            yield
+            return
+        import torch
+
+        before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def resolve_precision(
+    precision: Precision, device: torch.device, preferred: Precision
+) -> ComputePrecision:
+    """The precision to compute in; ``"auto"`` takes the model's preference where the
+    device runs it fast (bf16 on CUDA and on CPUs with AMX/AVX512-BF16). ``tf32`` and
+    ``fp8`` are GPU modes: asking for them elsewhere is an error naming what to use."""
+    if precision not in PRECISIONS:
+        raise DeviceError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
     if precision == "auto":
         fast_bf16 = device.type == "cuda" or cpu_has_fast_bf16()
-        precision = preferred if preferred == "fp32" or fast_bf16 else "fp32"
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+        return ComputePrecision("bf16" if preferred == "bf16" and fast_bf16 else "fp32")
+    if precision == "tf32" and device.type != "cuda":
+        raise DeviceError(
+            "precision='tf32' is an NVIDIA tensor-core mode (Ampere or newer); on a CPU use "
+            "'fp32' (strict) or 'bf16'."
+        )
+    if precision == "fp8":
+        if device.type != "cuda":
+            raise DeviceError(
+                "precision='fp8' needs an NVIDIA GPU with FP8 tensor cores (compute capability "
+                "8.9 or newer: L4, L40, H100, H200, B200); on a CPU use 'bf16' or 'fp32'."
+            )
+        import torch
+
+        capability = torch.cuda.get_device_capability(device)
+        if tuple(capability) < FP8_CAPABILITY:
+            raise DeviceError(
+                f"precision='fp8' needs FP8 tensor cores (compute capability 8.9 or newer); "
+                f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}. "
+                "Use 'bf16'."
+            )
+    return ComputePrecision(precision)
+
+
+def resolve_dtype(precision: Precision, device: torch.device, preferred: Precision) -> torch.dtype:
+    """The activation dtype of :func:`resolve_precision`."""
+    return resolve_precision(precision, device, preferred).dtype
 
 
 def available_cores() -> int:

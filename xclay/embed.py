@@ -34,17 +34,17 @@ from xclay.datacube import (
     nodata_value,
     validate_datacube,
 )
-from xclay.devices import Precision, ThreadBudget, resolve_device, resolve_dtype
+from xclay.devices import PRECISIONS, Precision, ThreadBudget, resolve_device, resolve_precision
 from xclay.errors import DatacubeError, ModelError
 from xclay.export import EmbeddingsLayout, VariableSpec
 from xclay.masks import PixelClass
-from xclay.protocols import Encoder, InputSpec, ReconstructionScorer, Sampler
+from xclay.protocols import BatchSource, Encoder, InputSpec, ReconstructionScorer, Sampler
 from xclay.quality import ChipQuality, QualityFilter
 from xclay.readers import Engine, open_batch_source
 from xclay.thumbnails import DEFAULT_SIZE as DEFAULT_THUMBNAIL_SIZE
 from xclay.thumbnails import ThumbnailStretch, make_thumbnails, rgb_bands, thumbnail_size
 
-__all__ = ["EMBEDDINGS_CONVENTION", "EmbedConfig", "embed"]
+__all__ = ["EMBEDDINGS_CONVENTION", "EmbedConfig", "embed", "input_spec"]
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,11 @@ class EmbedConfig:
         memory, decoded there; needs a CUDA device), or ``"auto"`` (kvikio when
         the encoder runs on a CUDA GPU and kvikIO is installed, else zarr).
     precision
-        ``"fp32"``, ``"bf16"`` or ``"auto"`` (the model's preference where the
-        device runs it fast).
+        ``"auto"`` (the model's preference where the device runs it fast: bf16
+        for Clay on CUDA and on CPUs with AMX/AVX512-BF16), ``"fp32"`` (strict),
+        ``"bf16"``, or on NVIDIA GPUs ``"tf32"`` and ``"fp8"`` (compute
+        capability 8.9+). A fast precision is checked against strict fp32 on
+        sample chips when the encoder is prepared (:mod:`xclay.models.agreement`).
     prefetch
         Batches read ahead in a background thread (0: read in the loop).
     thumbnails
@@ -112,9 +115,9 @@ class EmbedConfig:
             )
         if self.thumbnails < 0:
             raise DatacubeError(f"thumbnails must be >= 0 px, got {self.thumbnails}.")
-        if self.precision not in ("auto", "fp32", "bf16"):
+        if self.precision not in PRECISIONS:
             raise DatacubeError(
-                f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}."
+                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}."
             )
         if self.engine not in ("auto", "zarr", "kvikio"):
             raise DatacubeError(f"engine must be 'auto', 'zarr' or 'kvikio', got {self.engine!r}.")
@@ -141,7 +144,7 @@ def embed(
     chip_size: int = 256,
     stride: int | None = None,
     edges: Edges = "drop",
-    batch_size: int | Literal["auto"] = 16,
+    batch_size: int | Literal["auto"] = "auto",
     quality: QualityFilter | Mapping[str, float] | None = None,
     device: str = "auto",
     engine: Engine = "auto",
@@ -294,17 +297,10 @@ class EmbedSession:
                 "with a 'quality' variable of pixel classes; this one has none. Ingest with a "
                 "mask (xclay.ingest.from_stac(mask='auto')) or use only max_nodata."
             )
-        dtype = resolve_dtype(config.precision, self.device, encoder.preferred_precision)
+        precision = resolve_precision(config.precision, self.device, encoder.preferred_precision)
+        self.precision = precision
         self.times = np.asarray(self.cube["time"].values, dtype="datetime64[ns]")
-        spec = InputSpec(
-            platform=self.cube.attrs.get("platform") or None,
-            bands=tuple(str(b) for b in self.cube["band"].values),
-            wavelengths=tuple(float(w) for w in self.cube["wavelength"].values),
-            gsd=float(self.cube.attrs["gsd"]),
-            nodata=host.nodata,
-            dtype=str(host.dtype),
-            chip_size=self.grid.spec.chip_size,
-        )
+        spec = input_spec(self.cube, host, self.grid.spec.chip_size, config.batch_size)
         sampler = make_sampler(host, self.grid, self.times)
         self._thumbnail_bands: list[int] = []
         with self.threads.applied():
@@ -317,7 +313,7 @@ class EmbedSession:
                         "loss; loss=True needs model='clay-v1.5'."
                     )
                 encoder.enable_loss(config.loss_seed)
-            encoder.prepare(spec, sampler, device=self.device, dtype=dtype)
+            encoder.prepare(spec, sampler, device=self.device, precision=precision)
         self.card = encoder.card
         self._buffers: BufferPool | None = None
 
@@ -410,7 +406,8 @@ class EmbedSession:
                         geometry.chip_ids,
                         origin=(r0, c0),
                     )
-                    out = self.encoder.encode(chip_batch)
+                    with self.precision.matmul_mode():
+                        out = self.encoder.encode(chip_batch)
                     if tuple(out.shape) != (len(batch), *card.vector_shape):
                         raise ModelError(
                             f"encoder {card.name!r} returned shape {tuple(out.shape)} for "
@@ -560,6 +557,22 @@ def _class_fractions(quality: ChipQuality, dims: tuple[str, ...]) -> dict[str, A
             },
         )
     return out
+
+
+def input_spec(
+    cube: xr.Dataset, source: BatchSource, chip_size: int, batch_size: int = 0
+) -> InputSpec:
+    """What an encoder is told about ``cube`` when its chips are read through ``source``."""
+    return InputSpec(
+        platform=cube.attrs.get("platform") or None,
+        bands=tuple(str(b) for b in cube["band"].values),
+        wavelengths=tuple(float(w) for w in cube["wavelength"].values),
+        gsd=float(cube.attrs["gsd"]),
+        nodata=source.nodata,
+        dtype=str(source.dtype),
+        chip_size=chip_size,
+        batch_size=batch_size,
+    )
 
 
 def _auto_batch_size(

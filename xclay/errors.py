@@ -19,6 +19,7 @@ __all__ = [
     "ModelError",
     "OutputError",
     "OutputExistsError",
+    "PrecisionWarning",
     "XClayError",
     "XClayWarning",
 ]
@@ -72,6 +73,11 @@ class XClayWarning(UserWarning):
 class DataPathWarning(XClayWarning):
     """The data path took a slower road than the one asked for (no nvCOMP, no GPUDirect
     Storage, a layout the fast path cannot read); the message says why and what to do."""
+
+
+class PrecisionWarning(XClayWarning):
+    """A fast precision (bf16, tf32) changed the embeddings more than its gate allows,
+    against strict fp32 on sample chips; the model card records the figures."""
 
 
 class DataIntegrityWarning(XClayWarning):

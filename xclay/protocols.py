@@ -22,7 +22,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-    from xclay.devices import Precision
+    from xclay.devices import ComputePrecision, Precision
     from xclay.models.card import ModelCard
 
 __all__ = ["BatchSource", "ChipBatch", "Encoder", "InputSpec", "ReconstructionScorer", "Sampler"]
@@ -48,6 +48,9 @@ class InputSpec:
         NumPy dtype name of the stored pixels.
     chip_size
         Chip edge in pixels.
+    batch_size
+        Chips per ``encode`` call (at most; 0: not known), for encoders that compile a
+        graph of one static batch.
     """
 
     platform: str | None
@@ -57,6 +60,7 @@ class InputSpec:
     nodata: float | None
     dtype: str
     chip_size: int
+    batch_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,17 @@ class ChipBatch:
     def __len__(self) -> int:
         return int(self.pixels.shape[0])
 
+    def rows(self, start: int, stop: int) -> ChipBatch:
+        """Chips ``start:stop`` of the batch (views, no copy)."""
+        ids = self.chip_ids[start:stop] if self.chip_ids is not None else None
+        return ChipBatch(
+            self.pixels[start:stop],
+            self.valid[start:stop],
+            self.lonlat[start:stop],
+            self.time[start:stop],
+            ids,
+        )
+
 
 # A source of sample chips for fitting (``rcf`` filters, "auto" normalisation):
 # ``sample(n, seed)`` returns up to n chips drawn reproducibly from the cube.
@@ -110,8 +125,11 @@ class Encoder(Protocol):
         ...
 
     def prepare(
-        self, spec: InputSpec, sample: Sampler, *, device: torch.device, dtype: torch.dtype
-    ) -> None: ...
+        self, spec: InputSpec, sample: Sampler, *, device: torch.device, precision: ComputePrecision
+    ) -> None:
+        """Get ready to embed this cube on ``device`` in ``precision`` (its ``dtype`` is
+        the activations'); refuse a precision the model has no path for (ModelError)."""
+        ...
 
     def encode(self, batch: ChipBatch) -> torch.Tensor:
         """``[B, dim]`` float32 embeddings (NaN rows for chips it cannot embed)."""

@@ -41,7 +41,7 @@ from xclay.models.sensors import get_sensor
 if TYPE_CHECKING:
     import torch
 
-    from xclay.devices import Precision
+    from xclay.devices import ComputePrecision, Precision
     from xclay.models.clay_decoder import ClayDecoder
     from xclay.models.clay_encoder import ClayEncoder
     from xclay.protocols import ChipBatch, InputSpec, Sampler
@@ -244,7 +244,16 @@ class ClayV15:
         ``"auto"`` (sensor table for known platforms, else measured on the cube),
         ``"sensor"``, ``"measured"``, or a mapping ``band -> (mean, std)``.
     compile
-        Run the transformer through ``torch.compile`` (slow first batch, faster after).
+        Run the transformer through ``torch.compile``: ``None`` (default) on CUDA, not
+        on CPUs; compiled graphs are cached across runs (:func:`compile_cache_dir`), and
+        batches padded to one static size so one graph serves every batch.
+    static_batch
+        Pad every batch to the session's batch size (the padding is never returned), so
+        one compiled graph (or CUDA graph) serves them all: ``None`` follows ``compile``.
+    precision_check
+        Chips (from the cube's sample) on which a fast precision (bf16, tf32, fp8) is
+        compared with strict fp32 when the encoder is prepared; the figures go in the
+        model card, and fp8 that misses its gate is refused (0: no check).
     checkpoint
         ``(file name, sha256)`` of the weights, for the model card.
     """
@@ -258,7 +267,9 @@ class ClayV15:
         size: str,
         output: Output = "cls",
         normalization: str | Mapping[str, tuple[float, float]] = "auto",
-        compile: bool = False,
+        compile: bool | None = None,
+        precision_check: int = 32,
+        static_batch: bool | None = None,
         checkpoint: tuple[str, str] | None = None,
     ) -> None:
         if output not in ("cls", "mean", "patches"):
@@ -268,6 +279,8 @@ class ClayV15:
         self.output = output
         self.normalization_request = normalization
         self.compile = compile
+        self.precision_check = int(precision_check)
+        self.static_batch = static_batch
         self._checkpoint = checkpoint
         self.checkpoint_path: Path | None = None
         self.decoder: ClayDecoder | None = None
@@ -279,6 +292,10 @@ class ClayV15:
         self._chip_size: int | None = None
         self._device: torch.device | None = None
         self._dtype: torch.dtype | None = None
+        self._precision: ComputePrecision | None = None
+        self._speed: dict[str, Any] = {}  # how the fast path was set up, for the card
+        self._static_batch: int | None = None
+        self._attention: Any = None  # the SDPA backend picked on this device (None: default)
         self._state: dict[str, torch.Tensor] = {}
         self._forward: Any = None
 
@@ -317,7 +334,7 @@ class ClayV15:
         size: str | None = None,
         output: Output = "cls",
         normalization: str | Mapping[str, tuple[float, float]] = "auto",
-        compile: bool = False,
+        compile: bool | None = None,
     ) -> ClayV15:
         """Load Clay weights (official ``.ckpt``, ``.pt`` state dict or ``.safetensors``).
 
@@ -499,7 +516,8 @@ class ClayV15:
                 "dim_head": s.dim_head,
                 "mlp_ratio": s.mlp_ratio,
                 "waves_source": self._waves_source,
-                "precision": _precision_name(self._dtype),
+                "precision": self._precision.name if self._precision else None,
+                **self._speed,
                 "time_encoding": (
                     "[sin w, cos w, sin h, cos h], w = ISO week * 2 pi / 52, h = hour * 2 pi / 24 "
                     "of the chip's time (a composite's midpoint); zeros when unknown"
@@ -511,9 +529,16 @@ class ClayV15:
         )
 
     def prepare(
-        self, spec: InputSpec, sample: Sampler, *, device: torch.device, dtype: torch.dtype
+        self,
+        spec: InputSpec,
+        sample: Sampler,
+        *,
+        device: torch.device,
+        precision: ComputePrecision,
     ) -> None:
-        """Normalisation, wave kernel and position encoding for this cube; model to ``device``."""
+        """Normalisation, wave kernel and position encoding for this cube; the model on
+        ``device`` in ``precision`` (checked against strict fp32 on sample chips), with
+        the fastest attention kernel and, on CUDA, compiled for static batches."""
         import torch
 
         from xclay.models.clay_encoder import META_DIMS, posemb_2d_gsd
@@ -525,13 +550,19 @@ class ClayV15:
                 f"chip_size {spec.chip_size} is not a multiple of Clay's {p} px patches; use "
                 f"{lower or upper} or {upper}."
             )
+        converted = self.model.converted_to
+        if converted is not None and converted != precision.name:
+            raise ModelError(
+                f"this Clay model's weights were turned into {converted} for inference; load "
+                f"it again (ClayV15.from_checkpoint) to run it in {precision.name}."
+            )
         if self._norm is None:
             self._norm = resolve_normalization(self.normalization_request, spec, sample, seed=0)
         self._norm.check_bands(spec.bands, what="Clay normalisation")
         waves, self._waves_source = _wavelengths(spec)
         self._waves = dict(zip(spec.bands, waves, strict=True))
         self._gsd, self._chip_size = spec.gsd, spec.chip_size
-        self._device, self._dtype = device, dtype
+        self._device = device
         self.model.to(device)
         mean, std = self._norm.arrays(spec.bands)
         with torch.inference_mode():
@@ -558,13 +589,123 @@ class ClayV15:
             ),
         }
         self._forward = self.model.forward_with_kernel
-        if self.compile:
-            self._forward = torch.compile(self.model.forward_with_kernel, dynamic=False)
+        check = self._check_batch(spec, sample, precision)
+        reference = None
+        if check is not None:  # strict fp32 first, on the weights as loaded
+            self._precision, self._dtype = _strict(), torch.float32
+            reference = self.encode(check).cpu().numpy()
+        self._precision, self._dtype = precision, precision.dtype
+        self._to_precision(precision, device)
+        self._attention = _fastest_attention(self.model, spec, device, precision.dtype)
+        compile_on = self.compile if self.compile is not None else device.type == "cuda"
+        if compile_on:
+            self._forward = _compiled(self.model.forward_with_kernel)
+        static = self.static_batch if self.static_batch is not None else compile_on
+        self._static_batch = (spec.batch_size or None) if static else None
+        self._speed = {
+            "attention": _attention_name(self._attention),
+            "compiled": bool(compile_on),
+            **({"fp8_scaling": _fp8_scaling_of(self.model)} if precision.name == "fp8" else {}),
+            **({"fp8_emulated": True} if precision.emulated else {}),
+        }
+        if compile_on:
+            self._speed["compile_seconds"] = self._warm_up(spec)
+        if check is not None and reference is not None:
+            self._gate(precision, reference, self._encode_in_batches(check))
+
+    def _check_batch(
+        self, spec: InputSpec, sample: Sampler, precision: ComputePrecision
+    ) -> ChipBatch | None:
+        """Sample chips for the precision check (None: no check due)."""
+        if (
+            precision.name == "fp32"
+            or self.precision_check < 1
+            or self.model.converted_to is not None
+        ):
+            return None
+        return sample(self.precision_check, 0)
+
+    def _encode_in_batches(self, batch: ChipBatch) -> np.ndarray:
+        """:meth:`encode` in slices of the static batch (no new graph for the check)."""
+        step = self._static_batch or len(batch)
+        parts = [
+            self.encode(batch.rows(i, i + step)).cpu().numpy() for i in range(0, len(batch), step)
+        ]
+        return np.concatenate(parts)
+
+    def _to_precision(self, precision: ComputePrecision, device: torch.device) -> None:
+        """Weights cast once (no per-batch cast by autocast): bf16 linear layers for bf16,
+        FP8 ones for fp8 (LayerNorms stay fp32: autocast runs them in fp32)."""
+        import torch
+        from torch import nn
+
+        if self.model.converted_to == precision.name:
+            return
+        if precision.name == "bf16":
+            for module in self.model.transformer.modules():
+                if isinstance(module, nn.Linear):
+                    module.to(torch.bfloat16)
+        elif precision.name == "fp8":
+            from xclay.models.fp8 import convert_linears, fp8_scaling
+
+            scaling = "row" if precision.emulated else fp8_scaling(device)
+            convert_linears(self.model.transformer, scaling=scaling, emulate=precision.emulated)
+        if precision.name in ("bf16", "fp8"):
+            self.model.converted_to = precision.name
+
+    def _gate(self, precision: ComputePrecision, reference: np.ndarray, fast: np.ndarray) -> None:
+        """Record how the fast precision agrees with strict fp32 on the check chips; fp8
+        that misses its gate is refused (it would change the embeddings), bf16/tf32 warn."""
+        import warnings
+
+        from xclay.errors import PrecisionWarning
+        from xclay.models.agreement import agreement
+
+        rows = np.isfinite(reference.reshape(len(reference), -1)).all(axis=1)
+        result = agreement(reference[rows], fast[rows], precision.name)
+        self._speed["precision_check"] = result.to_dict()
+        if not result.failures:
+            return
+        message = (
+            f"{precision.name} changes these embeddings more than its gate allows, against "
+            f"strict fp32 on {result.chips} sample chips: {'; '.join(result.failures)}."
+        )
+        if precision.name == "fp8":
+            raise ModelError(message + " Use precision='bf16'.")
+        warnings.warn(message, PrecisionWarning, stacklevel=3)
+
+    def _warm_up(self, spec: InputSpec) -> float:
+        """Compile (or load from the cache) the graph of the static batch, through
+        :meth:`encode` itself so the graph is the one every batch replays: seconds taken."""
+        import time
+
+        import torch
+
+        from xclay.protocols import ChipBatch
+
+        assert self._device is not None
+        n, chip = self._static_batch or 1, spec.chip_size
+        blank = ChipBatch(
+            pixels=torch.zeros((n, len(spec.bands), chip, chip), device=self._device),
+            valid=torch.ones((n, chip, chip), dtype=torch.bool, device=self._device),
+            lonlat=torch.zeros((n, 2), dtype=torch.float64),
+            time=np.full(n, np.datetime64("NaT"), dtype="datetime64[ns]"),
+        )
+        start = time.perf_counter()
+        self.encode(blank)
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+        seconds = time.perf_counter() - start
+        log.info("torch.compile and warm-up: %.1f s", seconds)
+        return round(seconds, 2)
 
     def encode(self, batch: ChipBatch) -> torch.Tensor:
         """``[B, dim]`` (cls, mean) or ``[B, H/8, W/8, dim]`` (patches), float32."""
 
         x, time, latlon = self._inputs(batch)
+        n = x.shape[0]
+        if self._static_batch and n < self._static_batch:  # one graph for every batch
+            x, time, latlon = (_pad_rows(t, self._static_batch) for t in (x, time, latlon))
         with self._inference():
             tokens = self._forward(
                 x,
@@ -575,7 +716,7 @@ class ClayV15:
                 self._state["bias"],
                 self._state["position"],
             )
-        tokens = tokens.float()
+        tokens = tokens[:n].float()  # the padding is never returned
         if self.output == "cls":
             return tokens[:, 0]
         if self.output == "mean":
@@ -653,6 +794,12 @@ class ClayV15:
         stack.enter_context(torch.inference_mode())
         if self._device is not None and self._dtype == torch.bfloat16:
             stack.enter_context(torch.autocast(self._device.type, dtype=torch.bfloat16))
+        if self._precision is not None:
+            stack.enter_context(self._precision.matmul_mode())
+        if self._attention is not None:
+            from torch.nn.attention import sdpa_kernel
+
+            stack.enter_context(sdpa_kernel(self._attention))
         return stack
 
 
@@ -694,7 +841,85 @@ def _wavelengths(spec: InputSpec) -> tuple[list[float], str]:
     return [float(w) for w in spec.wavelengths], "cube wavelength coords"
 
 
-def _precision_name(dtype: Any) -> str | None:
-    if dtype is None:
+def _strict() -> ComputePrecision:
+    from xclay.devices import ComputePrecision
+
+    return ComputePrecision("fp32")
+
+
+def _fp8_scaling_of(model: ClayEncoder) -> str | None:
+    from xclay.models.fp8 import FP8Linear
+
+    for module in model.modules():
+        if isinstance(module, FP8Linear):
+            return f"per {module.scaling}"
+    return None
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    import torch
+
+    return torch.cat([t, t.new_zeros((rows - t.shape[0], *t.shape[1:]))])
+
+
+def compile_cache_dir() -> Path:
+    """Where compiled graphs are kept across runs and Dask workers:
+    ``$TORCHINDUCTOR_CACHE_DIR`` when set, else ``<xclay cache>/inductor``."""
+    env = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    return Path(env) if env else default_checkpoint_path().parent / "inductor"
+
+
+def _compiled(function: Any) -> Any:
+    import torch
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+    return torch.compile(function, dynamic=False)
+
+
+def _fastest_attention(
+    model: ClayEncoder, spec: InputSpec, device: torch.device, dtype: torch.dtype
+) -> Any:
+    """The fastest scaled-dot-product-attention kernel for this model's shapes on a CUDA
+    device (flash, cuDNN, memory-efficient), by timing each; None (torch's choice) on a
+    CPU or when none of them runs."""
+    if device.type != "cuda":
         return None
-    return "bf16" if "bfloat16" in str(dtype) else "fp32"
+    import time
+
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    attention = model.transformer.layers[0][0]  # type: ignore[index]
+    heads = int(attention.heads)
+    dim_head = attention.to_out.in_features // heads
+    tokens = (spec.chip_size // model.patch_size) ** 2 + 1
+    batch = max(1, min(spec.batch_size or 32, 64))
+    q = torch.randn(batch, heads, tokens, dim_head, device=device, dtype=dtype)
+    best, best_time = None, float("inf")
+    for backend in (
+        SDPBackend.FLASH_ATTENTION,
+        SDPBackend.CUDNN_ATTENTION,
+        SDPBackend.EFFICIENT_ATTENTION,
+    ):
+        try:
+            with sdpa_kernel(backend), torch.inference_mode():
+                for _ in range(2):
+                    F.scaled_dot_product_attention(q, q, q)
+                torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                for _ in range(5):
+                    F.scaled_dot_product_attention(q, q, q)
+                torch.cuda.synchronize(device)
+        except RuntimeError:
+            continue
+        elapsed = time.perf_counter() - start
+        if elapsed < best_time:
+            best, best_time = backend, elapsed
+    return best
+
+
+def _attention_name(backend: Any) -> str:
+    if backend is None:
+        return "default"
+    return str(getattr(backend, "name", backend)).lower().replace("_attention", "")

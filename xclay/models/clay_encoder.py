@@ -253,6 +253,9 @@ class ClayEncoder(nn.Module):
             raise ValueError(f"dim - 8 must be divisible by 4 (position encoding), got dim={dim}.")
         self.dim = dim
         self.patch_size = patch_size
+        # The precision the weights were turned into for inference (xclay.models.clay):
+        # None while they are as loaded (fp32).
+        self.converted_to: str | None = None
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.patch_embedding = DynamicPatchEmbedding(patch_size, dim)
         self.transformer = Transformer(dim, depth, heads, dim_head, int(dim * mlp_ratio))

@@ -37,7 +37,7 @@ from xclay.models.normalization import Normalization, resolve_normalization
 if TYPE_CHECKING:
     import torch
 
-    from xclay.devices import Precision
+    from xclay.devices import ComputePrecision, Precision
     from xclay.protocols import ChipBatch, InputSpec, Sampler
 
 __all__ = ["RCFEncoder"]
@@ -159,10 +159,14 @@ class RCFEncoder:
         )
 
     def prepare(
-        self, spec: InputSpec, sample: Sampler, *, device: torch.device, dtype: torch.dtype
+        self, spec: InputSpec, sample: Sampler, *, device: torch.device, precision: ComputePrecision
     ) -> None:
         """Fit filters on sample chips of the cube (once), then move them to ``device``."""
         import torch
+
+        if precision.name == "fp8":
+            raise ModelError("rcf has no FP8 path (it is a single convolution); use 'bf16'.")
+        dtype = precision.dtype
 
         if self._norm is None:
             self._norm = resolve_normalization(self.normalization_request, spec, sample, self.seed)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
+from xclay.devices import PRECISIONS
 from xclay.errors import XClayError
 from xclay.quality import QualityFilter
 from xclay.quantize import QUANTIZATIONS
@@ -104,7 +105,7 @@ class ModelSettings:
 class ComputeSettings:
     device: str = "auto"
     engine: Engine = "auto"
-    batch_size: int | Literal["auto"] = 16
+    batch_size: int | Literal["auto"] = "auto"
     precision: Precision = "auto"
     prefetch: int = 2
     region_chips: int = 16
@@ -467,7 +468,7 @@ class _Reader:
             "compute",
             {"device", "engine", "batch_size", "precision", "prefetch", "region_chips"},
         )
-        batch = d.get("batch_size", 16)
+        batch = d.get("batch_size", "auto")
         if batch != "auto":
             batch = self.number(batch, "compute.batch_size", integer=True, positive=True)
         device = self.text(d.get("device", "auto"), "compute.device") or "auto"
@@ -477,9 +478,7 @@ class _Reader:
             device=device,
             engine=self.choice(d.get("engine", "auto"), "compute.engine", get_args(Engine)),
             batch_size=batch,
-            precision=self.choice(
-                d.get("precision", "auto"), "compute.precision", ("auto", "fp32", "bf16")
-            ),
+            precision=self.choice(d.get("precision", "auto"), "compute.precision", PRECISIONS),
             prefetch=self.number(
                 d.get("prefetch", 2), "compute.prefetch", integer=True, low=0, high=64
             ),
