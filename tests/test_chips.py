@@ -9,7 +9,7 @@ from odc.geo.geobox import GeoBox
 from pyproj import Transformer
 
 from xclay.chips import ChipGrid, ChipGridSpec, crs_tag, window_corners
-from xclay.errors import DatacubeError
+from xclay.errors import ConfigError, DatacubeError
 
 
 def _grid(ny: int = 100, nx: int = 70, *, crs: str = "EPSG:32720", **spec: object) -> ChipGrid:
@@ -71,7 +71,7 @@ def test_too_small_for_drop_says_what_to_do() -> None:
 
 @pytest.mark.parametrize("bad", [{"chip_size": 0}, {"stride": -1}, {"edges": "wrap"}])
 def test_spec_validation(bad: dict) -> None:
-    with pytest.raises(DatacubeError):
+    with pytest.raises(ConfigError):
         ChipGridSpec(**bad)
 
 

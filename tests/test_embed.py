@@ -12,7 +12,7 @@ import xarray as xr
 
 import xclay
 from xclay.accessor import ClayDataArrayAccessor, ClayDatasetAccessor
-from xclay.errors import DatacubeError, DeviceError, ModelError
+from xclay.errors import ConfigError, DatacubeError, DeviceError, ModelError
 
 from .helpers import random_cube
 
@@ -192,10 +192,10 @@ def test_cuda_without_a_gpu_is_a_clear_error(demo_cube_256: xr.Dataset) -> None:
     ("kw", "error", "message"),
     [
         ({"chip_size": 512}, DatacubeError, "smaller than one chip"),
-        ({"batch_size": 0}, DatacubeError, "batch_size must be >= 1"),
-        ({"quality": {"max_nodata": 1.5}}, DatacubeError, "max_nodata must be within"),
-        ({"quality": {"max_fog": 0.5}}, DatacubeError, "unknown quality threshold"),
-        ({"precision": "fp16"}, DatacubeError, "precision must be"),
+        ({"batch_size": 0}, ConfigError, "batch_size must be >= 1"),
+        ({"quality": {"max_nodata": 1.5}}, ConfigError, "max_nodata must be within"),
+        ({"quality": {"max_fog": 0.5}}, ConfigError, "unknown quality threshold"),
+        ({"precision": "fp16"}, ConfigError, "precision must be"),
         ({"precision": "fp8", "device": "cpu"}, DeviceError, "FP8 tensor cores"),
         ({"precision": "tf32", "device": "cpu"}, DeviceError, "tensor-core mode"),
         ({"model": "nope"}, ModelError, "unknown model 'nope'"),

@@ -25,7 +25,7 @@ from odc.geo import CRS
 from odc.geo.geobox import GeoBox
 from pyproj import Transformer
 
-from xclay.errors import DatacubeError
+from xclay.errors import ConfigError, DatacubeError
 
 __all__ = ["ChipGrid", "ChipGridSpec", "Edges", "Span", "crs_tag", "to_lonlat", "window_corners"]
 
@@ -55,13 +55,13 @@ class ChipGridSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.chip_size, int | np.integer) or self.chip_size < 1:
-            raise DatacubeError(f"chip_size must be a positive integer, got {self.chip_size!r}.")
+            raise ConfigError(f"chip_size must be a positive integer, got {self.chip_size!r}.")
         if self.stride is not None and (
             not isinstance(self.stride, int | np.integer) or self.stride < 1
         ):
-            raise DatacubeError(f"stride must be a positive integer or None, got {self.stride!r}.")
+            raise ConfigError(f"stride must be a positive integer or None, got {self.stride!r}.")
         if self.edges not in ("drop", "pad"):
-            raise DatacubeError(f"edges must be 'drop' or 'pad', got {self.edges!r}.")
+            raise ConfigError(f"edges must be 'drop' or 'pad', got {self.edges!r}.")
 
     @property
     def step(self) -> int:

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from xclay.errors import DataIntegrityError
+from xclay.errors import DataIntegrityError, UnsupportedLayout
 
 __all__ = [
     "ArrayLayout",
@@ -44,10 +44,6 @@ __all__ = [
 
 _EMPTY = np.uint64(2**64 - 1)  # a shard index entry for an inner chunk that was never written
 _INDEX_CRC_BYTES = 4
-
-
-class UnsupportedLayout(Exception):
-    """The store's layout is outside what direct reads handle; read it through zarr."""
 
 
 @dataclass(frozen=True)

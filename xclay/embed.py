@@ -35,7 +35,7 @@ from xclay.datacube import (
     validate_datacube,
 )
 from xclay.devices import PRECISIONS, Precision, ThreadBudget, resolve_device, resolve_precision
-from xclay.errors import DatacubeError, ModelError
+from xclay.errors import ConfigError, DatacubeError, ModelError
 from xclay.export import EmbeddingsLayout, VariableSpec
 from xclay.masks import PixelClass
 from xclay.protocols import BatchSource, Encoder, InputSpec, ReconstructionScorer, Sampler
@@ -106,21 +106,21 @@ class EmbedConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise DatacubeError(f"batch_size must be >= 1, got {self.batch_size}.")
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}.")
         if self.prefetch < 0:
-            raise DatacubeError(f"prefetch must be >= 0, got {self.prefetch}.")
+            raise ConfigError(f"prefetch must be >= 0, got {self.prefetch}.")
         if isinstance(self.thumbnails, bool) or not isinstance(self.thumbnails, int):
-            raise DatacubeError(
+            raise ConfigError(
                 f"thumbnails must be an edge in pixels (0: none), got {self.thumbnails!r}."
             )
         if self.thumbnails < 0:
-            raise DatacubeError(f"thumbnails must be >= 0 px, got {self.thumbnails}.")
+            raise ConfigError(f"thumbnails must be >= 0 px, got {self.thumbnails}.")
         if self.precision not in PRECISIONS:
-            raise DatacubeError(
+            raise ConfigError(
                 f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}."
             )
         if self.engine not in ("auto", "zarr", "kvikio"):
-            raise DatacubeError(f"engine must be 'auto', 'zarr' or 'kvikio', got {self.engine!r}.")
+            raise ConfigError(f"engine must be 'auto', 'zarr' or 'kvikio', got {self.engine!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = jsonable(asdict(self))

@@ -10,16 +10,21 @@ from __future__ import annotations
 __all__ = [
     "CheckpointError",
     "ChunkingError",
+    "ConfigError",
     "DataIntegrityError",
     "DataIntegrityWarning",
     "DataPathWarning",
     "DatacubeError",
     "DeviceError",
+    "IngestError",
     "MissingDependencyError",
     "ModelError",
     "OutputError",
     "OutputExistsError",
     "PrecisionWarning",
+    "RunStateError",
+    "SpecError",
+    "UnsupportedLayout",
     "XClayError",
     "XClayWarning",
 ]
@@ -27,6 +32,28 @@ __all__ = [
 
 class XClayError(Exception):
     """Base class of all xclay errors."""
+
+
+class ConfigError(XClayError, ValueError):
+    """A setting that is not allowed (batch size, precision, engine, quality thresholds,
+    chip grid): names the setting, what was given and what is allowed."""
+
+
+class SpecError(ConfigError):
+    """A run spec that is malformed: names the file, the field and what is allowed."""
+
+
+class IngestError(XClayError, ValueError):
+    """STAC items that cannot make the requested datacube."""
+
+
+class RunStateError(XClayError, ValueError):
+    """A run's outputs that cannot be resumed with this spec."""
+
+
+class UnsupportedLayout(XClayError):
+    """A store's layout that direct chunk reads do not handle: read it through zarr
+    (callers catch it and fall back, saying so)."""
 
 
 class DatacubeError(XClayError, ValueError):

@@ -28,7 +28,7 @@ import xarray as xr
 
 from xclay._hashing import sha256_file
 from xclay.datacube import as_datacube
-from xclay.errors import MissingDependencyError, XClayError
+from xclay.errors import IngestError, MissingDependencyError
 from xclay.masks import EXCLUDED_FROM_COMPOSITES, MASK_KINDS, PLATFORM_MASKS, MaskKind, PixelClass
 from xclay.models.sensors import get_sensor, list_platforms
 
@@ -60,10 +60,6 @@ COLLECTION_PLATFORMS = {
     "naip": "naip",
     "sentinel-1-rtc": "sentinel-1-rtc",
 }
-
-
-class IngestError(XClayError, ValueError):
-    """STAC items that cannot make the requested datacube."""
 
 
 def _require_io() -> None:

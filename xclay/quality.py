@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from xclay.errors import DatacubeError
+from xclay.errors import ConfigError
 from xclay.masks import PixelClass
 
 __all__ = ["SKIP_REASONS", "ChipQuality", "QualityFilter"]
@@ -61,7 +61,7 @@ class QualityFilter:
         for f in fields(self):
             value = getattr(self, f.name)
             if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-                raise DatacubeError(f"{f.name} must be within [0, 1], got {value!r}.")
+                raise ConfigError(f"{f.name} must be within [0, 1], got {value!r}.")
 
     @classmethod
     def of(cls, value: QualityFilter | Mapping[str, float] | None) -> QualityFilter:
@@ -72,14 +72,14 @@ class QualityFilter:
         if isinstance(value, QualityFilter):
             return value
         if not isinstance(value, Mapping):
-            raise DatacubeError(
+            raise ConfigError(
                 f"quality must be a QualityFilter or a mapping of thresholds, got "
                 f"{type(value).__name__}."
             )
         allowed = [f.name for f in fields(cls)]
         unknown = sorted(set(value) - set(allowed))
         if unknown:
-            raise DatacubeError(
+            raise ConfigError(
                 f"unknown quality threshold(s) {unknown}; allowed: {', '.join(allowed)}."
             )
         return cls(**{k: float(v) for k, v in value.items()})

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from xclay.devices import PRECISIONS
-from xclay.errors import XClayError
+from xclay.errors import SpecError
 from xclay.quality import QualityFilter
 from xclay.quantize import QUANTIZATIONS
 from xclay.readers import Engine
@@ -50,10 +50,6 @@ __all__ = [
     "StacSource",
     "load_spec",
 ]
-
-
-class SpecError(XClayError, ValueError):
-    """A run spec that is malformed: names the file, the field and what is allowed."""
 
 
 # --------------------------------------------------------------------------- spec

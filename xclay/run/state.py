@@ -30,16 +30,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from xclay.errors import XClayError
+from xclay.errors import RunStateError
 
 __all__ = ["Region", "RunState", "RunStateError", "embed_regions", "ingest_regions"]
 
 Phase = Literal["ingest", "embed"]
 BUCKET = 1000  # markers per folder
-
-
-class RunStateError(XClayError, ValueError):
-    """A run's outputs that cannot be resumed with this spec."""
 
 
 @dataclass(frozen=True)
