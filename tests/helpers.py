@@ -5,10 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import xarray as xr
-
 import xclay
+from xclay.testing import synthetic_cube
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 OLINDA_TIF = SHARED_DATA / "landsat7-olinda" / "L7_ETMs.tif"
@@ -18,45 +16,8 @@ OLINDA_BANDS = ["blue", "green", "red", "nir08", "swir16", "swir22"]
 OLINDA_WAVELENGTHS = [0.483, 0.560, 0.662, 0.835, 1.648, 2.206]
 
 
-def random_cube(
-    shape: tuple[int, int, int, int] = (1, 4, 96, 80),
-    *,
-    dtype: str = "uint16",
-    seed: int = 0,
-    crs: str = "EPSG:32633",
-    origin: tuple[float, float] = (500000.0, 4000000.0),
-    res: float = 10.0,
-    nodata: float | None = 0,
-) -> xr.Dataset:
-    """A datacube of seeded random pixels (values 1..9999), on a north-up grid."""
-    from affine import Affine
-    from odc.geo.geobox import GeoBox
-    from odc.geo.xr import xr_coords
-
-    t, b, ny, nx = shape
-    rng = np.random.default_rng(seed)
-    if np.dtype(dtype).kind == "f":
-        data = rng.uniform(0.01, 1.0, size=shape).astype(dtype)
-    else:
-        data = rng.integers(1, 10_000, size=shape).astype(dtype)
-    gb = GeoBox((ny, nx), Affine(res, 0, origin[0], 0, -res, origin[1]), crs)
-    coords = xr_coords(gb, crs_coord_name="spatial_ref")
-    da = xr.DataArray(
-        data,
-        dims=("time", "band", "y", "x"),
-        coords={
-            "time": np.array(["2024-06-01"] * t, dtype="datetime64[ns]")
-            + np.arange(t).astype("timedelta64[D]"),
-            "band": [f"b{i}" for i in range(b)],
-            "y": coords["y" if "y" in coords else "latitude"].values,
-            "x": coords["x" if "x" in coords else "longitude"].values,
-            "spatial_ref": coords["spatial_ref"],
-        },
-    )
-    if nodata is not None:
-        da.attrs["nodata"] = nodata
-    gsd = 11.0 if gb.crs is not None and gb.crs.geographic else None  # ~0.0001 degrees
-    return xclay.as_datacube(da, wavelengths=[0.45 + 0.1 * i for i in range(b)], gsd=gsd)
+# the synthetic datacube users' own tests get too
+random_cube = synthetic_cube
 
 
 STAC_SCHEMAS = Path(__file__).resolve().parent / "stac_schemas"

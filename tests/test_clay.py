@@ -21,6 +21,7 @@ from xclay.errors import CheckpointError, ModelError
 from xclay.models.clay import ClayV15, latlon_encoding, load_clay_state_dict, time_encoding
 from xclay.models.clay_encoder import CLAY_SIZES, ClayEncoder, posemb_2d_gsd, wave_encoding
 from xclay.protocols import ChipBatch, InputSpec
+from xclay.testing import write_clay_checkpoint
 
 from . import clay_reference as ref
 from .helpers import OLINDA_BANDS, OLINDA_WAVELENGTHS
@@ -235,25 +236,7 @@ def test_latlon_encoding_latitude_first_south_and_west() -> None:
 
 
 def _write(model: ClayEncoder, path: Path, fmt: str) -> Path:
-    sd = model.state_dict()
-    if fmt == "ckpt":
-        state = {f"model.encoder.{k}": v for k, v in sd.items()}
-        state["model.decoder.mask_patch"] = torch.zeros(8)
-        state["model.teacher.cls_token"] = torch.zeros(1, 1, 8)
-        torch.save(
-            {
-                "state_dict": state,
-                "hyper_parameters": {"model_size": "tiny", "norm_pix_loss": False},
-            },
-            path,
-        )
-    elif fmt == "pt":
-        torch.save(sd, path)
-    else:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in sd.items()}, path)
-    return path
+    return write_clay_checkpoint(path, model=model, fmt=fmt)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ __all__ = [
     "ModelError",
     "OutputError",
     "OutputExistsError",
+    "PluginWarning",
     "PrecisionWarning",
     "RunStateError",
     "SpecError",
@@ -100,6 +101,10 @@ class XClayWarning(UserWarning):
 class DataPathWarning(XClayWarning):
     """The data path took a slower road than the one asked for (no nvCOMP, no GPUDirect
     Storage, a layout the fast path cannot read); the message says why and what to do."""
+
+
+class PluginWarning(XClayWarning):
+    """A model plug-in (``xclay.models`` entry point) that could not be registered."""
 
 
 class PrecisionWarning(XClayWarning):

@@ -2,6 +2,14 @@
 
 Entries name their implementation by import path, so listing models (and
 ``import xclay``) never imports torch.
+
+Other packages add models through the ``xclay.models`` entry-point group (as
+xarray backends and zarr codecs register): an entry point names a
+:class:`ModelInfo`, a list of them, or a callable returning either. They are
+found the first time the registry is asked for a name it lacks or for the list,
+in every process, so Dask workers rebuild a plug-in's encoder from its model
+card as they rebuild the built-in ones. :func:`register_model` covers the
+interactive case (one process).
 """
 
 from __future__ import annotations
@@ -9,11 +17,12 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from xclay.errors import ModelError
+from xclay.errors import ModelError, PluginWarning
 from xclay.models.card import ModelCard
 from xclay.protocols import Encoder
 
@@ -24,8 +33,11 @@ __all__ = [
     "get_model",
     "get_model_info",
     "list_models",
+    "load_plugins",
     "register_model",
 ]
+
+ENTRY_POINT_GROUP = "xclay.models"
 
 
 @dataclass(frozen=True)
@@ -72,26 +84,81 @@ class ModelInfo:
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
+_BUILT_IN: set[str] = set()
+_plugins_loaded = False
 
 
 def register_model(info: ModelInfo) -> None:
-    """Add (or replace) a registry entry."""
+    """Add (or replace) a registry entry in this process (other processes, such as Dask
+    workers, find models declared as ``xclay.models`` entry points instead)."""
+    if not isinstance(info, ModelInfo):
+        raise ModelError(f"register_model takes a ModelInfo, got {type(info).__name__}.")
     _REGISTRY[info.name] = info
 
 
 def list_models() -> list[str]:
-    """Names of the registered models."""
+    """Names of the registered models (built-in, plug-ins, and registered here)."""
+    load_plugins()
     return sorted(_REGISTRY)
 
 
 def get_model_info(name: str) -> ModelInfo:
     """The registry entry for ``name``."""
+    if name not in _REGISTRY:
+        load_plugins()
     try:
         return _REGISTRY[name]
     except KeyError:
         raise ModelError(
-            f"unknown model {name!r}; available: {', '.join(list_models())}."
+            f"unknown model {name!r}; available: {', '.join(list_models())}. Models from "
+            f"other packages are found through the {ENTRY_POINT_GROUP!r} entry-point group."
         ) from None
+
+
+def load_plugins(*, again: bool = False) -> list[str]:
+    """Register the models installed packages declare under the ``xclay.models``
+    entry-point group (once per process, or ``again``); returns the names added. A
+    plug-in that fails to load, or that would replace a built-in model, is left out
+    with a :class:`~xclay.errors.PluginWarning` naming it."""
+    global _plugins_loaded
+    if _plugins_loaded and not again:
+        return []
+    _plugins_loaded = True
+    from importlib.metadata import entry_points
+
+    added = []
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        where = f"entry point {point.name!r} ({point.value}) of {ENTRY_POINT_GROUP!r}"
+        try:
+            value = point.load()
+            infos = value() if callable(value) and not isinstance(value, ModelInfo) else value
+            infos = [infos] if isinstance(infos, ModelInfo) else list(_iterable(infos))
+        except Exception as err:  # a broken plug-in must not break xclay
+            warnings.warn(f"{where} failed to load: {err}", PluginWarning, stacklevel=2)
+            continue
+        for info in infos:
+            if not isinstance(info, ModelInfo):
+                warnings.warn(
+                    f"{where} gave a {type(info).__name__}, not a ModelInfo: left out.",
+                    PluginWarning,
+                    stacklevel=2,
+                )
+            elif info.name in _BUILT_IN:
+                warnings.warn(
+                    f"{where} would replace the built-in model {info.name!r}: left out.",
+                    PluginWarning,
+                    stacklevel=2,
+                )
+            else:
+                _REGISTRY[info.name] = info
+                added.append(info.name)
+    return added
+
+
+def _iterable(value: Any) -> Iterable[Any]:
+    if not isinstance(value, Iterable) or isinstance(value, str | bytes):
+        raise TypeError(f"expected a ModelInfo or a list of them, got {type(value).__name__}")
+    return value
 
 
 def get_model(
@@ -210,3 +277,5 @@ register_model(
         rebuild="xclay.models.clay:ClayV15.from_card",
     )
 )
+
+_BUILT_IN.update(_REGISTRY)
