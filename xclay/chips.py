@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 from affine import Affine
@@ -60,7 +60,7 @@ class ChipGridSpec:
             not isinstance(self.stride, int | np.integer) or self.stride < 1
         ):
             raise ConfigError(f"stride must be a positive integer or None, got {self.stride!r}.")
-        if self.edges not in ("drop", "pad"):
+        if self.edges not in get_args(Edges):
             raise ConfigError(f"edges must be 'drop' or 'pad', got {self.edges!r}.")
 
     @property

@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Any, get_args
 
 from xclay._version import __version__
+from xclay.chips import Edges
+from xclay.cog import CogDtype
 from xclay.devices import PRECISIONS
 from xclay.errors import XClayError
+from xclay.models.clay import Output as ClayOutput
 from xclay.quality import SKIP_REASONS, QualityFilter
 from xclay.quantize import QUANTIZATIONS
 from xclay.readers import Engine
@@ -176,7 +179,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     exp.add_argument(
         "--dtype",
-        choices=("float32", "int8"),
+        choices=get_args(CogDtype),
         default="float32",
         help="cog: float32 (default) or int8 with a scale per band",
     )
@@ -223,7 +226,7 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--output",
-        choices=("cls", "mean", "patches"),
+        choices=get_args(ClayOutput),
         default=None,
         help="which Clay token(s) to store (default cls)",
     )
@@ -232,7 +235,7 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
         "--stride", type=int, default=None, help="pixels between chips (default: chip size)"
     )
     p.add_argument(
-        "--edges", choices=("drop", "pad"), default="drop", help="edge policy (default drop)"
+        "--edges", choices=get_args(Edges), default="drop", help="edge policy (default drop)"
     )
     p.add_argument(
         "--batch-size",

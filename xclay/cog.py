@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import xarray as xr
@@ -68,7 +68,7 @@ def to_cog(
         Tile edge in cells (a multiple of 16); default: tiles of about 8 MB.
     """
     _rasterio()
-    if dtype not in ("float32", "int8"):
+    if dtype not in get_args(CogDtype):
         raise DatacubeError(f"dtype must be 'float32' or 'int8', got {dtype!r}.")
     if isinstance(emb, (str, os.PathLike)):
         from xclay.export import open_embeddings

@@ -7,7 +7,7 @@ import os
 import time as timer
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import xarray as xr
@@ -38,7 +38,14 @@ from xclay.devices import PRECISIONS, Precision, ThreadBudget, resolve_device, r
 from xclay.errors import ConfigError, DatacubeError, ModelError
 from xclay.export import EmbeddingsLayout, VariableSpec
 from xclay.masks import PixelClass
-from xclay.protocols import BatchSource, Encoder, InputSpec, ReconstructionScorer, Sampler
+from xclay.protocols import (
+    BatchSource,
+    Encoder,
+    InputSpec,
+    ReconstructionScorer,
+    Sampler,
+    SizesItsBatches,
+)
 from xclay.quality import ChipQuality, QualityFilter
 from xclay.readers import Engine, open_batch_source
 from xclay.thumbnails import DEFAULT_SIZE as DEFAULT_THUMBNAIL_SIZE
@@ -119,7 +126,7 @@ class EmbedConfig:
             raise ConfigError(
                 f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}."
             )
-        if self.engine not in ("auto", "zarr", "kvikio"):
+        if self.engine not in get_args(Engine):
             raise ConfigError(f"engine must be 'auto', 'zarr' or 'kvikio', got {self.engine!r}.")
 
     def to_dict(self) -> dict[str, Any]:
@@ -578,11 +585,10 @@ def input_spec(
 def _auto_batch_size(
     encoder: Encoder, cube: xr.Dataset | xr.DataArray, chip_size: int, device: str
 ) -> int:
-    hint = getattr(encoder, "batch_size_hint", None)
-    if hint is None:
+    if not isinstance(encoder, SizesItsBatches):
         return 16
     bands = cube.sizes["band"]
-    size = int(hint(resolve_device(device), chip_size, bands))
+    size = int(encoder.batch_size_hint(resolve_device(device), chip_size, bands))
     log.info("batch_size='auto': %d chips per batch", size)
     return size
 

@@ -25,7 +25,15 @@ if TYPE_CHECKING:
     from xclay.devices import ComputePrecision, Precision
     from xclay.models.card import ModelCard
 
-__all__ = ["BatchSource", "ChipBatch", "Encoder", "InputSpec", "ReconstructionScorer", "Sampler"]
+__all__ = [
+    "BatchSource",
+    "ChipBatch",
+    "Encoder",
+    "InputSpec",
+    "ReconstructionScorer",
+    "Sampler",
+    "SizesItsBatches",
+]
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,16 @@ class Encoder(Protocol):
 
     def encode(self, batch: ChipBatch) -> torch.Tensor:
         """``[B, dim]`` float32 embeddings (NaN rows for chips it cannot embed)."""
+        ...
+
+
+@runtime_checkable
+class SizesItsBatches(Protocol):
+    """An encoder that knows what batch fills a device (``batch_size="auto"``); others
+    get 16 chips a batch."""
+
+    def batch_size_hint(self, device: torch.device, chip_size: int, bands: int) -> int:
+        """Chips per batch that keep ``device`` busy without running out of memory."""
         ...
 
 

@@ -29,7 +29,7 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
@@ -272,7 +272,7 @@ class ClayV15:
         static_batch: bool | None = None,
         checkpoint: tuple[str, str] | None = None,
     ) -> None:
-        if output not in ("cls", "mean", "patches"):
+        if output not in get_args(Output):
             raise ModelError(f"output must be 'cls', 'mean' or 'patches', got {output!r}.")
         self.model = model.eval()
         self.size = size

@@ -27,14 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
+from xclay.chips import Edges
 from xclay.devices import PRECISIONS
 from xclay.errors import SpecError
+from xclay.models.clay import Output as ClayOutput
 from xclay.quality import QualityFilter
 from xclay.quantize import QUANTIZATIONS
 from xclay.readers import Engine
 
 if TYPE_CHECKING:
-    from xclay.chips import Edges
     from xclay.datacube import Compression
     from xclay.devices import Precision
     from xclay.ingest import Composite
@@ -430,7 +431,7 @@ class _Reader:
             stride=self.number(d["stride"], "grid.stride", integer=True, positive=True)
             if d.get("stride") is not None
             else None,
-            edges=self.choice(d.get("edges", "drop"), "grid.edges", ("drop", "pad")),
+            edges=self.choice(d.get("edges", "drop"), "grid.edges", get_args(Edges)),
             shard_chips=self.number(
                 d["shard_chips"], "grid.shard_chips", integer=True, positive=True
             )
@@ -454,7 +455,7 @@ class _Reader:
         return ModelSettings(
             name=self.choice(d.get("name", "rcf"), "model.name", tuple(list_models())),
             checkpoint=self.text(d.get("checkpoint"), "model.checkpoint"),
-            output=self.choice(d.get("output"), "model.output", (None, "cls", "mean", "patches")),
+            output=self.choice(d.get("output"), "model.output", (None, *get_args(ClayOutput))),
             options=dict(options),
         )
 
