@@ -33,6 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
     )
+    if not args.verbose:
+        logging.getLogger("asyncio").addFilter(_quiet_abandoned_reads)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
@@ -51,6 +53,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"xclay {args.command}: interrupted; nothing half-written was kept.", file=sys.stderr)
         return 130
+
+
+def _quiet_abandoned_reads(record: logging.LogRecord) -> bool:
+    """When one read of a Zarr store fails, zarr's event loop drops the reads still in
+    flight; at exit asyncio logs each as "Task was destroyed but it is pending". The
+    error was already said in one line: these are noise (kept with ``-v``)."""
+    return not str(record.msg).startswith("Task was destroyed but it is pending")
 
 
 def _explain(args: argparse.Namespace, message: str) -> None:
