@@ -176,12 +176,14 @@ def _measure(
 
         def run() -> None:
             layouts = store_layouts(xclay.open_datacube(path))
+            host = ChunkSource(*layouts, nodata=None, threads=budget.decode)
             source = KvikioChunkSource(
-                *layouts, chip_size=chunk, nodata=None, threads=budget, decode=decode
+                *layouts, chip_size=chunk, nodata=None, threads=budget, host=host, decode=decode
             )  # type: ignore[arg-type]
             for _ in batches(source):
                 pass
             source.close()
+            host.close()
 
         return run
 
@@ -273,7 +275,7 @@ def _without_checksums(cube: Any, path: Path, chunk: int, compression: str, shar
 
     from zarr.codecs import Crc32cCodec
 
-    import xclay.datacube as dc
+    import xclay.datacube.store as dc
 
     real = dc._compressors
 

@@ -73,7 +73,9 @@ def test_gpu_batches_equal_host_batches_bit_for_bit(
     import torch
 
     budget = ThreadBudget.for_device(torch.device("cuda"))
-    gpu = KvikioChunkSource(*layouts, chip_size=32, nodata=0, threads=budget, decode=decode)
+    gpu = KvikioChunkSource(
+        *layouts, chip_size=32, nodata=0, threads=budget, host=host, decode=decode
+    )
     assert gpu.xp is cupy
     if compression == "lz4":  # Blosc: nvCOMP does not decode it; said so
         assert any("decoded on the host" in f for f in gpu.fallbacks)

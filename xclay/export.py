@@ -88,7 +88,8 @@ def to_zarr(
     :func:`open_embeddings` restores float32.
     """
     validate_embeddings(emb)
-    from xclay.datacube import COMPLETE_ATTR, GDAL_CRS_ATTR, consolidate
+    from xclay.completion import COMPLETE_ATTR, consolidate
+    from xclay.datacube.store import GDAL_CRS_ATTR
 
     out = quantize_embeddings(emb, quantize) if quantize else emb.copy()
     out.attrs = jsonable({**out.attrs, COMPLETE_ATTR: True})
@@ -143,7 +144,8 @@ def open_embeddings(
         raise FileNotFoundError(
             f"no embeddings Zarr at {store}: expected a store written by to_zarr."
         )
-    from xclay.datacube import GDAL_CRS_ATTR, is_complete, read_metadata
+    from xclay.completion import is_complete, read_metadata
+    from xclay.datacube.store import GDAL_CRS_ATTR
 
     read_metadata(store)
     if not allow_incomplete and not is_complete(store):
@@ -254,7 +256,7 @@ def create_embeddings_store(
     """
     import zarr
 
-    from xclay.datacube import COMPLETE_ATTR
+    from xclay.completion import COMPLETE_ATTR
 
     coords = layout.coords.copy()
     coords.attrs = jsonable({**coords.attrs, COMPLETE_ATTR: False})

@@ -36,6 +36,7 @@ from xclay.masks import PixelClass
 
 if TYPE_CHECKING:
     from xclay.devices import ThreadBudget
+    from xclay.protocols import BatchSource
 
 __all__ = [
     "Decode",
@@ -164,7 +165,9 @@ class KvikioChunkSource:
     decodes them straight into their slots. ``decode``: ``"auto"`` (nvCOMP
     where it decodes the codec, else host threads), ``"nvcomp"`` (required),
     or ``"host"`` (read and decode on the host, one copy per read: the
-    benchmarks' baseline). :attr:`fallbacks` lists every slower road taken.
+    benchmarks' baseline), through ``host``: the same store's host reader
+    (:class:`~xclay.readers.ChunkSource`). :attr:`fallbacks` lists every slower
+    road taken.
     """
 
     def __init__(
@@ -175,13 +178,12 @@ class KvikioChunkSource:
         chip_size: int,
         nodata: float | None,
         threads: ThreadBudget,
+        host: BatchSource,
         decode: Decode = "auto",
     ) -> None:
         require_kvikio()
         import cupy
         import kvikio
-
-        from xclay.readers import ChunkSource
 
         self._cupy, self._kvikio = cupy, kvikio
         self._chunks = ChipChunks(pixels, chip_size)
@@ -194,7 +196,7 @@ class KvikioChunkSource:
             "pixels": self._choose_decode(decode, pixels.compressor),
             "quality": self._choose_decode(decode, quality.compressor) if quality else "none",
         }
-        self._host = ChunkSource(pixels, quality, nodata=nodata, threads=threads.decode)
+        self._host = host  # reads (and decodes) on the host what nvCOMP cannot
         self._threads = _set_kvikio_threads(kvikio, threads.io)
         gds = _gds_available()
         if gds != "yes":
@@ -486,7 +488,7 @@ class KvikioChunkSource:
         return pinned
 
     def close(self) -> None:
-        self._host.close()
+        """Nothing of its own to release: the host reader belongs to whoever made it."""
 
 
 def _set_kvikio_threads(kvikio: Any, threads: int) -> int:

@@ -30,7 +30,8 @@ import numpy as np
 import xarray as xr
 
 from xclay.chunkio import ArrayLayout, DirectWindowReader, UnsupportedLayout
-from xclay.datacube import in_memory, nodata_value, store_source
+from xclay.datacube.source import Engine, in_memory, store_source
+from xclay.datacube.validate import nodata_value
 from xclay.errors import DataPathWarning, DeviceError
 from xclay.masks import PixelClass
 
@@ -50,8 +51,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-Engine = Literal["auto", "zarr", "kvikio"]
 
 
 def _pad_value(nodata: float | None, dtype: np.dtype[Any]) -> float:
@@ -390,6 +389,7 @@ def open_batch_source(
             chip_size=chip_size,
             nodata=nodata_value(cube["pixels"]),
             threads=threads,
+            host=host,
         )
     except UnsupportedLayout as err:
         _fallback(

@@ -289,7 +289,8 @@ def _pixel_bounds(
 def _ingest_phase(
     spec: RunSpec, resolved: RunPlan, state: RunState, client: Any, progress: bool | None
 ) -> list[dict[str, str]]:
-    from xclay.datacube import create_datacube_store, is_complete, mark_complete
+    from xclay.completion import is_complete, mark_complete
+    from xclay.datacube import create_datacube_store
     from xclay.ingest import IngestError
     from xclay.run.tasks import ingest_region
 
@@ -395,7 +396,7 @@ def _template(spec: RunSpec, resolved: RunPlan, zone: int, record: dict[str, Any
 def _embed_phase(
     spec: RunSpec, resolved: RunPlan, state: RunState, client: Any, progress: bool | None
 ) -> list[dict[str, str]]:
-    from xclay.datacube import is_complete, mark_complete
+    from xclay.completion import is_complete, mark_complete
     from xclay.run.tasks import embed_region
 
     record = state.record()
@@ -671,7 +672,7 @@ def ingest(spec: RunSpec, *, client: Any = None, progress: bool | None = None) -
 
 def embed_step(spec: RunSpec, *, client: Any = None, progress: bool | None = None) -> RunReport:
     """Step 2 alone: datacube Zarr -> embeddings Zarr and GeoParquet parts (after step 1)."""
-    from xclay.datacube import is_complete
+    from xclay.completion import is_complete
 
     resolved = plan(spec)
     preflight(spec, resolved)

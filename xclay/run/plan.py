@@ -252,7 +252,7 @@ def _shared_crs(items: list[Any]) -> str | None:
 
 def _zone_chips(zone: Zone, spec: RunSpec) -> int:
     """Chips of a zone: its whole grid, or (tiled) about its cell's share of it."""
-    from xclay.datacube import DatacubeError
+    from xclay.errors import DatacubeError
 
     try:
         grid = ChipGrid.from_geobox(zone.geobox, _grid_spec(spec))

@@ -1,0 +1,162 @@
+"""A datacube's grid: its GeoBox (CRS, exact geotransform) from coords or attrs,
+and the sanity checks on it."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import xarray as xr
+from affine import Affine
+from odc.geo import CRS
+from odc.geo.geobox import GeoBox
+
+from xclay.errors import DatacubeError
+
+log = logging.getLogger("xclay.datacube")
+
+
+def datacube_geobox(cube: xr.Dataset | xr.DataArray) -> GeoBox:
+    """The pixel grid of a datacube (CRS, exact affine transform, shape)."""
+    da = cube["pixels"] if isinstance(cube, xr.Dataset) else cube
+    return _geobox_from_source(da, None)
+
+
+def _geobox_from_source(da: xr.DataArray, crs: str | int | None) -> GeoBox:
+    crs_obj = _crs_of(da)
+    if crs_obj is None:
+        if crs is None:
+            raise DatacubeError(
+                "the imagery has no CRS. Write one (da.rio.write_crs('EPSG:32720') with "
+                "rioxarray, or odc.geo.xr.assign_crs) or pass crs='EPSG:...' to as_datacube."
+            )
+        crs_obj = CRS(crs)
+    ny, nx = da.sizes["y"], da.sizes["x"]
+    if ny < 1 or nx < 1:
+        raise DatacubeError(f"the imagery is empty ({ny} x {nx} pixels).")
+    transform = _transform_of(da)
+    if not transform.is_rectilinear or transform.a == 0 or transform.e == 0:
+        raise DatacubeError(
+            f"the pixel grid is rotated or degenerate ({transform!r}); reproject it to a "
+            "north-up grid first (e.g. odc.geo.xr.xr_reproject)."
+        )
+    if transform.almost_equals(Affine.identity()):
+        raise DatacubeError(
+            "the imagery has no georeferencing: its coordinates are pixel indices (an identity "
+            "geotransform; rasterio warns NotGeoreferencedWarning). Give it its real transform "
+            "(da.rio.write_transform(...)) or open a georeferenced file."
+        )
+    geobox = GeoBox((ny, nx), transform, crs_obj)
+    check_lonlat_extent(geobox)
+    return geobox
+
+
+def check_lonlat_extent(geobox: GeoBox) -> None:
+    """Refuse a grid whose corners do not map to real longitudes and latitudes: coordinates
+    in other units than its CRS's (degrees labelled as metres, or the reverse)."""
+    from xclay.chips import to_lonlat
+
+    ny, nx = geobox.shape
+    t = geobox.affine
+    cols = np.array([0, nx, 0, nx], dtype=np.float64)
+    rows = np.array([0, 0, ny, ny], dtype=np.float64)
+    x = t.c + t.a * cols + t.b * rows
+    y = t.f + t.d * cols + t.e * rows
+    try:
+        lon, lat = to_lonlat(geobox.crs, x, y)
+    except Exception as err:  # pyproj raises for points outside a projection's domain
+        lon, lat = np.full(4, np.inf), np.full(4, np.inf)
+        log.info("corners do not transform: %s", err)
+    if not (
+        np.isfinite(lon).all() and np.isfinite(lat).all() and (np.abs(lat) <= 90.0 + 1e-6).all()
+    ):
+        raise DatacubeError(
+            f"the grid's corners ({x.min():g}..{x.max():g}, {y.min():g}..{y.max():g} in "
+            f"{geobox.crs}) do not map to valid longitudes and latitudes: the coordinates are "
+            "not in that CRS's units. Check the CRS (degrees belong to EPSG:4326, metres to a "
+            "projected CRS such as UTM)."
+        )
+
+
+def _crs_of(da: xr.DataArray) -> CRS | None:
+    gm_name = da.attrs.get("grid_mapping") or da.encoding.get("grid_mapping") or "spatial_ref"
+    for name in (gm_name, "spatial_ref", "crs"):
+        if name in da.coords:
+            attrs = da[name].attrs
+            wkt = attrs.get("crs_wkt") or attrs.get("spatial_ref")
+            if wkt:
+                return CRS(wkt)
+    value = da.attrs.get("crs")
+    return CRS(value) if value else None
+
+
+def _transform_of(da: xr.DataArray) -> Affine:
+    """Exact transform from the GDAL GeoTransform when it matches the coords, else from coords."""
+    from_coords = _transform_from_coords(da)
+    gm = da.attrs.get("grid_mapping") or "spatial_ref"
+    gt = da[gm].attrs.get("GeoTransform") if gm in da.coords else None
+    if gt is None:
+        if from_coords is None:
+            raise DatacubeError(
+                "cannot tell the pixel grid: the imagery has neither a GeoTransform nor regular "
+                "1-D x/y coordinates. Open it with rioxarray or odc-stac, which record both."
+            )
+        return from_coords
+    c, a, b, f, d, e = (float(v) for v in str(gt).split())
+    exact = Affine(a, b, c, d, e, f)
+    if from_coords is None:
+        return exact
+    # A subset (isel) keeps the old GeoTransform: shift it by whole pixels to
+    # the coords' origin so the transform stays exact.
+    col = (from_coords.c - exact.c) / exact.a
+    row = (from_coords.f - exact.f) / exact.e
+    if (
+        abs(col - round(col)) < 1e-3
+        and abs(row - round(row)) < 1e-3
+        and math.isclose(from_coords.a, exact.a, rel_tol=1e-6)
+        and math.isclose(from_coords.e, exact.e, rel_tol=1e-6)
+    ):
+        return exact @ Affine.translation(round(col), round(row))
+    return from_coords
+
+
+def _transform_from_coords(da: xr.DataArray) -> Affine | None:
+    x, y = (
+        da["x"].values if "x" in da.coords else None,
+        da["y"].values if "y" in da.coords else None,
+    )
+    if x is None or y is None or x.ndim != 1 or y.ndim != 1:
+        return None
+    res_x, res_y = da["x"].attrs.get("resolution"), da["y"].attrs.get("resolution")
+    if x.size > 1:
+        dx = float(np.diff(x).mean())
+    elif res_x is not None:
+        dx = float(res_x)
+    else:
+        return None
+    if y.size > 1:
+        dy = float(np.diff(y).mean())
+    elif res_y is not None:
+        dy = -abs(float(res_y))
+    else:
+        return None
+    if x.size > 2 and not np.allclose(np.diff(x), dx, rtol=1e-6, atol=0):
+        raise DatacubeError("x coordinates are not regularly spaced; resample to a regular grid.")
+    if y.size > 2 and not np.allclose(np.diff(y), dy, rtol=1e-6, atol=0):
+        raise DatacubeError("y coordinates are not regularly spaced; resample to a regular grid.")
+    return Affine(dx, 0.0, float(x[0]) - dx / 2, 0.0, dy, float(y[0]) - dy / 2)
+
+
+def _gsd_of(geobox: GeoBox) -> float:
+    crs = geobox.crs
+    if crs is None or crs.geographic:
+        raise DatacubeError(
+            "the CRS is geographic (degrees), so the ground sample distance is unknown; pass "
+            "gsd= in metres, or reproject to a projected CRS (UTM) first."
+        )
+    units = crs.units[0] if crs.units else "metre"
+    if units not in ("metre", "m", "meter"):
+        raise DatacubeError(f"the CRS unit is {units!r}, not metres; pass gsd= in metres.")
+    res = geobox.resolution
+    return float(math.sqrt(abs(res.x * res.y)))

@@ -1,0 +1,45 @@
+"""Where a datacube variable's data lives, and the engines that may read it:
+in memory, a Zarr array read unchanged (direct chunk reads), or only through xarray."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import xarray as xr
+
+Engine = Literal["auto", "zarr", "kvikio"]
+
+
+STORE_ENCODING = "xclay_store"
+
+
+def store_source(da: xr.DataArray) -> str | None:
+    """The Zarr array a lazily opened variable still reads unchanged (same shape, same
+    coordinates, no selection applied), or None: then only xarray knows how to read it."""
+    info = da.encoding.get(STORE_ENCODING)
+    if not info or in_memory(da) or da.chunks is not None:
+        return None
+    if info.get("coords") != _coords_fingerprint(da):
+        return None
+    return str(info["path"])
+
+
+def _coords_fingerprint(da: xr.DataArray) -> dict[str, Any]:
+    """Shape, dims and each dim's first, last and count of coordinate values: a selection,
+    reordering or transpose of the variable changes it."""
+    out: dict[str, Any] = {"dims": list(da.dims), "shape": list(da.shape)}
+    for dim in da.dims:
+        if dim in da.coords:
+            values = np.asarray(da[dim].values)
+            out[str(dim)] = [
+                str(values[0]),
+                str(values[-1]),
+                str(values.tolist()) if values.size < 64 else "",
+            ]
+    return out
+
+
+def in_memory(pixels: xr.DataArray) -> bool:
+    """True when the pixels are a NumPy array already (``.data`` would load lazy arrays)."""
+    return isinstance(pixels.variable._data, np.ndarray)
