@@ -258,8 +258,8 @@ def test_wavelengths_in_nanometres_are_refused() -> None:
 
 def test_modis_wavelengths_are_micrometres_in_the_cube_and_nanometres_for_clay() -> None:
     from xclay.models.clay import _wavelengths
-    from xclay.models.sensors import get_sensor, list_platforms
     from xclay.protocols import InputSpec
+    from xclay.sensors import get_sensor, list_platforms
 
     for platform in list_platforms():  # every entry: physical micrometres (radar: its own)
         for band in get_sensor(platform).bands:

@@ -30,7 +30,7 @@ from xclay._hashing import sha256_file
 from xclay.datacube import as_datacube
 from xclay.errors import IngestError, MissingDependencyError
 from xclay.masks import EXCLUDED_FROM_COMPOSITES, MASK_KINDS, PLATFORM_MASKS, MaskKind, PixelClass
-from xclay.models.sensors import get_sensor, list_platforms
+from xclay.sensors import get_sensor, list_platforms
 
 if TYPE_CHECKING:
     import pystac

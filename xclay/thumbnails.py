@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from xclay.errors import DatacubeError
-from xclay.models.sensors import get_sensor
+from xclay.sensors import get_sensor
 
 if TYPE_CHECKING:
     import torch

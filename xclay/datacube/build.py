@@ -26,7 +26,7 @@ from xclay._version import __version__
 from xclay.datacube.geometry import _geobox_from_source, _gsd_of
 from xclay.datacube.validate import CONVENTION, DATACUBE_DIMS, _check_dtype, validate_datacube
 from xclay.errors import DatacubeError
-from xclay.models.sensors import get_sensor
+from xclay.sensors import get_sensor
 
 log = logging.getLogger("xclay.datacube")
 
@@ -58,7 +58,7 @@ def as_datacube(
         already has a ``pixels`` variable. Lazy (dask or file-backed) data
         stays lazy.
     platform
-        Key of the sensor table (``xclay.models.sensors.list_platforms()``),
+        Key of the sensor table (``xclay.sensors.list_platforms()``),
         e.g. ``"sentinel-2-l2a"``. Fills in wavelengths from the band names.
     bands
         Band names, in the order of the band dim (needed when the source has

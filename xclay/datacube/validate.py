@@ -11,7 +11,7 @@ import xarray as xr
 from xclay._json import number
 from xclay.datacube.geometry import _crs_of
 from xclay.errors import DatacubeError
-from xclay.models.sensors import get_sensor
+from xclay.sensors import get_sensor
 
 DATACUBE_DIMS = ("time", "band", "y", "x")
 CONVENTION = "xclay-datacube/1"

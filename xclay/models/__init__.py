@@ -2,7 +2,7 @@
 
 from xclay.models.card import ModelCard
 from xclay.models.registry import ModelInfo, get_model, get_model_info, list_models, register_model
-from xclay.models.sensors import get_sensor, list_platforms
+from xclay.sensors import get_sensor, list_platforms
 
 __all__ = [
     "ModelCard",

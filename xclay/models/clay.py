@@ -36,7 +36,7 @@ import numpy as np
 from xclay.errors import CheckpointError, MissingDependencyError, ModelError
 from xclay.models.card import ModelCard
 from xclay.models.normalization import Normalization, resolve_normalization
-from xclay.models.sensors import get_sensor
+from xclay.sensors import get_sensor
 
 if TYPE_CHECKING:
     import torch

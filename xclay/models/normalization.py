@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from xclay.errors import ModelError
-from xclay.models.sensors import get_sensor
+from xclay.sensors import get_sensor
 
 if TYPE_CHECKING:
     from xclay.protocols import InputSpec, Sampler

@@ -138,7 +138,7 @@ def _plan_datacube(spec: RunSpec) -> RunPlan:
 
 def _plan_stac(spec: RunSpec) -> RunPlan:
     from xclay.ingest import IngestError, _band_metadata, _platform_of
-    from xclay.models.sensors import get_sensor
+    from xclay.sensors import get_sensor
 
     items = _search(spec)
     if not items:

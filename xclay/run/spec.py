@@ -352,7 +352,7 @@ class _Reader:
             )
         platform = self.text(d.get("platform"), "input.platform")
         if platform is not None:
-            from xclay.models.sensors import list_platforms
+            from xclay.sensors import list_platforms
 
             self.choice(platform, "input.platform", tuple(list_platforms()))
         bands = self.names(d.get("bands"), "input.bands")

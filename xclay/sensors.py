@@ -59,7 +59,7 @@ class Sensor:
 
 @functools.cache
 def _table() -> dict[str, Any]:
-    text = resources.files("xclay.models").joinpath("data/clay-sensors.yaml").read_text("utf-8")
+    text = resources.files("xclay").joinpath("data/clay-sensors.yaml").read_text("utf-8")
     table: dict[str, Any] = yaml.safe_load(text)
     return table
 
