@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import xarray as xr
@@ -46,7 +47,7 @@ def small_rcf_options() -> dict[str, int]:
 
 
 @pytest.fixture
-def small_rcf(small_rcf_options: dict[str, int]) -> Encoder:
+def small_rcf(small_rcf_options: dict[str, Any]) -> Encoder:
     return xclay.models.get_model("rcf", **small_rcf_options)
 
 

@@ -115,7 +115,9 @@ def test_a_chip_with_several_times_needs_a_time() -> None:
     assert not ((later["chip_id"] == chip) & (later["time"] == emb["time"].values[1])).any()
 
 
-def test_plots_draw_what_they_say(tmp_path: Path, emb: xr.Dataset, demo_cube_256) -> None:
+def test_plots_draw_what_they_say(
+    tmp_path: Path, emb: xr.Dataset, demo_cube_256: xr.Dataset
+) -> None:
     import matplotlib.pyplot as plt
 
     from xclay.viz import pca_colour, plot_side_by_side

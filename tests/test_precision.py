@@ -201,7 +201,7 @@ def test_the_gate_on_real_imagery_with_clay_large_shapes(olinda_tif: Path) -> No
             spec,
             lambda n, s: chips,
             device=CPU,
-            precision=ComputePrecision(precision, emulated=precision == "fp8"),  # type: ignore[arg-type]
+            precision=ComputePrecision(precision, emulated=precision == "fp8"),
         )
         vectors[precision] = enc.encode(chips).numpy()
     for precision in ("bf16", "fp8"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from xclay.errors import ModelError
@@ -33,6 +35,6 @@ def test_unknown_option_lists_the_valid_ones() -> None:
         get_model("rcf", filters=3)
 
 
-def test_options_and_checkpoint_do_not_mix(tmp_path) -> None:
+def test_options_and_checkpoint_do_not_mix(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="cannot be combined with a checkpoint"):
         get_model("rcf", checkpoint=tmp_path / "x.pt", seed=1)

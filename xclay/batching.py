@@ -558,8 +558,8 @@ def to_chip_batch(
 
     t = batch.index[:, 0]
     i, j = batch.index[:, 1] - origin[0], batch.index[:, 2] - origin[1]
-    pixels: torch.Tensor = torch.from_dlpack(batch.pixels)
-    valid: torch.Tensor = torch.from_dlpack(batch.valid)
+    pixels: torch.Tensor = torch.utils.dlpack.from_dlpack(batch.pixels)
+    valid: torch.Tensor = torch.utils.dlpack.from_dlpack(batch.valid)
     if pixels.device != device:
         pixels = pixels.to(device, non_blocking=True)
         valid = valid.to(device, non_blocking=True)

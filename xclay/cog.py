@@ -98,7 +98,8 @@ class _Values:
     def __call__(self, vectors: np.ndarray) -> np.ndarray:
         if self.axes is None:
             return vectors
-        return ((vectors - self.mean) @ self.axes.T).astype(np.float32)
+        result: np.ndarray = ((vectors - self.mean) @ self.axes.T).astype(np.float32)
+        return result
 
 
 def _write_step(

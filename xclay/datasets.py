@@ -272,7 +272,8 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], scale: float
     kernel = np.exp(-2.0 * (np.pi * scale) ** 2 * (fx**2 + fy**2))
     field = np.fft.irfft2(np.fft.rfft2(noise) * kernel, s=shape)
     std = field.std()
-    return (field - field.mean()) / (std if std > 0 else 1.0)
+    result: np.ndarray = (field - field.mean()) / (std if std > 0 else 1.0)
+    return result
 
 
 def _hash_uniform(keys: np.ndarray, salt: int) -> np.ndarray:

@@ -152,16 +152,19 @@ class SimilarityIndex:
     def vector(self, query: Query, *, time: Any = None) -> np.ndarray:
         """The query as a unit vector ``[dim]``: a chip or row id, a (lon, lat) point, or a vector."""
         if isinstance(query, str):
-            return self.unit[self.locate(query, time=time)]
+            result: np.ndarray = self.unit[self.locate(query, time=time)]
+            return result
         q = np.asarray(query, dtype=np.float64)
         if q.shape == (2,) and self.dim != 2:
-            return self.unit[self.locate((float(q[0]), float(q[1])), time=time)]
+            result = self.unit[self.locate((float(q[0]), float(q[1])), time=time)]
+            return result
         if q.shape != (self.dim,):
             raise DatacubeError(
                 f"a query vector must have {self.dim} elements, got shape {q.shape}; queries are "
                 "a chip id, a (lon, lat) point, or a vector."
             )
-        return _normalised(q[None, :].astype(np.float32))[0]
+        result = _normalised(q[None, :].astype(np.float32))[0]
+        return result
 
     def locate(self, query: str | Sequence[float], *, time: Any = None) -> int:
         """The row of a chip id / row id, or of the chip over a (lon, lat) point."""
@@ -180,7 +183,8 @@ class SimilarityIndex:
 
     def scores(self, query: Query, *, time: Any = None) -> np.ndarray:
         """``[rows]`` cosine similarity of every chip to the query."""
-        return self.unit @ self.vector(query, time=time)
+        result: np.ndarray = self.unit @ self.vector(query, time=time)
+        return result
 
     def search(
         self, query: Query, *, k: int = 10, time: Any = None, include_query: bool = False
@@ -245,7 +249,8 @@ class SimilarityIndex:
         chosen = hits[times == np.datetime64(time, "ns")]
         if chosen.size == 0:
             raise DatacubeError(f"{query!r} has no embedding at time {time}.")
-        return chosen
+        result: np.ndarray = chosen
+        return result
 
     def _frame(self, index: np.ndarray, similarity: np.ndarray) -> Any:
         try:
@@ -295,7 +300,8 @@ def _read_table(path: Path, thumbnails: bool) -> Any:
 
 def _normalised(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+    result: np.ndarray = np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+    return result
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -320,4 +326,5 @@ def _haversine(lon: float, lat: float, lons: np.ndarray, lats: np.ndarray) -> np
     p1, p2 = np.radians(lat), np.radians(lats)
     dp, dl = p2 - p1, np.radians(lons - lon)
     a = np.sin(dp / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dl / 2) ** 2
-    return 2 * _EARTH_RADIUS_M * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
+    result: np.ndarray = 2 * _EARTH_RADIUS_M * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
+    return result

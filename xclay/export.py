@@ -697,7 +697,8 @@ def _lonlat_polygons(rings: np.ndarray) -> np.ndarray:
 
     geoms = shapely.polygons(rings)
     if rings.shape[0] == 0:
-        return geoms
+        result: np.ndarray = geoms
+        return result
     span = rings[..., 0].max(axis=-1) - rings[..., 0].min(axis=-1)
     for k in np.nonzero(span > 180.0)[0]:
         ring = rings[k].copy()
@@ -708,7 +709,8 @@ def _lonlat_polygons(rings: np.ndarray) -> np.ndarray:
             shapely.intersection(poly, shapely.box(180.0, -90.0, 360.0, 90.0)), xoff=-360.0
         )
         geoms[k] = shapely.MultiPolygon([east, west])
-    return geoms
+    result = geoms
+    return result
 
 
 def _overall_bbox(bounds: np.ndarray) -> list[float]:

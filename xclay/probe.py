@@ -126,7 +126,8 @@ def _r2(y: np.ndarray, predicted: np.ndarray) -> float:
 def chip_blocks(rows: np.ndarray, cols: np.ndarray, size: int) -> np.ndarray:
     """Group labels of ``size x size`` blocks of the chip grid, for spatial cross-validation."""
     rows, cols = np.asarray(rows), np.asarray(cols)
-    return (rows // size) * (int(cols.max()) // size + 1) + cols // size
+    result: np.ndarray = (rows // size) * (int(cols.max()) // size + 1) + cols // size
+    return result
 
 
 def chip_means(

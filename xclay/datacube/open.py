@@ -80,7 +80,8 @@ def open_datacube(path: str | os.PathLike[str], *, engine: Engine = "zarr") -> x
             DataIntegrityWarning,
             stacklevel=2,
         )
-    return cube
+    result: xr.Dataset = cube
+    return result
 
 
 def _resolve_engine(engine: str) -> str:

@@ -718,11 +718,14 @@ class ClayV15:
             )
         tokens = tokens[:n].float()  # the padding is never returned
         if self.output == "cls":
-            return tokens[:, 0]
+            result: torch.Tensor = tokens[:, 0]
+            return result
         if self.output == "mean":
-            return tokens[:, 1:].mean(dim=1)
+            result = tokens[:, 1:].mean(dim=1)
+            return result
         grid = x.shape[-1] // self.model.patch_size
-        return tokens[:, 1:].reshape(tokens.shape[0], -1, grid, tokens.shape[-1])
+        result = tokens[:, 1:].reshape(tokens.shape[0], -1, grid, tokens.shape[-1])
+        return result
 
     def loss(self, batch: ChipBatch) -> torch.Tensor:
         """``[B]`` float32: each chip's masked-reconstruction loss (after :meth:`enable_loss`).

@@ -97,7 +97,8 @@ class PixelHead(nn.Module):
     def projection(self, waves: torch.Tensor) -> torch.Tensor:
         """``[C * p * p, dim]`` (x0.02): rows in (band, kernel row, kernel column) order."""
         weights, _ = self.weight_generator(self.fclayer(wave_encoding(waves)))
-        return weights.reshape(-1, self.dim) * KERNEL_SCALE
+        result: torch.Tensor = weights.reshape(-1, self.dim) * KERNEL_SCALE
+        return result
 
 
 class ClayDecoder(nn.Module):
@@ -154,7 +155,8 @@ class ClayDecoder(nn.Module):
         hidden = self.mask_patch.to(x.dtype).expand(b, masked.shape[1], dim) + at(masked)
         tokens.scatter_(1, masked[..., None].expand(-1, -1, dim), hidden)
         out = self.transformer(torch.cat([cls, tokens], dim=1))
-        return (out @ projection.to(out.dtype).T)[:, 1:]
+        result: torch.Tensor = (out @ projection.to(out.dtype).T)[:, 1:]
+        return result
 
     def prepare(
         self, waves: torch.Tensor, rows: int, cols: int, gsd: float
@@ -185,7 +187,8 @@ def splitmix64(seeds: np.ndarray, n: int) -> np.ndarray:
         z = np.asarray(seeds, dtype=np.uint64)[:, None] + k[None, :] * _GOLDEN
         z = (z ^ (z >> np.uint64(30))) * _MIX1
         z = (z ^ (z >> np.uint64(27))) * _MIX2
-    return z ^ (z >> np.uint64(31))
+    result: np.ndarray = z ^ (z >> np.uint64(31))
+    return result
 
 
 def mask_permutations(seeds: np.ndarray, n_patches: int) -> tuple[np.ndarray, np.ndarray]:

@@ -193,7 +193,8 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         qkv = self.to_qkv(self.norm(x)).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # scale dim_head ** -0.5
-        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+        result: torch.Tensor = self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+        return result
 
 
 class FeedForward(nn.Module):
@@ -206,7 +207,8 @@ class FeedForward(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        result: torch.Tensor = self.net(x)
+        return result
 
 
 class Transformer(nn.Module):
@@ -225,7 +227,8 @@ class Transformer(nn.Module):
             attn, ff = block[0], block[1]  # type: ignore[index]
             x = x + attn(x)
             x = x + ff(x)
-        return self.norm(x)
+        result: torch.Tensor = self.norm(x)
+        return result
 
 
 class ClayEncoder(nn.Module):
@@ -326,7 +329,8 @@ class ClayEncoder(nn.Module):
         if keep is not None:
             tokens = torch.gather(tokens, 1, keep[..., None].expand(-1, -1, tokens.shape[-1]))
         x = torch.cat([self.cls_token.to(tokens.dtype).expand(b, -1, -1), tokens], dim=1)
-        return self.transformer(x)
+        result: torch.Tensor = self.transformer(x)
+        return result
 
 
 def token_encoding(

@@ -179,7 +179,8 @@ def get_model(
         names are refused with the list of valid ones.
     """
     target, use_loader = _builder(name, checkpoint, options)
-    return target(checkpoint, **options) if use_loader else target(**options)
+    result: Encoder = target(checkpoint, **options) if use_loader else target(**options)
+    return result
 
 
 def check_model(
@@ -231,7 +232,8 @@ def encoder_from_card(
     info = get_model_info(card.name)
     if info.rebuild is None:
         raise ModelError(f"model {card.name!r} cannot be rebuilt from its model card.")
-    return _resolve(info.rebuild)(card, checkpoint=checkpoint)
+    result: Encoder = _resolve(info.rebuild)(card, checkpoint=checkpoint)
+    return result
 
 
 def _resolve(target: str) -> Any:

@@ -265,7 +265,8 @@ def _zone_chips(zone: Zone, spec: RunSpec) -> int:
     ny, nx = zone.geobox.shape
     res = abs(float(zone.geobox.resolution.x))
     share = cell.area / (ny * nx * res * res)
-    return round(total * min(1.0, share))
+    result: int = round(total * min(1.0, share))
+    return result
 
 
 def _zone_area_km2(zone: Zone) -> float:

@@ -166,7 +166,8 @@ class RunSpec:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out.pop("base")
-        return _plain(out)
+        result: dict[str, Any] = _plain(out)
+        return result
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "<spec>", base: str = ".") -> RunSpec:
