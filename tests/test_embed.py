@@ -170,13 +170,24 @@ def test_accessor_is_the_same_function(demo_cube_256: xr.Dataset) -> None:
     )
 
 
-@pytest.mark.parametrize("accessor", [ClayDatasetAccessor, ClayDataArrayAccessor])
-def test_accessor_signature_mirrors_the_function(accessor: type) -> None:
-    method = list(inspect.signature(accessor.embed).parameters.values())[1:]
-    function = list(inspect.signature(xclay.embed).parameters.values())[1:]
-    assert [(p.name, p.default, p.kind) for p in method] == [
-        (p.name, p.default, p.kind) for p in function
-    ]
+@pytest.mark.parametrize(
+    ("accessor", "name"),
+    [
+        (ClayDatasetAccessor, "embed"),
+        (ClayDataArrayAccessor, "embed"),
+        (ClayDataArrayAccessor, "as_datacube"),
+        (ClayDatasetAccessor, "write_datacube"),
+        (ClayDatasetAccessor, "to_geoparquet"),
+    ],
+)
+def test_accessor_methods_are_the_functions(accessor: type, name: str) -> None:
+    """Same parameters (the accessor instead of the object), defaults and docs: declared
+    once."""
+    method = getattr(accessor, name)
+    function = getattr(xclay, name)
+    params = list(inspect.signature(function).parameters.values())[1:]
+    assert list(inspect.signature(method).parameters.values())[1:] == params
+    assert method.__doc__ == function.__doc__
 
 
 def test_cuda_without_a_gpu_is_a_clear_error(demo_cube_256: xr.Dataset) -> None:

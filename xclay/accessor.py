@@ -1,27 +1,59 @@
 """The ``.clay`` accessor: a thin facade over xclay's free functions.
 
-Every method calls the typed function of the same name with the wrapped
-object first; the accessor holds nothing but that object.
+Every method is the typed function of the same name with the wrapped object as its
+first argument: its signature and documentation are the function's, declared once
+(:class:`_OnObject`); the accessor holds nothing but that object.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
 import xarray as xr
 
-if TYPE_CHECKING:
-    from xclay.chips import Edges
-    from xclay.datacube import Compression, TimeLike
-    from xclay.devices import Precision
-    from xclay.protocols import Encoder
-    from xclay.quality import QualityFilter
-    from xclay.readers import Engine
+from xclay.datacube import as_datacube, write_datacube
+from xclay.embed import embed
+from xclay.export import to_geoparquet, to_zarr
 
 __all__ = ["ClayDataArrayAccessor", "ClayDatasetAccessor"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class _OnObject(Generic[P, R]):
+    """A free function offered as an accessor method: ``ds.clay.f(...)`` is
+    ``f(ds, ...)``, with ``f``'s own signature (less its first parameter) and docs."""
+
+    def __init__(self, function: Callable[Concatenate[Any, P], R]) -> None:
+        self.function = function
+        self.__doc__ = function.__doc__
+        self.__name__ = self.__qualname__ = function.__name__
+        self.__module__ = function.__module__
+        self.__wrapped__ = function
+        # On the class it reads as a method: (self, <the function's other parameters>).
+        signature = inspect.signature(function)
+        own = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        rest = list(signature.parameters.values())[1:]
+        self.__signature__ = signature.replace(parameters=[own, *rest])
+
+    def __call__(self, accessor: Any, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Called on the class, as a method is: ``ClayDatasetAccessor.embed(ds.clay)``."""
+        return self.function(accessor._obj, *args, **kwargs)
+
+    @overload
+    def __get__(self, accessor: None, owner: type) -> _OnObject[P, R]: ...
+
+    @overload
+    def __get__(self, accessor: object, owner: type) -> Callable[P, R]: ...
+
+    def __get__(self, accessor: object, owner: type) -> _OnObject[P, R] | Callable[P, R]:
+        if accessor is None:
+            return self
+        return functools.partial(self.function, accessor._obj)  # type: ignore[attr-defined]
 
 
 @xr.register_dataset_accessor("clay")
@@ -31,89 +63,10 @@ class ClayDatasetAccessor:
     def __init__(self, obj: xr.Dataset) -> None:
         self._obj = obj
 
-    def embed(
-        self,
-        *,
-        model: str | Encoder = "rcf",
-        checkpoint: str | os.PathLike[str] | None = None,
-        chip_size: int = 256,
-        stride: int | None = None,
-        edges: Edges = "drop",
-        batch_size: int | Literal["auto"] = "auto",
-        quality: QualityFilter | Mapping[str, float] | None = None,
-        device: str = "auto",
-        engine: Engine = "auto",
-        precision: Precision = "auto",
-        prefetch: int = 2,
-        thumbnails: bool | int = False,
-        loss: bool = False,
-        progress: bool | None = None,
-    ) -> xr.Dataset:
-        """Embed every chip of this datacube: see :func:`xclay.embed`."""
-        from xclay.embed import embed
-
-        return embed(
-            self._obj,
-            model=model,
-            checkpoint=checkpoint,
-            chip_size=chip_size,
-            stride=stride,
-            edges=edges,
-            batch_size=batch_size,
-            quality=quality,
-            device=device,
-            engine=engine,
-            precision=precision,
-            prefetch=prefetch,
-            thumbnails=thumbnails,
-            loss=loss,
-            progress=progress,
-        )
-
-    def write_datacube(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        chip_size: int = 256,
-        shard_chips: int | None = None,
-        compression: Compression = "zstd",
-        overwrite: bool = False,
-    ) -> Path:
-        """Write this datacube as chip-aligned Zarr v3: see :func:`xclay.write_datacube`."""
-        from xclay.datacube import write_datacube
-
-        return write_datacube(
-            self._obj,
-            path,
-            chip_size=chip_size,
-            shard_chips=shard_chips,
-            compression=compression,
-            overwrite=overwrite,
-        )
-
-    def to_zarr(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        quantize: str | None = None,
-        overwrite: bool = False,
-    ) -> Path:
-        """Write these embeddings as Zarr v3: see :func:`xclay.export.to_zarr`."""
-        from xclay.export import to_zarr
-
-        return to_zarr(self._obj, path, quantize=quantize, overwrite=overwrite)
-
-    def to_geoparquet(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        quantize: str | None = None,
-        overwrite: bool = False,
-    ) -> Path:
-        """Write these embeddings as GeoParquet 1.1: see :func:`xclay.to_geoparquet`."""
-        from xclay.export import to_geoparquet
-
-        return to_geoparquet(self._obj, path, quantize=quantize, overwrite=overwrite)
+    embed = _OnObject(embed)
+    write_datacube = _OnObject(write_datacube)
+    to_zarr = _OnObject(to_zarr)
+    to_geoparquet = _OnObject(to_geoparquet)
 
     def similar(
         self, query: Any, *, k: int = 10, time: Any = None, include_query: bool = False
@@ -151,68 +104,5 @@ class ClayDataArrayAccessor:
     def __init__(self, obj: xr.DataArray) -> None:
         self._obj = obj
 
-    def as_datacube(
-        self,
-        *,
-        platform: str | None = None,
-        bands: Sequence[str] | None = None,
-        wavelengths: Sequence[float] | Mapping[str, float] | None = None,
-        time: TimeLike | tuple[TimeLike, TimeLike] | None = None,
-        nodata: float | None = None,
-        gsd: float | None = None,
-        crs: str | int | None = None,
-        provenance: Mapping[str, Any] | None = None,
-    ) -> xr.Dataset:
-        """This imagery as a datacube: see :func:`xclay.as_datacube`."""
-        from xclay.datacube import as_datacube
-
-        return as_datacube(
-            self._obj,
-            platform=platform,
-            bands=bands,
-            wavelengths=wavelengths,
-            time=time,
-            nodata=nodata,
-            gsd=gsd,
-            crs=crs,
-            provenance=provenance,
-        )
-
-    def embed(
-        self,
-        *,
-        model: str | Encoder = "rcf",
-        checkpoint: str | os.PathLike[str] | None = None,
-        chip_size: int = 256,
-        stride: int | None = None,
-        edges: Edges = "drop",
-        batch_size: int | Literal["auto"] = "auto",
-        quality: QualityFilter | Mapping[str, float] | None = None,
-        device: str = "auto",
-        engine: Engine = "auto",
-        precision: Precision = "auto",
-        prefetch: int = 2,
-        thumbnails: bool | int = False,
-        loss: bool = False,
-        progress: bool | None = None,
-    ) -> xr.Dataset:
-        """Embed this imagery (a datacube's ``pixels``): see :func:`xclay.embed`."""
-        from xclay.embed import embed
-
-        return embed(
-            self._obj,
-            model=model,
-            checkpoint=checkpoint,
-            chip_size=chip_size,
-            stride=stride,
-            edges=edges,
-            batch_size=batch_size,
-            quality=quality,
-            device=device,
-            engine=engine,
-            precision=precision,
-            prefetch=prefetch,
-            thumbnails=thumbnails,
-            loss=loss,
-            progress=progress,
-        )
+    as_datacube = _OnObject(as_datacube)
+    embed = _OnObject(embed)
