@@ -159,6 +159,7 @@ def test_accessor_is_the_same_function(demo_cube_256: xr.Dataset) -> None:
     model_b = xclay.models.get_model("rcf", num_filters=8, sample_chips=4)
     via_accessor = demo_cube_256.clay.embed(model=model_a, chip_size=64, progress=False)
     via_function = xclay.embed(demo_cube_256, model=model_b, chip_size=64, progress=False)
+    via_accessor.attrs.pop("data_path"), via_function.attrs.pop("data_path")  # load-dependent
     xr.testing.assert_identical(via_accessor, via_function)
     via_dataarray = demo_cube_256["pixels"].clay.embed(
         model=xclay.models.get_model("rcf", num_filters=8, sample_chips=4),
@@ -278,3 +279,23 @@ def test_infinite_and_nan_pixels_are_never_embedded() -> None:
     np.testing.assert_allclose(emb["nodata_fraction"].values[0], [[1, 1], [0.25, 0]])
     assert np.isfinite(emb["embedding"].values[0, 1]).all()
     assert np.isnan(emb["embedding"].values[0, 0]).all()
+
+
+def test_a_stored_configuration_embeds_again_the_same(demo_cube_256: xr.Dataset) -> None:
+    """embed() stores its configuration; embed_with_config() takes it back (the public
+    entry point that takes an EmbedConfig) and gives the same embeddings."""
+    first = xclay.embed(
+        demo_cube_256,
+        model=xclay.models.get_model("rcf", num_filters=8, sample_chips=4),
+        chip_size=64,
+        quality={"max_nodata": 0.2},
+        progress=False,
+    )
+    config = xclay.EmbedConfig.from_dict(first.attrs["config"])
+    assert config.grid.chip_size == 64 and config.quality.max_nodata == 0.2
+    again = xclay.embed_with_config(
+        demo_cube_256, xclay.models.get_model("rcf", num_filters=8, sample_chips=4), config
+    )
+    # data_path records the threads this machine's load left free: it may differ
+    first.attrs.pop("data_path"), again.attrs.pop("data_path")
+    xr.testing.assert_identical(first, again)

@@ -9,7 +9,7 @@ from xclay import datasets, models
 from xclay._version import __version__
 from xclay.chips import ChipGrid, ChipGridSpec
 from xclay.datacube import as_datacube, open_datacube, validate_datacube, write_datacube
-from xclay.embed import EmbedConfig, embed
+from xclay.embed import EmbedConfig, embed, embed_config, embed_with_config
 from xclay.export import open_embeddings, read_geoparquet, to_geoparquet, to_zarr
 from xclay.quality import QualityFilter
 
@@ -24,6 +24,8 @@ __all__ = [
     "as_datacube",
     "datasets",
     "embed",
+    "embed_config",
+    "embed_with_config",
     "models",
     "open_datacube",
     "open_embeddings",

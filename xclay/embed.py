@@ -51,7 +51,14 @@ from xclay.readers import Engine, open_batch_source
 from xclay.thumbnails import DEFAULT_SIZE as DEFAULT_THUMBNAIL_SIZE
 from xclay.thumbnails import ThumbnailStretch, make_thumbnails, rgb_bands, thumbnail_size
 
-__all__ = ["EMBEDDINGS_CONVENTION", "EmbedConfig", "embed", "input_spec"]
+__all__ = [
+    "EMBEDDINGS_CONVENTION",
+    "EmbedConfig",
+    "embed",
+    "embed_config",
+    "embed_with_config",
+    "input_spec",
+]
 
 log = logging.getLogger(__name__)
 
@@ -215,9 +222,47 @@ def embed(
         card, the config and the datacube's description in ``attrs``.
     """
     encoder = _resolve_encoder(model, checkpoint)
+    config = embed_config(
+        cube,
+        encoder,
+        chip_size=chip_size,
+        stride=stride,
+        edges=edges,
+        batch_size=batch_size,
+        quality=quality,
+        device=device,
+        engine=engine,
+        precision=precision,
+        prefetch=prefetch,
+        thumbnails=thumbnails,
+        loss=loss,
+    )
+    return embed_with_config(cube, encoder, config, progress=progress)
+
+
+def embed_config(
+    cube: xr.Dataset | xr.DataArray,
+    encoder: Encoder,
+    *,
+    chip_size: int = 256,
+    stride: int | None = None,
+    edges: Edges = "drop",
+    batch_size: int | Literal["auto"] = "auto",
+    quality: QualityFilter | Mapping[str, float] | None = None,
+    device: str = "auto",
+    engine: Engine = "auto",
+    precision: Precision = "auto",
+    prefetch: int = 2,
+    thumbnails: bool | int = False,
+    loss: bool = False,
+) -> EmbedConfig:
+    """The :class:`EmbedConfig` of :func:`embed`'s settings for ``encoder`` on ``cube``:
+    ``batch_size="auto"`` sized for the device, ``thumbnails`` as an edge in pixels,
+    ``quality`` as a filter. The one builder of the configuration (``embed`` and runs
+    both use it); see :func:`embed` for the parameters."""
     if batch_size == "auto":
         batch_size = _auto_batch_size(encoder, cube, chip_size, device)
-    config = EmbedConfig(
+    return EmbedConfig(
         grid=ChipGridSpec(chip_size=chip_size, stride=stride, edges=edges),
         batch_size=batch_size,
         quality=QualityFilter.of(quality),
@@ -228,7 +273,6 @@ def embed(
         thumbnails=thumbnail_edge(thumbnails),
         loss=loss,
     )
-    return embed_with_config(cube, encoder, config, progress=progress)
 
 
 def thumbnail_edge(value: bool | int) -> int:
@@ -247,7 +291,26 @@ def embed_with_config(
     *,
     progress: bool | None = None,
 ) -> xr.Dataset:
-    """:func:`embed` with its settings grouped in an :class:`EmbedConfig`."""
+    """:func:`embed` with its settings grouped in an :class:`EmbedConfig` (from
+    :func:`embed_config`, or stored in an embeddings' ``attrs["config"]``:
+    ``EmbedConfig.from_dict``), and a prepared or new ``encoder``.
+
+    Parameters
+    ----------
+    cube
+        A datacube, or its ``pixels``.
+    encoder
+        The encoder (e.g. :func:`xclay.models.get_model`).
+    config
+        Every setting of the embedding.
+    progress
+        Show a progress bar (``None``: when interactive).
+
+    Returns
+    -------
+    xarray.Dataset
+        As :func:`embed` returns.
+    """
     session = EmbedSession(cube, encoder, config)
     try:
         return session.dataset(session.embed_block(progress=progress))

@@ -531,17 +531,15 @@ def _encoder(spec: RunSpec) -> Any:
 
 
 def _embed_config(spec: RunSpec, cube: Any, encoder: Any) -> Any:
-    from xclay.chips import ChipGridSpec
-    from xclay.embed import EmbedConfig, _auto_batch_size
+    from xclay.embed import embed_config
 
-    batch = spec.compute.batch_size
-    if batch == "auto":
-        batch = _auto_batch_size(encoder, cube, spec.grid.chip_size, spec.compute.device)
-    return EmbedConfig(
-        grid=ChipGridSpec(
-            chip_size=spec.grid.chip_size, stride=spec.grid.stride, edges=spec.grid.edges
-        ),
-        batch_size=batch,
+    return embed_config(
+        cube,
+        encoder,
+        chip_size=spec.grid.chip_size,
+        stride=spec.grid.stride,
+        edges=spec.grid.edges,
+        batch_size=spec.compute.batch_size,
         quality=spec.quality,
         device=spec.compute.device,
         engine=spec.compute.engine,
