@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-__all__ = ["jsonable", "number"]
+__all__ = ["jsonable", "number", "plain"]
 
 
 def jsonable(value: Any) -> Any:
@@ -28,6 +29,12 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     return value
+
+
+def plain(value: Any) -> Any:
+    """``value`` as it comes back from JSON: :func:`jsonable`, with anything JSON has no
+    type for (paths, enums, objects) as its ``str``; compares equal to a stored copy."""
+    return json.loads(json.dumps(jsonable(value), sort_keys=True, default=str))
 
 
 def number(value: Any) -> float | None:

@@ -844,7 +844,7 @@ def _embeddings_attrs(session: EmbedSession, counts: dict[str, int]) -> dict[str
             "bands": [str(b) for b in cube["band"].values],
             "wavelengths": [float(w) for w in cube["wavelength"].values],
             "crs_wkt": grid.crs.to_wkt(),
-            "geotransform": [t.c, t.a, t.b, t.f, t.d, t.e],
+            "geotransform": list(t.to_gdal()),
             "shape": [int(s) for s in grid.source.shape],
             "nodata": nodata_value(cube["pixels"]),
             "dtype": str(cube["pixels"].dtype),

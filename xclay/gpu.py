@@ -30,6 +30,7 @@ import numpy as np
 import xarray as xr
 from xarray.backends import BackendArray
 
+from xclay._json import plain
 from xclay.chunkio import ArrayLayout, ChipChunks, ChunkRef, UnsupportedLayout
 from xclay.errors import DatacubeError, DataIntegrityError, DeviceError, MissingDependencyError
 from xclay.masks import PixelClass
@@ -132,7 +133,7 @@ def _kvikio_status() -> dict[str, Any]:
     info: dict[str, Any] = {"version": str(getattr(kvikio, "__version__", "unknown"))}
     for key in ("compat_mode", "num_threads", "task_size", "gds_threshold"):
         try:
-            info[key] = _plain(kvikio.defaults.get(key))
+            info[key] = plain(kvikio.defaults.get(key))
         except Exception as err:  # older kvikio: no generic get(); not fatal
             info[key] = f"unknown ({type(err).__name__})"
     info["gds"] = _gds_available()
@@ -148,10 +149,6 @@ def _gds_available() -> str:
         return "yes" if props else "no (compatibility mode: POSIX reads through a bounce buffer)"
     except Exception as err:
         return f"unknown ({type(err).__name__}: {err})"
-
-
-def _plain(value: Any) -> Any:
-    return value if isinstance(value, int | float | str | bool) else str(value)
 
 
 class KvikioChunkSource:

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
+from affine import Affine
 
 from xclay.datacube import datacube_geobox, nodata_value
 from xclay.errors import MissingDependencyError
@@ -205,8 +206,10 @@ def _chip_extent(emb: xr.Dataset) -> tuple[float, float, float, float]:
     """Image extent (left, right, bottom, top) of the chip-centre grid: one cell per chip."""
     x = np.asarray(emb["chip_x"].values, dtype=np.float64)
     y = np.asarray(emb["chip_y"].values, dtype=np.float64)
-    gt = [float(v) for v in str(emb["spatial_ref"].attrs["GeoTransform"]).split()]
-    dx, dy = gt[1], gt[5]
+    gt = Affine.from_gdal(
+        *(float(v) for v in str(emb["spatial_ref"].attrs["GeoTransform"]).split())
+    )
+    dx, dy = gt.a, gt.e
     return (x[0] - dx / 2, x[-1] + dx / 2, y[-1] + dy / 2, y[0] - dy / 2)
 
 

@@ -103,8 +103,7 @@ def _transform_of(da: xr.DataArray) -> Affine:
                 "1-D x/y coordinates. Open it with rioxarray or odc-stac, which record both."
             )
         return from_coords
-    c, a, b, f, d, e = (float(v) for v in str(gt).split())
-    exact = Affine(a, b, c, d, e, f)
+    exact = Affine.from_gdal(*(float(v) for v in str(gt).split()))
     if from_coords is None:
         return exact
     # A subset (isel) keeps the old GeoTransform: shift it by whole pixels to

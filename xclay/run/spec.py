@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
+from xclay._json import plain
 from xclay.chips import Edges
 from xclay.devices import PRECISIONS
 from xclay.errors import SpecError
@@ -166,7 +167,7 @@ class RunSpec:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out.pop("base")
-        result: dict[str, Any] = _plain(out)
+        result: dict[str, Any] = plain(out)
         return result
 
     @classmethod
@@ -535,11 +536,3 @@ class _Reader:
         if isinstance(value, bool):
             return 64 if value else 0
         return int(self.number(value, "outputs.thumbnails", integer=True, low=0, high=1024))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from xclay._json import plain
 from xclay.errors import RunStateError
 
 __all__ = ["Region", "RunState", "RunStateError", "embed_regions", "ingest_regions"]
@@ -144,7 +145,7 @@ class RunState:
             old = self.record()
             if old.get("fingerprint") != key:
                 changed = sorted(
-                    k for k in identity if old.get("identity", {}).get(k) != _plain(identity[k])
+                    k for k in identity if old.get("identity", {}).get(k) != plain(identity[k])
                 )
                 raise RunStateError(
                     f"{self.root.parent} holds outputs of a different run (changed: "
@@ -155,7 +156,7 @@ class RunState:
             self.sweep()
             return True
         write_json_atomic(
-            self.record_path, {"fingerprint": key, "identity": _plain(identity), **payload}
+            self.record_path, {"fingerprint": key, "identity": plain(identity), **payload}
         )
         return False
 
@@ -224,7 +225,3 @@ class RunState:
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     path.unlink(missing_ok=True)
-
-
-def _plain(value: Any) -> Any:
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
