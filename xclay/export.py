@@ -181,7 +181,6 @@ def chip_grid_transform(emb: xr.Dataset) -> Affine:
     """The chip grid as a raster (GeoTIFFs, STAC's ``proj:transform``): cells of the grid's
     step from the first chip's corner, so a chip's cell is its window when chips do not
     overlap (with a stride, the step's square at its corner)."""
-    c, a, b, f, d, e = emb.attrs["datacube"]["geotransform"]
     grid = emb.attrs["config"]["grid"]
     step = int(grid.get("stride") or grid["chip_size"])
     rows = np.asarray(emb["row_off"].values)
@@ -192,7 +191,7 @@ def chip_grid_transform(emb: xr.Dataset) -> Affine:
                 f"the {name} chips are not every {step} px (a selection with a step?); a "
                 "raster needs a regular chip grid: select a contiguous block."
             )
-    cube = Affine(a, b, c, d, e, f)
+    cube = Affine.from_gdal(*emb.attrs["datacube"]["geotransform"])
     return cube @ Affine.translation(int(cols[0]), int(rows[0])) @ Affine.scale(step)
 
 
