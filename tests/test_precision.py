@@ -120,8 +120,11 @@ def _batch(n: int = 24, chip: int = 32, seed: int = 0) -> ChipBatch:
     )
 
 
-def _clay(precision: str, batch_size: int = 0, **options: object) -> ClayV15:
-    """Clay tiny (seeded weights) prepared in ``precision``: fp8 emulated, 24 chips checked."""
+def _clay(
+    precision: str, batch_size: int = 0, device: torch.device = CPU, **options: object
+) -> ClayV15:
+    """Clay tiny (seeded weights) prepared in ``precision`` on ``device`` as a run prepares
+    it (fp8 emulated on a CPU), 24 chips checked."""
     torch.manual_seed(7)
     enc = ClayV15(
         ClayEncoder.from_size("tiny").eval(),
@@ -133,8 +136,10 @@ def _clay(precision: str, batch_size: int = 0, **options: object) -> ClayV15:
     enc.prepare(
         _spec(batch=batch_size),
         lambda n, s: _batch(n),
-        device=CPU,
-        precision=ComputePrecision(precision, emulated=precision == "fp8"),  # type: ignore[arg-type]
+        device=device,
+        precision=resolve_precision(precision, device, "bf16")  # type: ignore[arg-type]
+        if device.type == "cuda"
+        else ComputePrecision(precision, emulated=precision == "fp8"),  # type: ignore[arg-type]
     )
     return enc
 
@@ -270,19 +275,7 @@ def test_the_fast_path_on_cuda_keeps_the_embeddings(precision: str) -> None:
     if precision == "fp8":
         _fp8_gpu()
     strict = _clay("fp32").encode(_batch(5, seed=8)).numpy()  # on the CPU
-    torch.manual_seed(7)
-    enc = ClayV15(
-        ClayEncoder.from_size("tiny").eval(),
-        size="tiny",
-        normalization=dict.fromkeys("abcdef", (1500.0, 900.0)),
-        precision_check=24,
-    )
-    enc.prepare(
-        _spec(batch=16),
-        lambda n, s: _batch(n),
-        device=device,
-        precision=resolve_precision(precision, device, "bf16"),  # type: ignore[arg-type]
-    )
+    enc = _clay(precision, batch_size=16, device=device)
     params = enc.card.params
     assert params["compiled"] is True and params["compile_seconds"] > 0
     assert params["attention"] in ("flash", "cudnn", "efficient")
