@@ -309,7 +309,7 @@ def _day(emb: xr.Dataset, t: int) -> str:
 
 
 def _check(emb: xr.Dataset) -> None:
-    from xclay.export import validate_embeddings
+    from xclay.embeddings import validate_embeddings
 
     validate_embeddings(emb)
     if emb.attrs.get("quantization"):

@@ -11,11 +11,9 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 import xarray as xr
-from odc.geo.xr import xr_coords
 
 from xclay._json import jsonable
 from xclay._progress import progress_bar
-from xclay._version import __version__
 from xclay.batching import (
     Batch,
     BatchPlan,
@@ -30,14 +28,22 @@ from xclay.chips import ChipGrid, ChipGridSpec, Edges
 from xclay.datacube import (
     as_datacube,
     datacube_geobox,
-    gdal_crs,
-    nodata_value,
     validate_datacube,
 )
 from xclay.devices import PRECISIONS, Precision, ThreadBudget, resolve_device, resolve_precision
+from xclay.embeddings import (
+    EMBEDDINGS_CONVENTION,
+    BlockGeometry,
+    BlockResult,
+    EmbeddingsContext,
+    chip_coordinates,
+    data_variables,
+    embeddings_attrs,
+    embeddings_dataset,
+    grid_coords,
+)
 from xclay.errors import ConfigError, DatacubeError, ModelError
 from xclay.export import EmbeddingsLayout, VariableSpec
-from xclay.masks import PixelClass
 from xclay.protocols import (
     BatchSource,
     Encoder,
@@ -62,7 +68,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-EMBEDDINGS_CONVENTION = "xclay-embeddings/1"
 THUMBNAIL_SAMPLE_CHIPS = 64  # chips the thumbnails' colour stretch is fitted on
 
 
@@ -318,21 +323,6 @@ def embed_with_config(
         session.close()
 
 
-@dataclass
-class BlockResult:
-    """The embeddings and quality of a block of chips."""
-
-    block: Block
-    vectors: np.ndarray  # [time, rows, cols, *vector_shape] float32, NaN where not embedded
-    quality: ChipQuality
-    embedded: np.ndarray  # [time, rows, cols] bool
-    counts: dict[str, int]
-    seconds: float
-    thumbnails: np.ndarray | None = None  # [time, rows, cols, size, size, 4] uint8
-    loss: np.ndarray | None = None  # [time, rows, cols] float32, NaN where not scored
-    geometry: BlockGeometry | None = None  # chip centres and ids of the block
-
-
 class EmbedSession:
     """An encoder prepared for one datacube: embeds the whole chip grid or any block of it.
 
@@ -536,14 +526,27 @@ class EmbedSession:
             buffers=self._buffers,
         )
 
+    @property
+    def context(self) -> EmbeddingsContext:
+        """What the embeddings Datasets of every block of this session share."""
+        return EmbeddingsContext(
+            cube=self.cube,
+            grid=self.grid,
+            times=self.times,
+            card=self.card,
+            config=self.config.to_dict(),
+            stretch=self.config.thumbnail_stretch,
+            data_path=self.data_path,
+        )
+
     def dataset(self, result: BlockResult) -> xr.Dataset:
         """The embeddings Dataset of a block (its own coords, computed for the block)."""
-        return _embeddings_dataset(self, result)
+        return embeddings_dataset(self.context, result)
 
     def dataset_attrs(self) -> dict[str, Any]:
         """The attributes every embeddings Dataset of this session carries (model card,
         config, datacube, data path), without a block's counts."""
-        return _embeddings_attrs(self, {})
+        return embeddings_attrs(self.context, {})
 
     def layout(self) -> EmbeddingsLayout:
         """The whole grid's embeddings, without data: the grid's 1-D coords and the
@@ -572,11 +575,11 @@ class EmbedSession:
                 attrs=dict(attrs),
                 chip_shape=tuple(int(n) for n in np.shape(values)[3:]),
             )
-            for name, (dims, values, attrs) in _data_vars(
+            for name, (dims, values, attrs) in data_variables(
                 empty, self.card.name, self.config.thumbnail_stretch, self.grid.crs
             ).items()
         }
-        for name, (dims, values, attrs) in _chip_coords(
+        for name, (dims, values, attrs) in chip_coordinates(
             BlockGeometry.of(self.grid, empty_block)
         ).items():
             variables[name] = VariableSpec(
@@ -585,48 +588,11 @@ class EmbedSession:
                 attrs=dict(attrs),
                 coordinate=True,
             )
+        context = self.context
         coords = xr.Dataset(
-            coords=_grid_coords(self, self.whole), attrs=_embeddings_attrs(self, {})
+            coords=grid_coords(context, self.whole), attrs=embeddings_attrs(context, {})
         )
         return EmbeddingsLayout(coords=coords, variables=variables)
-
-
-@dataclass(frozen=True)
-class BlockGeometry:
-    """Where a block's chips are, from the grid's arithmetic alone: centres in WGS84
-    (``lonlat`` ``(rows, cols, 2)``, longitude first) and chip ids ``(rows, cols)``."""
-
-    lonlat: np.ndarray
-    chip_ids: np.ndarray
-
-    @classmethod
-    def of(cls, grid: ChipGrid, block: Block) -> BlockGeometry:
-        lon, lat = grid.centres_lonlat(block.rows, block.cols)
-        return cls(np.stack([lon, lat], axis=-1), grid.chip_ids(block.rows, block.cols))
-
-
-def _class_fractions(quality: ChipQuality, dims: tuple[str, ...]) -> dict[str, Any]:
-    """``<class>_fraction`` variables (cloud, cloud_shadow, haze, snow, clear); NaN when unknown."""
-    out = {}
-    for cls in (
-        PixelClass.CLOUD,
-        PixelClass.CLOUD_SHADOW,
-        PixelClass.HAZE,
-        PixelClass.SNOW,
-        PixelClass.CLEAR,
-    ):
-        name = cls.name.lower()
-        values = quality.fraction(cls)
-        out[f"{name}_fraction"] = (
-            dims,
-            values,
-            {
-                "long_name": f"fraction of chip pixels of quality class {name} "
-                "(NaN: the cube has no quality classes)",
-                "units": "1",
-            },
-        )
-    return out
 
 
 def input_spec(
@@ -676,181 +642,3 @@ def _as_cube(obj: xr.Dataset | xr.DataArray) -> xr.Dataset:
         return as_datacube(obj)
     validate_datacube(obj)
     return obj
-
-
-def _embeddings_dataset(session: EmbedSession, result: BlockResult) -> xr.Dataset:
-    geometry = result.geometry or BlockGeometry.of(session.grid, result.block)
-    ds = xr.Dataset(
-        _data_vars(result, session.card.name, session.config.thumbnail_stretch, session.grid.crs),
-        coords={**_grid_coords(session, result.block), **_chip_coords(geometry)},
-        attrs=_embeddings_attrs(session, result.counts),
-    )
-    return ds
-
-
-_DIMS3 = ("time", "chip_y", "chip_x")
-_VAR_ATTRS: dict[str, dict[str, Any]] = {
-    "nodata_fraction": {"long_name": "fraction of chip pixels without data", "units": "1"},
-    "embedded": {"long_name": "chip was embedded (passed the filters, vector valid)"},
-    "loss": {
-        "long_name": "masked-reconstruction loss of the chip: mean L1 error over its 75 % "
-        "masked patches, normalised units (model attrs: params.loss)",
-        "units": "1",
-    },
-}
-
-
-def _georeferenced(crs: Any) -> dict[str, Any]:
-    """Attributes that place a per-chip variable on the map: CF's ``grid_mapping`` (xarray,
-    rioxarray, odc-geo) and GDAL's own ``_CRS`` (GDAL >= 3.11 reads Zarr v3; with
-    consolidated metadata it does not follow ``grid_mapping``)."""
-    return {"grid_mapping": "spatial_ref", **gdal_crs(crs)}
-
-
-def _data_vars(
-    result: BlockResult, model_name: str, stretch: ThumbnailStretch | None, crs: Any
-) -> dict[str, Any]:
-    variables = _chip_variables(result, model_name, stretch)
-    placed = _georeferenced(crs)
-    return {
-        name: (dims, values, {**attrs, **placed})
-        for name, (dims, values, attrs) in variables.items()
-    }
-
-
-def _chip_variables(
-    result: BlockResult, model_name: str, stretch: ThumbnailStretch | None
-) -> dict[str, Any]:
-    vectors = result.vectors
-    patch_dims = ("patch_y", "patch_x") if vectors.ndim == 6 else ()
-    extra: dict[str, Any] = {}
-    if result.loss is not None:
-        extra["loss"] = (_DIMS3, result.loss, _VAR_ATTRS["loss"])
-    if result.thumbnails is not None and stretch is not None:
-        extra["thumbnail"] = (
-            (*_DIMS3, "thumb_y", "thumb_x", "rgba"),
-            result.thumbnails,
-            {
-                "long_name": "true-colour preview of the chip (RGBA; alpha: valid fraction)",
-                "bands": list(stretch.bands),
-                "stretch_low": list(stretch.low),
-                "stretch_high": list(stretch.high),
-            },
-        )
-    return {
-        "embedding": (
-            (*_DIMS3, *patch_dims, "feature"),
-            vectors,
-            {"long_name": f"{model_name} chip embedding"},
-        ),
-        "nodata_fraction": (_DIMS3, result.quality.nodata_fraction, _VAR_ATTRS["nodata_fraction"]),
-        **_class_fractions(result.quality, _DIMS3),
-        "embedded": (_DIMS3, result.embedded, _VAR_ATTRS["embedded"]),
-        **extra,
-    }
-
-
-def _grid_coords(session: EmbedSession, block: Block) -> dict[str, Any]:
-    """The 1-D coords of a block (time, chip centres, pixel offsets): rows plus columns."""
-    grid, cube = session.grid, session.cube
-    (t0, t1), (r0, r1), (c0, c1) = block.times, block.rows, block.cols
-    # The same arithmetic for every block, so a region's coords equal its slice of the whole.
-    y, x = grid.centres((r0, r1), (c0, c1))
-    row_off, col_off = grid.offsets((r0, r1), (c0, c1))
-    cells = grid.geobox()
-    if r1 > r0 and c1 > c0:
-        cells = cells[r0:r1, c0:c1]
-    spatial_ref = xr_coords(cells, crs_coord_name="spatial_ref")["spatial_ref"]
-    coords: dict[str, Any] = {
-        "time": session.times[t0:t1],
-        "chip_y": ("chip_y", y, _axis_attrs(grid.crs, "y")),
-        "chip_x": ("chip_x", x, _axis_attrs(grid.crs, "x")),
-        "feature": np.arange(session.card.dim, dtype=np.int32),
-        "spatial_ref": spatial_ref,
-        "row_off": (
-            "chip_y",
-            row_off,
-            {"long_name": "top pixel row of the chip window in the datacube"},
-        ),
-        "col_off": (
-            "chip_x",
-            col_off,
-            {"long_name": "left pixel column of the chip window in the datacube"},
-        ),
-    }
-    for extra in ("time_start", "time_end"):
-        if extra in cube.coords:
-            coords[extra] = ("time", cube[extra].values[t0:t1])
-    return coords
-
-
-def _axis_attrs(crs: Any, axis: Literal["x", "y"]) -> dict[str, str]:
-    """CF attributes of the chip-centre axes, by which rioxarray, odc-geo and GDAL find
-    the spatial dims of ``(chip_y, chip_x)`` without being told."""
-    geographic = bool(crs.geographic)
-    if geographic:
-        name, units = (
-            ("longitude", "degrees_east") if axis == "x" else ("latitude", "degrees_north")
-        )
-    else:
-        name = f"projection_{axis}_coordinate"
-        units = str(crs.units[0 if axis == "x" else 1])
-    return {
-        "axis": axis.upper(),
-        "standard_name": name,
-        "units": units,
-        "long_name": f"chip centre {axis} (datacube CRS)",
-    }
-
-
-_CHIP_DIMS = ("chip_y", "chip_x")
-
-
-def _chip_coords(geometry: BlockGeometry) -> dict[str, Any]:
-    """Per-chip coords of a block: WGS84 centres and chip ids (regions write their own)."""
-    return {
-        "chip_id": (_CHIP_DIMS, geometry.chip_ids, {"long_name": "chip id (see xclay.chips)"}),
-        "lat": (
-            _CHIP_DIMS,
-            geometry.lonlat[..., 1],
-            {
-                "units": "degrees_north",
-                "standard_name": "latitude",
-                "long_name": "chip centre latitude (WGS84)",
-            },
-        ),
-        "lon": (
-            _CHIP_DIMS,
-            geometry.lonlat[..., 0],
-            {
-                "units": "degrees_east",
-                "standard_name": "longitude",
-                "long_name": "chip centre longitude (WGS84)",
-            },
-        ),
-    }
-
-
-def _embeddings_attrs(session: EmbedSession, counts: dict[str, int]) -> dict[str, Any]:
-    cube, grid = session.cube, session.grid
-    t = grid.source.affine
-    return {
-        "convention": EMBEDDINGS_CONVENTION,
-        "model": session.card.to_dict(),
-        "config": session.config.to_dict(),
-        "datacube": {
-            "platform": cube.attrs.get("platform", ""),
-            "gsd": float(cube.attrs["gsd"]),
-            "bands": [str(b) for b in cube["band"].values],
-            "wavelengths": [float(w) for w in cube["wavelength"].values],
-            "crs_wkt": grid.crs.to_wkt(),
-            "geotransform": list(t.to_gdal()),
-            "shape": [int(s) for s in grid.source.shape],
-            "nodata": nodata_value(cube["pixels"]),
-            "dtype": str(cube["pixels"].dtype),
-            "provenance": cube.attrs.get("provenance", {}),
-        },
-        "run": counts,
-        "data_path": session.data_path,
-        "xclay_version": __version__,
-    }

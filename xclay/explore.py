@@ -90,7 +90,8 @@ class SimilarityIndex:
         """An index of the embedded chips of an embeddings Dataset (patch grids: their mean)."""
         import pandas as pd
 
-        from xclay.export import chip_footprints, row_ids, validate_embeddings
+        from xclay.embeddings import validate_embeddings
+        from xclay.export import chip_footprints, row_ids
 
         validate_embeddings(emb)
         embedded = np.asarray(emb["embedded"].values, dtype=bool)

@@ -21,6 +21,7 @@ from affine import Affine
 from xclay._atomic import atomic_output
 from xclay._json import jsonable
 from xclay.chips import to_lonlat, window_corners
+from xclay.embeddings import validate_embeddings
 from xclay.errors import DatacubeError, MissingDependencyError
 from xclay.quantize import (
     MISSING_INT8,
@@ -158,23 +159,6 @@ def open_embeddings(
     for var in emb.data_vars.values():
         var.attrs.pop(GDAL_CRS_ATTR, None)  # for GDAL; stale if the data is reprojected
     return dequantize_embeddings(emb) if dequantize else emb
-
-
-def validate_embeddings(emb: xr.Dataset) -> None:
-    """Raise :class:`DatacubeError` when ``emb`` is not an xclay embeddings Dataset."""
-    if not isinstance(emb, xr.Dataset) or "embedding" not in emb.data_vars:
-        raise DatacubeError(
-            "expected an embeddings Dataset (from xclay.embed) with an 'embedding' variable."
-        )
-    needed = ["embedded", "nodata_fraction", "chip_id", "lat", "lon", "row_off", "col_off"]
-    if quantization_of(emb):
-        needed.append(SCALE_VARIABLE)
-    missing = [n for n in needed if n not in emb.variables]
-    if missing or "datacube" not in emb.attrs or "config" not in emb.attrs:
-        raise DatacubeError(
-            f"the embeddings Dataset lacks {missing or 'its datacube/config attrs'}; it must come "
-            "from xclay.embed (or xclay.open_embeddings) unchanged apart from selections."
-        )
 
 
 def chip_grid_transform(emb: xr.Dataset) -> Affine:
