@@ -66,7 +66,7 @@ DIM = 4
 INFO = ModelInfo(
     name="band-means", description="per-band means (a test plug-in)",
     factory="xclay_bandmeans:BandMeans", loader=None, needs_checkpoint=False, dim=DIM,
-    patch_size=None, bands="any", normalization="fitted std",
+    patch_size=None, bands="any", normalization=("measured",),
     rebuild="xclay_bandmeans:BandMeans.from_card",
 )
 CLASH = ModelInfo(**{**INFO.__dict__, "name": "rcf"})  # would shadow a built-in model

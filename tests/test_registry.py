@@ -38,3 +38,18 @@ def test_unknown_option_lists_the_valid_ones() -> None:
 def test_options_and_checkpoint_do_not_mix(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="cannot be combined with a checkpoint"):
         get_model("rcf", checkpoint=tmp_path / "x.pt", seed=1)
+
+
+def test_registry_metadata_is_typed_not_prose() -> None:
+    from xclay.models import ModelInfo
+
+    clay = get_model_info("clay-v1.5")
+    assert clay.bands == "wavelengths" and clay.normalization == ("sensor", "measured", "given")
+    fields = {
+        "name": "m", "description": "d", "factory": "a:b", "loader": None,
+        "needs_checkpoint": False, "dim": 4, "patch_size": None, "bands": "any",
+    }  # fmt: skip
+    with pytest.raises(ModelError, match="normalization must be a non-empty tuple of sensor"):
+        ModelInfo(**fields, normalization="measured on the cube")  # type: ignore[arg-type]
+    with pytest.raises(ModelError, match="bands must be one of any, wavelengths"):
+        ModelInfo(**{**fields, "bands": "all of them"}, normalization=("measured",))  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ import os
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 from xclay.errors import ModelError, PluginWarning
 from xclay.models.card import ModelCard
@@ -38,6 +38,8 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "xclay.models"
+BandRequirement = Literal["any", "wavelengths"]
+NormalizationSource = Literal["sensor", "measured", "given", "none"]
 
 
 @dataclass(frozen=True)
@@ -62,9 +64,13 @@ class ModelInfo:
     patch_size
         Patch size in pixels (``None`` for models without patches).
     bands
-        Which bands the model accepts.
+        Which bands the model accepts: ``"any"``, or ``"wavelengths"`` (any band
+        whose central wavelength is known: the sensor table or the cube's
+        ``wavelength`` coordinate).
     normalization
-        Where its normalisation constants come from by default.
+        Where its normalisation constants may come from, in the order it tries them:
+        ``"sensor"`` (the sensor table, for known platforms), ``"measured"`` (on the
+        cube's sample chips), ``"given"`` (passed by the user), ``"none"``.
     rebuild
         ``"module:callable"`` rebuilding the exact prepared encoder from a model
         card (and the checkpoint path): how distributed workers get the encoder
@@ -78,9 +84,22 @@ class ModelInfo:
     needs_checkpoint: bool
     dim: int
     patch_size: int | None
-    bands: str
-    normalization: str
+    bands: BandRequirement
+    normalization: tuple[NormalizationSource, ...]
     rebuild: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.bands not in get_args(BandRequirement):
+            raise ModelError(
+                f"ModelInfo {self.name!r}: bands must be one of "
+                f"{', '.join(get_args(BandRequirement))}, got {self.bands!r}."
+            )
+        unknown = [s for s in self.normalization if s not in get_args(NormalizationSource)]
+        if unknown or not self.normalization:
+            raise ModelError(
+                f"ModelInfo {self.name!r}: normalization must be a non-empty tuple of "
+                f"{', '.join(get_args(NormalizationSource))}, got {self.normalization!r}."
+            )
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
@@ -257,7 +276,7 @@ register_model(
         dim=1024,
         patch_size=None,
         bands="any",
-        normalization="sensor table for known platforms, else measured on the cube",
+        normalization=("sensor", "measured"),
         rebuild="xclay.models.rcf:RCFEncoder.from_card",
     )
 )
@@ -274,8 +293,8 @@ register_model(
         needs_checkpoint=True,
         dim=1024,
         patch_size=8,
-        bands="any bands with central wavelengths",
-        normalization="sensor table for known platforms, else measured on the cube or given",
+        bands="wavelengths",
+        normalization=("sensor", "measured", "given"),
         rebuild="xclay.models.clay:ClayV15.from_card",
     )
 )
