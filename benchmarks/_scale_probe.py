@@ -26,12 +26,12 @@ from odc.geo.geobox import GeoBox
 from odc.geo.xr import xr_coords
 
 import xclay
-from xclay.batching import Block
-from xclay.chips import ChipGridSpec
+from xclay.batch.batching import Block
+from xclay.batch.chips import ChipGridSpec
 from xclay.datacube import create_datacube_store, mark_complete
 from xclay.embed import EmbedConfig, EmbedSession
-from xclay.export import create_embeddings_store, to_geoparquet, write_embeddings_region
 from xclay.models.card import ModelCard
+from xclay.outputs.export import create_embeddings_store, to_geoparquet, write_embeddings_region
 from xclay.quality import QualityFilter
 
 CHIP = 8  # pixels: the pixel work per chip is negligible; what is left is the machinery

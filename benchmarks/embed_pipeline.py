@@ -11,7 +11,7 @@ drift-proof decomposition: the data path alone (the same ``embed`` call with
 an encoder that does no work, no prefetch) in ms/chip, and the efficiency it
 implies with no overlap at all, ``t_enc / (t_enc + t_data)``, a lower bound.
 The data path is timed twice, interleaved: with direct chunk reads
-(:mod:`xclay.chunkio`, the default for stores xclay wrote) and through
+(:mod:`xclay.batch.chunkio`, the default for stores xclay wrote) and through
 xarray and zarr-python.
 
     python benchmarks/embed_pipeline.py                 # demo cube 2048 px, rcf, 256 px chips
@@ -30,12 +30,12 @@ import torch
 from _common import median, save, timed
 
 import xclay
-from xclay.batching import BatchPlan, Block, iter_batches, to_chip_batch
-from xclay.chips import ChipGrid, ChipGridSpec
+from xclay.batch.batching import BatchPlan, Block, iter_batches, to_chip_batch
+from xclay.batch.chips import ChipGrid, ChipGridSpec
+from xclay.batch.readers import WindowSource
 from xclay.datacube import datacube_geobox
 from xclay.models.card import ModelCard
 from xclay.quality import ChipQuality
-from xclay.readers import WindowSource
 
 
 def main() -> None:
@@ -186,7 +186,7 @@ def main() -> None:
 
 def _opened(path: Path, through_zarr: bool):
     """The cube opened lazily; ``through_zarr``: forget where its chunks are, so every read
-    goes through xarray and zarr-python rather than :mod:`xclay.chunkio`."""
+    goes through xarray and zarr-python rather than :mod:`xclay.batch.chunkio`."""
     from xclay.datacube import STORE_ENCODING
 
     cube = xclay.open_datacube(path)

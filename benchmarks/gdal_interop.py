@@ -32,8 +32,8 @@ import xarray as xr
 from _common import save
 
 import xclay
-from xclay.cog import to_cog
 from xclay.datasets import demo_composite
+from xclay.outputs.cog import to_cog
 from xclay.run import RunSpec, run
 
 

@@ -3,13 +3,13 @@
 For each layout (chunk size 128/256/512 px = chip size, uncompressed or zstd,
 one file per chunk or sharded), every chip of the cube is read ``--passes``
 times per repeat (so each measurement covers thousands of chip reads), batch
-by batch through the one fill loop (:func:`xclay.batching.iter_batches`:
+by batch through the one fill loop (:func:`xclay.batch.batching.iter_batches`:
 validity and nodata fractions included), into the memory the encoder reads
 from. The batch sources side by side:
 
 - ``zarr-python + copy``: per chip through xarray and zarr-python into a
   (pinned) host batch, then one host-to-device copy per batch;
-- ``xclay host, 1 thread + copy``: direct chunk reads (:mod:`xclay.chunkio`)
+- ``xclay host, 1 thread + copy``: direct chunk reads (:mod:`xclay.batch.chunkio`)
   in the reading thread, then the same copy;
 - ``xclay host, N threads + copy``: the same with the decode threads the
   thread budget gives this machine (the ``zarr`` engine's default);
@@ -46,13 +46,13 @@ import torch
 from _common import median, save
 
 import xclay
-from xclay.batching import BatchPlan, Block, batch_buffers, iter_batches
-from xclay.chips import ChipGrid, ChipGridSpec
-from xclay.chunkio import ArrayLayout, ChipChunks
+from xclay.batch.batching import BatchPlan, Block, batch_buffers, iter_batches
+from xclay.batch.chips import ChipGrid, ChipGridSpec
+from xclay.batch.chunkio import ArrayLayout, ChipChunks
+from xclay.batch.readers import ChunkSource, WindowSource, store_layouts
 from xclay.datacube import STORE_ENCODING, datacube_geobox
 from xclay.devices import ThreadBudget
 from xclay.quality import ChipQuality, QualityFilter
-from xclay.readers import ChunkSource, WindowSource, store_layouts
 
 
 def main() -> None:
@@ -87,7 +87,7 @@ def main() -> None:
     device = torch.device("cuda" if cuda else "cpu")
     kvikio = False
     if cuda:
-        from xclay.gpu import kvikio_usable
+        from xclay.batch.gpu import kvikio_usable
 
         kvikio = kvikio_usable()
     cube = xclay.datasets.demo_composite(args.size)
@@ -172,7 +172,7 @@ def _measure(
         return run
 
     def gpu(decode: str) -> Callable[[], None]:
-        from xclay.gpu import KvikioChunkSource
+        from xclay.batch.gpu import KvikioChunkSource
 
         def run() -> None:
             layouts = store_layouts(xclay.open_datacube(path))

@@ -269,7 +269,7 @@ resolved = phases.plan(spec)
 state, _ = phases._start(spec, resolved, None)
 sessions = phases._prepare(spec, resolved, state)
 layout = sessions[0].layout()
-from xclay.export import create_embeddings_store
+from xclay.outputs.export import create_embeddings_store
 create_embeddings_store(layout, folder / "emb.zarr", region_chips=scale.REGION)
 regions = list(phases.embed_regions(0, 1, sessions[0].grid.shape, scale.REGION))
 done = state.done_names("embed")
@@ -282,10 +282,10 @@ _WORKER = """
 import json, resource, time, tempfile
 from pathlib import Path
 import numpy as np, scale, xclay
-from xclay.batching import Block
-from xclay.chips import ChipGridSpec
+from xclay.batch.batching import Block
+from xclay.batch.chips import ChipGridSpec
 from xclay.embed import EmbedConfig, EmbedSession
-from xclay.export import create_embeddings_store, to_geoparquet, write_embeddings_region
+from xclay.outputs.export import create_embeddings_store, to_geoparquet, write_embeddings_region
 from xclay.quality import QualityFilter
 folder = Path(tempfile.mkdtemp())
 cube = xclay.open_datacube(scale.empty_cube(folder / "cube.zarr", {chips}))
@@ -365,12 +365,12 @@ def synthetic_items(n_tiles: int, n_dates: int) -> list[Any]:
 
 
 def catalogue(folder: Path, n_items: int = 10_000) -> dict[str, Any]:
-    from xclay.batching import Block
-    from xclay.chips import ChipGridSpec
+    from xclay.batch.batching import Block
+    from xclay.batch.chips import ChipGridSpec
     from xclay.datacube import write_datacube_block
     from xclay.embed import EmbedConfig, EmbedSession
-    from xclay.export import chip_footprints, to_geoparquet
     from xclay.ingest import datacube_template
+    from xclay.outputs.export import chip_footprints, to_geoparquet
     from xclay.quality import QualityFilter
     from xclay.run.items import ItemIndex
 

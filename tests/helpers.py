@@ -56,11 +56,11 @@ def olinda_chips(path: Path, chip: int, stride: int | None = None) -> tuple[Any,
     ``InputSpec`` an encoder gets for it (needs rioxarray)."""
     import rioxarray
 
-    from xclay.batching import make_sampler
-    from xclay.chips import ChipGrid, ChipGridSpec
+    from xclay.batch.batching import make_sampler
+    from xclay.batch.chips import ChipGrid, ChipGridSpec
+    from xclay.batch.readers import WindowSource
     from xclay.datacube import datacube_geobox
     from xclay.embed import input_spec
-    from xclay.readers import WindowSource
 
     cube = xclay.as_datacube(
         rioxarray.open_rasterio(path), bands=OLINDA_BANDS, wavelengths=OLINDA_WAVELENGTHS

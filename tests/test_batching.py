@@ -14,7 +14,7 @@ import torch
 import xarray as xr
 
 import xclay
-from xclay.batching import (
+from xclay.batch.batching import (
     BatchPlan,
     Block,
     chip_validity,
@@ -24,13 +24,13 @@ from xclay.batching import (
     make_sampler,
     to_chip_batch,
 )
-from xclay.chips import ChipGrid, ChipGridSpec
+from xclay.batch.chips import ChipGrid, ChipGridSpec
+from xclay.batch.readers import ChunkSource, WindowSource, open_batch_source, store_layouts
 from xclay.datacube import datacube_geobox
 from xclay.devices import ThreadBudget
 from xclay.masks import PixelClass
 from xclay.protocols import BatchSource
 from xclay.quality import ChipQuality, QualityFilter
-from xclay.readers import ChunkSource, WindowSource, open_batch_source, store_layouts
 
 from .helpers import random_cube
 
@@ -483,7 +483,7 @@ def test_a_process_spinning_a_core_is_seen_since_the_last_reading() -> None:
 
 @pytest.mark.parametrize("prefetch", [0, 2])
 def test_buffers_are_reused_across_loops_and_never_shared(prefetch: int) -> None:
-    from xclay.batching import batch_buffers
+    from xclay.batch.batching import batch_buffers
 
     cube = random_cube((2, 3, 96, 96), seed=4)
     source, plan = WindowSource(cube["pixels"]), _plan(cube)

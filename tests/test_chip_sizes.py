@@ -66,7 +66,7 @@ def test_any_chip_size_on_a_stored_cube_equals_the_cube_in_memory(
 def test_chips_sharing_a_chunk_decode_it_once(
     tmp_path: Path, cube: xr.Dataset, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import xclay.chunkio as chunkio
+    import xclay.batch.chunkio as chunkio
 
     path = xclay.write_datacube(cube, tmp_path / "c.zarr", chip_size=64)
     decoded: list[tuple[str, int]] = []
@@ -92,8 +92,8 @@ def test_threads_sharing_a_small_chunk_cache_read_every_window_exactly(
     chunks, so chunks are evicted, and their buffers reused, while other threads copy."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from xclay.chunkio import DirectWindowReader
-    from xclay.readers import store_layouts
+    from xclay.batch.chunkio import DirectWindowReader
+    from xclay.batch.readers import store_layouts
 
     path = xclay.write_datacube(cube, tmp_path / "c.zarr", chip_size=64, compression="zstd")
     layout, _ = store_layouts(xclay.open_datacube(path))

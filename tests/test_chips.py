@@ -8,7 +8,7 @@ from affine import Affine
 from odc.geo.geobox import GeoBox
 from pyproj import Transformer
 
-from xclay.chips import ChipGrid, ChipGridSpec, crs_tag, window_corners
+from xclay.batch.chips import ChipGrid, ChipGridSpec, crs_tag, window_corners
 from xclay.errors import ConfigError, DatacubeError
 
 

@@ -1,4 +1,4 @@
-"""Direct chunk reads (xclay.chunkio) give exactly what zarr gives, for every layout xclay
+"""Direct chunk reads (xclay.batch.chunkio) give exactly what zarr gives, for every layout xclay
 writes, and step aside for layouts they do not know."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import xarray as xr
 import zarr
 
 import xclay
-from xclay.chunkio import ArrayLayout, DirectWindowReader, UnsupportedLayout, crc32c
+from xclay.batch.chunkio import ArrayLayout, DirectWindowReader, UnsupportedLayout, crc32c
+from xclay.batch.readers import ChunkSource, store_layouts
 from xclay.errors import DataIntegrityError
-from xclay.readers import ChunkSource, store_layouts
 
 from .helpers import random_cube
 
@@ -167,7 +167,7 @@ def test_selections_are_not_read_from_the_store(tmp_path: Path, cube: xr.Dataset
 def test_a_flipped_byte_in_any_chunk_is_caught(
     tmp_path: Path, cube: xr.Dataset, compression: str, shard: int | None
 ) -> None:
-    from xclay.chunkio import ChunkLocator
+    from xclay.batch.chunkio import ChunkLocator
 
     path = xclay.write_datacube(
         cube, tmp_path / "c.zarr", chip_size=32, compression=compression, shard_chips=shard

@@ -253,7 +253,7 @@ def test_gpu_embeddings_match_cpu(demo_cube_256: xr.Dataset) -> None:
 
 
 def test_a_block_embeds_exactly_like_its_slice_of_the_whole(demo_cube_256: xr.Dataset) -> None:
-    from xclay.batching import Block
+    from xclay.batch.batching import Block
     from xclay.embed import EmbedConfig, EmbedSession
     from xclay.models.rcf import RCFEncoder
 

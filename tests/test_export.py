@@ -134,7 +134,7 @@ def test_geoparquet_schema_and_footer_with_pyarrow(tmp_path: Path, emb: xr.Datas
     assert column["covering"]["bbox"]["xmin"] == ["bbox", "xmin"]
     lon_min, lat_min, lon_max, lat_max = column["bbox"]
     assert -65 < lon_min < lon_max < -60 and -5 < lat_min < lat_max < 0
-    meta = xclay.export.read_footer(path)
+    meta = xclay.outputs.export.read_footer(path)
     assert meta["model"] == json.loads(json.dumps(emb.attrs["model"]))
     # Stored once: in the file's key-value metadata, not again inside the Arrow schema.
     footer = pq.read_metadata(path).metadata
@@ -213,7 +213,7 @@ def test_float_nodata_survives_the_json_attrs(tmp_path: Path) -> None:
     emb = xclay.embed(cube, model=model, chip_size=32, progress=False)
     back = xclay.open_embeddings(xclay.to_zarr(emb, tmp_path / "e.zarr"))
     assert back.attrs["datacube"]["nodata"] == "NaN"
-    meta = xclay.export.read_footer(xclay.to_geoparquet(emb, tmp_path / "e.parquet"))
+    meta = xclay.outputs.export.read_footer(xclay.to_geoparquet(emb, tmp_path / "e.parquet"))
     assert meta["datacube"]["nodata"] == "NaN"
 
 
@@ -230,12 +230,12 @@ def test_regional_store_of_patch_grids_thumbnails_and_int8_equals_the_whole(
     """What a run does region by region gives what one embed of the whole cube gives."""
     import torch
 
-    from xclay.batching import Block
+    from xclay.batch.batching import Block
     from xclay.datacube import mark_complete
     from xclay.embed import EmbedConfig, EmbedSession
-    from xclay.export import create_embeddings_store, write_embeddings_region
     from xclay.models.clay_encoder import ClayEncoder
-    from xclay.quantize import quantize_embeddings
+    from xclay.outputs.export import create_embeddings_store, write_embeddings_region
+    from xclay.outputs.quantize import quantize_embeddings
     from xclay.run.state import embed_regions
 
     torch.manual_seed(0)

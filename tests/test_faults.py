@@ -17,7 +17,7 @@ import pytest
 import xarray as xr
 
 import xclay
-from xclay.chunkio import ArrayLayout, ChunkLocator
+from xclay.batch.chunkio import ArrayLayout, ChunkLocator
 from xclay.datacube import is_complete
 from xclay.errors import (
     CheckpointError,

@@ -12,11 +12,11 @@ import pytest
 import xarray as xr
 
 import xclay
-from xclay.batching import BatchPlan, Block, iter_batches
-from xclay.chips import ChipGrid, ChipGridSpec
+from xclay.batch.batching import BatchPlan, Block, iter_batches
+from xclay.batch.chips import ChipGrid, ChipGridSpec
+from xclay.batch.readers import ChunkSource, store_layouts
 from xclay.datacube import datacube_geobox
 from xclay.quality import ChipQuality, QualityFilter
-from xclay.readers import ChunkSource, store_layouts
 
 from .helpers import random_cube
 
@@ -57,8 +57,8 @@ def test_gpu_batches_equal_host_batches_bit_for_bit(
 ) -> None:
     import cupy
 
+    from xclay.batch.gpu import KvikioChunkSource
     from xclay.devices import ThreadBudget
-    from xclay.gpu import KvikioChunkSource
 
     cube = _cube()
     path = xclay.write_datacube(

@@ -12,7 +12,7 @@ import pytest
 import xarray as xr
 
 import xclay
-from xclay.chips import ChipGrid, ChipGridSpec
+from xclay.batch.chips import ChipGrid, ChipGridSpec
 from xclay.datacube import datacube_geobox
 from xclay.run import RunSpec, run
 
@@ -132,7 +132,7 @@ def test_cog_of_every_feature_places_each_chip_and_keeps_its_vector(
     import json
 
     rasterio = pytest.importorskip("rasterio", reason="needs xclay[io]")
-    from xclay.cog import to_cog
+    from xclay.outputs.cog import to_cog
 
     emb = xclay.open_embeddings(written)
     files = to_cog(written, tmp_path / "emb.tif")
@@ -164,7 +164,7 @@ def test_cog_of_every_feature_places_each_chip_and_keeps_its_vector(
 
 def test_cog_int8_has_a_gdal_scale_per_band(written: Path, tmp_path: Path) -> None:
     rasterio = pytest.importorskip("rasterio", reason="needs xclay[io]")
-    from xclay.cog import MISSING_INT8, to_cog
+    from xclay.outputs.cog import MISSING_INT8, to_cog
 
     emb = xclay.open_embeddings(written)
     (path,) = to_cog(written, tmp_path / "q.tif", dtype="int8", time=1)
@@ -186,7 +186,7 @@ def test_cog_pca_equals_the_principal_components_of_the_vectors(
     import json
 
     rasterio = pytest.importorskip("rasterio", reason="needs xclay[io]")
-    from xclay.cog import to_cog
+    from xclay.outputs.cog import to_cog
 
     emb = xclay.open_embeddings(written)
     (path,) = to_cog(written, tmp_path / "pca.tif", pca=3, time=0)
@@ -210,7 +210,7 @@ def test_cog_pca_equals_the_principal_components_of_the_vectors(
 
 def test_cog_tiles_and_overviews(tmp_path: Path) -> None:
     rasterio = pytest.importorskip("rasterio", reason="needs xclay[io]")
-    from xclay.cog import to_cog
+    from xclay.outputs.cog import to_cog
 
     cube = random_cube((1, 3, 400, 320), crs="EPSG:32720", origin=(300000.0, 9600000.0))
     emb = xclay.embed(cube, model=_model(), chip_size=8, device="cpu", progress=False)  # type: ignore[arg-type]
@@ -226,7 +226,7 @@ def test_cog_cells_of_overlapping_chips_are_the_stride(
     utm_cube: xr.Dataset, tmp_path: Path
 ) -> None:
     rasterio = pytest.importorskip("rasterio", reason="needs xclay[io]")
-    from xclay.cog import to_cog
+    from xclay.outputs.cog import to_cog
 
     emb = xclay.embed(
         utm_cube,

@@ -12,7 +12,7 @@ import zarr
 
 import xclay
 from xclay.errors import DatacubeError
-from xclay.quantize import MISSING_INT8, dequantize_int8, quantize_int8
+from xclay.outputs.quantize import MISSING_INT8, dequantize_int8, quantize_int8
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -81,7 +81,7 @@ def test_zarr_stores_int8_and_reads_back_float32(tmp_path: Path, emb: xr.Dataset
 
 
 def test_dask_chunked_dequantisation_stays_lazy(tmp_path: Path, emb: xr.Dataset) -> None:
-    from xclay.quantize import dequantize_embeddings
+    from xclay.outputs.quantize import dequantize_embeddings
 
     path = xclay.to_zarr(emb, tmp_path / "i8.zarr", quantize="int8")
     chunked = xr.open_zarr(path, consolidated=False)
@@ -101,7 +101,7 @@ def test_geoparquet_int8_column_and_reader(tmp_path: Path, emb: xr.Dataset) -> N
     dim = emb.sizes["feature"]
     assert str(table.schema.field("embedding").type) == f"fixed_size_list<element: int8>[{dim}]"
     assert table.schema.field("embedding_scale").type == "float"
-    meta = xclay.export.read_footer(path)
+    meta = xclay.outputs.export.read_footer(path)
     assert meta["embedding"]["dtype"] == "int8"
     assert meta["embedding"]["quantization"]["scale"] == "embedding_scale"
 

@@ -114,7 +114,7 @@ def test_olinda_run_same_embeddings_from_one_or_many_assets(
     # The spec and the resolved plan travel with the outputs.
     parts = sorted((runs["per_band"] / "embeddings.parquet").glob("part-*.parquet"))
     assert parts and (runs["per_band"] / "embeddings.parquet" / "_xclay_complete.json").is_file()
-    meta = xclay.export.read_footer(parts[0])  # the part's footer and the run's metadata
+    meta = xclay.outputs.export.read_footer(parts[0])  # the part's footer and the run's metadata
     assert meta["run_spec"]["name"] == "olinda" and meta["run_spec"]["grid"]["chip_size"] == 32
     assert meta["run_plan"]["items"] == 1 and meta["run_plan"]["crs"] == "EPSG:31985"
     assert meta["model"]["name"] == "rcf" and meta["part"]["zone"] == "EPSG31985"

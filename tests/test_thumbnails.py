@@ -11,10 +11,10 @@ import torch
 import xarray as xr
 
 import xclay
-from xclay.batching import Block
+from xclay.batch.batching import Block
 from xclay.embed import EmbedConfig, EmbedSession
 from xclay.errors import ConfigError, DatacubeError
-from xclay.thumbnails import ThumbnailStretch, decode_png, make_thumbnails, rgb_bands
+from xclay.outputs.thumbnails import ThumbnailStretch, decode_png, make_thumbnails, rgb_bands
 
 STRETCH = ThumbnailStretch(("r", "g", "b"), (0.0, 0.0, 0.0), (100.0, 100.0, 100.0))
 

@@ -143,7 +143,7 @@ def test_the_seam_is_covered_and_each_zone_keeps_to_its_cell(two_zones: Path) ->
 
 
 def test_none_of_a_zones_chips_is_missed(two_zones: Path) -> None:
-    from xclay.chips import ChipGrid, ChipGridSpec
+    from xclay.batch.chips import ChipGrid, ChipGridSpec
 
     table = pq.read_table(two_zones / "out" / "embeddings.parquet")
     spec = load_spec(two_zones / "spec.yaml")

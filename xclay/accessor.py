@@ -16,7 +16,7 @@ import xarray as xr
 
 from xclay.datacube import as_datacube, write_datacube
 from xclay.embed import embed
-from xclay.export import to_geoparquet, to_zarr
+from xclay.outputs.export import to_geoparquet, to_zarr
 
 __all__ = ["ClayDataArrayAccessor", "ClayDatasetAccessor"]
 

@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any, get_args
 
 from xclay._version import __version__
-from xclay.chips import Edges
-from xclay.cog import CogDtype
+from xclay.batch.chips import Edges
+from xclay.batch.readers import Engine
 from xclay.devices import PRECISIONS
 from xclay.errors import XClayError
 from xclay.models.clay import Output as ClayOutput
+from xclay.outputs.cog import CogDtype
+from xclay.outputs.quantize import QUANTIZATIONS
 from xclay.quality import SKIP_REASONS, QualityFilter
-from xclay.quantize import QUANTIZATIONS
-from xclay.readers import Engine
 
 __all__ = ["main"]
 
@@ -497,7 +497,7 @@ def _embed_spec(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from xclay.export import open_embeddings, to_geoparquet
+    from xclay.outputs.export import open_embeddings, to_geoparquet
 
     if args.format == "cog":
         return _export_cog(args)
@@ -518,7 +518,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _export_cog(args: argparse.Namespace) -> int:
-    from xclay.cog import to_cog
+    from xclay.outputs.cog import to_cog
 
     if args.quantize:
         print(
@@ -550,7 +550,7 @@ def _export_cog(args: argparse.Namespace) -> int:
 
 def _embed_and_export(cube: Any, out: Path, args: argparse.Namespace, *, overwrite: bool) -> Any:
     from xclay.embed import embed
-    from xclay.export import to_geoparquet, to_zarr
+    from xclay.outputs.export import to_geoparquet, to_zarr
 
     t0 = time.perf_counter()
     emb = embed(cube, **_embed_kwargs(args))

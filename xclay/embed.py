@@ -14,7 +14,7 @@ import xarray as xr
 
 from xclay._json import jsonable
 from xclay._progress import progress_bar
-from xclay.batching import (
+from xclay.batch.batching import (
     Batch,
     BatchPlan,
     Block,
@@ -24,14 +24,16 @@ from xclay.batching import (
     make_sampler,
     to_chip_batch,
 )
-from xclay.chips import ChipGrid, ChipGridSpec, Edges
+from xclay.batch.chips import ChipGrid, ChipGridSpec, Edges
+from xclay.batch.readers import Engine, open_batch_source
 from xclay.datacube import (
     as_datacube,
     datacube_geobox,
     validate_datacube,
 )
 from xclay.devices import PRECISIONS, Precision, ThreadBudget, resolve_device, resolve_precision
-from xclay.embeddings import (
+from xclay.errors import ConfigError, DatacubeError, ModelError
+from xclay.outputs.embeddings import (
     EMBEDDINGS_CONVENTION,
     BlockGeometry,
     BlockResult,
@@ -42,8 +44,9 @@ from xclay.embeddings import (
     embeddings_dataset,
     grid_coords,
 )
-from xclay.errors import ConfigError, DatacubeError, ModelError
-from xclay.export import EmbeddingsLayout, VariableSpec
+from xclay.outputs.export import EmbeddingsLayout, VariableSpec
+from xclay.outputs.thumbnails import DEFAULT_SIZE as DEFAULT_THUMBNAIL_SIZE
+from xclay.outputs.thumbnails import ThumbnailStretch, make_thumbnails, rgb_bands, thumbnail_size
 from xclay.protocols import (
     BatchSource,
     Encoder,
@@ -53,9 +56,6 @@ from xclay.protocols import (
     SizesItsBatches,
 )
 from xclay.quality import ChipQuality, QualityFilter
-from xclay.readers import Engine, open_batch_source
-from xclay.thumbnails import DEFAULT_SIZE as DEFAULT_THUMBNAIL_SIZE
-from xclay.thumbnails import ThumbnailStretch, make_thumbnails, rgb_bands, thumbnail_size
 
 __all__ = [
     "EMBEDDINGS_CONVENTION",
@@ -207,7 +207,7 @@ def embed(
         Batches read ahead while the encoder runs (0: no background reading).
     thumbnails
         Store a true-colour preview of every embedded chip: ``True`` (64 px)
-        or an edge in pixels (at most the chip size); see :mod:`xclay.thumbnails`.
+        or an edge in pixels (at most the chip size); see :mod:`xclay.outputs.thumbnails`.
     loss
         Also score every embedded chip with the model's masked-reconstruction
         loss (``clay-v1.5``: loads the decoder from the same checkpoint; for
@@ -552,7 +552,7 @@ class EmbedSession:
         """The whole grid's embeddings, without data: the grid's 1-D coords and the
         attributes, and each variable's dims, dtype and attributes (per-chip coordinates
         such as ``lat``/``lon``/``chip_id`` included, which regions write as they go), for
-        :func:`xclay.export.create_embeddings_store`. Costs the grid's rows plus columns,
+        :func:`xclay.outputs.export.create_embeddings_store`. Costs the grid's rows plus columns,
         not its chips."""
         empty_block = Block((0, 0), (0, 0), (0, 0))
         empty = BlockResult(

@@ -72,7 +72,7 @@ class SimilarityIndex:
         if isinstance(source, str | os.PathLike):
             path = Path(source)
             if (path / "zarr.json").is_file():
-                from xclay.export import open_embeddings
+                from xclay.outputs.export import open_embeddings
 
                 return cls.from_dataset(open_embeddings(path))
             if path.exists():
@@ -90,8 +90,8 @@ class SimilarityIndex:
         """An index of the embedded chips of an embeddings Dataset (patch grids: their mean)."""
         import pandas as pd
 
-        from xclay.embeddings import validate_embeddings
-        from xclay.export import chip_footprints, row_ids
+        from xclay.outputs.embeddings import validate_embeddings
+        from xclay.outputs.export import chip_footprints, row_ids
 
         validate_embeddings(emb)
         embedded = np.asarray(emb["embedded"].values, dtype=bool)
@@ -123,7 +123,7 @@ class SimilarityIndex:
         """An index of xclay GeoParquet rows (a ``pyarrow.Table``; int8 vectors are restored)."""
         import shapely
 
-        from xclay.export import SCALE_COLUMN, dequantize_table
+        from xclay.outputs.export import SCALE_COLUMN, dequantize_table
 
         if "embedding" not in table.column_names:
             raise DatacubeError("the table has no 'embedding' column: is it xclay GeoParquet?")
@@ -292,7 +292,7 @@ def similar(
 def _read_table(path: Path, thumbnails: bool) -> Any:
     import pyarrow.parquet as pq
 
-    from xclay.export import read_geoparquet
+    from xclay.outputs.export import read_geoparquet
 
     names = pq.ParquetDataset(path).schema.names
     columns = [c for c in names if thumbnails or c != "thumbnail"]

@@ -86,7 +86,7 @@ class ChipBatch:
     time
         ``[B]`` datetime64[ns] acquisition times (midpoints for composites); NaT: unknown.
     chip_ids
-        ``[B]`` chip ids (:mod:`xclay.chips`), where known (not for sample chips).
+        ``[B]`` chip ids (:mod:`xclay.batch.chips`), where known (not for sample chips).
     """
 
     pixels: torch.Tensor
@@ -171,9 +171,9 @@ class ReconstructionScorer(Protocol):
 class BatchSource(Protocol):
     """Reads chip windows of a datacube (all bands, and its quality classes) into batch
     buffers: the one seam between a datacube's storage and the batch path
-    (:mod:`xclay.batching`). Implementations: :class:`xclay.readers.WindowSource`
-    (any xarray cube), :class:`xclay.readers.ChunkSource` (Zarr v3 chunk files
-    decoded by host threads), :class:`xclay.gpu.KvikioChunkSource` (kvikIO reads
+    (:mod:`xclay.batch.batching`). Implementations: :class:`xclay.batch.readers.WindowSource`
+    (any xarray cube), :class:`xclay.batch.readers.ChunkSource` (Zarr v3 chunk files
+    decoded by host threads), :class:`xclay.batch.gpu.KvikioChunkSource` (kvikIO reads
     into GPU memory, nvCOMP decode).
     """
 

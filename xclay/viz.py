@@ -14,7 +14,7 @@ from affine import Affine
 
 from xclay.datacube import datacube_geobox, nodata_value
 from xclay.errors import MissingDependencyError
-from xclay.thumbnails import rgb_bands
+from xclay.outputs.thumbnails import rgb_bands
 
 __all__ = [
     "pca_colour",

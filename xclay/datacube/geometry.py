@@ -55,7 +55,7 @@ def _geobox_from_source(da: xr.DataArray, crs: str | int | None) -> GeoBox:
 def check_lonlat_extent(geobox: GeoBox) -> None:
     """Refuse a grid whose corners do not map to real longitudes and latitudes: coordinates
     in other units than its CRS's (degrees labelled as metres, or the reverse)."""
-    from xclay.chips import to_lonlat
+    from xclay.batch.chips import to_lonlat
 
     ny, nx = geobox.shape
     t = geobox.affine

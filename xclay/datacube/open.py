@@ -27,7 +27,7 @@ def open_datacube(path: str | os.PathLike[str], *, engine: Engine = "zarr") -> x
         ``quality`` read into GPU memory through kvikIO (GPUDirect Storage
         where the system has it) as CuPy arrays, basic slices only; embedding
         such a cube on a CUDA device reads whole batches of chip chunks
-        straight into GPU memory and decodes zstd there (:mod:`xclay.gpu`).
+        straight into GPU memory and decodes zstd there (:mod:`xclay.batch.gpu`).
         Needs CUDA and ``xclay[gpu]``. ``"auto"``: kvikio where it can run,
         else zarr.
     """
@@ -64,10 +64,10 @@ def open_datacube(path: str | os.PathLike[str], *, engine: Engine = "zarr") -> x
         if not integrity:
             unchecked.append(name)
         if resolved == "kvikio":
-            from xclay.gpu import gpu_variable
+            from xclay.batch.gpu import gpu_variable
 
             cube[name] = cube[name].copy(data=gpu_variable(store, name, cube[name]))
-        # Where its chunks are, for direct reads (xclay.chunkio) and the GPU path.
+        # Where its chunks are, for direct reads (xclay.batch.chunkio) and the GPU path.
         cube[name].encoding[STORE_ENCODING] = {
             "path": str(store / name),
             "coords": _coords_fingerprint(cube[name]),
@@ -87,7 +87,7 @@ def open_datacube(path: str | os.PathLike[str], *, engine: Engine = "zarr") -> x
 def _resolve_engine(engine: str) -> str:
     if engine not in ("auto", "zarr", "kvikio"):
         raise DatacubeError(f"engine must be 'auto', 'zarr' or 'kvikio', got {engine!r}.")
-    from xclay import gpu
+    from xclay.batch import gpu
 
     if engine == "auto":
         return "kvikio" if gpu.kvikio_usable() else "zarr"

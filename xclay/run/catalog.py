@@ -51,7 +51,7 @@ CATALOG = "stac"
 def write_catalog(outdir: str | os.PathLike[str]) -> Path:
     """(Re)write the STAC description of a complete run in ``outdir``; returns the
     collection's path."""
-    from xclay.export import open_embeddings
+    from xclay.outputs.export import open_embeddings
 
     out = Path(outdir)
     record = RunState(out).record()
@@ -174,7 +174,7 @@ def _item(
     cell: str | None,
     record: dict[str, Any],
 ) -> dict[str, Any]:
-    from xclay.export import chip_grid_transform
+    from xclay.outputs.export import chip_grid_transform
 
     zone = str(emb.attrs.get("zone") or _proj_code(emb).replace(":", ""))
     day = _day(emb["time"].values[t])
@@ -250,7 +250,7 @@ def _footprint(emb: Any, cell: str | None) -> tuple[dict[str, Any], list[float]]
     import shapely
     from odc.geo.geobox import GeoBox
 
-    from xclay.export import chip_grid_transform
+    from xclay.outputs.export import chip_grid_transform
 
     box = GeoBox(
         (int(emb.sizes["chip_y"]), int(emb.sizes["chip_x"])),

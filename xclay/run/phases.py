@@ -24,7 +24,7 @@ from typing import Any, Literal
 from xclay._atomic import atomic_output
 from xclay._progress import progress_bar
 from xclay.errors import OutputExistsError, XClayError
-from xclay.export import RUN_COMPLETE, RUN_METADATA
+from xclay.outputs.export import RUN_COMPLETE, RUN_METADATA
 from xclay.run.plan import RunPlan, plan
 from xclay.run.preflight import preflight
 from xclay.run.spec import RunSpec
@@ -422,7 +422,7 @@ def _embed_phase(
                 }
             )
             with atomic_output(paths[k], overwrite=True) as tmp:
-                from xclay.export import create_embeddings_store
+                from xclay.outputs.export import create_embeddings_store
 
                 create_embeddings_store(layout, tmp, region_chips=spec.compute.region_chips)
     grids = {k: sessions[k].grid for k in zones}
@@ -691,7 +691,7 @@ def embed_step(spec: RunSpec, *, client: Any = None, progress: bool | None = Non
 
 def export_step(spec: RunSpec) -> Path:
     """Step 3 alone: (re)write the GeoParquet parts from the complete embeddings Zarr(s)."""
-    from xclay.export import open_embeddings
+    from xclay.outputs.export import open_embeddings
     from xclay.run.tasks import part_path, write_part
 
     state = RunState(spec.outdir)

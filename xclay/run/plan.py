@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from xclay.chips import ChipGrid, ChipGridSpec
+from xclay.batch.chips import ChipGrid, ChipGridSpec
 from xclay.errors import MissingDependencyError
 from xclay.run.items import ItemIndex
 from xclay.run.spec import RunSpec

@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from xclay._json import plain
-from xclay.chips import Edges
+from xclay.batch.chips import Edges
+from xclay.batch.readers import Engine
 from xclay.devices import PRECISIONS
 from xclay.errors import SpecError
 from xclay.models.clay import Output as ClayOutput
+from xclay.outputs.quantize import QUANTIZATIONS
 from xclay.quality import QualityFilter
-from xclay.quantize import QUANTIZATIONS
-from xclay.readers import Engine
 
 if TYPE_CHECKING:
     from xclay.datacube import Compression

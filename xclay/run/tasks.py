@@ -203,9 +203,9 @@ def zone_chips(cell_native: Any, grid: Any, rows: tuple[int, int], cols: tuple[i
 
 
 def _embed(outdir: str, record: dict[str, Any], region: Region) -> dict[str, Any]:
-    from xclay.batching import Block
-    from xclay.export import write_embeddings_region
-    from xclay.quantize import quantize_embeddings
+    from xclay.batch.batching import Block
+    from xclay.outputs.export import write_embeddings_region
+    from xclay.outputs.quantize import quantize_embeddings
 
     session = _session(outdir, record, region.zone)
     zone = _zone(record, region)
@@ -245,7 +245,7 @@ def write_part(
 ) -> Path:
     """Write a region's GeoParquet part: its rows (each with its own sources) and a footer
     that refers to the run's metadata instead of repeating it."""
-    from xclay.export import chip_footprints, to_geoparquet
+    from xclay.outputs.export import chip_footprints, to_geoparquet
 
     sources = None
     if record["paths"].get("items"):

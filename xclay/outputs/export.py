@@ -20,10 +20,10 @@ from affine import Affine
 
 from xclay._atomic import atomic_output
 from xclay._json import jsonable
-from xclay.chips import to_lonlat, window_corners
-from xclay.embeddings import validate_embeddings
+from xclay.batch.chips import to_lonlat, window_corners
 from xclay.errors import DatacubeError, MissingDependencyError
-from xclay.quantize import (
+from xclay.outputs.embeddings import validate_embeddings
+from xclay.outputs.quantize import (
     MISSING_INT8,
     SCALE_VARIABLE,
     check_quantize,
@@ -85,7 +85,7 @@ def to_zarr(
 
     Chunks hold 32 x 32 chips with all features, so reading a region or a
     single chip's vector touches few files. ``quantize="int8"`` stores int8
-    vectors and a per-vector ``embedding_scale`` (:mod:`xclay.quantize`);
+    vectors and a per-vector ``embedding_scale`` (:mod:`xclay.outputs.quantize`);
     :func:`open_embeddings` restores float32.
     """
     validate_embeddings(emb)
@@ -208,7 +208,7 @@ class EmbeddingsLayout:
     variables: dict[str, VariableSpec]
 
     def quantized(self, method: str) -> EmbeddingsLayout:
-        """The layout of the same embeddings stored quantised (:mod:`xclay.quantize`)."""
+        """The layout of the same embeddings stored quantised (:mod:`xclay.outputs.quantize`)."""
         check_quantize(method)
         vector = self.variables["embedding"]
         variables = dict(self.variables)
@@ -589,7 +589,7 @@ def _vector_columns(vectors: np.ndarray, dim: int, quantize: str | None) -> dict
 def _png_column(thumbnails: np.ndarray) -> Any:
     import pyarrow as pa
 
-    from xclay.thumbnails import encode_png
+    from xclay.outputs.thumbnails import encode_png
 
     return pa.array([encode_png(t) for t in thumbnails], type=pa.binary())
 

@@ -5,9 +5,9 @@ Three readers plug into :class:`~xclay.protocols.BatchSource`:
 - :class:`WindowSource`: any xarray cube (NumPy, dask, a lazily opened store
   in a layout only zarr-python reads), one window at a time through xarray;
 - :class:`ChunkSource`: a datacube store xclay can read directly
-  (:mod:`xclay.chunkio`): chunk files read with ``pread`` and decoded in
+  (:mod:`xclay.batch.chunkio`): chunk files read with ``pread`` and decoded in
   place by a pool of host threads;
-- :class:`xclay.gpu.KvikioChunkSource`: the same chunks read into GPU memory
+- :class:`xclay.batch.gpu.KvikioChunkSource`: the same chunks read into GPU memory
   with kvikIO and decoded there by nvCOMP.
 
 :func:`open_batch_source` picks one from the embedding run's engine and
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import xarray as xr
 
-from xclay.chunkio import ArrayLayout, DirectWindowReader, UnsupportedLayout
+from xclay.batch.chunkio import ArrayLayout, DirectWindowReader, UnsupportedLayout
 from xclay.datacube.source import Engine, in_memory, store_source
 from xclay.datacube.validate import nodata_value
 from xclay.errors import DataPathWarning, DeviceError
@@ -204,7 +204,7 @@ def _host(data: Any) -> np.ndarray:
 
 class ChunkSource:
     """Chip windows straight from a datacube store's Zarr v3 chunk files
-    (:mod:`xclay.chunkio`): one ``pread`` per chunk, decoded in place by a pool of
+    (:mod:`xclay.batch.chunkio`): one ``pread`` per chunk, decoded in place by a pool of
     ``threads`` host threads (``pread`` and zstd/Blosc decoding release the GIL), with
     windows that span several chunks or reach past the raster handled per chunk."""
 
@@ -295,7 +295,7 @@ class ChunkSource:
 
 def store_layouts(cube: xr.Dataset) -> tuple[ArrayLayout, ArrayLayout | None]:
     """The chunk layouts of the stores behind a cube's ``pixels`` (and ``quality``), when
-    xclay can read them directly; :class:`~xclay.chunkio.UnsupportedLayout` (with the
+    xclay can read them directly; :class:`~xclay.batch.chunkio.UnsupportedLayout` (with the
     reason) otherwise."""
     layouts: dict[str, ArrayLayout] = {}
     for name in ("pixels", "quality"):
@@ -315,7 +315,7 @@ def store_layouts(cube: xr.Dataset) -> tuple[ArrayLayout, ArrayLayout | None]:
 def resolve_engine(engine: Engine, device: torch.device) -> Literal["zarr", "kvikio"]:
     """``"auto"`` -> kvikio when the encoder runs on a CUDA device and kvikIO can read
     there, else zarr; ``"kvikio"`` needs both (a clear error otherwise)."""
-    from xclay import gpu
+    from xclay.batch import gpu
 
     if engine not in ("auto", "zarr", "kvikio"):
         raise DeviceError(f"engine must be 'auto', 'zarr' or 'kvikio', got {engine!r}.")
@@ -380,7 +380,7 @@ def open_batch_source(
     note = chunk_layout(pixels.chunk_shape[-2:], chip_size, step)
     if resolved == "zarr":
         return SourceChoice(host, host, resolved, fallbacks, note)
-    from xclay.gpu import KvikioChunkSource
+    from xclay.batch.gpu import KvikioChunkSource
 
     try:
         gpu_source = KvikioChunkSource(

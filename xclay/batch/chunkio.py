@@ -548,7 +548,7 @@ class ChipChunks:
     of each reach past the raster. Raises :class:`UnsupportedLayout` unless the
     chip size equals the chunk edge and every window starts on a chunk
     boundary: then a batch is one read (and one decode) per chip, the unit both
-    the threaded host reader and the GPU reader (:mod:`xclay.gpu`) work in.
+    the threaded host reader and the GPU reader (:mod:`xclay.batch.gpu`) work in.
     """
 
     def __init__(self, layout: ArrayLayout, chip_size: int) -> None:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import xarray as xr
 
-from xclay.chips import ChipGrid
+from xclay.batch.chips import ChipGrid
 from xclay.errors import DatacubeError
 from xclay.masks import PixelClass
 from xclay.quality import ChipQuality, QualityFilter

@@ -1,7 +1,7 @@
 """The embeddings Dataset: its schema (variables, coordinates, attributes, convention),
 built block by block from what the embedding loop computed, and checked
 (:func:`validate_embeddings`) before anything reads or exports it. The embedding loop
-(:mod:`xclay.embed`) writes it; the outputs (:mod:`xclay.export`, :mod:`xclay.cog`,
+(:mod:`xclay.embed`) writes it; the outputs (:mod:`xclay.outputs.export`, :mod:`xclay.outputs.cog`,
 :mod:`xclay.explore`) read it.
 """
 
@@ -15,15 +15,15 @@ import xarray as xr
 from odc.geo.xr import xr_coords
 
 from xclay._version import __version__
-from xclay.batching import Block
-from xclay.chips import ChipGrid
+from xclay.batch.batching import Block
+from xclay.batch.chips import ChipGrid
 from xclay.datacube import gdal_crs, nodata_value
 from xclay.errors import DatacubeError
 from xclay.masks import PixelClass
 from xclay.models.card import ModelCard
+from xclay.outputs.quantize import SCALE_VARIABLE, quantization_of
+from xclay.outputs.thumbnails import ThumbnailStretch
 from xclay.quality import ChipQuality
-from xclay.quantize import SCALE_VARIABLE, quantization_of
-from xclay.thumbnails import ThumbnailStretch
 
 __all__ = [
     "EMBEDDINGS_CONVENTION",
@@ -236,7 +236,11 @@ _CHIP_DIMS = ("chip_y", "chip_x")
 def chip_coordinates(geometry: BlockGeometry) -> dict[str, Any]:
     """Per-chip coords of a block: WGS84 centres and chip ids (regions write their own)."""
     return {
-        "chip_id": (_CHIP_DIMS, geometry.chip_ids, {"long_name": "chip id (see xclay.chips)"}),
+        "chip_id": (
+            _CHIP_DIMS,
+            geometry.chip_ids,
+            {"long_name": "chip id (see xclay.batch.chips)"},
+        ),
         "lat": (
             _CHIP_DIMS,
             geometry.lonlat[..., 1],

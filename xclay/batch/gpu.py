@@ -1,7 +1,7 @@
 """The GPU data path: chip chunks read straight into GPU memory with kvikIO, decoded there.
 
 Each chip of a datacube written by :func:`xclay.write_datacube` is one Zarr
-chunk (:class:`xclay.chunkio.ChipChunks`). For a batch, this module issues one
+chunk (:class:`xclay.batch.chunkio.ChipChunks`). For a batch, this module issues one
 kvikIO ``pread`` per chunk into device memory (GPUDirect Storage where the
 system has it, kvikIO's POSIX compatibility mode otherwise) and:
 
@@ -31,7 +31,7 @@ import xarray as xr
 from xarray.backends import BackendArray
 
 from xclay._json import plain
-from xclay.chunkio import ArrayLayout, ChipChunks, ChunkRef, UnsupportedLayout
+from xclay.batch.chunkio import ArrayLayout, ChipChunks, ChunkRef, UnsupportedLayout
 from xclay.errors import DatacubeError, DataIntegrityError, DeviceError, MissingDependencyError
 from xclay.masks import PixelClass
 
@@ -155,15 +155,15 @@ class KvikioChunkSource:
     """Chip windows read into GPU memory with kvikIO and decoded there
     (a :class:`~xclay.protocols.BatchSource` whose buffers are CuPy arrays).
 
-    Needs one chip per chunk (:class:`~xclay.chunkio.ChipChunks`; otherwise
-    :class:`~xclay.chunkio.UnsupportedLayout`). Per read: one kvikIO ``pread``
+    Needs one chip per chunk (:class:`~xclay.batch.chunkio.ChipChunks`; otherwise
+    :class:`~xclay.batch.chunkio.UnsupportedLayout`). Per read: one kvikIO ``pread``
     per chunk; uncompressed chunks land in their slot of the batch buffer,
     zstd chunks in a device staging buffer from which one nvCOMP batch call
     decodes them straight into their slots. ``decode``: ``"auto"`` (nvCOMP
     where it decodes the codec, else host threads), ``"nvcomp"`` (required),
     or ``"host"`` (read and decode on the host, one copy per read: the
     benchmarks' baseline), through ``host``: the same store's host reader
-    (:class:`~xclay.readers.ChunkSource`). :attr:`fallbacks` lists every slower
+    (:class:`~xclay.batch.readers.ChunkSource`). :attr:`fallbacks` lists every slower
     road taken.
     """
 
@@ -345,7 +345,7 @@ class KvikioChunkSource:
         chunk's crc32c checked there (before anything reaches the GPU): the buffer, the
         16-byte aligned start of each chunk, and each chunk's stored size (with its
         checksum)."""
-        from xclay.chunkio import crc32c_matches
+        from xclay.batch.chunkio import crc32c_matches
 
         sizes = [_encoded_size(ref) for _, ref in present]
         starts = np.concatenate([[0], np.cumsum([-(-s // 16) * 16 for s in sizes])]).astype(
@@ -476,7 +476,7 @@ class KvikioChunkSource:
         if pinned is None:
             import torch
 
-            from xclay.batching import torch_dtype
+            from xclay.batch.batching import torch_dtype
 
             pinned = torch.empty(
                 target.shape, dtype=torch_dtype(np.dtype(target.dtype)), pin_memory=True

@@ -24,7 +24,7 @@ import xarray as xr
 
 from xclay._atomic import atomic_output
 from xclay.errors import DatacubeError, MissingDependencyError
-from xclay.export import chip_grid_transform
+from xclay.outputs.export import chip_grid_transform
 
 __all__ = ["COG_CONVENTION", "to_cog"]
 
@@ -71,7 +71,7 @@ def to_cog(
     if dtype not in get_args(CogDtype):
         raise DatacubeError(f"dtype must be 'float32' or 'int8', got {dtype!r}.")
     if isinstance(emb, (str, os.PathLike)):
-        from xclay.export import open_embeddings
+        from xclay.outputs.export import open_embeddings
 
         emb = open_embeddings(emb)
     _check(emb)
@@ -309,7 +309,7 @@ def _day(emb: xr.Dataset, t: int) -> str:
 
 
 def _check(emb: xr.Dataset) -> None:
-    from xclay.embeddings import validate_embeddings
+    from xclay.outputs.embeddings import validate_embeddings
 
     validate_embeddings(emb)
     if emb.attrs.get("quantization"):
