@@ -30,7 +30,7 @@ from xclay.batch.batching import Block
 from xclay.batch.chips import ChipGridSpec
 from xclay.datacube import create_datacube_store, mark_complete
 from xclay.embed import EmbedConfig, EmbedSession
-from xclay.models.card import ModelCard
+from xclay.model_card import ModelCard
 from xclay.outputs.export import create_embeddings_store, to_geoparquet, write_embeddings_region
 from xclay.quality import QualityFilter
 

@@ -34,7 +34,7 @@ from xclay.batch.batching import BatchPlan, Block, iter_batches, to_chip_batch
 from xclay.batch.chips import ChipGrid, ChipGridSpec
 from xclay.batch.readers import WindowSource
 from xclay.datacube import datacube_geobox
-from xclay.models.card import ModelCard
+from xclay.model_card import ModelCard
 from xclay.quality import ChipQuality
 
 

@@ -87,7 +87,7 @@ def main() -> None:
     device = torch.device("cuda" if cuda else "cpu")
     kvikio = False
     if cuda:
-        from xclay.batch.gpu import kvikio_usable
+        from xclay.datacube.gpu import kvikio_usable
 
         kvikio = kvikio_usable()
     cube = xclay.datasets.demo_composite(args.size)

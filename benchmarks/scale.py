@@ -52,7 +52,7 @@ from odc.geo.xr import xr_coords
 
 import xclay
 from xclay.datacube import create_datacube_store, mark_complete
-from xclay.models.card import ModelCard
+from xclay.model_card import ModelCard
 from xclay.models.registry import ModelInfo, register_model
 
 CHIP = 8  # pixels a chip side: the pixel work per chip is negligible

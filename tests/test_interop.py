@@ -272,7 +272,7 @@ def test_cog_from_the_command_line(written: Path, tmp_path: Path) -> None:
 
 
 def test_compact_model_card_leaves_out_only_large_params() -> None:
-    from xclay.models.card import ModelCard
+    from xclay.model_card import ModelCard
 
     card = ModelCard(
         name="rcf",

@@ -117,7 +117,7 @@ def _gpu() -> dict[str, Any]:
             }
             for i in range(torch.cuda.device_count())
         ]
-    from xclay.batch.gpu import gpu_status
+    from xclay.datacube.gpu import gpu_status
 
     out["data_path"] = gpu_status()
     return out

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import torch
 
     from xclay.devices import ComputePrecision, Precision
-    from xclay.models.card import ModelCard
+    from xclay.model_card import ModelCard
 
 __all__ = [
     "BatchSource",

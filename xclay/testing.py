@@ -23,7 +23,7 @@ import numpy as np
 import xarray as xr
 
 if TYPE_CHECKING:
-    from xclay.models.card import ModelCard
+    from xclay.model_card import ModelCard
     from xclay.protocols import Encoder
 
 __all__ = ["check_encoder", "synthetic_cube", "write_clay_checkpoint"]
@@ -192,7 +192,7 @@ def check_encoder(
     """
     import xclay
     from xclay.devices import PRECISIONS
-    from xclay.models.card import ModelCard
+    from xclay.model_card import ModelCard
     from xclay.models.registry import encoder_from_card, get_model, get_model_info
     from xclay.protocols import Encoder
 

@@ -14,8 +14,8 @@ system has it, kvikIO's POSIX compatibility mode otherwise) and:
   (:class:`~xclay.errors.DataPathWarning`, a line in its report).
 
 Nothing here imports cupy, kvikio or nvCOMP until a reader is built, so the
-package imports on machines without CUDA; :func:`gpu_status` says what the
-machine can do, and :func:`require_kvikio` turns "cannot" into a clear error.
+package imports on machines without CUDA; :mod:`xclay.datacube.gpu` says what the
+machine can do.
 """
 
 from __future__ import annotations
@@ -27,128 +27,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import xarray as xr
-from xarray.backends import BackendArray
 
-from xclay._json import plain
 from xclay.batch.chunkio import ArrayLayout, ChipChunks, ChunkRef, UnsupportedLayout
-from xclay.errors import DatacubeError, DataIntegrityError, DeviceError, MissingDependencyError
+from xclay.datacube.gpu import gds_available, importable, require_kvikio
+from xclay.errors import DatacubeError, DataIntegrityError
 from xclay.masks import PixelClass
 
 if TYPE_CHECKING:
     from xclay.devices import ThreadBudget
     from xclay.protocols import BatchSource
 
-__all__ = [
-    "Decode",
-    "KvikioChunkSource",
-    "gpu_status",
-    "gpu_variable",
-    "kvikio_usable",
-    "require_kvikio",
-]
+__all__ = ["Decode", "KvikioChunkSource"]
 
 log = logging.getLogger(__name__)
 
 Decode = Literal["auto", "nvcomp", "host"]
-
-
-def require_kvikio() -> None:
-    """Raise a :class:`~xclay.errors.DatacubeError` naming what is missing unless kvikIO,
-    CuPy and a CUDA device are all usable."""
-    missing = [m for m in ("kvikio", "cupy") if not _importable(m)]
-    if missing:
-        raise MissingDependencyError(
-            f"engine='kvikio' needs {' and '.join(missing)}: pip install \"xclay[gpu]\" "
-            "(CUDA 13; \"xclay[gpu-cu12]\" for CUDA 12), or use engine='zarr'."
-        )
-    reason = _cuda_unusable()
-    if reason:
-        raise DeviceError(
-            f"engine='kvikio' reads into GPU memory, but no CUDA GPU is usable here ({reason}); "
-            "use engine='zarr' (or engine='auto', which picks zarr on this machine)."
-        )
-
-
-def kvikio_usable() -> bool:
-    try:
-        require_kvikio()
-    except (MissingDependencyError, DeviceError):
-        return False
-    return True
-
-
-def _importable(module: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # a missing parent package of a dotted name
-        return False
-
-
-def _cuda_unusable() -> str | None:
-    """Why CUDA cannot be used here, or None when it can (asked through torch, which reports
-    a missing driver as False rather than raising)."""
-    try:
-        import torch
-    except ImportError:
-        return "torch is not installed"
-    if not torch.cuda.is_available():
-        build = torch.version.cuda
-        return "torch has no CUDA build" if not build else "no CUDA device or driver"
-    return None
-
-
-def gpu_status() -> dict[str, Any]:
-    """What the GPU data path can use here: kvikIO (version, GDS or compatibility mode,
-    threads), nvCOMP, and the GPU. Never raises; missing pieces are reported as such."""
-    out: dict[str, Any] = {"kvikio": None, "nvcomp": None, "cuda": _cuda_unusable() is None}
-    if _importable("kvikio"):
-        out["kvikio"] = _kvikio_status()
-    if out["cuda"] and _importable("cupy"):
-        try:
-            import cupy
-
-            version = cupy.cuda.runtime.driverGetVersion()
-            out["driver_cuda"] = f"{version // 1000}.{version % 1000 // 10}"
-        except Exception as err:
-            out["driver_cuda"] = f"unknown ({type(err).__name__})"
-    if _importable("nvidia.nvcomp"):
-        try:
-            from nvidia import nvcomp
-
-            out["nvcomp"] = str(getattr(nvcomp, "__version__", "unknown"))
-        except Exception as err:  # a broken install is reported, not raised
-            out["nvcomp"] = f"unusable ({type(err).__name__}: {err})"
-    return out
-
-
-def _kvikio_status() -> dict[str, Any]:
-    try:
-        import kvikio
-        import kvikio.defaults
-    except Exception as err:
-        return {"error": f"{type(err).__name__}: {err}"}
-    info: dict[str, Any] = {"version": str(getattr(kvikio, "__version__", "unknown"))}
-    for key in ("compat_mode", "num_threads", "task_size", "gds_threshold"):
-        try:
-            info[key] = plain(kvikio.defaults.get(key))
-        except Exception as err:  # older kvikio: no generic get(); not fatal
-            info[key] = f"unknown ({type(err).__name__})"
-    info["gds"] = _gds_available()
-    return info
-
-
-def _gds_available() -> str:
-    """Whether cuFile (GDS) would be used: 'yes', 'no (...)' or 'unknown (...)'."""
-    try:
-        import kvikio.cufile_driver
-
-        props = kvikio.cufile_driver.get("is_gds_available")
-        return "yes" if props else "no (compatibility mode: POSIX reads through a bounce buffer)"
-    except Exception as err:
-        return f"unknown ({type(err).__name__}: {err})"
 
 
 class KvikioChunkSource:
@@ -195,7 +88,7 @@ class KvikioChunkSource:
         }
         self._host = host  # reads (and decodes) on the host what nvCOMP cannot
         self._threads = _set_kvikio_threads(kvikio, threads.io)
-        gds = _gds_available()
+        gds = gds_available()
         if gds != "yes":
             self.fallbacks.append(
                 f"GPUDirect Storage is not in use ({gds}); kvikIO reads through host bounce "
@@ -246,7 +139,7 @@ class KvikioChunkSource:
         reason = None
         if compressor != "zstd":
             reason = f"nvCOMP does not decode {compressor} chunks"
-        elif not _importable("nvidia.nvcomp"):
+        elif not importable("nvidia.nvcomp"):
             reason = "nvCOMP is not installed (pip install nvidia-nvcomp-cu13)"
         if reason is None:
             return "nvcomp"
@@ -521,34 +414,3 @@ class _Files:
         for handle in self._open.values():
             handle.close()
         self._open.clear()
-
-
-def gpu_variable(store: Path, name: str, like: xr.DataArray) -> Any:
-    """Lazy data for variable ``name`` of a datacube store that reads into GPU memory:
-    zarr-python through :class:`kvikio.zarr.GDSStore`, under ``zarr.config.enable_gpu()``
-    for each read only, with basic slices (fancy indexing of GPU-backed Zarr arrays is
-    not supported upstream; xarray applies it to the CuPy result instead)."""
-    from xarray.core import indexing
-
-    return indexing.LazilyIndexedArray(_KvikioZarrArray(store, name, like.shape, like.dtype))
-
-
-class _KvikioZarrArray(BackendArray):
-    def __init__(self, store: Path, name: str, shape: tuple[int, ...], dtype: Any) -> None:
-        self.store, self.name = store, name
-        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
-
-    def __getitem__(self, key: Any) -> Any:
-        from xarray.core import indexing
-
-        return indexing.explicit_indexing_adapter(
-            key, self.shape, indexing.IndexingSupport.BASIC, self._read
-        )
-
-    def _read(self, key: tuple[Any, ...]) -> Any:
-        import kvikio.zarr
-        import zarr
-
-        with zarr.config.enable_gpu():
-            array = zarr.open_array(kvikio.zarr.GDSStore(str(self.store)), path=self.name, mode="r")
-            return array[key]

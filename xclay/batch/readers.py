@@ -315,7 +315,7 @@ def store_layouts(cube: xr.Dataset) -> tuple[ArrayLayout, ArrayLayout | None]:
 def resolve_engine(engine: Engine, device: torch.device) -> Literal["zarr", "kvikio"]:
     """``"auto"`` -> kvikio when the encoder runs on a CUDA device and kvikIO can read
     there, else zarr; ``"kvikio"`` needs both (a clear error otherwise)."""
-    from xclay.batch import gpu
+    from xclay.datacube import gpu
 
     if engine not in ("auto", "zarr", "kvikio"):
         raise DeviceError(f"engine must be 'auto', 'zarr' or 'kvikio', got {engine!r}.")

@@ -64,7 +64,7 @@ def open_datacube(path: str | os.PathLike[str], *, engine: Engine = "zarr") -> x
         if not integrity:
             unchecked.append(name)
         if resolved == "kvikio":
-            from xclay.batch.gpu import gpu_variable
+            from xclay.datacube.gpu import gpu_variable
 
             cube[name] = cube[name].copy(data=gpu_variable(store, name, cube[name]))
         # Where its chunks are, for direct reads (xclay.batch.chunkio) and the GPU path.
@@ -87,7 +87,7 @@ def open_datacube(path: str | os.PathLike[str], *, engine: Engine = "zarr") -> x
 def _resolve_engine(engine: str) -> str:
     if engine not in ("auto", "zarr", "kvikio"):
         raise DatacubeError(f"engine must be 'auto', 'zarr' or 'kvikio', got {engine!r}.")
-    from xclay.batch import gpu
+    from xclay.datacube import gpu
 
     if engine == "auto":
         return "kvikio" if gpu.kvikio_usable() else "zarr"

@@ -1,6 +1,6 @@
 """Encoders and their registry. Importing this package does not import torch."""
 
-from xclay.models.card import ModelCard
+from xclay.model_card import ModelCard
 from xclay.models.registry import ModelInfo, get_model, get_model_info, list_models, register_model
 from xclay.sensors import get_sensor, list_platforms
 

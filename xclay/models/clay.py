@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 import numpy as np
 
 from xclay.errors import CheckpointError, MissingDependencyError, ModelError
-from xclay.models.card import ModelCard
+from xclay.model_card import ModelCard
 from xclay.models.normalization import Normalization, resolve_normalization
 from xclay.sensors import get_sensor
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from xclay.errors import CheckpointError, ModelError
-from xclay.models.card import ModelCard
+from xclay.model_card import ModelCard
 from xclay.models.normalization import Normalization, resolve_normalization
 
 if TYPE_CHECKING:

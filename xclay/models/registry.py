@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from xclay.errors import ModelError, PluginWarning
-from xclay.models.card import ModelCard
+from xclay.model_card import ModelCard
 from xclay.protocols import Encoder
 
 __all__ = [

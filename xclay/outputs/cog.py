@@ -269,7 +269,7 @@ def _blocksize(bands: int, itemsize: int) -> int:
 def _tags(emb: xr.Dataset, t: int, values: _Values, dtype: str) -> dict[str, str]:
     """GDAL metadata (default domain, which every reader shows): what the bands are,
     the model card (without rcf's filters, which the embeddings Zarr keeps), the grid."""
-    from xclay.models.card import ModelCard
+    from xclay.model_card import ModelCard
 
     card = ModelCard.from_dict(dict(emb.attrs["model"]))
     cube = emb.attrs["datacube"]

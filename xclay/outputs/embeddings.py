@@ -20,7 +20,7 @@ from xclay.batch.chips import ChipGrid
 from xclay.datacube import gdal_crs, nodata_value
 from xclay.errors import DatacubeError
 from xclay.masks import PixelClass
-from xclay.models.card import ModelCard
+from xclay.model_card import ModelCard
 from xclay.outputs.quantize import SCALE_VARIABLE, quantization_of
 from xclay.outputs.thumbnails import ThumbnailStretch
 from xclay.quality import ChipQuality

@@ -297,7 +297,7 @@ def _model_item(
     """The encoder as a STAC MLM Item: inputs (bands, chip shape, normalisation), output
     (the vector), and its weights (or, for weight-free models, the run metadata that holds
     what reproduces them)."""
-    from xclay.models.card import ModelCard
+    from xclay.model_card import ModelCard
 
     card = ModelCard.from_dict(dict(emb.attrs["model"]))
     cube = emb.attrs["datacube"]
