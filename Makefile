@@ -46,8 +46,10 @@ $(CORE_VENV)/.installed: pyproject.toml $(LOCK)
 	$(CORE_VENV)/bin/python -m pip install -q -c $(LOCK) -e . pytest
 	touch $@
 
-# The documentation site; notebooks run during the build; any warning fails it.
+# The documentation site; notebooks run during the build; any warning fails it. The API
+# stubs are regenerated each time, so a moved or renamed object leaves no stale page.
 docs: $(VENV)/.dev
+	rm -rf docs/generated
 	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
 	@echo "docs: docs/_build/html/index.html"
 
