@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import xarray as xr
+
 import xclay
 from xclay.testing import synthetic_cube
 
@@ -14,6 +16,12 @@ OLINDA_DEM = SHARED_DATA / "landsat7-olinda" / "olinda_dem_utm25s.tif"
 # ETM+ bands 1, 2, 3, 4, 5, 7 (../shared/data/README.md)
 OLINDA_BANDS = ["blue", "green", "red", "nir08", "swir16", "swir22"]
 OLINDA_WAVELENGTHS = [0.483, 0.560, 0.662, 0.835, 1.648, 2.206]
+
+
+def raster(opened: Any) -> xr.DataArray:
+    """What ``rioxarray.open_rasterio`` gives for a single GeoTIFF (typed as one)."""
+    assert isinstance(opened, xr.DataArray), type(opened)
+    return opened
 
 
 # the synthetic datacube users' own tests get too
@@ -63,7 +71,7 @@ def olinda_chips(path: Path, chip: int, stride: int | None = None) -> tuple[Any,
     from xclay.embed import input_spec
 
     cube = xclay.as_datacube(
-        rioxarray.open_rasterio(path), bands=OLINDA_BANDS, wavelengths=OLINDA_WAVELENGTHS
+        raster(rioxarray.open_rasterio(path)), bands=OLINDA_BANDS, wavelengths=OLINDA_WAVELENGTHS
     )
     source = WindowSource(cube["pixels"], None)
     grid = ChipGrid.from_geobox(datacube_geobox(cube), ChipGridSpec(chip, stride))

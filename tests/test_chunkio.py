@@ -13,6 +13,7 @@ import zarr
 import xclay
 from xclay.batch.chunkio import ArrayLayout, DirectWindowReader, UnsupportedLayout, crc32c
 from xclay.batch.readers import ChunkSource, store_layouts
+from xclay.datacube import Compression
 from xclay.errors import DataIntegrityError
 
 from .helpers import random_cube
@@ -46,7 +47,9 @@ def cube() -> xr.Dataset:
 
 @pytest.mark.parametrize("compression", ["none", "zstd", "lz4"])
 @pytest.mark.parametrize("shard", [None, 2])
-def test_every_layout_reads_like_zarr(tmp_path: Path, cube: xr.Dataset, compression, shard) -> None:
+def test_every_layout_reads_like_zarr(
+    tmp_path: Path, cube: xr.Dataset, compression: Compression, shard: int | None
+) -> None:
     path = xclay.write_datacube(
         cube, tmp_path / "c.zarr", chip_size=32, compression=compression, shard_chips=shard
     )
@@ -165,7 +168,7 @@ def test_selections_are_not_read_from_the_store(tmp_path: Path, cube: xr.Dataset
 @pytest.mark.parametrize("compression", ["none", "zstd", "lz4"])
 @pytest.mark.parametrize("shard", [None, 2])
 def test_a_flipped_byte_in_any_chunk_is_caught(
-    tmp_path: Path, cube: xr.Dataset, compression: str, shard: int | None
+    tmp_path: Path, cube: xr.Dataset, compression: Compression, shard: int | None
 ) -> None:
     from xclay.batch.chunkio import ChunkLocator
 

@@ -7,6 +7,7 @@ through the same loading code users run.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +19,19 @@ import xarray as xr
 import xclay
 from xclay.devices import ComputePrecision
 from xclay.errors import CheckpointError, ModelError
-from xclay.models.clay import ClayV15, latlon_encoding, load_clay_state_dict, time_encoding
+from xclay.models.clay import (
+    ClayV15,
+    Output,
+    latlon_encoding,
+    load_clay_state_dict,
+    time_encoding,
+)
 from xclay.models.clay_encoder import CLAY_SIZES, ClayEncoder, posemb_2d_gsd, wave_encoding
 from xclay.protocols import ChipBatch, InputSpec
 from xclay.testing import write_clay_checkpoint
 
 from . import clay_reference as ref
-from .helpers import OLINDA_BANDS, OLINDA_WAVELENGTHS
+from .helpers import OLINDA_BANDS, OLINDA_WAVELENGTHS, raster
 
 WAVES = np.array([0.493, 0.56, 0.665, 0.842, 1.61, 2.19])
 
@@ -334,7 +341,9 @@ def test_checkpoint_found_through_env_and_cache(
 
 
 def _spec(
-    chip: int = 32, platform: str | None = None, bands=("a", "b", "c", "d", "e", "f")
+    chip: int = 32,
+    platform: str | None = None,
+    bands: Sequence[str] = ("a", "b", "c", "d", "e", "f"),
 ) -> InputSpec:
     return InputSpec(platform, tuple(bands), tuple(WAVES[: len(bands)]), 10.0, 0, "uint16", chip)
 
@@ -350,11 +359,11 @@ def _batch(n: int = 3, chip: int = 32, bands: int = 6, seed: int = 0) -> ChipBat
 
 
 def _prepared(
-    model: ClayEncoder, output: str = "cls", precision: str = "fp32", chip: int = 32
+    model: ClayEncoder, output: Output = "cls", precision: str = "fp32", chip: int = 32
 ) -> ClayV15:
     enc = ClayV15(
         model, size="tiny", output=output, normalization=dict.fromkeys("abcdef", (1500.0, 900.0))
-    )  # type: ignore[arg-type]
+    )
     enc.prepare(
         _spec(chip),
         lambda n, s: _batch(n),
@@ -486,7 +495,9 @@ def test_bf16_stays_faithful_on_real_imagery(olinda_tif: Path) -> None:
     import rioxarray
 
     cube = xclay.as_datacube(
-        rioxarray.open_rasterio(olinda_tif), bands=OLINDA_BANDS, wavelengths=OLINDA_WAVELENGTHS
+        raster(rioxarray.open_rasterio(olinda_tif)),
+        bands=OLINDA_BANDS,
+        wavelengths=OLINDA_WAVELENGTHS,
     )
     torch.manual_seed(11)
     model = ClayEncoder.from_size("base").eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import xarray as xr
 
 from xclay.datacube import datacube_geobox
 from xclay.datasets import DEMO_BANDS, LAND_COVER_CLASSES, demo_composite, demo_land_cover
@@ -58,8 +59,9 @@ def test_spectra_are_plausible_per_class() -> None:
     assert np.median(swir[water]) < 300
 
 
-def gb_epsg(cube) -> int | None:
-    return datacube_geobox(cube).crs.epsg
+def gb_epsg(cube: xr.Dataset) -> int | None:
+    crs = datacube_geobox(cube).crs
+    return crs.epsg if crs is not None else None
 
 
 def test_too_small_is_refused() -> None:

@@ -13,6 +13,7 @@ import xarray as xr
 
 import xclay
 from xclay.errors import OutputExistsError
+from xclay.outputs.export import read_footer
 
 from .helpers import random_cube
 
@@ -134,7 +135,7 @@ def test_geoparquet_schema_and_footer_with_pyarrow(tmp_path: Path, emb: xr.Datas
     assert column["covering"]["bbox"]["xmin"] == ["bbox", "xmin"]
     lon_min, lat_min, lon_max, lat_max = column["bbox"]
     assert -65 < lon_min < lon_max < -60 and -5 < lat_min < lat_max < 0
-    meta = xclay.outputs.export.read_footer(path)
+    meta = read_footer(path)
     assert meta["model"] == json.loads(json.dumps(emb.attrs["model"]))
     # Stored once: in the file's key-value metadata, not again inside the Arrow schema.
     footer = pq.read_metadata(path).metadata
@@ -155,12 +156,14 @@ def test_geoparquet_queried_with_duckdb(tmp_path: Path, emb: xr.Dataset) -> None
 
     path = xclay.to_geoparquet(emb, tmp_path / "emb.parquet")
     con = duckdb.connect()
-    total = con.execute(f"SELECT count(*) FROM read_parquet('{path}')").fetchone()[0]
+    (total,) = con.execute(f"SELECT count(*) FROM read_parquet('{path}')").fetchall()[0]
     lat = float(emb["lat"].values[1, 1])
     inside = con.execute(
         f"SELECT chip_id FROM read_parquet('{path}') WHERE bbox.ymin <= {lat} AND bbox.ymax >= {lat}"
     ).fetchall()
-    dims = con.execute(f"SELECT len(embedding) FROM read_parquet('{path}') LIMIT 1").fetchone()[0]
+    (dims,) = con.execute(f"SELECT len(embedding) FROM read_parquet('{path}') LIMIT 1").fetchall()[
+        0
+    ]
     assert total == 15 and dims == 32
     assert str(emb["chip_id"].values[1, 1]) in {r[0] for r in inside}
 
@@ -213,7 +216,7 @@ def test_float_nodata_survives_the_json_attrs(tmp_path: Path) -> None:
     emb = xclay.embed(cube, model=model, chip_size=32, progress=False)
     back = xclay.open_embeddings(xclay.to_zarr(emb, tmp_path / "e.zarr"))
     assert back.attrs["datacube"]["nodata"] == "NaN"
-    meta = xclay.outputs.export.read_footer(xclay.to_geoparquet(emb, tmp_path / "e.parquet"))
+    meta = read_footer(xclay.to_geoparquet(emb, tmp_path / "e.parquet"))
     assert meta["datacube"]["nodata"] == "NaN"
 
 

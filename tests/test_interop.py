@@ -14,6 +14,7 @@ import xarray as xr
 import xclay
 from xclay.batch.chips import ChipGrid, ChipGridSpec
 from xclay.datacube import datacube_geobox
+from xclay.protocols import Encoder
 from xclay.run import RunSpec, run
 
 from .helpers import random_cube
@@ -21,7 +22,7 @@ from .helpers import random_cube
 CHIP = 16
 
 
-def _model() -> object:
+def _model() -> Encoder:
     return xclay.models.get_model("rcf", num_filters=8, sample_chips=4)
 
 
@@ -35,7 +36,7 @@ def utm_cube() -> xr.Dataset:
 @pytest.fixture(scope="module")
 def written(tmp_path_factory: pytest.TempPathFactory, utm_cube: xr.Dataset) -> Path:
     """An embeddings Zarr from to_zarr (the Python API's writer)."""
-    emb = xclay.embed(utm_cube, model=_model(), chip_size=CHIP, device="cpu", progress=False)  # type: ignore[arg-type]
+    emb = xclay.embed(utm_cube, model=_model(), chip_size=CHIP, device="cpu", progress=False)
     return xclay.to_zarr(emb, tmp_path_factory.mktemp("api") / "emb.zarr")
 
 
@@ -107,7 +108,7 @@ def test_rioxarray_and_odc_geo_place_the_chips_without_set_up(
 def test_geographic_grids_get_degree_axes(tmp_path: Path) -> None:
     pytest.importorskip("rioxarray", reason="needs xclay[io]")
     cube = random_cube((1, 3, 64, 64), crs="EPSG:4326", origin=(-35.0, -8.0), res=0.0001)
-    emb = xclay.embed(cube, model=_model(), chip_size=CHIP, device="cpu", progress=False)  # type: ignore[arg-type]
+    emb = xclay.embed(cube, model=_model(), chip_size=CHIP, device="cpu", progress=False)
     ds = xr.open_zarr(xclay.to_zarr(emb, tmp_path / "e.zarr"))
     assert ds["chip_x"].attrs["standard_name"] == "longitude"
     assert ds["chip_x"].attrs["units"] == "degrees_east"
@@ -213,7 +214,7 @@ def test_cog_tiles_and_overviews(tmp_path: Path) -> None:
     from xclay.outputs.cog import to_cog
 
     cube = random_cube((1, 3, 400, 320), crs="EPSG:32720", origin=(300000.0, 9600000.0))
-    emb = xclay.embed(cube, model=_model(), chip_size=8, device="cpu", progress=False)  # type: ignore[arg-type]
+    emb = xclay.embed(cube, model=_model(), chip_size=8, device="cpu", progress=False)
     (path,) = to_cog(emb, tmp_path / "big.tif", pca=3, blocksize=16)
     with rasterio.open(path) as src:
         assert (src.height, src.width) == (50, 40)
@@ -234,7 +235,7 @@ def test_cog_cells_of_overlapping_chips_are_the_stride(
         chip_size=16,
         stride=8,
         device="cpu",
-        progress=False,  # type: ignore[arg-type]
+        progress=False,
     )
     (path,) = to_cog(emb, tmp_path / "s.tif", time=0, pca=2)
     with rasterio.open(path) as src:

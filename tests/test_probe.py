@@ -12,7 +12,7 @@ import xclay
 from xclay.errors import DatacubeError
 from xclay.probe import chip_blocks, chip_means, ridge_cv
 
-from .helpers import OLINDA_BANDS, OLINDA_DEM, OLINDA_WAVELENGTHS, random_cube
+from .helpers import OLINDA_BANDS, OLINDA_DEM, OLINDA_WAVELENGTHS, random_cube, raster
 
 
 def test_ridge_recovers_a_linear_signal_and_not_noise() -> None:
@@ -75,11 +75,13 @@ def test_olinda_embeddings_predict_elevation_better_than_band_means(olinda_tif: 
     import rioxarray
 
     cube = xclay.as_datacube(
-        rioxarray.open_rasterio(olinda_tif), bands=OLINDA_BANDS, wavelengths=OLINDA_WAVELENGTHS
+        raster(rioxarray.open_rasterio(olinda_tif)),
+        bands=OLINDA_BANDS,
+        wavelengths=OLINDA_WAVELENGTHS,
     )
     model = xclay.models.get_model("rcf", num_filters=256)
     emb = xclay.embed(cube, model=model, chip_size=16, progress=False)
-    elevation = chip_means(rioxarray.open_rasterio(OLINDA_DEM), emb, nodata=-1)
+    elevation = chip_means(raster(rioxarray.open_rasterio(OLINDA_DEM)), emb, nodata=-1)
     rows, cols = np.nonzero(emb["embedded"].values[0] & np.isfinite(elevation))
     assert rows.size > 400 and np.nanmin(elevation) >= 0 and np.nanmax(elevation) < 100
     y, groups = elevation[rows, cols], chip_blocks(rows, cols, 2)

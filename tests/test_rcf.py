@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import xclay
 from xclay.devices import ComputePrecision
 from xclay.errors import CheckpointError, ModelError
 from xclay.models.rcf import RCFEncoder
-from xclay.protocols import ChipBatch, Encoder, InputSpec
+from xclay.protocols import ChipBatch, Encoder, InputSpec, Sampler
 
 SPEC = InputSpec(
     platform=None,
@@ -40,14 +41,14 @@ def _chips(n: int, seed: int, *, size: int = 32) -> ChipBatch:
     )
 
 
-def _sampler(seed_offset: int = 0):
+def _sampler(seed_offset: int = 0) -> Sampler:
     def sample(n: int, seed: int) -> ChipBatch:
         return _chips(n, seed + seed_offset)
 
     return sample
 
 
-def _fitted(**options) -> RCFEncoder:
+def _fitted(**options: Any) -> RCFEncoder:
     enc = RCFEncoder(**{"num_filters": 16, "sample_chips": 6, **options})
     enc.prepare(SPEC, _sampler(), device=torch.device("cpu"), precision=ComputePrecision("fp32"))
     return enc
