@@ -177,7 +177,9 @@ def test_embed_with_the_kvikio_engine_needs_a_gpu_and_says_so(tmp_path: Path) ->
     import torch
 
     if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA; tests/test_gpu_engine.py covers the kvikio engine")
+        pytest.skip(
+            "this machine has CUDA; tests/batch/test_gpu_engine.py covers the kvikio engine"
+        )
     from .helpers import random_cube
 
     cube = xclay.write_datacube(random_cube(), tmp_path / "c.zarr", chip_size=16)

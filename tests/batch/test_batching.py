@@ -14,6 +14,7 @@ import torch
 import xarray as xr
 
 import xclay
+from tests.helpers import random_cube
 from xclay.batch.batching import (
     BatchPlan,
     Block,
@@ -31,8 +32,6 @@ from xclay.devices import ThreadBudget
 from xclay.masks import PixelClass
 from xclay.protocols import BatchSource
 from xclay.quality import ChipQuality, QualityFilter
-
-from .helpers import random_cube
 
 CPU = torch.device("cpu")
 

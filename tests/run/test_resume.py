@@ -22,10 +22,9 @@ pytest.importorskip("odc.stac", reason="needs xclay[io]")
 import yaml
 
 import xclay
+from tests.helpers import OLINDA_BANDS, OLINDA_WAVELENGTHS
 from xclay.ingest import stac_item
 from xclay.run import load_spec, run
-
-from .helpers import OLINDA_BANDS, OLINDA_WAVELENGTHS
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,12 @@ import pytest
 import xarray as xr
 
 import xclay
+from tests.helpers import random_cube
 from xclay.batch.batching import BatchPlan, Block, iter_batches
 from xclay.batch.chips import ChipGrid, ChipGridSpec
 from xclay.batch.readers import ChunkSource, store_layouts
 from xclay.datacube import datacube_geobox
 from xclay.quality import ChipQuality, QualityFilter
-
-from .helpers import random_cube
 
 pytestmark = [
     pytest.mark.gpu,

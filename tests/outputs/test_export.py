@@ -12,10 +12,9 @@ import pytest
 import xarray as xr
 
 import xclay
+from tests.helpers import random_cube
 from xclay.errors import OutputExistsError
 from xclay.outputs.export import read_footer
-
-from .helpers import random_cube
 
 
 @pytest.fixture(scope="module")

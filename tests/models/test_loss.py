@@ -15,6 +15,7 @@ import torch
 import xarray as xr
 
 import xclay
+from tests.helpers import random_cube
 from xclay.devices import ComputePrecision
 from xclay.embed import EmbedConfig, EmbedSession
 from xclay.errors import CheckpointError, ModelError
@@ -25,7 +26,6 @@ from xclay.models.registry import encoder_from_card
 from xclay.protocols import ChipBatch, InputSpec
 
 from . import clay_reference as ref
-from .helpers import random_cube
 
 WAVES = np.array([0.493, 0.56, 0.665, 0.842, 1.61, 2.19])
 SMALL_DECODER = DecoderSize(dim=64, depth=2, heads=4, dim_head=16, mlp_ratio=2)

@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 
 import xclay
+from tests.helpers import random_cube, stac_validator, validate_stac
 from xclay.run import RunSpec, run
-
-from .helpers import random_cube, stac_validator, validate_stac
 
 pystac = pytest.importorskip("pystac", reason="needs xclay[io]")
 pytest.importorskip("jsonschema", reason="validation needs jsonschema")

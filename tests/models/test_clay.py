@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import xarray as xr
 
 import xclay
+from tests.helpers import OLINDA_BANDS, OLINDA_WAVELENGTHS, raster
 from xclay.devices import ComputePrecision
 from xclay.errors import CheckpointError, ModelError
 from xclay.models.clay import (
@@ -31,7 +32,6 @@ from xclay.protocols import ChipBatch, InputSpec
 from xclay.testing import write_clay_checkpoint
 
 from . import clay_reference as ref
-from .helpers import OLINDA_BANDS, OLINDA_WAVELENGTHS, raster
 
 WAVES = np.array([0.493, 0.56, 0.665, 0.842, 1.61, 2.19])
 

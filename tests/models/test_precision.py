@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import olinda_chips
 from xclay.devices import ComputePrecision, resolve_precision
 from xclay.errors import DeviceError, ModelError
 from xclay.models.agreement import GATES, agreement
@@ -19,8 +20,6 @@ from xclay.models.clay import ClayV15
 from xclay.models.clay_encoder import ClayEncoder
 from xclay.models.fp8 import E4M3_MAX, FP8Linear, convert_linears, quantize
 from xclay.protocols import ChipBatch, InputSpec
-
-from .helpers import olinda_chips
 
 CPU = torch.device("cpu")
 

@@ -11,9 +11,8 @@ import pytest
 import xarray as xr
 
 import xclay
+from tests.helpers import OLINDA_BANDS, OLINDA_WAVELENGTHS, random_cube
 from xclay.models.rcf import RCFEncoder
-
-from .helpers import OLINDA_BANDS, OLINDA_WAVELENGTHS, random_cube
 
 
 def _embed(cube: xr.Dataset, card: dict | None = None, **kw: object) -> xr.Dataset:

@@ -11,10 +11,9 @@ import zarr
 from affine import Affine
 
 import xclay
+from tests.helpers import OLINDA_BANDS, OLINDA_WAVELENGTHS, random_cube
 from xclay.datacube import datacube_geobox
 from xclay.errors import DatacubeError, OutputExistsError
-
-from .helpers import OLINDA_BANDS, OLINDA_WAVELENGTHS, random_cube
 
 
 def _odc_stac_like(bands: list[str], *, shape: tuple[int, int] = (64, 48)) -> xr.Dataset:

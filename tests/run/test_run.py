@@ -18,10 +18,9 @@ pytest.importorskip("odc.stac", reason="needs xclay[io]")
 import yaml
 
 import xclay
+from tests.helpers import OLINDA_BANDS, OLINDA_WAVELENGTHS
 from xclay.ingest import stac_item
 from xclay.run import SpecError, load_spec
-
-from .helpers import OLINDA_BANDS, OLINDA_WAVELENGTHS
 
 
 def _xclay(*args: str) -> subprocess.CompletedProcess[str]:

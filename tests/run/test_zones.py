@@ -21,11 +21,10 @@ from affine import Affine
 from pyproj import Transformer
 
 import xclay
+from tests.helpers import stac_validator, validate_stac
 from xclay.ingest import stac_item
 from xclay.run import load_spec, plan, run
 from xclay.run.zones import utm_cells, utm_zones
-
-from .helpers import stac_validator, validate_stac
 
 SEAM = -66.0  # between UTM zones 19 and 20
 BBOX = (-66.06, -10.05, -65.94, -9.95)

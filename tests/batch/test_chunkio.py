@@ -11,12 +11,11 @@ import xarray as xr
 import zarr
 
 import xclay
+from tests.helpers import random_cube
 from xclay.batch.chunkio import ArrayLayout, DirectWindowReader, UnsupportedLayout, crc32c
 from xclay.batch.readers import ChunkSource, store_layouts
 from xclay.datacube import Compression
 from xclay.errors import DataIntegrityError
-
-from .helpers import random_cube
 
 WINDOWS = [  # (row, col, size): aligned, several chunks, unaligned, past the edges, outside
     (0, 0, 32),
