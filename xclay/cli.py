@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, get_args
 
@@ -383,12 +384,20 @@ def _progress(args: argparse.Namespace) -> bool | None:
     return False if getattr(args, "no_progress", False) else None
 
 
-def _client(args: argparse.Namespace, spec: Any) -> tuple[Any, int | None]:
+@contextlib.contextmanager
+def _client(args: argparse.Namespace, spec: Any) -> Iterator[tuple[Any, int | None]]:
+    """The Dask client the options ask for (None: in this process) and the torch threads
+    a local run uses; the client is closed after, whatever happens."""
     from xclay.run import client_for
 
-    return client_for(
+    client, threads = client_for(
         getattr(args, "cluster", None), getattr(args, "scheduler", None), spec.compute.device
     )
+    try:
+        yield client, threads
+    finally:
+        if client is not None:
+            client.close()
 
 
 def _finish(report: Any) -> int:
@@ -410,12 +419,8 @@ def _run(args: argparse.Namespace) -> int:
         print("  preflight   model, checkpoint, output folder and free space: ok")
         print("dry run: no pixel read, nothing written")
         return 0
-    client, threads = _client(args, spec)
-    try:
+    with _client(args, spec) as (client, threads):
         report = run(spec, client=client, progress=_progress(args), torch_threads=threads)
-    finally:
-        if client is not None:
-            client.close()
     print(report.plan.describe())
     return _finish(report)
 
@@ -424,12 +429,8 @@ def _ingest(args: argparse.Namespace) -> int:
     from xclay.run import ingest
 
     spec = _spec(args)
-    client, _ = _client(args, spec)
-    try:
+    with _client(args, spec) as (client, _):
         report = ingest(spec, client=client, progress=_progress(args))
-    finally:
-        if client is not None:
-            client.close()
     print(report.plan.describe())
     print(f"  datacube    {spec.datacube_path}")
     return 0 if report.status == "complete" else _finish(report)
@@ -442,12 +443,8 @@ def _embed(args: argparse.Namespace) -> int:
         from xclay.run import embed_step
 
         spec = _spec(args)
-        client, _ = _client(args, spec)
-        try:
+        with _client(args, spec) as (client, _):
             report = embed_step(spec, client=client, progress=_progress(args))
-        finally:
-            if client is not None:
-                client.close()
         return _finish(report)
     if args.out is None:
         print("xclay embed: error: --out is required with a datacube Zarr", file=sys.stderr)
@@ -458,12 +455,8 @@ def _embed(args: argparse.Namespace) -> int:
 
     open_datacube(args.target)  # refuses a missing or incomplete datacube before anything
     spec = RunSpec.from_dict(_embed_spec(args), source="command-line options", base=str(Path.cwd()))
-    client, threads = _client(args, spec)
-    try:
+    with _client(args, spec) as (client, threads):
         report = run(spec, client=client, progress=_progress(args), torch_threads=threads)
-    finally:
-        if client is not None:
-            client.close()
     return _finish(report)
 
 

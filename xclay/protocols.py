@@ -33,6 +33,7 @@ __all__ = [
     "ReconstructionScorer",
     "Sampler",
     "SizesItsBatches",
+    "SourceFacts",
 ]
 
 
@@ -108,6 +109,28 @@ class ChipBatch:
             self.time[start:stop],
             ids,
         )
+
+
+class SourceFacts:
+    """The datacube facts every :class:`BatchSource` reports, from attributes its
+    ``__init__`` sets: ``_shape`` ``(time, band, y, x)``, ``_dtype``, ``_nodata``."""
+
+    _shape: tuple[int, ...]
+    _dtype: np.dtype[Any]
+    _nodata: float | None
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        t, b, y, x = self._shape
+        return t, b, y, x
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return self._dtype
+
+    @property
+    def nodata(self) -> float | None:
+        return self._nodata
 
 
 # A source of sample chips for fitting (``rcf`` filters, "auto" normalisation):

@@ -32,6 +32,7 @@ from xclay.batch.chunkio import ArrayLayout, ChipChunks, ChunkRef, UnsupportedLa
 from xclay.datacube.gpu import gds_available, importable, require_kvikio
 from xclay.errors import DatacubeError, DataIntegrityError
 from xclay.masks import PixelClass
+from xclay.protocols import SourceFacts
 
 if TYPE_CHECKING:
     from xclay.devices import ThreadBudget
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 Decode = Literal["auto", "nvcomp", "host"]
 
 
-class KvikioChunkSource:
+class KvikioChunkSource(SourceFacts):
     """Chip windows read into GPU memory with kvikIO and decoded there
     (a :class:`~xclay.protocols.BatchSource` whose buffers are CuPy arrays).
 
@@ -113,19 +114,6 @@ class KvikioChunkSource:
     def name(self) -> str:
         decode = self._decode["pixels"]
         return f"kvikIO ({self._threads} thread(s)), {decode} decode"
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        t, b, y, x = self._shape
-        return t, b, y, x
-
-    @property
-    def dtype(self) -> np.dtype[Any]:
-        return self._dtype
-
-    @property
-    def nodata(self) -> float | None:
-        return self._nodata
 
     @property
     def has_quality(self) -> bool:

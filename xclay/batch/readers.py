@@ -34,6 +34,7 @@ from xclay.datacube.source import Engine, in_memory, store_source
 from xclay.datacube.validate import nodata_value
 from xclay.errors import DataPathWarning, DeviceError
 from xclay.masks import PixelClass
+from xclay.protocols import SourceFacts
 
 if TYPE_CHECKING:
     import torch
@@ -60,7 +61,7 @@ def _pad_value(nodata: float | None, dtype: np.dtype[Any]) -> float:
     return float("nan") if dtype.kind == "f" else 0.0
 
 
-class WindowSource:
+class WindowSource(SourceFacts):
     """Chip windows of any xarray datacube, one window at a time: NumPy slices for cubes in
     memory, xarray's lazy indexing (basic slices) for dask-backed or lazily opened ones."""
 
@@ -79,19 +80,6 @@ class WindowSource:
         self._dtype = np.dtype(pixels.dtype)
         self._nodata = nodata_value(pixels)
         self._pad = _pad_value(self._nodata, self._dtype)
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        t, b, y, x = self._shape
-        return t, b, y, x
-
-    @property
-    def dtype(self) -> np.dtype[Any]:
-        return self._dtype
-
-    @property
-    def nodata(self) -> float | None:
-        return self._nodata
 
     @property
     def has_quality(self) -> bool:
@@ -202,7 +190,7 @@ def _host(data: Any) -> np.ndarray:
     return np.asarray(get() if callable(get) and not isinstance(data, np.ndarray) else data)
 
 
-class ChunkSource:
+class ChunkSource(SourceFacts):
     """Chip windows straight from a datacube store's Zarr v3 chunk files
     (:mod:`xclay.batch.chunkio`): one ``pread`` per chunk, decoded in place by a pool of
     ``threads`` host threads (``pread`` and zstd/Blosc decoding release the GIL), with
@@ -239,19 +227,6 @@ class ChunkSource:
     @property
     def name(self) -> str:
         return f"chunk files (host, {self.threads} thread{'s' if self.threads > 1 else ''})"
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        t, b, y, x = self._shape
-        return t, b, y, x
-
-    @property
-    def dtype(self) -> np.dtype[Any]:
-        return self._dtype
-
-    @property
-    def nodata(self) -> float | None:
-        return self._nodata
 
     @property
     def has_quality(self) -> bool:
