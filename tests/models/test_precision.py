@@ -7,6 +7,7 @@ imagery (Landsat 7 over Olinda), as the issue that asked for FP8 specifies."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -283,3 +284,34 @@ def test_the_fast_path_on_cuda_keeps_the_embeddings(precision: str) -> None:
     assert got.shape == (5, 192)
     cos = (got * strict).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(strict, axis=1)
     assert cos.min() >= GATES[precision]["cosine_min"]
+
+
+def test_a_worker_rebuilt_from_the_card_keeps_the_drivers_check(tmp_path: Path) -> None:
+    """A run's workers rebuild the encoder from the driver's card: they record the
+    driver's accuracy check instead of embedding the check chips again in fp32, and
+    check afresh only a precision the card did not check."""
+    from xclay.testing import write_clay_checkpoint
+
+    checkpoint = write_clay_checkpoint(tmp_path / "clay.ckpt", size="tiny", seed=7)
+    drawn: list[tuple[int, int]] = []
+
+    def sample(n: int, seed: int) -> ChipBatch:
+        drawn.append((n, seed))
+        return _batch(n)
+
+    def prepared(enc: ClayV15, precision: Literal["bf16", "fp8"]) -> ClayV15:
+        compute = ComputePrecision(precision, emulated=precision == "fp8")
+        enc.prepare(_spec(), sample, device=CPU, precision=compute)
+        return enc
+
+    norm = dict.fromkeys("abcdef", (1500.0, 900.0))
+    driver = prepared(ClayV15.from_checkpoint(checkpoint, normalization=norm), "bf16")
+    assert drawn == [(32, 0)]  # the driver's check chips
+    worker = prepared(ClayV15.from_card(driver.card, checkpoint=checkpoint), "bf16")
+    assert drawn == [(32, 0)]  # none drawn again
+    assert worker.card.params["precision_check"] == driver.card.params["precision_check"]
+    batch = _batch(5, seed=9)
+    torch.testing.assert_close(worker.encode(batch), driver.encode(batch))
+    other = prepared(ClayV15.from_card(driver.card, checkpoint=checkpoint), "fp8")
+    assert drawn == [(32, 0), (32, 0)]  # another precision: checked afresh
+    assert other.card.params["precision_check"]["precision"] == "fp8"

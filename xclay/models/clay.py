@@ -294,6 +294,9 @@ class ClayV15:
         self._dtype: torch.dtype | None = None
         self._precision: ComputePrecision | None = None
         self._speed: dict[str, Any] = {}  # how the fast path was set up, for the card
+        # The accuracy check the driver of a run already made (rebuilt from its card):
+        # workers record it instead of each embedding the check chips again in fp32.
+        self._checked: dict[str, Any] | None = None
         self._static_batch: int | None = None
         self._attention: Any = None  # the SDPA backend picked on this device (None: default)
         self._state: dict[str, torch.Tensor] = {}
@@ -464,6 +467,8 @@ class ClayV15:
         )
         if card.params.get("loss"):
             enc.enable_loss(seed=int(card.params["loss"]["seed"]))
+        if card.params.get("precision_check"):
+            enc._checked = dict(card.params["precision_check"])
         if (
             enc._checkpoint
             and card.checkpoint_sha256
@@ -612,6 +617,8 @@ class ClayV15:
             self._speed["compile_seconds"] = self._warm_up(spec)
         if check is not None and reference is not None:
             self._gate(precision, reference, self._encode_in_batches(check))
+        elif self._inherits_check(precision):
+            self._speed["precision_check"] = self._checked
 
     def _check_batch(
         self, spec: InputSpec, sample: Sampler, precision: ComputePrecision
@@ -621,9 +628,14 @@ class ClayV15:
             precision.name == "fp32"
             or self.precision_check < 1
             or self.model.converted_to is not None
+            or self._inherits_check(precision)
         ):
             return None
         return sample(self.precision_check, 0)
+
+    def _inherits_check(self, precision: ComputePrecision) -> bool:
+        """Whether the card this encoder was rebuilt from checked this very precision."""
+        return self._checked is not None and self._checked.get("precision") == precision.name
 
     def _encode_in_batches(self, batch: ChipBatch) -> np.ndarray:
         """:meth:`encode` in slices of the static batch (no new graph for the check)."""
