@@ -128,8 +128,8 @@ def measure(
     weights = ClayEncoder.from_size(size).eval()
     decoder = ClayDecoder(weights.dim, DecoderSize()).eval() if args.loss else None
     if batch_request == "auto":
-        probe = ClayV15(copy.deepcopy(weights), size=size, normalization=norm)
-        bs = probe.batch_size_hint(device, chip, BANDS)
+        hint = ClayV15(weights, size=size, normalization=norm)  # reads the size only
+        bs = hint.batch_size_hint(device, chip, BANDS)
     else:
         bs = int(batch_request)
     spec = dataclasses.replace(spec, batch_size=bs)

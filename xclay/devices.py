@@ -25,7 +25,6 @@ __all__ = [
     "cpu_flags",
     "cuda_available",
     "resolve_device",
-    "resolve_dtype",
     "resolve_precision",
 ]
 
@@ -152,11 +151,6 @@ def resolve_precision(
                 "Use 'bf16'."
             )
     return ComputePrecision(precision)
-
-
-def resolve_dtype(precision: Precision, device: torch.device, preferred: Precision) -> torch.dtype:
-    """The activation dtype of :func:`resolve_precision`."""
-    return resolve_precision(precision, device, preferred).dtype
 
 
 def available_cores() -> int:
