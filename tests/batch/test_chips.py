@@ -8,7 +8,8 @@ from affine import Affine
 from odc.geo.geobox import GeoBox
 from pyproj import Transformer
 
-from xclay.batch.chips import ChipGrid, ChipGridSpec, crs_tag, window_corners
+from xclay.batch.chips import ChipGrid, ChipGridSpec, window_corners
+from xclay.datacube.geometry import crs_tag
 from xclay.errors import ConfigError, DatacubeError
 
 

@@ -14,8 +14,6 @@ model asks for (lat, lon)).
 
 from __future__ import annotations
 
-import hashlib
-import threading
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
@@ -23,11 +21,11 @@ import numpy as np
 from affine import Affine
 from odc.geo import CRS
 from odc.geo.geobox import GeoBox
-from pyproj import Transformer
 
+from xclay.datacube.geometry import crs_tag, to_lonlat
 from xclay.errors import ConfigError, DatacubeError
 
-__all__ = ["ChipGrid", "ChipGridSpec", "Edges", "Span", "crs_tag", "to_lonlat", "window_corners"]
+__all__ = ["ChipGrid", "ChipGridSpec", "Edges", "Span", "window_corners"]
 
 Edges = Literal["drop", "pad"]
 # Chip rows or columns of a block, a half-open range (None: all of them).
@@ -257,37 +255,6 @@ def window_corners(
     x = transform.c + transform.a * cols + transform.b * rows
     y = transform.f + transform.d * cols + transform.e * rows
     return np.stack([x, y], axis=-1).astype(np.float64)
-
-
-def crs_tag(crs: CRS) -> str:
-    """A short, stable name for a CRS: ``EPSG32720``, or a hash of its WKT."""
-    epsg = crs.epsg
-    if epsg is not None:
-        return f"EPSG{epsg}"
-    return "CRS" + hashlib.sha256(crs.to_wkt().encode()).hexdigest()[:10]
-
-
-def to_lonlat(crs: Any, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Native coordinates of ``crs`` (an odc-geo or pyproj CRS, or WKT) to WGS84
-    ``(lon, lat)`` degrees, longitude first."""
-    wkt = crs if isinstance(crs, str) else crs.to_wkt()
-    lon, lat = _lonlat_transformer(wkt).transform(
-        np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    )
-    return np.asarray(lon), np.asarray(lat)
-
-
-_TRANSFORMERS = threading.local()
-
-
-def _lonlat_transformer(wkt: str) -> Transformer:
-    """One transformer per CRS and thread (building one costs milliseconds; regions of a
-    run ask for the same CRS thousands of times; pyproj transformers are not thread-safe)."""
-    cache: dict[str, Transformer] = _TRANSFORMERS.__dict__.setdefault("cache", {})
-    transformer = cache.get(wkt)
-    if transformer is None:
-        transformer = cache[wkt] = Transformer.from_crs(wkt, "EPSG:4326", always_xy=True)
-    return transformer
 
 
 def _count(n: int, size: int, step: int, edges: Edges) -> int:

@@ -1,16 +1,21 @@
 """A datacube's grid: its GeoBox (CRS, exact geotransform) from coords or attrs,
-and the sanity checks on it."""
+the sanity checks on it, and native coordinates to WGS84 (``to_lonlat``, the one
+transform every footprint and centre goes through)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import threading
+from typing import Any
 
 import numpy as np
 import xarray as xr
 from affine import Affine
 from odc.geo import CRS
 from odc.geo.geobox import GeoBox
+from pyproj import Transformer
 
 from xclay.errors import DatacubeError
 
@@ -55,8 +60,6 @@ def _geobox_from_source(da: xr.DataArray, crs: str | int | None) -> GeoBox:
 def check_lonlat_extent(geobox: GeoBox) -> None:
     """Refuse a grid whose corners do not map to real longitudes and latitudes: coordinates
     in other units than its CRS's (degrees labelled as metres, or the reverse)."""
-    from xclay.batch.chips import to_lonlat
-
     ny, nx = geobox.shape
     t = geobox.affine
     cols = np.array([0, nx, 0, nx], dtype=np.float64)
@@ -159,3 +162,34 @@ def _gsd_of(geobox: GeoBox) -> float:
         raise DatacubeError(f"the CRS unit is {units!r}, not metres; pass gsd= in metres.")
     res = geobox.resolution
     return float(math.sqrt(abs(res.x * res.y)))
+
+
+def crs_tag(crs: CRS) -> str:
+    """A short, stable name for a CRS: ``EPSG32720``, or a hash of its WKT."""
+    epsg = crs.epsg
+    if epsg is not None:
+        return f"EPSG{epsg}"
+    return "CRS" + hashlib.sha256(crs.to_wkt().encode()).hexdigest()[:10]
+
+
+def to_lonlat(crs: Any, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Native coordinates of ``crs`` (an odc-geo or pyproj CRS, or WKT) to WGS84
+    ``(lon, lat)`` degrees, longitude first."""
+    wkt = crs if isinstance(crs, str) else crs.to_wkt()
+    lon, lat = _lonlat_transformer(wkt).transform(
+        np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    )
+    return np.asarray(lon), np.asarray(lat)
+
+
+_TRANSFORMERS = threading.local()
+
+
+def _lonlat_transformer(wkt: str) -> Transformer:
+    """One transformer per CRS and thread (building one costs milliseconds; regions of a
+    run ask for the same CRS thousands of times; pyproj transformers are not thread-safe)."""
+    cache: dict[str, Transformer] = _TRANSFORMERS.__dict__.setdefault("cache", {})
+    transformer = cache.get(wkt)
+    if transformer is None:
+        transformer = cache[wkt] = Transformer.from_crs(wkt, "EPSG:4326", always_xy=True)
+    return transformer

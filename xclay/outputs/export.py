@@ -20,7 +20,8 @@ from affine import Affine
 
 from xclay._atomic import atomic_output
 from xclay._json import jsonable
-from xclay.batch.chips import to_lonlat, window_corners
+from xclay.batch.chips import window_corners
+from xclay.datacube.geometry import to_lonlat
 from xclay.errors import DatacubeError, MissingDependencyError
 from xclay.outputs.embeddings import validate_embeddings
 from xclay.outputs.quantize import (

@@ -29,7 +29,7 @@ import numpy as np
 from affine import Affine
 from odc.geo.geobox import GeoBox
 
-from xclay.batch.chips import crs_tag
+from xclay.datacube.geometry import crs_tag
 
 __all__ = ["Zone", "single_zone", "utm_cells", "utm_zones"]
 
