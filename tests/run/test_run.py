@@ -337,7 +337,7 @@ def stac_api(olinda_tif: Path):
     import threading
     from urllib.parse import parse_qs, urlparse
 
-    from xclay.ingest import _time_range
+    from xclay.ingest.items import parse_time_range
 
     item = stac_item(
         olinda_tif,
@@ -359,7 +359,7 @@ def stac_api(olinda_tif: Path):
             self.wfile.write(data)
 
         def _search(self, params: dict) -> None:
-            start, end = _time_range(params.get("datetime"))
+            start, end = parse_time_range(params.get("datetime"))
             when = item.datetime
             hit = (start is None or when >= start) and (end is None or when <= end)
             self._send(

@@ -291,7 +291,7 @@ def _ingest_phase(
 ) -> list[dict[str, str]]:
     from xclay.completion import is_complete, mark_complete
     from xclay.datacube import create_datacube_store
-    from xclay.ingest import IngestError
+    from xclay.errors import IngestError
     from xclay.run.tasks import ingest_region
 
     if resolved.source == "datacube":

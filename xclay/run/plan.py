@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from xclay.batch.chips import ChipGrid, ChipGridSpec
-from xclay.errors import MissingDependencyError
+from xclay.errors import IngestError, MissingDependencyError
 from xclay.run.items import ItemIndex
 from xclay.run.spec import RunSpec
 from xclay.run.zones import Zone, single_zone, utm_cells, utm_zones
@@ -137,7 +137,7 @@ def _plan_datacube(spec: RunSpec) -> RunPlan:
 
 
 def _plan_stac(spec: RunSpec) -> RunPlan:
-    from xclay.ingest import IngestError, _band_metadata, _platform_of
+    from xclay.ingest.items import band_metadata, platform_of
     from xclay.sensors import get_sensor
 
     items = _search(spec)
@@ -148,9 +148,9 @@ def _plan_stac(spec: RunSpec) -> RunPlan:
             f"datetime={spec.input.datetime!r}. Widen the area or the time range."
         )
     index = ItemIndex.from_items(items)
-    platform = spec.input.platform or _platform_of(items)
+    platform = spec.input.platform or platform_of(items)
     bands = spec.input.bands or (get_sensor(platform).band_names if platform else ())
-    dtype, _ = _band_metadata(items, bands)
+    dtype, _ = band_metadata(items, bands)
     assert spec.grid.resolution is not None
     resolution = float(spec.grid.resolution)
     step = spec.grid.stride or spec.grid.chip_size
@@ -215,7 +215,7 @@ def _zones(
     """The run's grids: ``grid.crs: utm`` tiles by UTM zone; no ``grid.crs`` takes the items'
     own grid when they share a CRS, tiles by UTM zone when the area spans several 6-degree
     zones, else the UTM zone of its centre; any other ``grid.crs`` is one grid."""
-    from xclay.ingest import IngestError, plan_grid
+    from xclay.ingest import plan_grid
 
     crs = spec.grid.crs
     try:
@@ -285,7 +285,7 @@ def _time_steps(
     """The run's time steps: with ``composite: none`` one per solar day (its first
     acquisition over all items), else the composite's range (the spec's datetime, or the
     items' own range)."""
-    from xclay.ingest import _time_range
+    from xclay.ingest.items import parse_time_range
 
     if spec.input.composite == "none":
         days: dict[np.datetime64, np.datetime64] = {}
@@ -295,7 +295,7 @@ def _time_steps(
             key = np.datetime64(day, "D")
             days[key] = min(days.get(key, when), when)
         return dict(sorted(days.items())), None
-    start, end = _time_range(spec.input.datetime)
+    start, end = parse_time_range(spec.input.datetime)
     own = index.time_range()
     lo = np.datetime64(start.replace(tzinfo=None), "ns") if start else (own[0] if own else None)
     hi = np.datetime64(end.replace(tzinfo=None), "ns") if end else (own[1] if own else None)
@@ -324,7 +324,7 @@ def _item_pixels(index: ItemIndex, bbox: tuple[float, float, float, float], pixe
 
 
 def _search(spec: RunSpec) -> list[Any]:
-    from xclay.ingest import IngestError, filter_items, load_items
+    from xclay.ingest import filter_items, load_items
 
     source = spec.input.stac
     assert source is not None

@@ -1,0 +1,371 @@
+"""STAC items: loaded (files, collections, searches), made from local GeoTIFFs
+(:func:`stac_item`, with rio-stac), filtered by place and time, and described (platform,
+band names and metadata, wavelengths, solar day)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+from xclay._hashing import sha256_file
+from xclay.errors import IngestError, MissingDependencyError
+from xclay.sensors import get_sensor, list_platforms
+
+if TYPE_CHECKING:
+    import pystac
+
+
+def require_io() -> None:
+    try:
+        import odc.stac  # noqa: F401
+        import pystac  # noqa: F401
+    except ImportError as err:
+        raise MissingDependencyError(
+            'STAC ingestion needs odc-stac and pystac: pip install "xclay[io]"'
+        ) from err
+
+
+# STAC collection ids (Earth Search, Planetary Computer) -> sensor-table keys.
+COLLECTION_PLATFORMS = {
+    "sentinel-2-l2a": "sentinel-2-l2a",
+    "sentinel-2-c1-l2a": "sentinel-2-l2a",
+    "landsat-c2-l2": "landsat-c2l2-sr",
+    "landsat-c2-l1": "landsat-c2l1",
+    "naip": "naip",
+    "sentinel-1-rtc": "sentinel-1-rtc",
+}
+
+
+def load_items(source: Any) -> list[pystac.Item]:
+    """Items from a list of Items, an ItemCollection, an ItemSearch, or a path to an
+    ItemCollection/FeatureCollection JSON, a catalog.json, or an Item JSON."""
+    require_io()
+    import pystac
+
+    if isinstance(source, pystac.Item):
+        return [source]
+    if isinstance(source, pystac.ItemCollection):
+        return list(source)
+    if hasattr(source, "items") and callable(source.items) and not isinstance(source, Mapping):
+        return list(source.items())  # pystac_client.ItemSearch, or a catalog object
+    if isinstance(source, str | os.PathLike):
+        return _items_from_file(Path(source))
+    if isinstance(source, Iterable):
+        items = list(source)
+        bad = [type(i).__name__ for i in items if not isinstance(i, pystac.Item)]
+        if bad:
+            raise IngestError(f"expected pystac Items, got {sorted(set(bad))}.")
+        return items
+    raise IngestError(
+        f"cannot read STAC items from {type(source).__name__}; pass Items, an ItemCollection, an "
+        "ItemSearch, or the path of an item collection or catalog JSON file."
+    )
+
+
+def _items_from_file(path: Path) -> list[pystac.Item]:
+    import pystac
+
+    if not path.is_file():
+        raise IngestError(f"STAC file {path} does not exist.")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise IngestError(f"{path} is not readable JSON ({err}).") from err
+    kind = data.get("type")
+    if kind == "FeatureCollection":
+        return list(pystac.ItemCollection.from_file(str(path)))
+    if kind == "Feature":
+        return [pystac.Item.from_file(str(path))]
+    if kind in ("Catalog", "Collection"):
+        return list(pystac.read_file(str(path)).get_items(recursive=True))  # type: ignore[attr-defined]
+    raise IngestError(f"{path} is a STAC {kind!r}, not an item collection, item or catalog.")
+
+
+def stac_item(
+    assets: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]],
+    *,
+    bands: Sequence[str] | None = None,
+    wavelengths: Sequence[float] | Mapping[str, float] | None = None,
+    datetime: str | dt.datetime | None = None,
+    id: str | None = None,
+    platform: str | None = None,
+    collection: str | None = None,
+) -> pystac.Item:
+    """A STAC Item for local GeoTIFFs (rio-stac), with band names, wavelengths and checksums.
+
+    Parameters
+    ----------
+    assets
+        One multi-band GeoTIFF, or a mapping band name -> single-band GeoTIFF.
+    bands
+        Names of the bands of a multi-band file, in order (default ``b1..bN``).
+    wavelengths
+        Central wavelengths (micrometres), recorded as ``eo:bands`` ``center_wavelength``.
+    datetime
+        Acquisition time (ISO string or datetime); default: unknown (the
+        file's modification time is not an acquisition time), recorded as
+        1900-01-01 (before any Earth observation satellite) with
+        ``xclay:datetime_unknown``: datacubes made from it, by xclay or by
+        ``odc.stac.load`` then :func:`xclay.as_datacube`, have an unknown time
+        (NaT), never a real date.
+    id, platform, collection
+        Item id (default: the first file's stem), ``platform`` property (a
+        sensor-table key), collection id.
+    """
+    try:
+        from rio_stac import create_stac_item
+    except ImportError as err:
+        raise MissingDependencyError(
+            'making STAC items from GeoTIFFs needs rio-stac: pip install "xclay[io]"'
+        ) from err
+
+    when, unknown = _parse_datetime(datetime)
+    files = (
+        {"data": Path(assets)}
+        if not isinstance(assets, Mapping)
+        else {k: Path(v) for k, v in assets.items()}
+    )
+    for name, path in files.items():
+        if not path.is_file():
+            raise IngestError(f"GeoTIFF for {name!r} does not exist: {path}.")
+    first = next(iter(files.values()))
+    item_id = id or first.stem
+    item: pystac.Item | None = None
+    for asset_name, path in files.items():
+        part = create_stac_item(
+            str(path),
+            input_datetime=when,
+            id=item_id,
+            asset_name=asset_name,
+            asset_roles=["data"],
+            with_proj=True,
+            with_raster=True,
+            with_eo=True,
+        )
+        if item is None:
+            item = part
+        else:
+            item.add_asset(asset_name, part.assets[asset_name])
+    assert item is not None
+    for asset_name, asset in item.assets.items():
+        names = [asset_name] if isinstance(assets, Mapping) else list(bands or [])
+        eo = asset.extra_fields.get("eo:bands") or []
+        if not isinstance(assets, Mapping):
+            if bands is not None and len(bands) != len(eo):
+                raise IngestError(f"bands= names {len(bands)} bands, {first.name} has {len(eo)}.")
+            names = list(bands) if bands is not None else [f"b{i + 1}" for i in range(len(eo))]
+        for k, entry in enumerate(eo):
+            entry["name"] = names[k]
+            entry.pop("description", None)
+            wave = _wavelength_for(names[k], k, wavelengths)
+            if wave is not None:
+                entry["center_wavelength"] = wave
+        asset.extra_fields["file:checksum"] = "1220" + sha256_file(Path(asset.href))
+    if collection:
+        item.collection_id = collection  # an id, without a link rio-stac would leave relative
+    if platform:
+        item.properties["platform"] = platform
+    if unknown:
+        item.properties["xclay:datetime_unknown"] = True
+    return item
+
+
+def _wavelength_for(
+    name: str, index: int, wavelengths: Sequence[float] | Mapping[str, float] | None
+) -> float | None:
+    if wavelengths is None:
+        return None
+    if isinstance(wavelengths, Mapping):
+        return float(wavelengths[name]) if name in wavelengths else None
+    return float(wavelengths[index]) if index < len(wavelengths) else None
+
+
+# What an item with an unknown acquisition date says (STAC requires a datetime): a time
+# before any Earth observation satellite, read back as unknown (NaT) by as_datacube.
+UNKNOWN_DATETIME = dt.datetime(1900, 1, 1, tzinfo=dt.UTC)
+
+
+def _parse_datetime(value: str | dt.datetime | None) -> tuple[dt.datetime, bool]:
+    if value is None:
+        return UNKNOWN_DATETIME, True
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return value, False
+
+
+def filter_items(
+    items: Sequence[pystac.Item], *, bbox: Sequence[float] | None, datetime: str | None
+) -> list[pystac.Item]:
+    """Items intersecting ``bbox`` (lon/lat) and within ``datetime`` ("start/end", open ends "..")."""
+    start, end = parse_time_range(datetime)
+    out = []
+    for item in items:
+        if bbox is not None and item.bbox is not None:
+            w, s, e, n = item.bbox
+            if w > bbox[2] or e < bbox[0] or s > bbox[3] or n < bbox[1]:
+                continue
+        when = item.datetime or item.common_metadata.start_datetime
+        if item.properties.get("xclay:datetime_unknown"):
+            when = None  # an unknown date is not outside any range
+        if when is not None and (
+            (start is not None and when < start) or (end is not None and when > end)
+        ):
+            continue
+        out.append(item)
+    return out
+
+
+def parse_time_range(value: str | None) -> tuple[dt.datetime | None, dt.datetime | None]:
+    if not value:
+        return None, None
+    parts = value.split("/") if "/" in value else [value, value]
+    if len(parts) != 2:
+        raise IngestError(
+            f"datetime must be 'start/end' (ISO dates, '..' for open), got {value!r}."
+        )
+
+    def parse(text: str, end: bool) -> dt.datetime | None:
+        if text in ("", ".."):
+            return None
+        try:
+            when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError as err:
+            raise IngestError(
+                f"cannot read {text!r} in datetime {value!r}; use ISO dates."
+            ) from err
+        if len(text) == 10 and end:  # a date alone ends at the end of that day
+            when = when + dt.timedelta(days=1) - dt.timedelta(microseconds=1)
+        return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+    return parse(parts[0], False), parse(parts[1], True)
+
+
+def solar_day(when: dt.datetime, lon: float) -> dt.date:
+    """The day of an acquisition in local solar time at longitude ``lon`` (UTC shifted by
+    ``lon / 15`` hours): one orbit's passes over an area fall on one solar day."""
+    if when.tzinfo is not None:
+        when = when.astimezone(dt.UTC).replace(tzinfo=None)
+    return (when + dt.timedelta(hours=lon / 15.0)).date()
+
+
+def item_solar_day(item: pystac.Item) -> dt.date | None:
+    """An item's solar day, at its own centre (so every region groups it the same way)."""
+    when = item.datetime or item.common_metadata.start_datetime
+    if when is None:
+        return None
+    if item.bbox:
+        lon = (float(item.bbox[0]) + float(item.bbox[2])) / 2
+    else:
+        lon = 0.0
+    return solar_day(when, lon)
+
+
+def platform_of(items: Sequence[pystac.Item]) -> str | None:
+    known = set(list_platforms())
+    for item in items:
+        for candidate in (item.properties.get("platform"), item.collection_id):
+            if candidate in known:
+                return str(candidate)
+            if candidate in COLLECTION_PLATFORMS:
+                return COLLECTION_PLATFORMS[candidate]
+    return None
+
+
+def band_names(items: Sequence[pystac.Item]) -> dict[str, set[str]]:
+    """Per item, the names a band can be asked by: asset keys, eo:bands names and common names."""
+    out = {}
+    for item in items:
+        names: set[str] = set()
+        for key, asset in item.assets.items():
+            eo = asset.extra_fields.get("eo:bands") or []
+            if len(eo) <= 1:
+                names.add(key)
+            for entry in eo:
+                names.update(v for v in (entry.get("name"), entry.get("common_name")) if v)
+        out[item.id] = names
+    return out
+
+
+def band_metadata(items: Sequence[pystac.Item], bands: Sequence[str]) -> tuple[Any, float | None]:
+    """The dtype and nodata value odc-stac will load ``bands`` with (from one item per
+    collection); different nodata values across bands or collections are an error."""
+    import odc.stac
+
+    available = band_names(items)
+    missing = [b for b in bands if not all(b in names for names in available.values())]
+    if missing:
+        common = set.intersection(*available.values())
+        raise IngestError(
+            f"bands {missing} are not in every item; the items have {sorted(common)}."
+        )
+    seen: dict[str | None, pystac.Item] = {}
+    for item in items:
+        seen.setdefault(item.collection_id, item)
+    dtypes, nodatas = [], set()
+    for item in seen.values():
+        meta = odc.stac.extract_collection_metadata(item).resolve_bands(list(bands))
+        for band in bands:
+            band_meta = meta[band]
+            dtypes.append(np.dtype(getattr(band_meta, "data_type", None) or "float32"))
+            value = getattr(band_meta, "nodata", None)
+            if value is not None:
+                nodatas.add(float(value))
+    if len(nodatas) > 1:
+        raise IngestError(f"the bands declare different nodata values {sorted(nodatas)}; pass one.")
+    return np.result_type(*dtypes), (nodatas.pop() if nodatas else None)
+
+
+def item_wavelengths(
+    items: Sequence[pystac.Item], bands: Sequence[str], platform: str | None
+) -> list[float] | None:
+    if platform:
+        sensor = get_sensor(platform)
+        if all(b in sensor.band_names for b in bands):
+            return None  # as_datacube takes them from the sensor table
+    waves: dict[str, float] = {}
+    for item in items:
+        for key, asset in item.assets.items():
+            eo = asset.extra_fields.get("eo:bands") or []
+            for entry in eo:
+                wave = entry.get("center_wavelength")
+                if wave is None:
+                    continue
+                names = {entry.get("name"), entry.get("common_name")} | (
+                    {key} if len(eo) == 1 else set()
+                )
+                for name in names - {None}:
+                    waves.setdefault(str(name), float(wave))
+    if all(b in waves for b in bands):
+        return [waves[b] for b in bands]
+    return None  # as_datacube will ask for them by name
+
+
+def check_local_hrefs(items: Sequence[pystac.Item], bands: Sequence[str]) -> None:
+    for item in items:
+        for key, asset in item.assets.items():
+            eo_names = {e.get("name") for e in asset.extra_fields.get("eo:bands") or []}
+            if key not in bands and not eo_names & set(bands):
+                continue
+            href = asset.get_absolute_href() or asset.href
+            parsed = urlparse(href)
+            if parsed.scheme in ("", "file") and not Path(parsed.path).is_file():
+                raise IngestError(
+                    f"asset {key!r} of item {item.id!r} points to {href}, which does not exist. "
+                    "Fix the item's href (or the catalog's location) before ingesting."
+                )
+
+
+def union_bbox(items: Sequence[pystac.Item]) -> tuple[float, float, float, float]:
+    boxes = np.array([i.bbox for i in items if i.bbox], dtype=float)
+    if boxes.size == 0:
+        raise IngestError("the items have no bbox; pass bbox= (west, south, east, north).")
+    return (boxes[:, 0].min(), boxes[:, 1].min(), boxes[:, 2].max(), boxes[:, 3].max())

@@ -1,0 +1,407 @@
+"""STAC items -> composite datacube (odc-stac).
+
+:func:`from_stac` loads the requested bands of the items onto one pixel grid
+(reprojecting and resampling items of other CRSs and resolutions), decodes
+the sensor's mask into quality classes, composites over time, and returns a
+datacube (``xclay`` convention) that stays lazy (dask) until it is written
+with :func:`xclay.write_datacube`, block by block. :func:`datacube_template` is
+the same cube's metadata without loading anything (a run's plan).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+import numpy as np
+import xarray as xr
+
+from xclay._hashing import sha256_file
+from xclay.datacube import as_datacube
+from xclay.errors import IngestError
+from xclay.ingest.composite import (
+    Composite,
+    by_solar_day,
+    composite_over_time,
+    composite_range,
+    day_times,
+)
+from xclay.ingest.grid import MAX_PIXELS, GridPlan, plan_grid
+from xclay.ingest.items import (
+    band_metadata,
+    band_names,
+    check_local_hrefs,
+    filter_items,
+    item_solar_day,
+    item_wavelengths,
+    load_items,
+    platform_of,
+    require_io,
+    union_bbox,
+)
+from xclay.masks import MASK_KINDS, PLATFORM_MASKS, MaskKind, PixelClass
+
+if TYPE_CHECKING:
+    import pystac
+    from odc.geo.geobox import GeoBox
+
+
+def from_stac(
+    items: Any,
+    *,
+    bands: Sequence[str],
+    resolution: float,
+    crs: str | int | None = None,
+    bbox: Sequence[float] | None = None,
+    datetime: str | None = None,
+    composite: Composite = "median",
+    mask: str | None = "auto",
+    platform: str | None = None,
+    wavelengths: Sequence[float] | Mapping[str, float] | None = None,
+    resampling: str = "nearest",
+    chunk_size: int = 2048,
+    max_pixels: int = MAX_PIXELS,
+    geobox: GeoBox | None = None,
+    provenance: bool = True,
+    time_range: tuple[np.datetime64, np.datetime64] | None = None,
+    days: Mapping[np.datetime64, np.datetime64] | None = None,
+) -> xr.Dataset:
+    """A composite datacube from STAC items, lazily (dask) until written.
+
+    Parameters
+    ----------
+    items
+        Items, an ItemCollection, a pystac-client ItemSearch, or a path to an
+        item collection or catalog JSON.
+    bands
+        Band names as the items name them (asset keys, ``eo:bands`` names or
+        common names); they name the cube's bands.
+    resolution
+        Pixel size in the target CRS's units (metres for UTM).
+    crs
+        Target CRS; default the items' common CRS, else the UTM zone of the area.
+    bbox
+        Area (west, south, east, north) in degrees; default the items' union.
+    datetime
+        Keep items within ``"start/end"`` (ISO; ``..`` open); also the
+        composite's time range.
+    composite
+        ``"median"`` of valid observations, ``"first-valid"`` (earliest valid
+        observation), or ``"none"`` (one time step per acquisition day).
+    mask
+        ``"auto"`` (the platform's mask asset, if the items have it: Sentinel-2
+        SCL, Landsat QA_PIXEL), ``None`` or ``"none"``, or a mask kind
+        (``"sentinel-2-scl"``, ``"landsat-qa-pixel"``). Observations masked as
+        nodata, cloud, cloud shadow or haze are left out of composites.
+    platform
+        Sensor-table key; default from the items' collection id or ``platform``.
+    wavelengths
+        Band wavelengths in micrometres when neither the platform nor the
+        items' ``eo:bands`` give them.
+    resampling
+        Resampling of the bands onto the grid (the mask always uses nearest).
+    chunk_size
+        Dask chunk edge in pixels; make it a multiple of the chip (and shard) size. A
+        composite holds all observations of one chunk at once (as float32): smaller
+        chunks bound the memory of long time series.
+    max_pixels
+        Refuse grids larger than this (a units mistake, not a request).
+    geobox
+        Load exactly this pixel grid (e.g. one region of a run's grid) instead of
+        planning one from ``resolution``, ``crs`` and ``bbox``.
+    provenance
+        Record the items' provenance (hashing local assets); regions of a run skip it.
+    time_range
+        The composite's time range (default: ``datetime``, else the items' own range);
+        regions of a run pass the run's, so every region has the same time coordinate.
+    days
+        With ``composite="none"``: the run's time steps, solar day -> time coordinate
+        (the day's first acquisition over all the run's items). The items'
+        acquisitions are grouped by solar day (:func:`solar_day` at each item's
+        centre) and each group gets its day's time, so every region of a run has the
+        same time steps whatever items it sees. Default: each group's own first time.
+    """
+    require_io()
+    import odc.stac
+
+    if composite not in ("median", "first-valid", "none"):
+        raise IngestError(
+            f"composite must be 'median', 'first-valid' or 'none', got {composite!r}."
+        )
+    all_items = load_items(items)
+    if not all_items:
+        raise IngestError("no STAC items: the search or file matched nothing.")
+    selected = filter_items(all_items, bbox=bbox, datetime=datetime)
+    if not selected:
+        raise IngestError(
+            f"none of the {len(all_items)} STAC items intersect bbox={list(bbox) if bbox else None} "
+            f"within datetime={datetime!r}: the search is empty."
+        )
+    platform = platform or platform_of(selected)
+    bands = list(bands)
+    available = band_names(selected)
+    missing = [b for b in bands if not all(b in names for names in available.values())]
+    if missing:
+        common = set.intersection(*available.values())
+        raise IngestError(
+            f"bands {missing} are not in every item; the items have {sorted(common)}."
+        )
+    check_local_hrefs(selected, bands)
+    mask_kind = _mask_kind(mask, platform, available)
+    if geobox is not None:
+        w, so, e, n = (float(v) for v in (bbox or union_bbox(selected)))
+        grid = GridPlan(
+            geobox=geobox, items=tuple(i.id for i in selected), bbox_lonlat=(w, so, e, n)
+        )
+    else:
+        grid = plan_grid(selected, resolution=resolution, crs=crs, bbox=bbox, max_pixels=max_pixels)
+
+    load_bands = bands + ([mask_kind[1]] if mask_kind else [])
+    time_chunk = 1 if composite == "none" else -1
+    ds = odc.stac.load(
+        selected,
+        bands=load_bands,
+        geobox=grid.geobox,
+        groupby=by_solar_day,
+        chunks={"time": time_chunk, "y": chunk_size, "x": chunk_size},
+        resampling={"*": resampling, **({mask_kind[1]: "nearest"} if mask_kind else {})},
+        fail_on_error=True,
+    )
+    ds = ds.sortby("time")
+    if composite == "none" and days is not None:
+        ds = ds.assign_coords(time=day_times(selected, ds["time"].values, days))
+    quality = mask_kind[0].decode(ds[mask_kind[1]]) if mask_kind else None
+    data = ds[bands]
+    nodata = _common_nodata(data)
+    if quality is None and nodata is None:
+        # Nothing else tells "no item here" from a pixel of value 0 (odc-stac's fill):
+        # quality classes from the items' footprints say which pixels were observed.
+        quality = _coverage(selected, data, grid.geobox)
+    times = np.asarray(ds["time"].values, dtype="datetime64[ns]")
+    if time_range is None:
+        time_range = composite_range(datetime, times)
+    unknown_time = all(i.properties.get("xclay:datetime_unknown") for i in selected)
+    if composite != "none":
+        data, quality = composite_over_time(data, quality, nodata, composite)
+    elif all(i.properties.get("xclay:datetime_unknown") for i in selected):
+        unknown = np.full(data.sizes["time"], np.datetime64("NaT"), dtype="datetime64[ns]")
+        data = data.assign_coords(time=unknown)
+        quality = quality.assign_coords(time=unknown) if quality is not None else None
+    waves = wavelengths if wavelengths is not None else item_wavelengths(selected, bands, platform)
+    cube = as_datacube(
+        data,
+        bands=bands,
+        platform=platform,
+        wavelengths=waves,
+        nodata=nodata,
+        time=time_range if composite != "none" and not unknown_time else None,
+        provenance=_provenance(selected, bands, composite, time_range, grid, datetime)
+        if provenance
+        else {},
+        quality=quality,
+    )
+    return cube
+
+
+def datacube_template(
+    items: Sequence[pystac.Item],
+    *,
+    bands: Sequence[str],
+    geobox: GeoBox,
+    composite: Composite = "median",
+    mask: str | None = "auto",
+    platform: str | None = None,
+    wavelengths: Sequence[float] | Mapping[str, float] | None = None,
+    time_range: tuple[np.datetime64, np.datetime64] | None = None,
+    days: Mapping[np.datetime64, np.datetime64] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> xr.Dataset:
+    """The datacube :func:`from_stac` would make of ``items`` on ``geobox``, without
+    loading or even planning a load: bands, dtype and nodata from the items' metadata
+    (one item per collection), wavelengths, quality, time steps and the grid from
+    arithmetic. Its pixels are lazy zeros: it describes a datacube store to create
+    (:func:`xclay.datacube.create_datacube_store`) before regions fill it.
+
+    ``days`` (``composite="none"``) and ``time_range`` (composites) are as in
+    :func:`from_stac`; a run passes its own.
+    """
+    require_io()
+    import dask.array as dask_array
+    from odc.geo.xr import xr_coords
+
+    selected = list(items)
+    if not selected:
+        raise IngestError("no STAC items: the search or file matched nothing.")
+    platform = platform or platform_of(selected)
+    available = band_names(selected)
+    missing = [b for b in bands if not all(b in names for names in available.values())]
+    if missing:
+        common = set.intersection(*available.values())
+        raise IngestError(
+            f"bands {missing} are not in every item; the items have {sorted(common)}."
+        )
+    mask_kind = _mask_kind(mask, platform, available)
+    dtype, nodata = band_metadata(selected, bands)
+    unknown_time = all(i.properties.get("xclay:datetime_unknown") for i in selected)
+    if composite == "none":
+        if unknown_time or not days:
+            times = np.array([np.datetime64("NaT")], dtype="datetime64[ns]")
+        else:
+            times = np.asarray([days[d] for d in sorted(days)], dtype="datetime64[ns]")
+        when = None
+    else:
+        times = np.zeros(1, dtype="datetime64[ns]")  # replaced by as_datacube's midpoint
+        when = time_range if not unknown_time else None
+    ny, nx = geobox.shape
+    coords = xr_coords(geobox, crs_coord_name="spatial_ref")
+    chunks = (1, len(bands), min(ny, 4096), min(nx, 4096))
+    pixels = xr.DataArray(
+        dask_array.zeros((len(times), len(bands), ny, nx), dtype=dtype, chunks=chunks),
+        dims=("time", "band", "y", "x"),
+        coords={"band": list(bands), "y": coords["y"], "x": coords["x"],
+                "spatial_ref": coords["spatial_ref"]},
+    )  # fmt: skip
+    if composite == "none":
+        pixels = pixels.assign_coords(time=times)
+    else:
+        pixels = pixels.isel(time=0, drop=True)
+    quality = None
+    if mask_kind is not None or nodata is None:  # from_stac adds coverage classes then
+        quality = xr.DataArray(
+            dask_array.zeros((len(times), ny, nx), dtype=np.uint8, chunks=(1, *chunks[2:])),
+            dims=("time", "y", "x"),
+        )
+        if composite != "none":
+            quality = quality.isel(time=0, drop=True)
+    waves = wavelengths if wavelengths is not None else item_wavelengths(selected, bands, platform)
+    return as_datacube(
+        pixels,
+        bands=list(bands),
+        platform=platform,
+        wavelengths=waves,
+        nodata=nodata,
+        time=when,
+        provenance=dict(provenance or {}),
+        quality=quality,
+    )
+
+
+def _coverage(items: Sequence[pystac.Item], data: xr.Dataset, geobox: GeoBox) -> xr.DataArray:
+    """Quality classes ``(time, y, x)`` of a load: clear where an item of that time step's
+    solar day covers the pixel (its footprint), nodata elsewhere."""
+    import shapely
+    from odc.geo.geom import Geometry
+    from odc.geo.xr import rasterize
+
+    by_day: dict[Any, list[Any]] = {}
+    for item in items:
+        geometry = item.geometry or (
+            shapely.geometry.mapping(shapely.box(*item.bbox)) if item.bbox else None
+        )
+        if geometry is not None:
+            by_day.setdefault(item_solar_day(item), []).append(shapely.geometry.shape(geometry))
+    steps = data.sizes["time"]
+    days = sorted(d for d in by_day if d is not None) if steps > 1 else list(by_day)
+    everything = [shape for shapes in by_day.values() for shape in shapes]
+    layers = []
+    for t in range(steps):
+        shapes = by_day[days[t]] if steps > 1 and t < len(days) else everything
+        if not shapes:
+            layers.append(np.zeros(geobox.shape, dtype=bool))
+            continue
+        assert geobox.crs is not None
+        footprint = Geometry(shapely.union_all(shapes), crs="EPSG:4326").to_crs(geobox.crs)
+        layers.append(np.asarray(rasterize(footprint, geobox, all_touched=True).values))
+    covered = np.stack(layers)
+    classes = np.where(covered, np.uint8(PixelClass.CLEAR), np.uint8(PixelClass.NODATA))
+    return xr.DataArray(
+        classes,
+        dims=("time", "y", "x"),
+        coords={"time": data["time"], "y": data["y"], "x": data["x"]},
+    )
+
+
+def _mask_kind(
+    mask: str | None, platform: str | None, available: Mapping[str, set[str]]
+) -> tuple[MaskKind, str] | None:
+    if mask in (None, "none"):
+        return None
+    if mask == "auto":
+        kind_name = PLATFORM_MASKS.get(platform or "")
+        if kind_name is None:
+            return None
+    elif mask in MASK_KINDS:
+        kind_name = mask
+    else:
+        raise IngestError(
+            f"mask must be 'auto', 'none' or one of {sorted(MASK_KINDS)}, got {mask!r}."
+        )
+    kind = MASK_KINDS[kind_name]
+    common = set.intersection(*available.values())
+    asset = next((a for a in kind.assets if a in common), None)
+    if asset is None:
+        if mask == "auto":
+            log.info("mask='auto': the items have no %s asset; no quality classes", kind.name)
+            return None
+        raise IngestError(
+            f"mask {mask!r} needs an asset named one of {list(kind.assets)} in every item."
+        )
+    return kind, asset
+
+
+def _common_nodata(data: xr.Dataset) -> float | None:
+    values = {
+        float(v) for v in (data[b].attrs.get("nodata") for b in data.data_vars) if v is not None
+    }
+    if len(values) > 1:
+        raise IngestError(f"the bands declare different nodata values {sorted(values)}; pass one.")
+    return values.pop() if values else None
+
+
+def _provenance(
+    items: Sequence[pystac.Item],
+    bands: Sequence[str],
+    composite: str,
+    time_range: tuple[np.datetime64, np.datetime64],
+    grid: GridPlan,
+    datetime: str | None,
+) -> dict[str, Any]:
+    sources = []
+    for item in items:
+        assets = {}
+        for key, asset in item.assets.items():
+            href = asset.get_absolute_href() or asset.href
+            entry: dict[str, Any] = {"href": href}
+            checksum = asset.extra_fields.get("file:checksum")
+            if isinstance(checksum, str) and checksum.startswith("1220"):
+                entry["sha256"] = checksum[4:]
+            elif urlparse(href).scheme in ("", "file") and Path(urlparse(href).path).is_file():
+                entry["sha256"] = sha256_file(Path(urlparse(href).path))
+            assets[key] = entry
+        sources.append(
+            {
+                "id": item.id,
+                "collection": item.collection_id,
+                "datetime": item.datetime.isoformat() if item.datetime else None,
+                "assets": assets,
+            }
+        )
+    return {
+        "sources": sources,
+        "stac": {
+            "bands": list(bands),
+            "composite": composite,
+            "datetime": datetime,
+            "start_datetime": str(time_range[0]),
+            "end_datetime": str(time_range[1]),
+            "bbox": list(grid.bbox_lonlat),
+            "crs": str(grid.geobox.crs),
+            "resolution": abs(float(grid.geobox.resolution.x)),
+        },
+    }
+
+
+log = logging.getLogger(__name__)
