@@ -2,7 +2,7 @@
 
 Embeds the Landsat 7 Olinda scene (../shared/data), takes each chip's mean
 elevation from the DEM of the same area (-1: unknown), and fits ridge
-regressions from chip vectors to it (:func:`xclay.probe.ridge_cv`: 5 folds
+regressions from chip vectors to it (:func:`xclay.explore.probe.ridge_cv`: 5 folds
 of 2 x 2-chip spatial blocks, the penalty chosen by nested cross-validation).
 The baseline is the same regression on each chip's per-band mean digital
 numbers: what the pixels say without a model.
@@ -20,7 +20,7 @@ import numpy as np
 from _common import save
 
 import xclay
-from xclay.probe import chip_blocks, chip_means, ridge_cv
+from xclay.explore.probe import chip_blocks, chip_means, ridge_cv
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

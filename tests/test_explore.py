@@ -120,7 +120,7 @@ def test_plots_draw_what_they_say(
 ) -> None:
     import matplotlib.pyplot as plt
 
-    from xclay.viz import pca_colour, plot_side_by_side
+    from xclay.explore.viz import pca_colour, plot_side_by_side
 
     ax = emb.clay.plot_pca()
     np.testing.assert_array_equal(ax.images[0].get_array(), pca_colour(emb))

@@ -10,7 +10,7 @@ import xarray as xr
 
 import xclay
 from xclay.errors import DatacubeError
-from xclay.probe import chip_blocks, chip_means, ridge_cv
+from xclay.explore.probe import chip_blocks, chip_means, ridge_cv
 
 from .helpers import OLINDA_BANDS, OLINDA_DEM, OLINDA_WAVELENGTHS, random_cube, raster
 

@@ -9,7 +9,7 @@ import xarray as xr
 from PIL import Image
 
 import xclay
-from xclay.viz import pca_colour, save_preview, true_colour
+from xclay.explore.viz import pca_colour, save_preview, true_colour
 
 
 def test_true_colour_stretch_and_transparent_nodata(demo_cube_256: xr.Dataset) -> None:

@@ -77,22 +77,22 @@ class ClayDatasetAccessor:
         return similar(self._obj, query, k=k, time=time, include_query=include_query)
 
     def plot_pca(self, *, time: int = 0, ax: Any = None) -> Any:
-        """PCA false-colour map of these embeddings: see :func:`xclay.viz.plot_pca`."""
-        from xclay.viz import plot_pca
+        """PCA false-colour map of these embeddings: see :func:`xclay.explore.viz.plot_pca`."""
+        from xclay.explore.viz import plot_pca
 
         return plot_pca(self._obj, time=time, ax=ax)
 
     def plot_similarity(
         self, query: Any, *, time: int = 0, ax: Any = None, cmap: str = "magma"
     ) -> Any:
-        """Similarity heat map for a query: see :func:`xclay.viz.plot_similarity`."""
-        from xclay.viz import plot_similarity
+        """Similarity heat map for a query: see :func:`xclay.explore.viz.plot_similarity`."""
+        from xclay.explore.viz import plot_similarity
 
         return plot_similarity(self._obj, query, time=time, ax=ax, cmap=cmap)
 
     def plot_true_colour(self, *, time: int = 0, ax: Any = None) -> Any:
-        """This datacube in true colour: see :func:`xclay.viz.plot_true_colour`."""
-        from xclay.viz import plot_true_colour
+        """This datacube in true colour: see :func:`xclay.explore.viz.plot_true_colour`."""
+        from xclay.explore.viz import plot_true_colour
 
         return plot_true_colour(self._obj, time=time, ax=ax)
 

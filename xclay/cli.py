@@ -343,7 +343,7 @@ def _embed_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _demo(args: argparse.Namespace) -> int:
     from xclay.datacube import open_datacube, write_datacube
     from xclay.datasets import demo_composite
-    from xclay.viz import save_preview
+    from xclay.explore.viz import save_preview
 
     started = time.perf_counter()
     out: Path = args.out

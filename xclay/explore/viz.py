@@ -157,7 +157,7 @@ def plot_similarity(
 ) -> Any:
     """Draw every chip's cosine similarity to ``query`` (a chip id, a (lon, lat) point or a
     vector; see :func:`xclay.explore.similar`) as a heat map, the queried chip outlined."""
-    from xclay.explore import SimilarityIndex
+    from xclay.explore.search import SimilarityIndex
 
     ax = _axes(ax)
     index = SimilarityIndex.from_dataset(emb)
