@@ -16,9 +16,15 @@ from xclay._version import __version__
 from xclay.batch.chips import Edges
 from xclay.batch.readers import Engine
 from xclay.devices import PRECISIONS
-from xclay.errors import XClayError
+from xclay.errors import ConfigError, XClayError
 from xclay.models.clay import Output as ClayOutput
-from xclay.outputs.cog import CogDtype
+from xclay.outputs.formats import (
+    DEFAULT_FORMAT,
+    check_options,
+    export_formats,
+    export_options,
+    get_exporter,
+)
 from xclay.outputs.quantize import QUANTIZATIONS
 from xclay.quality import SKIP_REASONS, QualityFilter
 
@@ -165,34 +171,38 @@ def _parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser(
         "export",
-        help="embeddings Zarr (or a spec's) -> GeoParquet or Cloud-Optimized GeoTIFF",
+        help="embeddings Zarr (or a spec's) -> GeoParquet, COG, ... (--format)",
         description=(
-            "Write GeoParquet (one row per chip) or a Cloud-Optimized GeoTIFF (one cell per "
-            "chip; every feature a band, or --pca N components) from an embeddings Zarr, or "
-            "from every embeddings Zarr of a finished run (its spec)."
+            "Write an embeddings Zarr, or every embeddings Zarr of a finished run (its spec), "
+            "in an output format: "
+            + "; ".join(f"{name}: {get_exporter(name).summary}" for name in export_formats())
+            + "."
         ),
     )
     exp.add_argument("target", type=Path, help="embeddings Zarr, or a run spec (YAML)")
     exp.add_argument(
         "--format",
-        choices=("geoparquet", "cog"),
-        default="geoparquet",
-        help="geoparquet (default) or cog",
+        choices=export_formats(),
+        default=DEFAULT_FORMAT,
+        help=f"output format (default {DEFAULT_FORMAT})",
     )
     exp.add_argument(
-        "--out", type=Path, default=None, help="output path (default: beside the Zarr)"
+        "--out",
+        type=Path,
+        default=None,
+        help="output path (default: beside the Zarr; for a spec, the run's folder)",
     )
     exp.add_argument("--overwrite", action="store_true", help="replace an existing file")
-    _add_quantize_option(exp)
-    exp.add_argument(
-        "--pca", type=int, default=None, metavar="N", help="cog: the first N principal components"
-    )
-    exp.add_argument(
-        "--dtype",
-        choices=get_args(CogDtype),
-        default="float32",
-        help="cog: float32 (default) or int8 with a scale per band",
-    )
+    for name, option in export_options().items():
+        exp.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=f"export_{name}",
+            default=option.default,
+            type=option.type,
+            choices=option.choices,
+            metavar=option.metavar,
+            help=option.help,
+        )
     exp.set_defaults(func=_export)
 
     info = sub.add_parser("info", help="versions, CPU/GPU, optional parts available")
@@ -490,54 +500,30 @@ def _embed_spec(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from xclay.outputs.export import open_embeddings, to_geoparquet
-
-    if args.format == "cog":
-        return _export_cog(args)
-    if args.pca is not None or args.dtype != "float32":
-        print("xclay export: error: --pca and --dtype apply to --format cog", file=sys.stderr)
+    exporter = get_exporter(args.format)
+    given = {name: getattr(args, f"export_{name}") for name in export_options()}
+    try:
+        options = check_options(exporter, given)
+    except ConfigError as err:  # a usage mistake, as argparse reports them
+        print(f"xclay export: error: {err}", file=sys.stderr)
         return 2
     if _is_spec(args.target):
         from xclay.run import export_step
 
-        path = export_step(_spec(args))
-    else:
-        out = args.out or args.target.with_suffix(".parquet")
-        path = to_geoparquet(
-            open_embeddings(args.target), out, quantize=args.quantize, overwrite=args.overwrite
+        written = export_step(
+            _spec(args), exporter.name, out=args.out, overwrite=args.overwrite, **options
         )
-    print(f"  geoparquet  {path}")
-    return 0
-
-
-def _export_cog(args: argparse.Namespace) -> int:
-    from xclay.outputs.cog import to_cog
-
-    if args.quantize:
-        print(
-            "xclay export: error: --quantize applies to geoparquet; use --dtype int8",
-            file=sys.stderr,
-        )
-        return 2
-    if _is_spec(args.target):
-        from xclay.run.state import RunState
-
-        spec = _spec(args)
-        stores = [Path(p) for p in RunState(spec.outdir).record()["paths"]["embeddings"]]
-        folder = args.out or spec.outdir
-        targets = [(store, folder / f"{store.stem}.tif") for store in stores]
     else:
-        targets = [(args.target, args.out or args.target.with_suffix(".tif"))]
-    for store, out in targets:
-        for path in to_cog(store, out, pca=args.pca, dtype=args.dtype, overwrite=args.overwrite):
-            print(f"  cog         {path}")
-    runs = {
-        store.parent for store, _ in targets if (store.parent / "_xclay" / "run.json").is_file()
-    }
-    for folder in sorted(runs):  # the run's STAC description lists its COGs
-        from xclay.run.catalog import write_catalog
+        out = args.out or args.target.with_suffix(exporter.suffix)
+        written = exporter.write(args.target, out, overwrite=args.overwrite, **options)
+        if (args.target.parent / "_xclay" / "run.json").is_file():
+            # A store of a run: the run's STAC description lists what was exported.
+            from xclay.run.catalog import write_catalog
 
-        print(f"  stac        {write_catalog(folder)}")
+            written.append(write_catalog(args.target.parent))
+    for path in written:
+        kind = "stac" if path.suffix == ".json" else exporter.name
+        print(f"  {kind:<10}  {path}")
     return 0
 
 

@@ -5,6 +5,8 @@
 - :class:`BatchSource`: reads chip windows of a datacube into batch buffers
   (on the host through xarray or straight from Zarr chunk files; into GPU
   memory through kvikIO).
+- :class:`Exporter`: writes a finished embedding set in one output format
+  (GeoParquet, Cloud-Optimized GeoTIFF, ...), registered in :mod:`xclay.outputs.formats`.
 
 And the plain data that crosses them: :class:`InputSpec` (what an encoder
 must know about the cube's bands) and :class:`ChipBatch`.
@@ -12,7 +14,7 @@ must know about the cube's bands) and :class:`ChipBatch`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -20,7 +22,10 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
+    import xarray as xr
 
     from xclay.devices import ComputePrecision, Precision
     from xclay.model_card import ModelCard
@@ -29,6 +34,8 @@ __all__ = [
     "BatchSource",
     "ChipBatch",
     "Encoder",
+    "ExportOption",
+    "Exporter",
     "InputSpec",
     "ReconstructionScorer",
     "Sampler",
@@ -242,3 +249,51 @@ class BatchSource(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ExportOption:
+    """A keyword option of an output format, as the CLI offers it (``--<name>``)."""
+
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None = None
+    type: Callable[[str], Any] = str
+    metavar: str | None = None
+
+
+@runtime_checkable
+class Exporter(Protocol):
+    """Writes a finished embedding set in one output format.
+
+    The CLI's ``xclay export --format`` choices and options, a run's export step and its
+    STAC description are all read from the registered exporters
+    (:func:`xclay.outputs.formats.register_exporter`): a new format is one class.
+    """
+
+    #: The ``--format`` value.
+    name: str
+    #: The file suffix of one store's export (``".tif"``); with several time steps a
+    #: format may write one file per step, named ``<stem>_<YYYY-MM-DD><suffix>``.
+    suffix: str
+    #: The media type of its files (the STAC asset ``type``).
+    media_type: str
+    #: One line for ``xclay export --help``.
+    summary: str
+    #: The keyword options :meth:`write` takes, by name.
+    options: Mapping[str, ExportOption]
+    #: True: a run writes it region by region as it embeds (resumable parts, with the
+    #: spec's settings); False: it is written once per embeddings store, after the run.
+    by_region: bool
+
+    def write(
+        self, emb: xr.Dataset | Path, out: Path, *, overwrite: bool, **options: Any
+    ) -> list[Path]:
+        """Write ``emb`` (a Dataset, or an embeddings Zarr's path) to ``out``; return the
+        files written."""
+        ...
+
+    def asset(self, path: Path) -> dict[str, Any]:
+        """The STAC asset fields of a written file beyond its ``href``: ``type``,
+        ``title``, ``roles``."""
+        ...

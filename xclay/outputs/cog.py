@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -25,10 +26,12 @@ import xarray as xr
 from xclay._atomic import atomic_output
 from xclay.errors import DatacubeError, MissingDependencyError
 from xclay.outputs.export import chip_grid_transform
+from xclay.protocols import ExportOption
 
-__all__ = ["COG_CONVENTION", "to_cog"]
+__all__ = ["COG_CONVENTION", "COG_MEDIA_TYPE", "CogExporter", "to_cog"]
 
 COG_CONVENTION = "xclay-cog/1"
+COG_MEDIA_TYPE = "image/tiff; application=geotiff; profile=cloud-optimized"
 CogDtype = Literal["float32", "int8"]
 MISSING_INT8 = -128
 _WINDOW_BYTES = 256 << 20  # vectors read at a time
@@ -84,6 +87,48 @@ def to_cog(
         out = target if len(steps) == 1 else target.with_name(f"{target.stem}_{_day(emb, t)}.tif")
         written.append(_write_step(emb, t, out, pca, dtype, blocksize, overwrite))
     return written
+
+
+class CogExporter:
+    """``xclay export --format cog``: :func:`to_cog` as an :class:`~xclay.protocols.Exporter`."""
+
+    name = "cog"
+    suffix = ".tif"
+    media_type = COG_MEDIA_TYPE
+    summary = "Cloud-Optimized GeoTIFF, one cell per chip (every feature a band, or --pca N)"
+    options: Mapping[str, ExportOption] = MappingProxyType(
+        {
+            "pca": ExportOption(
+                None, "cog: the first N principal components", type=int, metavar="N"
+            ),
+            "dtype": ExportOption(
+                "float32",
+                "cog: float32 (default) or int8 with a scale per band",
+                get_args(CogDtype),
+            ),
+        }
+    )
+    by_region = False
+
+    def write(
+        self, emb: xr.Dataset | Path, out: Path, *, overwrite: bool, **options: Any
+    ) -> list[Path]:
+        return to_cog(emb, out, overwrite=overwrite, **options)
+
+    def asset(self, path: Path) -> dict[str, Any]:
+        try:
+            rasterio = _rasterio()
+        except MissingDependencyError:
+            return {"type": COG_MEDIA_TYPE, "title": "Cloud-Optimized GeoTIFF", "roles": ["data"]}
+        with rasterio.open(path) as src:
+            tags = src.tags()
+        pca = tags.get("XCLAY_VALUES") == "pca"
+        what = "principal components" if pca else "every feature"
+        return {
+            "type": COG_MEDIA_TYPE,
+            "title": f"Cloud-Optimized GeoTIFF, one cell per chip: {what} ({tags.get('XCLAY_DTYPE')})",
+            "roles": ["data", "visual"] if pca else ["data"],
+        }
 
 
 @dataclass(frozen=True)

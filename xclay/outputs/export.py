@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from xclay.errors import DatacubeError, MissingDependencyError
 from xclay.outputs.embeddings import validate_embeddings
 from xclay.outputs.quantize import (
     MISSING_INT8,
+    QUANTIZATIONS,
     SCALE_VARIABLE,
     check_quantize,
     dequantize_embeddings,
@@ -36,10 +38,13 @@ from xclay.outputs.quantize import (
     quantize_int8,
     scale_attrs,
 )
+from xclay.protocols import ExportOption
 
 __all__ = [
     "GEOPARQUET_VERSION",
+    "PARQUET_MEDIA_TYPE",
     "EmbeddingsLayout",
+    "GeoParquetExporter",
     "VariableSpec",
     "chip_footprints",
     "chip_grid_transform",
@@ -57,6 +62,7 @@ log = logging.getLogger(__name__)
 
 GEOPARQUET_VERSION = "1.1.0"
 PARQUET_CONVENTION = "xclay-geoparquet/1"
+PARQUET_MEDIA_TYPE = "application/vnd.apache.parquet"
 # Per-chip fractions of quality classes (null: the cube had no quality classes).
 QUALITY_COLUMNS = (
     "cloud_fraction",
@@ -671,6 +677,36 @@ def dequantize_table(table: Any) -> Any:
     )
     table = table.set_column(names.index("embedding"), "embedding", floats)
     return table.drop_columns([SCALE_COLUMN])
+
+
+class GeoParquetExporter:
+    """``xclay export --format geoparquet``: :func:`to_geoparquet` as an
+    :class:`~xclay.protocols.Exporter`; a run writes it region by region (its parts)."""
+
+    name = "geoparquet"
+    suffix = ".parquet"
+    media_type = PARQUET_MEDIA_TYPE
+    summary = "GeoParquet 1.1, one row per chip (the default)"
+    options: Mapping[str, ExportOption] = MappingProxyType(
+        {
+            "quantize": ExportOption(
+                None,
+                "geoparquet: int8 vectors with a scale per vector (default: float32)",
+                QUANTIZATIONS,
+            )
+        }
+    )
+    by_region = True
+
+    def write(
+        self, emb: xr.Dataset | Path, out: Path, *, overwrite: bool, **options: Any
+    ) -> list[Path]:
+        ds = emb if isinstance(emb, xr.Dataset) else open_embeddings(emb)
+        return [to_geoparquet(ds, out, overwrite=overwrite, **options)]
+
+    def asset(self, path: Path) -> dict[str, Any]:
+        what = "a folder of parts" if path.is_dir() else "one file"
+        return {"type": PARQUET_MEDIA_TYPE, "title": f"GeoParquet 1.1 ({what})", "roles": ["data"]}
 
 
 def _lonlat_polygons(rings: np.ndarray) -> np.ndarray:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from xclay._version import __version__
+from xclay.outputs.export import PARQUET_MEDIA_TYPE
 from xclay.run.state import RunState, write_json_atomic
 
 __all__ = ["EMB_EXTENSION", "MLM_EXTENSION", "PROJ_EXTENSION", "write_catalog"]
@@ -41,8 +42,6 @@ MLM_EXTENSION = "https://stac-extensions.github.io/mlm/v1.5.2/schema.json"
 PROJ_EXTENSION = "https://stac-extensions.github.io/projection/v2.0.0/schema.json"
 RASTER_EXTENSION = "https://stac-extensions.github.io/raster/v1.1.0/schema.json"
 ZARR_TYPE = "application/vnd+zarr"
-PARQUET_TYPE = "application/vnd.apache.parquet"
-COG_TYPE = "image/tiff; application=geotiff; profile=cloud-optimized"
 JSON_TYPE = "application/json"
 GEOJSON_TYPE = "application/geo+json"
 CATALOG = "stac"
@@ -152,7 +151,7 @@ def _collection(
         "assets": {
             "geoparquet": {
                 "href": _rel(Path(record["paths"]["geoparquet"]), folder),
-                "type": PARQUET_TYPE,
+                "type": PARQUET_MEDIA_TYPE,
                 "title": "GeoParquet 1.1 dataset: one row per chip (a folder of parts)",
                 "roles": ["data"],
             },
@@ -214,18 +213,13 @@ def _item(
         },
         "geoparquet": {
             "href": _rel(Path(record["paths"]["geoparquet"]), folder / "items"),
-            "type": PARQUET_TYPE,
+            "type": PARQUET_MEDIA_TYPE,
             "title": "GeoParquet 1.1 dataset of the whole run (a folder of parts)",
             "roles": ["data"],
         },
     }
-    for name, cog in _cogs(out, store, day, emb.sizes["time"]):
-        assets[name] = {
-            "href": _rel(cog, folder / "items"),
-            "type": COG_TYPE,
-            "title": _cog_title(cog),
-            "roles": ["data", "visual"] if "pca" in name else ["data"],
-        }
+    for name, path, fields in _exports(out, store, day, emb.sizes["time"]):
+        assets[name] = {"href": _rel(path, folder / "items"), **fields}
     return {
         "type": "Feature",
         "stac_version": STAC_VERSION,
@@ -264,28 +258,27 @@ def _footprint(emb: Any, cell: str | None) -> tuple[dict[str, Any], list[float]]
     return geometry, [float(v) for v in shape.bounds]
 
 
-def _cogs(out: Path, store: Path, day: str, steps: int) -> list[tuple[str, Path]]:
-    """COGs exported beside the run (``xclay export SPEC --format cog``) for this store and
-    time step: ``<store>.tif`` (or ``_<date>.tif``), and any other ``<store>*.tif``."""
+def _exports(
+    out: Path, store: Path, day: str, steps: int
+) -> list[tuple[str, Path, dict[str, Any]]]:
+    """Files exported beside the run (``xclay export SPEC --format F``, every format written
+    once per store) for this store and time step: ``<store><suffix>`` (or
+    ``_<date><suffix>``), and any other ``<store>*<suffix>``; as (asset key, path, the
+    format's asset fields)."""
+    from xclay.outputs.formats import export_formats, get_exporter
+
     found = []
-    for path in sorted(out.glob(f"{store.stem}*.tif")):
-        rest = path.stem[len(store.stem) :]
-        if steps > 1 and not rest.endswith(day):
-            continue
-        label = rest.replace(day, "").strip("_-") if steps > 1 else rest.strip("_-")
-        found.append((f"cog-{label}" if label else "cog", path))
+    for exporter in map(get_exporter, export_formats()):
+        if exporter.by_region:
+            continue  # the run's own table, an asset of its own
+        for path in sorted(out.glob(f"{store.stem}*{exporter.suffix}")):
+            rest = path.name[len(store.stem) : -len(exporter.suffix)]
+            if steps > 1 and not rest.endswith(day):
+                continue
+            label = rest.replace(day, "").strip("_-") if steps > 1 else rest.strip("_-")
+            key = f"{exporter.name}-{label}" if label else exporter.name
+            found.append((key, path, exporter.asset(path)))
     return found
-
-
-def _cog_title(path: Path) -> str:
-    try:
-        import rasterio
-    except ImportError:
-        return "Cloud-Optimized GeoTIFF"
-    with rasterio.open(path) as src:
-        tags = src.tags()
-    what = "principal components" if tags.get("XCLAY_VALUES") == "pca" else "every feature"
-    return f"Cloud-Optimized GeoTIFF, one cell per chip: {what} ({tags.get('XCLAY_DTYPE')})"
 
 
 # --------------------------------------------------------------------------- the model
@@ -414,7 +407,7 @@ def _source_link(record: dict[str, Any], folder: Path) -> dict[str, Any]:
         return {
             "rel": "emb:source-data",
             "href": _rel(Path(items), folder),
-            "type": PARQUET_TYPE,
+            "type": PARQUET_MEDIA_TYPE,
             "title": "the STAC items the composites were made from (stac-geoparquet)",
         }
     cube = record["paths"]["datacubes"][0]

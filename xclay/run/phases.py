@@ -23,8 +23,9 @@ from typing import Any, Literal
 
 from xclay._atomic import atomic_output
 from xclay._progress import progress_bar
-from xclay.errors import OutputExistsError, XClayError
+from xclay.errors import ConfigError, OutputExistsError, XClayError
 from xclay.outputs.export import RUN_COMPLETE, RUN_METADATA
+from xclay.outputs.formats import DEFAULT_FORMAT
 from xclay.run.plan import RunPlan, plan
 from xclay.run.preflight import preflight
 from xclay.run.spec import RunSpec
@@ -689,13 +690,65 @@ def embed_step(spec: RunSpec, *, client: Any = None, progress: bool | None = Non
     return _report(spec, resolved, state, seconds, failed, resumed)
 
 
-def export_step(spec: RunSpec) -> Path:
-    """Step 3 alone: (re)write the GeoParquet parts from the complete embeddings Zarr(s)."""
+def export_step(
+    spec: RunSpec,
+    format: str = DEFAULT_FORMAT,
+    *,
+    out: Path | None = None,
+    overwrite: bool = False,
+    **options: Any,
+) -> list[Path]:
+    """Step 3 alone: (re)write a finished run's outputs in an output format.
+
+    Parameters
+    ----------
+    spec
+        The run's spec; its embeddings Zarr(s) must be complete.
+    format
+        A registered output format (:func:`xclay.outputs.formats.export_formats`). The run's
+        own table (``geoparquet``) is rewritten part by part with the spec's settings; any
+        other format is written once per embeddings store, ``<store><suffix>``.
+    out
+        The folder for a per-store format's files (default: the run's folder, where the
+        run's STAC description finds them).
+    overwrite
+        Replace existing files of a per-store format.
+    **options
+        The format's options (``pca``, ``dtype`` for ``cog``).
+
+    Returns
+    -------
+    list of Path
+        The files (or, for the run's table, its folder) written.
+    """
+    from xclay.outputs.formats import check_options, get_exporter
+
+    exporter = get_exporter(format)
+    options = check_options(exporter, options)
+    record = RunState(spec.outdir).record()
+    if exporter.by_region:
+        if any(value != exporter.options[name].default for name, value in options.items()):
+            raise ConfigError(
+                f"a run's {exporter.name} parts follow its spec ({', '.join(options)} under "
+                "outputs:); change the spec instead of passing options."
+            )
+        written = [_rewrite_parts(spec, record)]
+    else:
+        folder = out or spec.outdir
+        folder.mkdir(parents=True, exist_ok=True)
+        written = []
+        for store in map(Path, record["paths"]["embeddings"]):
+            target = folder / f"{store.stem}{exporter.suffix}"
+            written += exporter.write(store, target, overwrite=overwrite, **options)
+    _describe(spec)
+    return written
+
+
+def _rewrite_parts(spec: RunSpec, record: dict[str, Any]) -> Path:
+    """The run's GeoParquet parts written afresh from its complete embeddings Zarr(s)."""
     from xclay.outputs.export import open_embeddings
     from xclay.run.tasks import part_path, write_part
 
-    state = RunState(spec.outdir)
-    record = state.record()
     out = spec.geoparquet_path
     out.mkdir(parents=True, exist_ok=True)
     for k, path in enumerate(record["paths"]["embeddings"]):
@@ -712,5 +765,4 @@ def export_step(spec: RunSpec) -> Path:
                 write_part(str(spec.outdir), record, region, ds, None)
             else:
                 part_path(record, region).unlink(missing_ok=True)
-    _describe(spec)
     return out

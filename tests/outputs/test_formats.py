@@ -1,0 +1,131 @@
+"""The output-format seam: a format added from outside the package (a NumPy ``.npz``
+writer) is offered by ``xclay export``, written by a run's export step, and listed in the
+run's STAC description; wrong options and formats are clear errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import xclay
+from tests.helpers import random_cube
+from xclay.cli import main
+from xclay.errors import ConfigError
+from xclay.outputs import formats
+from xclay.protocols import Exporter, ExportOption
+from xclay.run import RunSpec, export_step, run
+
+
+class NpzExporter:
+    """Every embedded chip's vector and centre in one compressed NumPy file."""
+
+    name = "npz"
+    suffix = ".npz"
+    media_type = "application/x-npz"
+    summary = "NumPy arrays: vectors and chip centres"
+    options: Mapping[str, ExportOption] = MappingProxyType(
+        {"decimals": ExportOption(None, "npz: round the vectors", type=int, metavar="N")}
+    )
+    by_region = False
+
+    def write(
+        self, emb: xr.Dataset | Path, out: Path, *, overwrite: bool, **options: Any
+    ) -> list[Path]:
+        ds = emb if isinstance(emb, xr.Dataset) else xclay.open_embeddings(emb)
+        if out.exists() and not overwrite:
+            raise FileExistsError(out)
+        done = ds["embedded"].values
+        vectors = ds["embedding"].values[done]
+        if options.get("decimals") is not None:
+            vectors = vectors.round(options["decimals"])
+        np.savez_compressed(out, vectors=vectors, lon=ds["lon"].values, lat=ds["lat"].values)
+        return [out]
+
+    def asset(self, path: Path) -> dict[str, Any]:
+        return {"type": self.media_type, "title": "NumPy vectors", "roles": ["data"]}
+
+
+@pytest.fixture
+def npz_format() -> Iterator[NpzExporter]:
+    exporter = NpzExporter()
+    formats.register_exporter(exporter)
+    yield exporter
+    formats._REGISTRY.pop(exporter.name)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> RunSpec:
+    folder = tmp_path_factory.mktemp("run")
+    cube = random_cube((1, 3, 64, 48), crs="EPSG:32720", origin=(300000.0, 9600000.0), seed=5)
+    store = xclay.write_datacube(cube, folder / "cube.zarr", chip_size=16)
+    spec = RunSpec.from_dict(
+        {
+            "input": {"datacube": str(store)},
+            "grid": {"chip_size": 16},
+            "model": {"name": "rcf", "options": {"num_filters": 8, "sample_chips": 4}},
+            "outputs": {"dir": str(folder / "out")},
+        }
+    )
+    assert run(spec, progress=False).status == "complete"
+    return spec
+
+
+def test_the_built_in_formats_keep_the_protocol() -> None:
+    assert formats.export_formats()[0] == formats.DEFAULT_FORMAT == "geoparquet"
+    for name in formats.export_formats():
+        exporter = formats.get_exporter(name)
+        assert isinstance(exporter, Exporter) and exporter.name == name
+        assert exporter.suffix.startswith(".") and exporter.media_type
+
+
+def test_a_new_format_is_offered_and_written_by_the_cli(
+    npz_format: NpzExporter, finished_run: RunSpec, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = finished_run.outdir / "embeddings.zarr"
+    out = finished_run.outdir.parent / "vectors.npz"
+    assert (
+        main(["export", str(store), "--format", "npz", "--decimals", "2", "--out", str(out)]) == 0
+    )
+    assert f"npz         {out}" in capsys.readouterr().out
+    emb = xclay.open_embeddings(store)
+    with np.load(out) as saved:
+        expected = emb["embedding"].values[emb["embedded"].values].round(2)
+        np.testing.assert_array_equal(saved["vectors"], expected)
+
+
+def test_a_run_exports_a_new_format_and_describes_it(
+    npz_format: NpzExporter, finished_run: RunSpec
+) -> None:
+    written = export_step(finished_run, "npz", overwrite=True)
+    assert written == [finished_run.outdir / "embeddings.npz"] and written[0].is_file()
+    items = list((finished_run.outdir / "stac" / "items").glob("*.json"))
+    assets = [asset for item in items for asset in _assets(item).items()]
+    npz = [fields for key, fields in assets if key == "npz"]
+    assert npz and npz[0]["type"] == "application/x-npz"
+    assert npz[0]["href"].endswith("embeddings.npz")
+
+
+def test_options_and_formats_are_checked(npz_format: NpzExporter, finished_run: RunSpec) -> None:
+    with pytest.raises(ConfigError, match=r"--decimals applies to --format npz, not cog"):
+        formats.check_options(formats.get_exporter("cog"), {"decimals": 3})
+    with pytest.raises(ConfigError, match="the formats are geoparquet, cog, npz"):
+        formats.get_exporter("netcdf")
+    with pytest.raises(ConfigError, match="registered already"):
+        formats.register_exporter(NpzExporter())
+    with pytest.raises(ConfigError, match="is not an Exporter"):
+        formats.register_exporter(object())  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="follow its spec"):
+        export_step(finished_run, "geoparquet", quantize="int8")
+
+
+def _assets(item: Path) -> dict[str, Any]:
+    import json
+
+    assets: dict[str, Any] = json.loads(item.read_text())["assets"]
+    return assets

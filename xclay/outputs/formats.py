@@ -1,0 +1,106 @@
+"""The output formats of an embedding set, in one registry.
+
+``xclay export --format`` offers the registered formats and their options, a run's
+export step (``xclay export SPEC``) writes any of them, and the run's STAC description
+lists what was written, all from here. A format is one class keeping the
+:class:`~xclay.protocols.Exporter` protocol: the built-in ones live beside their writers
+(:class:`~xclay.outputs.export.GeoParquetExporter`, :class:`~xclay.outputs.cog.CogExporter`);
+another package registers its own with :func:`register_exporter`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from xclay.errors import ConfigError
+from xclay.outputs.cog import CogExporter
+from xclay.outputs.export import GeoParquetExporter
+from xclay.protocols import Exporter, ExportOption
+
+__all__ = [
+    "DEFAULT_FORMAT",
+    "check_options",
+    "export_formats",
+    "export_options",
+    "get_exporter",
+    "register_exporter",
+]
+
+DEFAULT_FORMAT = "geoparquet"
+_REGISTRY: dict[str, Exporter] = {}
+
+
+def register_exporter(exporter: Exporter, *, replace: bool = False) -> None:
+    """Offer ``exporter`` as ``xclay export --format <exporter.name>`` and to runs.
+
+    Parameters
+    ----------
+    exporter
+        An object keeping the :class:`~xclay.protocols.Exporter` protocol.
+    replace
+        Replace a registered format of the same name (otherwise an error).
+    """
+    if not isinstance(exporter, Exporter):
+        raise ConfigError(
+            f"{exporter!r} is not an Exporter: it needs name, suffix, media_type, summary, "
+            "options, by_region, write() and asset() (xclay.protocols.Exporter)."
+        )
+    if exporter.name in _REGISTRY and not replace:
+        raise ConfigError(
+            f"an output format named {exporter.name!r} is registered already; pass "
+            "replace=True to replace it."
+        )
+    for name, option in exporter.options.items():
+        # One CLI flag serves every format that takes the option: they must agree on it.
+        for other in _REGISTRY.values():
+            theirs = other.options.get(name)
+            if theirs is not None and other.name != exporter.name and theirs != option:
+                raise ConfigError(
+                    f"format {exporter.name!r} declares option {name!r} unlike format "
+                    f"{other.name!r} does; give it another name."
+                )
+    _REGISTRY[exporter.name] = exporter
+
+
+def get_exporter(name: str) -> Exporter:
+    """The registered output format ``name`` (a :class:`ConfigError` listing them if none)."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown output format {name!r}; the formats are {', '.join(export_formats())}."
+        ) from None
+
+
+def export_formats() -> tuple[str, ...]:
+    """The registered format names, the default first."""
+    return tuple(sorted(_REGISTRY, key=lambda n: (n != DEFAULT_FORMAT, n)))
+
+
+def export_options() -> dict[str, ExportOption]:
+    """Every registered format's options, by name (one CLI flag each)."""
+    return {name: opt for e in _REGISTRY.values() for name, opt in e.options.items()}
+
+
+def check_options(exporter: Exporter, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of ``given`` that ``exporter`` takes; one it does not take, given a
+    value other than its default, is a :class:`ConfigError` naming the formats it is for."""
+    known = export_options()
+    taken = {}
+    for name, value in given.items():
+        if name in exporter.options:
+            taken[name] = value
+        elif name not in known:
+            raise ConfigError(f"unknown export option {name!r}.")
+        elif value != known[name].default:
+            owners = [e.name for e in _REGISTRY.values() if name in e.options]
+            raise ConfigError(
+                f"--{name.replace('_', '-')} applies to --format {' or '.join(owners)}, "
+                f"not {exporter.name}."
+            )
+    return taken
+
+
+for _builtin in (GeoParquetExporter(), CogExporter()):
+    register_exporter(_builtin)
