@@ -211,6 +211,11 @@ def test_cuda_without_a_gpu_is_a_clear_error(demo_cube_256: xr.Dataset) -> None:
         ({"precision": "fp8", "device": "cpu"}, DeviceError, "FP8 tensor cores"),
         ({"precision": "tf32", "device": "cpu"}, DeviceError, "tensor-core mode"),
         ({"model": "nope"}, ModelError, "unknown model 'nope'"),
+        (
+            {"chipsize": 64},
+            TypeError,
+            "unexpected keyword argument 'chipsize' .did you mean 'chip_size'",
+        ),
     ],
 )
 def test_bad_settings_are_refused(

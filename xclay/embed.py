@@ -7,7 +7,7 @@ import os
 import time as timer
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypedDict, Unpack, get_args
 
 import numpy as np
 import xarray as xr
@@ -60,6 +60,7 @@ from xclay.quality import ChipQuality, QualityFilter
 __all__ = [
     "EMBEDDINGS_CONVENTION",
     "EmbedConfig",
+    "EmbedSettings",
     "embed",
     "embed_config",
     "embed_with_config",
@@ -155,23 +156,31 @@ class EmbedConfig:
         return cls(**data)
 
 
+class EmbedSettings(TypedDict, total=False):
+    """The settings of an embedding, as keywords of :func:`embed` and :func:`embed_config`
+    (each optional; the defaults are :class:`~xclay.batch.chips.ChipGridSpec`'s and
+    :class:`EmbedConfig`'s, with ``batch_size="auto"``). :func:`embed` documents them."""
+
+    chip_size: int
+    stride: int | None
+    edges: Edges
+    batch_size: int | Literal["auto"]
+    quality: QualityFilter | Mapping[str, float] | None
+    device: str
+    engine: Engine
+    precision: Precision
+    prefetch: int
+    thumbnails: bool | int
+    loss: bool
+
+
 def embed(
     cube: xr.Dataset | xr.DataArray,
     *,
     model: str | Encoder = "rcf",
     checkpoint: str | os.PathLike[str] | None = None,
-    chip_size: int = 256,
-    stride: int | None = None,
-    edges: Edges = "drop",
-    batch_size: int | Literal["auto"] = "auto",
-    quality: QualityFilter | Mapping[str, float] | None = None,
-    device: str = "auto",
-    engine: Engine = "auto",
-    precision: Precision = "auto",
-    prefetch: int = 2,
-    thumbnails: bool | int = False,
-    loss: bool = False,
     progress: bool | None = None,
+    **settings: Unpack[EmbedSettings],
 ) -> xr.Dataset:
     """Embed every chip of a datacube.
 
@@ -184,36 +193,41 @@ def embed(
         A registry name (:func:`xclay.models.list_models`) or an encoder.
     checkpoint
         Weights for ``model`` (a path); see :func:`xclay.models.get_model`.
-    chip_size, stride, edges
-        The chip grid (pixels; ``stride=None`` means no overlap; ``edges``
-        ``"drop"`` or ``"pad"``).
-    batch_size
-        Chips per encoder call; ``"auto"``: what fills the device (the
-        encoder's hint from free GPU memory or CPU work, else 16).
-    quality
-        Which chips to embed: a :class:`~xclay.quality.QualityFilter` or a
-        mapping of its thresholds, e.g. ``{"max_nodata": 0.2, "max_cloud":
-        0.1, "min_clear": 0.8}`` (fractions 0..1; default: at most half nodata).
-        Class thresholds need a cube with quality classes.
-    device, precision
-        Where and in which precision the encoder runs (``device="auto"``: a
-        CUDA GPU when there is one, else the CPU).
-    engine
-        How chips are read: ``"auto"`` (GPU reads with kvikIO when the encoder
-        runs on a GPU and kvikIO is installed, else host reads), ``"zarr"`` or
-        ``"kvikio"``; a slower path than asked for is a
-        :class:`~xclay.errors.DataPathWarning`.
-    prefetch
-        Batches read ahead while the encoder runs (0: no background reading).
-    thumbnails
-        Store a true-colour preview of every embedded chip: ``True`` (64 px)
-        or an edge in pixels (at most the chip size); see :mod:`xclay.outputs.thumbnails`.
-    loss
-        Also score every embedded chip with the model's masked-reconstruction
-        loss (``clay-v1.5``: loads the decoder from the same checkpoint; for
-        the large model it costs about a quarter of an embedding pass).
     progress
         Show a progress bar (``None``: only on an interactive terminal).
+    **settings
+        The embedding's settings (:class:`EmbedSettings`):
+
+        ``chip_size``, ``stride``, ``edges``
+            The chip grid (pixels, default 256; ``stride=None`` means no overlap;
+            ``edges`` ``"drop"`` (default) or ``"pad"``).
+        ``batch_size``
+            Chips per encoder call; ``"auto"`` (default): what fills the device (the
+            encoder's hint from free GPU memory or CPU work, else 16).
+        ``quality``
+            Which chips to embed: a :class:`~xclay.quality.QualityFilter` or a
+            mapping of its thresholds, e.g. ``{"max_nodata": 0.2, "max_cloud":
+            0.1, "min_clear": 0.8}`` (fractions 0..1; default: at most half nodata).
+            Class thresholds need a cube with quality classes.
+        ``device``, ``precision``
+            Where and in which precision the encoder runs (``"auto"``: a CUDA GPU
+            when there is one, else the CPU; the model's fast precision there).
+        ``engine``
+            How chips are read: ``"auto"`` (GPU reads with kvikIO when the encoder
+            runs on a GPU and kvikIO is installed, else host reads), ``"zarr"`` or
+            ``"kvikio"``; a slower path than asked for is a
+            :class:`~xclay.errors.DataPathWarning`.
+        ``prefetch``
+            Batches read ahead while the encoder runs (default 2; 0: no background
+            reading).
+        ``thumbnails``
+            Store a true-colour preview of every embedded chip: ``True`` (64 px)
+            or an edge in pixels (at most the chip size); see
+            :mod:`xclay.outputs.thumbnails`.
+        ``loss``
+            Also score every embedded chip with the model's masked-reconstruction
+            loss (``clay-v1.5``: loads the decoder from the same checkpoint; for
+            the large model it costs about a quarter of an embedding pass).
 
     Returns
     -------
@@ -226,58 +240,58 @@ def embed(
         mapping, ``lat``/``lon`` centres, ``chip_id``, pixel offsets; the model
         card, the config and the datacube's description in ``attrs``.
     """
+    _check_settings("embed", settings)
     encoder = _resolve_encoder(model, checkpoint)
-    config = embed_config(
-        cube,
-        encoder,
-        chip_size=chip_size,
-        stride=stride,
-        edges=edges,
-        batch_size=batch_size,
-        quality=quality,
-        device=device,
-        engine=engine,
-        precision=precision,
-        prefetch=prefetch,
-        thumbnails=thumbnails,
-        loss=loss,
-    )
+    config = embed_config(cube, encoder, **settings)
     return embed_with_config(cube, encoder, config, progress=progress)
 
 
 def embed_config(
-    cube: xr.Dataset | xr.DataArray,
-    encoder: Encoder,
-    *,
-    chip_size: int = 256,
-    stride: int | None = None,
-    edges: Edges = "drop",
-    batch_size: int | Literal["auto"] = "auto",
-    quality: QualityFilter | Mapping[str, float] | None = None,
-    device: str = "auto",
-    engine: Engine = "auto",
-    precision: Precision = "auto",
-    prefetch: int = 2,
-    thumbnails: bool | int = False,
-    loss: bool = False,
+    cube: xr.Dataset | xr.DataArray, encoder: Encoder, **settings: Unpack[EmbedSettings]
 ) -> EmbedConfig:
-    """The :class:`EmbedConfig` of :func:`embed`'s settings for ``encoder`` on ``cube``:
+    """The :class:`EmbedConfig` of :func:`embed`'s settings for ``encoder`` on ``cube``.
+
+    The one builder of the configuration (``embed`` and runs both use it):
     ``batch_size="auto"`` sized for the device, ``thumbnails`` as an edge in pixels,
-    ``quality`` as a filter. The one builder of the configuration (``embed`` and runs
-    both use it); see :func:`embed` for the parameters."""
-    if batch_size == "auto":
-        batch_size = _auto_batch_size(encoder, cube, chip_size, device)
-    return EmbedConfig(
-        grid=ChipGridSpec(chip_size=chip_size, stride=stride, edges=edges),
-        batch_size=batch_size,
-        quality=QualityFilter.of(quality),
-        device=device,
-        engine=engine,
-        precision=precision,
-        prefetch=prefetch,
-        thumbnails=thumbnail_edge(thumbnails),
-        loss=loss,
+    ``quality`` as a filter.
+
+    Parameters
+    ----------
+    cube
+        The datacube to be embedded (``batch_size="auto"`` reads its chip shape).
+    encoder
+        The encoder that will embed it.
+    **settings
+        :class:`EmbedSettings`, as :func:`embed` documents them.
+    """
+    _check_settings("embed_config", settings)
+    grid_keys = ("chip_size", "stride", "edges")
+    plain_keys = ("device", "engine", "precision", "prefetch", "loss")
+    config = EmbedConfig(
+        grid=ChipGridSpec(**{k: settings[k] for k in grid_keys if k in settings}),  # type: ignore[literal-required]
+        quality=QualityFilter.of(settings.get("quality")),
+        thumbnails=thumbnail_edge(settings.get("thumbnails", False)),
+        **{k: settings[k] for k in plain_keys if k in settings},  # type: ignore[literal-required]
     )
+    batch_size = settings.get("batch_size", "auto")
+    if batch_size == "auto":
+        batch_size = _auto_batch_size(encoder, cube, config.grid.chip_size, config.device)
+    return replace(config, batch_size=batch_size)
+
+
+def _check_settings(caller: str, settings: Mapping[str, Any]) -> None:
+    """An unknown keyword is a TypeError, as for any function, naming the close ones."""
+    import difflib
+
+    known = EmbedSettings.__annotations__
+    for name in settings:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(
+                f"{caller}() got an unexpected keyword argument {name!r}{hint}; the settings "
+                f"are {', '.join(known)}."
+            )
 
 
 def thumbnail_edge(value: bool | int) -> int:
