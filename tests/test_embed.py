@@ -179,13 +179,20 @@ def test_accessor_is_the_same_function(demo_cube_256: xr.Dataset) -> None:
         (ClayDataArrayAccessor, "as_datacube"),
         (ClayDatasetAccessor, "write_datacube"),
         (ClayDatasetAccessor, "to_geoparquet"),
+        (ClayDatasetAccessor, "similar"),
+        (ClayDatasetAccessor, "plot_pca"),
+        (ClayDatasetAccessor, "plot_similarity"),
+        (ClayDatasetAccessor, "plot_true_colour"),
     ],
 )
 def test_accessor_methods_are_the_functions(accessor: type, name: str) -> None:
     """Same parameters (the accessor instead of the object), defaults and docs: declared
     once."""
+    import xclay.explore.viz
+
     method = getattr(accessor, name)
-    function = getattr(xclay, name)
+    function = getattr(xclay, name, None) or getattr(xclay.explore, name, None)
+    function = function or getattr(xclay.explore.viz, name)
     params = list(inspect.signature(function).parameters.values())[1:]
     assert list(inspect.signature(method).parameters.values())[1:] == params
     assert method.__doc__ == function.__doc__

@@ -16,6 +16,8 @@ import xarray as xr
 
 from xclay.datacube import as_datacube, write_datacube
 from xclay.embed import embed
+from xclay.explore.search import similar
+from xclay.explore.viz import plot_pca, plot_similarity, plot_true_colour
 from xclay.outputs.export import to_geoparquet, to_zarr
 
 __all__ = ["ClayDataArrayAccessor", "ClayDatasetAccessor"]
@@ -68,33 +70,10 @@ class ClayDatasetAccessor:
     to_zarr = _OnObject(to_zarr)
     to_geoparquet = _OnObject(to_geoparquet)
 
-    def similar(
-        self, query: Any, *, k: int = 10, time: Any = None, include_query: bool = False
-    ) -> Any:
-        """The chips of these embeddings most like ``query``: see :func:`xclay.explore.similar`."""
-        from xclay.explore import similar
-
-        return similar(self._obj, query, k=k, time=time, include_query=include_query)
-
-    def plot_pca(self, *, time: int = 0, ax: Any = None) -> Any:
-        """PCA false-colour map of these embeddings: see :func:`xclay.explore.viz.plot_pca`."""
-        from xclay.explore.viz import plot_pca
-
-        return plot_pca(self._obj, time=time, ax=ax)
-
-    def plot_similarity(
-        self, query: Any, *, time: int = 0, ax: Any = None, cmap: str = "magma"
-    ) -> Any:
-        """Similarity heat map for a query: see :func:`xclay.explore.viz.plot_similarity`."""
-        from xclay.explore.viz import plot_similarity
-
-        return plot_similarity(self._obj, query, time=time, ax=ax, cmap=cmap)
-
-    def plot_true_colour(self, *, time: int = 0, ax: Any = None) -> Any:
-        """This datacube in true colour: see :func:`xclay.explore.viz.plot_true_colour`."""
-        from xclay.explore.viz import plot_true_colour
-
-        return plot_true_colour(self._obj, time=time, ax=ax)
+    similar = _OnObject(similar)
+    plot_pca = _OnObject(plot_pca)
+    plot_similarity = _OnObject(plot_similarity)
+    plot_true_colour = _OnObject(plot_true_colour)
 
 
 @xr.register_dataarray_accessor("clay")
