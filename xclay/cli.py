@@ -34,6 +34,19 @@ log = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``xclay`` command line.
+
+    Parameters
+    ----------
+    argv
+        The arguments after the program name (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The exit status: 0 done, 1 an error (one line on stderr; the traceback with
+        ``-v``), 2 a usage mistake, 130 interrupted.
+    """
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -39,6 +39,7 @@ def require_kvikio() -> None:
 
 
 def kvikio_usable() -> bool:
+    """Whether this machine can read chunks into GPU memory (kvikIO and a CUDA device)."""
     try:
         require_kvikio()
     except (MissingDependencyError, DeviceError):
