@@ -59,6 +59,16 @@ def ridge_cv(
     alphas
         Candidate penalties (relative to the number of training chips), chosen
         in each training fold by an inner cross-validation over the same groups.
+    seed
+        Seed of the random shuffle of chips (or groups) into folds; the inner
+        cross-validations use ``seed + 1``, ``seed + 2``, ...
+
+    Returns
+    -------
+    ProbeResult
+        ``r2`` of the out-of-fold predictions of all chips kept, ``fold_r2`` and the
+        ``alphas`` chosen per fold, and ``predicted``: ``[chips]`` out-of-fold
+        predictions, NaN for chips left out.
     """
     x = np.asarray(features, dtype=np.float64)
     y = np.asarray(target, dtype=np.float64)
@@ -124,7 +134,21 @@ def _r2(y: np.ndarray, predicted: np.ndarray) -> float:
 
 
 def chip_blocks(rows: np.ndarray, cols: np.ndarray, size: int) -> np.ndarray:
-    """Group labels of ``size x size`` blocks of the chip grid, for spatial cross-validation."""
+    """Group labels of ``size x size`` blocks of the chip grid, for spatial cross-validation.
+
+    Parameters
+    ----------
+    rows, cols
+        ``[chips]`` non-negative integer row and column of each chip in the chip grid
+        (e.g. the ``chip_row`` and ``chip_col`` columns of ``SimilarityIndex.rows``).
+    size
+        Edge of a block, in chips.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``[chips]`` integer labels, one per block: the ``groups`` of :func:`ridge_cv`.
+    """
     rows, cols = np.asarray(rows), np.asarray(cols)
     result: np.ndarray = (rows // size) * (int(cols.max()) // size + 1) + cols // size
     return result
@@ -136,11 +160,24 @@ def chip_means(
     """``[chip_y, chip_x]``: the mean of a one-band raster (elevation, a label map...) over
     each chip's window, as a probe target.
 
-    The raster (any CRS and resolution, georeferenced as rioxarray or odc-geo
-    read it) is first put on the datacube's pixel grid: averaged where it is
-    finer, bilinearly interpolated where it is coarser. Chips with less than
-    ``min_valid`` of their window covered get NaN. Needs rasterio
+    The raster is first put on the datacube's pixel grid: averaged where it is
+    finer, bilinearly interpolated where it is coarser. Needs rasterio
     (``pip install "xclay[io]"``).
+
+    Parameters
+    ----------
+    raster
+        One band (dimensions of length 1 are dropped), any CRS and resolution,
+        georeferenced as rioxarray or odc-geo read it.
+    emb
+        Embeddings Dataset (:func:`xclay.embed`): its datacube's pixel grid and each
+        chip's window.
+    nodata
+        A raster value to treat as missing. NaN, and the nodata the raster itself
+        declares, are missing anyway; default None adds no other.
+    min_valid
+        Fraction (0-1) of a chip's ``chip_size x chip_size`` window that must have
+        values; chips with less get NaN. Default half.
     """
     import odc.geo.xr  # noqa: F401  (the .odc accessor)
     from odc.geo.geobox import GeoBox

@@ -35,6 +35,19 @@ class SimilarityIndex:
 
     Build it with :meth:`open` (any source) or :meth:`from_vectors`.
 
+    Parameters
+    ----------
+    vectors
+        ``[rows, dim]`` embedding vectors, one per row of ``rows``; kept as float32 and
+        scaled to unit length (all-zero vectors stay zero).
+    rows
+        ``pandas.DataFrame`` saying what each vector is (its index is reset). Queries by
+        id need ``id`` and ``chip_id`` columns, by point ``centre_lon`` and ``centre_lat``.
+    geometry
+        Callable from an array of row indices to their chips' footprints (shapely
+        geometries, EPSG:4326). Default None: results have no geometry and a point
+        query takes the chip with the nearest centre without checking it covers the point.
+
     Attributes
     ----------
     rows
@@ -280,9 +293,31 @@ def similar(
     cosine similarity, best first: a GeoDataFrame with ``rank``, ``similarity``, the
     chips' ids, times, centres and footprints.
 
-    ``embeddings``: an embeddings Dataset, an embeddings Zarr path, a GeoParquet
-    file or folder, or a ``pyarrow.Table``. For many queries build a
-    :class:`SimilarityIndex` once.
+    For many queries build a :class:`SimilarityIndex` once.
+
+    Parameters
+    ----------
+    embeddings
+        An embeddings Dataset, an embeddings Zarr path, a GeoParquet file or folder, or a
+        ``pyarrow.Table`` read from one.
+    query
+        A chip id or row id, a (lon, lat) point in degrees (the chip over it), or a vector
+        as long as the embeddings.
+    k
+        Number of chips to return (at least 1, default 10); fewer if the source has fewer.
+    time
+        The time (a ``numpy.datetime64`` or an ISO string, matched exactly) of the queried
+        chip when a chip id or point has embeddings at several times; required then.
+        Otherwise, and for vector queries, it is ignored.
+    include_query
+        Keep the queried chip itself among the results. Default False: it is left out.
+        A vector query leaves nothing out.
+
+    Returns
+    -------
+    geopandas.GeoDataFrame
+        One row per chip found, ``rank`` 1 the most similar, with footprints in EPSG:4326
+        where the source has them.
     """
     return SimilarityIndex.open(embeddings).search(
         query, k=k, time=time, include_query=include_query

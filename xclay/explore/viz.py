@@ -30,7 +30,17 @@ __all__ = [
 def true_colour(cube: xr.Dataset, *, time: int = 0, max_size: int = 1024) -> np.ndarray:
     """RGBA ``[y, x, 4]`` uint8 true-colour image, 2-98 % stretched, nodata transparent.
 
-    Reads every ``step``-th pixel so that the longer side is at most ``max_size``.
+    Parameters
+    ----------
+    cube
+        Datacube with ``pixels`` ``[time, band, y, x]`` and ``band`` and ``wavelength``
+        coordinates; red, green and blue are the platform's, else the bands nearest
+        665, 560 and 490 nm.
+    time
+        Position (not a date) of the time step to show; default the first.
+    max_size
+        Longest side of the image in pixels: every ``step``-th pixel is read, the
+        smallest ``step`` that keeps both sides within it.
     """
     bands = _rgb_bands(cube)
     pixels = cube["pixels"]
@@ -59,7 +69,17 @@ def true_colour(cube: xr.Dataset, *, time: int = 0, max_size: int = 1024) -> np.
 
 def pca_colour(emb: xr.Dataset, *, time: int = 0) -> np.ndarray:
     """RGBA ``[chip_y, chip_x, 4]`` uint8: the first three principal components
-    of the embeddings as red, green, blue (chips not embedded are transparent)."""
+    of the embeddings as red, green, blue (chips not embedded are transparent).
+
+    Parameters
+    ----------
+    emb
+        Embeddings Dataset (:func:`xclay.embed`); patch grids are coloured by each chip's
+        mean patch vector.
+    time
+        Position (not a date) of the time step; the components are those of its chips
+        alone. Default the first.
+    """
     vectors = np.asarray(emb["embedding"].values[time], dtype=np.float64)  # [y, x, (py, px,) D]
     if vectors.ndim == 5:  # patch grids: colour each chip by its mean patch token
         vectors = vectors.mean(axis=(2, 3))
@@ -133,7 +153,25 @@ def _rgb_bands(cube: xr.Dataset) -> list[str]:
 
 
 def plot_true_colour(cube: xr.Dataset, *, time: int = 0, ax: Any = None) -> Any:
-    """Draw the datacube in true colour on ``ax`` (new axes if None), in its CRS."""
+    """Draw the datacube in true colour on ``ax``, in its CRS (2-98 % stretched, see
+    :func:`true_colour`).
+
+    Parameters
+    ----------
+    cube
+        Datacube with ``pixels`` ``[time, band, y, x]`` and ``band`` and ``wavelength``
+        coordinates; red, green and blue are the platform's, else the bands nearest
+        665, 560 and 490 nm.
+    time
+        Position (not a date) of the time step to draw; default the first.
+    ax
+        Matplotlib axes to draw on; default None makes a new figure.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+        The axes drawn on.
+    """
     ax = _axes(ax)
     image = true_colour(cube, time=time)
     geobox = datacube_geobox(cube)
@@ -145,7 +183,23 @@ def plot_true_colour(cube: xr.Dataset, *, time: int = 0, ax: Any = None) -> Any:
 
 def plot_pca(emb: xr.Dataset, *, time: int = 0, ax: Any = None) -> Any:
     """Draw the embeddings' first three principal components as red, green and blue, one
-    cell per chip, in the datacube's CRS (chips not embedded are left blank)."""
+    cell per chip, in the datacube's CRS (chips not embedded are left blank).
+
+    Parameters
+    ----------
+    emb
+        Embeddings Dataset (:func:`xclay.embed`); patch grids are coloured by each chip's
+        mean patch vector.
+    time
+        Position (not a date) of the time step to draw; default the first.
+    ax
+        Matplotlib axes to draw on; default None makes a new figure.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+        The axes drawn on.
+    """
     ax = _axes(ax)
     ax.imshow(pca_colour(emb, time=time), extent=_chip_extent(emb), interpolation="nearest")
     _label(ax, _crs(emb), f"{emb.attrs['model']['name']} embeddings: PCA false colour")
@@ -155,8 +209,30 @@ def plot_pca(emb: xr.Dataset, *, time: int = 0, ax: Any = None) -> Any:
 def plot_similarity(
     emb: xr.Dataset, query: Any, *, time: int = 0, ax: Any = None, cmap: str = "magma"
 ) -> Any:
-    """Draw every chip's cosine similarity to ``query`` (a chip id, a (lon, lat) point or a
-    vector; see :func:`xclay.explore.similar`) as a heat map, the queried chip outlined."""
+    """Draw every chip's cosine similarity to ``query`` as a heat map, the queried chip
+    outlined. The colour scale runs from the 2nd percentile of the scores up to 1.
+
+    Parameters
+    ----------
+    emb
+        Embeddings Dataset (:func:`xclay.embed`); patch grids are compared by each chip's
+        mean patch vector.
+    query
+        A chip id, a (lon, lat) point in degrees or a vector, as :func:`xclay.explore.similar`
+        takes; an id or point is outlined in cyan.
+    time
+        Position (not a date) of the time step whose chips are drawn; default the first.
+        It does not choose the query's time: an id or point with several times is refused.
+    ax
+        Matplotlib axes to draw on; default None makes a new figure.
+    cmap
+        Matplotlib colour map name; default ``"magma"``.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+        The axes drawn on (with a colour bar beside them).
+    """
     from xclay.explore.search import SimilarityIndex
 
     ax = _axes(ax)
@@ -182,7 +258,22 @@ def plot_similarity(
 
 
 def plot_side_by_side(cube: xr.Dataset, emb: xr.Dataset, *, time: int = 0) -> Any:
-    """A figure: the true-colour datacube beside the PCA map of its embeddings, same extent."""
+    """A figure: the true-colour datacube beside the PCA map of its embeddings, same extent.
+
+    Parameters
+    ----------
+    cube
+        Datacube, drawn as :func:`plot_true_colour` draws it.
+    emb
+        Embeddings Dataset of that cube, drawn as :func:`plot_pca` draws it.
+    time
+        Position (not a date) of the time step drawn in both panels; default the first.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure, 12 x 6 inches, its two axes sharing x and y.
+    """
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 6), sharex=True, sharey=True)
