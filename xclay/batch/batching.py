@@ -105,6 +105,20 @@ def chip_windows(grid: ChipGrid, block: Block | None = None) -> tuple[np.ndarray
     the chip grid's own arithmetic, which places every footprint and chip id:
     if the two ever disagree (an xbatcher release that changes its edge rule),
     batching stops here instead of misplacing chips.
+
+    Parameters
+    ----------
+    grid
+        The chip grid: chip size, stride and edge rule over the cube's pixel grid.
+    block
+        The block whose chip rows and columns to enumerate (its time steps play no
+        part); ``None``: the whole grid.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        Top pixel rows ``(n_rows,)`` and left pixel columns ``(n_cols,)``, int64, of the
+        block's chips.
     """
     from xbatcher import BatchSchema
 
@@ -144,9 +158,22 @@ def chip_windows(grid: ChipGrid, block: Block | None = None) -> tuple[np.ndarray
 class BatchPlan:
     """What to batch: which chips (a block of the grid), how many at once, and the filters.
 
-    ``batch_size`` is the number of *accepted* chips per batch, on every path:
-    the encoder is always called with ``batch_size`` chips, except the last
-    call of a block.
+    Parameters
+    ----------
+    grid
+        The chip grid the block's chips belong to.
+    block
+        The chips to read: ranges of time steps, chip rows and chip columns.
+    batch_size
+        The number of *accepted* chips per batch (at least 1), on every path: the
+        encoder is always called with ``batch_size`` chips, except the last call of a
+        block.
+    quality
+        Which chips to keep, by their nodata and pixel-class fractions; default
+        :class:`~xclay.quality.QualityFilter`'s defaults (at most half the pixels nodata).
+    chips
+        Block-shaped ``(time, rows, cols)`` bool: the chips to read; the others are
+        neither read nor counted. ``None``: every chip of the block.
     """
 
     grid: ChipGrid
@@ -172,12 +199,22 @@ class BatchPlan:
 class Batch:
     """Accepted chips of one batch, in a slot of the buffer pool.
 
-    ``pixels[n, band, y, x]`` (the cube's dtype) and ``valid[n, y, x]`` are
-    NumPy arrays for host sources and CuPy arrays for GPU sources;
-    ``index[n]`` holds each chip's ``(t, chip_row, chip_col)`` in the grid;
-    ``scanned`` counts the chips looked at to fill it (accepted or filtered
-    out). The data is in place when the batch is yielded, and stays valid
-    until the consumer asks for the next batch.
+    The data is in place when the batch is yielded, and stays valid until the
+    consumer asks for the next batch.
+
+    Attributes
+    ----------
+    pixels
+        ``[n, band, y, x]`` chips in the cube's dtype: a NumPy array for host sources,
+        a CuPy array for GPU sources (a view of the slot's buffer).
+    valid
+        ``[n, y, x]`` bool, True where a pixel has data; NumPy or CuPy, as ``pixels``.
+    index
+        ``[n, 3]`` int64 (NumPy): each chip's ``(t, chip_row, chip_col)`` in the grid.
+    scanned
+        How many chips were looked at to fill the batch, accepted or filtered out.
+    slot
+        The buffer pool slot that holds the batch.
     """
 
     pixels: Array
@@ -194,14 +231,34 @@ class BufferPool:
     """A fixed set of reusable batch buffers in the source's memory.
 
     A slot goes back with :meth:`release` once the consumer has queued its work
-    on it; when the consumer computes on a CUDA device, the slot is taken
-    again only after that work has finished (an event recorded on the
-    consumer's stream), since neither kvikIO writes nor host writes to pinned
-    memory are ordered on a CUDA stream.
-
-    A session keeps one pool for all its blocks (:meth:`lease` it for each
+    on it. A session keeps one pool for all its blocks (:meth:`lease` it for each
     block's fill loop): batch buffers are hundreds of MB, and fresh ones would
     be faulted in (or pinned) again for every region.
+
+    Parameters
+    ----------
+    xp
+        The source's array module: ``numpy`` (host buffers) or ``cupy`` (device
+        buffers).
+    slots
+        How many batch buffers to make (:func:`iter_batches` makes ``prefetch + 2``).
+    shape
+        ``(batch_size, bands, chip_size, chip_size)``: each slot's pixel buffer; its
+        validity (bool) and class (uint8) buffers are ``(batch_size, chip_size,
+        chip_size)``.
+    dtype
+        The pixels' dtype (the cube's).
+    with_classes
+        Also make a buffer of quality classes per slot (the source reads a ``quality``
+        variable).
+    pin
+        Host pixel buffers in pinned (page-locked) memory, for copies to a GPU; no
+        effect on device buffers. Default: ordinary host memory.
+    cuda_events
+        The consumer computes on a CUDA device: a released slot is taken again only
+        after the work queued on it has finished (an event recorded on the consumer's
+        stream), since neither kvikIO writes nor host writes to pinned memory are
+        ordered on a CUDA stream. Default: a slot is free as soon as it is released.
     """
 
     def __init__(
@@ -297,9 +354,27 @@ def chip_validity(
     """``out[k, y, x]``: pixel ``(y, x)`` of chip ``k`` has data.
 
     A pixel is valid when no band equals ``nodata``, every band is finite, its
-    quality class (``classes[k, y, x]``) is not nodata, and it lies inside the
-    raster: ``outside`` holds, per chip, how many of its last rows and columns
-    reach past the raster (``edges="pad"``).
+    quality class is not nodata, and it lies inside the raster. The result is
+    written into ``out``.
+
+    Parameters
+    ----------
+    xp
+        The arrays' module: ``numpy`` or ``cupy``.
+    pixels
+        ``[k, band, y, x]`` chips in the cube's dtype.
+    classes
+        ``[k, y, x]`` uint8 quality classes (:class:`~xclay.masks.PixelClass`);
+        ``None`` when the cube has none.
+    nodata
+        The pixels' nodata value; ``None`` or a non-finite value: no value is compared
+        (non-finite float values are invalid anyway).
+    out
+        ``[k, y, x]`` bool array the validity is written into.
+    outside
+        Per chip, how many of its last rows and of its last columns reach past the
+        raster (``edges="pad"``): two ``(k,)`` int NumPy arrays. ``None``: every chip
+        lies inside the raster.
     """
     if nodata is not None and np.isfinite(nodata):
         xp.all(pixels != pixels.dtype.type(nodata), axis=1, out=out)
@@ -321,7 +396,15 @@ def chip_validity(
 
 def class_fractions(xp: Any, classes: Array) -> Array:
     """``[k, N_CLASSES]`` float64 fraction of each :class:`PixelClass` in each chip
-    (codes outside the known classes count towards no class)."""
+    (codes outside the known classes count towards no class).
+
+    Parameters
+    ----------
+    xp
+        The module of ``classes`` (``numpy`` or ``cupy``); the result is of the same.
+    classes
+        ``[k, y, x]`` uint8 quality class codes of ``k`` chips.
+    """
     k = classes.shape[0]
     area = classes.shape[1] * classes.shape[2]
     codes = xp.minimum(classes.reshape(k, -1), N_CLASSES).astype(np.int32)
@@ -350,13 +433,33 @@ def iter_batches(
 ) -> Iterator[Batch]:
     """Yield batches of the block's accepted chips in (time, chip row, chip col) order.
 
-    Fills ``quality`` (block-shaped) for every chip scanned; batches hold the
-    chips that pass the plan's :class:`~xclay.quality.QualityFilter`, exactly
-    ``plan.batch_size`` of them except in the last batch. A yielded batch's
+    Batches hold the chips that pass the plan's :class:`~xclay.quality.QualityFilter`,
+    exactly ``plan.batch_size`` of them except in the last batch. A yielded batch's
     buffer is reused once the consumer asks for the next one: use (or copy) it
-    before then. ``pin_memory``: host buffers in pinned memory (feeding a
-    GPU); ``cuda_events``: the consumer computes on a CUDA device (see
-    :class:`BufferPool`); ``buffers``: a pool from :func:`batch_buffers` to reuse.
+    before then.
+
+    Parameters
+    ----------
+    source
+        The reader of chip windows (a :class:`~xclay.protocols.BatchSource`); its array
+        module decides where the buffers are and where validity is computed.
+    plan
+        Which chips to read (a block of the grid), the batch size and the quality filter.
+    quality
+        Block-shaped per-chip quality, filled in (nodata and class fractions) for every
+        chip scanned.
+    prefetch
+        How many batches a background thread reads ahead of the consumer (at least 0;
+        0: no thread, chips are read when the consumer asks). Memory holds
+        ``prefetch + 2`` batches.
+    pin_memory
+        Host buffers in pinned memory (feeding a GPU).
+    cuda_events
+        The consumer computes on a CUDA device: a buffer is reused only once the work
+        queued on it has finished (see :class:`BufferPool`).
+    buffers
+        A pool from :func:`batch_buffers` to reuse; ``None``, or a pool that does not
+        fit ``source`` and ``plan`` or that another loop holds: a new pool is made.
     """
     if prefetch < 0:
         raise DatacubeError(f"prefetch must be >= 0, got {prefetch}.")
@@ -548,9 +651,29 @@ def to_chip_batch(
     """Hand a batch to torch through DLPack: zero-copy for NumPy (CPU) and CuPy (GPU)
     buffers; host buffers feeding a GPU are copied asynchronously from pinned memory.
 
-    ``lonlat`` ``(rows, cols, 2)`` and ``chip_ids`` ``(rows, cols)`` cover a block of
-    the grid whose first chip is at ``origin`` (chip row, chip column); ``times``
-    are the cube's ``(time,)`` datetime64.
+    Parameters
+    ----------
+    batch
+        A batch from :func:`iter_batches`.
+    lonlat
+        ``(rows, cols, 2)`` chip centres in WGS84 degrees, longitude first, of a block
+        of the grid whose first chip is at ``origin``.
+    times
+        The cube's ``(time,)`` datetime64 time steps.
+    device
+        The torch device the encoder runs on: pixels and validity are moved there
+        when their buffers are elsewhere (chip centres always are).
+    chip_ids
+        ``(rows, cols)`` chip ids of the same block as ``lonlat``; ``None``: the batch
+        carries no ids.
+    origin
+        ``(chip row, chip column)`` of the block's first chip in the grid; default
+        ``(0, 0)``: the block starts at the grid's first chip.
+
+    Returns
+    -------
+    ChipBatch
+        The batch's pixels and validity, chip centres and times, and chip ids.
     """
     import torch
 

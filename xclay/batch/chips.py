@@ -75,7 +75,17 @@ class ChipGridSpec:
 
 @dataclass(frozen=True)
 class ChipGrid:
-    """Chip windows over a datacube's pixel grid (``source``)."""
+    """Chip windows over a datacube's pixel grid (``source``).
+
+    :meth:`from_geobox` makes one and refuses a grid that holds no chip.
+
+    Parameters
+    ----------
+    spec
+        How to cut the grid into chips: chip size, stride and edge rule.
+    source
+        The datacube's pixel grid: its shape in pixels, affine transform and CRS.
+    """
 
     spec: ChipGridSpec
     source: GeoBox

@@ -57,11 +57,35 @@ class ChunkRef:
 
 @dataclass(frozen=True)
 class ArrayLayout:
-    """How a Zarr v3 array's chunks lie on disk.
+    """How a Zarr v3 array's chunks lie on disk (:meth:`open` reads it from ``zarr.json``).
 
-    ``chunk_shape`` is the unit read and decoded: the inner chunk of a sharded
-    array. ``compressor`` is ``None``, ``"zstd"`` or ``"blosc"`` (with
-    ``codec_config``).
+    Attributes
+    ----------
+    path
+        The array's directory: its ``zarr.json`` and chunk (or shard) files.
+    shape
+        The array's shape, ``(time, band, y, x)`` for a datacube's pixels.
+    dtype
+        The stored data type, in the byte order of the ``bytes`` codec.
+    chunk_shape
+        The unit read and decoded: the chunk, or the inner chunk of a sharded array.
+    fill_value
+        The value of chunks that were never written.
+    compressor
+        ``None``, ``"zstd"`` or ``"blosc"``.
+    codec_config
+        The compressor's configuration from ``zarr.json`` (empty without one).
+    shard_shape
+        The shape of a shard (the outer chunk grid); ``None``: the array is not sharded.
+    index_at_end
+        The shard index is at the end of each shard file (False: at its start).
+    separator
+        The chunk key separator, ``"/"`` or ``"."`` (as in ``c/0/0/1/2``).
+    checksum
+        Each stored chunk ends with the crc32c of what precedes it.
+    every_chunk_written
+        A missing chunk is damage (:class:`~xclay.errors.DataIntegrityError`), not the
+        fill value: the store says it writes every chunk, and its chunks are checksummed.
     """
 
     path: Path
@@ -290,14 +314,24 @@ def _check_window_layout(layout: ArrayLayout) -> None:
 class DirectWindowReader:
     """Reads chip windows of a ``(time, band, y, x)`` or ``(time, y, x)`` Zarr v3 array into
     host buffers: ``pread`` per chunk, decoded in place; windows may be any size at any
-    place, spanning several chunks, part of one, or reaching past the raster (filled with
-    ``pad_value``).
+    place, spanning several chunks, part of one, or reaching past the raster.
 
     A chunk the window holds whole is decoded straight into ``out`` (or, when the bands
     of a larger window are strided, into a reused buffer and copied in). Chunks that
-    windows only partly cover are decoded once into a cache of ``cache_bytes`` (least
-    recently used first out) and cut from there, so neighbouring chips that share a
-    chunk (chips smaller than chunks, or not aligned with them) decode it once.
+    windows only partly cover are decoded once into a cache (least recently used first
+    out) and cut from there, so neighbouring chips that share a chunk (chips smaller than
+    chunks, or not aligned with them) decode it once.
+
+    Parameters
+    ----------
+    layout
+        The array's chunk layout; :class:`UnsupportedLayout` unless each chunk holds one
+        time step and all bands.
+    pad_value
+        What fills the part of a window past the raster (the nodata value, for pixels).
+    cache_bytes
+        The size of the cache of decoded chunks in bytes (default 256 MiB); it holds at
+        least one chunk.
     """
 
     def __init__(
@@ -549,6 +583,14 @@ class ChipChunks:
     chip size equals the chunk edge and every window starts on a chunk
     boundary: then a batch is one read (and one decode) per chip, the unit both
     the threaded host reader and the GPU reader (:mod:`xclay.batch.gpu`) work in.
+
+    Parameters
+    ----------
+    layout
+        The array's chunk layout, ``(time, band, y, x)`` or ``(time, y, x)``, each chunk
+        one time step with all bands.
+    chip_size
+        Chip edge in pixels; it must equal the chunks' edge in ``y`` and ``x``.
     """
 
     def __init__(self, layout: ArrayLayout, chip_size: int) -> None:

@@ -53,12 +53,31 @@ class KvikioChunkSource(SourceFacts):
     :class:`~xclay.batch.chunkio.UnsupportedLayout`). Per read: one kvikIO ``pread``
     per chunk; uncompressed chunks land in their slot of the batch buffer,
     zstd chunks in a device staging buffer from which one nvCOMP batch call
-    decodes them straight into their slots. ``decode``: ``"auto"`` (nvCOMP
-    where it decodes the codec, else host threads), ``"nvcomp"`` (required),
-    or ``"host"`` (read and decode on the host, one copy per read: the
-    benchmarks' baseline), through ``host``: the same store's host reader
-    (:class:`~xclay.batch.readers.ChunkSource`). :attr:`fallbacks` lists every slower
+    decodes them straight into their slots. :attr:`fallbacks` lists every slower
     road taken.
+
+    Parameters
+    ----------
+    pixels
+        The chunk layout of the store's ``pixels`` array (native byte order; big-endian
+        chunks are :class:`~xclay.batch.chunkio.UnsupportedLayout`).
+    quality
+        The chunk layout of its ``quality`` array; ``None`` when the cube has none.
+    chip_size
+        Chip edge in pixels; it must equal the chunks' edge (one chip per chunk).
+    nodata
+        The pixels' nodata value: it fills the part of a padded window past the raster
+        (``None``: NaN for float pixels, 0 otherwise).
+    threads
+        The run's thread budget: ``threads.io`` sizes kvikIO's thread pool.
+    host
+        The same store's host reader (:class:`~xclay.batch.readers.ChunkSource`): it
+        reads and decodes whatever is decoded on the host.
+    decode
+        ``"auto"`` (nvCOMP where it decodes the codec, else host threads), ``"nvcomp"``
+        (required: an error where it cannot decode the codec), or ``"host"`` (read and
+        decode on the host, one copy per read: the benchmarks' baseline). Uncompressed
+        chunks are never decoded.
     """
 
     def __init__(

@@ -63,7 +63,16 @@ def _pad_value(nodata: float | None, dtype: np.dtype[Any]) -> float:
 
 class WindowSource(SourceFacts):
     """Chip windows of any xarray datacube, one window at a time: NumPy slices for cubes in
-    memory, xarray's lazy indexing (basic slices) for dask-backed or lazily opened ones."""
+    memory, xarray's lazy indexing (basic slices) for dask-backed or lazily opened ones.
+
+    Parameters
+    ----------
+    pixels
+        The cube's ``pixels(time, band, y, x)``; its ``nodata`` attribute (if any) pads
+        windows past the raster and marks invalid pixels.
+    quality
+        The cube's ``quality(time, y, x)`` pixel classes; ``None`` when it has none.
+    """
 
     xp = np
     name = "xarray windows"
@@ -193,8 +202,22 @@ def _host(data: Any) -> np.ndarray:
 class ChunkSource(SourceFacts):
     """Chip windows straight from a datacube store's Zarr v3 chunk files
     (:mod:`xclay.batch.chunkio`): one ``pread`` per chunk, decoded in place by a pool of
-    ``threads`` host threads (``pread`` and zstd/Blosc decoding release the GIL), with
-    windows that span several chunks or reach past the raster handled per chunk."""
+    host threads (``pread`` and zstd/Blosc decoding release the GIL), with windows that
+    span several chunks or reach past the raster handled per chunk.
+
+    Parameters
+    ----------
+    pixels
+        The chunk layout of the store's ``pixels`` array.
+    quality
+        The chunk layout of its ``quality`` array; ``None`` when the cube has none.
+    nodata
+        The pixels' nodata value: it pads windows past the raster (``None``: NaN for
+        float pixels, 0 otherwise).
+    threads
+        Host threads that read and decode chunks (1, the default: the calling thread
+        alone, no pool).
+    """
 
     xp = np
 
@@ -288,8 +311,22 @@ def store_layouts(cube: xr.Dataset) -> tuple[ArrayLayout, ArrayLayout | None]:
 
 
 def resolve_engine(engine: Engine, device: torch.device) -> Literal["zarr", "kvikio"]:
-    """``"auto"`` -> kvikio when the encoder runs on a CUDA device and kvikIO can read
-    there, else zarr; ``"kvikio"`` needs both (a clear error otherwise)."""
+    """The engine an embedding run reads chips with.
+
+    Parameters
+    ----------
+    engine
+        ``"auto"``: kvikio when the encoder runs on a CUDA device and kvikIO can read
+        there, else zarr; ``"kvikio"`` needs both (a :class:`~xclay.errors.DeviceError`
+        otherwise); ``"zarr"``: zarr.
+    device
+        The torch device the encoder runs on.
+
+    Returns
+    -------
+    str
+        ``"zarr"`` or ``"kvikio"``.
+    """
     from xclay.datacube import gpu
 
     if engine not in ("auto", "zarr", "kvikio"):
@@ -337,7 +374,34 @@ def open_batch_source(
     threads: ThreadBudget,
     stride: int | None = None,
 ) -> SourceChoice:
-    """The batch sources for embedding ``cube`` on ``device`` with ``engine``, chosen once."""
+    """The batch sources for embedding ``cube`` on ``device`` with ``engine``, chosen once.
+
+    Parameters
+    ----------
+    cube
+        The datacube: ``pixels`` and, where it has one, ``quality``. Chunks are read
+        directly when both are read unchanged from a Zarr v3 store in a layout
+        :mod:`xclay.batch.chunkio` reads; otherwise chips are read through xarray.
+    chip_size
+        Chip edge in pixels.
+    engine
+        ``"auto"``, ``"zarr"`` or ``"kvikio"`` (see :func:`resolve_engine`).
+    device
+        The torch device the encoder runs on.
+    threads
+        The run's thread budget: ``threads.decode`` host threads read and decode chunks;
+        ``threads.io`` sizes kvikIO's pool.
+    stride
+        Step between chip origins in pixels (``None``: ``chip_size``); it only shapes
+        the note on how chip windows meet the stored chunks.
+
+    Returns
+    -------
+    SourceChoice
+        The source batches are read from, a host source over the same cube, the engine
+        resolved, every slower path taken (each also a
+        :class:`~xclay.errors.DataPathWarning`) and the chunk layout note.
+    """
     resolved = resolve_engine(engine, device)
     fallbacks: list[str] = []
     step = stride or chip_size
