@@ -38,6 +38,13 @@ __all__ = [
 
 
 class PixelClass(IntEnum):
+    """The quality class of a pixel, as a datacube's ``quality`` variable stores it (uint8).
+
+    ``CLEAR`` (0): none of the others. ``NODATA`` (1): no valid observation; also
+    invalid for the encoder. ``CLOUD`` (2), ``CLOUD_SHADOW`` (3), ``HAZE`` (4, thin
+    cirrus) and ``SNOW`` (5, snow or ice). ``PixelClass(2)`` is ``PixelClass.CLOUD``.
+    """
+
     CLEAR = 0
     NODATA = 1
     CLOUD = 2
@@ -76,7 +83,19 @@ def _classify(
 
 
 def decode_scl(scl: xr.DataArray) -> xr.DataArray:
-    """Sentinel-2 L2A SCL -> :class:`PixelClass`."""
+    """Sentinel-2 L2A SCL -> :class:`PixelClass`.
+
+    Parameters
+    ----------
+    scl
+        Scene classification values (NumPy- or dask-backed): 0, 1 -> nodata; 3 ->
+        cloud_shadow; 8, 9 -> cloud; 10 -> haze; 11 -> snow; the others -> clear.
+
+    Returns
+    -------
+    xarray.DataArray
+        uint8 :class:`PixelClass` values, of the shape and coordinates of ``scl``.
+    """
     return _classify(
         scl,
         [
@@ -90,7 +109,20 @@ def decode_scl(scl: xr.DataArray) -> xr.DataArray:
 
 
 def decode_qa_pixel(qa: xr.DataArray) -> xr.DataArray:
-    """Landsat Collection 2 QA_PIXEL -> :class:`PixelClass`."""
+    """Landsat Collection 2 QA_PIXEL -> :class:`PixelClass`.
+
+    Parameters
+    ----------
+    qa
+        QA_PIXEL bit flags (NumPy- or dask-backed): bit 0 -> nodata; 1, 3 -> cloud;
+        4 -> cloud_shadow; 2 -> haze; 5 -> snow; none -> clear. Where several apply,
+        the first of nodata, cloud, cloud_shadow, haze, snow.
+
+    Returns
+    -------
+    xarray.DataArray
+        uint8 :class:`PixelClass` values, of the shape and coordinates of ``qa``.
+    """
     bits = qa.astype(np.int64)
 
     def bit(n: int) -> xr.DataArray:

@@ -253,7 +253,21 @@ class BatchSource(Protocol):
 
 @dataclass(frozen=True)
 class ExportOption:
-    """A keyword option of an output format, as the CLI offers it (``--<name>``)."""
+    """A keyword option of an output format, as the CLI offers it (``--<name>``).
+
+    Parameters
+    ----------
+    default
+        The value when the option is not given (also the CLI flag's default).
+    help
+        One line for ``xclay export --help``.
+    choices
+        The values allowed; ``None`` (default): any value ``type`` accepts.
+    type
+        Converts the flag's text to the option's value (default ``str``).
+    metavar
+        The value's name in ``--help``; ``None`` (default): argparse's own.
+    """
 
     default: Any
     help: str

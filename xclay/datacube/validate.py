@@ -34,7 +34,16 @@ def _check_nodata(nodata: float | None, dtype: np.dtype[Any]) -> None:
 
 
 def validate_datacube(cube: xr.Dataset) -> None:
-    """Raise :class:`DatacubeError` naming the first way ``cube`` breaks the convention."""
+    """Raise :class:`DatacubeError` naming the first way ``cube`` breaks the convention.
+
+    Parameters
+    ----------
+    cube
+        The Dataset to check: ``pixels(time, band, y, x)`` of a numeric dtype, a
+        ``wavelength(band)`` coordinate in micrometres, a CRS, a positive ``gsd``
+        attribute, datetime64 times, unique band names, a nodata value the dtype can
+        hold, and, if present, ``quality(time, y, x)`` uint8.
+    """
     if not isinstance(cube, xr.Dataset):
         raise DatacubeError(
             f"expected a datacube Dataset, got {type(cube).__name__}; build one with "

@@ -69,6 +69,9 @@ def to_cog(
         Only this time step (index).
     blocksize
         Tile edge in cells (a multiple of 16); default: tiles of about 8 MB.
+    overwrite
+        Replace existing files (each only once its new file is complete); by
+        default an existing file is an :class:`~xclay.errors.OutputExistsError`.
     """
     _rasterio()
     if dtype not in get_args(CogDtype):

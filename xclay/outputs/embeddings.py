@@ -39,15 +39,33 @@ EMBEDDINGS_CONVENTION = "xclay-embeddings/1"
 
 @dataclass(frozen=True)
 class EmbeddingsContext:
-    """What the Datasets of every block of one embedding share."""
+    """What the Datasets of every block of one embedding share.
 
-    cube: xr.Dataset  # the datacube embedded
+    Parameters
+    ----------
+    cube
+        The datacube embedded.
+    grid
+        The chip grid cut from it.
+    times
+        The cube's time steps, datetime64[ns].
+    card
+        The encoder's model card, as prepared.
+    config
+        The embedding's configuration (``EmbedConfig``), as stored in the attributes.
+    stretch
+        The thumbnails' colour stretch; ``None`` without thumbnails.
+    data_path
+        How the chips were read (engine, reader, device, threads, fallbacks).
+    """
+
+    cube: xr.Dataset
     grid: ChipGrid
-    times: np.ndarray  # the cube's time steps, datetime64[ns]
-    card: ModelCard  # the encoder as prepared
-    config: dict[str, Any]  # the EmbedConfig, as stored
-    stretch: ThumbnailStretch | None  # the thumbnails' colour stretch, if any
-    data_path: dict[str, Any]  # how the chips were read
+    times: np.ndarray
+    card: ModelCard
+    config: dict[str, Any]
+    stretch: ThumbnailStretch | None
+    data_path: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -290,7 +308,16 @@ def embeddings_attrs(context: EmbeddingsContext, counts: dict[str, int]) -> dict
 
 
 def validate_embeddings(emb: xr.Dataset) -> None:
-    """Raise :class:`DatacubeError` when ``emb`` is not an xclay embeddings Dataset."""
+    """Raise :class:`DatacubeError` when ``emb`` is not an xclay embeddings Dataset.
+
+    Parameters
+    ----------
+    emb
+        The Dataset to check: it needs the ``embedding``, ``embedded`` and
+        ``nodata_fraction`` variables, the per-chip coordinates (``chip_id``,
+        ``lat``, ``lon``, ``row_off``, ``col_off``), ``embedding_scale`` when
+        quantised, and the ``datacube`` and ``config`` attributes.
+    """
     if not isinstance(emb, xr.Dataset) or "embedding" not in emb.data_vars:
         raise DatacubeError(
             "expected an embeddings Dataset (from xclay.embed) with an 'embedding' variable."

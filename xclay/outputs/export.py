@@ -91,9 +91,27 @@ def to_zarr(
     """Write an embeddings Dataset as Zarr v3 (a raster of vectors any GIS can place).
 
     Chunks hold 32 x 32 chips with all features, so reading a region or a
-    single chip's vector touches few files. ``quantize="int8"`` stores int8
-    vectors and a per-vector ``embedding_scale`` (:mod:`xclay.outputs.quantize`);
-    :func:`open_embeddings` restores float32.
+    single chip's vector touches few files.
+
+    Parameters
+    ----------
+    emb
+        An embeddings Dataset (:func:`xclay.embed`, :func:`open_embeddings`).
+    path
+        The Zarr store (a folder) to write; it is written under a temporary name
+        beside it and renamed into place when complete.
+    quantize
+        ``None`` (default): float32 vectors. ``"int8"``: int8 vectors and a
+        per-vector ``embedding_scale`` (:mod:`xclay.outputs.quantize`);
+        :func:`open_embeddings` restores float32.
+    overwrite
+        Replace an existing store at ``path`` (only once the new one is complete);
+        by default an existing ``path`` is an :class:`~xclay.errors.OutputExistsError`.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``, the store written.
     """
     validate_embeddings(emb)
     from xclay.completion import COMPLETE_ATTR, consolidate
@@ -142,10 +160,22 @@ def open_embeddings(
 ) -> xr.Dataset:
     """Open an embeddings Zarr written by :func:`to_zarr` or a run (lazily).
 
-    Quantised stores read as float32 vectors (``dequantize=False``: the stored
-    int8 ``embedding`` and its ``embedding_scale``). A run's store is refused
-    until every region is written, unless ``allow_incomplete`` (regions not
-    written yet read as missing, ``embedded`` False).
+    Parameters
+    ----------
+    path
+        The embeddings Zarr store (the folder holding its ``zarr.json``).
+    dequantize
+        ``True`` (default): quantised stores read as float32 vectors. ``False``:
+        the stored int8 ``embedding`` and its ``embedding_scale``.
+    allow_incomplete
+        Open a run's store before every region is written (regions not written
+        yet read as missing, ``embedded`` False). By default an incomplete store
+        is a :class:`~xclay.errors.DatacubeError`.
+
+    Returns
+    -------
+    xarray.Dataset
+        The embeddings, read from the store only when their values are used.
     """
     store = Path(path)
     if not (store / "zarr.json").is_file():
@@ -171,7 +201,20 @@ def open_embeddings(
 def chip_grid_transform(emb: xr.Dataset) -> Affine:
     """The chip grid as a raster (GeoTIFFs, STAC's ``proj:transform``): cells of the grid's
     step from the first chip's corner, so a chip's cell is its window when chips do not
-    overlap (with a stride, the step's square at its corner)."""
+    overlap (with a stride, the step's square at its corner).
+
+    Parameters
+    ----------
+    emb
+        An embeddings Dataset, or a selection of it; its chips must be a contiguous
+        block of the grid (every step along ``chip_y`` and ``chip_x``), else a
+        :class:`~xclay.errors.DatacubeError`.
+
+    Returns
+    -------
+    affine.Affine
+        The transform from (column, row) cells of the chip grid to the datacube's CRS.
+    """
     grid = emb.attrs["config"]["grid"]
     step = int(grid.get("stride") or grid["chip_size"])
     rows = np.asarray(emb["row_off"].values)
@@ -243,6 +286,22 @@ def create_embeddings_store(
 
     Regions of that size are then written with :func:`write_embeddings_region`, in any
     order and by several processes at once (no two regions share a chunk).
+
+    Parameters
+    ----------
+    layout
+        The whole grid's coords and attributes, and the specs of the variables to
+        create (:class:`EmbeddingsLayout`).
+    path
+        The Zarr store to create (written in place, with ``mode="w"``).
+    region_chips
+        Chunk edge in chips along ``chip_y`` and ``chip_x`` (at most the grid's
+        size); every chunk holds one time step.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``, the store created.
     """
     import zarr
 
@@ -288,9 +347,18 @@ def _default_fill(dtype_name: str) -> Any:
 def write_embeddings_region(
     path: str | os.PathLike[str], block: xr.Dataset, offsets: tuple[int, int, int]
 ) -> None:
-    """Write a block (from :meth:`EmbedSession.dataset`) into the store at ``offsets`` =
-    (time, chip row, chip column) of its first chip: its data variables, and its per-chip
-    coordinates (chip ids, WGS84 centres). The arrays are written concurrently."""
+    """Write a block into the store at ``offsets``: its data variables, and its per-chip
+    coordinates (chip ids, WGS84 centres). The arrays are written concurrently.
+
+    Parameters
+    ----------
+    path
+        The embeddings Zarr, as :func:`create_embeddings_store` created it.
+    block
+        The block's embeddings Dataset (from :meth:`EmbedSession.dataset`).
+    offsets
+        (time, chip row, chip column): the store's indices of the block's first chip.
+    """
     import asyncio
 
     from zarr.api.asynchronous import open_array
@@ -337,22 +405,44 @@ def to_geoparquet(
     Columns: ``id`` (unique per row), ``chip_id`` (per window), ``time``,
     ``start_datetime``/``end_datetime`` (composites), ``embedding``
     (fixed-size list of float32; with ``quantize="int8"`` of int8, and an
-    ``embedding_scale`` column: :func:`read_geoparquet` restores float32), ``geometry`` (WKB polygon, EPSG:4326,
-    longitude first), ``bbox`` (covering struct), ``centre_lat``,
-    ``centre_lon``, ``native_crs``, ``native_footprint`` (WKB in the
-    datacube CRS), ``row_off``/``col_off``/``chip_size`` (pixel window),
+    ``embedding_scale`` column: :func:`read_geoparquet` restores float32),
+    ``geometry`` (WKB polygon, EPSG:4326, longitude first), ``bbox`` (covering
+    struct), ``centre_lat``, ``centre_lon``, ``native_crs``, ``native_footprint``
+    (WKB in the datacube CRS), ``row_off``/``col_off``/``chip_size`` (pixel window),
     ``nodata_fraction``, ``cloud_fraction``, ``cloud_shadow_fraction``,
-    ``haze_fraction``, ``snow_fraction``, ``clear_fraction``, ``loss``
-    (when the embeddings have it), ``thumbnail``
-    (PNG bytes, when the embeddings have thumbnails), ``platform``, ``source_ids``.
+    ``haze_fraction``, ``snow_fraction``, ``clear_fraction``, ``loss`` (when the
+    embeddings have it), ``thumbnail`` (PNG bytes, when the embeddings have
+    thumbnails), ``platform``, ``source_ids``.
     Chips that were not embedded are not written; their count is in the
-    footer's ``run``.
+    footer's ``run``. The footer holds ``geo`` and ``xclay`` (model card, config,
+    datacube, run).
 
-    ``sources``: per row (in row order), the ids of the STAC items behind the
-    chip (default: the datacube's own provenance, for every row). The footer
-    holds ``geo`` and ``xclay`` (model card, config, datacube, run); a run's
-    parts pass ``run_metadata`` instead, a reference to the run's metadata
-    file (read back by :func:`read_footer`), so no part repeats it.
+    Parameters
+    ----------
+    emb
+        An embeddings Dataset (:func:`xclay.embed`, :func:`open_embeddings`);
+        float32 or quantised.
+    path
+        The Parquet file to write; it is written under a temporary name beside it
+        and renamed into place when complete.
+    quantize
+        ``None`` (default): float32 vectors. ``"int8"``: int8 vectors and an
+        ``embedding_scale`` column (:mod:`xclay.outputs.quantize`).
+    overwrite
+        Replace an existing file at ``path`` (only once the new one is complete);
+        by default an existing ``path`` is an :class:`~xclay.errors.OutputExistsError`.
+    sources
+        Per row (in row order, one per embedded chip), the ids of the STAC items
+        behind the chip; default: the datacube's own provenance, for every row.
+    run_metadata
+        Written into the ``xclay`` footer in place of the model card, config,
+        datacube and run: a run's parts pass a reference to the run's metadata
+        file (read back by :func:`read_footer`), so no part repeats it.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``, the file written.
     """
     table = embeddings_table(emb, quantize=quantize, sources=sources, run_metadata=run_metadata)
     dim = emb.sizes["feature"]
@@ -385,6 +475,12 @@ def read_footer(path: str | os.PathLike[str]) -> dict[str, Any]:
     For a part of a run the run's metadata is read from the file the part
     names (checked against its sha256) and merged in; ``part`` says which
     region the file holds.
+
+    Parameters
+    ----------
+    path
+        A GeoParquet file written by xclay: a whole file, or one part of a run's
+        folder (the run's metadata file is looked for beside it).
     """
     import hashlib
 
@@ -416,7 +512,23 @@ def embeddings_table(
     run_metadata: Mapping[str, Any] | None = None,
 ) -> Any:
     """The rows :func:`to_geoparquet` writes, as a ``pyarrow.Table`` with its footer
-    metadata (``geo``, ``xclay``) in the schema."""
+    metadata (``geo``, ``xclay``) in the schema.
+
+    Parameters
+    ----------
+    emb
+        An embeddings Dataset (float32 or quantised); one row per embedded
+        (time, chip).
+    quantize
+        ``None`` (default): float32 vectors. ``"int8"``: int8 vectors and an
+        ``embedding_scale`` column.
+    sources
+        Per row (in row order, one per embedded chip), the ids of the STAC items
+        behind the chip; default: the datacube's own provenance, for every row.
+    run_metadata
+        Put into the ``xclay`` metadata in place of the model card, config,
+        datacube and run (a run's parts: a reference to the run's metadata file).
+    """
     import pyarrow as pa
     import shapely
     from pyproj import CRS as ProjCRS
@@ -610,17 +722,35 @@ def read_geoparquet(
     geodataframe: bool = False,
     partial: bool = False,
 ) -> Any:
-    """Read xclay GeoParquet (a file, or a run's folder of parts) as a ``pyarrow.Table``
-    (``geodataframe=True``: a ``geopandas.GeoDataFrame``, needs geopandas).
+    """Read xclay GeoParquet (a file, or a run's folder of parts) as a ``pyarrow.Table``.
 
     A run's folder (with ``_xclay_run.json``) is refused until the run is complete (its
-    ``_xclay_complete.json``),
-    as :func:`open_embeddings` refuses an unfinished store; ``partial=True`` reads the
-    parts written so far.
+    ``_xclay_complete.json``), as :func:`open_embeddings` refuses an unfinished store.
 
-    Quantised vectors come back as float32 (``dequantize=False``: the stored
-    int8 and ``embedding_scale``). ``columns`` and ``filters`` are
-    :func:`pyarrow.parquet.read_table`'s (e.g. ``[("cloud_fraction", "<", 0.1)]``).
+    Parameters
+    ----------
+    path
+        A GeoParquet file, or a folder of them (a run's parts).
+    columns
+        The columns to read, as :func:`pyarrow.parquet.read_table` takes them;
+        default all.
+    filters
+        Row filters, as :func:`pyarrow.parquet.read_table` takes them
+        (e.g. ``[("cloud_fraction", "<", 0.1)]``); default none.
+    dequantize
+        ``True`` (default): quantised vectors come back as float32. ``False``: the
+        stored int8 ``embedding`` and its ``embedding_scale``.
+    geodataframe
+        Return a ``geopandas.GeoDataFrame`` (needs geopandas) instead of a
+        ``pyarrow.Table``.
+    partial
+        Read the parts of a run that is not complete, as far as they are written.
+
+    Returns
+    -------
+    pyarrow.Table or geopandas.GeoDataFrame
+        The rows; with ``geodataframe=True`` and no ``geometry`` column read, a
+        ``pandas.DataFrame``.
     """
     import pyarrow.parquet as pq
 

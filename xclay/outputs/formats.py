@@ -64,7 +64,14 @@ def register_exporter(exporter: Exporter, *, replace: bool = False) -> None:
 
 
 def get_exporter(name: str) -> Exporter:
-    """The registered output format ``name`` (a :class:`ConfigError` listing them if none)."""
+    """The registered output format ``name`` (a :class:`ConfigError` listing them if none).
+
+    Parameters
+    ----------
+    name
+        A format's name, as ``xclay export --format`` takes it (``"geoparquet"``, ``"cog"``,
+        or one registered with :func:`register_exporter`).
+    """
     try:
         return _REGISTRY[name]
     except KeyError:

@@ -63,6 +63,17 @@ def quantize_int8(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     Vectors with any non-finite element become all :data:`MISSING_INT8` with a
     NaN scale; an all-zero vector gets scale 0.
+
+    Parameters
+    ----------
+    vectors
+        Vectors ``[..., D]`` along the last axis, any float dtype (computed in float32).
+
+    Returns
+    -------
+    q, scale
+        ``q``: ``[..., D]`` int8 in -127..127; ``scale``: ``[...]`` float32, one per
+        vector, so that ``vectors ≈ scale[..., None] * q``.
     """
     v = np.asarray(vectors, dtype=np.float32)
     finite = np.asarray(np.isfinite(v).all(axis=-1))
@@ -76,7 +87,16 @@ def quantize_int8(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """``[..., D]`` int8 and ``[...]`` scale -> float32 vectors (NaN where missing)."""
+    """``[..., D]`` int8 and ``[...]`` scale -> float32 vectors (NaN where missing).
+
+    Parameters
+    ----------
+    q
+        Quantised vectors ``[..., D]`` int8, as :func:`quantize_int8` returns them;
+        elements equal to :data:`MISSING_INT8` come back as NaN.
+    scale
+        One scale per vector, ``[...]`` (the shape of ``q`` without its last axis).
+    """
     q = np.asarray(q)
     out = q.astype(np.float32) * np.asarray(scale, dtype=np.float32)[..., None]
     out[q == MISSING_INT8] = np.nan

@@ -51,7 +51,16 @@ def rgb_bands(
 
 @dataclass(frozen=True)
 class ThumbnailStretch:
-    """Which bands are red, green and blue, and the values mapped to 0 and 255 for each."""
+    """Which bands are red, green and blue, and the values mapped to 0 and 255 for each.
+
+    Parameters
+    ----------
+    bands
+        The names of the red, green and blue bands, in that order.
+    low, high
+        For each of those bands, the value mapped to 0 and the value mapped to 255
+        (values between are stretched linearly; those outside are clipped).
+    """
 
     bands: tuple[str, str, str]
     low: tuple[float, float, float]
@@ -138,7 +147,13 @@ def encode_png(rgba: np.ndarray) -> bytes:
 
 
 def decode_png(data: bytes) -> np.ndarray:
-    """PNG bytes (a GeoParquet ``thumbnail``) -> ``[size, size, 4]`` uint8 RGBA."""
+    """PNG bytes (a GeoParquet ``thumbnail``) -> ``[size, size, 4]`` uint8 RGBA.
+
+    Parameters
+    ----------
+    data
+        The PNG file's bytes; images that are not RGBA are converted to it.
+    """
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
