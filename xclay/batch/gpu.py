@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -222,21 +222,8 @@ class KvikioChunkSource(SourceFacts):
                     stream=self._cupy.cuda.get_current_stream(),
                 )
             return
-        files = _Files(self._kvikio)
-        try:
-            futures = []
-            for k, ref in present:
-                slot = target[k].view(self._cupy.uint8).ravel()
-                futures.append(files.open(ref.path).pread(slot, slot.nbytes, ref.offset))
-            for future, (_, ref) in zip(futures, present, strict=True):
-                got = future.get()
-                if got != nbytes:
-                    raise DataIntegrityError(
-                        f"{ref.path}: chunk cut short ({got} of {nbytes} bytes); the datacube "
-                        "is damaged."
-                    )
-        finally:
-            files.close()
+        slots = [(ref, target[k].view(self._cupy.uint8).ravel()) for k, ref in present]
+        pread_chunks(self._kvikio, slots)
 
     def _read_checked(
         self, present: list[tuple[int, ChunkRef]], layout: ArrayLayout
@@ -247,26 +234,7 @@ class KvikioChunkSource(SourceFacts):
         checksum)."""
         from xclay.batch.chunkio import crc32c_matches
 
-        sizes = [_encoded_size(ref) for _, ref in present]
-        starts = np.concatenate([[0], np.cumsum([-(-s // 16) * 16 for s in sizes])]).astype(
-            np.int64
-        )
-        host = self._pinned_bytes(int(starts[-1]))
-        files = _Files(self._kvikio)
-        try:
-            futures = [
-                files.open(ref.path).pread(
-                    host[starts[i] : starts[i] + sizes[i]], sizes[i], ref.offset
-                )
-                for i, (_, ref) in enumerate(present)
-            ]
-            for future, size, (_, ref) in zip(futures, sizes, present, strict=True):
-                if future.get() != size:
-                    raise DataIntegrityError(
-                        f"{ref.path}: chunk cut short; the datacube is damaged."
-                    )
-        finally:
-            files.close()
+        host, starts, sizes = self._read_encoded(present, self._pinned_bytes)
         for i, (_, ref) in enumerate(present):
             chunk = host[starts[i] : starts[i] + sizes[i]]
             if sizes[i] < 4 or not crc32c_matches(chunk[:-4], chunk[-4:]):
@@ -276,6 +244,21 @@ class KvikioChunkSource(SourceFacts):
                     "ingest)."
                 )
         return host, starts, sizes
+
+    def _read_encoded(
+        self, present: list[tuple[int, ChunkRef]], buffer: Callable[[int], Any]
+    ) -> tuple[Any, np.ndarray, list[int]]:
+        """The chunks' stored bytes side by side in one buffer (``buffer(nbytes)``: pinned
+        host memory or device staging), each at a 16-byte aligned start: the buffer, the
+        starts, and each chunk's stored size."""
+        sizes = [_encoded_size(ref) for _, ref in present]
+        starts = aligned_starts(sizes)
+        into = buffer(int(starts[-1]))
+        pread_chunks(
+            self._kvikio,
+            [(ref, into[starts[i] : starts[i] + sizes[i]]) for i, (_, ref) in enumerate(present)],
+        )
+        return into, starts, sizes
 
     def _pinned_bytes(self, nbytes: int) -> np.ndarray:
         buffer = getattr(self._local, "pinned", None)
@@ -303,27 +286,7 @@ class KvikioChunkSource(SourceFacts):
             staging[: int(starts[-1])].set(host[: int(starts[-1])], stream=stream)
             payloads = [s - 4 for s in sizes]  # the stored bytes without their checksum
         else:
-            sizes = [_encoded_size(ref) for _, ref in present]
-            # 16-byte aligned starts: what nvCOMP asks of the buffers it decodes from.
-            starts = np.concatenate([[0], np.cumsum([-(-s // 16) * 16 for s in sizes])]).astype(
-                np.int64
-            )
-            staging = self._staging(int(starts[-1]))
-            files = _Files(self._kvikio)
-            try:
-                futures = [
-                    files.open(ref.path).pread(
-                        staging[starts[i] : starts[i] + sizes[i]], sizes[i], ref.offset
-                    )
-                    for i, (_, ref) in enumerate(present)
-                ]
-                for future, size, (_, ref) in zip(futures, sizes, present, strict=True):
-                    if future.get() != size:
-                        raise DataIntegrityError(
-                            f"{ref.path}: encoded chunk cut short; the datacube is damaged."
-                        )
-            finally:
-                files.close()
+            staging, starts, sizes = self._read_encoded(present, self._staging)
             payloads = sizes
         codec = self._codec(nvcomp, stream.ptr)
         encoded = nvcomp.as_arrays(
@@ -396,6 +359,31 @@ def _set_kvikio_threads(kvikio: Any, threads: int) -> int:
     except Exception as err:  # an older kvikIO: keep its pool, say so
         log.info("kvikIO thread pool left as it is: %s", err)
         return -1
+
+
+def aligned_starts(sizes: Sequence[int]) -> np.ndarray:
+    """Where each of chunks of ``sizes`` bytes starts in one buffer, 16-byte aligned (what
+    nvCOMP asks of the buffers it decodes from); the last entry is the buffer's length."""
+    padded = [-(-size // 16) * 16 for size in sizes]
+    return np.concatenate([[0], np.cumsum(padded, dtype=np.int64)]).astype(np.int64)
+
+
+def pread_chunks(kvikio: Any, reads: Sequence[tuple[ChunkRef, Any]]) -> None:
+    """Read each chunk's stored bytes into its buffer (host or device memory, filled whole)
+    with kvikIO, every read in flight at once on its thread pool; a shard file is opened
+    once. A short read is a :class:`~xclay.errors.DataIntegrityError` naming the file."""
+    files = _Files(kvikio)
+    try:
+        futures = [files.open(ref.path).pread(buf, buf.nbytes, ref.offset) for ref, buf in reads]
+        for future, (ref, buf) in zip(futures, reads, strict=True):
+            got = future.get()
+            if got != buf.nbytes:
+                raise DataIntegrityError(
+                    f"{ref.path}: chunk cut short ({got} of {buf.nbytes} bytes at byte "
+                    f"{ref.offset}); the datacube is damaged."
+                )
+    finally:
+        files.close()
 
 
 def _encoded_size(ref: ChunkRef) -> int:
