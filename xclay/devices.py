@@ -86,11 +86,16 @@ def cpu_has_fast_bf16() -> bool:
 class ComputePrecision:
     """How an encoder computes, resolved for a device.
 
-    ``name``: ``fp32`` (strict), ``tf32`` (fp32 storage, TF32 tensor-core matmuls on
-    CUDA), ``bf16`` (bf16 matmuls, fp32 norms and accumulation), ``fp8`` (a
-    transformer's linear layers in FP8 e4m3 with per-row scales and fp32
-    accumulation, the rest bf16). ``emulated``: FP8 computed exactly as on the GPU
-    but with fp32 matrix products (CPU tests and accuracy checks; slow).
+    Parameters
+    ----------
+    name
+        ``fp32`` (strict), ``tf32`` (fp32 storage, TF32 tensor-core matmuls on CUDA),
+        ``bf16`` (bf16 matmuls, fp32 norms and accumulation), ``fp8`` (a transformer's
+        linear layers in FP8 e4m3 with per-row scales, or per-tensor ones where the GPU
+        cannot scale per row, and fp32 accumulation; the rest bf16).
+    emulated
+        FP8 computed exactly as on the GPU but with fp32 matrix products (CPU tests
+        and accuracy checks; slow). Default ``False``: FP8 on tensor cores.
     """
 
     name: Literal["fp32", "tf32", "bf16", "fp8"]
@@ -122,9 +127,29 @@ class ComputePrecision:
 def resolve_precision(
     precision: Precision, device: torch.device, preferred: Precision
 ) -> ComputePrecision:
-    """The precision to compute in; ``"auto"`` takes the model's preference where the
-    device runs it fast (bf16 on CUDA and on CPUs with AMX/AVX512-BF16). ``tf32`` and
-    ``fp8`` are GPU modes: asking for them elsewhere is an error naming what to use."""
+    """The precision to compute in.
+
+    ``tf32`` and ``fp8`` are GPU modes: asking for them elsewhere is a
+    :class:`~xclay.errors.DeviceError` naming what to use.
+
+    Parameters
+    ----------
+    precision
+        The precision asked for: ``"auto"``, ``"fp32"``, ``"tf32"``, ``"bf16"`` or
+        ``"fp8"`` (``fp8`` needs compute capability 8.9 or newer). ``"auto"`` takes
+        the model's preference where the device runs it fast (bf16 on CUDA and on
+        CPUs with AMX/AVX512-BF16), else fp32.
+    device
+        The torch device the encoder will run on.
+    preferred
+        The model's preferred precision (its ``preferred_precision``); used only
+        with ``"auto"``, where only ``"bf16"`` changes the result.
+
+    Returns
+    -------
+    ComputePrecision
+        The resolved precision (never emulated).
+    """
     if precision not in PRECISIONS:
         raise DeviceError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
     if precision == "auto":

@@ -345,6 +345,16 @@ class EmbedSession:
     grid happen once, here; :meth:`embed_block` then costs what its block
     costs. Distributed runs rebuild the prepared encoder on every worker from
     its model card and embed their own blocks.
+
+    Parameters
+    ----------
+    cube
+        A datacube, or its ``pixels``; it is validated here.
+    encoder
+        The encoder (e.g. :func:`xclay.models.get_model`); it is prepared for
+        ``cube`` in place.
+    config
+        Every setting of the embedding (:func:`embed_config`).
     """
 
     def __init__(
@@ -612,7 +622,21 @@ class EmbedSession:
 def input_spec(
     cube: xr.Dataset, source: BatchSource, chip_size: int, batch_size: int = 0
 ) -> InputSpec:
-    """What an encoder is told about ``cube`` when its chips are read through ``source``."""
+    """What an encoder is told about ``cube`` when its chips are read through ``source``.
+
+    Parameters
+    ----------
+    cube
+        A validated datacube: its bands, wavelengths, ``gsd`` and ``platform``
+        attributes are passed on.
+    source
+        The batch source that reads its chips: it gives the pixels' nodata value
+        and dtype.
+    chip_size
+        Chip edge in pixels.
+    batch_size
+        Chips per ``encode`` call at most; default 0: not known.
+    """
     return InputSpec(
         platform=cube.attrs.get("platform") or None,
         bands=tuple(str(b) for b in cube["band"].values),

@@ -26,13 +26,30 @@ GATES: dict[str, dict[str, float]] = {
 
 @dataclass(frozen=True)
 class Agreement:
-    """The figures of one comparison, and whether they pass the precision's gate."""
+    """The figures of one comparison, and whether they pass the precision's gate.
+
+    Attributes
+    ----------
+    precision
+        The precision compared with strict fp32 (``"bf16"``, ``"tf32"``, ``"fp8"``):
+        the key of its gate in :data:`GATES` (a name without a gate always passes).
+    chips
+        How many chips were compared.
+    cosine_min, cosine_median
+        The least and the median, over the chips, of the cosine similarity of each
+        chip's two vectors.
+    knn10_recall
+        Mean share of each chip's ``k`` nearest other chips (by cosine; ``k`` is 10
+        unless :func:`agreement` is given another) under the reference that are also
+        among its ``k`` nearest under the other precision; ``None`` when there are
+        ``k`` chips or fewer.
+    """
 
     precision: str
     chips: int
     cosine_min: float
     cosine_median: float
-    knn10_recall: float | None  # None with 11 chips or fewer
+    knn10_recall: float | None  # None with k (10) chips or fewer
 
     @property
     def failures(self) -> list[str]:
@@ -55,7 +72,28 @@ class Agreement:
 
 
 def agreement(reference: np.ndarray, other: np.ndarray, precision: str, k: int = 10) -> Agreement:
-    """Compare ``other`` ``[n, d]`` with ``reference`` ``[n, d]`` (rows: the same chips)."""
+    """Compare ``other`` ``[n, d]`` with ``reference`` ``[n, d]`` (rows: the same chips).
+
+    Parameters
+    ----------
+    reference
+        ``[n, d]`` embeddings of ``n`` chips computed in strict fp32 (any further axes are
+        flattened into ``d``; figures are computed in float64).
+    other
+        ``[n, d]`` embeddings of the same chips, in the same order, in the precision
+        compared; the same shape as ``reference`` (else a :class:`ValueError`).
+    precision
+        Name of the compared precision (``"bf16"``, ``"tf32"``, ``"fp8"``); it chooses
+        the gate :attr:`Agreement.failures` checks.
+    k
+        Neighbours per chip for the nearest-neighbour recall; default 10, the count
+        the gates assume. The recall is computed only with more than ``k`` chips.
+
+    Returns
+    -------
+    Agreement
+        The figures, with the precision's gate.
+    """
     ref = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1)
     oth = np.asarray(other, dtype=np.float64).reshape(len(other), -1)
     if ref.shape != oth.shape or len(ref) == 0:

@@ -102,7 +102,19 @@ class PixelHead(nn.Module):
 
 
 class ClayDecoder(nn.Module):
-    """The Clay MAE decoder: encoder tokens of the unmasked patches -> pixels of every patch."""
+    """The Clay MAE decoder: encoder tokens of the unmasked patches -> pixels of every patch.
+
+    Parameters
+    ----------
+    encoder_dim
+        Width of the encoder's tokens (1024 for Clay v1.5); when it differs from
+        ``size.dim`` a linear layer projects them to the decoder's width.
+    size
+        The decoder's hyper-parameters (:class:`DecoderSize`, e.g. read off a
+        checkpoint with :meth:`DecoderSize.of_state_dict`).
+    patch_size
+        Patch edge in pixels; default 8, Clay v1.5's.
+    """
 
     def __init__(self, encoder_dim: int, size: DecoderSize, patch_size: int = 8) -> None:
         super().__init__()

@@ -34,7 +34,21 @@ def quantize(x: torch.Tensor, scaling: Scaling = "row") -> tuple[torch.Tensor, t
 
 
 class FP8Linear(nn.Module):
-    """A frozen :class:`torch.nn.Linear` in FP8 (inference only); outputs bf16."""
+    """A frozen :class:`torch.nn.Linear` in FP8 (inference only); outputs bf16.
+
+    Parameters
+    ----------
+    linear
+        The layer to convert: its weight is quantised to e4m3 (with its scales) and
+        its bias, if any, kept in bf16. The layer itself is left unchanged.
+    scaling
+        ``"row"``: one scale per row of the weight and of each input (per output
+        feature and per token); ``"tensor"``: one scale per tensor, for GPUs whose
+        FP8 kernels cannot scale per row (see :func:`fp8_scaling`).
+    emulate
+        Multiply the same quantised operands in fp32 instead of on FP8 tensor cores:
+        runs on any device, the CPU twin of the GPU product (slow).
+    """
 
     weight: torch.Tensor
     weight_scale: torch.Tensor

@@ -109,7 +109,15 @@ _plugins_loaded = False
 
 def register_model(info: ModelInfo) -> None:
     """Add (or replace) a registry entry in this process (other processes, such as Dask
-    workers, find models declared as ``xclay.models`` entry points instead)."""
+    workers, find models declared as ``xclay.models`` entry points instead).
+
+    Parameters
+    ----------
+    info
+        The entry; it replaces any entry of the same ``info.name``, built-in ones
+        included. Anything but a :class:`ModelInfo` is refused with a
+        :class:`~xclay.errors.ModelError`.
+    """
     if not isinstance(info, ModelInfo):
         raise ModelError(f"register_model takes a ModelInfo, got {type(info).__name__}.")
     _REGISTRY[info.name] = info
@@ -122,7 +130,16 @@ def list_models() -> list[str]:
 
 
 def get_model_info(name: str) -> ModelInfo:
-    """The registry entry for ``name``."""
+    """The registry entry for ``name``.
+
+    Parameters
+    ----------
+    name
+        A registry name (as :func:`list_models` lists them). A name not yet
+        registered makes the registry load the installed plug-ins first; one still
+        unknown is refused with a :class:`~xclay.errors.ModelError` listing the
+        available names.
+    """
     if name not in _REGISTRY:
         load_plugins()
     try:
@@ -136,9 +153,21 @@ def get_model_info(name: str) -> ModelInfo:
 
 def load_plugins(*, again: bool = False) -> list[str]:
     """Register the models installed packages declare under the ``xclay.models``
-    entry-point group (once per process, or ``again``); returns the names added. A
-    plug-in that fails to load, or that would replace a built-in model, is left out
-    with a :class:`~xclay.errors.PluginWarning` naming it."""
+    entry-point group (once per process, unless ``again``). A plug-in that fails to
+    load, or that would replace a built-in model, is left out with a
+    :class:`~xclay.errors.PluginWarning` naming it.
+
+    Parameters
+    ----------
+    again
+        Read the entry points even if this process already has (e.g. after installing
+        a plug-in). By default only the first call reads them; later calls add nothing.
+
+    Returns
+    -------
+    list of str
+        The names of the models this call registered (empty when it read nothing).
+    """
     global _plugins_loaded
     if _plugins_loaded and not again:
         return []
