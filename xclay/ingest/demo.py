@@ -129,8 +129,21 @@ def demo_composite(
 def demo_land_cover(size: int = 2048, *, seed: int = 0, gap_fraction: float = 0.03) -> np.ndarray:
     """The land-cover class map behind :func:`demo_composite` (same size and seed).
 
-    ``[y, x]`` uint8 indices into :data:`LAND_COVER_CLASSES`; 255 where the
-    composite has a gap (nodata).
+    Parameters
+    ----------
+    size
+        Edge of the square scene in pixels, as in :func:`demo_composite`.
+    seed
+        The seed the scene is drawn from, as in :func:`demo_composite`.
+    gap_fraction
+        Approximate fraction of pixels with no cloud-free view (nodata), as in
+        :func:`demo_composite`.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``[y, x]`` uint8 indices into :data:`LAND_COVER_CLASSES`; 255 where the
+        composite has a gap (nodata).
     """
     scene = _scene(size, seed, gap_fraction)
     return np.where(scene.gaps, np.uint8(255), scene.classes)

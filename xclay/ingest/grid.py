@@ -42,7 +42,30 @@ def plan_grid(
     max_pixels: int = MAX_PIXELS,
 ) -> GridPlan:
     """The grid of a request: CRS (given, the items' common one, or the UTM zone of the
-    area's centre), extent (``bbox`` in lon/lat, else the items' union), resolution."""
+    area's centre), extent (``bbox`` in lon/lat, else the items' union), resolution.
+
+    Parameters
+    ----------
+    items
+        The STAC items the grid is for; at least one.
+    resolution
+        Pixel size in the target CRS's units (metres for a projected CRS, degrees for a
+        geographic one). When it equals the items' own resolution in their shared CRS
+        and grid, the grid is their own pixel grid, without resampling.
+    crs
+        Target CRS (anything ``odc.geo.CRS`` reads: ``"EPSG:32633"``, ``32633``); default
+        the items' common ``proj:epsg`` or ``proj:code``, else the UTM zone of the
+        area's centre.
+    bbox
+        Area (west, south, east, north) in degrees; default the items' union.
+    max_pixels
+        Refuse grids with more pixels than this (a units mistake, not a request).
+
+    Returns
+    -------
+    GridPlan
+        The grid (``geobox``), the ids of ``items`` and the area in lon/lat.
+    """
     from odc.geo import CRS
     from odc.geo.geobox import GeoBox
     from odc.geo.geom import BoundingBox

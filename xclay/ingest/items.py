@@ -45,7 +45,16 @@ COLLECTION_PLATFORMS = {
 
 def load_items(source: Any) -> list[pystac.Item]:
     """Items from a list of Items, an ItemCollection, an ItemSearch, or a path to an
-    ItemCollection/FeatureCollection JSON, a catalog.json, or an Item JSON."""
+    ItemCollection/FeatureCollection JSON, a catalog.json, or an Item JSON.
+
+    Parameters
+    ----------
+    source
+        One Item, an iterable of Items, an ItemCollection, a pystac-client ItemSearch (or
+        any object with an ``items()`` method, such as a catalog), or the path (str or
+        path-like) of an item collection, item or catalog JSON file; a catalog's items
+        are read recursively.
+    """
     require_io()
     import pystac
 

@@ -225,8 +225,36 @@ def datacube_template(
     arithmetic. Its pixels are lazy zeros: it describes a datacube store to create
     (:func:`xclay.datacube.create_datacube_store`) before regions fill it.
 
-    ``days`` (``composite="none"``) and ``time_range`` (composites) are as in
-    :func:`from_stac`; a run passes its own.
+    Parameters
+    ----------
+    items
+        The STAC items the datacube would be made of (already selected: they are not
+        filtered); at least one.
+    bands
+        Band names as the items name them (asset keys, ``eo:bands`` names or common
+        names); they name the cube's bands.
+    geobox
+        The datacube's pixel grid.
+    composite
+        ``"median"`` or ``"first-valid"`` (one composite, no time dimension) or
+        ``"none"`` (one time step per acquisition day), as in :func:`from_stac`.
+    mask
+        ``"auto"``, ``None`` or ``"none"``, or a mask kind, as in :func:`from_stac`: it
+        decides whether the datacube has quality classes.
+    platform
+        Sensor-table key; default from the items' collection id or ``platform``.
+    wavelengths
+        Band wavelengths in micrometres when neither the platform nor the items'
+        ``eo:bands`` give them.
+    time_range
+        With a composite: its time range, as in :func:`from_stac` (a run passes its
+        own); default an unknown time (NaT).
+    days
+        With ``composite="none"``: the run's time steps, solar day -> time coordinate,
+        as in :func:`from_stac` (a run passes its own); default one time step of
+        unknown time (NaT).
+    provenance
+        Provenance to record (``attrs["provenance"]``); default none.
     """
     require_io()
     import dask.array as dask_array

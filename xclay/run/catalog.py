@@ -48,8 +48,19 @@ CATALOG = "stac"
 
 
 def write_catalog(outdir: str | os.PathLike[str]) -> Path:
-    """(Re)write the STAC description of a complete run in ``outdir``; returns the
-    collection's path."""
+    """(Re)write the STAC description of a complete run in ``outdir``.
+
+    Parameters
+    ----------
+    outdir
+        The run's output folder (``outputs.dir``), with its state (``_xclay/run.json``)
+        and complete embeddings stores; the catalog is written to its ``stac/`` folder.
+
+    Returns
+    -------
+    Path
+        The collection's path, ``<outdir>/stac/collection.json``.
+    """
     from xclay.outputs.export import open_embeddings
 
     out = Path(outdir)

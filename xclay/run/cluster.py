@@ -22,8 +22,30 @@ def client_for(
     cluster: str | None, scheduler: str | None, device: str, *, threads: int | None = None
 ) -> tuple[Any, int | None]:
     """A Dask client for ``--cluster local:N`` or ``--scheduler ADDRESS``, and the torch threads
-    each task should use (``threads``, default: the cores shared among the workers);
-    ``(None, None)`` to run in this process."""
+    each task should use.
+
+    Parameters
+    ----------
+    cluster
+        ``"local:N"``: a local cluster of N worker processes (on a GPU device, with
+        dask-cuda installed, one worker per GPU, at most N). ``None``: no local cluster.
+    scheduler
+        The address of a running Dask scheduler to connect to; it takes precedence over
+        ``cluster``. ``None``: none.
+    device
+        The run's ``compute.device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``);
+        anything but ``"cpu"`` asks for a GPU cluster when there is a GPU.
+    threads
+        Torch threads per task on a local CPU cluster; default the cores shared among
+        the workers.
+
+    Returns
+    -------
+    tuple
+        The client and the torch threads per task (``None``: the workers' own);
+        ``(None, None)`` when neither ``cluster`` nor ``scheduler`` is given (run in
+        this process).
+    """
     if cluster is None and scheduler is None:
         return None, None
     try:

@@ -44,7 +44,17 @@ _GEO = {
 
 
 class ItemIndex:
-    """STAC items with their footprints and dates, queryable by area and day."""
+    """STAC items with their footprints and dates, queryable by area and day.
+
+    Build one with :meth:`from_items` or :meth:`load`.
+
+    Parameters
+    ----------
+    table
+        A pyarrow Table with one row per item and the sidecar's columns (``id``,
+        ``collection``, ``datetime``, ``solar_day``, ``west``/``south``/``east``/``north``,
+        ``geometry`` as WKB in EPSG:4326, ``item`` JSON), as :meth:`from_items` builds it.
+    """
 
     def __init__(self, table: Any) -> None:
         import shapely

@@ -40,8 +40,33 @@ log = logging.getLogger(__name__)
 class RunReport:
     """What a run did (or, when incomplete, how far it got and what failed).
 
-    ``data_path``: how the regions read their chips (``readers``) and every
-    slower road they had to take (``fallbacks``), over all workers.
+    Attributes
+    ----------
+    plan
+        The plan the run followed.
+    outputs
+        Output name -> path: ``datacube``, ``embeddings`` (one path per zone, joined with
+        commas), ``geoparquet``, ``items`` (STAC input only) and, when no region failed,
+        ``stac`` (the catalog's collection).
+    seconds
+        Wall-clock seconds per phase (``plan``, ``ingest``, ``embed``) that ran.
+    run
+        Chip counts summed over the finished embedding regions (``chips_total``,
+        ``chips_embedded``, ``chips_skipped_nodata``, ...); empty before any.
+    status
+        ``"complete"``, or ``"incomplete"`` when regions failed.
+    failed
+        One entry per failed region: its ``region`` name (``"?"`` for a lost task) and the
+        first line of its ``reason``.
+    resumed
+        Whether the run resumed a previous run of the same spec (keeping its finished
+        regions).
+    data_path
+        How the regions read their chips (``readers``) and every slower road they had
+        to take (``fallbacks``), over all workers.
+    model
+        The encoder as prepared: name and embedding length; empty when nothing was
+        embedded.
     """
 
     plan: RunPlan
@@ -659,7 +684,24 @@ def _describe(spec: RunSpec) -> None:
 
 
 def ingest(spec: RunSpec, *, client: Any = None, progress: bool | None = None) -> RunReport:
-    """Step 1 alone: STAC items -> datacube Zarr (resumable, like :func:`run`)."""
+    """Step 1 alone: STAC items -> datacube Zarr (resumable, like :func:`run`).
+
+    Parameters
+    ----------
+    spec
+        A validated run spec (:func:`xclay.run.load_spec`); with an input datacube there
+        is nothing to ingest.
+    client
+        A ``distributed.Client``: regions run as tasks on its workers. ``None``:
+        in this process, one after another.
+    progress
+        Progress bars (``None``: on an interactive terminal).
+
+    Returns
+    -------
+    RunReport
+        What the step did; ``status`` is ``"incomplete"`` when regions failed.
+    """
     resolved = plan(spec)
     preflight(spec, resolved)
     state, resumed = _start(spec, resolved, None)
@@ -670,7 +712,25 @@ def ingest(spec: RunSpec, *, client: Any = None, progress: bool | None = None) -
 
 
 def embed_step(spec: RunSpec, *, client: Any = None, progress: bool | None = None) -> RunReport:
-    """Step 2 alone: datacube Zarr -> embeddings Zarr and GeoParquet parts (after step 1)."""
+    """Step 2 alone: datacube Zarr -> embeddings Zarr and GeoParquet parts (after step 1).
+
+    Parameters
+    ----------
+    spec
+        A validated run spec (:func:`xclay.run.load_spec`); its datacubes must be
+        complete (ingested, or the input datacube).
+    client
+        A ``distributed.Client``: regions run as tasks on its workers. ``None``:
+        in this process, one after another.
+    progress
+        Progress bars (``None``: on an interactive terminal).
+
+    Returns
+    -------
+    RunReport
+        What the step did; ``status`` is ``"incomplete"`` when regions failed. When none
+        failed, the run's STAC description is written too.
+    """
     from xclay.completion import is_complete
 
     resolved = plan(spec)

@@ -29,10 +29,45 @@ __all__ = ["RunPlan", "plan"]
 class RunPlan:
     """What a run will do, resolved without reading pixels.
 
-    ``zones``: the grids (one datacube each); ``days``: with ``composite:
-    none``, solar day -> time coordinate of each time step; ``time_range``: a
-    composite's range; ``chips``: chips in the area over all zones and time
-    steps (for zones tiled by UTM, an estimate from the cells' areas).
+    Attributes
+    ----------
+    source
+        ``"stac"`` (items to ingest) or ``"datacube"`` (an existing datacube to embed).
+    items
+        The run's STAC items, indexed; ``None`` for an input datacube.
+    bands
+        Band names, in the datacube's order.
+    platform
+        Sensor-table key, or ``None`` when unknown.
+    zones
+        The grids (one datacube each): one, or one per UTM zone cell.
+    resolution
+        Pixel size in the grids' CRS units (metres for UTM).
+    time_steps
+        Time steps of the datacube (1 for a composite).
+    chips
+        Chips in the area over all zones and time steps (for zones tiled by UTM, an
+        estimate from the cells' areas).
+    area_km2
+        The zones' area in square kilometres (NaN on a geographic CRS).
+    bytes_estimate
+        Bytes of pixels to read and write (ingestion's reads and the datacube's writes;
+        for an input datacube, its pixels).
+    bbox_lonlat
+        The area (west, south, east, north) in degrees.
+    dtype
+        The pixels' dtype name (e.g. ``"uint16"``).
+    days
+        With ``composite: none``, solar day -> time coordinate of each time step;
+        otherwise ``None``.
+    time_range
+        A composite's range (``input.datetime``, else the items' own range); ``None`` with
+        ``composite: none``, for an input datacube, or when neither gives one.
+    tiled
+        Whether the zones are tiled by UTM zone.
+    notes
+        Remarks printed with the plan (e.g. that the area spans several UTM zones, or
+        that ``edges: drop`` leaves pixels out).
     """
 
     source: str  # "stac" or "datacube"

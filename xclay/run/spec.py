@@ -124,7 +124,33 @@ class OutputSettings:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """A validated run spec. ``base`` is the folder relative paths are resolved from."""
+    """A validated run spec (``docs/run-spec.md`` describes its fields).
+
+    Parameters
+    ----------
+    input
+        What to embed: STAC items to ingest (``input.stac`` and how to ingest them), or
+        an existing datacube (``input.datacube``).
+    grid
+        The pixel and chip grid: resolution, CRS, chip size, stride, edges, sharding,
+        compression and the pixel limit.
+    outputs
+        Where the outputs go (``outputs.dir``), their names, and what they store.
+    model
+        The encoder: registry name, checkpoint, output and options; default ``rcf``.
+    compute
+        How to embed: device, engine, batch size, precision, prefetch and region size;
+        default the spec's defaults (``auto`` device, engine, batch size and precision).
+    quality
+        Which chips to embed, by their pixel-class fractions; default skip chips more
+        than half nodata.
+    name
+        A label, stored with the outputs.
+    version
+        The spec format version (1).
+    base
+        The folder relative paths are resolved from (the spec file's folder).
+    """
 
     input: InputSettings
     grid: GridSettings
@@ -176,7 +202,19 @@ class RunSpec:
 
 
 def load_spec(path: str | os.PathLike[str]) -> RunSpec:
-    """Read and validate a YAML run spec."""
+    """Read and validate a YAML run spec.
+
+    Parameters
+    ----------
+    path
+        The spec's YAML file; relative paths in it are resolved from its folder.
+
+    Returns
+    -------
+    RunSpec
+        The validated spec. An invalid one raises :class:`SpecError`, naming the file,
+        the field and what is allowed.
+    """
     import yaml
 
     file = Path(path)

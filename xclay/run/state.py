@@ -42,7 +42,23 @@ BUCKET = 1000  # markers per folder
 @dataclass(frozen=True)
 class Region:
     """One unit of work: a zone, a time step and a rectangle (pixels for ingest, chips for
-    embed) of that zone's grid."""
+    embed) of that zone's grid.
+
+    Attributes
+    ----------
+    phase
+        ``"ingest"`` or ``"embed"``.
+    zone
+        The zone's index in the run's zones.
+    index
+        The region's number within its phase and zone, over all time steps; with the
+        phase and zone it names the region (:attr:`name`).
+    time
+        The time step's index.
+    rows, cols
+        The rectangle's ``(start, stop)`` rows and columns (stop excluded): pixels of the
+        zone's grid for ingest, chips of its chip grid for embed.
+    """
 
     phase: Phase
     zone: int
@@ -113,7 +129,14 @@ def fingerprint(values: Mapping[str, Any]) -> str:
 
 
 class RunState:
-    """The state folder of a run (``<outputs.dir>/_xclay``)."""
+    """The state folder of a run (``<outputs.dir>/_xclay``).
+
+    Parameters
+    ----------
+    outdir
+        The run's output folder (``outputs.dir``); the state lives in its ``_xclay``
+        folder, which need not exist yet.
+    """
 
     def __init__(self, outdir: str | os.PathLike[str]) -> None:
         self.root = Path(outdir) / "_xclay"

@@ -40,8 +40,15 @@ UTM_SOUTH, UTM_NORTH = -80.0, 84.0  # the latitudes UTM is defined for
 class Zone:
     """One grid of a run: a datacube and its embeddings.
 
-    ``tag`` names its stores and parts (``EPSG32719``); ``cell`` is the lon/lat
-    polygon the zone owns (None: all of its grid, when the run has one zone).
+    Parameters
+    ----------
+    tag
+        Names its stores and parts (``EPSG32719``).
+    geobox
+        The zone's pixel grid.
+    cell
+        The lon/lat polygon (shapely) the zone owns; default ``None``: all of its grid,
+        when the run has one zone.
     """
 
     tag: str
@@ -114,8 +121,25 @@ def utm_cells(bbox: tuple[float, float, float, float]) -> list[tuple[str, Any]]:
 
 
 def utm_zones(bbox: tuple[float, float, float, float], resolution: float, step: int) -> list[Zone]:
-    """The area in a lon/lat ``bbox`` tiled by UTM zone: one grid per cell, covering it,
-    with ``resolution`` metre pixels and its origin on the lattice of ``step`` pixels."""
+    """The area in a lon/lat ``bbox`` tiled by UTM zone: one grid per cell, covering it.
+
+    Parameters
+    ----------
+    bbox
+        The area (west, south, east, north) in degrees, within UTM's latitudes (80 S to
+        84 N); otherwise ``ValueError``.
+    resolution
+        Pixel size in metres.
+    step
+        The chip step in pixels (the stride, else the chip size): each grid's origin is
+        a multiple of ``step * resolution`` in its zone's coordinates.
+
+    Returns
+    -------
+    list of Zone
+        One zone per cell (the part of a 6-degree UTM zone north or south of the equator
+        in ``bbox``), west to east, north before south.
+    """
     zones = []
     for code, cell in utm_cells(bbox):
         geobox = lattice_geobox(cell, code, resolution, step)
