@@ -71,7 +71,7 @@ def test_the_reference_lists_what_it_should() -> None:
 @pytest.mark.parametrize("dotted", ENTRIES)
 def test_every_parameter_is_documented(dotted: str) -> None:
     obj = _resolve(dotted)
-    if not callable(obj) or isinstance(obj, type) and issubclass(obj, BaseException):
+    if not callable(obj) or (isinstance(obj, type) and issubclass(obj, BaseException)):
         return  # constants and errors take no documented parameters
     if getattr(obj, "_is_protocol", False):
         return  # a protocol is not constructed: its methods say what they take

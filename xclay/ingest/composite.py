@@ -96,6 +96,8 @@ def _nanmedian(values: np.ndarray) -> np.ndarray:
 
 
 def composite_range(datetime: str | None, times: np.ndarray) -> tuple[np.datetime64, np.datetime64]:
+    """The composite's time range: ``datetime``'s ends where given, else the first and
+    last acquisition of ``times``."""
     start, end = parse_time_range(datetime)
     lo = np.datetime64(start.replace(tzinfo=None), "ns") if start else times.min()
     hi = np.datetime64(end.replace(tzinfo=None), "ns") if end else times.max()

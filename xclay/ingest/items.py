@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 
 def require_io() -> None:
+    """Refuse STAC work without odc-stac and pystac (the ``io`` extra), saying how to get them."""
     try:
         import odc.stac  # noqa: F401
         import pystac  # noqa: F401
@@ -234,6 +235,8 @@ def filter_items(
 
 
 def parse_time_range(value: str | None) -> tuple[dt.datetime | None, dt.datetime | None]:
+    """``"start/end"`` (ISO dates or datetimes, ``..`` or empty for an open end; a single
+    date is that whole day) as UTC datetimes, None for an open end or no range."""
     if not value:
         return None, None
     parts = value.split("/") if "/" in value else [value, value]
@@ -279,6 +282,9 @@ def item_solar_day(item: pystac.Item) -> dt.date | None:
 
 
 def platform_of(items: Sequence[pystac.Item]) -> str | None:
+    """The sensor-table key of the items: the first item's ``platform`` property or
+    collection id that names a known platform (collection ids mapped by
+    ``COLLECTION_PLATFORMS``); None when none does."""
     known = set(list_platforms())
     for item in items:
         for candidate in (item.properties.get("platform"), item.collection_id):
@@ -336,6 +342,9 @@ def band_metadata(items: Sequence[pystac.Item], bands: Sequence[str]) -> tuple[A
 def item_wavelengths(
     items: Sequence[pystac.Item], bands: Sequence[str], platform: str | None
 ) -> list[float] | None:
+    """Central wavelengths (micrometres) of ``bands`` from the items' ``eo:bands``; None
+    when the platform's sensor table knows every band (:func:`xclay.as_datacube` takes them
+    from there) or when the items do not give them all."""
     if platform:
         sensor = get_sensor(platform)
         if all(b in sensor.band_names for b in bands):
@@ -359,6 +368,7 @@ def item_wavelengths(
 
 
 def check_local_hrefs(items: Sequence[pystac.Item], bands: Sequence[str]) -> None:
+    """Refuse items whose local asset files for ``bands`` are missing, naming the first."""
     for item in items:
         for key, asset in item.assets.items():
             eo_names = {e.get("name") for e in asset.extra_fields.get("eo:bands") or []}
@@ -374,6 +384,7 @@ def check_local_hrefs(items: Sequence[pystac.Item], bands: Sequence[str]) -> Non
 
 
 def union_bbox(items: Sequence[pystac.Item]) -> tuple[float, float, float, float]:
+    """The (west, south, east, north) degrees that hold every item's bbox."""
     boxes = np.array([i.bbox for i in items if i.bbox], dtype=float)
     if boxes.size == 0:
         raise IngestError("the items have no bbox; pass bbox= (west, south, east, north).")

@@ -32,6 +32,7 @@ from xclay.batch.chips import Edges
 from xclay.batch.readers import Engine
 from xclay.devices import PRECISIONS
 from xclay.errors import SpecError
+from xclay.ingest.grid import MAX_PIXELS
 from xclay.models.clay import Output as ClayOutput
 from xclay.outputs.quantize import QUANTIZATIONS
 from xclay.quality import QualityFilter
@@ -59,6 +60,9 @@ __all__ = [
 
 @dataclass(frozen=True)
 class StacSource:
+    """The spec's ``input.stac``: STAC items from a file or an API search. Each field is in
+    docs/run-spec.md's table of fields."""
+
     items: str | None = None
     api: str | None = None
     collections: tuple[str, ...] = ()
@@ -68,6 +72,9 @@ class StacSource:
 
 @dataclass(frozen=True)
 class InputSettings:
+    """The spec's ``input``: what to embed (STAC items to composite, or a datacube store). Each field is in
+    docs/run-spec.md's table of fields."""
+
     stac: StacSource | None = None
     datacube: str | None = None  # embed this existing datacube store (no ingest)
     bands: tuple[str, ...] | None = None
@@ -81,6 +88,9 @@ class InputSettings:
 
 @dataclass(frozen=True)
 class GridSettings:
+    """The spec's ``grid``: the pixel grid, the chips and the datacube store's layout. Each field is in
+    docs/run-spec.md's table of fields."""
+
     resolution: float | None = None  # needed to ingest from STAC
     crs: str | None = None  # a CRS, "utm" (tiled by UTM zone), or None (see xclay.run.plan)
     chip_size: int = 256
@@ -88,11 +98,14 @@ class GridSettings:
     edges: Edges = "drop"
     shard_chips: int | None = None
     compression: Compression = "zstd"
-    max_pixels: int = 250_000_000_000
+    max_pixels: int = MAX_PIXELS
 
 
 @dataclass(frozen=True)
 class ModelSettings:
+    """The spec's ``model``: the encoder, its weights and options. Each field is in
+    docs/run-spec.md's table of fields."""
+
     name: str = "rcf"
     checkpoint: str | None = None
     output: str | None = None
@@ -101,6 +114,9 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class ComputeSettings:
+    """The spec's ``compute``: device, read engine, batches, precision, regions. Each field is in
+    docs/run-spec.md's table of fields."""
+
     device: str = "auto"
     engine: Engine = "auto"
     batch_size: int | Literal["auto"] = "auto"
@@ -111,6 +127,9 @@ class ComputeSettings:
 
 @dataclass(frozen=True)
 class OutputSettings:
+    """The spec's ``outputs``: where and what is written. Each field is in
+    docs/run-spec.md's table of fields."""
+
     dir: str
     datacube: str = "cube.zarr"
     embeddings: str = "embeddings.zarr"
@@ -481,7 +500,7 @@ class _Reader:
                 d.get("compression", "zstd"), "grid.compression", ("zstd", "lz4", "none")
             ),
             max_pixels=self.number(
-                d.get("max_pixels", 250_000_000_000), "grid.max_pixels", integer=True, positive=True
+                d.get("max_pixels", MAX_PIXELS), "grid.max_pixels", integer=True, positive=True
             ),
         )
 
