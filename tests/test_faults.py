@@ -18,7 +18,7 @@ import xarray as xr
 
 import xclay
 from xclay.batch.chunkio import ArrayLayout, ChunkLocator
-from xclay.datacube import is_complete
+from xclay.datacube import Compression, is_complete
 from xclay.errors import (
     CheckpointError,
     DatacubeError,
@@ -49,7 +49,7 @@ def _one_clear_line(result: subprocess.CompletedProcess[str], *needles: str) -> 
         assert needle in lines[0], lines[0]
 
 
-def _cube(tmp_path: Path, compression: str = "zstd", shard: int | None = 2) -> Path:
+def _cube(tmp_path: Path, compression: Compression = "zstd", shard: int | None = 2) -> Path:
     """A 4 x 4-chip datacube on disk (sharded by 2 x 2 chips by default)."""
     cube = random_cube((1, 3, 4 * CHIP, 4 * CHIP), seed=3)
     return xclay.write_datacube(
@@ -85,7 +85,7 @@ def _chunk(cube: Path, index: tuple[int, ...]) -> tuple[Path, int, int]:
     ("compression", "shard"), [("zstd", 2), ("zstd", None), ("none", 2), ("none", None), ("lz4", 2)]
 )
 def test_a_damaged_chunk_fails_its_region_and_nothing_is_marked_complete(
-    tmp_path: Path, compression: str, shard: int | None
+    tmp_path: Path, compression: Compression, shard: int | None
 ) -> None:
     cube = _cube(tmp_path, compression, shard)
     path, offset, size = _chunk(cube, (0, 0, 2, 3))
@@ -169,8 +169,11 @@ def test_a_store_without_checksums_opens_with_a_warning(tmp_path: Path) -> None:
 
     cube = _cube(tmp_path, "zstd", None)
     group = zarr.open_group(cube, mode="r+")
-    values = group["pixels"][...]
-    attrs = {k: v for k, v in group["pixels"].attrs.items() if k != "xclay_integrity"}
+    pixels = group["pixels"]
+    assert isinstance(pixels, zarr.Array)
+    values = pixels[...]
+    assert isinstance(values, np.ndarray)
+    attrs = {k: v for k, v in pixels.attrs.items() if k != "xclay_integrity"}
     del group["pixels"]
     from zarr.codecs import ZstdCodec
 
@@ -383,6 +386,23 @@ def test_a_corrupt_checkpoint_fails_the_dry_run(tmp_path: Path) -> None:
     result = _xclay("run", str(spec), "--dry-run")
     assert result.returncode == 1 and "not a readable Clay checkpoint" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_any_corrupt_checkpoint_bytes_are_a_checkpoint_error(tmp_path: Path) -> None:
+    """Random bytes fail torch.load in many ways (an IndexError from the unpickler once made
+    the CLI print a traceback): every one is a CheckpointError."""
+    from xclay.models.checkpoints import read_torch_file
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "broken.ckpt"
+    for _ in range(300):
+        size = int(rng.integers(1, 4096))
+        data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+        if rng.random() < 0.5:  # a pickle's opening bytes, to get deeper into the unpickler
+            data = b"\x80\x02" + data
+        path.write_bytes(data)
+        with pytest.raises(CheckpointError, match="not a readable Clay checkpoint"):
+            read_torch_file(path, model="Clay")
 
 
 def test_a_checkpoint_of_another_architecture_fails_the_dry_run(tmp_path: Path) -> None:

@@ -49,7 +49,7 @@ def read_torch_file(path: str | os.PathLike[str], *, model: str, mmap: bool = Fa
             f"{file} is not a readable {model} checkpoint ({str(err).splitlines()[-1][:200]}); it "
             "may be truncated or corrupt: download or save it again."
         ) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+    except Exception as err:  # corrupt bytes fail in many ways (IndexError, KeyError, struct.error)
         raise CheckpointError(
             f"{file} is not a readable {model} checkpoint ({type(err).__name__}: {err}); it may be "
             "truncated or corrupt: download or save it again."
