@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,8 +18,8 @@ from xclay.errors import ConfigError, DatacubeError, DeviceError, ModelError
 from .helpers import random_cube
 
 
-def _embed(cube: xr.Dataset, **kw) -> xr.Dataset:
-    options = {"chip_size": 64, "batch_size": 4, "progress": False}
+def _embed(cube: xr.Dataset, **kw: Any) -> xr.Dataset:
+    options: dict[str, Any] = {"chip_size": 64, "batch_size": 4, "progress": False}
     options.update(kw)
     model = options.pop("model", None) or xclay.models.get_model(
         "rcf", num_filters=16, sample_chips=6
@@ -288,7 +289,7 @@ def test_infinite_and_nan_pixels_are_never_embedded() -> None:
     cube["pixels"].values[0, 0, 32:40, :32] = -np.inf  # chip (1, 0): a quarter -inf
     emb = _embed(cube, chip_size=32, quality={"max_nodata": 0.5})
     assert emb["embedded"].values[0].tolist() == [[False, False], [True, True]]
-    np.testing.assert_allclose(emb["nodata_fraction"].values[0], [[1, 1], [0.25, 0]])
+    np.testing.assert_allclose(emb["nodata_fraction"].values[0], [[1.0, 1.0], [0.25, 0.0]])
     assert np.isfinite(emb["embedding"].values[0, 1]).all()
     assert np.isnan(emb["embedding"].values[0, 0]).all()
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
+
+if TYPE_CHECKING:
+    from pystac import Item
 
 pystac = pytest.importorskip("pystac", reason="needs xclay[io]")
 rasterio = pytest.importorskip("rasterio", reason="needs xclay[io]")
@@ -18,10 +22,13 @@ from xclay.datacube import datacube_geobox
 from xclay.ingest import IngestError, from_stac, load_items, plan_grid, stac_item
 from xclay.masks import PixelClass
 
-from .helpers import OLINDA_BANDS, OLINDA_WAVELENGTHS
+from .helpers import OLINDA_BANDS, OLINDA_WAVELENGTHS, raster
 
 S2_BANDS = ["blue", "green", "red", "nir"]
 ORIGIN = (500000.0, 9650000.0)  # UTM 20S, near Manaus
+
+# the items, the pixels [date, band, y, x] and the SCL [date, y, x]
+S2Series = tuple[list["Item"], np.ndarray, np.ndarray]
 
 
 def write_tif(
@@ -30,8 +37,8 @@ def write_tif(
     *,
     crs: str = "EPSG:32720",
     res: float = 10.0,
-    origin=ORIGIN,
-    nodata=None,
+    origin: tuple[float, float] = ORIGIN,
+    nodata: float | None = None,
 ) -> Path:
     data = data if data.ndim == 3 else data[None]
     with rasterio.open(
@@ -45,7 +52,7 @@ def write_tif(
 @pytest.fixture(scope="module")
 def s2_series(
     tmp_path_factory: pytest.TempPathFactory,
-) -> tuple[list[pystac.Item], np.ndarray, np.ndarray]:
+) -> S2Series:
     """Three Sentinel-2-like dates, per-band assets and an SCL mask, 40 x 48 px at 10 m.
 
     Returns the items, the pixels [date, band, y, x] and the SCL [date, y, x].
@@ -94,7 +101,9 @@ def test_olinda_from_stac_equals_the_geotiff_on_its_own_grid(olinda_tif: Path) -
     item = stac_item(olinda_tif, bands=OLINDA_BANDS, wavelengths=OLINDA_WAVELENGTHS)
     cube = from_stac([item], bands=OLINDA_BANDS, resolution=28.5)
     direct = xclay.as_datacube(
-        rioxarray.open_rasterio(olinda_tif), bands=OLINDA_BANDS, wavelengths=OLINDA_WAVELENGTHS
+        raster(rioxarray.open_rasterio(olinda_tif)),
+        bands=OLINDA_BANDS,
+        wavelengths=OLINDA_WAVELENGTHS,
     )
     assert datacube_geobox(cube) == datacube_geobox(direct)  # the file's grid, exactly
     np.testing.assert_array_equal(cube["pixels"].values, direct["pixels"].values)
@@ -104,7 +113,7 @@ def test_olinda_from_stac_equals_the_geotiff_on_its_own_grid(olinda_tif: Path) -
     assert source["id"] == "L7_ETMs" and len(source["assets"]["data"]["sha256"]) == 64
 
 
-def test_median_composite_leaves_out_masked_observations(s2_series) -> None:
+def test_median_composite_leaves_out_masked_observations(s2_series: S2Series) -> None:
     items, pixels, scl = s2_series
     cube = from_stac(items, bands=S2_BANDS, resolution=10.0, composite="median")
     assert cube.attrs["platform"] == "sentinel-2-l2a"
@@ -132,7 +141,7 @@ def test_median_composite_leaves_out_masked_observations(s2_series) -> None:
     ]
 
 
-def test_first_valid_composite_takes_the_earliest_clear_observation(s2_series) -> None:
+def test_first_valid_composite_takes_the_earliest_clear_observation(s2_series: S2Series) -> None:
     items, pixels, _scl = s2_series
     cube = from_stac(items, bands=S2_BANDS, resolution=10.0, composite="first-valid")
     got = cube["pixels"].values[0]
@@ -144,7 +153,9 @@ def test_first_valid_composite_takes_the_earliest_clear_observation(s2_series) -
     assert (got[:, 38, 2] == 0).all() and cube["quality"].values[0, 38, 2] == PixelClass.NODATA
 
 
-def test_no_composite_keeps_each_acquisition_with_its_mask(s2_series, tmp_path: Path) -> None:
+def test_no_composite_keeps_each_acquisition_with_its_mask(
+    s2_series: S2Series, tmp_path: Path
+) -> None:
     items, pixels, _scl = s2_series
     cube = from_stac(items, bands=S2_BANDS, resolution=10.0, composite="none")
     assert cube.sizes["time"] == 3
@@ -165,10 +176,11 @@ def test_no_composite_keeps_each_acquisition_with_its_mask(s2_series, tmp_path: 
     assert emb.attrs["run"]["chips_skipped_cloud"] >= 3
 
 
-def test_resampled_onto_a_coarser_grid_in_another_crs(s2_series) -> None:
+def test_resampled_onto_a_coarser_grid_in_another_crs(s2_series: S2Series) -> None:
     items, _, _ = s2_series
     cube = from_stac(items, bands=S2_BANDS, resolution=20.0, crs="EPSG:32721", composite="median")
     gb = datacube_geobox(cube)
+    assert gb.crs is not None
     assert gb.crs.epsg == 32721 and gb.resolution.x == 20
     values = cube["pixels"].values[0]
     quality = cube["quality"].values[0]
@@ -179,7 +191,7 @@ def test_resampled_onto_a_coarser_grid_in_another_crs(s2_series) -> None:
     assert (values[:, quality == PixelClass.NODATA] == 0).all()
 
 
-def test_items_from_files_and_catalogs(s2_series, tmp_path: Path) -> None:
+def test_items_from_files_and_catalogs(s2_series: S2Series, tmp_path: Path) -> None:
     items, _, _ = s2_series
     collection = pystac.ItemCollection(items)
     collection.save_object(dest_href=str(tmp_path / "items.json"))
@@ -195,7 +207,7 @@ def test_items_from_files_and_catalogs(s2_series, tmp_path: Path) -> None:
     )
 
 
-def test_missing_band_lists_what_the_items_have(s2_series) -> None:
+def test_missing_band_lists_what_the_items_have(s2_series: S2Series) -> None:
     items, _, _ = s2_series
     with pytest.raises(
         IngestError,
@@ -204,7 +216,7 @@ def test_missing_band_lists_what_the_items_have(s2_series) -> None:
         from_stac(items, bands=["red", "swir16"], resolution=10.0)
 
 
-def test_empty_search(s2_series) -> None:
+def test_empty_search(s2_series: S2Series) -> None:
     items, _, _ = s2_series
     with pytest.raises(IngestError, match="the search is empty"):
         from_stac(items, bands=S2_BANDS, resolution=10.0, datetime="2020-01-01/2020-12-31")
@@ -212,7 +224,7 @@ def test_empty_search(s2_series) -> None:
         from_stac([], bands=S2_BANDS, resolution=10.0)
 
 
-def test_asset_pointing_nowhere(s2_series) -> None:
+def test_asset_pointing_nowhere(s2_series: S2Series) -> None:
     items, _, _ = s2_series
     broken = items[0].clone()
     broken.assets["red"].href = "/data/not/here/red.tif"
@@ -231,7 +243,9 @@ def test_asset_pointing_nowhere(s2_series) -> None:
         ({"resolution": 0.01, "max_pixels": 10_000}, "more than max_pixels"),
     ],
 )
-def test_absurd_grids_are_refused_before_reading(s2_series, kw: dict, message: str) -> None:
+def test_absurd_grids_are_refused_before_reading(
+    s2_series: S2Series, kw: dict, message: str
+) -> None:
     items, _, _ = s2_series
     with pytest.raises(IngestError, match=message):
         plan_grid(items, **kw)
@@ -260,6 +274,7 @@ def test_mixed_resolutions_and_crs_land_on_one_grid(tmp_path: Path) -> None:
         [a, b], bands=["red", "nir"], resolution=10.0, crs="EPSG:32720", composite="none"
     )
     gb = datacube_geobox(cube)
+    assert gb.crs is not None
     assert gb.crs.epsg == 32720 and gb.resolution.x == 10
     px = cube["pixels"].values  # [time, band, y, x]
     first = px[0][:, (px[0] != 0).all(axis=0)]

@@ -8,9 +8,14 @@ GeoTIFF's own transform, read with rasterio, not with xclay's code.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
+import xarray as xr
+
+if TYPE_CHECKING:
+    import geopandas as gpd
 
 rasterio = pytest.importorskip("rasterio", reason="needs xclay[io]")
 rioxarray = pytest.importorskip("rioxarray", reason="needs xclay[io]")
@@ -21,18 +26,23 @@ from pyproj import Transformer
 
 import xclay
 
-from .helpers import OLINDA_BANDS, OLINDA_WAVELENGTHS
+from .helpers import OLINDA_BANDS, OLINDA_WAVELENGTHS, raster
 
 CHIP = 32
 
+# the embeddings, and the GeoDataFrame read back from their GeoParquet
+Olinda = tuple[xr.Dataset, "gpd.GeoDataFrame"]
+
 
 @pytest.fixture(scope="module")
-def olinda(olinda_tif: Path, tmp_path_factory: pytest.TempPathFactory):
+def olinda(olinda_tif: Path, tmp_path_factory: pytest.TempPathFactory) -> Olinda:
     import geopandas as gpd
     import rioxarray
 
     cube = xclay.as_datacube(
-        rioxarray.open_rasterio(olinda_tif), bands=OLINDA_BANDS, wavelengths=OLINDA_WAVELENGTHS
+        raster(rioxarray.open_rasterio(olinda_tif)),
+        bands=OLINDA_BANDS,
+        wavelengths=OLINDA_WAVELENGTHS,
     )
     model = xclay.models.get_model("rcf", num_filters=32, sample_chips=16)
     emb = xclay.embed(
@@ -42,7 +52,7 @@ def olinda(olinda_tif: Path, tmp_path_factory: pytest.TempPathFactory):
     return emb, gpd.read_parquet(path)
 
 
-def test_every_chip_footprint_is_the_source_pixel_window(olinda_tif: Path, olinda) -> None:
+def test_every_chip_footprint_is_the_source_pixel_window(olinda_tif: Path, olinda: Olinda) -> None:
     emb, gdf = olinda
     with rasterio.open(olinda_tif) as src:
         to_wgs84 = Transformer.from_crs(src.crs, "EPSG:4326", always_xy=True)
@@ -59,7 +69,7 @@ def test_every_chip_footprint_is_the_source_pixel_window(olinda_tif: Path, olind
             np.testing.assert_allclose(native, np.column_stack([xs, ys]), rtol=0, atol=1e-6)
 
 
-def test_chips_lie_over_olinda_latitude_first(olinda) -> None:
+def test_chips_lie_over_olinda_latitude_first(olinda: Olinda) -> None:
     emb, gdf = olinda
     # Olinda, Pernambuco: about 8.0 S, 34.9 W.
     assert gdf["centre_lat"].between(-8.2, -7.8).all()
@@ -73,7 +83,7 @@ def test_chips_lie_over_olinda_latitude_first(olinda) -> None:
     np.testing.assert_allclose(np.sort(emb["lat"].values.ravel()), np.sort(gdf["centre_lat"]))
 
 
-def test_padded_edge_chips_count_their_outside_as_nodata(olinda) -> None:
+def test_padded_edge_chips_count_their_outside_as_nodata(olinda: Olinda) -> None:
     emb, _gdf = olinda
     # 352 x 349 px in 32 px chips: the last row holds 0 rows of data beyond 352 = 11 * 32 exactly,
     # the last column 349 - 320 = 29 of 32 columns.
@@ -82,7 +92,7 @@ def test_padded_edge_chips_count_their_outside_as_nodata(olinda) -> None:
     assert (emb["nodata_fraction"].values[0, :, :-1] == 0).all()  # the file has no nodata value
 
 
-def test_embeddings_separate_land_from_sea(olinda) -> None:
+def test_embeddings_separate_land_from_sea(olinda: Olinda) -> None:
     """The Atlantic is east of Olinda: chips over sea must embed unlike chips over land."""
     _emb, gdf = olinda
     vec = np.stack(gdf["embedding"].to_numpy())
@@ -94,7 +104,9 @@ def test_embeddings_separate_land_from_sea(olinda) -> None:
     assert within > across
 
 
-def test_int8_vectors_keep_the_direction_of_real_imagery_vectors(olinda, tmp_path: Path) -> None:
+def test_int8_vectors_keep_the_direction_of_real_imagery_vectors(
+    olinda: Olinda, tmp_path: Path
+) -> None:
     emb, _gdf = olinda
     vectors = emb["embedding"].values[emb["embedded"].values]
     path = xclay.to_zarr(emb, tmp_path / "i8.zarr", quantize="int8")

@@ -25,9 +25,9 @@ from xclay.batch.batching import (
     make_sampler,
     to_chip_batch,
 )
-from xclay.batch.chips import ChipGrid, ChipGridSpec
+from xclay.batch.chips import ChipGrid, ChipGridSpec, Edges
 from xclay.batch.readers import ChunkSource, WindowSource, open_batch_source, store_layouts
-from xclay.datacube import datacube_geobox
+from xclay.datacube import Compression, datacube_geobox
 from xclay.devices import ThreadBudget
 from xclay.masks import PixelClass
 from xclay.protocols import BatchSource
@@ -232,7 +232,7 @@ def test_batch_size_counts_accepted_chips_on_every_path(tmp_path: Path) -> None:
 @pytest.mark.parametrize("shard", [None, 2])
 @pytest.mark.parametrize("prefetch", [0, 2])
 def test_every_reader_gives_the_same_batches_bit_for_bit(
-    tmp_path: Path, compression: str, shard: int | None, prefetch: int
+    tmp_path: Path, compression: Compression, shard: int | None, prefetch: int
 ) -> None:
     cube = _quality_cube()
     path = xclay.write_datacube(
@@ -243,7 +243,7 @@ def test_every_reader_gives_the_same_batches_bit_for_bit(
     reference = ArraySource(cube["pixels"].values, cube["quality"].values, 0)
     expected, expected_quality = _collect(reference, plan)
     assert 0 < sum(len(b[2]) for b in expected) < plan.total_chips  # the filter bites
-    sources = {
+    sources: dict[str, BatchSource] = {
         "xarray, in memory": WindowSource(cube["pixels"], cube["quality"]),
         "xarray, dask": WindowSource(
             cube["pixels"].chunk({"x": 45}), cube["quality"].chunk({"x": 45})
@@ -379,7 +379,9 @@ def test_sampler_is_reproducible_and_skips_mostly_empty_chips() -> None:
         ((64, 64), 64, None, "drop"),
     ],
 )
-def test_xbatcher_windows_are_the_chip_grid(shape, size, stride, edges) -> None:
+def test_xbatcher_windows_are_the_chip_grid(
+    shape: tuple[int, int], size: int, stride: int | None, edges: Edges
+) -> None:
     cube = random_cube((1, 1, *shape))
     spec = ChipGridSpec(chip_size=size, stride=stride, edges=edges)
     grid = ChipGrid.from_geobox(datacube_geobox(cube), spec)
@@ -422,8 +424,11 @@ def test_source_choice_on_the_cpu(tmp_path: Path) -> None:
     from zarr.codecs import TransposeCodec
 
     group = zarr.open_group(tmp_path / "c.zarr", mode="r+")
-    values = group["pixels"][...]
-    attrs = dict(group["pixels"].attrs)
+    stored = group["pixels"]
+    assert isinstance(stored, zarr.Array)
+    values = stored[...]
+    assert isinstance(values, np.ndarray)
+    attrs = dict(stored.attrs)
     del group["pixels"]
     group.create_array(
         "pixels", data=values, chunks=(1, 2, 32, 32), filters=[TransposeCodec(order=(0, 1, 3, 2))],

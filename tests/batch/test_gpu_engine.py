@@ -6,6 +6,7 @@ CUDA (see conftest). Needs only the core and ``gpu`` dependencies."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,8 +16,10 @@ import xclay
 from tests.helpers import random_cube
 from xclay.batch.batching import BatchPlan, Block, iter_batches
 from xclay.batch.chips import ChipGrid, ChipGridSpec
+from xclay.batch.gpu import Decode
 from xclay.batch.readers import ChunkSource, store_layouts
-from xclay.datacube import datacube_geobox
+from xclay.datacube import Compression, datacube_geobox
+from xclay.protocols import BatchSource
 from xclay.quality import ChipQuality, QualityFilter
 
 pytestmark = [
@@ -36,7 +39,7 @@ def _cube() -> xr.Dataset:
     return xclay.as_datacube(cube, quality=xr.DataArray(classes, dims=("y", "x")))
 
 
-def _batches(source, plan: BatchPlan, **kw) -> tuple[list, ChipQuality]:
+def _batches(source: BatchSource, plan: BatchPlan, **kw: Any) -> tuple[list, ChipQuality]:
     quality = ChipQuality.empty(plan.block.shape, with_classes=True)
     out = []
     for b in iter_batches(source, plan, quality, **kw):
@@ -52,7 +55,7 @@ def _batches(source, plan: BatchPlan, **kw) -> tuple[list, ChipQuality]:
 )
 @pytest.mark.parametrize("shard", [None, 2])
 def test_gpu_batches_equal_host_batches_bit_for_bit(
-    tmp_path: Path, compression: str, decode: str, shard: int | None
+    tmp_path: Path, compression: Compression, decode: Decode, shard: int | None
 ) -> None:
     import cupy
 
@@ -100,7 +103,7 @@ def test_kvikio_engine_gives_cupy_arrays_equal_to_the_store(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("compression", ["none", "zstd"])
-def test_gpu_path_embeddings_equal_cpu(tmp_path: Path, compression: str) -> None:
+def test_gpu_path_embeddings_equal_cpu(tmp_path: Path, compression: Compression) -> None:
     cube = _cube()
     path = xclay.write_datacube(cube, tmp_path / "c.zarr", chip_size=32, compression=compression)
 

@@ -11,7 +11,7 @@ import zarr
 from affine import Affine
 
 import xclay
-from tests.helpers import OLINDA_BANDS, OLINDA_WAVELENGTHS, random_cube
+from tests.helpers import OLINDA_BANDS, OLINDA_WAVELENGTHS, random_cube, raster
 from xclay.datacube import datacube_geobox
 from xclay.errors import DatacubeError, OutputExistsError
 
@@ -43,7 +43,7 @@ def test_from_rioxarray_geotiff_keeps_exact_transform(olinda_tif: Path) -> None:
     import rasterio
     import rioxarray
 
-    da = rioxarray.open_rasterio(olinda_tif)
+    da = raster(rioxarray.open_rasterio(olinda_tif))
     cube = xclay.as_datacube(da, bands=OLINDA_BANDS, wavelengths=OLINDA_WAVELENGTHS)
     with rasterio.open(olinda_tif) as src:
         transform, crs, shape = src.transform, src.crs, (src.height, src.width)
@@ -52,6 +52,7 @@ def test_from_rioxarray_geotiff_keeps_exact_transform(olinda_tif: Path) -> None:
     assert cube["pixels"].dtype == np.uint8
     geobox = datacube_geobox(cube)
     assert tuple(geobox.affine)[:6] == tuple(transform)[:6]
+    assert geobox.crs is not None
     assert geobox.crs.epsg == crs.to_epsg() == 31985
     assert cube.attrs["gsd"] == pytest.approx(28.5)
     assert list(cube["band"].values) == OLINDA_BANDS
@@ -230,6 +231,7 @@ def test_kvikio_engine_without_cuda_is_a_clear_error(tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the GPU tests cover the kvikio engine")
     path = xclay.write_datacube(random_cube(), tmp_path / "c.zarr", chip_size=16)
+    expected: type[Exception]
     if importlib.util.find_spec("kvikio") is None:
         expected, message = ImportError, r'pip install "xclay\[gpu\]"'
     else:  # kvikio imports without a GPU, and would fail on first read
@@ -242,8 +244,8 @@ def test_kvikio_engine_without_cuda_is_a_clear_error(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- laziness
 
 
-def _random_key(rng: np.random.Generator, shape: tuple[int, ...]) -> tuple:
-    key = []
+def _random_key(rng: np.random.Generator, shape: tuple[int, ...]) -> tuple[int | slice, ...]:
+    key: list[int | slice] = []
     for n in shape:
         if rng.random() < 0.3:
             key.append(int(rng.integers(0, n)))
@@ -269,10 +271,12 @@ def test_lazy_geotiff_stays_on_disk_and_reads_the_same(olinda_tif: Path) -> None
     import rioxarray
 
     lazy = xclay.as_datacube(
-        rioxarray.open_rasterio(olinda_tif), bands=OLINDA_BANDS, wavelengths=OLINDA_WAVELENGTHS
+        raster(rioxarray.open_rasterio(olinda_tif)),
+        bands=OLINDA_BANDS,
+        wavelengths=OLINDA_WAVELENGTHS,
     )
     eager = xclay.as_datacube(
-        rioxarray.open_rasterio(olinda_tif).load(),
+        raster(rioxarray.open_rasterio(olinda_tif)).load(),
         bands=OLINDA_BANDS,
         wavelengths=OLINDA_WAVELENGTHS,
     )
@@ -324,7 +328,8 @@ def test_nan_nodata_round_trips_as_valid_json(tmp_path: Path) -> None:
     )
     assert meta["attributes"]["nodata"] == "NaN"
     opened = xclay.open_datacube(path)
-    assert np.isnan(xclay.datacube.nodata_value(opened["pixels"]))
+    nodata = xclay.datacube.nodata_value(opened["pixels"])
+    assert nodata is not None and np.isnan(nodata)
     np.testing.assert_array_equal(opened["pixels"].values, cube["pixels"].values)
 
 

@@ -7,6 +7,7 @@ arithmetic is checked against the float64 reference written from the spec.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -16,7 +17,7 @@ import xarray as xr
 
 import xclay
 from tests.helpers import random_cube
-from xclay.devices import ComputePrecision
+from xclay.devices import ComputePrecision, Precision
 from xclay.embed import EmbedConfig, EmbedSession
 from xclay.errors import CheckpointError, ModelError
 from xclay.models.clay import ClayV15, latlon_encoding, time_encoding
@@ -68,7 +69,9 @@ def _checkpoint(
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory, weights) -> Path:
+def ckpt(
+    tmp_path_factory: pytest.TempPathFactory, weights: tuple[ClayEncoder, ClayDecoder]
+) -> Path:
     return _checkpoint(tmp_path_factory.mktemp("loss") / "clay.ckpt", weights)
 
 
@@ -109,13 +112,16 @@ def test_masking_is_the_rule_written_in_the_card() -> None:
 
 
 @pytest.mark.parametrize("norm_pix_loss", [False, True])
-def test_loss_matches_the_float64_reference(tmp_path: Path, weights, norm_pix_loss: bool) -> None:
+def test_loss_matches_the_float64_reference(
+    tmp_path: Path, weights: tuple[ClayEncoder, ClayDecoder], norm_pix_loss: bool
+) -> None:
     path = _checkpoint(tmp_path / "c.ckpt", weights, norm_pix_loss=norm_pix_loss)
     scorer = _scorer(path, seed=3)
     batch = _batch(2)
     got = scorer.loss(batch).double().numpy()
     encoder, decoder = weights
     pixels = (batch.pixels.double().numpy() - 1500.0) / 900.0
+    assert batch.chip_ids is not None
     orders = [ref.mask_order(3, c, "2024-07-02T00:00:00", 16) for c in batch.chip_ids]
     expect = ref.masked_loss(
         {k: v.double().numpy() for k, v in encoder.state_dict().items()},
@@ -162,7 +168,7 @@ def test_same_chip_same_loss_across_batch_sizes_and_reruns(
     # (which follows other processes' load) does not change them between runs.
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
 
-    def losses(batch_size: int, precision: str = "fp32") -> np.ndarray:
+    def losses(batch_size: int, precision: Precision = "fp32") -> np.ndarray:
         emb = xclay.embed(
             demo_cube_256,
             model="clay-v1.5",
@@ -194,7 +200,12 @@ def test_loss_in_both_outputs_and_rebuilt_from_the_card(
 ) -> None:
     cube = demo_cube_256.copy(deep=True)
     cube["pixels"].values[0, :, :64, :64] = 0  # not embedded: no loss
-    kw = {"model": "clay-v1.5", "checkpoint": ckpt, "chip_size": 64, "progress": False}
+    kw: dict[str, Any] = {
+        "model": "clay-v1.5",
+        "checkpoint": ckpt,
+        "chip_size": 64,
+        "progress": False,
+    }
     emb = xclay.embed(cube, loss=True, precision="fp32", **kw)
     plain = xclay.embed(cube, precision="fp32", **kw)
     np.testing.assert_array_equal(emb["embedding"].values, plain["embedding"].values)
@@ -218,12 +229,19 @@ def test_loss_in_both_outputs_and_rebuilt_from_the_card(
     np.testing.assert_array_equal(again.loss, loss)
 
 
-def test_loss_needs_a_decoder(tmp_path: Path, weights, demo_cube_256: xr.Dataset) -> None:
+def test_loss_needs_a_decoder(
+    tmp_path: Path, weights: tuple[ClayEncoder, ClayDecoder], demo_cube_256: xr.Dataset
+) -> None:
     rcf = xclay.models.get_model("rcf", num_filters=4, sample_chips=4)
     with pytest.raises(ModelError, match=r"has no decoder .* needs model=.clay-v1.5."):
         xclay.embed(demo_cube_256, model=rcf, chip_size=64, loss=True, progress=False)
     encoder_only = _checkpoint(tmp_path / "enc.ckpt", weights, decoder=False)
-    kw = {"model": "clay-v1.5", "checkpoint": encoder_only, "chip_size": 64, "progress": False}
+    kw: dict[str, Any] = {
+        "model": "clay-v1.5",
+        "checkpoint": encoder_only,
+        "chip_size": 64,
+        "progress": False,
+    }
     xclay.embed(demo_cube_256, **kw)  # embeddings alone never need the decoder
     with pytest.raises(CheckpointError, match="holds no Clay decoder"):
         xclay.embed(demo_cube_256, loss=True, **kw)

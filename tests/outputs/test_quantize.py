@@ -12,6 +12,7 @@ import zarr
 
 import xclay
 from xclay.errors import DatacubeError
+from xclay.outputs.export import read_footer
 from xclay.outputs.quantize import MISSING_INT8, dequantize_int8, quantize_int8
 
 
@@ -50,9 +51,13 @@ def test_zarr_stores_int8_and_reads_back_float32(tmp_path: Path, emb: xr.Dataset
     plain = xclay.to_zarr(emb, tmp_path / "f32.zarr")
     path = emb.clay.to_zarr(tmp_path / "i8.zarr", quantize="int8")
     group = zarr.open_group(path, mode="r")
-    assert group["embedding"].dtype == np.int8
-    assert group["embedding_scale"].shape == emb["embedding"].shape[:-1]
-    assert group.attrs["quantization"]["method"] == "int8-absmax-per-vector"
+    stored, scale = group["embedding"], group["embedding_scale"]
+    assert isinstance(stored, zarr.Array) and isinstance(scale, zarr.Array)
+    assert stored.dtype == np.int8
+    assert scale.shape == emb["embedding"].shape[:-1]
+    quantization = group.attrs["quantization"]
+    assert isinstance(quantization, dict)
+    assert quantization["method"] == "int8-absmax-per-vector"
 
     back = xclay.open_embeddings(path)
     assert back["embedding"].dtype == np.float32 and "embedding_scale" not in back
@@ -101,7 +106,7 @@ def test_geoparquet_int8_column_and_reader(tmp_path: Path, emb: xr.Dataset) -> N
     dim = emb.sizes["feature"]
     assert str(table.schema.field("embedding").type) == f"fixed_size_list<element: int8>[{dim}]"
     assert table.schema.field("embedding_scale").type == "float"
-    meta = xclay.outputs.export.read_footer(path)
+    meta = read_footer(path)
     assert meta["embedding"]["dtype"] == "int8"
     assert meta["embedding"]["quantization"]["scale"] == "embedding_scale"
 

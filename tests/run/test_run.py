@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+
+if TYPE_CHECKING:
+    from pystac import Item
 
 pystac = pytest.importorskip("pystac", reason="needs xclay[io]")
 rasterio = pytest.importorskip("rasterio", reason="needs xclay[io]")
@@ -20,6 +26,7 @@ import yaml
 import xclay
 from tests.helpers import OLINDA_BANDS, OLINDA_WAVELENGTHS
 from xclay.ingest import stac_item
+from xclay.outputs.export import read_footer
 from xclay.run import SpecError, load_spec
 
 
@@ -30,7 +37,7 @@ def _xclay(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _spec(folder: Path, items: str, **changes: object) -> Path:
-    spec = {
+    spec: dict[str, Any] = {
         "name": "olinda",
         "input": {"stac": {"items": items}, "bands": OLINDA_BANDS, "composite": "median"},
         "grid": {"resolution": 28.5, "chip_size": 32, "edges": "pad"},
@@ -41,7 +48,7 @@ def _spec(folder: Path, items: str, **changes: object) -> Path:
     for key, value in changes.items():
         section, _, name = key.partition("__")
         if name:
-            spec[section][name] = value  # type: ignore[index]
+            spec[section][name] = value
         else:
             spec[section] = value
     path = folder / "spec.yaml"
@@ -49,7 +56,7 @@ def _spec(folder: Path, items: str, **changes: object) -> Path:
     return path
 
 
-def _save(items: list[pystac.Item], path: Path) -> str:
+def _save(items: list[Item], path: Path) -> str:
     pystac.ItemCollection(items).save_object(dest_href=str(path))
     return path.name
 
@@ -113,7 +120,7 @@ def test_olinda_run_same_embeddings_from_one_or_many_assets(
     # The spec and the resolved plan travel with the outputs.
     parts = sorted((runs["per_band"] / "embeddings.parquet").glob("part-*.parquet"))
     assert parts and (runs["per_band"] / "embeddings.parquet" / "_xclay_complete.json").is_file()
-    meta = xclay.outputs.export.read_footer(parts[0])  # the part's footer and the run's metadata
+    meta = read_footer(parts[0])  # the part's footer and the run's metadata
     assert meta["run_spec"]["name"] == "olinda" and meta["run_spec"]["grid"]["chip_size"] == 32
     assert meta["run_plan"]["items"] == 1 and meta["run_plan"]["crs"] == "EPSG:31985"
     assert meta["model"]["name"] == "rcf" and meta["part"]["zone"] == "EPSG31985"
@@ -331,7 +338,7 @@ def test_empty_search_is_reported(tmp_path: Path, olinda_tif: Path) -> None:
 
 
 @pytest.fixture
-def stac_api(olinda_tif: Path):
+def stac_api(olinda_tif: Path) -> Iterator[str]:
     """A minimal STAC API on localhost (landing page, conformance, item search) serving Olinda."""
     import http.server
     import threading
@@ -348,6 +355,8 @@ def stac_api(olinda_tif: Path):
     )
     item.collection_id = "landsat-olinda"
     feature = item.to_dict()
+    assert item.datetime is not None
+    when: datetime.datetime = item.datetime
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def _send(self, body: dict) -> None:
@@ -360,7 +369,6 @@ def stac_api(olinda_tif: Path):
 
         def _search(self, params: dict) -> None:
             start, end = parse_time_range(params.get("datetime"))
-            when = item.datetime
             hit = (start is None or when >= start) and (end is None or when <= end)
             self._send(
                 {"type": "FeatureCollection", "features": [feature] if hit else [], "links": []}
@@ -371,7 +379,9 @@ def stac_api(olinda_tif: Path):
             if url.path == "/search":
                 self._search({k: v[0] for k, v in parse_qs(url.query).items()})
                 return
-            base = f"http://127.0.0.1:{self.server.server_address[1]}"
+            address = self.server.server_address
+            assert isinstance(address, tuple)  # a TCP server's (host, port)
+            base = f"http://127.0.0.1:{address[1]}"
             self._send(
                 {
                     "type": "Catalog", "id": "test-api", "description": "test", "stac_version": "1.0.0",
@@ -407,7 +417,9 @@ def test_stac_api_search_end_to_end(tmp_path: Path, stac_api: str) -> None:
     spec = load_spec(
         _spec(tmp_path, "unused", input__stac={"api": stac_api, "collections": ["landsat-olinda"]})
     )
-    assert plan(spec).items.ids.tolist() == ["olinda"]
+    items = plan(spec).items
+    assert items is not None
+    assert items.ids.tolist() == ["olinda"]
     report = run(spec, progress=False)
     assert report.run["chips_embedded"] == 121
     empty = load_spec(

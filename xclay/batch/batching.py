@@ -26,7 +26,7 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -430,7 +430,7 @@ def iter_batches(
     pin_memory: bool = False,
     cuda_events: bool = False,
     buffers: BufferPool | None = None,
-) -> Iterator[Batch]:
+) -> Generator[Batch, None, None]:
     """Yield batches of the block's accepted chips in (time, chip row, chip col) order.
 
     Batches hold the chips that pass the plan's :class:`~xclay.quality.QualityFilter`,
