@@ -310,11 +310,9 @@ def band_names(items: Sequence[pystac.Item]) -> dict[str, set[str]]:
     return out
 
 
-def band_metadata(items: Sequence[pystac.Item], bands: Sequence[str]) -> tuple[Any, float | None]:
-    """The dtype and nodata value odc-stac will load ``bands`` with (from one item per
-    collection); different nodata values across bands or collections are an error."""
-    import odc.stac
-
+def require_bands(items: Sequence[pystac.Item], bands: Sequence[str]) -> dict[str, set[str]]:
+    """Refuse ``bands`` that not every item has, naming those the items share; return
+    :func:`band_names` of the items."""
     available = band_names(items)
     missing = [b for b in bands if not all(b in names for names in available.values())]
     if missing:
@@ -322,6 +320,15 @@ def band_metadata(items: Sequence[pystac.Item], bands: Sequence[str]) -> tuple[A
         raise IngestError(
             f"bands {missing} are not in every item; the items have {sorted(common)}."
         )
+    return available
+
+
+def band_metadata(items: Sequence[pystac.Item], bands: Sequence[str]) -> tuple[Any, float | None]:
+    """The dtype and nodata value odc-stac will load ``bands`` with (from one item per
+    collection); different nodata values across bands or collections are an error."""
+    import odc.stac
+
+    require_bands(items, bands)
     seen: dict[str | None, pystac.Item] = {}
     for item in items:
         seen.setdefault(item.collection_id, item)

@@ -32,13 +32,13 @@ from xclay.ingest.composite import (
 from xclay.ingest.grid import MAX_PIXELS, GridPlan, plan_grid
 from xclay.ingest.items import (
     band_metadata,
-    band_names,
     check_local_hrefs,
     filter_items,
     item_solar_day,
     item_wavelengths,
     load_items,
     platform_of,
+    require_bands,
     require_io,
     union_bbox,
 )
@@ -142,13 +142,7 @@ def from_stac(
         )
     platform = platform or platform_of(selected)
     bands = list(bands)
-    available = band_names(selected)
-    missing = [b for b in bands if not all(b in names for names in available.values())]
-    if missing:
-        common = set.intersection(*available.values())
-        raise IngestError(
-            f"bands {missing} are not in every item; the items have {sorted(common)}."
-        )
+    available = require_bands(selected, bands)
     check_local_hrefs(selected, bands)
     mask_kind = _mask_kind(mask, platform, available)
     if geobox is not None:
@@ -264,13 +258,7 @@ def datacube_template(
     if not selected:
         raise IngestError("no STAC items: the search or file matched nothing.")
     platform = platform or platform_of(selected)
-    available = band_names(selected)
-    missing = [b for b in bands if not all(b in names for names in available.values())]
-    if missing:
-        common = set.intersection(*available.values())
-        raise IngestError(
-            f"bands {missing} are not in every item; the items have {sorted(common)}."
-        )
+    available = require_bands(selected, bands)
     mask_kind = _mask_kind(mask, platform, available)
     dtype, nodata = band_metadata(selected, bands)
     unknown_time = all(i.properties.get("xclay:datetime_unknown") for i in selected)

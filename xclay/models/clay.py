@@ -719,15 +719,7 @@ class ClayV15:
         if self._static_batch and n < self._static_batch:  # one graph for every batch
             x, time, latlon = (_pad_rows(t, self._static_batch) for t in (x, time, latlon))
         with self._inference():
-            tokens = self._forward(
-                x,
-                time,
-                latlon,
-                float(self._gsd or 0.0),
-                self._state["kernel"],
-                self._state["bias"],
-                self._state["position"],
-            )
+            tokens = self._forward(x, time, latlon, *self._prepared_inputs())
         tokens = tokens[:n].float()  # the padding is never returned
         if self.output == "cls":
             result: torch.Tensor = tokens[:, 0]
@@ -738,6 +730,12 @@ class ClayV15:
         grid = x.shape[-1] // self.model.patch_size
         result = tokens[:, 1:].reshape(tokens.shape[0], -1, grid, tokens.shape[-1])
         return result
+
+    def _prepared_inputs(self) -> tuple[float, Any, Any, Any]:
+        """What :meth:`prepare` fixed for every batch: the cube's gsd, the patch-embedding
+        kernel and bias generated for its wavelengths, and the position encoding."""
+        state = self._state
+        return float(self._gsd or 0.0), state["kernel"], state["bias"], state["position"]
 
     def loss(self, batch: ChipBatch) -> torch.Tensor:
         """``[B]`` float32: each chip's masked-reconstruction loss (after :meth:`enable_loss`).
@@ -763,14 +761,7 @@ class ClayV15:
         unmasked = torch.from_numpy(unmasked_np).to(x.device)
         with self._inference():
             encoded = self.model.forward_with_kernel(
-                x,
-                time,
-                latlon,
-                float(self._gsd or 0.0),
-                self._state["kernel"],
-                self._state["bias"],
-                self._state["position"],
-                keep=unmasked,
+                x, time, latlon, *self._prepared_inputs(), keep=unmasked
             )
             predicted = self.decoder(
                 encoded,

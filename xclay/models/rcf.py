@@ -118,15 +118,21 @@ class RCFEncoder:
     def fitted(self) -> bool:
         return self._kernels is not None
 
-    @property
-    def card(self) -> ModelCard:
-        params: dict[str, Any] = {
+    def _settings(self) -> dict[str, Any]:
+        """What rebuilds this encoder's filters: saved with them, and in its card."""
+        return {
             "num_filters": self.num_filters,
             "kernel_size": self.kernel_size,
             "bias": self.bias,
             "seed": self.seed,
             "sample_chips": self.sample_chips,
             "whiten": self.whiten,
+        }
+
+    @property
+    def card(self) -> ModelCard:
+        params: dict[str, Any] = {
+            **self._settings(),
             "pooling": "mean over positions whose window is all valid",
         }
         if self._kernels is not None and self._offsets is not None:
@@ -294,14 +300,7 @@ class RCFEncoder:
             raise ModelError("fit the encoder (embed a cube, or prepare()) before saving it.")
         payload = {
             "format": FORMAT,
-            "settings": {
-                "num_filters": self.num_filters,
-                "kernel_size": self.kernel_size,
-                "bias": self.bias,
-                "seed": self.seed,
-                "sample_chips": self.sample_chips,
-                "whiten": self.whiten,
-            },
+            "settings": self._settings(),
             "normalization": self._norm.to_dict(),
             "normalization_source": self._norm.source,
             "wavelengths": dict(self._wavelengths),
