@@ -60,7 +60,13 @@ class _OnObject(Generic[P, R]):
 
 @xr.register_dataset_accessor("clay")
 class ClayDatasetAccessor:
-    """``ds.clay``: embed a datacube; write datacubes and embeddings; search and plot them."""
+    """``ds.clay``: embed a datacube; write datacubes and embeddings; search and plot them.
+
+    Parameters
+    ----------
+    obj
+        The Dataset the accessor is reached from (xarray passes it).
+    """
 
     def __init__(self, obj: xr.Dataset) -> None:
         self._obj = obj
@@ -78,7 +84,13 @@ class ClayDatasetAccessor:
 
 @xr.register_dataarray_accessor("clay")
 class ClayDataArrayAccessor:
-    """``da.clay``: turn imagery into a datacube, or embed it directly."""
+    """``da.clay``: turn imagery into a datacube, or embed it directly.
+
+    Parameters
+    ----------
+    obj
+        The DataArray the accessor is reached from (xarray passes it).
+    """
 
     def __init__(self, obj: xr.DataArray) -> None:
         self._obj = obj

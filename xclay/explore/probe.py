@@ -27,7 +27,22 @@ DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-6, 3, 19))
 
 @dataclass(frozen=True)
 class ProbeResult:
-    """Out-of-fold R² over all chips, per fold, the penalties chosen, and the predictions."""
+    """Out-of-fold R² over all chips, per fold, the penalties chosen, and the predictions.
+
+    Attributes
+    ----------
+    r2
+        R² of the out-of-fold predictions of all chips kept (those with a finite
+        target and features); NaN when their target is constant.
+    fold_r2
+        R² of each fold's held-out chips, in fold order (NaN for a fold whose
+        target is constant).
+    alphas
+        The penalty chosen in each fold by its inner cross-validation, in fold order.
+    predicted
+        ``[chips]`` float64 out-of-fold predictions, in the order of the input rows;
+        NaN for chips left out.
+    """
 
     r2: float
     fold_r2: tuple[float, ...]

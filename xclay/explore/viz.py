@@ -108,7 +108,26 @@ def save_preview(
     """PNG: the true-colour composite beside a PCA false-colour image of the embeddings.
 
     Both panels cover the same ground: the embedding grid is drawn over the
-    part of the cube its chips cover.
+    part of the cube its chips cover. Both show the first time step.
+
+    Parameters
+    ----------
+    cube
+        Datacube with ``pixels`` ``[time, band, y, x]`` and ``band`` and ``wavelength``
+        coordinates, drawn as :func:`true_colour` draws it.
+    emb
+        Embeddings Dataset of that cube (:func:`xclay.embed`), drawn as
+        :func:`pca_colour` draws it; chips not embedded are left transparent.
+    path
+        Where to write the PNG; missing parent folders are created.
+    height
+        Height of the image in pixels; each panel keeps the cube's aspect ratio, and
+        an 8-pixel white gap separates them. Default 512.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``, written.
     """
     from PIL import Image
 

@@ -70,8 +70,16 @@ class EmbeddingsContext:
 
 @dataclass(frozen=True)
 class BlockGeometry:
-    """Where a block's chips are, from the grid's arithmetic alone: centres in WGS84
-    (``lonlat`` ``(rows, cols, 2)``, longitude first) and chip ids ``(rows, cols)``."""
+    """Where a block's chips are, from the grid's arithmetic alone (:meth:`of`).
+
+    Attributes
+    ----------
+    lonlat
+        ``(rows, cols, 2)`` chip centres in WGS84 degrees, longitude first.
+    chip_ids
+        ``(rows, cols)`` object array of the chips' ids (str; see
+        :meth:`xclay.batch.chips.ChipGrid.chip_ids`).
+    """
 
     lonlat: np.ndarray
     chip_ids: np.ndarray
@@ -84,7 +92,36 @@ class BlockGeometry:
 
 @dataclass
 class BlockResult:
-    """The embeddings and quality of a block of chips."""
+    """The embeddings and quality of a block of chips.
+
+    Parameters
+    ----------
+    block
+        The block embedded: ranges of time steps, chip rows and chip columns.
+    vectors
+        ``[time, rows, cols, *vector_shape]`` float32 vectors (``vector_shape`` is the
+        model card's: ``[dim]``, or ``[patch_y, patch_x, dim]`` for patch grids); NaN
+        where not embedded.
+    quality
+        Per-chip nodata and quality-class fractions of the block.
+    embedded
+        ``[time, rows, cols]`` bool: the chip has a vector (all of it finite).
+    counts
+        Chip counts of the block (``chips_total``, ``chips_embedded``,
+        ``chips_skipped_<reason>``, ``chips_failed``), stored as the Dataset's ``run``
+        attribute.
+    seconds
+        Wall-clock seconds the block's embedding loop took.
+    thumbnails
+        ``[time, rows, cols, size, size, 4]`` uint8 RGBA previews (zero where not
+        embedded); default None: no ``thumbnail`` variable.
+    loss
+        ``[time, rows, cols]`` float32 masked-reconstruction loss, NaN where not scored;
+        default None: no ``loss`` variable.
+    geometry
+        The block's chip centres and ids; default None computes them from the grid
+        (:meth:`BlockGeometry.of`) when the Dataset is built.
+    """
 
     block: Block
     vectors: np.ndarray  # [time, rows, cols, *vector_shape] float32, NaN where not embedded
@@ -122,7 +159,24 @@ def _class_fractions(quality: ChipQuality, dims: tuple[str, ...]) -> dict[str, A
 
 
 def embeddings_dataset(context: EmbeddingsContext, result: BlockResult) -> xr.Dataset:
-    """The embeddings Dataset of a block (its own coords, computed for the block)."""
+    """The embeddings Dataset of a block (its own coords, computed for the block).
+
+    Parameters
+    ----------
+    context
+        What every block of the embedding shares: cube, chip grid, times, model card,
+        configuration, thumbnail stretch and data path.
+    result
+        The block's vectors, quality, counts and optional thumbnails and loss.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``embedding`` ``[time, chip_y, chip_x, (patch_y, patch_x,) feature]`` with the
+        per-chip quality variables, the block's coordinates (time, chip centres, pixel
+        offsets, ``chip_id``, ``lat``, ``lon``) and the attributes of
+        :data:`EMBEDDINGS_CONVENTION`, the block's counts as ``run``.
+    """
     geometry = result.geometry or BlockGeometry.of(context.grid, result.block)
     return xr.Dataset(
         data_variables(result, context.card.name, context.stretch, context.grid.crs),

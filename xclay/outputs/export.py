@@ -236,8 +236,25 @@ def chip_grid_transform(emb: xr.Dataset) -> Affine:
 class VariableSpec:
     """Dims, dtype and attributes of one data variable of an embeddings store.
 
-    ``chip_shape``: its shape per chip, after (time, chip_y, chip_x) (the
-    features; patch grids and thumbnails add theirs).
+    Parameters
+    ----------
+    dims
+        Dimension names: the grid's (``time``, ``chip_y``, ``chip_x``, or ``chip_y``,
+        ``chip_x`` for a per-chip coordinate), then those of ``chip_shape``.
+    dtype
+        NumPy dtype name (``"float32"``, ``"int8"``, ``"bool"``...), or ``"str"`` for
+        strings (chip ids).
+    attrs
+        The variable's attributes; a data variable's also get a ``coordinates`` attribute
+        naming the store's coordinates when the store is created.
+    chip_shape
+        Its shape per chip, after the grid's dims (the features; patch grids and
+        thumbnails add theirs); default ``()``: one value per chip.
+    fill_value
+        What unwritten chunks read as; default None: by dtype, NaN for floats, False for
+        bool, ``""`` for strings, else 0.
+    coordinate
+        A per-chip coordinate (``chip_id``, ``lat``, ``lon``), not data; default False.
     """
 
     dims: tuple[str, ...]
@@ -250,9 +267,18 @@ class VariableSpec:
 
 @dataclass(frozen=True)
 class EmbeddingsLayout:
-    """An embeddings Dataset without its data: the whole grid's 1-D coords and attributes
-    (``coords``), and the specs of its data variables and per-chip coordinates, which
-    regions write as they go (so creating a store costs the grid's rows plus columns)."""
+    """An embeddings Dataset without its data, for :func:`create_embeddings_store` (so
+    creating a store costs the grid's rows plus columns, not its chips).
+
+    Parameters
+    ----------
+    coords
+        A Dataset of the whole grid's 1-D coords (time, chip centres, pixel offsets,
+        ``spatial_ref``) and the embeddings' attributes; no data variables.
+    variables
+        Name to :class:`VariableSpec` of each data variable and per-chip coordinate,
+        which regions write as they go (:func:`write_embeddings_region`).
+    """
 
     coords: xr.Dataset
     variables: dict[str, VariableSpec]
@@ -678,8 +704,28 @@ def embeddings_table(
 
 
 def chip_footprints(emb: xr.Dataset, rows: np.ndarray, cols: np.ndarray) -> tuple[Any, Any]:
-    """Footprints of chips ``(rows[k], cols[k])`` of the grid: native rings ``[n, 5, 2]``
-    in the datacube CRS, and WGS84 polygons (split at the antimeridian where they cross it)."""
+    """Footprints of chips ``(rows[k], cols[k])`` of ``emb``: native rings ``[n, 5, 2]``
+    in the datacube CRS, and WGS84 polygons (split at the antimeridian where they cross it).
+
+    Parameters
+    ----------
+    emb
+        An embeddings Dataset, or a selection of it: its ``row_off`` and ``col_off``
+        place the chips' windows on the datacube.
+    rows, cols
+        ``[n]`` integer positions of the chips along ``emb``'s ``chip_y`` and ``chip_x``
+        (indices into the Dataset, which are the grid's chip rows and columns only when
+        ``emb`` is the whole grid).
+
+    Returns
+    -------
+    native : numpy.ndarray
+        ``[n, 5, 2]`` float64 closed rings of (x, y) in the datacube CRS: top-left,
+        bottom-left, bottom-right, top-right, top-left.
+    lonlat : numpy.ndarray
+        ``[n]`` shapely Polygons in WGS84, longitude first; MultiPolygons where a
+        footprint crosses the antimeridian.
+    """
     cube = emb.attrs["datacube"]
     size = int(emb.attrs["config"]["grid"]["chip_size"])
     transform = Affine.from_gdal(*cube["geotransform"])

@@ -92,7 +92,22 @@ def export_options() -> dict[str, ExportOption]:
 
 def check_options(exporter: Exporter, given: Mapping[str, Any]) -> dict[str, Any]:
     """The options of ``given`` that ``exporter`` takes; one it does not take, given a
-    value other than its default, is a :class:`ConfigError` naming the formats it is for."""
+    value other than its default, is a :class:`ConfigError` naming the formats it is for.
+
+    Parameters
+    ----------
+    exporter
+        The output format the options are for (:func:`get_exporter`).
+    given
+        Option name (as :func:`export_options` names them) to value, e.g. every CLI
+        flag's value. A name no registered format takes is a :class:`ConfigError`;
+        another format's option left at its default is dropped.
+
+    Returns
+    -------
+    dict
+        The options ``exporter`` takes, with their given values.
+    """
     known = export_options()
     taken = {}
     for name, value in given.items():

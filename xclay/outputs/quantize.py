@@ -104,13 +104,41 @@ def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 
 def quantization_of(emb: xr.Dataset) -> dict[str, Any] | None:
-    """The quantization attributes of an embeddings Dataset (None: float vectors)."""
+    """The quantization attributes of an embeddings Dataset (None: float vectors).
+
+    Parameters
+    ----------
+    emb
+        An embeddings Dataset; only its ``quantization`` attribute is read.
+
+    Returns
+    -------
+    dict or None
+        A copy of that attribute (``method``, ``scale``, ``dequantize``, ``missing``), or
+        None when it is absent or empty.
+    """
     q = emb.attrs.get("quantization")
     return dict(q) if q else None
 
 
 def quantize_embeddings(emb: xr.Dataset, method: str = "int8") -> xr.Dataset:
-    """``embedding`` as int8 plus ``embedding_scale`` (its dims without ``feature``)."""
+    """``embedding`` as int8 plus ``embedding_scale`` (its dims without ``feature``).
+
+    Parameters
+    ----------
+    emb
+        An embeddings Dataset with float vectors (read into memory); one already
+        quantised is returned unchanged.
+    method
+        The quantisation, one of :data:`QUANTIZATIONS`; default (and only) ``"int8"``:
+        one scale per vector (:func:`quantize_int8`).
+
+    Returns
+    -------
+    xarray.Dataset
+        A copy of ``emb`` with the int8 ``embedding``, its float32 ``embedding_scale``
+        and the ``quantization`` attribute (:func:`quantization_of`).
+    """
     check_quantize(method)
     if quantization_of(emb):
         return emb
@@ -137,7 +165,15 @@ def scale_attrs(embedding_attrs: dict[str, Any]) -> dict[str, Any]:
 def dequantize_embeddings(emb: xr.Dataset) -> xr.Dataset:
     """float32 ``embedding`` again (lazily for lazily opened stores); ``embedding_scale``
     dropped, and the ``quantization`` attribute renamed ``dequantized_from`` (the values
-    are approximate: within half a quantisation step)."""
+    are approximate: within half a quantisation step).
+
+    Parameters
+    ----------
+    emb
+        An embeddings Dataset; a quantised one must still hold ``embedding_scale``, and
+        one with float vectors is returned unchanged. Vectors that were not embedded
+        come back as NaN.
+    """
     if not quantization_of(emb):
         return emb
     if SCALE_VARIABLE not in emb.data_vars:

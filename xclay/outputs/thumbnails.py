@@ -120,6 +120,23 @@ def make_thumbnails(
     Each thumbnail cell averages the valid pixels under it (cells as
     :func:`torch.nn.functional.adaptive_avg_pool2d` draws them); alpha is the
     cell's valid fraction. On a GPU this costs next to nothing beside the encoder.
+
+    Parameters
+    ----------
+    pixels
+        ``[B, C, H, W]`` chips, any numeric dtype (computed in float32); NaN nodata is
+        allowed where ``valid`` is False.
+    valid
+        ``[B, H, W]`` pixel validity (nonzero: valid); cells with no valid pixel come
+        out transparent black.
+    band_index
+        Positions along ``C`` of the red, green and blue bands, in the order of
+        ``stretch.bands``.
+    stretch
+        The values mapped to 0 and 255 for each of those bands.
+    size
+        Edge of the thumbnails in pixels (:func:`thumbnail_size` keeps it within the
+        chip's).
     """
     import torch
     import torch.nn.functional as F
@@ -138,7 +155,14 @@ def make_thumbnails(
 
 
 def encode_png(rgba: np.ndarray) -> bytes:
-    """One ``[size, size, 4]`` uint8 thumbnail as PNG bytes."""
+    """One ``[size, size, 4]`` uint8 thumbnail as PNG bytes.
+
+    Parameters
+    ----------
+    rgba
+        The thumbnail, ``[size, size, 4]`` uint8 RGBA (as :func:`make_thumbnails`
+        makes them); :func:`decode_png` reads the bytes back.
+    """
     from PIL import Image
 
     buffer = io.BytesIO()
