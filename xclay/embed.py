@@ -531,9 +531,7 @@ class EmbedSession:
             thumbs[~embedded] = 0  # chips without a vector get no preview
         if losses is not None:
             losses[~embedded] = np.nan
-        return BlockResult(
-            block, vectors, quality, embedded, counts, seconds, thumbs, losses, geometry
-        )
+        return BlockResult(block, vectors, quality, embedded, counts, thumbs, losses, geometry)
 
     def _batches(self, plan: BatchPlan, quality: ChipQuality) -> Iterator[Batch]:
         on_gpu = self.device.type == "cuda"
@@ -585,7 +583,6 @@ class EmbedSession:
             quality=ChipQuality.empty((0, 0, 0), with_classes=self.sources.host.has_quality),
             embedded=np.zeros((0, 0, 0), dtype=bool),
             counts={},
-            seconds=0.0,
             thumbnails=np.zeros((0, 0, 0, self.thumbnail_size, self.thumbnail_size, 4), np.uint8)
             if self.thumbnail_size
             else None,

@@ -110,8 +110,6 @@ class BlockResult:
         Chip counts of the block (``chips_total``, ``chips_embedded``,
         ``chips_skipped_<reason>``, ``chips_failed``), stored as the Dataset's ``run``
         attribute.
-    seconds
-        Wall-clock seconds the block's embedding loop took.
     thumbnails
         ``[time, rows, cols, size, size, 4]`` uint8 RGBA previews (zero where not
         embedded); default None: no ``thumbnail`` variable.
@@ -128,7 +126,6 @@ class BlockResult:
     quality: ChipQuality
     embedded: np.ndarray  # [time, rows, cols] bool
     counts: dict[str, int]
-    seconds: float
     thumbnails: np.ndarray | None = None  # [time, rows, cols, size, size, 4] uint8
     loss: np.ndarray | None = None  # [time, rows, cols] float32, NaN where not scored
     geometry: BlockGeometry | None = None  # chip centres and ids of the block
