@@ -42,7 +42,21 @@ def cuda_available() -> bool:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> CUDA when usable, else CPU; ``"cuda[:N]"`` must be usable."""
+    """``"auto"`` -> CUDA when usable, else CPU; ``"cuda[:N]"`` must be usable.
+
+    Parameters
+    ----------
+    device
+        ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (the GPU of index N). Another
+        torch device type, a name torch does not know, or CUDA where torch sees no usable
+        GPU is a :class:`~xclay.errors.DeviceError`. The index itself is not checked
+        against the GPUs present.
+
+    Returns
+    -------
+    torch.device
+        The device; ``"auto"`` gives ``cuda`` (the current GPU) or ``cpu``.
+    """
     import torch
 
     if device == "auto":

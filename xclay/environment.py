@@ -52,7 +52,18 @@ _OPTIONAL = {
 def describe(*, gpu: bool = True) -> dict[str, Any]:
     """A JSON-ready description of the machine and software.
 
-    ``gpu=False`` skips importing torch to ask about CUDA.
+    Parameters
+    ----------
+    gpu
+        Also describe the GPU side under a ``"gpu"`` key: torch's CUDA build, the CUDA
+        devices and the GPU data path (kvikIO, nvCOMP). Default True; False leaves the
+        key out and does not import torch (package versions are still listed).
+
+    Returns
+    -------
+    dict
+        xclay and Python versions, platform, CPU, memory, installed package versions,
+        which optional parts are importable, and (with ``gpu``) the GPU.
     """
     info: dict[str, Any] = {
         "xclay": __version__,

@@ -146,10 +146,18 @@ class QualityFilter:
 class ChipQuality:
     """Per-chip quality of a block of chips, filled in as chips are read.
 
-    ``nodata_fraction`` ``[time, rows, cols]`` (the block's): fraction of invalid pixels;
-    ``class_fraction`` ``[time, rows, cols, classes]``: fraction of each
-    :class:`~xclay.masks.PixelClass` (None when the cube has no quality
-    variable). NaN until a chip is scanned.
+    :meth:`empty` makes one for a block, every fraction NaN (not scanned).
+
+    Attributes
+    ----------
+    nodata_fraction
+        ``[time, rows, cols]`` float32, the block's shape: each chip's fraction of
+        invalid pixels (nodata, non-finite, quality class nodata, or past the raster).
+        NaN until the chip is scanned.
+    class_fraction
+        ``[time, rows, cols, classes]`` float32: each chip's fraction of each
+        :class:`~xclay.masks.PixelClass`, indexed by the class's value; NaN until the
+        chip is scanned. None when the cube has no quality variable.
     """
 
     nodata_fraction: np.ndarray

@@ -24,7 +24,23 @@ __all__ = ["Band", "Sensor", "get_sensor", "list_platforms"]
 
 @dataclass(frozen=True)
 class Band:
-    """One band of a known platform."""
+    """One band of a known platform.
+
+    Attributes
+    ----------
+    name
+        The band's name in the sensor table (and in a datacube's ``band`` coordinate).
+    wavelength
+        The physical central wavelength, in micrometres: what a datacube's
+        ``wavelength`` coordinate holds.
+    mean, std
+        The normalisation Clay v1.5 was trained with, in the units of the band's stored
+        values (raw digital numbers for optical bands): the encoder is fed
+        ``(value - mean) / std``.
+    clay_wavelength
+        The wavelength Clay v1.5 was trained with for this band (nanometres for MODIS,
+        placeholders for Sentinel-1); the physical one where the table gives no other.
+    """
 
     name: str
     wavelength: float  # micrometres, physical
@@ -35,7 +51,20 @@ class Band:
 
 @dataclass(frozen=True)
 class Sensor:
-    """A platform from the sensor table."""
+    """A platform from the sensor table.
+
+    Attributes
+    ----------
+    platform
+        The platform's key in the sensor table (e.g. ``"sentinel-2-l2a"``).
+    gsd
+        Ground sample distance in metres.
+    bands
+        The platform's bands, in the table's order.
+    rgb_bands
+        Names of the red, green and blue bands (for thumbnails); None for a platform
+        without them (Sentinel-1, MODIS).
+    """
 
     platform: str
     gsd: float
@@ -71,7 +100,14 @@ def list_platforms() -> list[str]:
 
 @functools.cache
 def get_sensor(platform: str) -> Sensor:
-    """The sensor-table entry for ``platform`` (e.g. ``"sentinel-2-l2a"``)."""
+    """The sensor-table entry for ``platform`` (e.g. ``"sentinel-2-l2a"``).
+
+    Parameters
+    ----------
+    platform
+        A platform key of the sensor table (:func:`list_platforms`), spelt exactly; any
+        other is a :class:`~xclay.errors.DatacubeError`.
+    """
     table = _table()
     if platform not in table:
         raise DatacubeError(

@@ -65,7 +65,20 @@ N_CLASSES = len(PixelClass)
 
 @dataclass(frozen=True)
 class Block:
-    """A block of chips: half-open ranges of time steps, chip rows and chip columns."""
+    """A block of chips: half-open ranges of time steps, chip rows and chip columns.
+
+    Each range must have ``0 <= first <= stop`` (an empty range is allowed); anything
+    else is a :class:`~xclay.errors.DatacubeError`.
+
+    Parameters
+    ----------
+    times
+        ``(first, stop)`` time-step indices of the cube: the block holds ``first`` up to,
+        not including, ``stop``.
+    rows, cols
+        ``(first, stop)`` chip rows and chip columns of the chip grid (chip indices, not
+        pixels), half-open as ``times``.
+    """
 
     times: tuple[int, int]
     rows: tuple[int, int]
@@ -700,8 +713,27 @@ def make_sampler(source: BatchSource, grid: ChipGrid, times: np.ndarray) -> Samp
 
     ``sample(n, seed)`` draws chips uniformly over (time, row, col) with the
     seed and returns up to ``n`` of them with at most half their pixels
-    nodata (fewer if the cube has fewer such chips), as a CPU ChipBatch.
-    ``source`` must read into host memory.
+    nodata, as a CPU ChipBatch. It looks at no more than ``8 * n`` candidate
+    chips, so it may return fewer than ``n`` even where the cube has more such
+    chips; chips whose chunks cannot be read are left out of the sample.
+
+    Parameters
+    ----------
+    source
+        The reader of chip windows; it must read into host memory (NumPy buffers).
+    grid
+        The cube's chip grid: chip size, stride and the chip centres' coordinates. The
+        sample is drawn from all of its chips.
+    times
+        The cube's ``(time,)`` datetime64 time steps; the sample draws from every one
+        and each chip carries its own.
+
+    Returns
+    -------
+    Sampler
+        ``sample(n, seed)``: the sampled chips' pixels, validity, chip centres and
+        times (no chip ids). It raises :class:`~xclay.errors.DatacubeError` when no
+        chip it looks at has at least half of its pixels valid.
     """
 
     def sample(n: int, seed: int) -> ChipBatch:

@@ -259,6 +259,21 @@ def window_corners(
 
     Order: top-left, bottom-left, bottom-right, top-right, top-left, which is
     counter-clockwise on the map for a north-up grid (the GeoJSON right-hand rule).
+
+    Parameters
+    ----------
+    transform
+        The raster's affine transform, from pixel ``(col, row)`` to native CRS ``(x, y)``.
+    row_off, col_off
+        Top pixel row and left pixel column of each window, integer arrays of the same
+        shape ``(...)`` (one element per window).
+    size
+        Window edge in pixels (square windows).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(..., 5, 2)`` float64 closed rings of native CRS ``(x, y)``, one per window.
     """
     cols = np.stack([col_off, col_off, col_off + size, col_off + size, col_off], axis=-1)
     rows = np.stack([row_off, row_off + size, row_off + size, row_off, row_off], axis=-1)

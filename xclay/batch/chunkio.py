@@ -48,7 +48,18 @@ _INDEX_CRC_BYTES = 4
 
 @dataclass(frozen=True)
 class ChunkRef:
-    """Where one chunk's encoded bytes are: a file, and a byte range of it (None: whole file)."""
+    """Where one chunk's encoded bytes are: a file, and a byte range of it (None: whole file).
+
+    Attributes
+    ----------
+    path
+        The file that holds the chunk: its own chunk file, or the shard file it is in.
+    offset
+        Where the chunk's bytes start in the file, in bytes (0 for a chunk file).
+    nbytes
+        How many bytes the stored chunk takes, its crc32c included where there is one;
+        ``None``: the whole file (a chunk of an unsharded array).
+    """
 
     path: str
     offset: int

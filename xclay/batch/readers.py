@@ -348,9 +348,23 @@ def resolve_engine(engine: Engine, device: torch.device) -> Literal["zarr", "kvi
 class SourceChoice:
     """The sources an embedding run reads with, and why it is not faster.
 
-    ``batches``: what batches are read from; ``host``: a host source over the
-    same cube (sampling chips for fitting); ``engine``: the engine resolved;
-    ``fallbacks``: every slower path taken, one sentence each.
+    :func:`open_batch_source` makes one; :meth:`close` closes both sources.
+
+    Attributes
+    ----------
+    batches
+        The source batches are read from: on the GPU (kvikIO) or on the host.
+    host
+        A source over the same cube that reads into host memory (sampling chips for
+        fitting); the same object as ``batches`` when that one reads on the host.
+    engine
+        The engine resolved from the one asked for (:func:`resolve_engine`); where a
+        fallback was taken, ``batches`` may read on a slower path than it names.
+    fallbacks
+        Every slower path taken, one sentence each; default none.
+    layout
+        How chip windows meet the storage's chunks, a note for reports
+        (:func:`chunk_layout`, or ``"in memory"``); default empty.
     """
 
     batches: BatchSource

@@ -421,7 +421,20 @@ FIRST_SATELLITE = np.datetime64("1957-10-04", "ns")
 
 def unknown_as_nat(times: np.ndarray) -> np.ndarray:
     """Acquisition times with placeholders (before the first satellite) as NaT: an unknown
-    date stays missing, it never becomes a real date in a model's input or an output."""
+    date stays missing, it never becomes a real date in a model's input or an output.
+
+    Parameters
+    ----------
+    times
+        Acquisition times, any shape: datetime64 of any unit, or anything NumPy converts
+        to one. Times before 1957-10-04, the first satellite's launch (placeholders such
+        as 1900-01-01), become NaT; NaT stays NaT.
+
+    Returns
+    -------
+    numpy.ndarray
+        A new ``datetime64[ns]`` array of the same shape; ``times`` is not changed.
+    """
     out = np.asarray(times, dtype="datetime64[ns]").copy()
     out[~np.isnat(out) & (out < FIRST_SATELLITE)] = np.datetime64("NaT")
     return out

@@ -23,7 +23,21 @@ log = logging.getLogger("xclay.datacube")
 
 
 def datacube_geobox(cube: xr.Dataset | xr.DataArray) -> GeoBox:
-    """The pixel grid of a datacube (CRS, exact affine transform, shape)."""
+    """The pixel grid of a datacube (CRS, exact affine transform, shape).
+
+    The transform comes from the GDAL ``GeoTransform`` of the grid mapping where it
+    agrees with the ``x``/``y`` coordinates, else from the coordinates; a grid with no
+    CRS, no georeferencing, a rotated transform or corners that are not real longitudes
+    and latitudes is a :class:`~xclay.errors.DatacubeError`.
+
+    Parameters
+    ----------
+    cube
+        A datacube (its ``pixels`` variable is read) or a DataArray on the same grid,
+        with ``y`` and ``x`` dims, its CRS recorded (a grid-mapping coordinate such as
+        ``spatial_ref``, or a ``crs`` attribute) and its georeferencing (a
+        ``GeoTransform`` or regular 1-D ``x``/``y`` coordinates). Pixel values are not read.
+    """
     da = cube["pixels"] if isinstance(cube, xr.Dataset) else cube
     return _geobox_from_source(da, None)
 
@@ -59,7 +73,17 @@ def _geobox_from_source(da: xr.DataArray, crs: str | int | None) -> GeoBox:
 
 def check_lonlat_extent(geobox: GeoBox) -> None:
     """Refuse a grid whose corners do not map to real longitudes and latitudes: coordinates
-    in other units than its CRS's (degrees labelled as metres, or the reverse)."""
+    in other units than its CRS's (degrees labelled as metres, or the reverse).
+
+    Raises :class:`~xclay.errors.DatacubeError` when one of the four outer corners does
+    not transform to WGS84, or lands on a non-finite longitude or latitude or beyond the
+    poles; returns nothing otherwise.
+
+    Parameters
+    ----------
+    geobox
+        The pixel grid to check: its shape, affine transform and CRS.
+    """
     ny, nx = geobox.shape
     t = geobox.affine
     cols = np.array([0, nx, 0, nx], dtype=np.float64)

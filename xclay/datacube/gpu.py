@@ -124,7 +124,23 @@ def gpu_variable(store: Path, name: str, like: xr.DataArray) -> Any:
     """Lazy data for variable ``name`` of a datacube store that reads into GPU memory:
     zarr-python through :class:`kvikio.zarr.GDSStore`, under ``zarr.config.enable_gpu()``
     for each read only, with basic slices (fancy indexing of GPU-backed Zarr arrays is
-    not supported upstream; xarray applies it to the CuPy result instead)."""
+    not supported upstream; xarray applies it to the CuPy result instead).
+
+    Parameters
+    ----------
+    store
+        The datacube store's directory.
+    name
+        The variable's array in the store: ``"pixels"`` or ``"quality"``.
+    like
+        The variable as opened on the host: the lazy data takes its shape and dtype (its
+        values are not read).
+
+    Returns
+    -------
+    xarray.core.indexing.LazilyIndexedArray
+        Data for a variable (``da.copy(data=...)``); reading it gives CuPy arrays.
+    """
     from xarray.core import indexing
 
     return indexing.LazilyIndexedArray(_KvikioZarrArray(store, name, like.shape, like.dtype))

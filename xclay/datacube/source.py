@@ -16,7 +16,21 @@ STORE_ENCODING = "xclay_store"
 
 def store_source(da: xr.DataArray) -> str | None:
     """The Zarr array a lazily opened variable still reads unchanged (same shape, same
-    coordinates, no selection applied), or None: then only xarray knows how to read it."""
+    coordinates, no selection applied), or None: then only xarray knows how to read it.
+
+    Parameters
+    ----------
+    da
+        A variable of a datacube: ``pixels`` or ``quality``. Only one that
+        :func:`~xclay.datacube.open_datacube` opened (it records the store in the
+        encoding), not loaded into memory nor chunked with dask, and with the dims, shape
+        and coordinates it was opened with, has a store to read from.
+
+    Returns
+    -------
+    str or None
+        The path of the variable's Zarr array (a directory of the store), or None.
+    """
     info = da.encoding.get(STORE_ENCODING)
     if not info or in_memory(da) or da.chunks is not None:
         return None
@@ -41,5 +55,12 @@ def _coords_fingerprint(da: xr.DataArray) -> dict[str, Any]:
 
 
 def in_memory(pixels: xr.DataArray) -> bool:
-    """True when the pixels are a NumPy array already (``.data`` would load lazy arrays)."""
+    """True when the pixels are a NumPy array already (``.data`` would load lazy arrays).
+
+    Parameters
+    ----------
+    pixels
+        Any DataArray (a datacube's ``pixels``, usually); nothing of it is loaded. Lazily
+        opened, dask and CuPy data are not in memory in this sense.
+    """
     return isinstance(pixels.variable._data, np.ndarray)

@@ -118,6 +118,29 @@ def create_datacube_store(
 
     Blocks are then written with :func:`write_datacube_block`, in any order and
     by several processes at once when each writes whole shards (or chunks).
+
+    Parameters
+    ----------
+    cube
+        The datacube, or a template of it on the whole grid: the store takes its
+        ``pixels`` (and ``quality``) shape, dtype, nodata and attributes, its coords,
+        CRS and attributes, but not its pixel or quality values.
+    path
+        The store's directory; anything already there is replaced.
+    chip_size
+        Chip edge in pixels; ``pixels`` is chunked ``(1, n_bands, chip_size, chip_size)``
+        and ``quality`` ``(1, chip_size, chip_size)``.
+    shard_chips
+        Group ``shard_chips x shard_chips`` chunks into one shard file (Zarr v3
+        sharding). ``None``: one file per chunk.
+    compression
+        ``"zstd"`` (default, level 3), ``"lz4"`` (Blosc) or ``"none"``; every chunk also
+        carries a crc32c checksum.
+
+    Returns
+    -------
+    pathlib.Path
+        The created store.
     """
     import zarr
 
@@ -179,9 +202,28 @@ def write_datacube_block(
 ) -> bool:
     """Compute one block (all bands) of ``cube`` and write it into the store at ``path``.
 
-    ``at``: where the block goes in the store (time, row, column), when ``cube``
-    is itself only a part of the store's grid (default: the same place).
-    Returns whether the block has a valid pixel.
+    Parameters
+    ----------
+    cube
+        The datacube the block is computed from (numpy, dask or lazily opened), with
+        ``pixels`` and, where the store has one, ``quality``.
+    path
+        A store made by :func:`create_datacube_store` for the whole grid.
+    t
+        The block's time step: an index into ``cube``'s ``time``.
+    rows, cols
+        Half-open ``(first, stop)`` ranges of pixel rows (``y``) and pixel columns
+        (``x``) of ``cube``.
+    at
+        Where the block goes in the store, as ``(time step, first row, first column)``,
+        when ``cube`` is itself only a part of the store's grid; default: the same place
+        as in ``cube``.
+
+    Returns
+    -------
+    bool
+        Whether the block has a valid pixel (data in every band, finite, and quality
+        class not nodata).
     """
     (y0, y1), (x0, x1) = rows, cols
     st, sy, sx = at if at is not None else (t, y0, x0)
@@ -211,7 +253,18 @@ def write_empty_block(
 ) -> None:
     """Write a block of a datacube store as "no data": pixels at their fill value (the
     nodata value) and quality class nodata. A block no item covers is written like any
-    other, so that every chunk of a complete store exists (a missing chunk is damage)."""
+    other, so that every chunk of a complete store exists (a missing chunk is damage).
+
+    Parameters
+    ----------
+    path
+        A store made by :func:`create_datacube_store`.
+    t
+        The block's time step: an index into the store's ``time``.
+    rows, cols
+        Half-open ``(first, stop)`` ranges of the store's pixel rows (``y``) and pixel
+        columns (``x``).
+    """
     (y0, y1), (x0, x1) = rows, cols
     pixels = _array(path, "pixels")
     pixels[t, :, y0:y1, x0:x1] = pixels.fill_value
@@ -244,7 +297,19 @@ GDAL_CRS_ATTR = "_CRS"
 
 
 def gdal_crs(crs: Any) -> dict[str, Any]:
-    """``{"_CRS": {"wkt": ...}}`` for a stored, georeferenced array (nothing without a CRS)."""
+    """``{"_CRS": {"wkt": ...}}`` for a stored, georeferenced array (nothing without a CRS).
+
+    Parameters
+    ----------
+    crs
+        The array's CRS: any object with a ``to_wkt()`` method (odc-geo or pyproj CRS);
+        ``None``: the result is empty.
+
+    Returns
+    -------
+    dict
+        Attributes to add to the array's: GDAL's ``_CRS`` with the CRS's WKT, or none.
+    """
     return {GDAL_CRS_ATTR: {"wkt": crs.to_wkt()}} if crs is not None else {}
 
 

@@ -18,7 +18,14 @@ CONVENTION = "xclay-datacube/1"
 
 
 def nodata_value(pixels: xr.DataArray) -> float | None:
-    """The pixels' nodata value (``attrs["nodata"]``) as a float, or None."""
+    """The pixels' nodata value (``attrs["nodata"]``) as a float, or None.
+
+    Parameters
+    ----------
+    pixels
+        A datacube's ``pixels``. Its ``nodata`` attribute may be a number or a JSON
+        spelling of a non-finite one (``"NaN"``, ``"Infinity"``); None when it has none.
+    """
     return number(pixels.attrs.get("nodata"))
 
 
