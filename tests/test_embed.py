@@ -208,6 +208,17 @@ def test_cuda_without_a_gpu_is_a_clear_error(demo_cube_256: xr.Dataset) -> None:
         _embed(demo_cube_256, device="cuda")
 
 
+@pytest.mark.gpu
+def test_a_gpu_index_beyond_those_present_is_a_clear_error() -> None:
+    import torch
+
+    from xclay.devices import resolve_device
+
+    assert resolve_device("cuda:0").index == 0
+    with pytest.raises(DeviceError, match=r"this process sees \d+ GPU\(s\)"):
+        resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
 @pytest.mark.parametrize(
     ("kw", "error", "message"),
     [

@@ -42,15 +42,14 @@ def cuda_available() -> bool:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> CUDA when usable, else CPU; ``"cuda[:N]"`` must be usable.
+    """``"auto"`` -> CUDA when usable, else CPU; ``"cuda[:N]"`` must be a GPU this process sees.
 
     Parameters
     ----------
     device
         ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (the GPU of index N). Another
         torch device type, a name torch does not know, or CUDA where torch sees no usable
-        GPU is a :class:`~xclay.errors.DeviceError`. The index itself is not checked
-        against the GPUs present.
+        GPU, or an index beyond the GPUs it sees, is a :class:`~xclay.errors.DeviceError`.
 
     Returns
     -------
@@ -75,6 +74,12 @@ def resolve_device(device: str) -> torch.device:
         )
     if dev.type not in ("cpu", "cuda"):
         raise DeviceError(f"device {device!r} is not supported; use 'cpu', 'cuda' or 'auto'.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise DeviceError(
+            f"device={device!r}, but this process sees {count} GPU(s) (cuda:0..cuda:{count - 1}; "
+            "CUDA_VISIBLE_DEVICES renumbers them); pick one of those."
+        )
     return dev
 
 

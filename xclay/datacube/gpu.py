@@ -22,8 +22,8 @@ __all__ = ["gpu_status", "gpu_variable", "kvikio_usable", "require_kvikio"]
 
 
 def require_kvikio() -> None:
-    """Raise a :class:`~xclay.errors.DatacubeError` naming what is missing unless kvikIO,
-    CuPy and a CUDA device are all usable."""
+    """Raise a :class:`~xclay.errors.MissingDependencyError` (kvikIO or CuPy not installed)
+    or a :class:`~xclay.errors.DeviceError` (no usable CUDA device), naming what is missing."""
     missing = [m for m in ("kvikio", "cupy") if not importable(m)]
     if missing:
         raise MissingDependencyError(
