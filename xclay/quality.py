@@ -34,7 +34,11 @@ _MAX_CLASSES = {
 class QualityFilter:
     """Which chips to embed, by their pixel-class fractions (each within 0..1).
 
-    Attributes
+    The class thresholds need a datacube with a ``quality`` variable
+    (:func:`xclay.ingest.from_stac` with a mask); at their defaults (1, 1, 1,
+    1 and 0) they let every chip through.
+
+    Parameters
     ----------
     max_nodata
         Skip chips with a larger fraction of nodata pixels (a chip that is all
@@ -44,10 +48,6 @@ class QualityFilter:
         cirrus) or snow/ice pixels.
     min_clear
         Skip chips with a smaller fraction of clear pixels.
-
-    The class thresholds need a datacube with a ``quality`` variable
-    (:func:`xclay.ingest.from_stac` with a mask); at their defaults (1, 1, 1,
-    1 and 0) they let every chip through.
     """
 
     max_nodata: float = 0.5
