@@ -21,7 +21,20 @@ MAX_PIXELS = 250_000_000_000  # ~ Africa at 10 m; beyond this a request is a uni
 
 @dataclass(frozen=True)
 class GridPlan:
-    """The pixel grid a request resolves to, before any pixel is read."""
+    """The pixel grid a request resolves to, before any pixel is read.
+
+    Its ``pixels`` property is the grid's number of pixels.
+
+    Attributes
+    ----------
+    geobox
+        The pixel grid (an ``odc.geo`` GeoBox): CRS, resolution and extent.
+    items
+        The ids of the STAC items the grid is for, in their order.
+    bbox_lonlat
+        The area (west, south, east, north) in degrees: the requested bbox, else the
+        union of the items' bboxes.
+    """
 
     geobox: GeoBox
     items: tuple[str, ...]

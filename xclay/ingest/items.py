@@ -215,7 +215,20 @@ def _parse_datetime(value: str | dt.datetime | None) -> tuple[dt.datetime, bool]
 def filter_items(
     items: Sequence[pystac.Item], *, bbox: Sequence[float] | None, datetime: str | None
 ) -> list[pystac.Item]:
-    """Items intersecting ``bbox`` (lon/lat) and within ``datetime`` ("start/end", open ends "..")."""
+    """Items intersecting ``bbox`` (lon/lat) and within ``datetime``, in their order.
+
+    Parameters
+    ----------
+    items
+        The STAC items to filter.
+    bbox
+        Area (west, south, east, north) in degrees; ``None``: anywhere. Items without a
+        bbox are kept.
+    datetime
+        ``"start/end"`` (ISO dates or datetimes, ``..`` or empty for an open end; a single
+        date is that whole day), ends included; ``None``: any time. Items without a time,
+        or whose time is unknown (``xclay:datetime_unknown``), are kept.
+    """
     start, end = parse_time_range(datetime)
     out = []
     for item in items:
@@ -263,14 +276,36 @@ def parse_time_range(value: str | None) -> tuple[dt.datetime | None, dt.datetime
 
 def solar_day(when: dt.datetime, lon: float) -> dt.date:
     """The day of an acquisition in local solar time at longitude ``lon`` (UTC shifted by
-    ``lon / 15`` hours): one orbit's passes over an area fall on one solar day."""
+    ``lon / 15`` hours): one orbit's passes over an area fall on one solar day.
+
+    Parameters
+    ----------
+    when
+        The acquisition time; a naive datetime is taken as UTC.
+    lon
+        Longitude in degrees east (negative to the west of Greenwich).
+    """
     if when.tzinfo is not None:
         when = when.astimezone(dt.UTC).replace(tzinfo=None)
     return (when + dt.timedelta(hours=lon / 15.0)).date()
 
 
 def item_solar_day(item: pystac.Item) -> dt.date | None:
-    """An item's solar day, at its own centre (so every region groups it the same way)."""
+    """An item's solar day, at its own centre (so every region groups it the same way).
+
+    Parameters
+    ----------
+    item
+        A STAC item. Its time is its ``datetime``, else its ``start_datetime``; its
+        longitude is the middle of its bbox's west and east edges (0, the UTC day, when
+        it has no bbox).
+
+    Returns
+    -------
+    datetime.date or None
+        The :func:`solar_day` of the item's time at that longitude; ``None`` when the
+        item has no time.
+    """
     when = item.datetime or item.common_metadata.start_datetime
     if when is None:
         return None

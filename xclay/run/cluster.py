@@ -108,7 +108,14 @@ def _worker_environment(threads: int) -> None:
 
 def warm_workers(client: Any) -> None:
     """Import the heavy modules on every worker now, in parallel, rather than in each
-    worker's first task."""
+    worker's first task.
+
+    Parameters
+    ----------
+    client
+        A Dask ``distributed`` client (as :func:`client_for` returns); each of its
+        workers imports odc-stac, torch and xclay's ingest, embed and task modules.
+    """
     client.run(_import_task_modules)
 
 

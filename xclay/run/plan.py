@@ -138,7 +138,22 @@ class RunPlan:
 
 
 def plan(spec: RunSpec) -> RunPlan:
-    """Resolve a spec: items, zones, grids, chips and data volume, without reading pixels."""
+    """Resolve a spec: items, zones, grids, chips and data volume, without reading pixels.
+
+    Parameters
+    ----------
+    spec
+        The validated run spec (:func:`~xclay.run.spec.load_spec`). With ``input.stac``,
+        its items are read or searched for and kept within ``input.bbox`` and
+        ``input.datetime``; with ``input.datacube``, the datacube's metadata is read.
+
+    Returns
+    -------
+    RunPlan
+        What the run will do: its items, zones, time steps, chips and data volume. An
+        empty search, or grids of more than ``grid.max_pixels`` pixels, raise
+        :class:`~xclay.errors.IngestError`.
+    """
     if spec.input.datacube is not None:
         return _plan_datacube(spec)
     return _plan_stac(spec)

@@ -26,8 +26,21 @@ MARGIN = 1.1
 
 
 def preflight(spec: RunSpec, resolved: RunPlan, *, dry_run: bool = False) -> None:
-    """Raise the first problem found, in the order: model, outputs. ``dry_run``: write
-    nothing (the output folder is checked through its nearest existing parent)."""
+    """Raise the first problem found, in the order: model, outputs.
+
+    Parameters
+    ----------
+    spec
+        The run spec: its model (name, checkpoint, output and options) is checked as the
+        registry would build it, without building it, and its ``outputs.dir`` as a place
+        to write (:func:`check_outputs`).
+    resolved
+        The spec's plan (:func:`~xclay.run.plan.plan`), which sizes the outputs
+        (:func:`estimate_output_bytes`).
+    dry_run
+        Write nothing: the output folder is checked through its nearest existing parent.
+        Default False: the folder is created and a probe file written in it.
+    """
     from xclay.models.registry import check_model
 
     options = dict(spec.model.options)
@@ -40,7 +53,23 @@ def preflight(spec: RunSpec, resolved: RunPlan, *, dry_run: bool = False) -> Non
 
 def estimate_output_bytes(spec: RunSpec, resolved: RunPlan) -> int:
     """What a run writes: the datacube (unless it embeds an existing one), compressed,
-    and the vectors twice (embeddings Zarr and GeoParquet)."""
+    and the vectors twice (embeddings Zarr and GeoParquet).
+
+    Parameters
+    ----------
+    spec
+        The run spec: its model (the vector length of its registry entry, with default
+        options) and ``outputs.quantize`` (int8: one byte a value instead of four).
+    resolved
+        The spec's plan: its zones' pixels, time steps, bands and dtype size the
+        datacube (taken as compressing 1.4 times); its chips count the vectors.
+
+    Returns
+    -------
+    int
+        Estimated bytes: the datacube, plus twice the chips' vectors with about 512
+        bytes of geometry and columns each.
+    """
     import numpy as np
 
     from xclay.models import get_model_info
@@ -56,9 +85,20 @@ def estimate_output_bytes(spec: RunSpec, resolved: RunPlan) -> int:
 
 
 def check_outputs(folder: Path, needed: int, *, create: bool = True) -> None:
-    """The output folder can be created and written (a probe file; with ``create=False``
-    its nearest existing parent must be writable, and nothing is written), and its disk
-    has room for ``needed`` bytes (with a margin)."""
+    """The output folder can be created and written, and its disk has room for ``needed``
+    bytes (with a margin); else :class:`~xclay.errors.OutputError`.
+
+    Parameters
+    ----------
+    folder
+        The output folder (``outputs.dir``); it need not exist yet.
+    needed
+        Bytes the outputs need (:func:`estimate_output_bytes`); the disk must have 10%
+        more than this free.
+    create
+        Default True: create the folder and write (then remove) a probe file in it.
+        False: write nothing; the folder's nearest existing parent must be writable.
+    """
     folder = Path(folder)
     try:
         if create:

@@ -61,7 +61,24 @@ __all__ = [
 @dataclass(frozen=True)
 class StacSource:
     """The spec's ``input.stac``: STAC items from a file or an API search. Each field is in
-    docs/run-spec.md's table of fields."""
+    docs/run-spec.md's table of fields.
+
+    Parameters
+    ----------
+    items
+        A file: an ItemCollection or FeatureCollection JSON, an Item JSON, or a static
+        ``catalog.json``, relative to the spec file's folder; exactly one of ``items`` and
+        ``api``.
+    api
+        A STAC API URL to search (pystac-client).
+    collections
+        Collections to search (``api`` only, and required with it).
+    query
+        A STAC API query (``api`` only), e.g. ``{"eo:cloud_cover": {"lt": 20}}``; default
+        none.
+    max_items
+        Stop the search after this many items (``api`` only); default no limit.
+    """
 
     items: str | None = None
     api: str | None = None
@@ -72,8 +89,38 @@ class StacSource:
 
 @dataclass(frozen=True)
 class InputSettings:
-    """The spec's ``input``: what to embed (STAC items to composite, or a datacube store). Each field is in
-    docs/run-spec.md's table of fields."""
+    """The spec's ``input``: what to embed (STAC items to composite, or a datacube store).
+    Each field is in docs/run-spec.md's table of fields.
+
+    Parameters
+    ----------
+    stac
+        The STAC items to ingest (:class:`StacSource`); exactly one of ``stac`` and
+        ``datacube``.
+    datacube
+        Instead of ``stac``: a datacube Zarr to embed, relative to the spec file's folder
+        (no ingestion; the other fields do not apply).
+    bands
+        Band names as the items name them (asset keys, ``eo:bands`` names or common
+        names); default the bands of ``platform``, which is then required.
+    platform
+        A sensor-table key (``"sentinel-2-l2a"``, ``"landsat-c2l2-sr"``, ...); default
+        from the items' ``platform`` or collection id.
+    wavelengths
+        Band name -> central wavelength (micrometres), for other sensors; default from
+        the platform or the items' ``eo:bands``.
+    datetime
+        ``"start/end"`` (ISO dates; ``..`` for an open end): the items kept and the
+        composite's time range; default all times.
+    bbox
+        The area (west, south, east, north) in degrees; default the items' extent.
+    composite
+        ``"median"`` of valid observations (default), ``"first-valid"``, or ``"none"``
+        (one time step per solar day).
+    mask
+        ``"auto"`` (default: Sentinel-2 SCL or Landsat QA_PIXEL when the items have
+        them), ``"none"`` (or ``None``), ``"sentinel-2-scl"`` or ``"landsat-qa-pixel"``.
+    """
 
     stac: StacSource | None = None
     datacube: str | None = None  # embed this existing datacube store (no ingest)
@@ -88,8 +135,34 @@ class InputSettings:
 
 @dataclass(frozen=True)
 class GridSettings:
-    """The spec's ``grid``: the pixel grid, the chips and the datacube store's layout. Each field is in
-    docs/run-spec.md's table of fields."""
+    """The spec's ``grid``: the pixel grid, the chips and the datacube store's layout.
+    Each field is in docs/run-spec.md's table of fields.
+
+    Parameters
+    ----------
+    resolution
+        Pixel size in the target CRS's units (metres for UTM); required with
+        ``input.stac``.
+    crs
+        A CRS (``"EPSG:32633"``): one grid; ``"utm"``: tiled by UTM zone; default
+        ``None``: the items' CRS when they share one, tiled by UTM zone when the area
+        spans several 6-degree zones, else the UTM zone of its centre.
+    chip_size
+        Chip edge in pixels; default 256.
+    stride
+        Pixels between chip origins; default the chip size.
+    edges
+        ``"drop"`` (default): only whole chips inside the grid; ``"pad"``: also the chips
+        that reach past its last rows and columns, padded with nodata.
+    shard_chips
+        Chips per shard edge in the datacube Zarr; default ``compute.region_chips`` (one
+        shard file per region and array).
+    compression
+        The datacube Zarr's compression: ``"zstd"`` (default), ``"lz4"`` or ``"none"``.
+    max_pixels
+        Refuse grids with more pixels than this, over all zones (a units mistake, not a
+        request); default 2.5e11.
+    """
 
     resolution: float | None = None  # needed to ingest from STAC
     crs: str | None = None  # a CRS, "utm" (tiled by UTM zone), or None (see xclay.run.plan)
@@ -104,7 +177,21 @@ class GridSettings:
 @dataclass(frozen=True)
 class ModelSettings:
     """The spec's ``model``: the encoder, its weights and options. Each field is in
-    docs/run-spec.md's table of fields."""
+    docs/run-spec.md's table of fields.
+
+    Parameters
+    ----------
+    name
+        A registry name (``xclay info`` lists them); default ``"rcf"``.
+    checkpoint
+        Weights (``clay-v1.5``) or fitted filters (``rcf``), relative to the spec file's
+        folder; default none.
+    output
+        Which vector to store: ``"cls"``, ``"mean"`` or ``"patches"`` (Clay); default
+        ``None``: the model's default.
+    options
+        The model's own options (e.g. ``{"num_filters": 256}`` for rcf); default none.
+    """
 
     name: str = "rcf"
     checkpoint: str | None = None
@@ -114,8 +201,29 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class ComputeSettings:
-    """The spec's ``compute``: device, read engine, batches, precision, regions. Each field is in
-    docs/run-spec.md's table of fields."""
+    """The spec's ``compute``: device, read engine, batches, precision, regions. Each field
+    is in docs/run-spec.md's table of fields.
+
+    Parameters
+    ----------
+    device
+        ``"auto"`` (default: a CUDA GPU when there is one), ``"cpu"``, ``"cuda"`` or
+        ``"cuda:N"``.
+    engine
+        How chips are read: ``"zarr"`` (host), ``"kvikio"`` (into GPU memory), or
+        ``"auto"`` (default: kvikio on a GPU with kvikIO installed).
+    batch_size
+        Chips per encoder call (chips that pass the quality filter); default ``"auto"``:
+        sized by the model for the device.
+    precision
+        ``"auto"`` (default), ``"fp32"``, ``"tf32"`` (CUDA), ``"bf16"`` or ``"fp8"`` (CUDA,
+        compute capability 8.9+).
+    prefetch
+        Batches read ahead; default 2.
+    region_chips
+        Chips per region edge: the unit of work, of resumption, and of the embeddings
+        Zarr's chunks; default 16.
+    """
 
     device: str = "auto"
     engine: Engine = "auto"
@@ -128,7 +236,34 @@ class ComputeSettings:
 @dataclass(frozen=True)
 class OutputSettings:
     """The spec's ``outputs``: where and what is written. Each field is in
-    docs/run-spec.md's table of fields."""
+    docs/run-spec.md's table of fields.
+
+    Parameters
+    ----------
+    dir
+        The outputs' folder, relative to the spec file's folder; required.
+    datacube
+        The datacube Zarr, in ``dir``; default ``"cube.zarr"`` (with several zones, one
+        per zone, its name suffixed with the zone's CRS: ``cube-EPSG32719.zarr``).
+    embeddings
+        The embeddings Zarr, in ``dir`` (one per zone, like ``datacube``); default
+        ``"embeddings.zarr"``.
+    geoparquet
+        The GeoParquet dataset (a folder of parts), in ``dir``; default
+        ``"embeddings.parquet"``.
+    items
+        The run's STAC items, indexed (GeoParquet), in ``dir``; default ``"items.parquet"``.
+    overwrite
+        Replace existing outputs (CLI: ``--overwrite``); default False.
+    quantize
+        ``"int8"``: int8 vectors with a scale per vector in both outputs; default ``None``:
+        float32 vectors.
+    thumbnails
+        Edge in pixels of a true-colour preview per chip (YAML ``true``: 64); default 0:
+        none.
+    loss
+        Score each chip with Clay's masked-reconstruction loss; default False.
+    """
 
     dir: str
     datacube: str = "cube.zarr"

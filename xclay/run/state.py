@@ -100,15 +100,52 @@ def _tiles(zone: int, times: int, ny: int, nx: int, step: int, phase: Phase) -> 
 def ingest_regions(
     zone: int, times: int, shape: tuple[int, int], block_px: int
 ) -> Iterator[Region]:
-    """Pixel blocks of ``block_px`` (a whole number of shards) per time step of a zone."""
+    """Pixel blocks of ``block_px`` per time step of a zone.
+
+    Parameters
+    ----------
+    zone
+        The zone's index in the run's zones.
+    times
+        The number of time steps of the zone's datacube.
+    shape
+        The zone's pixel grid, ``(rows, cols)``.
+    block_px
+        A block's edge in pixels: a whole number of the datacube's shards, so that no two
+        regions write one shard. Blocks at the grid's last rows and columns are cut to it.
+
+    Returns
+    -------
+    Iterator of Region
+        The ``"ingest"`` regions, made as they are asked for: time step by time step, then
+        row by row, numbered in that order.
+    """
     return _tiles(zone, times, shape[0], shape[1], block_px, "ingest")
 
 
 def embed_regions(
     zone: int, times: int, chip_shape: tuple[int, int], region_chips: int
 ) -> Iterator[Region]:
-    """Chip blocks of ``region_chips x region_chips`` (one embeddings chunk) per time step
-    of a zone."""
+    """Chip blocks of ``region_chips x region_chips`` per time step of a zone.
+
+    Parameters
+    ----------
+    zone
+        The zone's index in the run's zones.
+    times
+        The number of time steps of the zone's datacube.
+    chip_shape
+        The zone's chip grid, ``(rows, cols)`` of chips.
+    region_chips
+        A block's edge in chips (``compute.region_chips``): one chunk of the embeddings
+        Zarr. Blocks at the chip grid's last rows and columns are cut to it.
+
+    Returns
+    -------
+    Iterator of Region
+        The ``"embed"`` regions, made as they are asked for: time step by time step, then
+        row by row, numbered in that order.
+    """
     return _tiles(zone, times, chip_shape[0], chip_shape[1], region_chips, "embed")
 
 

@@ -104,7 +104,23 @@ def _lonlat_area(geobox: Any) -> Any:
 
 def ingest_region(outdir: str, region: dict[str, Any]) -> dict[str, Any]:
     """Load, mask and composite one block of a zone from the STAC items that intersect it;
-    write it into the zone's datacube."""
+    write it into the zone's datacube.
+
+    Parameters
+    ----------
+    outdir
+        The run's output folder (``outputs.dir``, as a string); the task reads the run's
+        record, items and zones from its ``_xclay`` state folder.
+    region
+        The ``"ingest"`` region to do, as a dict (:meth:`~xclay.run.state.Region.to_dict`).
+
+    Returns
+    -------
+    dict
+        ``region`` (its name) and ``status``: ``"done"`` with ``any_valid``, ``items``
+        and ``seconds``, or ``"failed"`` with ``reason``. A failure is recorded in the
+        run's state, not raised; a block no item covers is written as nodata.
+    """
     return _run_task(outdir, region, _ingest)
 
 
@@ -170,7 +186,24 @@ def composite_tile(observations: int, block: int) -> int:
 
 def embed_region(outdir: str, region: dict[str, Any]) -> dict[str, Any]:
     """Embed one block of chips of a zone; write it into the zone's embeddings Zarr and a
-    GeoParquet part."""
+    GeoParquet part.
+
+    Parameters
+    ----------
+    outdir
+        The run's output folder (``outputs.dir``, as a string); the task reads the run's
+        record, model card and zones from its ``_xclay`` state folder.
+    region
+        The ``"embed"`` region to do, as a dict (:meth:`~xclay.run.state.Region.to_dict`).
+
+    Returns
+    -------
+    dict
+        ``region`` (its name) and ``status``: ``"done"`` with ``counts`` (chips in all,
+        embedded, skipped by reason, failed), ``data_path`` (how chips were read) and
+        ``seconds``, or ``"failed"`` with ``reason``. A failure is recorded in the run's
+        state, not raised; a block with no chip embedded has no GeoParquet part.
+    """
     return _run_task(outdir, region, _embed)
 
 

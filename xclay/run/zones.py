@@ -86,14 +86,38 @@ class Zone:
 
 
 def single_zone(geobox: GeoBox) -> list[Zone]:
-    """A run on one grid."""
+    """A run on one grid.
+
+    Parameters
+    ----------
+    geobox
+        The run's pixel grid; it must have a CRS, which names the zone (``EPSG32633``).
+
+    Returns
+    -------
+    list of Zone
+        One zone that owns its whole grid (no cell).
+    """
     assert geobox.crs is not None
     return [Zone(crs_tag(geobox.crs), geobox, None)]
 
 
 def utm_cells(bbox: tuple[float, float, float, float]) -> list[tuple[str, Any]]:
     """The UTM zone cells a lon/lat bbox covers: ``(EPSG code, lon/lat polygon)``, west to
-    east, north before south."""
+    east, north before south.
+
+    Parameters
+    ----------
+    bbox
+        The area (west, south, east, north) in degrees, within UTM's latitudes (80 S to
+        84 N); otherwise ``ValueError``.
+
+    Returns
+    -------
+    list of tuple
+        Per cell (the part of ``bbox`` in one 6-degree UTM zone, north or south of the
+        equator), its code (``"EPSG:32633"``) and its shapely box in lon/lat.
+    """
     import shapely
 
     west, south, east, north = bbox
