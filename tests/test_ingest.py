@@ -286,3 +286,22 @@ def test_mixed_resolutions_and_crs_land_on_one_grid(tmp_path: Path) -> None:
         3200
     }  # reprojected
     assert first.shape[1] > 1000 and second.shape[1] > 1000
+
+
+@pytest.mark.parametrize(
+    ("bbox", "day"),
+    [
+        ([-35.0, -8.1, -34.8, -7.9], 1),  # Olinda, UTC-2.3 h: 10:40 on the 1st
+        ([170.0, -10.0, 172.0, -9.0], 2),  # 171 E, UTC+11.4 h: 00:24 on the 2nd
+        ([175.0, -10.0, -177.0, -9.0], 2),  # across the antimeridian, centre 179 E
+    ],
+)
+def test_the_solar_day_is_at_the_item_centre(bbox: list[float], day: int) -> None:
+    import datetime as dt
+
+    from xclay.ingest import item_solar_day
+
+    item = pystac.Item(
+        "x", None, bbox, dt.datetime(2024, 1, 1, 13, 0, tzinfo=dt.UTC), properties={}
+    )
+    assert item_solar_day(item) == dt.date(2024, 1, day)

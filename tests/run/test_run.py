@@ -253,6 +253,10 @@ def test_steps_one_at_a_time(tmp_path: Path, olinda_tif: Path) -> None:
             "give exactly one of items",
         ),
         ({"compute": {"batch_size": "lots"}}, "compute.batch_size: must be an integer"),
+        (
+            {"input": {"stac": {"items": "a.json", "max_items": 5}, "bands": ["red"]}},
+            "input.stac.max_items: applies to a STAC API search (api:), not to an items file",
+        ),
     ],
 )
 def test_malformed_specs_name_the_file_the_field_and_what_is_allowed(

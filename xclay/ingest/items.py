@@ -310,7 +310,10 @@ def item_solar_day(item: pystac.Item) -> dt.date | None:
     if when is None:
         return None
     if item.bbox:
-        lon = (float(item.bbox[0]) + float(item.bbox[2])) / 2
+        west, east = float(item.bbox[0]), float(item.bbox[2])
+        if west > east:  # the bbox crosses the antimeridian (RFC 7946: west > east)
+            east += 360.0
+        lon = ((west + east) / 2 + 180.0) % 360.0 - 180.0
     else:
         lon = 0.0
     return solar_day(when, lon)

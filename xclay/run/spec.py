@@ -539,6 +539,13 @@ class _Reader:
             if "max_items" in stac
             else None,
         )
+        search_only = [k for k in ("collections", "query", "max_items") if k in stac]
+        if source.items and search_only:
+            raise self.fail(
+                f"input.stac.{search_only[0]}",
+                "applies to a STAC API search (api:), not to an items file; remove it, or "
+                "filter the file's items with input.bbox and input.datetime.",
+            )
         if source.api and not source.collections:
             raise self.fail(
                 "input.stac.collections",
