@@ -15,19 +15,43 @@ __all__ = ["file_sha256", "read_torch_file"]
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of a checkpoint file, recorded in the model card of every output."""
+    """sha256 of a checkpoint file, recorded in the model card of every output.
+
+    Parameters
+    ----------
+    path
+        The checkpoint file; it is read in blocks, so memory stays flat for large files.
+
+    Returns
+    -------
+    str
+        The hex digest of the file's bytes.
+    """
     return sha256_file(Path(path))
 
 
 def read_torch_file(path: str | os.PathLike[str], *, model: str, mmap: bool = False) -> Any:
     """Load a ``torch.save`` file without unpickling arbitrary objects.
 
-    ``mmap=True`` maps the file instead of reading it all (a 5 GB checkpoint
-    whose encoder is a fifth of it), falling back to a plain read for files
-    in the legacy (non-zip) format.
+    Tensors are loaded onto the CPU, with ``weights_only=True``. Raises
+    :class:`CheckpointError` for a missing, truncated or corrupt file, or one that
+    needs code execution to load.
 
-    Raises :class:`CheckpointError` for a missing, truncated or corrupt file,
-    or one that needs code execution to load.
+    Parameters
+    ----------
+    path
+        The file written by ``torch.save``.
+    model
+        The model the file is for (``"Clay"``, ``"rcf"``), named in the error messages.
+    mmap
+        Map the file instead of reading it all (a 5 GB checkpoint whose encoder is a
+        fifth of it); files in the legacy (non-zip) format are read in full anyway.
+        Default False: a plain read.
+
+    Returns
+    -------
+    Any
+        What the file holds, e.g. a state dict, or a dict of tensors and plain values.
     """
     import torch
 

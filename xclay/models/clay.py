@@ -75,6 +75,17 @@ def time_encoding(times: np.ndarray) -> np.ndarray:
     ``w = ISO week * 2 pi / 52``, ``h = hour * 2 pi / 24`` (hour with its
     minutes and seconds as a fraction); a row of zeros where the time is
     unknown (NaT), which Clay reads as "unknown".
+
+    Parameters
+    ----------
+    times
+        ``[B]`` datetime64 times of the chips (UTC, as in xclay's cubes; any unit,
+        converted to ns); NaT where unknown.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``[B, 4]`` float32, one row per chip.
     """
     times = np.asarray(times, dtype="datetime64[ns]")
     out = np.zeros((times.shape[0], 4), dtype=np.float64)
@@ -92,6 +103,17 @@ def latlon_encoding(lonlat: torch.Tensor) -> torch.Tensor:
     """``[B, 2]`` (lon, lat) degrees -> ``[B, 4]`` ``[sin lat, cos lat, sin lon, cos lon]``.
 
     Latitude first: published Clay embeddings were once made with the two swapped.
+
+    Parameters
+    ----------
+    lonlat
+        ``[B, 2]`` chip centres in degrees, longitude then latitude (as in
+        ``ChipBatch.lonlat``); computed in float64.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, 4]`` float32, on the device of ``lonlat``.
     """
     import torch
 
@@ -137,9 +159,25 @@ def load_clay_state_dict(
     """The encoder's (or decoder's) state dict, prefix stripped, and the checkpoint's
     hyper-parameters.
 
-    Accepts a Lightning ``.ckpt`` (``state_dict`` with ``model.encoder.*`` and
-    ``model.decoder.*``), a plain state dict (``.pt``; an encoder's keys may
-    lack the prefix) and ``.safetensors``. Never unpickles arbitrary objects.
+    Never unpickles arbitrary objects; torch files are memory-mapped where their
+    format allows.
+
+    Parameters
+    ----------
+    path
+        A Lightning ``.ckpt`` (``state_dict`` with ``model.encoder.*`` and
+        ``model.decoder.*``), a plain state dict (``.pt``; an encoder's keys may
+        lack the prefix) or a ``.safetensors`` file (read by its suffix).
+    part
+        Which state dict to return: ``"encoder"`` (default; keys under
+        ``model.encoder.`` or ``encoder.``, else all keys as they are) or ``"decoder"``
+        (keys under ``model.decoder.`` or ``decoder.``; a file without them is refused).
+
+    Returns
+    -------
+    tuple of (dict of str to torch.Tensor, dict)
+        The state dict with the prefix stripped, and the Lightning checkpoint's
+        ``hyper_parameters`` (empty for other files).
     """
     import torch
 

@@ -64,7 +64,21 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 
 @dataclass(frozen=True)
 class DecoderSize:
-    """Hyper-parameters of a Clay decoder (v1.5: 512, 4, 4, 64, 4)."""
+    """Hyper-parameters of a Clay decoder; the defaults are v1.5's (512, 4, 4, 64, 4).
+
+    Attributes
+    ----------
+    dim
+        Width of the decoder's tokens.
+    depth
+        Number of transformer blocks.
+    heads
+        Attention heads per block (not stored in a state dict).
+    dim_head
+        Width of each attention head.
+    mlp_ratio
+        Hidden width of each block's MLP, as a multiple of ``dim``.
+    """
 
     dim: int = 512
     depth: int = 4
@@ -183,7 +197,19 @@ class ClayDecoder(nn.Module):
 
 def chip_seeds(chip_ids: Sequence[str], times: np.ndarray, seed: int) -> np.ndarray:
     """``[B]`` uint64 seeds: the first 8 bytes (little-endian) of
-    ``sha256("{seed}/{chip_id}/{time}")``."""
+    ``sha256("{seed}/{chip_id}/{time}")``.
+
+    Parameters
+    ----------
+    chip_ids
+        ``[B]`` chip ids, as strings (:mod:`xclay.batch.chips`).
+    times
+        ``[B]`` datetime64 times of the chips, written to the second as ISO 8601;
+        ``NaT`` where unknown.
+    seed
+        The run's loss seed (:meth:`~xclay.models.clay.ClayV15.enable_loss`), the
+        same for every chip.
+    """
     out = np.empty(len(chip_ids), dtype=np.uint64)
     stamps = np.asarray(times, dtype="datetime64[s]")
     for k, (chip, t) in enumerate(zip(chip_ids, stamps, strict=True)):
@@ -204,7 +230,22 @@ def splitmix64(seeds: np.ndarray, n: int) -> np.ndarray:
 
 
 def mask_permutations(seeds: np.ndarray, n_patches: int) -> tuple[np.ndarray, np.ndarray]:
-    """Masked and unmasked patch indices ``([B, Lm], [B, Lu])`` of each chip (see module doc)."""
+    """Masked and unmasked patch indices ``([B, Lm], [B, Lu])`` of each chip (see module doc).
+
+    Parameters
+    ----------
+    seeds
+        ``[B]`` uint64 per-chip seeds, from :func:`chip_seeds`.
+    n_patches
+        ``L``, the patches of a chip: ``(H / p) * (W / p)``.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        ``(masked, unmasked)``: int64 patch indices (row-major grid order), each row
+        in its chip's permutation order; masked are the permutation's first
+        ``Lm = int(0.75 L)``, unmasked the other ``Lu``.
+    """
     order = np.argsort(splitmix64(seeds, n_patches), axis=1, kind="stable")
     n_masked = int(MASK_RATIO * n_patches)
     return order[:, :n_masked], order[:, n_masked:]
@@ -251,8 +292,21 @@ def reconstruction_loss(
 ) -> torch.Tensor:
     """``[B]``: mean over each chip's masked patches of the per-patch mean L1 error.
 
-    ``pixels`` are the normalised chips the encoder saw; with ``norm_pix_loss``
-    each target patch is standardised first (unbiased variance, + 1e-6).
+    Computed in float32.
+
+    Parameters
+    ----------
+    predicted
+        ``[B, L, C * p * p]``: the decoder's reconstruction of every patch, in grid order.
+    pixels
+        ``[B, C, H, W]``: the normalised chips the encoder saw (nodata pixels 0).
+    masked
+        ``[B, Lm]`` (long): grid indices of each chip's masked patches.
+    patch_size
+        ``p``, the patch edge in pixels.
+    norm_pix_loss
+        Standardise each target patch first (unbiased variance, + 1e-6), as the
+        checkpoint's ``norm_pix_loss`` hyper-parameter says; default False: not.
     """
     target = patchify(pixels.to(torch.float32), patch_size)
     if norm_pix_loss:

@@ -33,7 +33,23 @@ META_DIMS = 8  # time (4) + latlon (4), added to the last 8 dims of every patch 
 
 @dataclass(frozen=True)
 class ClaySize:
-    """Hyper-parameters of one Clay encoder size."""
+    """Hyper-parameters of one Clay encoder size (see :data:`CLAY_SIZES`).
+
+    Attributes
+    ----------
+    name
+        The size's name: ``tiny``, ``small``, ``base`` or ``large`` (v1.5's).
+    dim
+        Width of the encoder's tokens (the embedding length).
+    depth
+        Number of transformer blocks.
+    heads
+        Attention heads per block.
+    dim_head
+        Width of each attention head.
+    mlp_ratio
+        Hidden width of each block's MLP, as a multiple of ``dim``.
+    """
 
     name: str
     dim: int
@@ -61,6 +77,19 @@ def wave_encoding(waves: torch.Tensor, dim: int = WAVE_DIM) -> torch.Tensor:
     """1-D sin-cos encoding of wavelengths: ``[C] -> [C, dim]``.
 
     ``omega_k = 1 / 10000 ** (k / (dim/2 - 1))``; ``concat(sin(w omega), cos(w omega))``.
+
+    Parameters
+    ----------
+    waves
+        ``[C]`` central wavelength of each band, in the units Clay trained with
+        (micrometres for optical sensors).
+    dim
+        Width of the encoding, even; default 128, the width of Clay's weight generator.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[C, dim]`` float32, on the device of ``waves``.
     """
     half = dim // 2
     k = torch.arange(half, dtype=torch.float32, device=waves.device)
@@ -76,6 +105,18 @@ def posemb_2d_gsd(
 
     ``omega_k = (1 / 10000 ** (2 * (k / (dim/4 - 1)) / dim)) * gsd``, k = 0..dim/4-1;
     token (r, c), row-major: ``concat(sin(c omega), cos(c omega), sin(r omega), cos(r omega))``.
+
+    Parameters
+    ----------
+    rows, cols
+        The token grid: ``H / p`` rows and ``W / p`` columns of patches.
+    dim
+        Width of the encoding, a multiple of 4: the model's width less the 8
+        metadata dims (1016 for Clay v1.5's encoder, 504 for its decoder).
+    gsd
+        Ground sample distance in metres.
+    device
+        Where to build the float32 encoding; default ``None``: torch's default device.
     """
     if dim % 4:
         raise ValueError(f"the position encoding width {dim} must be divisible by 4.")

@@ -23,7 +23,17 @@ Scaling = Literal["row", "tensor"]
 
 def quantize(x: torch.Tensor, scaling: Scaling = "row") -> tuple[torch.Tensor, torch.Tensor]:
     """``x [M, K]`` -> (``float8_e4m3fn [M, K]``, fp32 scales ``[M, 1]`` (per row) or
-    ``[1, 1]`` (per tensor)) with ``x ~ q * scale``; an all-zero row gets scale 1."""
+    ``[1, 1]`` (per tensor)) with ``x ~ q * scale``; an all-zero row gets scale 1.
+
+    Parameters
+    ----------
+    x
+        ``[M, K]`` values of any float dtype (computed in fp32): a weight's rows
+        (output features) or a layer's inputs (tokens).
+    scaling
+        ``"row"`` (default): one scale per row, mapping its largest magnitude to
+        :data:`E4M3_MAX`; ``"tensor"``: one scale for the whole tensor.
+    """
     values = x.float()
     amax = values.abs().amax(dim=-1, keepdim=True)
     if scaling == "tensor":
@@ -107,7 +117,14 @@ def _scaled_mm(
 
 def fp8_scaling(device: torch.device) -> Scaling:
     """Per-row scales where this GPU's FP8 kernels take them (Hopper and newer), else one
-    scale per tensor: decided by trying a small product, not from a version table."""
+    scale per tensor: decided by trying a small product, not from a version table.
+
+    Parameters
+    ----------
+    device
+        The device the FP8 layers will run on; a CUDA device is tried with a small
+        product, any other gets ``"row"`` without a trial.
+    """
     if device.type != "cuda":
         return "row"
     a, sa = quantize(torch.randn(32, 64, device=device), "row")
@@ -121,7 +138,18 @@ def fp8_scaling(device: torch.device) -> Scaling:
 
 def convert_linears(module: nn.Module, *, scaling: Scaling, emulate: bool) -> int:
     """Replace every :class:`torch.nn.Linear` under ``module`` by an :class:`FP8Linear`
-    (in place); returns how many were replaced."""
+    (in place); returns how many were replaced.
+
+    Parameters
+    ----------
+    module
+        The module whose children are converted, at any depth (a ``Linear`` passed
+        itself is not: only those under it).
+    scaling, emulate
+        Given to every :class:`FP8Linear`: ``"row"`` or ``"tensor"`` scales (see
+        :func:`fp8_scaling`), and whether to multiply in fp32 instead of on FP8
+        tensor cores.
+    """
     count = 0
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):

@@ -22,7 +22,19 @@ MEASURE_CHIPS = 32
 
 @dataclass(frozen=True)
 class Normalization:
-    """Mean and std per band name, and where they came from."""
+    """Mean and std per band name, and where they came from.
+
+    Attributes
+    ----------
+    bands
+        Band names.
+    mean, std
+        One value per band, in the order of ``bands``, in the units of the cube's
+        pixels; every std finite and positive.
+    source
+        Where they came from: ``"sensor-table:<platform>"``, ``"measured"`` or
+        ``"user"`` (or the source a model card records).
+    """
 
     bands: tuple[str, ...]
     mean: tuple[float, ...]
@@ -77,8 +89,23 @@ def resolve_normalization(
     sample: Sampler,
     seed: int,
 ) -> Normalization:
-    """``"auto"``: sensor table for a known platform whose bands it lists, else measured;
-    ``"sensor"``: sensor table (error if unknown); ``"measured"``; or a user mapping."""
+    """The normalisation of a cube's bands, as an encoder's ``normalization=`` asks.
+
+    Parameters
+    ----------
+    request
+        ``"auto"``: the sensor table for a known platform whose bands it lists, else
+        measured; ``"sensor"``: the sensor table (error if the platform or a band is
+        not in it); ``"measured"``; or a user mapping ``band -> (mean, std)`` covering
+        every band. Constants from the sensor table are refused for a cube in other units.
+    spec
+        The cube's :class:`~xclay.protocols.InputSpec`: its platform and band names.
+    sample
+        Draws the cube's sample chips, ``sample(n, seed)``; used to measure, and to
+        check the units of the sensor table's constants.
+    seed
+        Seed of the sample chips drawn (up to 32 of them).
+    """
     if isinstance(request, Mapping):
         missing = [b for b in spec.bands if b not in request]
         if missing:
@@ -148,7 +175,18 @@ def check_units(norm: Normalization, spec: InputSpec, chips: Any) -> None:
 
 
 def measure_normalization(bands: Sequence[str], chips: Any) -> Normalization:
-    """Per-band mean and std over the valid pixels of sample ``chips`` (a ChipBatch)."""
+    """Per-band mean and std over the valid pixels of sample ``chips``.
+
+    A band that is constant gets std 1 (centred, not scaled).
+
+    Parameters
+    ----------
+    bands
+        Band names, in the order of the chips' band axis.
+    chips
+        A :class:`~xclay.protocols.ChipBatch` of sample chips: ``pixels``
+        ``[N, C, H, W]`` and ``valid`` ``[N, H, W]``; it needs some valid pixels.
+    """
     pixels = chips.pixels.numpy().astype(np.float64)  # [N, C, H, W]
     valid = chips.valid.numpy()  # [N, H, W]
     if not valid.any():

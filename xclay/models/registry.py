@@ -236,7 +236,20 @@ def check_model(
 ) -> None:
     """What :func:`get_model` would refuse, found without building the model: an unknown
     name or option, and a checkpoint that is missing, unreadable or of another architecture
-    (read as far as its header and tensor shapes; a 5 GB checkpoint is mapped, not read)."""
+    (read as far as its header and tensor shapes; a 5 GB checkpoint is mapped, not read).
+
+    Parameters
+    ----------
+    name
+        A name from :func:`list_models`.
+    checkpoint
+        The weights (or fitted filters) :func:`get_model` would load, checked by the
+        model class's ``check_checkpoint`` where it has one. ``None``: a model that
+        needs weights checks those it would find (Clay: ``$XCLAY_CHECKPOINT``, then the
+        cache path); other models check none.
+    **options
+        The model's own settings, checked by name against what the model takes.
+    """
     info = get_model_info(name)
     _builder(name, checkpoint, options)
     loader = info.loader or info.factory
@@ -275,7 +288,19 @@ def encoder_from_card(
     card: ModelCard | Mapping[str, Any], *, checkpoint: str | os.PathLike[str] | None = None
 ) -> Encoder:
     """Rebuild the prepared encoder a model card describes (same filters, normalisation,
-    output), e.g. on a worker of a distributed run."""
+    output), e.g. on a worker of a distributed run.
+
+    Parameters
+    ----------
+    card
+        The :class:`~xclay.model_card.ModelCard` of an output, or its dict form; its
+        ``name`` picks the registry entry, whose ``rebuild`` callable builds the encoder.
+    checkpoint
+        Passed to the entry's ``rebuild``: the weights the card was made with. Clay
+        checks them against the card's sha256 and, given ``None``, looks where
+        :meth:`~xclay.models.clay.ClayV15.from_checkpoint` does; ``rcf`` ignores it
+        (its filters are in the card).
+    """
     card = card if isinstance(card, ModelCard) else ModelCard.from_dict(dict(card))
     info = get_model_info(card.name)
     if info.rebuild is None:
