@@ -348,6 +348,26 @@ def test_too_little_free_space_is_found_before_any_compute(
     assert (tmp_path / "out2").is_dir() and not list((tmp_path / "out2").iterdir())
 
 
+def test_the_output_estimate_follows_the_model_options(tmp_path: Path) -> None:
+    """The disk check sizes vectors by the model's options (it once took every model at
+    its default length, so rcf with more filters or Clay's patch grids could fill a disk
+    the check had passed)."""
+    from xclay.models import get_model_info
+    from xclay.run import load_spec, plan
+    from xclay.run.preflight import estimate_output_bytes
+
+    cube = _cube(tmp_path)
+    few = load_spec(_spec(tmp_path, cube, options={"num_filters": 8}))
+    resolved = plan(few)
+    many = load_spec(_spec(tmp_path, cube, options={"num_filters": 256}))
+    extra = estimate_output_bytes(many, resolved) - estimate_output_bytes(few, resolved)
+    assert extra == 2 * resolved.chips * (512 - 16) * 4  # twice: Zarr and GeoParquet
+    clay = get_model_info("clay-v1.5")
+    assert clay.values_per_chip({"size": "tiny", "output": "patches"}, 64) == 192 * 8 * 8
+    assert clay.values_per_chip({"size": "tiny"}, 64) == 192
+    assert clay.values_per_chip({}, 256) == 1024  # the checkpoint decides: the widest
+
+
 def test_an_existing_output_of_another_run_is_refused(tmp_path: Path) -> None:
     cube = _cube(tmp_path)
     assert _embed_cli(cube, tmp_path / "out").returncode == 0

@@ -265,6 +265,27 @@ def detect_size(state: Mapping[str, torch.Tensor]) -> tuple[str, int]:
 # --------------------------------------------------------------------------- the encoder
 
 
+def vector_values(options: Mapping[str, Any], chip_size: int) -> int:
+    """Values of one chip's Clay vector: the size's width for ``cls`` and ``mean``, one
+    vector per 8 px patch for ``patches``; without ``size`` (the checkpoint decides) the
+    widest size's, an upper bound.
+
+    Parameters
+    ----------
+    options
+        The encoder's options (``size``, ``output``).
+    chip_size
+        Chip edge in pixels.
+    """
+    from xclay.models.clay_encoder import CLAY_SIZES, PATCH_SIZE
+
+    size = options.get("size")
+    dim = CLAY_SIZES[size].dim if size in CLAY_SIZES else max(s.dim for s in CLAY_SIZES.values())
+    if options.get("output", "cls") == "patches":
+        return dim * (chip_size // PATCH_SIZE) ** 2
+    return dim
+
+
 class ClayV15:
     """Clay v1.5 as an xclay encoder.
 

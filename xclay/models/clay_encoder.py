@@ -59,6 +59,8 @@ class ClaySize:
     mlp_ratio: int
 
 
+PATCH_SIZE = 8  # v1.5 embeds 8 x 8 pixel patches
+
 CLAY_SIZES = {
     s.name: s
     for s in (
@@ -290,7 +292,7 @@ class ClayEncoder(nn.Module):
         heads: int = 16,
         dim_head: int = 64,
         mlp_ratio: float = 4,
-        patch_size: int = 8,
+        patch_size: int = PATCH_SIZE,
     ) -> None:
         super().__init__()
         if (dim - META_DIMS) % 4:
@@ -305,7 +307,7 @@ class ClayEncoder(nn.Module):
         self.transformer = Transformer(dim, depth, heads, dim_head, int(dim * mlp_ratio))
 
     @classmethod
-    def from_size(cls, size: str, patch_size: int = 8) -> ClayEncoder:
+    def from_size(cls, size: str, patch_size: int = PATCH_SIZE) -> ClayEncoder:
         """An encoder of a named size (``tiny``, ``small``, ``base``, ``large``), random weights."""
         s = CLAY_SIZES[size]
         return cls(s.dim, s.depth, s.heads, s.dim_head, s.mlp_ratio, patch_size)
@@ -384,7 +386,9 @@ def token_encoding(
     return torch.cat([position.expand(b, -1, -1), meta[:, None, :].expand(-1, n, -1)], dim=-1)
 
 
-def count_forward_flops(size: str, chip_size: int, bands: int, patch_size: int = 8) -> float:
+def count_forward_flops(
+    size: str, chip_size: int, bands: int, patch_size: int = PATCH_SIZE
+) -> float:
     """Floating-point operations (2 x multiply-adds) of one forward on one chip."""
     s = CLAY_SIZES[size]
     tokens = (chip_size // patch_size) ** 2 + 1

@@ -48,6 +48,22 @@ FORMAT = "xclay-rcf/1"
 _POSITIONS_PER_CHUNK = 2048  # a [K, 2048] response chunk is reused while in cache
 
 
+DEFAULT_NUM_FILTERS = 512
+
+
+def vector_values(options: Mapping[str, Any], chip_size: int) -> int:
+    """Values of one chip's rcf vector: two per filter (the ReLU of each sign).
+
+    Parameters
+    ----------
+    options
+        The encoder's options (``num_filters``; default 512).
+    chip_size
+        Chip edge in pixels (the vector does not depend on it).
+    """
+    return 2 * int(options.get("num_filters", DEFAULT_NUM_FILTERS))
+
+
 class RCFEncoder:
     """Random convolutional features (MOSAIKS-style), deterministic under ``seed``.
 
@@ -75,7 +91,7 @@ class RCFEncoder:
 
     def __init__(
         self,
-        num_filters: int = 512,
+        num_filters: int = DEFAULT_NUM_FILTERS,
         kernel_size: int = 3,
         bias: float = 1.0,
         seed: int = 0,

@@ -75,6 +75,11 @@ class ModelInfo:
         ``"module:callable"`` rebuilding the exact prepared encoder from a model
         card (and the checkpoint path): how distributed workers get the encoder
         the driver prepared.
+    vector_values
+        ``"module:callable"`` taking ``(options, chip_size)`` and giving the number of
+        values one chip's vector holds with those options (e.g. a patch grid's); where
+        the options alone do not fix it (the checkpoint does), an upper bound. ``None``:
+        always ``dim``. Runs size their outputs with it before they start.
     """
 
     name: str
@@ -87,6 +92,22 @@ class ModelInfo:
     bands: BandRequirement
     normalization: tuple[NormalizationSource, ...]
     rebuild: str | None = None
+    vector_values: str | None = None
+
+    def values_per_chip(self, options: Mapping[str, Any], chip_size: int) -> int:
+        """Values one chip's vector holds with ``options`` at ``chip_size`` px (see
+        ``vector_values``).
+
+        Parameters
+        ----------
+        options
+            The model's options, as :func:`get_model` takes them.
+        chip_size
+            Chip edge in pixels.
+        """
+        if self.vector_values is None:
+            return self.dim
+        return int(_resolve(self.vector_values)(options, chip_size))
 
     def __post_init__(self) -> None:
         if self.bands not in get_args(BandRequirement):
@@ -332,6 +353,7 @@ register_model(
         bands="any",
         normalization=("sensor", "measured"),
         rebuild="xclay.models.rcf:RCFEncoder.from_card",
+        vector_values="xclay.models.rcf:vector_values",
     )
 )
 
@@ -350,6 +372,7 @@ register_model(
         bands="wavelengths",
         normalization=("sensor", "measured", "given"),
         rebuild="xclay.models.clay:ClayV15.from_card",
+        vector_values="xclay.models.clay:vector_values",
     )
 )
 

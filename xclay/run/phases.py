@@ -549,9 +549,7 @@ def _write_run_metadata(
 def _encoder(spec: RunSpec) -> Any:
     from xclay.models import get_model
 
-    options = dict(spec.model.options)
-    if spec.model.output is not None:
-        options["output"] = spec.model.output
+    options = spec.model.encoder_options()
     checkpoint = spec.path(spec.model.checkpoint) if spec.model.checkpoint else None
     return get_model(spec.model.name, checkpoint=checkpoint, **options)
 

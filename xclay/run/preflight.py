@@ -43,9 +43,7 @@ def preflight(spec: RunSpec, resolved: RunPlan, *, dry_run: bool = False) -> Non
     """
     from xclay.models.registry import check_model
 
-    options = dict(spec.model.options)
-    if spec.model.output is not None:
-        options["output"] = spec.model.output
+    options = spec.model.encoder_options()
     checkpoint = spec.path(spec.model.checkpoint) if spec.model.checkpoint else None
     check_model(spec.model.name, checkpoint=checkpoint, **options)
     check_outputs(spec.outdir, estimate_output_bytes(spec, resolved), create=not dry_run)
@@ -58,8 +56,9 @@ def estimate_output_bytes(spec: RunSpec, resolved: RunPlan) -> int:
     Parameters
     ----------
     spec
-        The run spec: its model (the vector length of its registry entry, with default
-        options) and ``outputs.quantize`` (int8: one byte a value instead of four).
+        The run spec: its model (the values of a chip's vector with its options and chip
+        size: :meth:`xclay.models.ModelInfo.values_per_chip`) and ``outputs.quantize``
+        (int8: one byte a value instead of four).
     resolved
         The spec's plan: its zones' pixels, time steps, bands and dtype size the
         datacube (taken as compressing 1.4 times); its chips count the vectors.
@@ -79,8 +78,9 @@ def estimate_output_bytes(spec: RunSpec, resolved: RunPlan) -> int:
         pixels = sum(int(np.prod(z.geobox.shape)) for z in resolved.zones)
         itemsize = np.dtype(resolved.dtype).itemsize
         datacube = int(pixels * resolved.time_steps * len(resolved.bands) * itemsize / COMPRESSION)
-    dim = get_model_info(spec.model.name).dim
-    per_vector = dim * (1 if spec.outputs.quantize else 4) + 512  # + geometry and columns
+    options = spec.model.encoder_options()
+    values = get_model_info(spec.model.name).values_per_chip(options, spec.grid.chip_size)
+    per_vector = values * (1 if spec.outputs.quantize else 4) + 512  # + geometry and columns
     return datacube + 2 * resolved.chips * per_vector
 
 

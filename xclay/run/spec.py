@@ -198,6 +198,11 @@ class ModelSettings:
     output: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
+    def encoder_options(self) -> dict[str, Any]:
+        """The keyword options the model is built with: ``options``, and ``output``
+        where given."""
+        return {**self.options, **({"output": self.output} if self.output is not None else {})}
+
 
 @dataclass(frozen=True)
 class ComputeSettings:
