@@ -291,7 +291,9 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
             f"(default {default:g})",
         )
     p.add_argument(
-        "--device", default="auto", help="auto (a CUDA GPU if there is one), cpu, cuda, cuda:N"
+        "--device",
+        default="auto",
+        help="auto (a CUDA GPU if there is one; default), cpu, cuda, cuda:N",
     )
     p.add_argument(
         "--engine",
@@ -572,7 +574,7 @@ def _embed_and_export(cube: Any, out: Path, args: argparse.Namespace, *, overwri
     pq_path = to_geoparquet(
         emb, out / "embeddings.parquet", quantize=args.quantize, overwrite=overwrite
     )
-    print(f"  geoparquet  {pq_path}  ({done} rows)")
+    print(f"  geoparquet  {pq_path}  ({done} row{'' if done == 1 else 's'})")
     return emb
 
 
