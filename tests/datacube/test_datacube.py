@@ -83,6 +83,18 @@ def test_composite_time_range_is_stored_as_midpoint_with_bounds() -> None:
     assert cube["time_end"].values[0] == np.datetime64("2025-01-01", "ns")
 
 
+def test_a_range_of_dates_has_a_round_midpoint() -> None:
+    # a run's datetime "2024-06-01/2024-06-30" ends at the last microsecond of June 30
+    from xclay.ingest.composite import composite_range
+
+    ds = _odc_stac_like(["red"]).isel(time=0, drop=True)
+    june = composite_range("2024-06-01/2024-06-30", np.array([], dtype="datetime64[ns]"))
+    cube = xclay.as_datacube(ds, wavelengths=[0.665], time=june)
+    # not 2024-06-15T23:59:59.999999500
+    assert cube["time"].values[0] == np.datetime64("2024-06-16T00:00:00", "ns")
+    assert cube["time_end"].values[0] == np.datetime64("2024-06-30T23:59:59.999999", "ns")
+
+
 def test_subset_cube_keeps_exact_transform() -> None:
     cube = random_cube(origin=(500000.0, 4000000.0))
     sub = cube.isel(x=slice(16, 48), y=slice(32, 64))

@@ -405,7 +405,10 @@ def _time_coords(
         start, end = (_to_datetime64(t) for t in time)
         if end < start:
             raise DatacubeError(f"time range ends ({end}) before it starts ({start}).")
-        mid = start + (end - start) // 2
+        # to the nearest second: a range given by dates ends at 23:59:59.999999 (inclusive,
+        # as STAC ranges do), whose exact midpoint (2024-06-15T23:59:59.999999500 for June)
+        # is no time anyone means
+        mid = (start + (end - start) // 2 + np.timedelta64(500, "ms")).astype("datetime64[s]")
         return {
             "time": np.array([mid], dtype="datetime64[ns]"),
             "time_start": ("time", np.array([start], dtype="datetime64[ns]")),
