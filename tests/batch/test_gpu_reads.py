@@ -3,20 +3,20 @@
 agree with the host path's reads, a short read is damage, and a shard file is opened once.
 
 kvikIO itself needs CUDA to read; here a stand-in with its ``CuFile.pread`` contract (fill
-the buffer from the file at an offset, return a future of the bytes read) reads into host
-memory, so the code that plans and checks the reads is the GPU path's own."""
+the buffer from the file at an offset, return a future of the bytes read;
+:mod:`tests.cuda_standins`) reads into host memory, so the code that plans and checks the
+reads is the GPU path's own."""
 
 from __future__ import annotations
 
 import itertools
-import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
 import xclay
+from tests.cuda_standins import Kvikio
 from tests.helpers import random_cube
 from xclay.batch.chunkio import (
     ArrayLayout,
@@ -28,42 +28,6 @@ from xclay.batch.chunkio import (
 )
 from xclay.batch.gpu import aligned_starts, pread_chunks
 from xclay.errors import DataIntegrityError
-
-
-class _Done:
-    def __init__(self, nbytes: int) -> None:
-        self.nbytes = nbytes
-
-    def get(self) -> int:
-        return self.nbytes
-
-
-class HostKvikio:
-    """kvikIO's file API over POSIX reads into host buffers; counts the files it opens."""
-
-    def __init__(self) -> None:
-        self.opened: list[str] = []
-        self.closed = 0
-
-    def CuFile(self, path: str, mode: str) -> Any:
-        assert mode == "r"
-        self.opened.append(path)
-        kvikio = self
-
-        class File:
-            def __init__(self) -> None:
-                self.fd = os.open(path, os.O_RDONLY)
-
-            def pread(self, buf: np.ndarray, size: int, offset: int) -> _Done:
-                data = os.pread(self.fd, size, offset)
-                buf.view(np.uint8).reshape(-1)[: len(data)] = np.frombuffer(data, np.uint8)
-                return _Done(len(data))
-
-            def close(self) -> None:
-                os.close(self.fd)
-                kvikio.closed += 1
-
-        return File()
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +56,7 @@ def test_encoded_chunks_land_whole_at_aligned_starts(sharded: ArrayLayout) -> No
     sizes = [int(ref.nbytes or 0) for ref in refs]
     starts = aligned_starts(sizes)
     buffer = np.zeros(int(starts[-1]), np.uint8)
-    kvikio = HostKvikio()
+    kvikio = Kvikio()
     pread_chunks(
         kvikio, [(r, buffer[starts[i] : starts[i] + sizes[i]]) for i, r in enumerate(refs)]
     )
@@ -115,7 +79,7 @@ def test_a_short_read_is_damage(sharded: ArrayLayout, tmp_path: Path) -> None:
     cut = tmp_path / "shard"
     cut.write_bytes(Path(ref.path).read_bytes()[: ref.offset + int(ref.nbytes or 0) - 3])
     short = ChunkRef(str(cut), ref.offset, ref.nbytes)
-    kvikio = HostKvikio()
+    kvikio = Kvikio()
     with pytest.raises(DataIntegrityError, match=r"chunk cut short .* the datacube is damaged"):
         pread_chunks(kvikio, [(short, np.zeros(int(ref.nbytes or 0), np.uint8))])
     assert kvikio.closed == 1  # closed on the error too

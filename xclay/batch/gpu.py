@@ -20,9 +20,10 @@ machine can do.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -212,29 +213,31 @@ class KvikioChunkSource(SourceFacts):
     ) -> None:
         """Uncompressed: each chunk's bytes go straight into its slot (cuFile DMA with GDS);
         checksummed chunks are read to pinned host memory, checked, then copied up."""
+        if not layout.checksum:
+            slots = [(ref, target[k].view(self._cupy.uint8).ravel()) for k, ref in present]
+            pread_chunks(self._kvikio, slots)
+            return
         nbytes = layout.chunk_nbytes
-        if layout.checksum:
-            host, starts, _sizes = self._read_checked(present, layout)
+        stream = self._cupy.cuda.get_current_stream()
+        sizes, starts = _stored_layout(present)
+        with self._reused("pinned").lend(int(starts[-1]), stream) as host:
+            self._read_checked(present, host, starts, sizes)
             for i, (k, _) in enumerate(present):
                 slot = target[k].view(self._cupy.uint8).ravel()
-                slot.set(
-                    host[starts[i] : starts[i] + nbytes],
-                    stream=self._cupy.cuda.get_current_stream(),
-                )
-            return
-        slots = [(ref, target[k].view(self._cupy.uint8).ravel()) for k, ref in present]
-        pread_chunks(self._kvikio, slots)
+                slot.set(host[starts[i] : starts[i] + nbytes], stream=stream)
 
     def _read_checked(
-        self, present: list[tuple[int, ChunkRef]], layout: ArrayLayout
-    ) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """Stored bytes of the chunks into pinned host memory with kvikIO's pool, each
-        chunk's crc32c checked there (before anything reaches the GPU): the buffer, the
-        16-byte aligned start of each chunk, and each chunk's stored size (with its
-        checksum)."""
+        self,
+        present: list[tuple[int, ChunkRef]],
+        host: np.ndarray,
+        starts: np.ndarray,
+        sizes: list[int],
+    ) -> None:
+        """Stored bytes of the chunks into pinned host memory at ``starts`` with kvikIO's
+        pool, each chunk's crc32c checked there (before anything reaches the GPU)."""
         from xclay.batch.chunkio import crc32c_matches
 
-        host, starts, sizes = self._read_encoded(present, self._pinned_bytes)
+        _read_stored(self._kvikio, present, host, starts, sizes)
         for i, (_, ref) in enumerate(present):
             chunk = host[starts[i] : starts[i] + sizes[i]]
             if sizes[i] < 4 or not crc32c_matches(chunk[:-4], chunk[-4:]):
@@ -243,31 +246,18 @@ class KvikioChunkSource(SourceFacts):
                     "bytes; the datacube is damaged. Rewrite it (or remove it and rerun the "
                     "ingest)."
                 )
-        return host, starts, sizes
 
-    def _read_encoded(
-        self, present: list[tuple[int, ChunkRef]], buffer: Callable[[int], Any]
-    ) -> tuple[Any, np.ndarray, list[int]]:
-        """The chunks' stored bytes side by side in one buffer (``buffer(nbytes)``: pinned
-        host memory or device staging), each at a 16-byte aligned start: the buffer, the
-        starts, and each chunk's stored size."""
-        sizes = [_encoded_size(ref) for _, ref in present]
-        starts = aligned_starts(sizes)
-        into = buffer(int(starts[-1]))
-        pread_chunks(
-            self._kvikio,
-            [(ref, into[starts[i] : starts[i] + sizes[i]]) for i, (_, ref) in enumerate(present)],
-        )
-        return into, starts, sizes
+    def _reused(self, kind: Literal["pinned", "staging"]) -> _Reused:
+        """This thread's buffer of ``kind``: pinned host memory, or device staging."""
+        reused: _Reused | None = getattr(self._local, kind, None)
+        if reused is None:
+            make = _pinned_bytes if kind == "pinned" else self._device_bytes
+            reused = _Reused(make, self._cupy.cuda.Event(disable_timing=True))
+            setattr(self._local, kind, reused)
+        return reused
 
-    def _pinned_bytes(self, nbytes: int) -> np.ndarray:
-        buffer = getattr(self._local, "pinned", None)
-        if buffer is None or buffer.nbytes < nbytes:
-            import torch
-
-            buffer = torch.empty(nbytes + nbytes // 2, dtype=torch.uint8, pin_memory=True).numpy()
-            self._local.pinned = buffer
-        return buffer
+    def _device_bytes(self, nbytes: int) -> Any:
+        return self._cupy.empty(nbytes, dtype=self._cupy.uint8)
 
     def _read_nvcomp(
         self, present: list[tuple[int, ChunkRef]], target: Any, layout: ArrayLayout
@@ -280,23 +270,26 @@ class KvikioChunkSource(SourceFacts):
         cupy = self._cupy
         nbytes = layout.chunk_nbytes
         stream = cupy.cuda.get_current_stream()
-        if layout.checksum:
-            host, starts, sizes = self._read_checked(present, layout)
-            staging = self._staging(int(starts[-1]))
-            staging[: int(starts[-1])].set(host[: int(starts[-1])], stream=stream)
-            payloads = [s - 4 for s in sizes]  # the stored bytes without their checksum
-        else:
-            staging, starts, sizes = self._read_encoded(present, self._staging)
-            payloads = sizes
-        codec = self._codec(nvcomp, stream.ptr)
-        encoded = nvcomp.as_arrays(
-            [staging[starts[i] : starts[i] + payloads[i]] for i in range(len(present))],
-            cuda_stream=stream.ptr,
-        )
-        slots = nvcomp.as_arrays(
-            [target[k].view(cupy.uint8).ravel() for k, _ in present], cuda_stream=stream.ptr
-        )
-        decoded = codec.decode(encoded, out=slots)
+        sizes, starts = _stored_layout(present)
+        total = int(starts[-1])
+        with self._reused("staging").lend(total, stream) as staging:
+            if layout.checksum:
+                with self._reused("pinned").lend(total, stream) as host:
+                    self._read_checked(present, host, starts, sizes)
+                    staging[:total].set(host[:total], stream=stream)
+                payloads = [s - 4 for s in sizes]  # the stored bytes without their checksum
+            else:
+                _read_stored(self._kvikio, present, staging, starts, sizes)
+                payloads = sizes
+            codec = self._codec(nvcomp, stream.ptr)
+            encoded = nvcomp.as_arrays(
+                [staging[starts[i] : starts[i] + payloads[i]] for i in range(len(present))],
+                cuda_stream=stream.ptr,
+            )
+            slots = nvcomp.as_arrays(
+                [target[k].view(cupy.uint8).ravel() for k, _ in present], cuda_stream=stream.ptr
+            )
+            decoded = codec.decode(encoded, out=slots)
         for (_, ref), got in zip(present, decoded.buffer_sizes, strict=True):
             if int(got) != nbytes:
                 raise DataIntegrityError(
@@ -312,14 +305,6 @@ class KvikioChunkSource(SourceFacts):
                 algorithm="Zstd", bitstream_kind=nvcomp.BitstreamKind.RAW, cuda_stream=stream
             )
         return codecs[stream]
-
-    def _staging(self, nbytes: int) -> Any:
-        staging = getattr(self._local, "staging", None)
-        if staging is None or staging.nbytes < nbytes:
-            # Grown to 1.5x what is needed: compressed sizes vary from read to read.
-            staging = self._cupy.empty(nbytes + nbytes // 2, dtype=self._cupy.uint8)
-            self._local.staging = staging
-        return staging
 
     def _read_host(self, windows: np.ndarray, pixels: Any | None, classes: Any | None) -> None:
         """Host decode (threads) into pinned memory, then one copy per array and read."""
@@ -390,6 +375,72 @@ def _encoded_size(ref: ChunkRef) -> int:
     if ref.nbytes is not None:
         return ref.nbytes
     return Path(ref.path).stat().st_size
+
+
+def _stored_layout(present: list[tuple[int, ChunkRef]]) -> tuple[list[int], np.ndarray]:
+    """Each chunk's stored size, and where it starts (16-byte aligned) in one buffer that
+    holds them side by side; the last start is the buffer's length."""
+    sizes = [_encoded_size(ref) for _, ref in present]
+    return sizes, aligned_starts(sizes)
+
+
+def _read_stored(
+    kvikio: Any,
+    present: list[tuple[int, ChunkRef]],
+    into: Any,
+    starts: np.ndarray,
+    sizes: list[int],
+) -> None:
+    """The chunks' stored bytes into ``into`` (pinned host memory or device staging) at
+    ``starts``."""
+    pread_chunks(
+        kvikio,
+        [(ref, into[starts[i] : starts[i] + sizes[i]]) for i, (_, ref) in enumerate(present)],
+    )
+
+
+def _pinned_bytes(nbytes: int) -> np.ndarray:
+    import torch
+
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
+
+
+class _Reused:
+    """A buffer one thread reuses read after read (pinned host memory, device staging) that
+    work queued on a CUDA stream reads after :meth:`lend` has returned: async copies out of
+    pinned memory, nvCOMP decodes out of staging. kvikIO fills it outside any stream, so
+    lending it again first waits for everything queued on it during the last loan (an
+    event recorded as that loan ends), and so does replacing it with a larger one (its
+    memory would go back to an allocator while still being read).
+
+    Parameters
+    ----------
+    make
+        Makes a buffer of at least the bytes asked for.
+    event
+        A CUDA event (``cupy.cuda.Event``), recorded on the lending stream at each loan's end.
+    """
+
+    def __init__(self, make: Callable[[int], Any], event: Any) -> None:
+        self._make = make
+        self._buffer: Any = None
+        self._event = event
+        self._lent = False  # the event marks the end of a loan not yet waited for
+
+    @contextlib.contextmanager
+    def lend(self, nbytes: int, stream: Any) -> Iterator[Any]:
+        """The buffer, at least ``nbytes`` long, for work queued on ``stream`` inside."""
+        if self._lent:
+            self._event.synchronize()
+            self._lent = False
+        if self._buffer is None or self._buffer.nbytes < nbytes:
+            # Grown to 1.5x what is needed: compressed sizes vary from read to read.
+            self._buffer = self._make(nbytes + nbytes // 2)
+        try:
+            yield self._buffer
+        finally:
+            stream.record(self._event)
+            self._lent = True
 
 
 class _Files:
