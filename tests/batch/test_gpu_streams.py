@@ -103,3 +103,15 @@ def test_checked_chunks_reach_the_gpu_before_the_pinned_buffer_is_refilled(
     np.testing.assert_array_equal(pixels.get(), expected)
     np.testing.assert_array_equal(classes.get(), expected_classes)
     assert cuda_standins.pending() == 0  # read() returns with its work done
+
+
+def test_batches_read_without_a_background_thread_give_nvcomp_a_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # prefetch=0 reads in the consumer's thread, on its current stream: CuPy's null stream
+    # unless it chose another. nvCOMP refuses stream 0.
+    cuda_standins.install(monkeypatch)
+    cube, path = _store(tmp_path, "zstd")
+    host, gpu = _sources(path, decode="nvcomp")
+    plan = _plan(cube)
+    _assert_same(_batches(gpu, plan, prefetch=0), _batches(host, plan, prefetch=0))

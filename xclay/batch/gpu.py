@@ -164,7 +164,17 @@ class KvikioChunkSource(SourceFacts):
 
     def read(self, windows: np.ndarray, pixels: Any, classes: Any | None) -> None:
         """Fill ``pixels[k]`` (and ``classes[k]``) with window ``k``; work is queued on
-        CuPy's current stream, which is synchronised before returning."""
+        CuPy's current stream, which is synchronised before returning. On the null stream
+        (a caller without a stream of its own, e.g. ``iter_batches(prefetch=0)``), the work
+        runs on the reader's own stream instead: nvCOMP refuses stream 0. kvikIO writes are
+        not stream-ordered either way, so work queued on the buffers must have finished."""
+        if self._cupy.cuda.get_current_stream().ptr == 0:
+            with self._stream:
+                self._read(windows, pixels, classes)
+        else:
+            self._read(windows, pixels, classes)
+
+    def _read(self, windows: np.ndarray, pixels: Any, classes: Any | None) -> None:
         tuples = [(int(t), int(r), int(c)) for t, r, c in windows.tolist()]
         on_host = {
             "pixels": self._decode["pixels"] == "host",
