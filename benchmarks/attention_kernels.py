@@ -16,7 +16,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _common import save
+from _common import parse, save
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     )
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
-    args = p.parse_args()
+    args = parse(p, {"batch": 1, "repeats": 1})
     b, n, dim, heads, dh, mlp = args.batch, 1025, 1024, 16, 64, 4096
     g = torch.Generator().manual_seed(0)
     dt = torch.bfloat16

@@ -1,6 +1,7 @@
 """Wall-clock time of `xclay demo` (the README's first command, after set-up).
 
 python benchmarks/demo_wallclock.py [--repeats 3]
+python benchmarks/demo_wallclock.py --smoke     # a 256 px scene, once
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 import tempfile
 import time
 
-from _common import median, save
+from _common import median, parse, save
 
 
 def main() -> None:
@@ -20,13 +21,15 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args()
+    p.add_argument("--size", type=int, default=None, help="scene edge (default: the demo's)")
+    args = parse(p, {"repeats": 1, "size": 256})
+    size = ["--size", str(args.size)] if args.size else []
     seconds, chips_per_s = [], []
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
             run = subprocess.run(
-                [sys.executable, "-m", "xclay.cli", "demo", "--out", out, "--no-progress"],
+                [sys.executable, "-m", "xclay.cli", "demo", "--out", out, "--no-progress", *size],
                 capture_output=True,
                 text=True,
                 check=True,

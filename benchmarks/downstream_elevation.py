@@ -8,6 +8,7 @@ The baseline is the same regression on each chip's per-band mean digital
 numbers: what the pixels say without a model.
 
     python benchmarks/downstream_elevation.py [--chip-size 16] [--checkpoint clay-v1.5.ckpt]
+    python benchmarks/downstream_elevation.py --smoke      # 32 px chips, 64 rcf filters
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from _common import save
+from _common import parse, require, save
 
 import xclay
 from xclay.explore.probe import chip_blocks, chip_means, ridge_cv
@@ -46,15 +47,17 @@ def main() -> None:
     p.add_argument("--chip-size", type=int, default=16)
     p.add_argument("--block", type=int, default=2, help="spatial block edge in chips")
     p.add_argument("--checkpoint", type=Path, default=None, help="Clay weights, to add Clay")
-    args = p.parse_args()
-    if not OLINDA_TIF.is_file():
-        raise SystemExit(f"needs the real scene at {OLINDA_TIF}")
+    p.add_argument("--filters", type=int, default=None, help="rcf filters (default: rcf's)")
+    args = parse(p, {"chip_size": 32, "filters": 64, "checkpoint": None})
+    require(OLINDA_TIF, "the real scene (../shared/data)")
+    require(OLINDA_DEM, "the scene's elevation (../shared/data)")
     import rioxarray
 
     cube = xclay.as_datacube(
         rioxarray.open_rasterio(OLINDA_TIF), bands=OLINDA_BANDS, wavelengths=OLINDA_WAVELENGTHS
     )
-    models = {"rcf": xclay.models.get_model("rcf")}
+    rcf = {"num_filters": args.filters} if args.filters else {}
+    models = {"rcf": xclay.models.get_model("rcf", **rcf)}
     if args.checkpoint:
         models["clay-v1.5"] = xclay.models.get_model("clay-v1.5", checkpoint=args.checkpoint)
     results: dict[str, object] = {}

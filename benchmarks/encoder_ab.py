@@ -7,6 +7,7 @@ batch, then ``--batches`` timed batches; the figure is chips/s from their median
 
     python benchmarks/encoder_ab.py --base 31e549d                 # Clay large, 256 px, bf16
     python benchmarks/encoder_ab.py --base 31e549d --size tiny --batch 16 --rounds 3
+    python benchmarks/encoder_ab.py --smoke      # HEAD against this checkout, Clay tiny, 64 px
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import parse  # imports no xclay: a measuring child imports its checkout's
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +85,7 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--base", required=True, help="the earlier commit")
+    p.add_argument("--base", default=None, help="the earlier commit (required)")
     p.add_argument("--size", default="large")
     p.add_argument("--chip-size", type=int, default=256)
     p.add_argument("--batch", type=int, default=2)
@@ -90,7 +93,12 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=4, help="timed batches a measurement")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # child process
-    args = p.parse_args()
+    args = parse(
+        p,
+        {"base": "HEAD", "size": "tiny", "chip_size": 64, "batch": 2, "batches": 1, "rounds": 1},
+    )
+    if args.base is None:
+        p.error("--base is required")
     if args.measure:
         rate = measure(
             args.measure, args.size, args.chip_size, args.batch, args.precision, args.batches

@@ -11,7 +11,9 @@ each array to a GeoTIFF, which is compared value for value with what xclay wrote
 ``--gdal`` is a command prefix (repeatable; "" is the tools on PATH); with ``--root``
 the files are written under that folder, and prefixes starting with ``chroot`` see
 them at ``/data``. GDAL reads Zarr v3 from 3.11 on; older GDALs are expected to open
-the GeoTIFFs only.
+the GeoTIFFs only. Where a prefix finds no ``gdalinfo``, the result says so.
+
+    python benchmarks/gdal_interop.py --smoke      # a 256 px datacube, the GDAL on PATH
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 import rasterio
 import xarray as xr
-from _common import save
+from _common import parse, save
 
 import xclay
 from xclay.datasets import demo_composite
@@ -41,27 +43,33 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gdal", action="append", default=None, help="command prefix (repeatable)")
     p.add_argument("--root", type=Path, default=None, help="a chroot's root (files go to /data)")
-    args = p.parse_args()
+    p.add_argument("--size", type=int, default=1024, help="datacube edge in pixels")
+    args = parse(p, {"size": 256, "root": None})
     prefixes = args.gdal if args.gdal is not None else [""]
     base = (args.root / "data") if args.root else Path(tempfile.mkdtemp(prefix="xclay-gdal-"))
     if base.exists():
         shutil.rmtree(base)
     base.mkdir(parents=True)
-    outputs = _write(base)
     results = []
-    for prefix in prefixes:
-        inside = bool(args.root) and prefix.startswith("chroot")
-        seen = {
-            k: (Path("/data") / v.relative_to(base)) if inside else v for k, v in outputs.items()
-        }
-        results.append(_check(prefix, outputs, seen, base))
-        print(json.dumps(results[-1], indent=1))
-    save("gdal_interop", {"gdal": prefixes}, {"readers": results})
+    try:
+        outputs = _write(base, args.size)
+        for prefix in prefixes:
+            inside = bool(args.root) and prefix.startswith("chroot")
+            seen = {
+                k: (Path("/data") / v.relative_to(base)) if inside else v
+                for k, v in outputs.items()
+            }
+            results.append(_check(prefix, outputs, seen, base))
+            print(json.dumps(results[-1], indent=1))
+    finally:
+        if args.root is None:
+            shutil.rmtree(base, ignore_errors=True)
+    save("gdal_interop", {"gdal": prefixes, "size": args.size}, {"readers": results})
 
 
-def _write(base: Path) -> dict[str, Path]:
+def _write(base: Path, size: int) -> dict[str, Path]:
     cube = xclay.write_datacube(
-        demo_composite(1024, seed=2), base / "cube.zarr", chip_size=64, shard_chips=2
+        demo_composite(size, seed=2), base / "cube.zarr", chip_size=64, shard_chips=2
     )
     spec = RunSpec.from_dict(
         {
@@ -86,6 +94,9 @@ def _gdal(prefix: str, *args: str) -> subprocess.CompletedProcess[str]:
 def _check(
     prefix: str, outputs: dict[str, Path], seen: dict[str, Path], base: Path
 ) -> dict[str, Any]:
+    tool = shlex.split(prefix)[0] if prefix.strip() else "gdalinfo"
+    if shutil.which(tool) is None:
+        return {"gdal": prefix or "PATH", "version": None, "error": f"{tool} not found"}
     version = _gdal(prefix, "gdalinfo", "--version").stdout.strip()
     out: dict[str, Any] = {"gdal": prefix or "PATH", "version": version, "checks": {}}
     with warnings.catch_warnings():

@@ -7,6 +7,7 @@ restored vector to its float32 original, and how many of each chip's 10
 nearest neighbours (cosine) survive quantisation.
 
     python benchmarks/quantization.py [--chip-size 16 --stride 8 --filters 512]
+    python benchmarks/quantization.py --smoke      # 32 px chips, 32 filters
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from _common import save
+from _common import parse, require, save
 
 import xclay
 
@@ -49,9 +50,8 @@ def main() -> None:
     p.add_argument("--chip-size", type=int, default=16)
     p.add_argument("--stride", type=int, default=8)
     p.add_argument("--filters", type=int, default=512, help="rcf filters (dim = 2 x filters)")
-    args = p.parse_args()
-    if not OLINDA_TIF.is_file():
-        raise SystemExit(f"needs the real scene at {OLINDA_TIF}")
+    args = parse(p, {"chip_size": 32, "stride": 32, "filters": 32})
+    require(OLINDA_TIF, "the real scene (../shared/data)")
     import rioxarray
 
     cube = xclay.as_datacube(

@@ -18,7 +18,7 @@ import argparse
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import median, save, timed
+from _common import median, parse, save, timed
 
 from xclay.devices import ComputePrecision
 from xclay.models.rcf import RCFEncoder
@@ -33,7 +33,7 @@ def main() -> None:
     p.add_argument("--chip-size", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
-    args = p.parse_args()
+    args = parse(p, {"filters": 16, "chip_size": 64, "batch": 2, "repeats": 1})
 
     g = torch.Generator().manual_seed(0)
     n, size, bands = args.batch, args.chip_size, 10

@@ -6,6 +6,7 @@ then on a LocalCluster of 1 worker and of 2 workers, each worker with one core
 (one torch thread). Parallel efficiency = rate(2 workers) / (2 x rate(1 worker)).
 
     python benchmarks/scaling.py [--size 2048] [--chip-size 128] [--region-chips 4]
+    python benchmarks/scaling.py --smoke      # a 256 px scene, 64 px chips, 16 filters
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import pystac
 import rasterio
 import yaml
-from _common import save
+from _common import parse, save
 
 import xclay
 from xclay.datacube import datacube_geobox
@@ -58,7 +59,7 @@ def main() -> None:
     p.add_argument("--chip-size", type=int, default=128)
     p.add_argument("--region-chips", type=int, default=4)
     p.add_argument("--filters", type=int, default=256)
-    args = p.parse_args()
+    args = parse(p, {"size": 256, "chip_size": 64, "region_chips": 2, "filters": 16})
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         items = write_scene(Path(tmp), args.size)

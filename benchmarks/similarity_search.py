@@ -14,7 +14,7 @@ import argparse
 import time
 
 import numpy as np
-from _common import median, save, timed
+from _common import median, parse, save, timed
 
 from xclay.explore import SimilarityIndex
 
@@ -26,7 +26,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--batch", type=int, default=64, help="queries per search_many call")
     p.add_argument("--repeats", type=int, default=10)
-    args = p.parse_args()
+    args = parse(p, {"rows": 2000, "dim": 64, "batch": 4, "repeats": 1})
 
     rng = np.random.default_rng(0)
     vectors = np.empty((args.rows, args.dim), dtype=np.float32)

@@ -6,6 +6,7 @@ Each run is a fresh process (what a user starts); the variants are interleaved
 figure is the median wall time of each.
 
     python benchmarks/thread_budget.py [--repeats 3] [--size 2048]
+    python benchmarks/thread_budget.py --smoke      # 256 px, idle machine only, once
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import median, save
+from _common import median, parse, save
 
 SPIN = "import time\nend = time.time() + {seconds}\nwhile time.time() < end: pass\n"
 
@@ -40,23 +41,45 @@ def main() -> None:
     )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--size", type=int, default=2048)
-    args = p.parse_args()
+    p.add_argument(
+        "--conditions",
+        nargs="+",
+        choices=["idle", "one core busy"],
+        default=["idle", "one core busy"],
+    )
+    p.add_argument(
+        "--variants", nargs="+", choices=["budget", "one", "every"], default=["budget", "one", "every"],
+        help="the thread budget, torch with one thread, torch with a thread per core",
+    )  # fmt: skip
+    p.add_argument("--no-warm-up", dest="warm_up", action="store_false")
+    args = parse(
+        p,
+        {
+            "repeats": 1,
+            "size": 256,
+            "conditions": ["idle"],
+            "variants": ["budget"],
+            "warm_up": False,
+        },
+    )
     cores = len(os.sched_getaffinity(0))
-    variants = {
-        "budget": {},
-        "torch 1 thread": {"OMP_NUM_THREADS": "1"},
-        f"torch {cores} threads": {"OMP_NUM_THREADS": str(cores)},
+    every = {
+        "budget": ("budget", {}),
+        "one": ("torch 1 thread", {"OMP_NUM_THREADS": "1"}),
+        "every": (f"torch {cores} threads", {"OMP_NUM_THREADS": str(cores)}),
     }
+    variants = dict(every[v] for v in args.variants)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for condition in ("idle", "one core busy"):
+        for condition in args.conditions:
             spinner = None
             if condition != "idle":
                 spinner = subprocess.Popen([sys.executable, "-c", SPIN.format(seconds=3600)])
                 time.sleep(1.0)
             try:
                 times: dict[str, list[float]] = {name: [] for name in variants}
-                demo(Path(tmp) / "warm", args.size, {})
+                if args.warm_up:
+                    demo(Path(tmp) / "warm", args.size, {})
                 for _ in range(args.repeats):
                     for name, env in variants.items():
                         times[name].append(demo(Path(tmp) / name.replace(" ", "_"), args.size, env))

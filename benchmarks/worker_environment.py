@@ -6,16 +6,18 @@ LocalCluster started with Dask's defaults (OMP threads 1, MALLOC_TRIM_THRESHOLD_
 set), and in one started as `xclay run --cluster local:1` starts them.
 
     python benchmarks/worker_environment.py
+    python benchmarks/worker_environment.py --smoke      # 20 iterations, one round
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 
-from _common import save
+from _common import parse, save
 
 
-def small_ops(threads: int = 1) -> float:
+def small_ops(threads: int = 1, iterations: int = 500) -> float:
     """Microseconds per iteration of x * 1, (r - 1).clamp_min_(0) @ w."""
     import torch
 
@@ -26,9 +28,9 @@ def small_ops(threads: int = 1) -> float:
     for _ in range(20):
         (x * 1.0 - 1.0).clamp_min_(0.0) @ w
     start = time.perf_counter()
-    for _ in range(500):
+    for _ in range(iterations):
         (x * 1.0 - 1.0).clamp_min_(0.0) @ w
-    return (time.perf_counter() - start) / 500 * 1e6
+    return (time.perf_counter() - start) / iterations * 1e6
 
 
 def _trim() -> str | None:
@@ -39,6 +41,12 @@ def _trim() -> str | None:
 
 def main() -> None:
     import statistics
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--iterations", type=int, default=500)
+    p.add_argument("--rounds", type=int, default=7)
+    args = parse(p, {"iterations": 20, "rounds": 1})
+    n = args.iterations
 
     import dask
     from distributed import Client, LocalCluster
@@ -66,13 +74,13 @@ def main() -> None:
                 "worker, Dask defaults": [],
                 "worker, xclay environment": [],
             }
-            for _ in range(7):
-                times["this process"].append(small_ops())
+            for _ in range(args.rounds):
+                times["this process"].append(small_ops(1, n))
                 times["worker, Dask defaults"].append(
-                    dask_default.submit(small_ops, pure=False).result()
+                    dask_default.submit(small_ops, 1, n, pure=False).result()
                 )
                 times["worker, xclay environment"].append(
-                    xclay_env.submit(small_ops, pure=False).result()
+                    xclay_env.submit(small_ops, 1, n, pure=False).result()
                 )
     rows = {k: round(statistics.median(v), 1) for k, v in times.items()}
     results = {
@@ -83,11 +91,11 @@ def main() -> None:
     }
     path = save(
         "worker_environment",
-        {"iterations": 500, "shape": [256, 2048], "threads": 1, "rounds": 7},
+        {"iterations": n, "shape": [256, 2048], "threads": 1, "rounds": args.rounds},
         results,
     )
     for name, us in rows.items():
-        print(f"{name:28s} {us:9.1f} us per iteration (median of 7 interleaved rounds)")
+        print(f"{name:28s} {us:9.1f} us per iteration (median of {args.rounds} interleaved rounds)")
     print(f"saved {path}")
 
 
