@@ -4,12 +4,14 @@ arithmetic for South America (2.7e6 chips) and the world (1.5e8 chips).
 Everything here goes through the run machinery users run (``xclay.run``):
 
 - ``embed``: a whole run (``input: {datacube: ...}``) of an empty datacube
-  (8 px chips of one band, no chunk written: reads are the machinery, not
-  pixels) with a null encoder (a 16-d zero vector): planning, store creation,
-  regions, batches, quality, embeddings Zarr and GeoParquet writes, resume
+  (no chunk written: a read fills the chip with the fill value instead of
+  decoding it, so reads cost the machinery and validity, not IO and decoding,
+  which ``embed_pipeline.py`` and ``read_engines.py`` measure) with a null
+  encoder (a vector per chip, no work): planning, store creation, regions,
+  batches, validity and quality, embeddings Zarr and GeoParquet writes, resume
   bookkeeping, completion. Seconds per phase, CPU seconds, peak memory (RSS)
-  of the process. At ``--sample`` sizes and above, every driver step runs at
-  full size but only a random sample of the regions is embedded, and the
+  of the process. At ``--sample-from`` sizes and above, every driver step runs
+  at full size but only a random sample of the regions is embedded, and the
   tasks' total is their median times the number of regions (tasks cost what
   their region costs: the benchmark checks that the median does not grow with
   the grid).
@@ -20,14 +22,24 @@ Everything here goes through the run machinery users run (``xclay.run``):
   on a grid, 100 dates): indexing it, its sidecar, a datacube store created for
   it and blocks written into it, item queries per region, and the metadata a
   GeoParquet row and a part's footer carry.
+- ``composite``: one region's median composite over 100 dates of real pixels.
 
-    python benchmarks/scale.py                       # all sections, 1e4..1e7
+Chips are 8 px of one band with 16-d zero vectors by default (the machinery alone,
+comparable with earlier figures); ``--real`` measures chips as a Clay run has them:
+256 px, 10 bands (uint16), 1024-d vectors of random values (they compress as real
+embeddings do), regions of 16 x 16 chips, batches of 128. Grids wider than a UTM zone
+are made taller instead (at most ~650 km wide), so every cube lies in its zone.
+
+    python benchmarks/scale.py                       # all sections, 1e4..1e7 chips of 8 px
+    python benchmarks/scale.py --real                # embed and world at 256 px, 1e4..3e5 chips
     python benchmarks/scale.py --sections embed --chips 1e4 1e5
+    python benchmarks/scale.py --smoke               # every section, tiny sizes
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -45,7 +57,7 @@ import numpy as np
 import torch
 import xarray as xr
 import yaml
-from _common import save
+from _common import parse, save
 from affine import Affine
 from odc.geo.geobox import GeoBox
 from odc.geo.xr import xr_coords
@@ -55,39 +67,82 @@ from xclay.datacube import create_datacube_store, mark_complete
 from xclay.model_card import ModelCard
 from xclay.models.registry import ModelInfo, register_model
 
-CHIP = 8  # pixels a chip side: the pixel work per chip is negligible
-REGION = 32  # chips a region side
-DIM = 16
 SOUTH_AMERICA, WORLD = 2.7e6, 1.5e8
+ZONE_WIDTH_M = 650_000.0  # a cube wider than this is made taller instead: it stays in its zone
+GSD = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """What a chip is here: pixels a side, bands, vector length and values, and how a run
+    groups chips (region edge in chips, batch)."""
+
+    chip: int = 8  # pixels a chip side: the pixel work per chip is negligible
+    bands: int = 1
+    dim: int = 16
+    vectors: str = "zeros"  # or "random": incompressible, as real embeddings are
+    region: int = 32  # chips a region side
+    batch: int = 1024
+
+
+LEGACY = Shape()
+REAL = Shape(chip=256, bands=10, dim=1024, vectors="random", region=16, batch=128)
+SHAPE = LEGACY  # set by configure(); read by the encoder, the cubes and the specs
+
+
+def configure(shape: Shape) -> None:
+    """Use ``shape`` in this process (the measured child processes call it too)."""
+    global SHAPE
+    SHAPE = shape
 
 
 # --------------------------------------------------------------------------- a null encoder
 
 
 class NullEncoder:
-    """Does no work: a DIM-d zero vector per chip."""
+    """Does no work: a vector per chip, zeros or (``Shape.vectors="random"``) rows of a
+    fixed random table, so that the embeddings compress as real ones do."""
 
     preferred_precision = "fp32"
+
+    def __init__(self, dim: int | None = None, vectors: str | None = None) -> None:
+        self.dim = dim or SHAPE.dim
+        self.vectors = vectors or SHAPE.vectors
+        self._table: torch.Tensor | None = None
 
     @property
     def card(self) -> ModelCard:
         return ModelCard(
-            name="null", version="0", family="none", description="no-op", dim=DIM, output="pooled"
+            name="null",
+            version="0",
+            family="none",
+            description="no-op",
+            dim=self.dim,
+            output="pooled",
+            params={"vectors": self.vectors},
         )
 
     def prepare(self, spec: Any, sample: Any, *, device: Any, precision: Any) -> None:
         pass
 
     def encode(self, batch: Any) -> torch.Tensor:
-        return torch.zeros(len(batch), DIM)
+        n = len(batch)
+        if self.vectors == "zeros":
+            return torch.zeros(n, self.dim)
+        if self._table is None or len(self._table) < n + 4096:
+            g = torch.Generator().manual_seed(0)
+            self._table = torch.rand(max(8192, 2 * n + 4096), self.dim, generator=g)
+        # A different slice each call: batches do not repeat within a region's chunk.
+        start = int(torch.randint(0, len(self._table) - n, (1,)))
+        return self._table[start : start + n]
 
     @classmethod
     def from_card(cls, card: Any, *, checkpoint: Any = None) -> NullEncoder:
-        return cls()
+        return cls(card.dim, card.params.get("vectors"))
 
 
-def null_factory(**options: Any) -> NullEncoder:
-    return NullEncoder()
+def null_factory(dim: int | None = None, vectors: str | None = None) -> NullEncoder:
+    return NullEncoder(dim, vectors)
 
 
 def register_null() -> None:
@@ -98,10 +153,10 @@ def register_null() -> None:
             factory="scale:null_factory",
             loader=None,
             needs_checkpoint=False,
-            dim=DIM,
+            dim=SHAPE.dim,
             patch_size=None,
             bands="any",
-            normalization="none",
+            normalization=("none",),
             rebuild="scale:NullEncoder.from_card",
         )
     )
@@ -110,36 +165,60 @@ def register_null() -> None:
 # --------------------------------------------------------------------------- inputs
 
 
-def empty_cube(
-    path: Path, chips: float, *, origin: tuple[float, float] = (300000.0, 9000000.0)
-) -> Path:
-    """A datacube store of ``chips`` chips (a square grid), sharded by region, with no chunk
-    written (every read is the fill value, 0, which is not nodata: every chip is embedded)."""
+def grid_shape(chips: float) -> tuple[int, int]:
+    """Rows and columns of chips: a square, unless that is wider than a UTM zone."""
     side = math.isqrt(int(chips))
-    n = side * CHIP
-    geobox = GeoBox((n, n), Affine(10.0, 0, origin[0], 0, -10.0, origin[1]), "EPSG:32720")
+    cols = min(side, int(ZONE_WIDTH_M // (SHAPE.chip * GSD)))
+    return int(chips) // cols, cols
+
+
+def empty_cube(
+    path: Path, chips: float, *, origin: tuple[float, float] = (180000.0, 9000000.0)
+) -> Path:
+    """A datacube store of ``chips`` chips, sharded by region, with no chunk written: the
+    store says so (its unwritten chunks read as the fill value, 0, which is not nodata:
+    every chip is embedded)."""
+    rows, cols = grid_shape(chips)
+    ny, nx, nb = rows * SHAPE.chip, cols * SHAPE.chip, SHAPE.bands
+    geobox = GeoBox((ny, nx), Affine(GSD, 0, origin[0], 0, -GSD, origin[1]), "EPSG:32720")
     coords = xr_coords(geobox, crs_coord_name="spatial_ref")
+    block = max(SHAPE.chip, 8192 // SHAPE.chip * SHAPE.chip)
     pixels = xr.DataArray(
-        da.zeros((1, 1, n, n), dtype="uint16", chunks=(1, 1, min(n, 8192), min(n, 8192))),
+        da.zeros((1, nb, ny, nx), dtype="uint16", chunks=(1, nb, min(ny, block), min(nx, block))),
         dims=("time", "band", "y", "x"),
-        coords={"time": np.array(["2024-07-01"], dtype="datetime64[ns]"), "band": ["b1"],
+        coords={"time": np.array(["2024-07-01"], dtype="datetime64[ns]"),
+                "band": [f"b{i + 1}" for i in range(nb)],
                 "y": coords["y"], "x": coords["x"], "spatial_ref": coords["spatial_ref"]},
     )  # fmt: skip
-    cube = xclay.as_datacube(pixels, wavelengths=[0.65])
-    create_datacube_store(cube, path, chip_size=CHIP, shard_chips=REGION)
+    cube = xclay.as_datacube(pixels, wavelengths=[0.45 + 0.17 * i for i in range(nb)])
+    create_datacube_store(cube, path, chip_size=SHAPE.chip, shard_chips=SHAPE.region)
+    chunks_left_unwritten(path)
     mark_complete(path)
     return path
 
 
-def write_spec(folder: Path, cube: Path, region: int = REGION) -> Path:
+def chunks_left_unwritten(path: Path) -> None:
+    """Say in the store that its unwritten chunks read as the fill value: xclay's stores
+    write every chunk (a missing one is damage), but here none is written, so that reads
+    cost the machinery, not pixels. (The same in _scale_probe.py.)"""
+    meta_path = path / "pixels" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    integrity = meta.get("attributes", {}).get("xclay_integrity")
+    if integrity:
+        integrity["every_chunk_written"] = False
+        meta_path.write_text(json.dumps(meta))
+
+
+def write_spec(folder: Path, cube: Path, region: int | None = None) -> Path:
     spec = {
         "input": {"datacube": str(cube)},
-        "grid": {"chip_size": CHIP},
-        "model": {"name": "null"},
-        "compute": {"device": "cpu", "region_chips": region, "batch_size": 1024, "prefetch": 0},
+        "grid": {"chip_size": SHAPE.chip},
+        "model": {"name": "null", "options": {"dim": SHAPE.dim, "vectors": SHAPE.vectors}},
+        "compute": {"device": "cpu", "region_chips": region or SHAPE.region,
+                    "batch_size": SHAPE.batch, "prefetch": 0},
         "quality": {"max_nodata": 1.0},
         "outputs": {"dir": str(folder / "out")},
-    }
+    }  # fmt: skip
     path = folder / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -162,8 +241,8 @@ def embed_run(chips: float, sample: int | None, region: int, folder: Path) -> di
     task_seconds: list[float] = []
     real_execute = phases._execute
 
-    def sampled(
-        fn: Any, regions: list[Region], outdir: Path, client: Any, desc: str, progress: Any
+    def run_sample(
+        fn: Any, regions: list[Region], outdir: Path, client: Any, desc: str, *rest: Any, **kw: Any
     ) -> list[dict[str, Any]]:
         times["regions"] = float(len(regions))
         picks = regions
@@ -173,18 +252,18 @@ def embed_run(chips: float, sample: int | None, region: int, folder: Path) -> di
         out = []
         for r in picks:
             start = time.perf_counter()
-            out += real_execute(fn, [r], outdir, None, desc, False)
+            out += real_execute(fn, [r], outdir, None, desc, *rest, **kw)
             task_seconds.append(time.perf_counter() - start)
         return out
 
-    phases._execute = sampled  # type: ignore[assignment]
+    phases._execute = run_sample  # type: ignore[assignment]
     try:
         start = time.perf_counter()
         resolved = phases.plan(spec)
         state, _ = phases._start(spec, resolved, None)
         times["plan_and_state"] = time.perf_counter() - start
         start = time.perf_counter()
-        failed = phases._embed_phase(spec, resolved, state, None, False)
+        failed = phases._embed_phase(spec, resolved, state, None, phases._Here(False))
         times["embed_phase"] = time.perf_counter() - start
         assert not failed, failed
     finally:
@@ -198,8 +277,11 @@ def embed_run(chips: float, sample: int | None, region: int, folder: Path) -> di
     sampled = len(task_seconds) < n_regions
     # Measured when every region ran; estimated from the tasks' median when sampled.
     estimated = driver + task_median * n_regions if sampled else wall
+    rows, cols = grid_shape(chips)
+    n_chips = rows * cols
+    assert sampled or embedded == n_chips, (embedded, n_chips)
     return {
-        "chips": int(math.isqrt(int(chips)) ** 2),
+        "chips": n_chips,
         "regions": n_regions,
         "regions_run": len(task_seconds),
         "chips_embedded": embedded,
@@ -209,7 +291,7 @@ def embed_run(chips: float, sample: int | None, region: int, folder: Path) -> di
         "run_wall_s": round(wall, 3),
         "run_cpu_s": round(cpu, 3),
         "non_encoder_s": round(estimated, 3),
-        "non_encoder_us_per_chip": round(1e6 * estimated / (math.isqrt(int(chips)) ** 2), 1),
+        "non_encoder_us_per_chip": round(1e6 * estimated / n_chips, 1),
         "sampled": sampled,
         "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3, 1),
     }
@@ -260,6 +342,7 @@ import json, resource, time, tempfile
 from pathlib import Path
 import scale, xclay
 from xclay.run import phases
+scale.configure(scale.Shape(**{shape}))
 scale.register_null()
 folder = Path(tempfile.mkdtemp())
 t0 = time.perf_counter()
@@ -270,8 +353,8 @@ state, _ = phases._start(spec, resolved, None)
 sessions = phases._prepare(spec, resolved, state)
 layout = sessions[0].layout()
 from xclay.outputs.export import create_embeddings_store
-create_embeddings_store(layout, folder / "emb.zarr", region_chips=scale.REGION)
-regions = list(phases.embed_regions(0, 1, sessions[0].grid.shape, scale.REGION))
+create_embeddings_store(layout, folder / "emb.zarr", region_chips=scale.SHAPE.region)
+regions = list(phases.embed_regions(0, 1, sessions[0].grid.shape, scale.SHAPE.region))
 done = state.done_names("embed")
 todo = [r for r in regions if r.name not in done]
 print(json.dumps({{"regions": len(todo), "seconds": round(time.perf_counter() - t0, 2),
@@ -287,23 +370,25 @@ from xclay.batch.chips import ChipGridSpec
 from xclay.embed import EmbedConfig, EmbedSession
 from xclay.outputs.export import create_embeddings_store, to_geoparquet, write_embeddings_region
 from xclay.quality import QualityFilter
+scale.configure(scale.Shape(**{shape}))
+R = scale.SHAPE.region
 folder = Path(tempfile.mkdtemp())
 cube = xclay.open_datacube(scale.empty_cube(folder / "cube.zarr", {chips}))
-config = EmbedConfig(grid=ChipGridSpec(chip_size=scale.CHIP), batch_size=1024,
+config = EmbedConfig(grid=ChipGridSpec(chip_size=scale.SHAPE.chip), batch_size=scale.SHAPE.batch,
     quality=QualityFilter(max_nodata=1.0), device="cpu", prefetch=0)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
 t0 = time.perf_counter()
 session = EmbedSession(cube, scale.NullEncoder(), config)
 setup = time.perf_counter() - t0
-create_embeddings_store(session.layout(), folder / "emb.zarr", region_chips=scale.REGION)
+create_embeddings_store(session.layout(), folder / "emb.zarr", region_chips=R)
 rows, cols = session.grid.shape
 rng = np.random.default_rng(1)
 seconds = []
 for k in range(3):
-    r = int(rng.integers(0, rows // scale.REGION)) * scale.REGION
-    c = int(rng.integers(0, cols // scale.REGION)) * scale.REGION
+    r = int(rng.integers(0, rows // R)) * R
+    c = int(rng.integers(0, cols // R)) * R
     t = time.perf_counter()
-    block = Block((0, 1), (r, r + scale.REGION), (c, c + scale.REGION))
+    block = Block((0, 1), (r, r + R), (c, c + R))
     ds = session.dataset(session.embed_block(block, progress=False))
     write_embeddings_region(folder / "emb.zarr", ds, (0, r, c))
     to_geoparquet(ds, folder / f"p{{k}}.parquet")
@@ -315,10 +400,12 @@ print(json.dumps({{"session_setup_s": round(setup, 3), "task_s": round(float(np.
 
 
 def world(chips: float) -> dict[str, Any]:
+    shape = dataclasses.asdict(SHAPE)
     return {
         "chips": chips,
-        "driver": _peak_rss_of(_DRIVER.format(chips=chips)),
-        "worker": _peak_rss_of(_WORKER.format(chips=chips)),
+        "grid": list(grid_shape(chips)),
+        "driver": _peak_rss_of(_DRIVER.format(chips=chips, shape=shape)),
+        "worker": _peak_rss_of(_WORKER.format(chips=chips, shape=shape)),
     }
 
 
@@ -364,7 +451,9 @@ def synthetic_items(n_tiles: int, n_dates: int) -> list[Any]:
     return items
 
 
-def catalogue(folder: Path, n_items: int = 10_000) -> dict[str, Any]:
+def catalogue(
+    folder: Path, n_items: int = 10_000, px: int = 8192, part_chips: int = 256 * 256
+) -> dict[str, Any]:
     from xclay.batch.batching import Block
     from xclay.batch.chips import ChipGridSpec
     from xclay.datacube import write_datacube_block
@@ -386,7 +475,8 @@ def catalogue(folder: Path, n_items: int = 10_000) -> dict[str, Any]:
     out["sidecar_s"] = round(time.perf_counter() - t, 2)
     out["sidecar_mb"] = round((folder / "items.parquet").stat().st_size / 1e6, 2)
     # A datacube for the catalogue: created from metadata, then blocks written into it.
-    geobox = GeoBox((8192, 8192), Affine(10.0, 0, 300000.0, 0, -10.0, 9000000.0), "EPSG:32720")
+    geobox = GeoBox((px, px), Affine(10.0, 0, 300000.0, 0, -10.0, 9000000.0), "EPSG:32720")
+    half = px // 2
     provenance = {"items": {"count": len(index), "file": "../items.parquet", "sha256": "-"}}
     t = time.perf_counter()
     template = datacube_template(items[:1], bands=["blue", "green", "red", "nir"], geobox=geobox,
@@ -394,30 +484,33 @@ def catalogue(folder: Path, n_items: int = 10_000) -> dict[str, Any]:
     create_datacube_store(template, folder / "cube.zarr", chip_size=256, shard_chips=16)
     out["store_create_s"] = round(time.perf_counter() - t, 3)
     out["store_zarr_json_kb"] = round((folder / "cube.zarr" / "zarr.json").stat().st_size / 1e3, 1)
-    block = template.isel(x=slice(0, 4096), y=slice(0, 4096)).compute()
+    block = template.isel(x=slice(0, half), y=slice(0, half)).compute()
     t = time.perf_counter()
-    for y0 in (0, 4096):
-        for x0 in (0, 4096):
+    for y0 in (0, half):
+        for x0 in (0, half):
             write_datacube_block(
-                block, folder / "cube.zarr", 0, (0, 4096), (0, 4096), at=(0, y0, x0)
+                block, folder / "cube.zarr", 0, (0, half), (0, half), at=(0, y0, x0)
             )
     out["write_4_blocks_s"] = round(time.perf_counter() - t, 2)
-    # Item queries per region (4096 px blocks of the cube).
+    # Item queries per region (blocks of half the cube's edge: 4096 px).
     import shapely
 
     t = time.perf_counter()
     hits = []
-    for y0 in range(0, 8192, 4096):
-        for x0 in range(0, 8192, 4096):
+    for y0 in range(0, px, half):
+        for x0 in range(0, px, half):
             area = shapely.geometry.shape(
-                geobox[y0 : y0 + 4096, x0 : x0 + 4096].extent.to_crs("EPSG:4326").json
+                geobox[y0 : y0 + half, x0 : x0 + half].extent.to_crs("EPSG:4326").json
             )
             hits.append(len(index.query(area)))
     out["query_per_region_ms"] = round(1e3 * (time.perf_counter() - t) / len(hits), 2)
     out["items_per_region"] = hits
     # A region's GeoParquet part with each row's own sources.
-    cube = xclay.open_datacube(empty_cube(folder / "empty.zarr", 256 * 256))
-    session = EmbedSession(cube, NullEncoder(), EmbedConfig(grid=ChipGridSpec(chip_size=CHIP),
+    # Over the catalogue's footprints, so that each row has its sources.
+    cube = xclay.open_datacube(
+        empty_cube(folder / "empty.zarr", part_chips, origin=(300000.0, 9000000.0))
+    )
+    session = EmbedSession(cube, NullEncoder(), EmbedConfig(grid=ChipGridSpec(chip_size=SHAPE.chip),
         batch_size=1024, quality=QualityFilter(max_nodata=1.0), device="cpu", prefetch=0))  # fmt: skip
     ds = session.dataset(session.embed_block(Block((0, 1), (0, 32), (0, 32)), progress=False))
     _, i, j = np.nonzero(ds["embedded"].values)
@@ -544,14 +637,22 @@ print(json.dumps({{"items": len(chosen), "seconds": round(time.perf_counter() - 
 """
 
 
-def composite(folder: Path, old_code: Path | None, px: int = 1024) -> dict[str, Any]:
+def composite(
+    folder: Path,
+    old_code: Path | None,
+    px: int = 1024,
+    *,
+    tiles: int = 10,
+    dates: int = 100,
+    tile_px: int = 512,
+) -> dict[str, Any]:
     """One region's median composite over 100 dates: peak memory and time, the items it
     loads, and (with ``old_code``, a checkout of an earlier xclay) the same region as that
     code did it: all the run's items, float64, one chunk per block."""
     from xclay.run.items import ItemIndex
     from xclay.run.tasks import composite_tile
 
-    items_path = composite_catalogue(folder)
+    items_path = composite_catalogue(folder, tiles, dates, tile_px)
     index = ItemIndex.from_items(xclay.ingest.load_items(items_path))
     geobox = GeoBox(
         (px, px), Affine(10.0, 0, 300000.0 + 2560, 0, -10.0, 9000000.0 - 2560), "EPSG:32720"
@@ -587,24 +688,49 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--sections", nargs="+", default=["embed", "world", "catalogue", "composite"])
+    p.add_argument("--sections", nargs="+", default=None, help="default: all; --real: embed world")
     p.add_argument(
         "--before", type=Path, default=None, help="a checkout of an earlier xclay to compare"
     )
-    p.add_argument("--chips", type=float, nargs="+", default=[1e4, 1e5, 1e6, 1e7])
     p.add_argument(
-        "--sample-from", type=float, default=1e8, help="sizes from which tasks are sampled"
+        "--real",
+        action="store_true",
+        help="chips as a Clay run has them: 256 px, 10 bands, 1024-d random vectors, "
+        "16 x 16-chip regions, batches of 128",
+    )
+    p.add_argument("--chips", type=float, nargs="+", default=None, help="default 1e4..1e7")
+    p.add_argument(
+        "--sample-from", type=float, default=None, help="sizes from which tasks are sampled"
     )
     p.add_argument("--sample", type=int, default=64, help="regions embedded at sampled sizes")
-    p.add_argument("--region-chips", type=int, default=REGION)
-    args = p.parse_args()
+    p.add_argument("--region-chips", type=int, default=None, help="default 32 (--real: 16)")
+    p.add_argument("--world", type=float, default=WORLD, help="chips of the world-size grid")
+    p.add_argument("--items", type=int, default=10_000, help="items of the catalogue section")
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke sizes
+    args = parse(
+        p,
+        {"sections": ["embed", "world", "catalogue", "composite"], "chips": [256, 4096],
+         "sample_from": 4096, "sample": 2, "world": 1e5, "items": 400, "tiny": True},
+    )  # fmt: skip
+    shape = REAL if args.real else LEGACY
+    if args.tiny and args.real:
+        shape = dataclasses.replace(REAL, chip=64, bands=2, region=4, batch=16)
+    if args.region_chips:
+        shape = dataclasses.replace(shape, region=args.region_chips)
+    configure(shape)
+    args.region_chips = shape.region
+    args.sections = args.sections or (
+        ["embed", "world"] if args.real else ["embed", "world", "catalogue", "composite"]
+    )
+    args.chips = args.chips or ([1e4, 1e5, 3e5] if args.real else [1e4, 1e5, 1e6, 1e7])
+    args.sample_from = args.sample_from or (3e5 if args.real else 1e8)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         if "embed" in args.sections:
             rows = []
             for n in args.chips:
                 sample = args.sample if n >= args.sample_from else None
-                row = embed_run(n, sample, args.region_chips, Path(tmp) / f"embed-{int(n)}")
+                row = embed_run(n, sample, shape.region, Path(tmp) / f"embed-{int(n)}")
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             b, _ = fit(rows, "non_encoder_s")
@@ -613,6 +739,9 @@ def main() -> None:
                 "rows": rows,
                 "exponent_non_encoder": round(b, 3),
                 "exponent_task": round(b_task, 3),
+                "us_per_chip_largest": max(rows, key=lambda r: r["chips"])[
+                    "non_encoder_us_per_chip"
+                ],
                 "south_america_s": round(extrapolate(rows, SOUTH_AMERICA), 1),
                 "world_cpu_hours": round(extrapolate(rows, WORLD) / 3600, 2),
             }
@@ -620,21 +749,30 @@ def main() -> None:
                 json.dumps({k: v for k, v in results["embed"].items() if k != "rows"}), flush=True
             )
         if "world" in args.sections:
-            results["world"] = world(WORLD)
+            results["world"] = world(args.world)
             print(json.dumps(results["world"]), flush=True)
         if "catalogue" in args.sections:
             folder = Path(tmp) / "catalogue"
             folder.mkdir()
-            results["catalogue"] = catalogue(folder)
+            if args.tiny:
+                results["catalogue"] = catalogue(folder, args.items, px=1024, part_chips=64 * 64)
+            else:
+                results["catalogue"] = catalogue(folder, args.items)
             print(json.dumps(results["catalogue"]), flush=True)
         if "composite" in args.sections:
             folder = Path(tmp) / "composite"
             folder.mkdir()
-            results["composite"] = composite(folder, args.before)
+            if args.tiny:
+                results["composite"] = composite(
+                    folder, args.before, 256, tiles=2, dates=4, tile_px=256
+                )
+            else:
+                results["composite"] = composite(folder, args.before)
             print(json.dumps(results["composite"]), flush=True)
     params = {**vars(args), "before": str(args.before) if args.before else None,
-              "chip_px": CHIP, "dim": DIM, "cores": os.cpu_count()}  # fmt: skip
-    path = save("scale", params, results)
+              "shape": dataclasses.asdict(shape), "chip_px": shape.chip, "bands": shape.bands,
+              "dim": shape.dim, "cores": os.cpu_count()}  # fmt: skip
+    path = save("scale", params, results, variant="real" if args.real else "")
     print(f"saved {path}")
 
 
