@@ -34,7 +34,7 @@ import numpy as np
 import xarray as xr
 
 from xclay.batch.chips import ChipGrid
-from xclay.errors import DatacubeError
+from xclay.errors import DatacubeError, DataIntegrityError
 from xclay.masks import PixelClass
 from xclay.quality import ChipQuality, QualityFilter
 
@@ -579,6 +579,7 @@ def _fill(
             chosen = xp.asarray(np.flatnonzero(keep))
             pixels[:kept] = pixels[chosen]
             valid[:kept] = valid[chosen]
+        _wait_for_stream(xp)
         index[n : n + kept] = chips[keep]
         n += kept
         scanned += k
@@ -592,6 +593,16 @@ def _fill(
         yield Batch(pool.pixels[slot][:n], pool.valid[slot][:n], index[:n].copy(), scanned, slot)
     else:
         pool.release(slot)
+
+
+def _wait_for_stream(xp: Any) -> None:
+    """Wait for the work a read's chips queued on the current CUDA stream (validity, the
+    compaction; nothing to wait for on the host). Both hand-overs that follow need it done:
+    the slot's next read lands with kvikIO, outside any stream, over chips the compaction
+    may still be moving, and a full batch goes to the consumer, which reads it on its own
+    stream (torch's, through DLPack, or CuPy's in its thread)."""
+    if xp is not np:
+        xp.cuda.get_current_stream().synchronize()
 
 
 def _recycling(batches: Iterator[Batch], pool: BufferPool) -> Iterator[Batch]:
@@ -754,6 +765,8 @@ def make_sampler(source: BatchSource, grid: ChipGrid, times: np.ndarray) -> Samp
         pixels = np.empty((n, bands, size, size), dtype=source.dtype)
         valid = np.empty((n, size, size), dtype=bool)
         picked: list[int] = []
+        damaged: list[str] = []  # why each unreadable candidate could not be read
+        looked = 0
         # Read candidates a few at a time, in order, until n are mostly valid.
         for start in range(0, len(order), max(1, min(n, 64))):
             if len(picked) == n:
@@ -762,7 +775,8 @@ def make_sampler(source: BatchSource, grid: ChipGrid, times: np.ndarray) -> Samp
             px = np.empty((len(todo), bands, size, size), dtype=source.dtype)
             ok = np.empty((len(todo), size, size), dtype=bool)
             cl = np.empty((len(todo), size, size), np.uint8) if source.has_quality else None
-            readable = _read_what_can_be_read(source, todo, px, cl)
+            readable = _read_what_can_be_read(source, todo, px, cl, damaged)
+            looked += len(todo)
             outside = (
                 np.maximum(0, todo[:, 1] + size - ny),
                 np.maximum(0, todo[:, 2] + size - nx),
@@ -772,10 +786,23 @@ def make_sampler(source: BatchSource, grid: ChipGrid, times: np.ndarray) -> Samp
             for k in np.flatnonzero(ok.mean(axis=(1, 2)) >= 0.5)[: n - len(picked)]:
                 pixels[len(picked)], valid[len(picked)] = px[k], ok[k]
                 picked.append(start + int(k))
+        if not picked and damaged:
+            raise DataIntegrityError(
+                f"the datacube is damaged: {len(damaged)} of the {looked} chips sampled could "
+                f"not be read (first: {damaged[0]}), and no readable one has half of its "
+                "pixels valid. Rewrite the datacube (or rerun the ingest that wrote it)."
+            )
         if not picked:
             raise DatacubeError(
                 "no chip of the cube has at least half of its pixels valid: nothing to fit or "
                 "measure on. Check the nodata value and the masks."
+            )
+        if damaged:
+            log.warning(
+                "%d sampled chips could not be read and were left out (first: %s); the "
+                "regions holding them will fail, naming the damage",
+                len(damaged),
+                damaged[0],
             )
         chosen = np.asarray(picked)
         lon, lat = grid.lonlat_of(i[chosen], j[chosen])
@@ -791,11 +818,15 @@ def make_sampler(source: BatchSource, grid: ChipGrid, times: np.ndarray) -> Samp
 
 
 def _read_what_can_be_read(
-    source: BatchSource, windows: np.ndarray, pixels: np.ndarray, classes: np.ndarray | None
+    source: BatchSource,
+    windows: np.ndarray,
+    pixels: np.ndarray,
+    classes: np.ndarray | None,
+    damaged: list[str],
 ) -> np.ndarray:
     """Read sample windows; a window whose chunks cannot be read (corrupt, truncated) is
-    left out of the sample rather than stopping the fit: the region holding it fails on
-    its own when it is embedded, naming the chunk."""
+    left out of the sample rather than stopping the fit (its reason added to ``damaged``):
+    the region holding it fails on its own when it is embedded, naming the chunk."""
     try:
         source.read(windows, pixels, classes)
         return np.ones(len(windows), dtype=bool)
@@ -809,7 +840,7 @@ def _read_what_can_be_read(
                     None if classes is None else classes[k : k + 1],
                 )
             except (OSError, RuntimeError, ValueError) as err:
-                log.warning("sample chip at %s left out: %s", windows[k].tolist(), err)
+                damaged.append(str(err))
                 readable[k] = False
         return readable
 
