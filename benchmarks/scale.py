@@ -256,24 +256,20 @@ def embed_run(chips: float, sample: int | None, region: int, folder: Path) -> di
             task_seconds.append(time.perf_counter() - start)
         return out
 
+    # The public step (plan, preflight, resume state, regions, completion, the run's STAC),
+    # with its one place that runs regions sampled: nothing else of the run is private.
     phases._execute = run_sample  # type: ignore[assignment]
     try:
-        start = time.perf_counter()
-        resolved = phases.plan(spec)
-        state, _ = phases._start(spec, resolved, None)
-        times["plan_and_state"] = time.perf_counter() - start
-        start = time.perf_counter()
-        failed = phases._embed_phase(spec, resolved, state, None, phases._Here(False))
-        times["embed_phase"] = time.perf_counter() - start
-        assert not failed, failed
+        report = xclay.run.embed_step(spec, progress=False)
+        assert report.status != "incomplete", report
     finally:
         phases._execute = real_execute  # type: ignore[assignment]
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    embedded = phases._total_counts(state).get("chips_embedded", 0)
+    embedded = int(report.run.get("chips_embedded", 0))
     n_regions = int(times["regions"])
     task_median = float(np.median(task_seconds))
     tasks_total = float(np.sum(task_seconds))
-    driver = times["plan_and_state"] + times["embed_phase"] - tasks_total
+    driver = wall - tasks_total
     sampled = len(task_seconds) < n_regions
     # Measured when every region ran; estimated from the tasks' median when sampled.
     estimated = driver + task_median * n_regions if sampled else wall
