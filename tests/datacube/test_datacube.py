@@ -11,8 +11,9 @@ import zarr
 from affine import Affine
 
 import xclay
+from tests import cuda_standins
 from tests.helpers import OLINDA_BANDS, OLINDA_WAVELENGTHS, random_cube, raster
-from xclay.datacube import datacube_geobox
+from xclay.datacube import Compression, datacube_geobox
 from xclay.errors import DatacubeError, OutputExistsError
 
 
@@ -251,6 +252,28 @@ def test_kvikio_engine_without_cuda_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(expected, match=message) as info:
         xclay.open_datacube(path, engine="kvikio")
     assert "libcuda" not in str(info.value)
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_kvikio_engine_reads_checksummed_chunks_without_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compression: Compression
+) -> None:
+    # The kvikio engine's variables on the CPU: CuPy and kvikIO stand-ins
+    # (tests/cuda_standins.py), and zarr's own GPU buffers made to work over the CuPy
+    # stand-in, so any zarr read into GPU buffers runs here as on a GPU, up to where
+    # memory is. zarr 3.1's crc32c codec (every xclay store has it) makes such a buffer
+    # from a NumPy array, with a ZarrUserWarning per chunk: an error here, as in the gpu
+    # tests.
+    import zarr.core.buffer.gpu
+
+    cuda = cuda_standins.install(monkeypatch)
+    monkeypatch.setattr(zarr.core.buffer.gpu, "cp", cuda.cupy)
+    cube = random_cube((2, 3, 40, 48), seed=5)
+    path = xclay.write_datacube(cube, tmp_path / "c.zarr", chip_size=16, compression=compression)
+    opened = xclay.open_datacube(path, engine="kvikio")
+    window = opened["pixels"].isel(time=1, y=slice(5, 37), x=slice(16, 48)).data
+    assert isinstance(window, cuda.cupy.ndarray)
+    np.testing.assert_array_equal(window.get(), cube["pixels"].values[1, :, 5:37, 16:48])
 
 
 # --------------------------------------------------------------------------- laziness

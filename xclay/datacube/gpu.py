@@ -121,10 +121,15 @@ def gds_available() -> str:
 
 
 def gpu_variable(store: Path, name: str, like: xr.DataArray) -> Any:
-    """Lazy data for variable ``name`` of a datacube store that reads into GPU memory:
-    zarr-python through :class:`kvikio.zarr.GDSStore`, under ``zarr.config.enable_gpu()``
-    for each read only, with basic slices (fancy indexing of GPU-backed Zarr arrays is
-    not supported upstream; xarray applies it to the CuPy result instead).
+    """Lazy data for variable ``name`` of a datacube store that reads into GPU memory: each
+    read decodes its window with zarr-python on the host and copies it up once, basic
+    slices only (xarray applies fancy indexing to the CuPy result).
+
+    zarr decodes on the host whatever the buffers: the crc32c codec every xclay store has
+    checks each chunk on the host, and zarr 3.1 ships no GPU decoder. Read into GPU
+    buffers (``zarr.config.enable_gpu()`` over :class:`kvikio.zarr.GDSStore`), every chunk
+    would go up, back down to be checked and decoded, and up again, with a
+    ``ZarrUserWarning`` per chunk from the crc32c codec.
 
     Parameters
     ----------
@@ -143,10 +148,10 @@ def gpu_variable(store: Path, name: str, like: xr.DataArray) -> Any:
     """
     from xarray.core import indexing
 
-    return indexing.LazilyIndexedArray(_KvikioZarrArray(store, name, like.shape, like.dtype))
+    return indexing.LazilyIndexedArray(_DeviceZarrArray(store, name, like.shape, like.dtype))
 
 
-class _KvikioZarrArray(BackendArray):
+class _DeviceZarrArray(BackendArray):
     def __init__(self, store: Path, name: str, shape: tuple[int, ...], dtype: Any) -> None:
         self.store, self.name = store, name
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
@@ -159,9 +164,8 @@ class _KvikioZarrArray(BackendArray):
         )
 
     def _read(self, key: tuple[Any, ...]) -> Any:
-        import kvikio.zarr
+        import cupy
         import zarr
 
-        with zarr.config.enable_gpu():
-            array = zarr.open_array(kvikio.zarr.GDSStore(str(self.store)), path=self.name, mode="r")
-            return array[key]
+        array = zarr.open_array(str(self.store), path=self.name, mode="r", zarr_format=3)
+        return cupy.asarray(array[key])
