@@ -19,6 +19,10 @@ over a quarter of the tokens, then the v1.5 decoder), interleaved with the plain
     python benchmarks/model_throughput.py --device cuda            # fp32 tf32 bf16 fp8
     python benchmarks/model_throughput.py --device cuda --sizes large --chip-sizes 256 \\
         --precisions bf16 fp8 --batch large=auto
+    python benchmarks/model_throughput.py --smoke      # Clay tiny, 64 px, batch 2, once
+
+One results file per chip size (``params.chip_size``; each row says it too), named
+``model_throughput_<device>[_<tag>]_<chip>px_<date>.json``.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import save
+from _common import parse, save
 
 from xclay.devices import ComputePrecision, resolve_precision
 from xclay.errors import DeviceError
@@ -226,7 +230,14 @@ def main() -> None:
     )
     p.add_argument("--loss", action="store_true", help="also time the reconstruction loss")
     p.add_argument("--tag", default="", help="added to the results file's name")
-    args = p.parse_args()
+    p.add_argument(
+        "--matmul-size", type=int, default=None, help="edge of the peak's matrix product"
+    )
+    args = parse(
+        p,
+        {"sizes": ["tiny"], "chip_sizes": [64], "repeats": 1, "batch": ["tiny=2"],
+         "check": 2, "matmul_size": 256, "compile": "off"},
+    )  # fmt: skip
     device = torch.device(args.device)
     kind = "cuda" if device.type == "cuda" else "cpu"
     args.chip_sizes = args.chip_sizes or [256]
@@ -245,22 +256,39 @@ def main() -> None:
         **{k: (v if v == "auto" else int(v)) for k, v in (b.split("=") for b in args.batch)},
     }
 
-    n = 8192 if kind == "cuda" else 2048
+    n = args.matmul_size or (8192 if kind == "cuda" else 2048)
     peaks = {name: matmul_peak(device, name, n) for name in precisions}
-    rows = []
-    for size in args.sizes:
-        for chip in args.chip_sizes:
+    print(
+        "matmul peak (" + f"{n}^3): " + ", ".join(f"{k} {v:.3f} TFLOP/s" for k, v in peaks.items())
+    )
+    for chip in args.chip_sizes:
+        rows = []
+        for size in args.sizes:
             rows += measure(args, device, size, chip, batch_size[size], precisions, peaks)
-    large = {
-        r["precision"]: r["chips_per_s"]
-        for r in rows
-        if r["size"] == "large" and r["chip_size"] == 256
-    }
+        out = save_chip_size(args, device, chip, precisions, batch_size, peaks, rows)
+        _print(rows)
+        print(f"saved {out}")
+
+
+def save_chip_size(
+    args: argparse.Namespace,
+    device: torch.device,
+    chip: int,
+    precisions: list[str],
+    batch_size: dict[str, int | str],
+    peaks: dict[str, float],
+    rows: list[dict[str, Any]],
+) -> Any:
+    """One results file for one chip size (every row of it at that size)."""
+    assert all(r["chip_size"] == chip for r in rows)
+    large = {r["precision"]: r["chips_per_s"] for r in rows if r["size"] == "large"}
+    reference = chip == 256  # the reference figure is Clay large at 256 px
     results = {
+        "chip_size": chip,
         "matmul_peak_tflops": {k: round(v, 4) for k, v in peaks.items()},
         "rows": rows,
         "large_bf16_over_reference_fp32_055": round(large["bf16"] / REFERENCE_FP32_LARGE, 3)
-        if "bf16" in large
+        if reference and "bf16" in large
         else None,
         "large_bf16_over_fp32_same_machine": round(large["bf16"] / large["fp32"], 3)
         if {"bf16", "fp32"} <= set(large)
@@ -268,16 +296,25 @@ def main() -> None:
     }
     params = {
         **vars(args),
+        "chip_size": chip,
         "precisions": precisions,
         "batch": batch_size,
         "bands": BANDS,
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
-    out = save("model_throughput", params, results, device=device.type, variant=args.tag)
-    print(
-        "matmul peak (" + f"{n}^3): " + ", ".join(f"{k} {v:.3f} TFLOP/s" for k, v in peaks.items())
-    )
+    variant = "_".join(v for v in (args.tag, f"{chip}px") if v)
+    out = save("model_throughput", params, results, device=device.type, variant=variant)
+    if results["large_bf16_over_reference_fp32_055"] is not None:
+        print(
+            f"large bf16 / reference fp32 (0.55 chips/s): "
+            f"{results['large_bf16_over_reference_fp32_055']}x; bf16 / fp32 here: "
+            f"{results['large_bf16_over_fp32_same_machine']}x"
+        )
+    return out
+
+
+def _print(rows: list[dict[str, Any]]) -> None:
     print(
         f"{'size':6s} {'chip':>4s} {'prec':5s} {'batch':>5s} {'chips/s':>10s} {'TFLOP/s':>8s} "
         f"{'of peak':>7s} {'attention':>9s} {'compile s':>9s}  check (cos min, 10-NN)"
@@ -302,13 +339,6 @@ def main() -> None:
                 f"{r['loss_time_over_embed_time']:.2f}x the embedding time "
                 f"({r['loss_flops_over_embed_flops']:.2f}x its FLOPs)"
             )
-    if results["large_bf16_over_reference_fp32_055"] is not None:
-        print(
-            f"large bf16 / reference fp32 (0.55 chips/s): "
-            f"{results['large_bf16_over_reference_fp32_055']}x; bf16 / fp32 here: "
-            f"{results['large_bf16_over_fp32_same_machine']}x"
-        )
-    print(f"saved {out}")
 
 
 if __name__ == "__main__":

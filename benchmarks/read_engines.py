@@ -27,6 +27,12 @@ machine without CUDA the GPU rows are skipped and "copy" is no copy.
 
     python benchmarks/read_engines.py                       # all layouts, 2048 px demo cube
     python benchmarks/read_engines.py --size 4096 --cold    # on a GPU machine
+    python benchmarks/read_engines.py --variants kvikio raw     # the GPU engine and its ceiling
+    python benchmarks/read_engines.py --smoke      # a 512 px cube, 128 px chunks, zstd
+
+Each row says what read the chips: ``engine`` (``zarr``, ``kvikio``, or ``ceiling``),
+``reader`` (the batch source as it described itself: threads, decode on the GPU or the
+host) and the ``fallbacks`` it reported.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import median, save
+from _common import median, parse, save
 
 import xclay
 from xclay.batch.batching import BatchPlan, Block, batch_buffers, iter_batches
@@ -81,7 +87,18 @@ def main() -> None:
         action="store_false",
         help="skip the paired timing of the host reads with and without chunk checksums",
     )
-    args = p.parse_args()
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=list(VARIANTS),
+        help="which readers and ceilings to time (default: all)",
+    )
+    args = parse(
+        p,
+        {"size": 512, "chunks": [128], "compression": ["zstd"], "shards": [0, 2],
+         "repeats": 1, "passes": 1, "chip_sizes": [64]},
+    )  # fmt: skip
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -107,7 +124,7 @@ def main() -> None:
                     )
                     layout = f"{chunk} px, {compression}, {'sharded' if shard else 'unsharded'}"
                     rows += _measure(path, layout, chunk, device, kvikio, args)
-                    print(_table(rows[-7:]), flush=True)
+                    print(_table([r for r in rows if r["layout"] == layout]), flush=True)
                     if args.chip_sizes:
                         sizes.append(_chip_sizes(path, layout, chunk, args))
                         print(json.dumps(sizes[-1]), flush=True)
@@ -132,6 +149,18 @@ def main() -> None:
     print(f"saved {out}")
 
 
+# --variants: each reader and ceiling, and the engine it stands for.
+VARIANTS = {
+    "zarr-python": "zarr",
+    "host-1": "zarr",
+    "host-n": "zarr",
+    "kvikio": "kvikio",
+    "kvikio-host-decode": "kvikio",
+    "raw": "ceiling",
+    "device-copy": "ceiling",
+}
+
+
 def _measure(
     path: Path, layout: str, chunk: int, device: torch.device, kvikio: bool, args: Any
 ) -> list[dict[str, Any]]:
@@ -153,6 +182,14 @@ def _measure(
             quality = ChipQuality.empty(plan.block.shape, with_classes=False)
             yield from iter_batches(source, plan, quality, prefetch=0, pin_memory=pin)
 
+    readers: dict[str, dict[str, Any]] = {}  # per variant: how its source described itself
+
+    def seen(variant: str, source: Any) -> None:
+        readers[variant] = {
+            "reader": source.name,
+            "fallbacks": list(getattr(source, "fallbacks", [])),
+        }
+
     def host(kind: str) -> Callable[[], None]:
         def run() -> None:
             cube = xclay.open_datacube(path)
@@ -162,6 +199,7 @@ def _measure(
             else:
                 threads = 1 if kind == "1" else budget.decode
                 source = ChunkSource(*store_layouts(cube), nodata=None, threads=threads)
+            seen({"zarr": "zarr-python", "1": "host-1"}.get(kind, "host-n"), source)
             for b in batches(source, pin=cuda):
                 if cuda:
                     torch.from_numpy(b.pixels).to(device, non_blocking=True)
@@ -180,6 +218,7 @@ def _measure(
             source = KvikioChunkSource(
                 *layouts, chip_size=chunk, nodata=None, threads=budget, host=host, decode=decode
             )  # type: ignore[arg-type]
+            seen("kvikio" if decode == "auto" else "kvikio-host-decode", source)
             for _ in batches(source):
                 pass
             source.close()
@@ -187,18 +226,28 @@ def _measure(
 
         return run
 
-    variants: list[tuple[str, Callable[[], None] | None]] = [
-        ("zarr-python + copy", host("zarr")),
-        ("xclay host, 1 thread + copy", host("1")),
-        (f"xclay host, {budget.decode} threads + copy", host("n")),
-        ("kvikio", gpu("auto") if kvikio else None),
-        ("kvikio, host decode", gpu("host") if kvikio and "zstd" in layout else None),
-        ("raw reads (ceiling)", _raw_reads(path, chunk, device, kvikio, args.passes, budget)),
-        ("device copy (ceiling)", _device_copy(nbytes) if cuda else None),
+    variants: list[tuple[str, str, Callable[[], None] | None]] = [
+        ("zarr-python", "zarr-python + copy", host("zarr")),
+        ("host-1", "xclay host, 1 thread + copy", host("1")),
+        ("host-n", f"xclay host, {budget.decode} threads + copy", host("n")),
+        ("kvikio", "kvikio", gpu("auto") if kvikio else None),
+        (
+            "kvikio-host-decode",
+            "kvikio, host decode",
+            gpu("host") if kvikio and "zstd" in layout else None,
+        ),
+        (
+            "raw",
+            "raw reads (ceiling)",
+            _raw_reads(path, chunk, device, kvikio, args.passes, budget),
+        ),
+        ("device-copy", "device copy (ceiling)", _device_copy(nbytes) if cuda else None),
     ]
     out = []
-    for name, fn in variants:
-        row: dict[str, Any] = {"layout": layout, "variant": name}
+    for key, name, fn in variants:
+        if key not in args.variants:
+            continue
+        row: dict[str, Any] = {"layout": layout, "variant": name, "engine": VARIANTS[key]}
         if fn is None:
             nothing_to_decode = kvikio and name == "kvikio, host decode"
             row["skipped"] = (
@@ -221,6 +270,7 @@ def _measure(
             chips_per_s=round(chips / seconds, 1),
             gb_per_s=round(nbytes / seconds / 1e9, 3),
             seconds_all=[round(t, 4) for t in times],
+            **readers.get(key, {"reader": name, "fallbacks": []}),
         )
         out.append(row)
     return out
