@@ -239,6 +239,7 @@ def embed_run(chips: float, sample: int | None, region: int, folder: Path) -> di
     cpu0, t0 = time.process_time(), time.perf_counter()
     times: dict[str, float] = {}
     task_seconds: list[float] = []
+    task_cpu: list[float] = []
     real_execute = phases._execute
 
     def run_sample(
@@ -251,9 +252,10 @@ def embed_run(chips: float, sample: int | None, region: int, folder: Path) -> di
             picks = [regions[i] for i in sorted(rng.choice(len(regions), sample, replace=False))]
         out = []
         for r in picks:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             out += real_execute(fn, [r], outdir, None, desc, *rest, **kw)
             task_seconds.append(time.perf_counter() - start)
+            task_cpu.append(time.process_time() - start_cpu)
         return out
 
     # The public step (plan, preflight, resume state, regions, completion, the run's STAC),
@@ -271,8 +273,13 @@ def embed_run(chips: float, sample: int | None, region: int, folder: Path) -> di
     tasks_total = float(np.sum(task_seconds))
     driver = wall - tasks_total
     sampled = len(task_seconds) < n_regions
-    # Measured when every region ran; estimated from the tasks' median when sampled.
+    # Measured when every region ran; estimated from the tasks' median when sampled. CPU
+    # seconds (every thread of this process) beside wall seconds: on a shared machine the
+    # wall clock also counts the time other processes held the cores.
     estimated = driver + task_median * n_regions if sampled else wall
+    task_cpu_median = float(np.median(task_cpu))
+    driver_cpu = cpu - float(np.sum(task_cpu))
+    estimated_cpu = driver_cpu + task_cpu_median * n_regions if sampled else cpu
     rows, cols = grid_shape(chips)
     n_chips = rows * cols
     assert sampled or embedded == n_chips, (embedded, n_chips)
@@ -288,7 +295,12 @@ def embed_run(chips: float, sample: int | None, region: int, folder: Path) -> di
         "run_cpu_s": round(cpu, 3),
         "non_encoder_s": round(estimated, 3),
         "non_encoder_us_per_chip": round(1e6 * estimated / n_chips, 1),
+        "task_cpu_median_s": round(task_cpu_median, 4),
+        "driver_cpu_s": round(driver_cpu, 3),
+        "non_encoder_cpu_s": round(estimated_cpu, 3),
+        "non_encoder_cpu_us_per_chip": round(1e6 * estimated_cpu / n_chips, 1),
         "sampled": sampled,
+        "load_average": [round(v, 2) for v in os.getloadavg()],
         "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3, 1),
     }
 
@@ -301,12 +313,12 @@ def fit(rows: list[dict[str, Any]], key: str) -> tuple[float, float]:
     return float(b), float(a)
 
 
-def extrapolate(rows: list[dict[str, Any]], chips: float) -> float:
+def extrapolate(rows: list[dict[str, Any]], chips: float, key: str = "non_encoder_s") -> float:
     """Seconds at ``chips``: the largest measured size's per-chip cost, scaled linearly
     (when the exponent is ~1) or by the fitted power law (whichever is larger)."""
-    b, a = fit(rows, "non_encoder_s")
+    b, a = fit(rows, key)
     largest = max(rows, key=lambda r: r["chips"])
-    linear = largest["non_encoder_s"] / largest["chips"] * chips
+    linear = largest[key] / largest["chips"] * chips
     return max(linear, float(math.exp(a) * chips**b))
 
 
@@ -729,17 +741,20 @@ def main() -> None:
                 row = embed_run(n, sample, shape.region, Path(tmp) / f"embed-{int(n)}")
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-            b, _ = fit(rows, "non_encoder_s")
-            b_task, _ = fit(rows, "task_median_s")
+            largest = max(rows, key=lambda r: r["chips"])
+            cpu = "non_encoder_cpu_s"
             results["embed"] = {
                 "rows": rows,
-                "exponent_non_encoder": round(b, 3),
-                "exponent_task": round(b_task, 3),
-                "us_per_chip_largest": max(rows, key=lambda r: r["chips"])[
-                    "non_encoder_us_per_chip"
-                ],
+                "exponent_non_encoder": round(fit(rows, "non_encoder_s")[0], 3),
+                "exponent_non_encoder_cpu": round(fit(rows, cpu)[0], 3),
+                "exponent_task": round(fit(rows, "task_median_s")[0], 3),
+                "exponent_task_cpu": round(fit(rows, "task_cpu_median_s")[0], 3),
+                "us_per_chip_largest": largest["non_encoder_us_per_chip"],
+                "cpu_us_per_chip_largest": largest["non_encoder_cpu_us_per_chip"],
                 "south_america_s": round(extrapolate(rows, SOUTH_AMERICA), 1),
-                "world_cpu_hours": round(extrapolate(rows, WORLD) / 3600, 2),
+                "south_america_cpu_s": round(extrapolate(rows, SOUTH_AMERICA, cpu), 1),
+                "world_hours": round(extrapolate(rows, WORLD) / 3600, 2),
+                "world_cpu_hours": round(extrapolate(rows, WORLD, cpu) / 3600, 2),
             }
             print(
                 json.dumps({k: v for k, v in results["embed"].items() if k != "rows"}), flush=True
