@@ -219,6 +219,82 @@ def test_coordinates_in_other_units_than_the_crs_are_refused() -> None:
         xclay.as_datacube(da, crs="EPSG:4326", wavelengths=[0.5, 0.6])
 
 
+def _grid(x: np.ndarray, y: np.ndarray) -> xr.DataArray:
+    """Two bands on the grid of coordinates ``x``, ``y`` (pixel centres), no CRS of its own."""
+    return xr.DataArray(
+        np.full((2, y.size, x.size), 500, dtype=np.uint16),
+        dims=("band", "y", "x"),
+        coords={"x": x.astype(np.float64), "y": y.astype(np.float64)},
+    )
+
+
+_NY, _NX = 64, 48
+
+
+@pytest.mark.parametrize("crs", ["EPSG:32720", "EPSG:32633", "EPSG:4326"])
+@pytest.mark.parametrize(
+    ("form", "x", "y"),
+    [
+        ("0..N, y increasing", np.arange(_NX), np.arange(_NY)),
+        ("0..N, y decreasing", np.arange(_NX), np.arange(_NY)[::-1]),
+        ("half-pixel centres, y decreasing", np.arange(_NX) + 0.5, np.arange(_NY)[::-1] + 0.5),
+        ("1..N", np.arange(1, _NX + 1), np.arange(1, _NY + 1)),
+        ("flipped x", np.arange(_NX)[::-1], np.arange(_NY)),
+    ],
+)
+def test_pixel_indices_as_coordinates_are_refused(
+    crs: str, form: str, x: np.ndarray, y: np.ndarray
+) -> None:
+    # An exact identity transform (centres 0.5.., y increasing) was refused before; these
+    # were not, and put chips near the south pole (UTM 20S) or on the equator.
+    with pytest.raises(DatacubeError, match="no georeferencing: its coordinates are pixel") as err:
+        xclay.as_datacube(_grid(x, y), crs=crs, wavelengths=[0.5, 0.6], gsd=10)
+    assert "\n" not in str(err.value) and "write_transform" in str(err.value)
+
+
+@pytest.mark.parametrize("crs", ["EPSG:32720", "EPSG:32620"])
+@pytest.mark.parametrize("y_up", [False, True])
+def test_pixel_offsets_in_metres_from_the_crs_origin_are_refused(crs: str, y_up: bool) -> None:
+    # Pixel indices times a 10 m pixel: a UTM CRS's origin lies 500 km west of its zone.
+    y = np.arange(_NY) * 10.0 + 5
+    with pytest.raises(DatacubeError, match=r"starts at the origin \(0, 0\) of EPSG:") as err:
+        xclay.as_datacube(
+            _grid(np.arange(_NX) * 10.0 + 5, y if y_up else y[::-1]),
+            crs=crs,
+            wavelengths=[0.5, 0.6],
+        )
+    assert "\n" not in str(err.value) and "write_crs" in str(err.value)
+
+
+def test_a_grid_far_outside_its_crs_area_of_use_is_refused() -> None:
+    from pyproj import Transformer
+
+    def grid_at(crs: str, lon: float, lat: float, res: float = 10.0, n: int = 64) -> xr.DataArray:
+        x0, y0 = Transformer.from_crs("EPSG:4326", crs, always_xy=True).transform(lon, lat)
+        return _grid(x0 + res * (np.arange(n) + 0.5), y0 - res * (np.arange(n) + 0.5))
+
+    # UTM 20S coordinates labelled New Zealand's TM, or zone 33N's 16 degrees west of it
+    utm20s = _grid(300005 + 10.0 * np.arange(_NX), 9600005 - 10.0 * np.arange(_NY))
+    with pytest.raises(DatacubeError, match="degrees outside the area EPSG:2193 is used in"):
+        xclay.as_datacube(utm20s, crs="EPSG:2193", wavelengths=[0.5, 0.6])
+    with pytest.raises(DatacubeError, match="degrees outside the area EPSG:32633 is used in"):
+        xclay.as_datacube(
+            grid_at("EPSG:32633", -8.0, 45.0), crs="EPSG:32633", wavelengths=[0.5, 0.6]
+        )
+    # Real tiles overhang their zone: Sentinel-2's by a tile (4 degrees of longitude at 70 N,
+    # 7 at 80 N), Landsat's southern scenes sit in northern zones (negative northings), and
+    # zone 1 reaches over the antimeridian.
+    for crs, lon, lat in [
+        ("EPSG:32633", 8.0, 70.0),
+        ("EPSG:32633", 21.5, 70.0),
+        ("EPSG:32633", 5.0, 80.0),
+        ("EPSG:32619", -70.0, -33.0),
+        ("EPSG:32601", 179.9, 65.0),
+    ]:
+        cube = xclay.as_datacube(grid_at(crs, lon, lat), crs=crs, wavelengths=[0.5, 0.6])
+        assert cube.sizes["x"] == 64
+
+
 # --------------------------------------------------------------------------- units
 
 
@@ -525,5 +601,6 @@ def test_cli_user_errors_never_print_a_traceback(tmp_path: Path) -> None:
     ]
     for args in cases:
         result = _xclay(*args)
-        assert result.returncode == 1 and "Traceback" not in result.stderr, (args, result.stderr)
+        assert result.returncode in (1, 2), (args, result.stderr)  # 2: a usage mistake
+        assert "Traceback" not in result.stderr, (args, result.stderr)
         assert result.stderr.startswith(f"xclay {args[0]}: error: "), result.stderr

@@ -26,9 +26,13 @@ def datacube_geobox(cube: xr.Dataset | xr.DataArray) -> GeoBox:
     """The pixel grid of a datacube (CRS, exact affine transform, shape).
 
     The transform comes from the GDAL ``GeoTransform`` of the grid mapping where it
-    agrees with the ``x``/``y`` coordinates, else from the coordinates; a grid with no
-    CRS, no georeferencing, a rotated transform or corners that are not real longitudes
-    and latitudes is a :class:`~xclay.errors.DatacubeError`.
+    agrees with the ``x``/``y`` coordinates, else from the coordinates. A grid that is not
+    plausibly georeferenced is a :class:`~xclay.errors.DatacubeError`: no CRS, a rotated
+    transform, coordinates that are pixel indices (steps of 1 over 0..N, in any direction
+    or half-pixel offset) or count from a CRS origin that lies outside the CRS's area of
+    use, corners that are not real longitudes and latitudes, or a grid more than
+    ``FAR_OUTSIDE_DEGREES`` (10) degrees of arc outside the area of use (pyproj's; a UTM
+    zone's spans both hemispheres).
 
     Parameters
     ----------
@@ -60,15 +64,139 @@ def _geobox_from_source(da: xr.DataArray, crs: str | int | None) -> GeoBox:
             f"the pixel grid is rotated or degenerate ({transform!r}); reproject it to a "
             "north-up grid first (e.g. odc.geo.xr.xr_reproject)."
         )
-    if transform.almost_equals(Affine.identity()):
-        raise DatacubeError(
-            "the imagery has no georeferencing: its coordinates are pixel indices (an identity "
-            "geotransform; rasterio warns NotGeoreferencedWarning). Give it its real transform "
-            "(da.rio.write_transform(...)) or open a georeferenced file."
-        )
     geobox = GeoBox((ny, nx), transform, crs_obj)
+    _refuse_pixel_indices(geobox)
     check_lonlat_extent(geobox)
+    _refuse_outside_area_of_use(geobox)
     return geobox
+
+
+# How far outside its CRS's area of use a grid may lie, in degrees of arc (~1,100 km). Real
+# tiles overhang their UTM zone by a tile at most (Sentinel-2's 110 km, Landsat's 185 km
+# scenes: a few degrees of longitude near the poles, under 2 degrees of arc); a grid
+# further out has coordinates in another CRS than the one it names.
+FAR_OUTSIDE_DEGREES = 10.0
+
+_HOW_TO_FIX = (
+    "Give it its real transform (da.rio.write_transform(...), or x/y coordinates of its "
+    "pixel centres in its CRS) and the CRS those are in (da.rio.write_crs('EPSG:...'), or "
+    "as_datacube(crs=...) when it carries none), or open a georeferenced file."
+)
+
+
+def _refuse_pixel_indices(geobox: GeoBox) -> None:
+    """Refuse coordinates that are pixel indices: steps of 1 spanning 0..N (within a pixel:
+    centres at 0.., 0.5.. or 1..), in either direction. rasterio gives such coordinates to
+    a file with no geotransform (an identity transform, NotGeoreferencedWarning)."""
+    ny, nx = geobox.shape
+    t = geobox.affine
+    x = sorted((t.c, t.c + t.a * nx))
+    y = sorted((t.f, t.f + t.e * ny))
+    unit = math.isclose(abs(t.a), 1.0, rel_tol=1e-9) and math.isclose(abs(t.e), 1.0, rel_tol=1e-9)
+    if unit and x[0] >= -1 and x[1] <= nx + 1 and y[0] >= -1 and y[1] <= ny + 1:
+        raise DatacubeError(
+            f"the imagery has no georeferencing: its coordinates are pixel indices (x "
+            f"{x[0]:g}..{x[1]:g}, y {y[0]:g}..{y[1]:g} in steps of 1 for {nx} x {ny} pixels), "
+            f"not positions in {_crs_name(geobox.crs)}. " + _HOW_TO_FIX
+        )
+
+
+def _refuse_outside_area_of_use(geobox: GeoBox) -> None:
+    """Refuse a grid far outside the area its CRS is made for (pyproj's area of use), and a
+    grid counted from its CRS's origin where that origin lies outside the area (pixel
+    indices scaled to metres: for UTM, the origin is 500 km west of the zone's meridian)."""
+    crs = geobox.crs
+    area = _area_of_use(crs) if crs is not None else None
+    if crs is None or area is None:  # a custom CRS: nothing to compare with
+        return
+    ny, nx = geobox.shape
+    t = geobox.affine
+    x = sorted((t.c, t.c + t.a * nx))
+    y = sorted((t.f, t.f + t.e * ny))
+    at_origin = min(abs(x[0]), abs(x[1])) <= abs(t.a) and min(abs(y[0]), abs(y[1])) <= abs(t.e)
+    name = _crs_name(crs)
+    if at_origin and _degrees_outside(*_lonlat_or_none(crs, 0.0, 0.0), area) > 0.01:
+        raise DatacubeError(
+            f"the grid starts at the origin (0, 0) of {name}, which lies outside the area "
+            f"{name} is used in ({_area_text(area)}): its coordinates count from the image's "
+            f"corner (x {x[0]:g}..{x[1]:g}, y {y[0]:g}..{y[1]:g}), they are not positions in "
+            f"{name}. " + _HOW_TO_FIX
+        )
+    edge = np.linspace(0.0, 1.0, 9)
+    cols = np.concatenate([edge * nx, np.full(9, nx), edge[::-1] * nx, np.zeros(9), [nx / 2]])
+    rows = np.concatenate([np.zeros(9), edge * ny, np.full(9, ny), edge[::-1] * ny, [ny / 2]])
+    lon, lat = _lonlat_or_none(crs, t.c + t.a * cols + t.b * rows, t.f + t.d * cols + t.e * rows)
+    far = _degrees_outside(lon, lat, area)
+    if far > FAR_OUTSIDE_DEGREES:
+        raise DatacubeError(
+            f"the grid lies about {far:.0f} degrees outside the area {name} is used in "
+            f"({_area_text(area)}): its corners are at longitudes {np.nanmin(lon):.2f}.."
+            f"{np.nanmax(lon):.2f}, latitudes {np.nanmin(lat):.2f}..{np.nanmax(lat):.2f}, so its coordinates "
+            f"are not in {name}. " + _HOW_TO_FIX
+        )
+
+
+def _lonlat_or_none(crs: CRS, x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`to_lonlat`, with NaN for points outside the projection's domain."""
+    x, y = (
+        np.atleast_1d(np.asarray(x, dtype=np.float64)),
+        np.atleast_1d(np.asarray(y, dtype=np.float64)),
+    )
+    try:
+        return to_lonlat(crs, x, y)
+    except Exception:  # pyproj raises for points outside a projection's domain
+        return np.full(x.shape, np.nan), np.full(x.shape, np.nan)
+
+
+def _area_of_use(crs: CRS) -> tuple[float, float, float, float] | None:
+    """``(west, south, east, north)`` degrees where ``crs`` is meant to be used; a UTM
+    zone's reaches both hemispheres (USGS's Landsat products put southern scenes in
+    northern zones, with negative northings)."""
+    import pyproj
+
+    proj = crs.proj
+    area = proj.area_of_use
+    if area is None and crs.epsg is not None:  # WKT1 (GDAL's) carries no area of use
+        area = pyproj.CRS.from_epsg(crs.epsg).area_of_use
+    if area is None:
+        return None
+    if proj.utm_zone is not None:
+        return (area.west, -80.0, area.east, 84.0)
+    return (area.west, area.south, area.east, area.north)
+
+
+def _degrees_outside(
+    lon: np.ndarray, lat: np.ndarray, area: tuple[float, float, float, float]
+) -> float:
+    """How far the points' bounding box lies outside ``area``, in degrees of arc (roughly:
+    longitudes count at the cosine of the points' latitude nearest a pole); 0 where they
+    overlap; infinite where no point has a longitude and latitude."""
+    lon, lat = np.asarray(lon, dtype=np.float64), np.asarray(lat, dtype=np.float64)
+    finite = np.isfinite(lon) & np.isfinite(lat)
+    if not finite.any():
+        return math.inf
+    lon, lat = lon[finite], lat[finite]
+    west, south, east, north = area
+    if east < west:  # the area crosses the antimeridian
+        east += 360.0
+    centre, half = (west + east) / 2, (east - west) / 2
+    relative = (lon - centre + 180.0) % 360.0 - 180.0
+    lon_gap = max(0.0, float(relative.min()) - half, -half - float(relative.max()))
+    lat_gap = max(0.0, south - float(lat.max()), float(lat.min()) - north)
+    cos = math.cos(math.radians(min(90.0, float(np.abs(lat).max()))))
+    return math.hypot(lat_gap, lon_gap * cos)
+
+
+def _crs_name(crs: CRS | None) -> str:
+    """``EPSG:32720``, or the CRS's name: short enough for a one-line message."""
+    if crs is None:
+        return "no CRS"
+    return f"EPSG:{crs.epsg}" if crs.epsg is not None else str(crs.proj.name)
+
+
+def _area_text(area: tuple[float, float, float, float]) -> str:
+    west, south, east, north = area
+    return f"longitudes {west:g}..{east:g}, latitudes {south:g}..{north:g}"
 
 
 def check_lonlat_extent(geobox: GeoBox) -> None:
@@ -100,7 +228,7 @@ def check_lonlat_extent(geobox: GeoBox) -> None:
     ):
         raise DatacubeError(
             f"the grid's corners ({x.min():g}..{x.max():g}, {y.min():g}..{y.max():g} in "
-            f"{geobox.crs}) do not map to valid longitudes and latitudes: the coordinates are "
+            f"{_crs_name(geobox.crs)}) do not map to valid longitudes and latitudes: the coordinates are "
             "not in that CRS's units. Check the CRS (degrees belong to EPSG:4326, metres to a "
             "projected CRS such as UTM)."
         )
