@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time as timer
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, TypedDict, Unpack, get_args
 
@@ -454,10 +454,12 @@ class EmbedSession:
         *,
         chips: np.ndarray | None = None,
         progress: bool | None = None,
+        on_chips: Callable[[int], None] | None = None,
     ) -> BlockResult:
         """Embed the chips of ``block`` (default: all); ``chips`` (block-shaped bool) limits
         them further (a zone's share of its grid): the others are neither read nor
-        counted, and stay not embedded."""
+        counted, and stay not embedded. ``on_chips(n)`` is called as each batch of ``n``
+        chips is done (a run's progress)."""
         block = block or self.whole
         card, config = self.card, self.config
         plan = BatchPlan(
@@ -511,6 +513,8 @@ class EmbedSession:
                             edge,
                         )
                 bar.update(batch.scanned)
+                if on_chips is not None:
+                    on_chips(batch.scanned)
         seconds = timer.perf_counter() - start
         embedded = np.asarray(np.isfinite(vectors).all(axis=tuple(range(3, vectors.ndim))))
         passed = np.isfinite(quality.nodata_fraction) & (config.quality.reasons(quality) < 0)

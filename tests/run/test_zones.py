@@ -206,3 +206,24 @@ def test_one_stac_collection_describes_both_zones(two_zones: Path) -> None:
     ]
     for path in sorted((out / "stac").rglob("*.json")):
         validate_stac(path, validator)
+
+
+def test_each_stac_item_covers_every_chip_of_its_zone(two_zones: Path) -> None:
+    """An item's geometry and bbox hold all of its chips' footprints: a zone embeds the
+    chips meeting its cell whole, so they reach past the cell (and past the seam)."""
+    out = two_zones / "out"
+    table = pq.read_table(out / "embeddings.parquet", columns=["geometry", "native_crs"])
+    footprints = shapely.from_wkb(table["geometry"].to_numpy(zero_copy_only=False))
+    crs = np.asarray(table["native_crs"].to_pylist())
+    for path in sorted((out / "stac" / "items").glob("*.json")):
+        item = json.loads(path.read_text())
+        chips = footprints[crs == item["properties"]["proj:code"]]
+        assert chips.size
+        geometry = shapely.geometry.shape(item["geometry"])
+        west, south, east, north = shapely.bounds(shapely.union_all(chips))
+        tolerance = 1e-7  # degrees: a centimetre
+        assert item["bbox"][0] <= west + tolerance and item["bbox"][2] >= east - tolerance
+        assert item["bbox"][1] <= south + tolerance and item["bbox"][3] >= north - tolerance
+        assert shapely.covers(geometry.buffer(tolerance), chips).all(), path.name
+        # ... and not much more than them: the chips fill the item's footprint
+        assert shapely.union_all(chips).area > 0.95 * geometry.area

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from affine import Affine
 
 from xclay._version import __version__
 from xclay.outputs.export import PARQUET_MEDIA_TYPE
@@ -250,23 +251,43 @@ def _item(
 
 
 def _footprint(emb: Any, cell: str | None) -> tuple[dict[str, Any], list[float]]:
-    """The chip grid's cells in WGS84 (edges densified), cut to the zone's cell when the run
-    tiles by zones: what this item's chips cover."""
+    """What this item's chips cover, in WGS84 (edges densified): the chip grid's windows;
+    when the run tiles by zones, the windows of the chips the zone embeds (those meeting
+    its cell, which reach past it by up to a chip), row by row. Computed from the grid,
+    in O(rows), never from the chips' stored values."""
     import shapely
-    from odc.geo.geobox import GeoBox
+    from odc.geo.geom import Geometry
 
-    from xclay.outputs.export import chip_grid_transform
+    cube = emb.attrs["datacube"]
+    size = int(emb.attrs["config"]["grid"]["chip_size"])
+    t = Affine.from_gdal(*cube["geotransform"])
+    row_off = np.asarray(emb["row_off"].values, dtype=np.float64)
+    col_off = np.asarray(emb["col_off"].values, dtype=np.float64)
+    # chip windows along each axis, in the datacube CRS (north-up grids: no rotation)
+    xs = np.sort(np.stack([t.c + t.a * col_off, t.c + t.a * (col_off + size)], axis=1), axis=1)
+    ys = np.sort(np.stack([t.f + t.e * row_off, t.f + t.e * (row_off + size)], axis=1), axis=1)
+    if not cell:
+        shape = shapely.box(xs[:, 0].min(), ys[:, 0].min(), xs[:, 1].max(), ys[:, 1].max())
+    else:
+        from xclay.run.zones import to_native
 
-    box = GeoBox(
-        (int(emb.sizes["chip_y"]), int(emb.sizes["chip_x"])),
-        chip_grid_transform(emb),
-        emb.attrs["datacube"]["crs_wkt"],
-    )
-    shape = box.extent.to_crs("EPSG:4326").geom
-    if cell:
-        shape = shapely.intersection(shape, shapely.from_wkt(cell))
-    geometry = json.loads(shapely.to_geojson(shape))
-    return geometry, [float(v) for v in shape.bounds]
+        native = to_native(shapely.from_wkt(cell), cube["crs_wkt"])
+        shapely.prepare(native)
+        rows = []
+        for y0, y1 in ys:
+            strip = shapely.intersection(shapely.box(xs[0, 0], y0, xs[-1, 1], y1), native)
+            if strip.is_empty:
+                continue
+            left, _, right, _ = strip.bounds
+            meets = (xs[:, 1] >= left) & (xs[:, 0] <= right)  # windows meeting the cell
+            if meets.any():
+                rows.append(shapely.box(xs[meets, 0].min(), y0, xs[meets, 1].max(), y1))
+        shape = shapely.union_all(rows).simplify(0) if rows else shapely.Polygon()
+    # A vertex at least every chip's edge: straight edges on the grid are curves in degrees.
+    shape = shapely.segmentize(shape, size * abs(t.a))
+    lonlat = Geometry(shape, crs=cube["crs_wkt"]).to_crs("EPSG:4326").geom
+    geometry = json.loads(shapely.to_geojson(lonlat))
+    return geometry, [float(v) for v in lonlat.bounds]
 
 
 def _exports(

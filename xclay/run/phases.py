@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from xclay._atomic import atomic_output
-from xclay._progress import progress_bar
+from xclay._progress import LOG_EVERY, Progress
 from xclay.errors import ConfigError, OutputExistsError, XClayError
 from xclay.outputs.export import RUN_COMPLETE, RUN_METADATA
 from xclay.outputs.formats import DEFAULT_FORMAT
@@ -31,7 +31,7 @@ from xclay.run.preflight import preflight
 from xclay.run.spec import RunSpec
 from xclay.run.state import Region, RunState, embed_regions, ingest_regions, write_json_atomic
 
-__all__ = ["RunReport", "embed_step", "export_step", "ingest", "run"]
+__all__ = ["RunReport", "check_start", "embed_step", "export_step", "ingest", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,9 @@ class RunReport:
     model
         The encoder as prepared: name and embedding length; empty when nothing was
         embedded.
+    here
+        Chip counts of the regions this call did (``run`` sums every finished region,
+        those of the runs it resumed too); the throughput is this call's.
     """
 
     plan: RunPlan
@@ -78,8 +81,17 @@ class RunReport:
     resumed: bool = False
     data_path: dict[str, list[str]] = field(default_factory=dict)
     model: str = ""  # the encoder as prepared: name and embedding length
+    here: dict[str, int] = field(default_factory=dict)
 
-    def describe(self) -> str:
+    def describe(self, *, retry: str = "rerun the same spec") -> str:
+        """The report as lines of text (the plan is described by ``plan.describe()``).
+
+        Parameters
+        ----------
+        retry
+            How to retry failed regions, as the report words it (``xclay embed`` says
+            "rerun the same command": it has no spec file).
+        """
         r = self.run
         embed_s = self.seconds.get("embed", 0.0)
         lines = []
@@ -95,10 +107,17 @@ class RunReport:
                 f"{r['chips_skipped_nodata']} (nodata), {r.get('chips_skipped_cloud', 0)} (cloud), "
                 f"{r['chips_failed']} (no valid window)"
             )
-        lines.append(
-            f"  throughput  {r.get('chips_embedded', 0) / max(embed_s, 1e-9):.1f} chips/s embedding; "
-            + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
-        )
+        timings = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
+        embedded_here = self.here.get("chips_embedded", 0)
+        if "embed" in self.seconds and embedded_here:
+            rate = f"{embedded_here / max(embed_s, 1e-9):.1f} chips/s embedding"
+            if self.resumed:
+                rate += f" ({embedded_here:,} chips embedded by this run)"
+            lines.append(f"  throughput  {rate}; {timings}")
+        elif self.resumed and "embed" in self.seconds:
+            lines.append(f"  throughput  nothing left to embed; {timings}")
+        else:
+            lines.append(f"  time        {timings}")
         lines += [f"  {k:11s} {v}" for k, v in self.outputs.items()]
         if self.data_path.get("readers"):
             lines.append(f"  data path   {'; '.join(self.data_path['readers'])}")
@@ -109,10 +128,9 @@ class RunReport:
                 f"  provenance  {len(self.plan.items):,} STAC items in {self.outputs.get('items')}; "
                 "each row lists its own"
             )
-        lines += [f"  note        {n}" for n in self.plan.notes]
         if self.failed:
             lines.append(
-                f"  INCOMPLETE  {len(self.failed)} region(s) failed; rerun the same spec to retry them:"
+                f"  INCOMPLETE  {len(self.failed)} region(s) failed; {retry} to retry them:"
             )
             lines += [f"    {f['region']}: {f['reason']}" for f in self.failed[:10]]
         return "\n".join(lines)
@@ -174,28 +192,57 @@ def _identity(spec: RunSpec, resolved: RunPlan) -> dict[str, Any]:
     }
 
 
-def _start(spec: RunSpec, resolved: RunPlan, torch_threads: int | None) -> tuple[RunState, bool]:
-    """The run state, begun or resumed; on overwrite, previous outputs are removed first."""
-    state = RunState(spec.outdir)
-    paths = _paths(spec, resolved)
-    outputs = [
+def _outputs(spec: RunSpec, paths: dict[str, Any]) -> list[Path]:
+    return [
         *(Path(p) for p in paths["embeddings"]),
         Path(paths["geoparquet"]),
         *([Path(paths["items"])] if paths["items"] else []),
         *(Path(p) for p in paths["datacubes"] if spec.input.datacube is None),
     ]
+
+
+def check_start(spec: RunSpec, resolved: RunPlan) -> bool:
+    """What starting the run would find in ``outputs.dir``, checked without writing (a dry
+    run's check): True when it would resume a run of this spec, False when it would start
+    afresh; outputs of another run, or files in the way, raise as the run would.
+
+    Parameters
+    ----------
+    spec
+        The run spec (its ``outputs.dir`` and ``outputs.overwrite``).
+    resolved
+        Its plan (:func:`~xclay.run.plan.plan`).
+
+    Returns
+    -------
+    bool
+        Whether the run would resume a previous run of the same spec.
+    """
     if spec.outputs.overwrite:
-        for path in outputs:
+        return False
+    state = RunState(spec.outdir)
+    if state.check(_identity(spec, resolved)):
+        return True
+    for path in _outputs(spec, _paths(spec, resolved)):
+        if path.exists():
+            raise OutputExistsError(
+                f"{path} already exists and is not from a run of this spec; set "
+                "outputs.overwrite: true (CLI: --overwrite) or choose another outputs.dir. "
+                "Nothing was run."
+            )
+    return False
+
+
+def _start(spec: RunSpec, resolved: RunPlan, torch_threads: int | None) -> tuple[RunState, bool]:
+    """The run state, begun or resumed; on overwrite, previous outputs are removed first."""
+    state = RunState(spec.outdir)
+    paths = _paths(spec, resolved)
+    if spec.outputs.overwrite:
+        for path in _outputs(spec, paths):
             _remove(path)
         state.reset()
-    elif not state.exists():
-        for path in outputs:
-            if path.exists():
-                raise OutputExistsError(
-                    f"{path} already exists and is not from a run of this spec; set "
-                    "outputs.overwrite: true (CLI: --overwrite) or choose another outputs.dir. "
-                    "Nothing was run."
-                )
+    else:
+        check_start(spec, resolved)
     payload = {
         "spec": spec.to_dict(),
         "plan": resolved.to_dict(),
@@ -225,21 +272,46 @@ def _remove(path: Path) -> None:
 # --------------------------------------------------------------------------- execution
 
 
+@dataclass
+class _Here:
+    """How this process shows its progress, and what it did (the report's throughput counts
+    this process's chips, not those of the runs it resumed)."""
+
+    progress: bool | None
+    every: float = LOG_EVERY
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, results: list[dict[str, Any]]) -> None:
+        for result in results:
+            for key, value in (result.get("counts") or {}).items():
+                self.counts[key] = self.counts.get(key, 0) + int(value)
+
+
 def _execute(
     fn: Callable[[str, dict[str, Any]], dict[str, Any]],
     regions: list[Region],
     outdir: Path,
     client: Any,
     desc: str,
-    progress: bool | None,
+    here: _Here,
+    units: tuple[str, Callable[[Region], int]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run ``fn(outdir, region)`` for each region: as tasks on the Dask client, or here."""
+    """Run ``fn(outdir, region)`` for each region: as tasks on the Dask client, or here;
+    progress is counted in ``units`` (a name and a region's size in it; default regions)."""
+    from xclay.run.tasks import reporting_chips
+
+    unit, size = units or ("region", lambda region: 1)
     results: list[dict[str, Any]] = []
-    with progress_bar(len(regions), progress, desc=desc, unit="region") as bar:
+    total = sum(size(r) for r in regions)
+    with Progress(
+        total, regions=len(regions), progress=here.progress, desc=desc, unit=unit, every=here.every
+    ) as shown:
         if client is None:
-            for region in regions:
-                results.append(fn(str(outdir), region.to_dict()))
-                bar.update(1)
+            with reporting_chips(shown.advance):
+                for region in regions:
+                    results.append(fn(str(outdir), region.to_dict()))
+                    shown.region_done(size(region))
+            here.add(results)
             return results
         from distributed import as_completed
 
@@ -249,14 +321,21 @@ def _execute(
         futures = client.map(
             fn, [str(outdir)] * len(regions), [r.to_dict() for r in regions], pure=False
         )
+        of_future = {f.key: r for f, r in zip(futures, regions, strict=True)}
         for future in as_completed(futures):
             try:
                 results.append(future.result())
             except Exception as err:  # its workers kept dying (KilledWorker), or similar
                 reason = f"{type(err).__name__}: {err}"
                 results.append({"region": "?", "status": "failed", "reason": reason})
-            bar.update(1)
+            shown.region_done(size(of_future[future.key]))
+    here.add(results)
     return results
+
+
+def _region_chips(region: Region) -> int:
+    """The chips of an embed region's rectangle (what its progress counts)."""
+    return (region.rows[1] - region.rows[0]) * (region.cols[1] - region.cols[0])
 
 
 def _failures(
@@ -313,7 +392,7 @@ def _pixel_bounds(
 
 
 def _ingest_phase(
-    spec: RunSpec, resolved: RunPlan, state: RunState, client: Any, progress: bool | None
+    spec: RunSpec, resolved: RunPlan, state: RunState, client: Any, here: _Here
 ) -> list[dict[str, str]]:
     from xclay.completion import is_complete, mark_complete
     from xclay.datacube import create_datacube_store
@@ -350,7 +429,7 @@ def _ingest_phase(
     )
     keep = _in_cell(resolved, lambda r: _pixel_bounds(resolved, r.rows, r.cols, r.zone))
     todo = _todo(regions, state.done_names("ingest"), keep)
-    results = _execute(ingest_region, todo, spec.outdir, client, "ingest", progress)
+    results = _execute(ingest_region, todo, spec.outdir, client, "ingest", here)
     failed = _failures(state, "ingest", results)
     if failed:
         return failed
@@ -420,7 +499,7 @@ def _template(spec: RunSpec, resolved: RunPlan, zone: int, record: dict[str, Any
 
 
 def _embed_phase(
-    spec: RunSpec, resolved: RunPlan, state: RunState, client: Any, progress: bool | None
+    spec: RunSpec, resolved: RunPlan, state: RunState, client: Any, here: _Here
 ) -> list[dict[str, str]]:
     from xclay.completion import is_complete, mark_complete
     from xclay.run.tasks import embed_region
@@ -470,7 +549,9 @@ def _embed_phase(
         return _pixel_bounds(resolved, rows, cols, region.zone)
 
     todo = _todo(regions, state.done_names("embed"), _in_cell(resolved, chip_bounds))
-    results = _execute(embed_region, todo, spec.outdir, client, "embed", progress)
+    results = _execute(
+        embed_region, todo, spec.outdir, client, "embed", here, ("chip", _region_chips)
+    )
     failed = _failures(state, "embed", results)
     if failed:
         return failed
@@ -601,6 +682,7 @@ def _report(
     seconds: dict[str, float],
     failed: list[dict[str, str]],
     resumed: bool,
+    here: _Here,
 ) -> RunReport:
     record = state.record()
     paths = record["paths"]
@@ -627,6 +709,7 @@ def _report(
         resumed=resumed,
         data_path=_data_path(state),
         model=model,
+        here=dict(here.counts),
     )
 
 
@@ -639,6 +722,8 @@ def run(
     client: Any = None,
     progress: bool | None = None,
     torch_threads: int | None = None,
+    resolved: RunPlan | None = None,
+    log_every: float = LOG_EVERY,
 ) -> RunReport:
     """Ingest, embed and export as the spec says, region by region, resumably.
 
@@ -650,28 +735,37 @@ def run(
         A ``distributed.Client``: regions run as tasks on its workers. ``None``:
         in this process, one after another.
     progress
-        Progress bars (``None``: on an interactive terminal).
+        Progress: ``None`` (default) a bar on an interactive terminal and a line every
+        ``log_every`` seconds otherwise (a batch job's log); ``True`` a bar; ``False``
+        nothing.
     torch_threads
         Threads for torch in each task (e.g. cores / workers on a local cluster).
+    resolved
+        The spec's plan, when the caller has made it already (``xclay run`` prints it
+        before running); default: planned here.
+    log_every
+        Seconds between progress lines in a log (default 30).
 
     A rerun of the same spec resumes: finished regions are kept, failed and
     missing ones are done. The report's ``status`` is ``"incomplete"`` when
     regions failed; nothing half-written is ever marked complete.
     """
     seconds: dict[str, float] = {}
+    here = _Here(progress, log_every)
     start = time.perf_counter()
-    resolved = plan(spec)
+    first = "plan" if resolved is None else "preflight"
+    resolved = resolved or plan(spec)
     preflight(spec, resolved)
     state, resumed = _start(spec, resolved, torch_threads)
-    seconds["plan"] = time.perf_counter() - start
+    seconds[first] = time.perf_counter() - start
     for phase, step in (("ingest", _ingest_phase), ("embed", _embed_phase)):
         start = time.perf_counter()
-        failed = step(spec, resolved, state, client, progress)
+        failed = step(spec, resolved, state, client, here)
         seconds[phase] = time.perf_counter() - start
         if failed:
-            return _report(spec, resolved, state, seconds, failed, resumed)
+            return _report(spec, resolved, state, seconds, failed, resumed, here)
     _describe(spec)
-    return _report(spec, resolved, state, seconds, [], resumed)
+    return _report(spec, resolved, state, seconds, [], resumed, here)
 
 
 def _describe(spec: RunSpec) -> None:
@@ -681,7 +775,14 @@ def _describe(spec: RunSpec) -> None:
     write_catalog(spec.outdir)
 
 
-def ingest(spec: RunSpec, *, client: Any = None, progress: bool | None = None) -> RunReport:
+def ingest(
+    spec: RunSpec,
+    *,
+    client: Any = None,
+    progress: bool | None = None,
+    resolved: RunPlan | None = None,
+    log_every: float = LOG_EVERY,
+) -> RunReport:
     """Step 1 alone: STAC items -> datacube Zarr (resumable, like :func:`run`).
 
     Parameters
@@ -693,23 +794,38 @@ def ingest(spec: RunSpec, *, client: Any = None, progress: bool | None = None) -
         A ``distributed.Client``: regions run as tasks on its workers. ``None``:
         in this process, one after another.
     progress
-        Progress bars (``None``: on an interactive terminal).
+        Progress: ``None`` (default) a bar on an interactive terminal and a line every
+        ``log_every`` seconds otherwise (a batch job's log); ``True`` a bar; ``False``
+        nothing.
+    resolved
+        The spec's plan, when the caller has made it already (``xclay run`` prints it
+        before running); default: planned here.
+    log_every
+        Seconds between progress lines in a log (default 30).
 
     Returns
     -------
     RunReport
         What the step did; ``status`` is ``"incomplete"`` when regions failed.
     """
-    resolved = plan(spec)
+    here = _Here(progress, log_every)
+    resolved = resolved or plan(spec)
     preflight(spec, resolved)
     state, resumed = _start(spec, resolved, None)
     start = time.perf_counter()
-    failed = _ingest_phase(spec, resolved, state, client, progress)
+    failed = _ingest_phase(spec, resolved, state, client, here)
     seconds = {"ingest": time.perf_counter() - start}
-    return _report(spec, resolved, state, seconds, failed, resumed)
+    return _report(spec, resolved, state, seconds, failed, resumed, here)
 
 
-def embed_step(spec: RunSpec, *, client: Any = None, progress: bool | None = None) -> RunReport:
+def embed_step(
+    spec: RunSpec,
+    *,
+    client: Any = None,
+    progress: bool | None = None,
+    resolved: RunPlan | None = None,
+    log_every: float = LOG_EVERY,
+) -> RunReport:
     """Step 2 alone: datacube Zarr -> embeddings Zarr and GeoParquet parts (after step 1).
 
     Parameters
@@ -721,7 +837,14 @@ def embed_step(spec: RunSpec, *, client: Any = None, progress: bool | None = Non
         A ``distributed.Client``: regions run as tasks on its workers. ``None``:
         in this process, one after another.
     progress
-        Progress bars (``None``: on an interactive terminal).
+        Progress: ``None`` (default) a bar on an interactive terminal and a line every
+        ``log_every`` seconds otherwise (a batch job's log); ``True`` a bar; ``False``
+        nothing.
+    resolved
+        The spec's plan, when the caller has made it already (``xclay run`` prints it
+        before running); default: planned here.
+    log_every
+        Seconds between progress lines in a log (default 30).
 
     Returns
     -------
@@ -731,7 +854,8 @@ def embed_step(spec: RunSpec, *, client: Any = None, progress: bool | None = Non
     """
     from xclay.completion import is_complete
 
-    resolved = plan(spec)
+    here = _Here(progress, log_every)
+    resolved = resolved or plan(spec)
     preflight(spec, resolved)
     state, resumed = _start(spec, resolved, None)
     cubes = state.record()["paths"]["datacubes"]
@@ -741,11 +865,11 @@ def embed_step(spec: RunSpec, *, client: Any = None, progress: bool | None = Non
             f"{', '.join(missing)} is not a complete datacube yet; run xclay ingest first."
         )
     start = time.perf_counter()
-    failed = _embed_phase(spec, resolved, state, client, progress)
+    failed = _embed_phase(spec, resolved, state, client, here)
     seconds = {"embed": time.perf_counter() - start}
     if not failed:
         _describe(spec)
-    return _report(spec, resolved, state, seconds, failed, resumed)
+    return _report(spec, resolved, state, seconds, failed, resumed, here)
 
 
 def export_step(

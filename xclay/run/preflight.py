@@ -101,6 +101,16 @@ def check_outputs(folder: Path, needed: int, *, create: bool = True) -> None:
     """
     folder = Path(folder)
     try:
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        # The same checks with or without create, so a dry run refuses what a run would.
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(existing))
+        if os.statvfs(existing).f_blocks == 0:  # /proc, /sys: no file can be stored there
+            raise OSError(
+                errno.EINVAL, "a pseudo file system, where no outputs can be stored", str(existing)
+            )
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "Permission denied", str(existing))
         if create:
             folder.mkdir(parents=True, exist_ok=True)
             probe = folder / f".xclay-write-probe-{os.getpid()}"
@@ -110,12 +120,10 @@ def check_outputs(folder: Path, needed: int, *, create: bool = True) -> None:
                 os.fsync(f.fileno())
             probe.unlink()
             existing = folder
-        else:
-            existing = next(p for p in (folder, *folder.parents) if p.exists())
-            if not os.access(existing, os.W_OK | os.X_OK):
-                raise PermissionError(errno.EACCES, "permission denied", str(existing))
     except OSError as err:
         reason = "it is read-only" if err.errno == errno.EROFS else (err.strerror or str(err))
+        if err.filename and Path(err.filename) != folder:
+            reason += f" ({err.filename})"
         raise OutputError(
             f"cannot write the outputs in {folder}: {reason}. Choose another outputs.dir (CLI: "
             "the spec's outputs.dir, or --out), or fix its permissions. Nothing was run."

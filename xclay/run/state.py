@@ -201,24 +201,32 @@ class RunState:
         checkpoint hash, grid, bands, items, ...). A different identity is refused.
         """
         key = fingerprint(identity)
-        if self.exists():
-            old = self.record()
-            if old.get("fingerprint") != key:
-                changed = sorted(
-                    k for k in identity if old.get("identity", {}).get(k) != plain(identity[k])
-                )
-                raise RunStateError(
-                    f"{self.root.parent} holds outputs of a different run (changed: "
-                    f"{', '.join(changed) or 'unknown'}); mixing them would corrupt the outputs. Use "
-                    "another outputs.dir, or outputs.overwrite: true (CLI: --overwrite) to start "
-                    "again."
-                )
+        if self.check(identity):
             self.sweep()
             return True
         write_json_atomic(
             self.record_path, {"fingerprint": key, "identity": plain(identity), **payload}
         )
         return False
+
+    def check(self, identity: Mapping[str, Any]) -> bool:
+        """Whether a run with ``identity`` would resume this state (True) or start afresh
+        (False, no state yet); a different run's state is a :class:`RunStateError`.
+        Writes nothing."""
+        if not self.exists():
+            return False
+        old = self.record()
+        if old.get("fingerprint") != fingerprint(identity):
+            changed = sorted(
+                k for k in identity if old.get("identity", {}).get(k) != plain(identity[k])
+            )
+            raise RunStateError(
+                f"{self.root.parent} holds outputs of a different run (changed: "
+                f"{', '.join(changed) or 'unknown'}); mixing them would corrupt the outputs. Use "
+                "another outputs.dir, or outputs.overwrite: true (CLI: --overwrite) to start "
+                "again."
+            )
+        return True
 
     def update(self, **values: Any) -> None:
         write_json_atomic(self.record_path, {**self.record(), **values})

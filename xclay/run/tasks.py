@@ -12,11 +12,14 @@ region's failure (with its reason) instead of crashing the run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,22 @@ from xclay.run.state import Region, RunState
 __all__ = ["embed_region", "ingest_region"]
 
 log = logging.getLogger(__name__)
+
+# Chips done inside a region, as they are done: set by the driver when tasks run in its
+# own process (a Dask worker reports per region only).
+_ON_CHIPS: ContextVar[Callable[[int], None] | None] = ContextVar("xclay_on_chips", default=None)
+
+
+@contextlib.contextmanager
+def reporting_chips(callback: Callable[[int], None]) -> Iterator[None]:
+    """Within the block, tasks run in this process call ``callback(n)`` as each batch of
+    ``n`` chips of their region is done."""
+    token = _ON_CHIPS.set(callback)
+    try:
+        yield
+    finally:
+        _ON_CHIPS.reset(token)
+
 
 _CACHE: dict[tuple[str, str], Any] = {}
 _LOCK = threading.Lock()
@@ -246,7 +265,7 @@ def _embed(outdir: str, record: dict[str, Any], region: Region) -> dict[str, Any
     cell = _cached(outdir, f"cell-{region.zone}", zone.cell_native)
     mask = zone_chips(cell, session.grid, region.rows, region.cols)
     chips = mask[None] if mask is not None else None
-    result = session.embed_block(block, chips=chips, progress=False)
+    result = session.embed_block(block, chips=chips, progress=False, on_chips=_ON_CHIPS.get())
     ds = session.dataset(result)
     quantize = record["spec"]["outputs"].get("quantize")
     stored = quantize_embeddings(ds, quantize) if quantize else ds
