@@ -338,7 +338,9 @@ def test_empty_search_is_reported(tmp_path: Path, olinda_tif: Path) -> None:
         tmp_path, _save([item], tmp_path / "items.json"), input__datetime="2020-01-01/2020-12-31"
     )
     result = _xclay("run", str(spec), "--dry-run")
-    assert result.returncode == 1 and "the STAC search is empty" in result.stderr
+    assert result.returncode == 1, result.stderr
+    assert "no item of" in result.stderr and "is within input.datetime" in result.stderr
+    assert "the items in the area were acquired 2001-05-05 to 2001-05-05" in result.stderr
 
 
 @pytest.fixture
@@ -434,7 +436,7 @@ def test_stac_api_search_end_to_end(tmp_path: Path, stac_api: str) -> None:
             input__datetime="2020-01-01/2020-12-31",
         )
     )
-    with pytest.raises(xclay.ingest.IngestError, match="the STAC search is empty"):
+    with pytest.raises(xclay.ingest.IngestError, match=r"the STAC search at http.* is empty"):
         plan(empty)
     down = load_spec(
         _spec(tmp_path, "unused", input__stac={"api": "http://127.0.0.1:9/", "collections": ["x"]})
@@ -443,3 +445,130 @@ def test_stac_api_search_end_to_end(tmp_path: Path, stac_api: str) -> None:
         xclay.ingest.IngestError, match=r"STAC API search at http://127\.0\.0\.1:9/ failed"
     ):
         plan(down)
+
+
+# --------------------------------------------------------------------------- a user's second day
+
+
+def test_relative_asset_hrefs_are_relative_to_the_items_file(
+    tmp_path: Path, olinda_tif: Path
+) -> None:
+    """The documented way to make items (stac_item on a relative path, then save_object)
+    writes relative hrefs; they resolve against the items file, from any working folder."""
+    import shutil
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(olinda_tif, data / "scene.tif")
+    item = subprocess.run(
+        [sys.executable, "-c", (
+            "import pystac, xclay; from xclay.ingest import stac_item; "
+            f"i = stac_item('scene.tif', bands={OLINDA_BANDS!r}, wavelengths={OLINDA_WAVELENGTHS!r}); "
+            "pystac.ItemCollection([i]).save_object(dest_href='items.json')"
+        )],
+        cwd=data, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert item.returncode == 0, item.stderr
+    hrefs = [a["href"] for f in json.loads((data / "items.json").read_text())["features"]
+             for a in f["assets"].values()]  # fmt: skip
+    assert hrefs == ["scene.tif"]  # relative, as users' files will be
+    spec = _spec(tmp_path, "data/items.json")
+    result = subprocess.run(
+        [sys.executable, "-m", "xclay.cli", "run", str(spec), "--dry-run"],
+        cwd=tmp_path.parent, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "chips       121" in result.stdout
+    # a JSON array of Items is an items file too, with the same resolution
+    features = json.loads((data / "items.json").read_text())["features"]
+    (data / "array.json").write_text(json.dumps(features))
+    from xclay.ingest import load_items
+
+    (loaded,) = load_items(data / "array.json")
+    assert loaded.assets["data"].href == str(data / "scene.tif")
+
+
+def test_a_dry_run_refuses_what_the_run_refuses(tmp_path: Path, olinda_tif: Path) -> None:
+    item = stac_item(olinda_tif, bands=OLINDA_BANDS, wavelengths=OLINDA_WAVELENGTHS)
+    items = _save([item], tmp_path / "items.json")
+    spec = _spec(tmp_path, items, model={"name": "rcf", "options": {"num_filters": 8}})
+    assert _xclay("run", str(spec), "--no-progress").returncode == 0
+    again = _xclay("run", str(spec), "--dry-run")
+    assert again.returncode == 0 and "resumes     the run of this spec" in again.stdout
+    changed = _spec(tmp_path, items, grid__chip_size=64,
+                    model={"name": "rcf", "options": {"num_filters": 8}})  # fmt: skip
+    for args in (["--dry-run"], ["--no-progress"]):
+        result = _xclay("run", str(changed), *args)
+        assert result.returncode == 1, (args, result.stdout)
+        assert "holds outputs of a different run (changed: grid)" in result.stderr, args
+    # outputs under a regular file, and on a pseudo file system: the same words either way
+    for where, words in ((str(olinda_tif) + "/out", "Not a directory"),
+                         ("/proc/xclay-out", "pseudo file system")):  # fmt: skip
+        spec = _spec(tmp_path, items, outputs={"dir": where})
+        dry, real = _xclay("run", str(spec), "--dry-run"), _xclay("run", str(spec))
+        assert dry.returncode == real.returncode == 1
+        assert words in dry.stderr and dry.stderr == real.stderr
+
+
+def test_bands_without_a_wavelength_are_found_by_the_plan(
+    tmp_path: Path, olinda_tif: Path
+) -> None:
+    item = stac_item(olinda_tif, bands=OLINDA_BANDS)  # no wavelengths, no platform
+    spec = _spec(tmp_path, _save([item], tmp_path / "items.json"))
+    result = _xclay("run", str(spec), "--dry-run")
+    assert result.returncode == 1 and "have no known wavelength" in result.stderr
+    assert "input.wavelengths" in result.stderr
+
+
+def test_resumed_runs_report_what_this_process_did(tmp_path: Path, olinda_tif: Path) -> None:
+    """Throughput counts this process's chips: a resume that redoes a few regions is not
+    credited with the chips of the regions it kept."""
+    from xclay.run import run
+    from xclay.run.state import RunState
+
+    item = stac_item(olinda_tif, bands=OLINDA_BANDS, wavelengths=OLINDA_WAVELENGTHS)
+    spec = load_spec(_spec(tmp_path, _save([item], tmp_path / "items.json"),
+                           compute={"region_chips": 4}))  # fmt: skip
+    first = run(spec, progress=False)
+    assert first.here["chips_embedded"] == first.run["chips_embedded"] == 121
+    noop = run(spec, progress=False)
+    assert noop.resumed and noop.here == {} and noop.run["chips_embedded"] == 121
+    assert "nothing left to embed" in noop.describe() and "chips/s" not in noop.describe()
+    # take back two regions: the resume redoes them only
+    state = RunState(spec.outdir)
+    markers = sorted((state.root / "done" / "embed").rglob("*.json"))
+    redo = [json.loads(m.read_text()) for m in markers[:2]]
+    for marker in markers[:2]:
+        marker.unlink()
+    from xclay.completion import COMPLETE_ATTR
+
+    meta_path = spec.outdir / "embeddings.zarr" / "zarr.json"  # no longer complete
+    meta = json.loads(meta_path.read_text())
+    del meta["attributes"][COMPLETE_ATTR]
+    meta_path.write_text(json.dumps(meta))
+    resumed = run(spec, progress=False)
+    assert resumed.resumed and resumed.run["chips_embedded"] == 121
+    redone = sum(r["counts"]["chips_embedded"] for r in redo)
+    assert resumed.here["chips_embedded"] == redone < 121
+    assert f"({redone:,} chips embedded by this run)" in resumed.describe()
+
+
+def test_a_batch_log_shows_the_plan_first_then_progress_then_the_report(
+    tmp_path: Path, olinda_tif: Path
+) -> None:
+    item = stac_item(olinda_tif, bands=OLINDA_BANDS, wavelengths=OLINDA_WAVELENGTHS)
+    spec = _spec(tmp_path, _save([item], tmp_path / "items.json"), compute={"region_chips": 4})
+    result = _xclay("run", str(spec), "--log-every", "0")  # no terminal: a log
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    first = {key: next(k for k, line in enumerate(lines) if line.startswith(key))
+             for key in ("  chips       121", "  ingest", "  embed", "  throughput")}  # fmt: skip
+    assert first["  chips       121"] < first["  ingest"] < first["  embed"] < first["  throughput"]
+    embed = [line for line in lines if line.startswith("  embed ")]
+    assert embed[0] == "  embed       121 chips in 9 regions to do"  # 11 x 11 chips, 4 x 4 a region
+    assert any("of 121 chips" in line and "regions" in line and "left" in line for line in embed)
+    assert embed[-1].startswith("  embed       121 of 121 chips (100%), 9 of 9 regions")
+    assert result.stderr == ""
+    assert sum("note" in line for line in lines) <= 1  # each note once
+    quiet = _xclay("run", str(spec), "--no-progress", "--overwrite")
+    assert not any(line.startswith(("  embed ", "  ingest ")) for line in quiet.stdout.splitlines())

@@ -80,22 +80,91 @@ def load_items(source: Any) -> list[pystac.Item]:
 
 
 def _items_from_file(path: Path) -> list[pystac.Item]:
+    """The items of a JSON file: a FeatureCollection (an ItemCollection), a JSON array of
+    Features, one Feature, or a catalog or collection (its items, recursively). Relative
+    asset hrefs are relative to the file, as STAC says (not to the working folder)."""
     import pystac
 
     if not path.is_file():
         raise IngestError(f"STAC file {path} does not exist.")
     try:
         data = json.loads(path.read_text())
+    except UnicodeDecodeError as err:
+        raise IngestError(
+            f"{path} is not a JSON text file; expected a STAC item collection (GeoJSON "
+            "FeatureCollection), a JSON array of Items, an Item, or a catalog."
+        ) from err
     except (OSError, json.JSONDecodeError) as err:
         raise IngestError(f"{path} is not readable JSON ({err}).") from err
-    kind = data.get("type")
-    if kind == "FeatureCollection":
-        return list(pystac.ItemCollection.from_file(str(path)))
-    if kind == "Feature":
-        return [pystac.Item.from_file(str(path))]
-    if kind in ("Catalog", "Collection"):
-        return list(pystac.read_file(str(path)).get_items(recursive=True))  # type: ignore[attr-defined]
-    raise IngestError(f"{path} is a STAC {kind!r}, not an item collection, item or catalog.")
+    features: Any
+    kind: str | None
+    if isinstance(data, list):
+        features, kind = data, "array"
+    elif isinstance(data, dict):
+        kind = data.get("type")
+        if kind in ("Catalog", "Collection"):
+            # pystac resolves a catalog's relative hrefs from its own links.
+            catalog = pystac.read_file(str(path))
+            return list(catalog.get_items(recursive=True))  # type: ignore[attr-defined]
+        if kind == "FeatureCollection":
+            features = data.get("features")
+            if not isinstance(features, list):
+                raise IngestError(f"{path} is a FeatureCollection without a 'features' list.")
+        elif kind == "Feature":
+            features = [data]
+        else:
+            raise IngestError(
+                f"{path} is a JSON object of type {kind!r}, not a STAC item collection, item "
+                "or catalog."
+            )
+    else:
+        raise IngestError(
+            f"{path} holds a JSON {type(data).__name__}; expected a STAC item collection, an "
+            "array of Items, an Item, or a catalog."
+        )
+    items = [_item_from_feature(f, k, path, kind) for k, f in enumerate(features)]
+    for item in items:
+        for asset in item.assets.values():
+            asset.href = absolute_href(asset.href, path)
+    return items
+
+
+def _item_from_feature(feature: Any, k: int, path: Path, kind: str | None) -> pystac.Item:
+    import pystac
+
+    where = f"{path}" if kind == "Feature" else f"entry {k} of {path}"
+    if not isinstance(feature, dict) or feature.get("type") != "Feature":
+        got = feature.get("type") if isinstance(feature, dict) else type(feature).__name__
+        raise IngestError(f"{where} is not a STAC Item (a GeoJSON Feature); it is {got!r}.")
+    try:
+        return pystac.Item.from_dict(feature, preserve_dict=False)
+    except Exception as err:  # pystac raises KeyError, TypeError, STACError... on bad Items
+        raise IngestError(
+            f"{where} is not a valid STAC Item ({type(err).__name__}: {err})."
+        ) from err
+
+
+def absolute_href(href: str, base: str | os.PathLike[str]) -> str:
+    """``href`` as an absolute path or URL: a relative one is taken relative to the
+    document ``base`` it was read from (a file path or URL), as STAC resolves links.
+
+    Parameters
+    ----------
+    href
+        An asset href: a URL (``https://``, ``s3://``, ``file://``), an absolute path, or a
+        path relative to ``base``'s folder.
+    base
+        The path or URL of the JSON document holding ``href``.
+    """
+    parsed = urlparse(href)
+    if (parsed.scheme and len(parsed.scheme) > 1) or Path(href).is_absolute():
+        return href  # a URL (a one-letter scheme is a Windows drive) or an absolute path
+    base = os.fspath(base)
+    if "://" in base:
+        from urllib.parse import urljoin
+
+        return urljoin(base, href)
+    return os.path.normpath(Path(base).absolute().parent / href)
 
 
 def stac_item(
@@ -145,6 +214,8 @@ def stac_item(
     for name, path in files.items():
         if not path.is_file():
             raise IngestError(f"GeoTIFF for {name!r} does not exist: {path}.")
+    for path in files.values():
+        _require_georeferenced(path)
     first = next(iter(files.values()))
     item_id = id or first.stem
     item: pystac.Item | None = None
@@ -185,6 +256,34 @@ def stac_item(
     if unknown:
         item.properties["xclay:datetime_unknown"] = True
     return item
+
+
+def _require_georeferenced(path: Path) -> None:
+    """Refuse a GeoTIFF xclay cannot place: no CRS, or no transform (pixel coordinates)."""
+    import rasterio
+    from rasterio.errors import RasterioIOError
+
+    try:
+        with rasterio.open(path) as src:
+            crs, transform, gcps = src.crs, src.transform, src.gcps[0]
+    except RasterioIOError as err:
+        raise IngestError(f"{path} is not a raster GDAL can read ({err}).") from err
+    fix = (
+        f"Give it one (e.g. gdal_edit.py -a_srs EPSG:<code> -a_ullr <ulx> <uly> <lrx> <lry> "
+        f"{path}) and make the item again."
+    )
+    if gcps:
+        raise IngestError(
+            f"{path} is placed by ground control points, not a transform: warp it first "
+            f"(gdalwarp -t_srs EPSG:<code> {path} warped.tif)."
+        )
+    if crs is None:
+        raise IngestError(f"{path} has no CRS, so its pixels cannot be placed on the Earth. {fix}")
+    if transform.is_identity:
+        raise IngestError(
+            f"{path} has no georeferencing (its transform is the identity: pixel coordinates). "
+            + fix
+        )
 
 
 def _wavelength_for(
@@ -372,7 +471,10 @@ def band_metadata(items: Sequence[pystac.Item], bands: Sequence[str]) -> tuple[A
         seen.setdefault(item.collection_id, item)
     dtypes, nodatas = [], set()
     for item in seen.values():
-        meta = odc.stac.extract_collection_metadata(item).resolve_bands(list(bands))
+        try:
+            meta = odc.stac.extract_collection_metadata(item).resolve_bands(list(bands))
+        except ValueError as err:  # odc-stac's word for metadata it cannot use
+            raise IngestError(_unusable_item(item, err)) from err
         for band in bands:
             band_meta = meta[band]
             dtypes.append(np.dtype(getattr(band_meta, "data_type", None) or "float32"))
@@ -382,6 +484,18 @@ def band_metadata(items: Sequence[pystac.Item], bands: Sequence[str]) -> tuple[A
     if len(nodatas) > 1:
         raise IngestError(f"the bands declare different nodata values {sorted(nodatas)}; pass one.")
     return np.result_type(*dtypes), (nodatas.pop() if nodatas else None)
+
+
+def _unusable_item(item: pystac.Item, err: ValueError) -> str:
+    text = str(err)
+    if "projection extension" in text:
+        return (
+            f"item {item.id!r} does not say where its pixels are (its assets lack the "
+            "projection extension's shape, transform and CRS: an image without a CRS). "
+            "Georeference the image and make the item again (xclay.ingest.stac_item refuses "
+            "images it cannot place)."
+        )
+    return f"odc-stac cannot use item {item.id!r}: {text}"
 
 
 def item_wavelengths(

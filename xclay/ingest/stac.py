@@ -144,7 +144,7 @@ def from_stac(
     bands = list(bands)
     available = require_bands(selected, bands)
     check_local_hrefs(selected, bands)
-    mask_kind = _mask_kind(mask, platform, available)
+    mask_kind = quality_mask(mask, platform, available)
     if geobox is not None:
         w, so, e, n = (float(v) for v in (bbox or union_bbox(selected)))
         grid = GridPlan(
@@ -259,7 +259,7 @@ def datacube_template(
         raise IngestError("no STAC items: the search or file matched nothing.")
     platform = platform or platform_of(selected)
     available = require_bands(selected, bands)
-    mask_kind = _mask_kind(mask, platform, available)
+    mask_kind = quality_mask(mask, platform, available)
     dtype, nodata = band_metadata(selected, bands)
     unknown_time = all(i.properties.get("xclay:datetime_unknown") for i in selected)
     if composite == "none":
@@ -340,9 +340,26 @@ def _coverage(items: Sequence[pystac.Item], data: xr.Dataset, geobox: GeoBox) ->
     )
 
 
-def _mask_kind(
+def quality_mask(
     mask: str | None, platform: str | None, available: Mapping[str, set[str]]
 ) -> tuple[MaskKind, str] | None:
+    """The pixel classes a load takes from the items (Sentinel-2 SCL, Landsat QA_PIXEL).
+
+    Parameters
+    ----------
+    mask
+        ``"auto"`` (the platform's classes where every item has their asset, else none),
+        ``"none"``/``None``, or a mask kind of :data:`xclay.masks.MASK_KINDS` (required).
+    platform
+        The items' sensor-table key (``"auto"`` picks its mask kind).
+    available
+        Per item, the names its bands can be asked by (:func:`~xclay.ingest.items.band_names`).
+
+    Returns
+    -------
+    tuple or None
+        The mask kind and the asset it is read from; None when no classes are loaded.
+    """
     if mask in (None, "none"):
         return None
     if mask == "auto":
@@ -359,8 +376,7 @@ def _mask_kind(
     common = set.intersection(*available.values())
     asset = next((a for a in kind.assets if a in common), None)
     if asset is None:
-        if mask == "auto":
-            log.info("mask='auto': the items have no %s asset; no quality classes", kind.name)
+        if mask == "auto":  # said once, in the run's plan (a note), not per region
             return None
         raise IngestError(
             f"mask {mask!r} needs an asset named one of {list(kind.assets)} in every item."

@@ -10,7 +10,7 @@ plus columns of its grids.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,7 +123,7 @@ class RunPlan:
         for zone in self.zones:
             ny, nx = zone.geobox.shape
             lines.append(
-                f"  grid        {ny:,} x {nx:,} px at {self.resolution:g} in {zone.crs}"
+                f"  grid        {ny:,} x {nx:,} px at {self.resolution:g} in {_crs_label(zone.crs)}"
                 + (f" (zone {zone.tag})" if self.tiled else "")
             )
         lines.append(f"  time steps  {self.time_steps}")
@@ -135,6 +135,19 @@ class RunPlan:
         )
         lines += [f"  note        {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _crs_label(crs: str) -> str:
+    """A CRS as people name it (``EPSG:31985``), not its whole WKT."""
+    from pyproj import CRS
+    from pyproj.exceptions import CRSError
+
+    try:
+        parsed = CRS.from_user_input(crs)
+    except CRSError:
+        return crs
+    epsg = parsed.to_epsg()
+    return f"EPSG:{epsg}" if epsg else str(parsed.name)
 
 
 def plan(spec: RunSpec) -> RunPlan:
@@ -187,20 +200,16 @@ def _plan_datacube(spec: RunSpec) -> RunPlan:
 
 
 def _plan_stac(spec: RunSpec) -> RunPlan:
-    from xclay.ingest.items import band_metadata, platform_of
+    from xclay.ingest.items import band_metadata, check_local_hrefs, platform_of
     from xclay.sensors import get_sensor
 
     items = _search(spec)
-    if not items:
-        raise IngestError(
-            "the STAC search is empty: no items for "
-            f"bbox={list(spec.input.bbox) if spec.input.bbox else None}, "
-            f"datetime={spec.input.datetime!r}. Widen the area or the time range."
-        )
     index = ItemIndex.from_items(items)
     platform = spec.input.platform or platform_of(items)
     bands = spec.input.bands or (get_sensor(platform).band_names if platform else ())
     dtype, _ = band_metadata(items, bands)
+    check_local_hrefs(items, bands)  # a missing file fails here, not in a region hours later
+    _require_wavelengths(spec, items, bands, platform)
     assert spec.grid.resolution is not None
     resolution = float(spec.grid.resolution)
     step = spec.grid.stride or spec.grid.chip_size
@@ -215,6 +224,7 @@ def _plan_stac(spec: RunSpec) -> RunPlan:
         else _union_bbox(index)
     )
     zones, tiled, notes = _zones(spec, items, bbox, resolution, step)
+    notes += _mask_notes(spec, items, platform)
     pixels = sum(int(np.prod(z.geobox.shape)) for z in zones)
     if pixels > spec.grid.max_pixels:
         raise IngestError(
@@ -246,6 +256,47 @@ def _plan_stac(spec: RunSpec) -> RunPlan:
         time_range=time_range,
         tiled=tiled,
         notes=tuple(notes),
+    )
+
+
+def _mask_notes(spec: RunSpec, items: list[Any], platform: str | None) -> list[str]:
+    """A note when ``mask: auto`` finds no quality classes the platform usually has."""
+    from xclay.ingest.items import band_names
+    from xclay.ingest.stac import quality_mask
+    from xclay.masks import MASK_KINDS, PLATFORM_MASKS
+
+    if spec.input.mask != "auto" or platform not in PLATFORM_MASKS:
+        return []
+    if quality_mask("auto", platform, band_names(items)) is not None:
+        return []
+    kind = PLATFORM_MASKS[str(platform)]
+    return [
+        f"mask 'auto': not every item has a {'/'.join(MASK_KINDS[kind].assets)} asset, so no "
+        "pixel is masked by class and "
+        "chips have no cloud or clear fractions (quality filters on them do nothing)"
+    ]
+
+
+def _require_wavelengths(
+    spec: RunSpec, items: list[Any], bands: Sequence[str], platform: str | None
+) -> None:
+    """Every band's wavelength comes from somewhere (the spec, the sensor table, the items'
+    ``eo:bands``): found now, not when the first region builds its datacube."""
+    from xclay.ingest.items import item_wavelengths
+    from xclay.sensors import get_sensor, list_platforms
+
+    given = spec.input.wavelengths or {}
+    known = set(given)
+    if platform in list_platforms():
+        known |= set(get_sensor(str(platform)).band_names)
+    missing = [b for b in bands if b not in known]
+    if not missing or item_wavelengths(items, missing, None) is not None:
+        return
+    raise IngestError(
+        f"bands {missing} have no known wavelength: the items' eo:bands give none"
+        + (f" and platform {platform!r} is not in the sensor table" if platform else "")
+        + ". Set input.wavelengths (band: micrometres), or input.platform to a sensor-table key "
+        f"({', '.join(list_platforms())})."
     )
 
 
@@ -374,13 +425,24 @@ def _item_pixels(index: ItemIndex, bbox: tuple[float, float, float, float], pixe
 
 
 def _search(spec: RunSpec) -> list[Any]:
+    """The run's items: an items file's, kept within the spec's bbox and datetime, or an
+    API search's. None found is an :class:`IngestError` saying why."""
     from xclay.ingest import filter_items, load_items
 
     source = spec.input.stac
     assert source is not None
     if source.items:
-        items = load_items(spec.path(source.items))
-        return filter_items(items, bbox=spec.input.bbox, datetime=spec.input.datetime)
+        path = spec.path(source.items)
+        every = load_items(path)
+        if not every:
+            raise IngestError(
+                f"{path} holds no STAC items; write the items into it (docs/run-spec.md: "
+                "items from local GeoTIFFs) or search a STAC API (input.stac.api)."
+            )
+        items = filter_items(every, bbox=spec.input.bbox, datetime=spec.input.datetime)
+        if not items:
+            raise IngestError(_none_kept(spec, every, f"item of {path} ({len(every)} in all)"))
+        return items
     try:
         from pystac_client import Client
     except ImportError as err:
@@ -395,11 +457,66 @@ def _search(spec: RunSpec) -> list[Any]:
             query=source.query,
             max_items=source.max_items,
         )
-        return list(search.items())
+        found = list(search.items())
     except Exception as err:  # network and API errors come in many types
         raise IngestError(
             f"STAC API search at {source.api} failed: {type(err).__name__}: {err}"
         ) from err
+    if not found:
+        hint = _axis_hint(spec.input.bbox, None)
+        raise IngestError(
+            f"the STAC search at {source.api} is empty: no items of "
+            f"{', '.join(source.collections) or 'any collection'} for "
+            f"bbox={list(spec.input.bbox) if spec.input.bbox else None}, "
+            f"datetime={spec.input.datetime!r}. {hint or 'Widen the area or the time range.'}"
+        )
+    return found
+
+
+def _none_kept(spec: RunSpec, every: list[Any], what: str) -> str:
+    """Why no item is left after the spec's bbox and datetime: which filter emptied it, what
+    the items cover, and a hint when the bbox looks like latitude and longitude swapped."""
+    from xclay.ingest import filter_items
+    from xclay.ingest.items import union_bbox
+
+    in_area = filter_items(every, bbox=spec.input.bbox, datetime=None)
+    if spec.input.bbox is not None and not in_area:
+        covered = [round(float(v), 4) for v in union_bbox(every)]
+        hint = _axis_hint(spec.input.bbox, covered)
+        return (
+            f"no {what} intersects input.bbox {list(spec.input.bbox)}; the items cover "
+            f"{covered} ([west, south, east, north] in degrees). "
+            + (hint or "Move input.bbox over the items, or leave it out to take their extent.")
+        )
+    times = sorted(
+        t
+        for t in (i.datetime or i.common_metadata.start_datetime for i in in_area)
+        if t is not None
+    )
+    span = f"{times[0].date()} to {times[-1].date()}" if times else "no known time"
+    return (
+        f"no {what} is within input.datetime {spec.input.datetime!r}; the items in the area "
+        f"were acquired {span}. Widen input.datetime, or leave it out."
+    )
+
+
+def _axis_hint(bbox: tuple[float, ...] | None, covered: list[float] | None) -> str:
+    """A hint on axis order when ``bbox`` swapped (latitude first) would make sense: over
+    the items (``covered``), or, for an API search, whenever both orders are valid."""
+    if bbox is None:
+        return ""
+    swapped = [bbox[1], bbox[0], bbox[3], bbox[2]]
+    plausible = -90 <= swapped[1] < swapped[3] <= 90 and -180 <= swapped[0] < swapped[2] <= 180
+    if not plausible:
+        return ""
+    if covered is not None:
+        w, s, e, n = covered
+        if swapped[0] > e or swapped[2] < w or swapped[1] > n or swapped[3] < s:
+            return ""
+    return (
+        f"bbox is [west, south, east, north], longitude first: with the axes swapped it "
+        f"would be {swapped}{', which covers the items' if covered is not None else ''}."
+    )
 
 
 def _human_bytes(n: float) -> str:

@@ -382,7 +382,12 @@ def load_spec(path: str | os.PathLike[str]) -> RunSpec:
     try:
         data = yaml.safe_load(file.read_text())
     except yaml.YAMLError as err:
-        raise SpecError(f"{file}: not valid YAML ({err}).") from err
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SpecError(f"{file}: not valid YAML{where}: {problem}.") from err
+    except UnicodeDecodeError as err:
+        raise SpecError(f"{file}: not a text file; a run spec is YAML.") from err
     return RunSpec.from_dict(data, source=str(file), base=str(file.parent.resolve()))
 
 
@@ -585,9 +590,18 @@ class _Reader:
                     "input.bbox", f"must be [west, south, east, north] in degrees, got {bbox!r}."
                 )
             if not (-180 <= bbox[0] < bbox[2] <= 180 and -90 <= bbox[1] < bbox[3] <= 90):
+                swapped = [bbox[1], bbox[0], bbox[3], bbox[2]]
+                outside = not (-90 <= bbox[1] <= 90 and -90 <= bbox[3] <= 90)
+                hint = (
+                    f" Latitudes {bbox[1]!r} and {bbox[3]!r} are outside -90..90: longitude "
+                    f"comes first (did you mean {swapped!r}?)."
+                    if outside and -90 <= swapped[1] < swapped[3] <= 90
+                    else ""
+                )
                 raise self.fail(
                     "input.bbox",
-                    f"must be [west, south, east, north] with west < east, south < north, in degrees; got {bbox!r}.",
+                    "must be [west, south, east, north] with west < east, south < north, in "
+                    f"degrees; got {bbox!r}.{hint}",
                 )
         when = d.get("datetime")
         if when is not None and not isinstance(when, str):
