@@ -90,7 +90,7 @@ def test_chip_sizes_are_free_and_bad_ones_are_reported(
     assert big.returncode == 1 and "Traceback" not in big.stderr
     assert "smaller than one chip" in big.stderr and "edges='pad'" in big.stderr
     zero = _xclay("embed", str(cube), "--out", str(tmp_path / "z"), "--chip-size", "0")
-    assert zero.returncode == 1 and "chip_size" in zero.stderr and "positive" in zero.stderr
+    assert zero.returncode == 2 and "--chip-size: must be at least 1, got 0" in zero.stderr
 
 
 def test_chip_filters_from_the_command_line(tmp_path: Path, demo_cube_256: xr.Dataset) -> None:
@@ -189,3 +189,46 @@ def test_embed_with_the_kvikio_engine_needs_a_gpu_and_says_so(tmp_path: Path) ->
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert "engine='kvikio'" in run.stderr and "engine='zarr'" in run.stderr
     assert not (tmp_path / "o" / "embeddings.zarr").exists()
+
+
+def test_embed_counts_chips_and_says_how_to_retry(
+    tmp_path: Path, demo_cube_256: xr.Dataset
+) -> None:
+    """`xclay embed` shows its plan, then progress in chips (not regions), and its advice
+    names the command it is (there is no spec to rerun)."""
+    cube = xclay.write_datacube(demo_cube_256, tmp_path / "cube.zarr", chip_size=64)
+    run = _xclay("embed", str(cube), "--out", str(tmp_path / "out"), "--chip-size", "64",
+                 "--region-chips", "2", "--log-every", "0")  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert "  embed       16 chips in 4 regions to do" in lines
+    assert any(line.startswith("  embed       16 of 16 chips (100%), 4 of 4 regions") for line in lines)
+    # a damaged chunk fails its region; the report says how to retry: this same command
+    chunks = sorted(p for p in (cube / "pixels" / "c").rglob("*") if p.is_file())
+    chunks[-1].write_bytes(chunks[-1].read_bytes()[:-100])
+    again = _xclay("embed", str(cube), "--out", str(tmp_path / "out2"), "--chip-size", "64",
+                   "--region-chips", "2", "--no-progress")  # fmt: skip
+    assert again.returncode == 3, again.stderr  # finished, incomplete
+    assert "failed; rerun the same xclay embed command to retry them" in again.stdout
+    assert "spec" not in again.stdout.split("INCOMPLETE")[1]
+
+
+def test_info_names_what_a_missing_part_lacks() -> None:
+    result = _xclay("info")
+    assert result.returncode == 0, result.stderr
+    parts = next(line for line in result.stdout.splitlines() if line.startswith("parts"))
+    for part in parts.removeprefix("parts").split(", "):
+        name, _, state = part.strip().partition(": ")
+        assert state == "yes" or (state.startswith("no (") and "missing" in state), part
+
+
+def test_a_local_cluster_run_keeps_the_cluster_quiet(
+    tmp_path: Path, demo_cube_256: xr.Dataset
+) -> None:
+    pytest.importorskip("distributed", reason="needs xclay[dask]")
+    cube = xclay.write_datacube(demo_cube_256, tmp_path / "cube.zarr", chip_size=64)
+    run = _xclay("embed", str(cube), "--out", str(tmp_path / "out"), "--chip-size", "64",
+                 "--cluster", "local:2", "--no-progress")  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == "", run.stderr  # no distributed INFO lines after the report
+    assert "EPSG:32720" in run.stdout and "PROJCRS" not in run.stdout  # the CRS by its name

@@ -10,13 +10,14 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, NoReturn, get_args
 
+from xclay._progress import LOG_EVERY
 from xclay._version import __version__
 from xclay.batch.chips import Edges
 from xclay.batch.readers import Engine
 from xclay.devices import PRECISIONS
-from xclay.errors import ConfigError, XClayError
+from xclay.errors import ConfigError, OutputExistsError, XClayError
 from xclay.models.clay import Output as ClayOutput
 from xclay.outputs.formats import (
     DEFAULT_FORMAT,
@@ -73,6 +74,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"xclay {args.command}: interrupted; nothing half-written was kept.", file=sys.stderr)
         return 130
+    except Exception as err:  # a case xclay does not word yet: still one line, and a way on
+        _explain(
+            args,
+            f"unexpected {type(err).__name__}: {err} (rerun with -v for the traceback; "
+            "please report it)",
+        )
+        return 1
 
 
 def _quiet_abandoned_reads(record: logging.LogRecord) -> bool:
@@ -114,7 +122,7 @@ def _os_error(err: OSError, command: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="xclay",
         description="Satellite imagery composites -> foundation-model embeddings (Zarr + GeoParquet).",
     )
@@ -134,9 +142,14 @@ def _parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("xclay-demo"), help="output folder (default: ./xclay-demo)"
     )
     demo.add_argument(
-        "--size", type=int, default=2048, help="scene edge in pixels (default 2048 = 20.5 km)"
+        "--size",
+        type=_at_least(16),
+        default=2048,
+        help="scene edge in pixels, at least 16 (default 2048 = 20.5 km)",
     )
-    demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic scene (default 0)")
+    demo.add_argument(
+        "--seed", type=_at_least(0), default=0, help="seed of the synthetic scene (default 0)"
+    )
     _add_embed_options(demo)
     demo.set_defaults(func=_demo)
 
@@ -148,14 +161,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("spec", type=Path, help="run spec (YAML)")
     run.add_argument("--dry-run", action="store_true", help="print the plan; read no pixels")
     run.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_progress_options(run)
     _add_cluster_options(run)
     run.set_defaults(func=_run)
 
     ing = sub.add_parser("ingest", help="run a spec's first step: STAC -> datacube Zarr")
     ing.add_argument("spec", type=Path, help="run spec (YAML)")
     ing.add_argument("--overwrite", action="store_true", help="replace an existing datacube")
-    ing.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_progress_options(ing)
     _add_cluster_options(ing)
     ing.set_defaults(func=_ingest)
 
@@ -174,7 +187,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_embed_options(emb)
     emb.add_argument(
         "--region-chips",
-        type=int,
+        type=_at_least(1),
         default=16,
         metavar="N",
         help="chips per region edge (datacube mode): the unit of work and of resuming (default 16)",
@@ -233,6 +246,18 @@ def _add_quantize_option(p: argparse.ArgumentParser | Any) -> None:
     )
 
 
+def _add_progress_options(p: argparse.ArgumentParser | Any) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bar, no progress lines")
+    p.add_argument(
+        "--log-every",
+        type=float,
+        default=LOG_EVERY,
+        metavar="S",
+        help="without a terminal (a batch job's log): a progress line every S seconds "
+        f"(default {LOG_EVERY:g})",
+    )
+
+
 def _add_cluster_options(p: argparse.ArgumentParser) -> None:
     where = p.add_mutually_exclusive_group()
     where.add_argument(
@@ -263,9 +288,14 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="which Clay token(s) to store (default cls)",
     )
-    p.add_argument("--chip-size", type=int, default=256, help="chip edge in pixels (default 256)")
     p.add_argument(
-        "--stride", type=int, default=None, help="pixels between chips (default: chip size)"
+        "--chip-size", type=_at_least(1), default=256, help="chip edge in pixels (default 256)"
+    )
+    p.add_argument(
+        "--stride",
+        type=_at_least(1),
+        default=None,
+        help="pixels between chips (default: chip size)",
     )
     p.add_argument(
         "--edges", choices=get_args(Edges), default="drop", help="edge policy (default drop)"
@@ -310,12 +340,12 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto (default), fp32, bf16; on NVIDIA GPUs also tf32 and fp8",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_progress_options(p)
     stored = p.add_argument_group("what each chip stores")
     _add_quantize_option(stored)
     stored.add_argument(
         "--thumbnails",
-        type=int,
+        type=_at_least(1),
         nargs="?",
         const=64,
         default=0,
@@ -333,11 +363,36 @@ def _batch_size(text: str) -> int | str:
     if text == "auto":
         return text
     try:
-        return int(text)
-    except ValueError:
+        chips: int = _at_least(1)(text)
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
-            f"expected a number of chips or 'auto', got {text!r}"
+            f"expected a number of chips (1 or more) or 'auto', got {text!r}"
         ) from None
+    return chips
+
+
+def _at_least(low: int) -> Any:
+    """An argparse type: a whole number no smaller than ``low``."""
+
+    def whole(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    whole.__name__ = f"whole number >= {low}"
+    return whole
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake said in one line (what and where to look), like every
+    other error of the command line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _embed_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -372,6 +427,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     out: Path = args.out
+    _refuse_foreign_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     cube = demo_composite(args.size, seed=args.seed)
     ny, nx = cube.sizes["y"], cube.sizes["x"]
@@ -390,6 +446,42 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_OUTPUTS = ("cube.zarr", "embeddings.zarr", "embeddings.parquet", "preview.png")
+
+
+def _refuse_foreign_folder(out: Path) -> None:
+    """The demo replaces its own earlier outputs (rerunning it is normal) and nothing
+    else: a folder holding anything the demo does not write, or a datacube that is not
+    the demo's, is refused before anything is touched."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputExistsError(f"{out} is a file, not a folder; choose another --out.")
+    foreign = sorted(
+        entry.name
+        for entry in out.iterdir()
+        if entry.name not in DEMO_OUTPUTS and ".partial-" not in entry.name
+    )
+    cube = out / "cube.zarr"
+    if not foreign and cube.exists() and not _is_demo_cube(cube):
+        foreign = ["cube.zarr (not the demo's datacube)"]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise OutputExistsError(
+            f"{out} holds outputs the demo did not write ({shown}); the demo would replace "
+            "some and leave the rest inconsistent. Choose another --out. Nothing was written."
+        )
+
+
+def _is_demo_cube(path: Path) -> bool:
+    try:
+        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return False
+    generator = str((attrs.get("provenance") or {}).get("generator", ""))
+    return generator.startswith("xclay.datasets.demo_composite(")
+
+
 def _is_spec(path: Path) -> bool:
     return path.suffix in (".yaml", ".yml")
 
@@ -405,8 +497,13 @@ def _spec(args: argparse.Namespace) -> Any:
     return spec
 
 
-def _progress(args: argparse.Namespace) -> bool | None:
-    return False if getattr(args, "no_progress", False) else None
+def _progress(args: argparse.Namespace) -> dict[str, Any]:
+    """The progress keywords of the run functions: a bar on a terminal, lines at the
+    interval asked for in a log, nothing with --no-progress."""
+    return {
+        "progress": False if getattr(args, "no_progress", False) else None,
+        "log_every": getattr(args, "log_every", LOG_EVERY),
+    }
 
 
 @contextlib.contextmanager
@@ -415,6 +512,11 @@ def _client(args: argparse.Namespace, spec: Any) -> Iterator[tuple[Any, int | No
     a local run uses; the client is closed after, whatever happens."""
     from xclay.run import client_for
 
+    if not args.verbose and (getattr(args, "cluster", None) or getattr(args, "scheduler", None)):
+        with contextlib.suppress(ImportError):
+            import distributed  # noqa: F401  (its import sets its loggers to INFO)
+        # The cluster's own chatter (start, workers, close) only with -v.
+        logging.getLogger("distributed").setLevel(logging.WARNING)
     client, threads = client_for(
         getattr(args, "cluster", None), getattr(args, "scheduler", None), spec.compute.device
     )
@@ -425,8 +527,8 @@ def _client(args: argparse.Namespace, spec: Any) -> Iterator[tuple[Any, int | No
             client.close()
 
 
-def _finish(report: Any) -> int:
-    print(report.describe())
+def _finish(report: Any, retry: str = "rerun the same spec") -> int:
+    print(report.describe(retry=retry))
     return 0 if report.status == "complete" else INCOMPLETE
 
 
@@ -436,27 +538,39 @@ def _run(args: argparse.Namespace) -> int:
     spec = _spec(args)
     print(f"xclay run {args.spec}" + (f" ({spec.name})" if spec.name else ""))
     if args.dry_run:
+        from xclay.run.phases import check_start
         from xclay.run.preflight import preflight
 
         resolved = plan(spec)
         print(resolved.describe())
         preflight(spec, resolved, dry_run=True)
+        resumes = check_start(spec, resolved)
         print("  preflight   model, checkpoint, output folder and free space: ok")
+        if resumes:
+            print(f"  resumes     the run of this spec in {spec.outdir}: its finished regions kept")
         print("dry run: no pixel read, nothing written")
         return 0
+    resolved = plan(spec)
+    print(resolved.describe(), flush=True)  # first: a batch job's log says what it runs
     with _client(args, spec) as (client, threads):
-        report = run(spec, client=client, progress=_progress(args), torch_threads=threads)
-    print(report.plan.describe())
+        report = run(
+            spec,
+            client=client,
+            torch_threads=threads,
+            resolved=resolved,
+            **_progress(args),
+        )
     return _finish(report)
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from xclay.run import ingest
+    from xclay.run import ingest, plan
 
     spec = _spec(args)
+    resolved = plan(spec)
+    print(resolved.describe(), flush=True)
     with _client(args, spec) as (client, _):
-        report = ingest(spec, client=client, progress=_progress(args))
-    print(report.plan.describe())
+        report = ingest(spec, client=client, resolved=resolved, **_progress(args))
     print(f"  datacube    {spec.datacube_path}")
     return 0 if report.status == "complete" else _finish(report)
 
@@ -469,20 +583,25 @@ def _embed(args: argparse.Namespace) -> int:
 
         spec = _spec(args)
         with _client(args, spec) as (client, _):
-            report = embed_step(spec, client=client, progress=_progress(args))
+            report = embed_step(spec, client=client, **_progress(args))
         return _finish(report)
     if args.out is None:
         print("xclay embed: error: --out is required with a datacube Zarr", file=sys.stderr)
         return 2
     # A run of its own over the datacube: region by region, with markers, so a killed
     # embed resumes (rerun the same command) and loses at most the regions in flight.
-    from xclay.run import RunSpec, run
+    from xclay.run import RunSpec, plan, run
 
     open_datacube(args.target)  # refuses a missing or incomplete datacube before anything
     spec = RunSpec.from_dict(_embed_spec(args), source="command-line options", base=str(Path.cwd()))
+    resolved = plan(spec)
+    print(f"xclay embed {args.target} -> {args.out}")
+    print(resolved.describe(), flush=True)
     with _client(args, spec) as (client, threads):
-        report = run(spec, client=client, progress=_progress(args), torch_threads=threads)
-    return _finish(report)
+        report = run(
+            spec, client=client, torch_threads=threads, resolved=resolved, **_progress(args)
+        )
+    return _finish(report, retry="rerun the same xclay embed command")
 
 
 def _embed_spec(args: argparse.Namespace) -> dict[str, Any]:
@@ -601,8 +720,13 @@ def _info(args: argparse.Namespace) -> int:
         build = gpu.get("torch_cuda_build") or "CPU-only build"
         print(f"GPU     none usable (torch: {build})")
     print("GPU I/O " + _data_path_line(gpu.get("data_path", {})))
+    missing = info.get("missing", {})
     print(
-        "parts   " + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in info["optional"].items())
+        "parts   "
+        + ", ".join(
+            f"{k}: yes" if v else f"{k}: no ({' and '.join(missing.get(k, []))} missing)"
+            for k, v in info["optional"].items()
+        )
     )
     print("models  " + ", ".join(info["models"]))
     print("versions")

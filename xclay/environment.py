@@ -72,7 +72,8 @@ def describe(*, gpu: bool = True) -> dict[str, Any]:
         "cpu": _cpu(),
         "memory_gib": _memory_gib(),
         "packages": {name: _version(name) for name in _PACKAGES if _version(name)},
-        "optional": {part: _importable(mods) for part, mods in _OPTIONAL.items()},
+        "optional": {part: not _missing(mods) for part, mods in _OPTIONAL.items()},
+        "missing": {part: _missing(mods) for part, mods in _OPTIONAL.items() if _missing(mods)},
     }
     if gpu:
         info["gpu"] = _gpu()
@@ -141,13 +142,15 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _importable(modules: tuple[str, ...]) -> bool:
+def _missing(modules: tuple[str, ...]) -> list[str]:
+    """The modules of an optional part that cannot be imported here."""
     import importlib.util
 
+    missing = []
     for mod in modules:
         try:
             if importlib.util.find_spec(mod) is None:
-                return False
+                missing.append(mod)
         except (ImportError, ValueError):
-            return False
-    return True
+            missing.append(mod)
+    return missing

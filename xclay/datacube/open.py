@@ -53,6 +53,12 @@ def open_datacube(path: str | os.PathLike[str], *, engine: Engine = "zarr") -> x
             f"the datacube at {store} cannot be opened ({type(err).__name__}: {err}); its "
             "metadata (zarr.json) is damaged. Rewrite the datacube."
         ) from err
+    if "pixels" not in cube.data_vars:
+        what = "an embeddings Zarr" if "embedding" in cube.data_vars else "a Zarr store"
+        raise DatacubeError(
+            f"{store} is {what} without pixels, not a datacube; give the datacube Zarr (written "
+            "by xclay.write_datacube, xclay ingest or a run: <outputs.dir>/cube.zarr)."
+        )
     validate_datacube(cube)
     unchecked = []
     for name in ("pixels", "quality"):

@@ -20,6 +20,8 @@ import xarray as xr
 from odc.geo.geobox import GeoBox
 from pyproj import Transformer
 
+from xclay.errors import ConfigError
+
 __all__ = ["DEMO_BANDS", "LAND_COVER_CLASSES", "demo_composite", "demo_land_cover"]
 
 DEMO_BANDS = (
@@ -95,7 +97,7 @@ def demo_composite(
     from xclay.datacube import as_datacube
 
     if size < 16:
-        raise ValueError(f"size must be at least 16 pixels, got {size}.")
+        raise ConfigError(f"the demo scene needs at least 16 pixels a side, got size={size}.")
     scene = _scene(size, seed, gap_fraction)
     rng = np.random.default_rng([seed, 1])
     pixels = _reflectance(scene, rng)

@@ -192,6 +192,12 @@ def open_embeddings(
             "resume it with xclay run SPEC, or pass allow_incomplete=True to read what is there."
         )
     emb = xr.open_zarr(store, chunks=None, consolidated=False, zarr_format=3)
+    if "embedding" not in emb.data_vars:
+        what = "a datacube" if "pixels" in emb.data_vars else "a Zarr store without embeddings"
+        raise DatacubeError(
+            f"{store} is {what}, not an embeddings Zarr; give the embeddings store (xclay "
+            "embed or a run writes it: <outputs.dir>/embeddings.zarr)."
+        )
     validate_embeddings(emb)
     for var in emb.data_vars.values():
         var.attrs.pop(GDAL_CRS_ATTR, None)  # for GDAL; stale if the data is reprojected

@@ -54,7 +54,8 @@ def client_for(
         from xclay.errors import MissingDependencyError
 
         raise MissingDependencyError(
-            'distributed runs need Dask: pip install "xclay[dask]"'
+            "--cluster and --scheduler need Dask's distributed scheduler (the 'distributed' "
+            'package), which is not installed here: pip install "xclay[dask]"'
         ) from err
     if scheduler is not None:
         return Client(scheduler), None
