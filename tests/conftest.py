@@ -15,6 +15,7 @@ from xclay.datasets import demo_composite
 from xclay.protocols import Encoder
 
 from .helpers import OLINDA_TIF
+from .s3 import s3, s3_server  # noqa: F401  (fixtures: a real S3 server on 127.0.0.1)
 
 os.environ.setdefault("MPLBACKEND", "Agg")  # plots render to files; no display needed
 

@@ -25,6 +25,7 @@ __all__ = [
     "PrecisionWarning",
     "RunStateError",
     "SpecError",
+    "StorageError",
     "UnsupportedLayout",
     "XClayError",
     "XClayWarning",
@@ -92,6 +93,11 @@ class OutputError(XClayError, OSError):
 
 class OutputExistsError(XClayError, FileExistsError):
     """An output path already exists and overwriting was not asked for."""
+
+
+class StorageError(XClayError, OSError):
+    """A location that cannot be read or written: no such bucket, access denied, no
+    credentials, a scheme xclay does not know. The message names the URL and why."""
 
 
 class XClayWarning(UserWarning):
