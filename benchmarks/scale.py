@@ -31,6 +31,7 @@ embeddings do), regions of 16 x 16 chips, batches of 128. Grids wider than a UTM
 are made taller instead (at most ~650 km wide), so every cube lies in its zone.
 
     python benchmarks/scale.py                       # all sections, 1e4..1e7 chips of 8 px
+    python benchmarks/scale.py --sample-from 1e8     # the same, every region of 1e7 run
     python benchmarks/scale.py --real                # embed and world at 256 px, 1e4..3e5 chips
     python benchmarks/scale.py --sections embed --chips 1e4 1e5
     python benchmarks/scale.py --smoke               # every section, tiny sizes
@@ -68,6 +69,9 @@ from xclay.model_card import ModelCard
 from xclay.models.registry import ModelInfo, register_model
 
 SOUTH_AMERICA, WORLD = 2.7e6, 1.5e8
+ZONE_CUBE = (
+    7.5e5  # chips of 256 px in one UTM zone from 12 N to 56 S: a continent run's largest cube
+)
 ZONE_WIDTH_M = 650_000.0  # a cube wider than this is made taller instead: it stays in its zone
 GSD = 10.0
 
@@ -710,9 +714,21 @@ def main() -> None:
     p.add_argument(
         "--sample-from", type=float, default=None, help="sizes from which tasks are sampled"
     )
-    p.add_argument("--sample", type=int, default=64, help="regions embedded at sampled sizes")
+    p.add_argument(
+        "--sample",
+        type=int,
+        default=None,
+        help="regions embedded at sampled sizes (256; --real: 64)",
+    )
     p.add_argument("--region-chips", type=int, default=None, help="default 32 (--real: 16)")
-    p.add_argument("--world", type=float, default=WORLD, help="chips of the world-size grid")
+    p.add_argument(
+        "--world",
+        type=float,
+        default=None,
+        help="chips of the world section's grid (default 1.5e8; --real: 7.5e5, the largest "
+        "cube of a continent run, one UTM zone from 12 N to 56 S, as a world of 256 px chips "
+        "is one cube per zone)",
+    )
     p.add_argument("--items", type=int, default=10_000, help="items of the catalogue section")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke sizes
     args = parse(
@@ -730,8 +746,10 @@ def main() -> None:
     args.sections = args.sections or (
         ["embed", "world"] if args.real else ["embed", "world", "catalogue", "composite"]
     )
+    args.sample = args.sample or (64 if args.real else 256)
     args.chips = args.chips or ([1e4, 1e5, 3e5] if args.real else [1e4, 1e5, 1e6, 1e7])
-    args.sample_from = args.sample_from or (3e5 if args.real else 1e8)
+    args.sample_from = args.sample_from or (3e5 if args.real else 1e7)
+    args.world = args.world or (ZONE_CUBE if args.real else WORLD)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         if "embed" in args.sections:
