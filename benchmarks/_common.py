@@ -32,6 +32,9 @@ ROOT = HERE.parent
 RESULTS = HERE / "results"
 RESULTS_ENV = "XCLAY_BENCH_RESULTS"  # where results go instead (smoke runs, dry runs)
 COMMIT_ENV = "XCLAY_COMMIT"  # the commit, where the tree has no .git (a GPU machine's copy)
+# Set: a benchmark parses its command line and exits (the tests check the acceptance
+# script's GPU command lines so, on machines that cannot run them).
+PARSE_ONLY_ENV = "XCLAY_BENCH_PARSE_ONLY"
 SMOKE_HELP = (
     "tiny sizes, seconds: check that the benchmark runs; results go to a temporary folder "
     f"(or ${RESULTS_ENV}), never to benchmarks/results/"
@@ -50,6 +53,8 @@ def parse(
     global _smoke
     parser.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = parser.parse_args(argv)
+    if os.environ.get(PARSE_ONLY_ENV):
+        raise SystemExit(0)
     if args.smoke:
         _smoke = True
         for name, value in smoke.items():
@@ -117,10 +122,15 @@ def commit() -> dict[str, Any]:
     return out
 
 
+CODE_ENV = "XCLAY_CODE"  # the code hash, given (the acceptance script hashes once a call)
+
+
 def code_hash() -> str:
     """A hash of the code a result depends on (the package, benchmarks, tests and
-    pyproject; results excluded), the same with or without git: benchmarks/code_hash.sh
-    computes it for the acceptance script."""
+    pyproject; results excluded), the same with or without git (benchmarks/code_hash.sh);
+    ``$XCLAY_CODE`` where the caller hashed it already."""
+    if os.environ.get(CODE_ENV):
+        return os.environ[CODE_ENV]
     out = subprocess.run(
         ["bash", str(HERE / "code_hash.sh")], cwd=ROOT, capture_output=True, text=True
     )

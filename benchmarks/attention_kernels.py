@@ -6,6 +6,7 @@ attention written as explicit matmuls with an fp32 softmax; GFLOP/s of each.
 Variants are interleaved; medians of ``--repeats``.
 
     python benchmarks/attention_kernels.py
+    python benchmarks/attention_kernels.py --smoke      # batch 1, once
 """
 
 from __future__ import annotations

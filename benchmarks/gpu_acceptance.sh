@@ -1,54 +1,193 @@
 #!/usr/bin/env bash
-# xclay's GPU acceptance, in one call on a CUDA machine (about 12 minutes on an H100/H200),
-# from the project root after `source .whl/install.sh` (wheels: ../shared/tools/device-wheels.sh).
-# Each step has its own time limit, writes its log under $OUT (or ./gpu-out) and prints its
-# tail; benchmark JSONs land in benchmarks/results/ and are packed into $OUT/results.tgz.
+# xclay's GPU acceptance: every GPU question in one call of at most 8 minutes on an H100 or
+# H200, from the project root of a copy of the repository:
 #
-#   bash benchmarks/gpu_acceptance.sh                    # every step
-#   STEPS="pytest read" bash benchmarks/gpu_acceptance.sh  # a subset
-#   STEPS="env pytest model fast gate" ...               # the encoder's steps only
+#   bash benchmarks/gpu_wheels.sh                                        # here: fills .whl/
+#   source .whl/install.sh && bash benchmarks/gpu_acceptance.sh           # there (carry .whl)
+#   XCLAY_COMMIT=<short sha> ...      # where the copy has no .git: the commit results name
+#   bash benchmarks/gpu_acceptance.sh --dry-run     # on a CPU: every step in its smoke form
+#   STEPS="reads throughput" bash benchmarks/gpu_acceptance.sh            # some steps only
+#   bash benchmarks/gpu_acceptance.sh [--dry-run] --print   # each step's limit and command
 #
-# Steps (the figures they produce are the GPU issue's goals; docs/benchmarks.md):
-#   env     nvidia-smi and `xclay info` (kvikIO mode and threads, nvCOMP, GDS)
-#   pytest  the gpu tests, with the project's own pytest settings (no overrides)
-#   model   encoder-only throughput, Clay tiny and large, 128 and 256 px, fp32 tf32 bf16 fp8,
-#           eager (no compile), each with its check against strict fp32 on 32 chips
-#   fast    the default fast path (compiled, static batches, measured attention kernel):
-#           Clay large 128/256 px bf16 and fp8, Clay tiny 256 px bf16; compile seconds
-#   gate    bf16, tf32, fp8 (tensor cores and emulated) against fp32 on real imagery
-#   pipe    end to end / encoder only, Clay large and tiny, zstd and uncompressed, engine auto
-#           (kvikio on the GPU), 1,024 chips of 256 px a measurement
-#   read    read engines against the raw-read ceiling, 256 px chunks, 2,048 chip reads a
-#           measurement
+# The steps run in this order, each under its own time limit (the limits sum to 480 s),
+# each writing its result JSONs under benchmarks/results/ (or $XCLAY_BENCH_RESULTS) before
+# the next starts:
+#
+#   env         the device, driver, CUDA, torch/CuPy/kvikIO/nvCOMP, `xclay info`
+#   gpu-tests   pytest -m gpu with the project's settings (warnings are errors)
+#   pipeline    Clay large, 256 px, end to end from a zstd datacube with engine kvikio,
+#               and the same encoder alone on the same batches (goal: >= 0.95)
+#   reads       kvikio on zstd and uncompressed chunks against raw reads (goal: >= 0.8)
+#   throughput  Clay large 256 px in bf16 and fp8, the fast path as a run sets it up
+#               (goals: bf16 >= 800 chips/s, fp8 >= 1,200 within the gate)
+#   gate        bf16, tf32, fp8 (tensor cores and emulated) against fp32 on real imagery
+#   cluster     a run on a LocalCUDACluster (one worker per GPU, no dashboard) gives the
+#               embeddings of the same run in one process
+#   summary     the goals against this code's results
+#
+# A step cut short by its limit leaves the results before it as they are. Every finished
+# step leaves a marker, results/acceptance-step_<step>.json (its exit status, seconds, the files
+# it wrote, the commit and a hash of the code: benchmarks/code_hash.sh); a step whose
+# marker says it succeeded on this very code is skipped, so calling the script again
+# continues where a cut-short call stopped. Logs and the results of this code go to
+# $OUT/acceptance.tgz (or ./gpu-out) after every step.
+#
+# Not in the 8 minutes, run when named in STEPS: `sweep` (every Clay size and precision at
+# 128 and 256 px, eager, with their checks) and `pipeline-none` (the pipeline step on an
+# uncompressed datacube).
 set -u
-O=${OUT:-gpu-out}; mkdir -p "$O"
-STEPS=${STEPS:-"env pytest model fast gate pipe read"}
-T0=$SECONDS
-step() {
-  local name=$1 lim=$2; shift 2
-  echo "=== $name (limit ${lim}s) at t=$((SECONDS - T0))s"
-  timeout -k 5 "$lim" "$@" >"$O/$name.log" 2>&1
-  echo "rc=$? at t=$((SECONDS - T0))s"
-  tail -n "${TAILN:-16}" "$O/$name.log" | cut -c1-220
-}
-for s in $STEPS; do
-  case $s in
-  env) step env 60 bash -c "nvidia-smi -L; python3 -m xclay.cli info" ;;
-  pytest) step pytest 150 python3 -m pytest -p no:cacheprovider -m gpu -rfE --tb=short -q ;;
-  model) step model 180 python3 benchmarks/model_throughput.py --device cuda --sizes tiny large \
-           --chip-sizes 128 256 --compile off --repeats 3 --tag eager ;;
-  fast) step fast 300 bash -c "python3 benchmarks/model_throughput.py --device cuda --sizes large \
-          --chip-sizes 128 256 --precisions bf16 fp8 --repeats 5 --tag fast-large && python3 \
-          benchmarks/model_throughput.py --device cuda --sizes tiny --precisions bf16 --repeats 5 --tag fast-tiny" ;;
-  gate) step gate 120 python3 benchmarks/precision_gate.py --device cuda ;;
-  pipe) step pipe 240 bash -c "for c in zstd none; do for m in clay-large clay-tiny; do \
-          python3 benchmarks/embed_pipeline.py --size 8192 --device cuda --model \$m \
-          --compression \$c --batch-size 64 --repeats 3 --cube /tmp/xclay-pipe-\$c.zarr \
-          | tail -9; done; done" ;;
-  read) step read 150 python3 benchmarks/read_engines.py --size 4096 --chunks 256 \
-          --compression none zstd --shards 0 4 --repeats 3 --passes 8 ;;
-  *) echo "unknown step $s" ;;
+cd "$(dirname "$0")/.."
+DRY=${DRY_RUN:-0}
+PRINT=0
+for arg in "$@"; do
+  case $arg in
+  --dry-run) DRY=1 ;;
+  --print) PRINT=1 ;;
+  *) echo "usage: bash benchmarks/gpu_acceptance.sh [--dry-run] [--print]" >&2; exit 2 ;;
   esac
-  tar czf "$O/results.tgz" benchmarks/results/*cuda* 2>/dev/null
+done
+PY=${PYTHON:-python3}
+O=${OUT:-gpu-out}
+mkdir -p "$O"
+if [ -n "${XCLAY_BENCH_RESULTS:-}" ]; then
+  RES=$XCLAY_BENCH_RESULTS
+elif [ "$DRY" = 1 ]; then
+  RES=$(mktemp -d -t xclay-acceptance-XXXXXX)
+else
+  RES=$PWD/benchmarks/results
+fi
+mkdir -p "$RES"
+export XCLAY_BENCH_RESULTS=$RES PYTHONUNBUFFERED=1
+COMMIT=${XCLAY_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || true)}
+[ -n "$COMMIT" ] && export XCLAY_COMMIT=$COMMIT
+# The code of this call, hashed once at its start (every result of the call names it).
+CODE=${XCLAY_CODE:-$(bash benchmarks/code_hash.sh)}
+export XCLAY_CODE=$CODE
+DEFAULT="env gpu-tests pipeline reads throughput gate cluster summary"
+STEPS=${STEPS:-$DEFAULT}
+CUBE=${TMPDIR:-/tmp}/xclay-acceptance-zstd.zarr
+
+# LIMITS="step=seconds ..." overrides a limit (the tests cut a step short so).
+limit() {
+  local over
+  for over in ${LIMITS:-}; do
+    [ "${over%%=*}" = "$1" ] && echo "${over#*=}" && return
+  done
+  case $1 in
+  env) echo 30 ;; gpu-tests) echo 70 ;; pipeline) echo 120 ;; reads) echo 50 ;;
+  throughput) echo 100 ;; gate) echo 45 ;; cluster) echo 35 ;; summary) echo 30 ;;
+  sweep) echo 240 ;; pipeline-none) echo 120 ;; *) echo 0 ;;
+  esac
+}
+
+# The command of a step: on the GPU, or (dry run) its smoke form on the CPU. Empty: the
+# step cannot run here, and the reason is printed instead.
+command_of() {
+  local b="$PY benchmarks"
+  if [ "$DRY" = 1 ]; then
+    case $1 in
+    env) echo "$b/environment.py --smoke" ;;
+    gpu-tests) echo "$b/gpu_tests.py --smoke" ;;
+    pipeline | pipeline-none) echo "$b/embed_pipeline.py --smoke" ;;
+    reads) echo "$b/read_engines.py --smoke --variants host-n kvikio raw --no-checksum-cost" ;;
+    throughput | sweep) echo "$b/model_throughput.py --smoke" ;;
+    gate) echo "$b/precision_gate.py --smoke" ;;
+    cluster) echo "$b/cluster_run.py --smoke" ;;
+    summary) echo "$b/acceptance_summary.py --smoke" ;;
+    esac
+    return
+  fi
+  case $1 in
+  env) echo "$b/environment.py" ;;
+  gpu-tests) echo "$b/gpu_tests.py" ;;
+  pipeline) echo "$b/embed_pipeline.py --device cuda --model clay-large --compression zstd \
+      --engine kvikio --size 4096 --chip-size 256 --batch-size 128 --repeats 5 \
+      --data-repeats 1 --cube $CUBE" ;;
+  pipeline-none) echo "$b/embed_pipeline.py --device cuda --model clay-large \
+      --compression none --engine kvikio --size 4096 --chip-size 256 --batch-size 128 \
+      --repeats 5 --data-repeats 1" ;;
+  reads) echo "$b/read_engines.py --size 4096 --chunks 256 --compression zstd none \
+      --shards 0 --variants host-n kvikio raw --repeats 3 --passes 4 --no-checksum-cost \
+      --tag acceptance" ;;
+  throughput) echo "$b/model_throughput.py --device cuda --sizes large --chip-sizes 256 \
+      --precisions bf16 fp8 --repeats 5 --tag acceptance" ;;
+  sweep) echo "$b/model_throughput.py --device cuda --sizes tiny large --chip-sizes 128 256 \
+      --compile off --repeats 3 --tag eager" ;;
+  gate) echo "$b/precision_gate.py --device cuda" ;;
+  cluster) echo "$b/cluster_run.py" ;;
+  summary) echo "$b/acceptance_summary.py --code $CODE" ;;
+  esac
+}
+
+marker_ok() {  # the step's marker says it succeeded on this code
+  local m=$RES/acceptance-step_$1.json
+  [ -f "$m" ] && grep -q "\"code\": \"$CODE\"" "$m" && grep -q '"returncode": 0' "$m"
+}
+
+pack() {
+  local files=("$O"/*.log)
+  [ -e "${files[0]}" ] || files=()
+  if [ "$RES" = "$PWD/benchmarks/results" ]; then
+    # The results of this code (and the markers), relative to the project root.
+    mapfile -t new < <(grep -l "\"code\": \"$CODE\"" benchmarks/results/*.json 2>/dev/null)
+    tar czf "$O/acceptance.tgz" "${files[@]}" "${new[@]}" 2>/dev/null
+  else
+    tar czf "$O/acceptance.tgz" "${files[@]}" -C "$RES" . 2>/dev/null
+  fi
+}
+
+total=0
+for s in $DEFAULT; do total=$((total + $(LIMITS='' limit "$s"))); done
+if [ "$PRINT" = 1 ]; then
+  for s in $STEPS; do printf '%s\t%s\t%s\n' "$s" "$(limit "$s")" "$(command_of "$s" | tr -s ' ')"; done
+  exit 0
+fi
+if [ "$total" -gt 480 ]; then
+  echo "the default steps' limits sum to ${total}s, more than 8 minutes" >&2
+  exit 2
+fi
+if [ "$DRY" != 1 ] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+  echo "no CUDA GPU here (torch.cuda.is_available() is False): use --dry-run on a CPU" >&2
+  exit 2
+fi
+echo "xclay GPU acceptance$([ "$DRY" = 1 ] && echo ', dry run (smoke forms on the CPU)'):" \
+  "code $CODE, commit ${COMMIT:-unknown}; results in $RES; steps: $STEPS"
+T0=$SECONDS
+failed=0
+for s in $STEPS; do
+  lim=$(limit "$s")
+  if [ "$lim" = 0 ]; then
+    echo "=== $s: unknown step (steps: $DEFAULT sweep pipeline-none)"
+    failed=1
+    continue
+  fi
+  if marker_ok "$s"; then
+    echo "=== $s: skipped, done for code $CODE ($RES/acceptance-step_$s.json)"
+    continue
+  fi
+  cmd=$(command_of "$s")
+  if [ -z "$cmd" ]; then
+    echo "=== $s: skipped, cannot run here"
+    continue
+  fi
+  echo "=== $s (limit ${lim}s) at t=$((SECONDS - T0))s: $cmd" | tr -s ' '
+  before=$(ls "$RES")
+  start=$SECONDS
+  # shellcheck disable=SC2086
+  timeout -k 5 "$lim" $cmd >"$O/$s.log" 2>&1
+  rc=$?
+  seconds=$((SECONDS - start))
+  [ "$rc" = 124 ] || [ "$rc" = 137 ] && echo "    cut short by its ${lim}s limit"
+  [ "$rc" = 0 ] || failed=1
+  wrote=$(comm -13 <(echo "$before" | sort) <(ls "$RES" | sort) | grep -v '^acceptance-step_' |
+    sed 's/.*/"&"/' | paste -sd, -)
+  cat >"$RES/acceptance-step_$s.json" <<JSON
+{"step": "$s", "returncode": $rc, "seconds": $seconds, "limit_s": $lim, "dry_run": $([ "$DRY" = 1 ] && echo true || echo false),
+ "command": "$(echo "$cmd" | tr -s ' ')", "code": "$CODE", "commit": "${COMMIT:-}", "files": [$wrote]}
+JSON
+  echo "    rc=$rc after ${seconds}s; wrote: ${wrote:-nothing}"
+  tail -n "${TAILN:-12}" "$O/$s.log" | grep -v '^\s*$' | cut -c1-200 | sed 's/^/    | /'
+  pack
 done
 echo "total $((SECONDS - T0))s"
+exit $failed

@@ -165,15 +165,18 @@ def main() -> None:
         return
     device = torch.device(args.device)
     rows = []
+    layouts = []
     for layout in args.chips:
         size, stride = (int(v) for v in layout.split(":"))
         chips, spec = gate_chips(size, stride)
         chips = dataclasses.replace(
             chips, pixels=chips.pixels.to(device), valid=chips.valid.to(device)
         )
-        for seed in args.seeds:
-            torch.manual_seed(seed)
-            weights = ClayEncoder.from_size(args.size).eval()
+        layouts.append((size, stride, chips, spec))
+    for seed in args.seeds:
+        torch.manual_seed(seed)
+        weights = ClayEncoder.from_size(args.size).eval()  # made once a seed: seconds for large
+        for size, stride, chips, spec in layouts:
             strict, strict_s = embed(
                 weights, chips, spec, device, ComputePrecision("fp32"), args.size
             )

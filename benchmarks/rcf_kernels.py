@@ -9,6 +9,7 @@ of 2048 positions, each pooled while it is in cache
 (checked here); runs are interleaved so a drifting machine slows both alike.
 
     python benchmarks/rcf_kernels.py [--filters 512] [--repeats 5]
+    python benchmarks/rcf_kernels.py --smoke      # 16 filters, 2 chips of 64 px, once
 """
 
 from __future__ import annotations

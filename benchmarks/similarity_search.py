@@ -6,6 +6,7 @@ query at a time (``search``: scores every chip, returns the top k as a
 GeoDataFrame) and batches of queries (``search_many``: one matrix product).
 
     python benchmarks/similarity_search.py [--rows 1000000 --dim 1024 --batch 64]
+    python benchmarks/similarity_search.py --smoke      # 2,000 rows of 64-d
 """
 
 from __future__ import annotations
