@@ -186,7 +186,10 @@ def empty_cube(
     ny, nx, nb = rows * SHAPE.chip, cols * SHAPE.chip, SHAPE.bands
     geobox = GeoBox((ny, nx), Affine(GSD, 0, origin[0], 0, -GSD, origin[1]), "EPSG:32720")
     coords = xr_coords(geobox, crs_coord_name="spatial_ref")
-    block = max(SHAPE.chip, 8192 // SHAPE.chip * SHAPE.chip)
+    # Dask chunks of at most ~64 MB: the store's creation looks at the template, and a
+    # bigger chunk would show in the peak memory the world section measures.
+    side = int(math.sqrt(64e6 / (2 * nb)))
+    block = max(SHAPE.chip, min(8192, side) // SHAPE.chip * SHAPE.chip)
     pixels = xr.DataArray(
         da.zeros((1, nb, ny, nx), dtype="uint16", chunks=(1, nb, min(ny, block), min(nx, block))),
         dims=("time", "band", "y", "x"),
