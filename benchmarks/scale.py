@@ -354,6 +354,10 @@ def _run_python(code: str, cwd: Path, pythonpath: str) -> dict[str, Any]:
 
 _DRIVER = """
 import json, resource, time, tempfile
+def _peak_mb():  # this process's own peak RSS (ru_maxrss carries a forking parent's)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1e3, 1)
 from pathlib import Path
 import scale, xclay
 from xclay.run import phases
@@ -373,11 +377,15 @@ regions = list(phases.embed_regions(0, 1, sessions[0].grid.shape, scale.SHAPE.re
 done = state.done_names("embed")
 todo = [r for r in regions if r.name not in done]
 print(json.dumps({{"regions": len(todo), "seconds": round(time.perf_counter() - t0, 2),
-    "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3, 1)}}))
+    "peak_rss_mb": _peak_mb()}}))
 """
 
 _WORKER = """
 import json, resource, time, tempfile
+def _peak_mb():  # this process's own peak RSS (ru_maxrss carries a forking parent's)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1e3, 1)
 from pathlib import Path
 import numpy as np, scale, xclay
 from xclay.batch.batching import Block
@@ -391,7 +399,7 @@ folder = Path(tempfile.mkdtemp())
 cube = xclay.open_datacube(scale.empty_cube(folder / "cube.zarr", {chips}))
 config = EmbedConfig(grid=ChipGridSpec(chip_size=scale.SHAPE.chip), batch_size=scale.SHAPE.batch,
     quality=QualityFilter(max_nodata=1.0), device="cpu", prefetch=0)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+base = _peak_mb()
 t0 = time.perf_counter()
 session = EmbedSession(cube, scale.NullEncoder(), config)
 setup = time.perf_counter() - t0
@@ -409,7 +417,7 @@ for k in range(3):
     to_geoparquet(ds, folder / f"p{{k}}.parquet")
     seconds.append(time.perf_counter() - t)
 print(json.dumps({{"session_setup_s": round(setup, 3), "task_s": round(float(np.median(seconds)), 3),
-    "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3, 1),
+    "peak_rss_mb": _peak_mb(),
     "rss_before_session_mb": round(base, 1)}}))
 """
 
@@ -631,6 +639,10 @@ def _vrt(base: Path, left: float, top: float, px: int) -> str:
 
 _COMPOSITE = """
 import json, resource, time
+def _peak_mb():  # this process's own peak RSS (ru_maxrss carries a forking parent's)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1e3, 1)
 import numpy as np
 from odc.geo.geobox import GeoBox
 from affine import Affine
@@ -647,7 +659,7 @@ import dask
 with dask.config.set(scheduler="threads"):
     values = cube["pixels"].values
 print(json.dumps({{"items": len(chosen), "seconds": round(time.perf_counter() - t, 2),
-    "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3, 1),
+    "peak_rss_mb": _peak_mb(),
     "checksum": int(values.astype(np.int64).sum())}}))
 """
 
@@ -733,6 +745,7 @@ def main() -> None:
         "is one cube per zone)",
     )
     p.add_argument("--items", type=int, default=10_000, help="items of the catalogue section")
+    p.add_argument("--tag", default="", help="added to the results file's name")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke sizes
     args = parse(
         p,
@@ -804,7 +817,8 @@ def main() -> None:
     params = {**vars(args), "before": str(args.before) if args.before else None,
               "shape": dataclasses.asdict(shape), "chip_px": shape.chip, "bands": shape.bands,
               "dim": shape.dim, "cores": os.cpu_count()}  # fmt: skip
-    path = save("scale", params, results, variant="real" if args.real else "")
+    variant = "_".join(v for v in ("real" if args.real else "", args.tag) if v)
+    path = save("scale", params, results, variant=variant)
     print(f"saved {path}")
 
 
