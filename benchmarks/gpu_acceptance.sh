@@ -171,7 +171,7 @@ for s in $STEPS; do
     continue
   fi
   echo "=== $s (limit ${lim}s) at t=$((SECONDS - T0))s: $cmd" | tr -s ' '
-  before=$(ls "$RES")
+  touch "$O/.started"
   start=$SECONDS
   # shellcheck disable=SC2086
   timeout -k 5 "$lim" $cmd >"$O/$s.log" 2>&1
@@ -179,8 +179,8 @@ for s in $STEPS; do
   seconds=$((SECONDS - start))
   [ "$rc" = 124 ] || [ "$rc" = 137 ] && echo "    cut short by its ${lim}s limit"
   [ "$rc" = 0 ] || failed=1
-  wrote=$(comm -13 <(echo "$before" | sort) <(ls "$RES" | sort) | grep -v '^acceptance-step_' |
-    sed 's/.*/"&"/' | paste -sd, -)
+  wrote=$(find "$RES" -maxdepth 1 -name '*.json' -newer "$O/.started" -printf '%f\n' |
+    grep -v '^acceptance-step_' | sort | sed 's/.*/"&"/' | paste -sd, -)
   cat >"$RES/acceptance-step_$s.json" <<JSON
 {"step": "$s", "returncode": $rc, "seconds": $seconds, "limit_s": $lim, "dry_run": $([ "$DRY" = 1 ] && echo true || echo false),
  "command": "$(echo "$cmd" | tr -s ' ')", "code": "$CODE", "commit": "${COMMIT:-}", "files": [$wrote]}
