@@ -28,6 +28,7 @@ from xclay.outputs.formats import (
 )
 from xclay.outputs.quantize import QUANTIZATIONS
 from xclay.quality import SKIP_REASONS, QualityFilter
+from xclay.storage import Location, is_url, location
 
 __all__ = ["main"]
 
@@ -139,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     demo.add_argument(
-        "--out", type=Path, default=Path("xclay-demo"), help="output folder (default: ./xclay-demo)"
+        "--out", default="xclay-demo", help="output folder or URL (default: ./xclay-demo)"
     )
     demo.add_argument(
         "--size",
@@ -158,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
         help="run a spec: STAC -> datacube -> embeddings -> GeoParquet",
         description="Ingest, embed and export as a run spec (YAML) says; see docs/run-spec.md.",
     )
-    run.add_argument("spec", type=Path, help="run spec (YAML)")
+    run.add_argument("spec", help="run spec (YAML): a path or URL")
     run.add_argument("--dry-run", action="store_true", help="print the plan; read no pixels")
     run.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _add_progress_options(run)
@@ -166,7 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
 
     ing = sub.add_parser("ingest", help="run a spec's first step: STAC -> datacube Zarr")
-    ing.add_argument("spec", type=Path, help="run spec (YAML)")
+    ing.add_argument("spec", help="run spec (YAML): a path or URL")
     ing.add_argument("--overwrite", action="store_true", help="replace an existing datacube")
     _add_progress_options(ing)
     _add_cluster_options(ing)
@@ -181,8 +182,8 @@ def _parser() -> argparse.ArgumentParser:
             "model, grid and quality settings apply and the options below are ignored."
         ),
     )
-    emb.add_argument("target", type=Path, help="datacube Zarr, or a run spec (YAML)")
-    emb.add_argument("--out", type=Path, default=None, help="output folder (datacube mode)")
+    emb.add_argument("target", help="datacube Zarr (a path or URL), or a run spec (YAML)")
+    emb.add_argument("--out", default=None, help="output folder or URL (datacube mode)")
     emb.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _add_embed_options(emb)
     emb.add_argument(
@@ -205,7 +206,7 @@ def _parser() -> argparse.ArgumentParser:
             + "."
         ),
     )
-    exp.add_argument("target", type=Path, help="embeddings Zarr, or a run spec (YAML)")
+    exp.add_argument("target", help="embeddings Zarr (a path or URL), or a run spec (YAML)")
     exp.add_argument(
         "--format",
         choices=export_formats(),
@@ -280,7 +281,7 @@ INCOMPLETE = 3  # exit code: the run finished, but some regions failed
 def _add_embed_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="rcf", help="registry name (default rcf; see xclay info)")
     p.add_argument(
-        "--checkpoint", type=Path, default=None, help="weights / fitted filters for --model"
+        "--checkpoint", default=None, help="weights / fitted filters for --model (path or URL)"
     )
     p.add_argument(
         "--output",
@@ -426,9 +427,9 @@ def _demo(args: argparse.Namespace) -> int:
     from xclay.explore.viz import save_preview
 
     started = time.perf_counter()
-    out: Path = args.out
+    out = location(args.out)
     _refuse_foreign_folder(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir()
     cube = demo_composite(args.size, seed=args.seed)
     ny, nx = cube.sizes["y"], cube.sizes["x"]
     gsd = cube.attrs["gsd"]
@@ -440,7 +441,8 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"  datacube    {cube_path}")
     cube = open_datacube(cube_path)
     emb = _embed_and_export(cube, out, args, overwrite=True)
-    save_preview(cube, emb, out / "preview.png")
+    with (out / "preview.png").staged(overwrite=True) as preview:
+        save_preview(cube, emb, preview)
     print(f"  preview     {out / 'preview.png'}  (true colour | PCA of the embeddings)")
     print(f"done in {time.perf_counter() - started:.1f} s")
     return 0
@@ -449,14 +451,14 @@ def _demo(args: argparse.Namespace) -> int:
 DEMO_OUTPUTS = ("cube.zarr", "embeddings.zarr", "embeddings.parquet", "preview.png")
 
 
-def _refuse_foreign_folder(out: Path) -> None:
+def _refuse_foreign_folder(out: Location) -> None:
     """The demo replaces its own earlier outputs (rerunning it is normal) and nothing
     else: a folder holding anything the demo does not write, or a datacube that is not
     the demo's, is refused before anything is touched."""
-    if not out.exists():
-        return
-    if not out.is_dir():
+    if out.is_file():
         raise OutputExistsError(f"{out} is a file, not a folder; choose another --out.")
+    if not out.is_dir():
+        return
     foreign = sorted(
         entry.name
         for entry in out.iterdir()
@@ -473,17 +475,17 @@ def _refuse_foreign_folder(out: Path) -> None:
         )
 
 
-def _is_demo_cube(path: Path) -> bool:
+def _is_demo_cube(path: Location) -> bool:
     try:
-        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+        attrs = json.loads((path / "zarr.json").read_bytes()).get("attributes", {})
     except (OSError, ValueError):
         return False
     generator = str((attrs.get("provenance") or {}).get("generator", ""))
     return generator.startswith("xclay.datasets.demo_composite(")
 
 
-def _is_spec(path: Path) -> bool:
-    return path.suffix in (".yaml", ".yml")
+def _is_spec(path: str) -> bool:
+    return path.rstrip("/").endswith((".yaml", ".yml"))
 
 
 def _spec(args: argparse.Namespace) -> Any:
@@ -608,11 +610,11 @@ def _embed_spec(args: argparse.Namespace) -> dict[str, Any]:
     """The run spec ``xclay embed CUBE --out DIR [options]`` stands for."""
     model: dict[str, Any] = {"name": args.model}
     if args.checkpoint:
-        model["checkpoint"] = str(Path(args.checkpoint).resolve())
+        model["checkpoint"] = _absolute(args.checkpoint)
     if args.output:
         model["output"] = args.output
     return {
-        "input": {"datacube": str(Path(args.target).resolve())},
+        "input": {"datacube": _absolute(args.target)},
         "grid": {"chip_size": args.chip_size, "stride": args.stride, "edges": args.edges},
         "model": model,
         "compute": {
@@ -624,7 +626,7 @@ def _embed_spec(args: argparse.Namespace) -> dict[str, Any]:
         },
         "quality": {name: getattr(args, name) for name in QualityFilter().to_dict()},
         "outputs": {
-            "dir": str(Path(args.out).resolve()),
+            "dir": _absolute(args.out),
             "overwrite": bool(args.overwrite),
             "quantize": args.quantize,
             "thumbnails": args.thumbnails or 0,
@@ -648,20 +650,29 @@ def _export(args: argparse.Namespace) -> int:
             _spec(args), exporter.name, out=args.out, overwrite=args.overwrite, **options
         )
     else:
-        out = args.out or args.target.with_suffix(exporter.suffix)
-        written = exporter.write(args.target, out, overwrite=args.overwrite, **options)
-        if (args.target.parent / "_xclay" / "run.json").is_file():
+        target = location(args.target)
+        out = args.out or str(target.with_suffix(exporter.suffix))
+        written = list(exporter.write(args.target, out, overwrite=args.overwrite, **options))
+        if (target.parent / "_xclay" / "run.json").is_file():
             # A store of a run: the run's STAC description lists what was exported.
             from xclay.run.catalog import write_catalog
 
-            written.append(write_catalog(args.target.parent))
+            written.append(str(write_catalog(target.parent)))
     for path in written:
-        kind = "stac" if path.suffix == ".json" else exporter.name
+        kind = "stac" if str(path).endswith(".json") else exporter.name
         print(f"  {kind:<10}  {path}")
     return 0
 
 
-def _embed_and_export(cube: Any, out: Path, args: argparse.Namespace, *, overwrite: bool) -> Any:
+def _absolute(where: str) -> str:
+    """A path made absolute (a spec written for the command is read from elsewhere); a
+    URL as it is."""
+    return where if is_url(where) else str(Path(where).expanduser().resolve())
+
+
+def _embed_and_export(
+    cube: Any, out: Location, args: argparse.Namespace, *, overwrite: bool
+) -> Any:
     from xclay.embed import embed
     from xclay.outputs.export import to_geoparquet, to_zarr
 

@@ -3,17 +3,16 @@ marked so (with its final attributes and consolidated metadata); one cut short i
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 from xclay._json import jsonable
 from xclay.errors import DataIntegrityError
+from xclay.storage import Where, location
 
 COMPLETE_ATTR = "xclay_complete"
 
 
-def mark_complete(path: str | os.PathLike[str], **attrs: Any) -> None:
+def mark_complete(path: Where, **attrs: Any) -> None:
     """Flag a store (datacube or embeddings) as complete, with final attributes, and
     consolidate its metadata (``xr.open_zarr`` then opens it without a warning, and
     without listing every array on object storage).
@@ -21,19 +20,21 @@ def mark_complete(path: str | os.PathLike[str], **attrs: Any) -> None:
     Parameters
     ----------
     path
-        The Zarr v3 store (its root group), which must exist and be writable.
+        The Zarr v3 store (its root group; a path or URL), which must exist and be
+        writable.
     **attrs
         Final attributes to add to the root group's (NumPy values and tuples are made
         JSON types); existing attributes of other names are kept.
     """
     import zarr
 
-    group = zarr.open_group(path, mode="r+", zarr_format=3)
+    store = location(path).zarr_store()
+    group = zarr.open_group(store, mode="r+", zarr_format=3)
     group.attrs.update(jsonable({**attrs, COMPLETE_ATTR: True}))
     consolidate(path)
 
 
-def consolidate(path: str | os.PathLike[str]) -> None:
+def consolidate(path: Where) -> None:
     """Write a Zarr v3 store's consolidated metadata (zarr-python's extension, which
     readers without it ignore).
 
@@ -49,10 +50,10 @@ def consolidate(path: str | os.PathLike[str]) -> None:
 
     with warnings.catch_warnings():  # "not part of the Zarr v3 specification (yet)"
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        zarr.consolidate_metadata(str(path), zarr_format=3)
+        zarr.consolidate_metadata(location(path).zarr_store(), zarr_format=3)
 
 
-def read_metadata(store: str | os.PathLike[str]) -> dict[str, Any]:
+def read_metadata(store: Where) -> dict[str, Any]:
     """A store's root ``zarr.json``; a damaged one is a :class:`DataIntegrityError` naming it.
 
     A missing ``zarr.json`` is not caught: it raises :class:`FileNotFoundError`.
@@ -60,7 +61,7 @@ def read_metadata(store: str | os.PathLike[str]) -> dict[str, Any]:
     Parameters
     ----------
     store
-        The store's directory on the local filesystem.
+        The store (a path or URL).
 
     Returns
     -------
@@ -70,9 +71,9 @@ def read_metadata(store: str | os.PathLike[str]) -> dict[str, Any]:
     """
     import json
 
-    meta = Path(store) / "zarr.json"
+    meta = location(store) / "zarr.json"
     try:
-        data: dict[str, Any] = json.loads(meta.read_text())
+        data: dict[str, Any] = json.loads(meta.read_bytes())
     except (ValueError, UnicodeDecodeError) as err:
         raise DataIntegrityError(
             f"{meta} is not valid JSON ({err}); the store's metadata is damaged. Rewrite it."
@@ -80,23 +81,24 @@ def read_metadata(store: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def is_complete(path: str | os.PathLike[str]) -> bool:
+def is_complete(path: Where) -> bool:
     """Whether a store exists and was marked complete; a store without the mark (for
     instance one whose creation was cut short) is not.
 
     Parameters
     ----------
     path
-        The store's directory on the local filesystem. No directory, no root
-        ``zarr.json``, or one that cannot be read or parsed: False, never an error.
+        The store (a path or URL). No store, no root ``zarr.json``, or one that cannot be
+        read or parsed: False, never an error (a store that cannot be reached at all
+        raises its :class:`~xclay.errors.StorageError`).
     """
-    meta = Path(path) / "zarr.json"
-    if not meta.is_file():
-        return False
     import json
 
+    meta = location(path) / "zarr.json"
     try:
-        attrs = json.loads(meta.read_text()).get("attributes", {})
-    except (OSError, ValueError):
+        attrs = json.loads(meta.read_bytes()).get("attributes", {})
+    except FileNotFoundError:
+        return False
+    except (ValueError, UnicodeDecodeError, IsADirectoryError, NotADirectoryError):
         return False
     return attrs.get(COMPLETE_ATTR) is True

@@ -14,7 +14,7 @@ must know about the cube's bands) and :class:`ChipBatch`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -301,13 +301,13 @@ class Exporter(Protocol):
     by_region: bool
 
     def write(
-        self, emb: xr.Dataset | Path, out: Path, *, overwrite: bool, **options: Any
-    ) -> list[Path]:
-        """Write ``emb`` (a Dataset, or an embeddings Zarr's path) to ``out``; return the
-        files written."""
+        self, emb: xr.Dataset | Path | str, out: Path | str, *, overwrite: bool, **options: Any
+    ) -> Sequence[Path | str]:
+        """Write ``emb`` (a Dataset, or an embeddings Zarr's path or URL) to ``out`` (a
+        path, or a URL on object storage); return the files written (paths or URLs)."""
         ...
 
-    def asset(self, path: Path) -> dict[str, Any]:
+    def asset(self, path: Path | str) -> dict[str, Any]:
         """The STAC asset fields of a written file beyond its ``href``: ``type``,
         ``title``, ``roles``."""
         ...

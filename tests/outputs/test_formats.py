@@ -35,9 +35,10 @@ class NpzExporter:
     by_region = False
 
     def write(
-        self, emb: xr.Dataset | Path, out: Path, *, overwrite: bool, **options: Any
-    ) -> list[Path]:
+        self, emb: xr.Dataset | Path | str, out: Path | str, *, overwrite: bool, **options: Any
+    ) -> list[Path | str]:
         ds = emb if isinstance(emb, xr.Dataset) else xclay.open_embeddings(emb)
+        out = Path(out)  # this plug-in writes local files only
         if out.exists() and not overwrite:
             raise FileExistsError(out)
         done = ds["embedded"].values
@@ -47,7 +48,7 @@ class NpzExporter:
         np.savez_compressed(out, vectors=vectors, lon=ds["lon"].values, lat=ds["lat"].values)
         return [out]
 
-    def asset(self, path: Path) -> dict[str, Any]:
+    def asset(self, path: Path | str) -> dict[str, Any]:
         return {"type": self.media_type, "title": "NumPy vectors", "roles": ["data"]}
 
 
@@ -87,8 +88,8 @@ def test_the_built_in_formats_keep_the_protocol() -> None:
 def test_a_new_format_is_offered_and_written_by_the_cli(
     npz_format: NpzExporter, finished_run: RunSpec, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    store = finished_run.outdir / "embeddings.zarr"
-    out = finished_run.outdir.parent / "vectors.npz"
+    store = finished_run.outdir.path / "embeddings.zarr"
+    out = finished_run.outdir.path.parent / "vectors.npz"
     assert (
         main(["export", str(store), "--format", "npz", "--decimals", "2", "--out", str(out)]) == 0
     )
@@ -103,8 +104,9 @@ def test_a_run_exports_a_new_format_and_describes_it(
     npz_format: NpzExporter, finished_run: RunSpec
 ) -> None:
     written = export_step(finished_run, "npz", overwrite=True)
-    assert written == [finished_run.outdir / "embeddings.npz"] and written[0].is_file()
-    items = list((finished_run.outdir / "stac" / "items").glob("*.json"))
+    assert written == [finished_run.outdir.path / "embeddings.npz"]
+    assert (finished_run.outdir.path / "embeddings.npz").is_file()
+    items = list((finished_run.outdir.path / "stac" / "items").glob("*.json"))
     assets = [asset for item in items for asset in _assets(item).items()]
     npz = [fields for key, fields in assets if key == "npz"]
     assert npz and npz[0]["type"] == "application/x-npz"

@@ -536,13 +536,13 @@ def test_resumed_runs_report_what_this_process_did(tmp_path: Path, olinda_tif: P
     assert "nothing left to embed" in noop.describe() and "chips/s" not in noop.describe()
     # take back two regions: the resume redoes them only
     state = RunState(spec.outdir)
-    markers = sorted((state.root / "done" / "embed").rglob("*.json"))
+    markers = sorted((state.root.path / "done" / "embed").rglob("*.json"))
     redo = [json.loads(m.read_text()) for m in markers[:2]]
     for marker in markers[:2]:
         marker.unlink()
     from xclay.completion import COMPLETE_ATTR
 
-    meta_path = spec.outdir / "embeddings.zarr" / "zarr.json"  # no longer complete
+    meta_path = spec.outdir.path / "embeddings.zarr" / "zarr.json"  # no longer complete
     meta = json.loads(meta_path.read_text())
     del meta["attributes"][COMPLETE_ATTR]
     meta_path.write_text(json.dumps(meta))

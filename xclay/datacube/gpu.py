@@ -8,7 +8,6 @@ GPU reader is :class:`xclay.batch.gpu.KvikioChunkSource`.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +16,7 @@ from xarray.backends import BackendArray
 
 from xclay._json import plain
 from xclay.errors import DeviceError, MissingDependencyError
+from xclay.storage import Location
 
 __all__ = ["gpu_status", "gpu_variable", "kvikio_usable", "require_kvikio"]
 
@@ -120,7 +120,7 @@ def gds_available() -> str:
         return f"unknown ({type(err).__name__}: {err})"
 
 
-def gpu_variable(store: Path, name: str, like: xr.DataArray) -> Any:
+def gpu_variable(store: Location, name: str, like: xr.DataArray) -> Any:
     """Lazy data for variable ``name`` of a datacube store that reads into GPU memory: each
     read decodes its window with zarr-python on the host and copies it up once, basic
     slices only (xarray applies fancy indexing to the CuPy result).
@@ -134,7 +134,7 @@ def gpu_variable(store: Path, name: str, like: xr.DataArray) -> Any:
     Parameters
     ----------
     store
-        The datacube store's directory.
+        The datacube store (local or on object storage).
     name
         The variable's array in the store: ``"pixels"`` or ``"quality"``.
     like
@@ -152,7 +152,7 @@ def gpu_variable(store: Path, name: str, like: xr.DataArray) -> Any:
 
 
 class _DeviceZarrArray(BackendArray):
-    def __init__(self, store: Path, name: str, shape: tuple[int, ...], dtype: Any) -> None:
+    def __init__(self, store: Location, name: str, shape: tuple[int, ...], dtype: Any) -> None:
         self.store, self.name = store, name
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
 
@@ -167,5 +167,6 @@ class _DeviceZarrArray(BackendArray):
         import cupy
         import zarr
 
-        array = zarr.open_array(str(self.store), path=self.name, mode="r", zarr_format=3)
+        store = self.store.zarr_store(read_only=True)
+        array = zarr.open_array(store, path=self.name, mode="r", zarr_format=3)
         return cupy.asarray(array[key])

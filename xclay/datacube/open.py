@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import warnings
-from pathlib import Path
 
 import xarray as xr
 
@@ -13,15 +11,19 @@ from xclay.datacube.source import STORE_ENCODING, Engine, _coords_fingerprint
 from xclay.datacube.store import GDAL_CRS_ATTR, INTEGRITY_ATTR
 from xclay.datacube.validate import validate_datacube
 from xclay.errors import DatacubeError, DataIntegrityError, DataIntegrityWarning
+from xclay.storage import StorageOptions, Where, location
 
 
-def open_datacube(path: str | os.PathLike[str], *, engine: Engine = "zarr") -> xr.Dataset:
+def open_datacube(
+    path: Where, *, engine: Engine = "zarr", storage_options: StorageOptions | None = None
+) -> xr.Dataset:
     """Open a datacube Zarr lazily: nothing is read until pixels are used.
 
     Parameters
     ----------
     path
-        A store written by :func:`write_datacube`.
+        A store written by :func:`write_datacube`: a path, or a URL (``s3://``,
+        ``gs://``, ``az://``, ``https://``).
     engine
         ``"zarr"``: host (NumPy) arrays. ``"kvikio"``: ``pixels`` and
         ``quality`` read into GPU memory through kvikIO (GPUDirect Storage
@@ -30,9 +32,11 @@ def open_datacube(path: str | os.PathLike[str], *, engine: Engine = "zarr") -> x
         straight into GPU memory and decodes zstd there (:mod:`xclay.batch.gpu`).
         Needs CUDA and ``xclay[gpu]``. ``"auto"``: kvikio where it can run,
         else zarr.
+    storage_options
+        Settings for object storage beyond the environment (:func:`xclay.storage.location`).
     """
     resolved = _resolve_engine(engine)
-    store = Path(path)
+    store = location(path, storage_options)
     if not (store / "zarr.json").is_file():
         raise FileNotFoundError(
             f"no datacube at {store}: expected a Zarr v3 store written by xclay.write_datacube."
@@ -46,7 +50,11 @@ def open_datacube(path: str | os.PathLike[str], *, engine: Engine = "zarr") -> x
     # Never mask pixels into floats: nodata stays a value, named in pixels.attrs["nodata"].
     try:
         cube = xr.open_zarr(
-            store, chunks=None, consolidated=False, zarr_format=3, mask_and_scale={"pixels": False}
+            store.zarr_store(read_only=True),
+            chunks=None,
+            consolidated=False,
+            zarr_format=3,
+            mask_and_scale={"pixels": False},
         )
     except (ValueError, KeyError, TypeError) as err:  # a damaged zarr.json, in any of its forms
         raise DataIntegrityError(
@@ -76,6 +84,7 @@ def open_datacube(path: str | os.PathLike[str], *, engine: Engine = "zarr") -> x
         # Where its chunks are, for direct reads (xclay.batch.chunkio) and the GPU path.
         cube[name].encoding[STORE_ENCODING] = {
             "path": str(store / name),
+            "location": (store / name).to_dict(),
             "coords": _coords_fingerprint(cube[name]),
         }
     if unchecked:

@@ -34,6 +34,8 @@ def store_source(da: xr.DataArray) -> str | None:
     info = da.encoding.get(STORE_ENCODING)
     if not info or in_memory(da) or da.chunks is not None:
         return None
+    if "://" in str(info.get("path", "")):  # on object storage: read through zarr
+        return None
     if info.get("coords") != _coords_fingerprint(da):
         return None
     return str(info["path"])

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import xarray as xr
 
-from xclay._atomic import atomic_output
+from xclay._atomic import store_output
 from xclay._json import jsonable
 from xclay._progress import progress_bar
 from xclay._version import __version__
@@ -20,6 +19,7 @@ from xclay.completion import COMPLETE_ATTR, mark_complete
 from xclay.datacube.geometry import datacube_geobox
 from xclay.datacube.validate import DATACUBE_DIMS, nodata_value, validate_datacube
 from xclay.errors import ChunkingError, DatacubeError
+from xclay.storage import Location, StorageOptions, Where, location
 
 log = logging.getLogger("xclay.datacube")
 
@@ -28,7 +28,7 @@ Compression = Literal["zstd", "lz4", "none"]
 
 def write_datacube(
     cube: xr.Dataset,
-    path: str | os.PathLike[str],
+    path: Where,
     *,
     chip_size: int = 256,
     shard_chips: int | None = None,
@@ -36,7 +36,8 @@ def write_datacube(
     overwrite: bool = False,
     require_data: bool = False,
     progress: bool | None = False,
-) -> Path:
+    storage_options: StorageOptions | None = None,
+) -> Path | str:
     """Write a datacube as Zarr v3 with chunks aligned to the chip grid.
 
     Parameters
@@ -44,9 +45,11 @@ def write_datacube(
     cube
         A datacube (see :func:`as_datacube`); numpy, dask or lazily opened.
     path
-        Output directory (``.zarr``). Written under a temporary name and
-        renamed into place when complete, so a failure never leaves a store
-        that looks whole.
+        Output store (``.zarr``): a path, or a URL (``s3://``, ``gs://``, ``az://``). A
+        local store is written under a temporary name and renamed into place when
+        complete; one on object storage is written in place and marked complete last.
+        Either way a failure never leaves a store that looks whole (one without its mark
+        is refused as incomplete).
     chip_size
         Chip edge in pixels; ``pixels`` is chunked ``(1, n_bands, chip_size, chip_size)``.
     shard_chips
@@ -61,11 +64,13 @@ def write_datacube(
         Refuse (and write nothing) when no pixel of the cube is valid.
     progress
         Show a progress bar over the blocks (``None``: on an interactive terminal).
+    storage_options
+        Settings for object storage beyond the environment (:func:`xclay.storage.location`).
 
     Returns
     -------
-    pathlib.Path
-        The written store.
+    pathlib.Path or str
+        The written store: its path, or its URL.
 
     Memory stays bounded by one shard (or chunk) row block, whatever the cube's size.
     """
@@ -79,7 +84,8 @@ def write_datacube(
     nt, nb, ny, nx = pixels.shape
     block = chip_size * (shard_chips or 1)
 
-    with atomic_output(Path(path), overwrite=overwrite) as tmp:
+    target = location(path, storage_options)
+    with store_output(target, overwrite=overwrite) as tmp:
         create_datacube_store(
             cube, tmp, chip_size=chip_size, shard_chips=shard_chips, compression=compression
         )
@@ -101,18 +107,18 @@ def write_datacube(
                 "nothing was written. Check the area, the time range and the masks."
             )
         mark_complete(tmp)
-    log.info("wrote datacube %s (%d x %d x %d x %d)", path, nt, nb, ny, nx)
-    return Path(path)
+    log.info("wrote datacube %s (%d x %d x %d x %d)", target, nt, nb, ny, nx)
+    return target.path if target.is_local else target.url
 
 
 def create_datacube_store(
     cube: xr.Dataset,
-    path: str | os.PathLike[str],
+    path: Where,
     *,
     chip_size: int,
     shard_chips: int | None = None,
     compression: Compression = "zstd",
-) -> Path:
+) -> Location:
     """Create a datacube store with its coords and attributes and empty (nodata) arrays,
     chunked for ``chip_size``; marked incomplete until :func:`mark_complete`.
 
@@ -126,7 +132,7 @@ def create_datacube_store(
         ``pixels`` (and ``quality``) shape, dtype, nodata and attributes, its coords,
         CRS and attributes, but not its pixel or quality values.
     path
-        The store's directory; anything already there is replaced.
+        The store (a path or URL); anything already there is replaced.
     chip_size
         Chip edge in pixels; ``pixels`` is chunked ``(1, n_bands, chip_size, chip_size)``
         and ``quality`` ``(1, chip_size, chip_size)``.
@@ -139,19 +145,21 @@ def create_datacube_store(
 
     Returns
     -------
-    pathlib.Path
+    Location
         The created store.
     """
     import zarr
 
+    target = location(path)
+    store = target.zarr_store()
     pixels = cube["pixels"]
     nb = pixels.shape[1]
     block = chip_size * (shard_chips or 1)
     has_quality = "quality" in cube.data_vars
     meta = cube.drop_vars(["pixels", "quality"] if has_quality else ["pixels"])
     meta.attrs = {**cube.attrs, "xclay_version": __version__, COMPLETE_ATTR: False}
-    meta.to_zarr(path, mode="w", zarr_format=3, consolidated=False)
-    group = zarr.open_group(path, mode="r+", zarr_format=3)
+    meta.to_zarr(store, mode="w", zarr_format=3, consolidated=False)
+    group = zarr.open_group(store, mode="r+", zarr_format=3)
     coordinates = " ".join(sorted(str(c) for c in cube.coords if c not in DATACUBE_DIMS))
     crs = datacube_geobox(cube).crs
     fill = nodata_value(pixels)
@@ -188,12 +196,12 @@ def create_datacube_store(
             },
             config={"write_empty_chunks": True},
         )
-    return Path(path)
+    return target
 
 
 def write_datacube_block(
     cube: xr.Dataset,
-    path: str | os.PathLike[str],
+    path: Where,
     t: int,
     rows: tuple[int, int],
     cols: tuple[int, int],
@@ -208,7 +216,7 @@ def write_datacube_block(
         The datacube the block is computed from (numpy, dask or lazily opened), with
         ``pixels`` and, where the store has one, ``quality``.
     path
-        A store made by :func:`create_datacube_store` for the whole grid.
+        A store made by :func:`create_datacube_store` for the whole grid (path or URL).
     t
         The block's time step: an index into ``cube``'s ``time``.
     rows, cols
@@ -238,19 +246,17 @@ def write_datacube_block(
     return _any_valid(values, nodata_value(pixels), quality)
 
 
-def _array(path: str | os.PathLike[str], name: str) -> Any:
+def _array(path: Where, name: str) -> Any:
     """An array of a datacube store, opened to write every chunk (zarr leaves out chunks
     equal to the fill value by default, which would make them indistinguishable from
     lost ones)."""
     import zarr
 
-    array = zarr.open_array(path, path=name, mode="r+", zarr_format=3)
+    array = zarr.open_array(location(path).zarr_store(), path=name, mode="r+", zarr_format=3)
     return array.with_config({"write_empty_chunks": True})
 
 
-def write_empty_block(
-    path: str | os.PathLike[str], t: int, rows: tuple[int, int], cols: tuple[int, int]
-) -> None:
+def write_empty_block(path: Where, t: int, rows: tuple[int, int], cols: tuple[int, int]) -> None:
     """Write a block of a datacube store as "no data": pixels at their fill value (the
     nodata value) and quality class nodata. A block no item covers is written like any
     other, so that every chunk of a complete store exists (a missing chunk is damage).
@@ -258,7 +264,7 @@ def write_empty_block(
     Parameters
     ----------
     path
-        A store made by :func:`create_datacube_store`.
+        A store made by :func:`create_datacube_store` (path or URL).
     t
         The block's time step: an index into the store's ``time``.
     rows, cols
@@ -268,7 +274,7 @@ def write_empty_block(
     (y0, y1), (x0, x1) = rows, cols
     pixels = _array(path, "pixels")
     pixels[t, :, y0:y1, x0:x1] = pixels.fill_value
-    if (Path(path) / "quality" / "zarr.json").is_file():
+    if (location(path) / "quality" / "zarr.json").is_file():
         quality = _array(path, "quality")
         quality[t, y0:y1, x0:x1] = quality.fill_value
 

@@ -13,7 +13,6 @@ writing one. Needs ``xclay[io]`` (rasterio).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +22,10 @@ from typing import Any, Literal, get_args
 import numpy as np
 import xarray as xr
 
-from xclay._atomic import atomic_output
 from xclay.errors import DatacubeError, MissingDependencyError
 from xclay.outputs.export import chip_grid_transform
 from xclay.protocols import ExportOption
+from xclay.storage import Location, Where, location
 
 __all__ = ["COG_CONVENTION", "COG_MEDIA_TYPE", "CogExporter", "to_cog"]
 
@@ -40,25 +39,26 @@ _PCA_SAMPLE = 100_000  # chips the principal components are fitted on, at most
 
 
 def to_cog(
-    emb: xr.Dataset | str | os.PathLike[str],
-    path: str | os.PathLike[str],
+    emb: xr.Dataset | Where,
+    path: Where,
     *,
     pca: int | None = None,
     dtype: CogDtype = "float32",
     time: int | None = None,
     blocksize: int | None = None,
     overwrite: bool = False,
-) -> list[Path]:
+) -> list[Path | str]:
     """Write embeddings as Cloud-Optimized GeoTIFF(s); returns the files written.
 
     Parameters
     ----------
     emb
         An embeddings Dataset (:func:`xclay.embed`, :func:`xclay.open_embeddings`)
-        or the path of an embeddings Zarr.
+        or the path or URL of an embeddings Zarr.
     path
-        The GeoTIFF. With several time steps (and ``time=None``) one file per
-        step, named ``<stem>_<YYYY-MM-DD>.tif``.
+        The GeoTIFF (a path, or a URL: written locally, then uploaded whole). With
+        several time steps (and ``time=None``) one file per step, named
+        ``<stem>_<YYYY-MM-DD>.tif``.
     pca
         Write the first ``pca`` principal components (fitted on up to 100,000
         embedded chips) instead of every feature.
@@ -76,7 +76,7 @@ def to_cog(
     _rasterio()
     if dtype not in get_args(CogDtype):
         raise DatacubeError(f"dtype must be 'float32' or 'int8', got {dtype!r}.")
-    if isinstance(emb, (str, os.PathLike)):
+    if not isinstance(emb, xr.Dataset):
         from xclay.outputs.export import open_embeddings
 
         emb = open_embeddings(emb)
@@ -84,11 +84,12 @@ def to_cog(
     steps = [time] if time is not None else list(range(emb.sizes["time"]))
     if not steps or not all(0 <= t < emb.sizes["time"] for t in steps):
         raise DatacubeError(f"time {time} is outside the {emb.sizes['time']} time step(s).")
-    target = Path(path)
-    written = []
+    target = location(path)
+    written: list[Path | str] = []
     for t in steps:
         out = target if len(steps) == 1 else target.with_name(f"{target.stem}_{_day(emb, t)}.tif")
-        written.append(_write_step(emb, t, out, pca, dtype, blocksize, overwrite))
+        _write_step(emb, t, out, pca, dtype, blocksize, overwrite)
+        written.append(out.path if out.is_local else out.url)
     return written
 
 
@@ -114,16 +115,16 @@ class CogExporter:
     by_region = False
 
     def write(
-        self, emb: xr.Dataset | Path, out: Path, *, overwrite: bool, **options: Any
-    ) -> list[Path]:
+        self, emb: xr.Dataset | Path | str, out: Path | str, *, overwrite: bool, **options: Any
+    ) -> list[Path | str]:
         return to_cog(emb, out, overwrite=overwrite, **options)
 
-    def asset(self, path: Path) -> dict[str, Any]:
+    def asset(self, path: Path | str) -> dict[str, Any]:
         try:
             rasterio = _rasterio()
         except MissingDependencyError:
             return {"type": COG_MEDIA_TYPE, "title": "Cloud-Optimized GeoTIFF", "roles": ["data"]}
-        with rasterio.open(path) as src:
+        with location(path).local_copy() as local, rasterio.open(local) as src:
             tags = src.tags()
         pca = tags.get("XCLAY_VALUES") == "pca"
         what = "principal components" if pca else "every feature"
@@ -153,12 +154,12 @@ class _Values:
 def _write_step(
     emb: xr.Dataset,
     t: int,
-    path: Path,
+    path: Location,
     pca: int | None,
     dtype: CogDtype,
     blocksize: int | None,
     overwrite: bool,
-) -> Path:
+) -> None:
     import rasterio
     import rasterio.shutil
 
@@ -183,7 +184,7 @@ def _write_step(
         "blockysize": block,
         "BIGTIFF": "IF_SAFER",
     }
-    with atomic_output(path, overwrite=overwrite) as tmp:
+    with path.staged(overwrite=overwrite) as tmp:
         staging = tmp.with_name(tmp.name + ".staging.tif")
         try:
             with rasterio.open(staging, "w", **profile) as dst:
@@ -214,7 +215,6 @@ def _write_step(
             )
         finally:
             staging.unlink(missing_ok=True)
-    return path
 
 
 # --------------------------------------------------------------------------- reading

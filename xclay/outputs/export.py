@@ -19,7 +19,7 @@ import numpy as np
 import xarray as xr
 from affine import Affine
 
-from xclay._atomic import atomic_output
+from xclay._atomic import store_output
 from xclay._json import jsonable
 from xclay.batch.chips import window_corners
 from xclay.datacube.geometry import to_lonlat
@@ -39,6 +39,7 @@ from xclay.outputs.quantize import (
     scale_attrs,
 )
 from xclay.protocols import ExportOption
+from xclay.storage import StorageOptions, Where, location
 
 __all__ = [
     "GEOPARQUET_VERSION",
@@ -83,11 +84,12 @@ RUN_COMPLETE = "_xclay_complete.json"
 
 def to_zarr(
     emb: xr.Dataset,
-    path: str | os.PathLike[str],
+    path: Where,
     *,
     quantize: str | None = None,
     overwrite: bool = False,
-) -> Path:
+    storage_options: StorageOptions | None = None,
+) -> Path | str:
     """Write an embeddings Dataset as Zarr v3 (a raster of vectors any GIS can place).
 
     Chunks hold 32 x 32 chips with all features, so reading a region or a
@@ -98,20 +100,24 @@ def to_zarr(
     emb
         An embeddings Dataset (:func:`xclay.embed`, :func:`open_embeddings`).
     path
-        The Zarr store (a folder) to write; it is written under a temporary name
-        beside it and renamed into place when complete.
+        The Zarr store to write: a folder (written under a temporary name beside it and
+        renamed into place when complete) or a URL (``s3://``, ``gs://``, ``az://``:
+        written in place, its consolidated metadata last, removed if writing fails).
     quantize
         ``None`` (default): float32 vectors. ``"int8"``: int8 vectors and a
         per-vector ``embedding_scale`` (:mod:`xclay.outputs.quantize`);
         :func:`open_embeddings` restores float32.
     overwrite
-        Replace an existing store at ``path`` (only once the new one is complete);
-        by default an existing ``path`` is an :class:`~xclay.errors.OutputExistsError`.
+        Replace an existing store at ``path`` (locally only once the new one is
+        complete); by default an existing ``path`` is an
+        :class:`~xclay.errors.OutputExistsError`.
+    storage_options
+        Settings for object storage beyond the environment (:func:`xclay.storage.location`).
 
     Returns
     -------
-    pathlib.Path
-        ``path``, the store written.
+    pathlib.Path or str
+        The store written: its path, or its URL.
     """
     validate_embeddings(emb)
     from xclay.completion import COMPLETE_ATTR, consolidate
@@ -141,11 +147,14 @@ def to_zarr(
     }
     for name in encoding:
         out[name].encoding = {}
-    with atomic_output(Path(path), overwrite=overwrite) as tmp:
-        out.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, encoding=encoding)
+    target = location(path, storage_options)
+    with store_output(target, overwrite=overwrite) as tmp:
+        out.to_zarr(
+            tmp.zarr_store(), mode="w", zarr_format=3, consolidated=False, encoding=encoding
+        )
         consolidate(tmp)
-    log.info("wrote embeddings Zarr %s", path)
-    return Path(path)
+    log.info("wrote embeddings Zarr %s", target)
+    return target.path if target.is_local else target.url
 
 
 def _thumbnail_chunks(emb: xr.Dataset) -> tuple[int, ...]:
@@ -156,14 +165,18 @@ def _thumbnail_chunks(emb: xr.Dataset) -> tuple[int, ...]:
 
 
 def open_embeddings(
-    path: str | os.PathLike[str], *, dequantize: bool = True, allow_incomplete: bool = False
+    path: Where,
+    *,
+    dequantize: bool = True,
+    allow_incomplete: bool = False,
+    storage_options: StorageOptions | None = None,
 ) -> xr.Dataset:
     """Open an embeddings Zarr written by :func:`to_zarr` or a run (lazily).
 
     Parameters
     ----------
     path
-        The embeddings Zarr store (the folder holding its ``zarr.json``).
+        The embeddings Zarr store: the folder holding its ``zarr.json``, or its URL.
     dequantize
         ``True`` (default): quantised stores read as float32 vectors. ``False``:
         the stored int8 ``embedding`` and its ``embedding_scale``.
@@ -171,13 +184,15 @@ def open_embeddings(
         Open a run's store before every region is written (regions not written
         yet read as missing, ``embedded`` False). By default an incomplete store
         is a :class:`~xclay.errors.DatacubeError`.
+    storage_options
+        Settings for object storage beyond the environment (:func:`xclay.storage.location`).
 
     Returns
     -------
     xarray.Dataset
         The embeddings, read from the store only when their values are used.
     """
-    store = Path(path)
+    store = location(path, storage_options)
     if not (store / "zarr.json").is_file():
         raise FileNotFoundError(
             f"no embeddings Zarr at {store}: expected a store written by to_zarr."
@@ -191,7 +206,9 @@ def open_embeddings(
             f"the embeddings at {store} are incomplete (a run is in progress or was interrupted); "
             "resume it with xclay run SPEC, or pass allow_incomplete=True to read what is there."
         )
-    emb = xr.open_zarr(store, chunks=None, consolidated=False, zarr_format=3)
+    emb = xr.open_zarr(
+        store.zarr_store(read_only=True), chunks=None, consolidated=False, zarr_format=3
+    )
     if "embedding" not in emb.data_vars:
         what = "a datacube" if "pixels" in emb.data_vars else "a Zarr store without embeddings"
         raise DatacubeError(
@@ -309,9 +326,7 @@ class EmbeddingsLayout:
         return EmbeddingsLayout(coords, variables)
 
 
-def create_embeddings_store(
-    layout: EmbeddingsLayout, path: str | os.PathLike[str], *, region_chips: int
-) -> Path:
+def create_embeddings_store(layout: EmbeddingsLayout, path: Where, *, region_chips: int) -> Where:
     """Create an embeddings Zarr whose chunks are ``region_chips x region_chips`` chips:
     1-D coords and attributes written, data variables and per-chip coordinates empty
     (NaN / False / ""), marked incomplete.
@@ -325,14 +340,14 @@ def create_embeddings_store(
         The whole grid's coords and attributes, and the specs of the variables to
         create (:class:`EmbeddingsLayout`).
     path
-        The Zarr store to create (written in place, with ``mode="w"``).
+        The Zarr store to create (a path or URL; written in place, with ``mode="w"``).
     region_chips
         Chunk edge in chips along ``chip_y`` and ``chip_x`` (at most the grid's
         size); every chunk holds one time step.
 
     Returns
     -------
-    pathlib.Path
+    str, path-like or Location
         ``path``, the store created.
     """
     import zarr
@@ -341,8 +356,9 @@ def create_embeddings_store(
 
     coords = layout.coords.copy()
     coords.attrs = jsonable({**coords.attrs, COMPLETE_ATTR: False})
-    coords.to_zarr(path, mode="w", zarr_format=3, consolidated=False)
-    group = zarr.open_group(path, mode="r+", zarr_format=3)
+    store = location(path).zarr_store()
+    coords.to_zarr(store, mode="w", zarr_format=3, consolidated=False)
+    group = zarr.open_group(store, mode="r+", zarr_format=3)
     sizes = dict(coords.sizes)
     per_chip = [name for name, spec in layout.variables.items() if spec.coordinate]
     names = " ".join(sorted([*(str(c) for c in coords.coords if c not in coords.dims), *per_chip]))
@@ -364,7 +380,7 @@ def create_embeddings_store(
             dimension_names=spec.dims,
             attributes=jsonable(attrs),
         )
-    return Path(path)
+    return path
 
 
 def _default_fill(dtype_name: str) -> Any:
@@ -376,9 +392,7 @@ def _default_fill(dtype_name: str) -> Any:
     return np.nan if dtype.kind == "f" else 0
 
 
-def write_embeddings_region(
-    path: str | os.PathLike[str], block: xr.Dataset, offsets: tuple[int, int, int]
-) -> None:
+def write_embeddings_region(path: Where, block: xr.Dataset, offsets: tuple[int, int, int]) -> None:
     """Write a block into the store at ``offsets``: its data variables, and its per-chip
     coordinates (chip ids, WGS84 centres). The arrays are written concurrently.
 
@@ -410,9 +424,11 @@ def write_embeddings_region(
         )
         writes.append((str(name), key, values))
 
+    store = location(path).zarr_store()
+
     async def write_all() -> None:
         async def one(name: str, key: tuple[slice, ...], values: np.ndarray) -> None:
-            array = await open_array(store=str(path), path=name, mode="r+", zarr_format=3)
+            array = await open_array(store=store, path=name, mode="r+", zarr_format=3)
             await array.setitem(key, values)
 
         await asyncio.gather(*(one(*w) for w in writes))
@@ -425,13 +441,14 @@ def write_embeddings_region(
 
 def to_geoparquet(
     emb: xr.Dataset,
-    path: str | os.PathLike[str],
+    path: Where,
     *,
     quantize: str | None = None,
     overwrite: bool = False,
     sources: Sequence[Sequence[str]] | None = None,
     run_metadata: Mapping[str, Any] | None = None,
-) -> Path:
+    storage_options: StorageOptions | None = None,
+) -> Path | str:
     """Write one GeoParquet 1.1 row per embedded (time, chip).
 
     Columns: ``id`` (unique per row), ``chip_id`` (per window), ``time``,
@@ -455,8 +472,8 @@ def to_geoparquet(
         An embeddings Dataset (:func:`xclay.embed`, :func:`open_embeddings`);
         float32 or quantised.
     path
-        The Parquet file to write; it is written under a temporary name beside it
-        and renamed into place when complete.
+        The Parquet file to write: a path (written under a temporary name beside it and
+        renamed into place when complete) or a URL (uploaded in one PUT once written).
     quantize
         ``None`` (default): float32 vectors. ``"int8"``: int8 vectors and an
         ``embedding_scale`` column (:mod:`xclay.outputs.quantize`).
@@ -470,19 +487,22 @@ def to_geoparquet(
         Written into the ``xclay`` footer in place of the model card, config,
         datacube and run: a run's parts pass a reference to the run's metadata
         file (read back by :func:`read_footer`), so no part repeats it.
+    storage_options
+        Settings for object storage beyond the environment (:func:`xclay.storage.location`).
 
     Returns
     -------
-    pathlib.Path
-        ``path``, the file written.
+    pathlib.Path or str
+        The file written: its path, or its URL.
     """
     table = embeddings_table(emb, quantize=quantize, sources=sources, run_metadata=run_metadata)
     dim = emb.sizes["feature"]
     rows_per_group = max(1, _ROW_GROUP_BYTES // ((1 if quantize else 4) * dim + 512))
-    with atomic_output(Path(path), overwrite=overwrite) as tmp:
+    target = location(path, storage_options)
+    with target.staged(overwrite=overwrite) as tmp:
         write_table(table, tmp, row_group_size=rows_per_group)
-    log.info("wrote GeoParquet %s (%d rows)", path, table.num_rows)
-    return Path(path)
+    log.info("wrote GeoParquet %s (%d rows)", target, table.num_rows)
+    return target.path if target.is_local else target.url
 
 
 def write_table(table: Any, path: str | os.PathLike[str], **options: Any) -> None:
@@ -501,7 +521,7 @@ def write_table(table: Any, path: str | os.PathLike[str], **options: Any) -> Non
             writer.add_key_value_metadata({b"xclay": extra})
 
 
-def read_footer(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_footer(path: Where) -> dict[str, Any]:
     """The ``xclay`` metadata of a GeoParquet file (model card, config, datacube, run).
 
     For a part of a run the run's metadata is read from the file the part
@@ -518,8 +538,9 @@ def read_footer(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     import pyarrow.parquet as pq
 
-    file = Path(path)
-    raw = (pq.read_metadata(file).metadata or {}).get(b"xclay")
+    file = location(path)
+    fs, where = file.arrow()
+    raw = (pq.read_metadata(where, filesystem=fs).metadata or {}).get(b"xclay")
     if raw is None:
         raise DatacubeError(f"{file} has no xclay metadata; it was not written by xclay.")
     meta: dict[str, Any] = json.loads(raw)
@@ -766,13 +787,14 @@ def _png_column(thumbnails: np.ndarray) -> Any:
 
 
 def read_geoparquet(
-    path: str | os.PathLike[str],
+    path: Where,
     *,
     columns: list[str] | None = None,
     filters: Any = None,
     dequantize: bool = True,
     geodataframe: bool = False,
     partial: bool = False,
+    storage_options: StorageOptions | None = None,
 ) -> Any:
     """Read xclay GeoParquet (a file, or a run's folder of parts) as a ``pyarrow.Table``.
 
@@ -782,7 +804,7 @@ def read_geoparquet(
     Parameters
     ----------
     path
-        A GeoParquet file, or a folder of them (a run's parts).
+        A GeoParquet file, or a folder of them (a run's parts): a path or a URL.
     columns
         The columns to read, as :func:`pyarrow.parquet.read_table` takes them;
         default all.
@@ -797,6 +819,8 @@ def read_geoparquet(
         ``pyarrow.Table``.
     partial
         Read the parts of a run that is not complete, as far as they are written.
+    storage_options
+        Settings for object storage beyond the environment (:func:`xclay.storage.location`).
 
     Returns
     -------
@@ -806,10 +830,11 @@ def read_geoparquet(
     """
     import pyarrow.parquet as pq
 
-    source = Path(path)
+    source = location(path, storage_options)
     if not source.exists():
         raise FileNotFoundError(f"no GeoParquet at {source}.")
-    running = source.is_dir() and (source / RUN_METADATA).is_file()
+    fs, where = source.arrow()
+    running = (source / RUN_METADATA).is_file()
     if running and not partial and not (source / RUN_COMPLETE).is_file():
         raise DatacubeError(
             f"the GeoParquet parts in {source} are of a run that is not complete (in progress "
@@ -821,10 +846,10 @@ def read_geoparquet(
         columns is not None
         and "embedding" in columns
         and SCALE_COLUMN not in columns
-        and SCALE_COLUMN in pq.ParquetDataset(source).schema.names
+        and SCALE_COLUMN in pq.ParquetDataset(where, filesystem=fs).schema.names
     ):
         wanted = [*columns, SCALE_COLUMN]  # needed to dequantise; dropped again below
-    table = pq.read_table(source, columns=wanted, filters=filters)
+    table = pq.read_table(where, columns=wanted, filters=filters, filesystem=fs)
     names = table.column_names
     if dequantize and "embedding" in names and SCALE_COLUMN in names:
         table = dequantize_table(table)
@@ -881,13 +906,13 @@ class GeoParquetExporter:
     by_region = True
 
     def write(
-        self, emb: xr.Dataset | Path, out: Path, *, overwrite: bool, **options: Any
-    ) -> list[Path]:
+        self, emb: xr.Dataset | Path | str, out: Path | str, *, overwrite: bool, **options: Any
+    ) -> list[Path | str]:
         ds = emb if isinstance(emb, xr.Dataset) else open_embeddings(emb)
         return [to_geoparquet(ds, out, overwrite=overwrite, **options)]
 
-    def asset(self, path: Path) -> dict[str, Any]:
-        what = "a folder of parts" if path.is_dir() else "one file"
+    def asset(self, path: Path | str) -> dict[str, Any]:
+        what = "a folder of parts" if location(path).is_dir() else "one file"
         return {"type": PARQUET_MEDIA_TYPE, "title": f"GeoParquet 1.1 ({what})", "roles": ["data"]}
 
 

@@ -19,10 +19,9 @@ time (after the run, after ``xclay export --format cog``).
 from __future__ import annotations
 
 import datetime as dt
+import fnmatch
 import json
-import os
 import re
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +29,8 @@ from affine import Affine
 
 from xclay._version import __version__
 from xclay.outputs.export import PARQUET_MEDIA_TYPE
-from xclay.run.state import RunState, write_json_atomic
+from xclay.run.state import RunState
+from xclay.storage import Location, Where, location
 
 __all__ = ["EMB_EXTENSION", "MLM_EXTENSION", "PROJ_EXTENSION", "write_catalog"]
 
@@ -48,7 +48,7 @@ GEOJSON_TYPE = "application/geo+json"
 CATALOG = "stac"
 
 
-def write_catalog(outdir: str | os.PathLike[str]) -> Path:
+def write_catalog(outdir: Where) -> Location:
     """(Re)write the STAC description of a complete run in ``outdir``.
 
     Parameters
@@ -59,15 +59,15 @@ def write_catalog(outdir: str | os.PathLike[str]) -> Path:
 
     Returns
     -------
-    Path
-        The collection's path, ``<outdir>/stac/collection.json``.
+    Location
+        The collection's place, ``<outdir>/stac/collection.json``.
     """
     from xclay.outputs.export import open_embeddings
 
-    out = Path(outdir)
+    out = location(outdir)
     record = RunState(out).record()
     folder = out / CATALOG
-    stores = [Path(p) for p in record["paths"]["embeddings"]]
+    stores = [_at(record, p) for p in record["paths"]["embeddings"]]
     zones = [open_embeddings(p) for p in stores]
     first = zones[0]
     card = first.attrs["model"]
@@ -77,15 +77,20 @@ def write_catalog(outdir: str | os.PathLike[str]) -> Path:
         cell = (record.get("zones") or [{}])[k].get("cell") if record.get("zones") else None
         for t in range(emb.sizes["time"]):
             items.append(_item(collection_id, folder, out, store, emb, t, cell, record))
-    for old in (folder / "items").glob("*.json") if (folder / "items").is_dir() else []:
-        old.unlink()
+    for old in (folder / "items").iterdir():
+        if old.name.endswith(".json"):
+            old.remove()
     for item in items:
-        write_json_atomic(folder / "items" / f"{item['id']}.json", item)
-    write_json_atomic(folder / "model.json", _model_item(collection_id, first, folder, out, record))
+        (folder / "items" / f"{item['id']}.json").write_json(item)
+    (folder / "model.json").write_json(_model_item(collection_id, first, folder, out, record))
     collection = _collection(collection_id, stores, zones, items, folder, record, card)
     path = folder / "collection.json"
-    write_json_atomic(path, collection)
+    path.write_json(collection)
     return path
+
+
+def _at(record: dict[str, Any], where: str) -> Location:
+    return location(where, record.get("spec", {}).get("storage") or None)
 
 
 # --------------------------------------------------------------------------- collection
@@ -93,10 +98,10 @@ def write_catalog(outdir: str | os.PathLike[str]) -> Path:
 
 def _collection(
     collection_id: str,
-    stores: list[Path],
+    stores: list[Location],
     zones: list[Any],
     items: list[dict[str, Any]],
-    folder: Path,
+    folder: Location,
     record: dict[str, Any],
     card: dict[str, Any],
 ) -> dict[str, Any]:
@@ -162,7 +167,7 @@ def _collection(
         },
         "assets": {
             "geoparquet": {
-                "href": _rel(Path(record["paths"]["geoparquet"]), folder),
+                "href": _rel(_at(record, record["paths"]["geoparquet"]), folder),
                 "type": PARQUET_MEDIA_TYPE,
                 "title": "GeoParquet 1.1 dataset: one row per chip (a folder of parts)",
                 "roles": ["data"],
@@ -177,9 +182,9 @@ def _collection(
 
 def _item(
     collection_id: str,
-    folder: Path,
-    out: Path,
-    store: Path,
+    folder: Location,
+    out: Location,
+    store: Location,
     emb: Any,
     t: int,
     cell: str | None,
@@ -224,7 +229,7 @@ def _item(
             "roles": ["data"],
         },
         "geoparquet": {
-            "href": _rel(Path(record["paths"]["geoparquet"]), folder / "items"),
+            "href": _rel(_at(record, record["paths"]["geoparquet"]), folder / "items"),
             "type": PARQUET_MEDIA_TYPE,
             "title": "GeoParquet 1.1 dataset of the whole run (a folder of parts)",
             "roles": ["data"],
@@ -291,8 +296,8 @@ def _footprint(emb: Any, cell: str | None) -> tuple[dict[str, Any], list[float]]
 
 
 def _exports(
-    out: Path, store: Path, day: str, steps: int
-) -> list[tuple[str, Path, dict[str, Any]]]:
+    out: Location, store: Location, day: str, steps: int
+) -> list[tuple[str, Location, dict[str, Any]]]:
     """Files exported beside the run (``xclay export SPEC --format F``, every format written
     once per store) for this store and time step: ``<store><suffix>`` (or
     ``_<date><suffix>``), and any other ``<store>*<suffix>``; as (asset key, path, the
@@ -300,16 +305,18 @@ def _exports(
     from xclay.outputs.formats import export_formats, get_exporter
 
     found = []
+    entries = list(out.iterdir())
     for exporter in map(get_exporter, export_formats()):
         if exporter.by_region:
             continue  # the run's own table, an asset of its own
-        for path in sorted(out.glob(f"{store.stem}*{exporter.suffix}")):
+        pattern = f"{store.stem}*{exporter.suffix}"
+        for path in (p for p in entries if fnmatch.fnmatchcase(p.name, pattern)):
             rest = path.name[len(store.stem) : -len(exporter.suffix)]
             if steps > 1 and not rest.endswith(day):
                 continue
             label = rest.replace(day, "").strip("_-") if steps > 1 else rest.strip("_-")
             key = f"{exporter.name}-{label}" if label else exporter.name
-            found.append((key, path, exporter.asset(path)))
+            found.append((key, path, exporter.asset(path.path if path.is_local else path.url)))
     return found
 
 
@@ -317,7 +324,7 @@ def _exports(
 
 
 def _model_item(
-    collection_id: str, emb: Any, folder: Path, out: Path, record: dict[str, Any]
+    collection_id: str, emb: Any, folder: Location, out: Location, record: dict[str, Any]
 ) -> dict[str, Any]:
     """The encoder as a STAC MLM Item: inputs (bands, chip shape, normalisation), output
     (the vector), and its weights (or, for weight-free models, the run metadata that holds
@@ -332,16 +339,16 @@ def _model_item(
     checkpoint = record["paths"].get("checkpoint")
     if checkpoint:
         artifact = {
-            "href": _rel(Path(checkpoint), folder),
+            "href": _rel(_at(record, checkpoint), folder),
             "type": "application/octet-stream; application=pytorch",
-            "title": f"{card.name} weights ({Path(checkpoint).name})",
+            "title": f"{card.name} weights ({_at(record, checkpoint).name})",
             "roles": ["mlm:model", "mlm:weights"],
             "mlm:artifact_type": "torch.save",
         }
         if card.checkpoint_sha256:
             artifact["description"] = f"sha256 {card.checkpoint_sha256}"
     else:
-        metadata = Path(record["paths"]["geoparquet"]) / "_xclay_run.json"
+        metadata = _at(record, record["paths"]["geoparquet"]) / "_xclay_run.json"
         artifact = {
             "href": _rel(metadata, folder),
             "type": JSON_TYPE,
@@ -432,20 +439,20 @@ def _collection_id(record: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(name)).strip("-") or "xclay"
 
 
-def _source_link(record: dict[str, Any], folder: Path) -> dict[str, Any]:
+def _source_link(record: dict[str, Any], folder: Location) -> dict[str, Any]:
     """Where the imagery came from: the run's STAC items (indexed), else the datacube."""
     items = record["paths"].get("items")
     if items:
         return {
             "rel": "emb:source-data",
-            "href": _rel(Path(items), folder),
+            "href": _rel(_at(record, items), folder),
             "type": PARQUET_MEDIA_TYPE,
             "title": "the STAC items the composites were made from (stac-geoparquet)",
         }
     cube = record["paths"]["datacubes"][0]
     return {
         "rel": "emb:source-data",
-        "href": _rel(Path(cube), folder),
+        "href": _rel(_at(record, cube), folder),
         "type": ZARR_TYPE,
         "title": "the datacube the chips were read from",
     }
@@ -463,8 +470,8 @@ def _temporal_resolution(spec: dict[str, Any]) -> str:
     return "multi_temporal" if composite else "unknown"
 
 
-def _stored_quantization(store: Path) -> bool:
-    meta = json.loads((store / "zarr.json").read_text())
+def _stored_quantization(store: Location) -> bool:
+    meta = (store / "zarr.json").read_json()
     return bool(meta.get("attributes", {}).get("quantization"))
 
 
@@ -492,8 +499,8 @@ def _runtime_parameters(emb: Any) -> dict[str, Any]:
     }
 
 
-def _rel(path: Path, start: Path) -> str:
-    return Path(os.path.relpath(Path(path).resolve(), Path(start).resolve())).as_posix()
+def _rel(path: Location, start: Location) -> str:
+    return path.href_from(start)
 
 
 def _day(value: Any) -> str:

@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from xclay._hashing import sha256_file
 from xclay.ingest import item_solar_day
+from xclay.storage import Where, location
 
 if TYPE_CHECKING:
     import pystac
@@ -118,11 +117,10 @@ class ItemIndex:
         )
         return cls(table)
 
-    def save(self, path: str | os.PathLike[str]) -> str:
-        """Write the index as GeoParquet (atomically); returns the file's sha256."""
+    def save(self, path: Where) -> str:
+        """Write the index as GeoParquet (whole or not at all: a path or a URL); returns
+        the file's sha256."""
         import pyarrow.parquet as pq
-
-        from xclay._atomic import atomic_output
 
         geo = json.loads(json.dumps(_GEO))
         geo["columns"]["geometry"]["bbox"] = (
@@ -136,16 +134,17 @@ class ItemIndex:
             else []
         )
         table = self.table.replace_schema_metadata({"geo": json.dumps(geo)})
-        target = Path(path)
-        with atomic_output(target, overwrite=True) as tmp:
+        with location(path).staged(overwrite=True) as tmp:
             pq.write_table(table, tmp, compression="zstd")
-        return sha256_file(target)
+            return sha256_file(tmp)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> ItemIndex:
+    def load(cls, path: Where) -> ItemIndex:
+        """The index saved at ``path`` (a path or URL) by :meth:`save`."""
         import pyarrow.parquet as pq
 
-        return cls(pq.read_table(path))
+        fs, where = location(path).arrow()
+        return cls(pq.read_table(where, filesystem=fs))
 
     # -- questions -------------------------------------------------------------
 

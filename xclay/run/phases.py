@@ -14,14 +14,13 @@ import dataclasses
 import hashlib
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from xclay._atomic import atomic_output
+from xclay._atomic import store_output
 from xclay._progress import LOG_EVERY, Progress
 from xclay.errors import ConfigError, OutputExistsError, XClayError
 from xclay.outputs.export import RUN_COMPLETE, RUN_METADATA
@@ -29,7 +28,8 @@ from xclay.outputs.formats import DEFAULT_FORMAT
 from xclay.run.plan import RunPlan, plan
 from xclay.run.preflight import preflight
 from xclay.run.spec import RunSpec
-from xclay.run.state import Region, RunState, embed_regions, ingest_regions, write_json_atomic
+from xclay.run.state import Region, RunState, embed_regions, ingest_regions
+from xclay.storage import Location, Where, location
 
 __all__ = ["RunReport", "check_start", "embed_step", "export_step", "ingest", "run"]
 
@@ -143,20 +143,20 @@ def _paths(spec: RunSpec, resolved: RunPlan) -> dict[str, Any]:
     """Where each output goes: one datacube and one embeddings store per zone (suffixed with
     the zone when there are several), one GeoParquet folder, the items sidecar."""
 
-    def per_zone(path: Path) -> list[str]:
+    def per_zone(path: Location) -> list[str]:
         if len(resolved.zones) == 1:
-            return [str(path)]
-        return [str(path.with_name(f"{path.stem}-{z.tag}{path.suffix}")) for z in resolved.zones]
+            return [path.url]
+        return [path.with_name(f"{path.stem}-{z.tag}{path.suffix}").url for z in resolved.zones]
 
     checkpoint = spec.path(spec.model.checkpoint) if spec.model.checkpoint else None
     return {
         "datacubes": per_zone(spec.datacube_path)
         if spec.input.datacube is None
-        else [str(spec.datacube_path)],
+        else [spec.datacube_path.url],
         "embeddings": per_zone(spec.embeddings_path),
-        "geoparquet": str(spec.geoparquet_path),
-        "items": str(spec.items_path) if resolved.items is not None else None,
-        "checkpoint": str(checkpoint) if checkpoint else None,
+        "geoparquet": spec.geoparquet_path.url,
+        "items": spec.items_path.url if resolved.items is not None else None,
+        "checkpoint": checkpoint.url if checkpoint else None,
     }
 
 
@@ -192,13 +192,14 @@ def _identity(spec: RunSpec, resolved: RunPlan) -> dict[str, Any]:
     }
 
 
-def _outputs(spec: RunSpec, paths: dict[str, Any]) -> list[Path]:
-    return [
-        *(Path(p) for p in paths["embeddings"]),
-        Path(paths["geoparquet"]),
-        *([Path(paths["items"])] if paths["items"] else []),
-        *(Path(p) for p in paths["datacubes"] if spec.input.datacube is None),
+def _outputs(spec: RunSpec, paths: dict[str, Any]) -> list[Location]:
+    where = [
+        *paths["embeddings"],
+        paths["geoparquet"],
+        *([paths["items"]] if paths["items"] else []),
+        *(paths["datacubes"] if spec.input.datacube is None else []),
     ]
+    return [location(p, spec.storage) for p in where]
 
 
 def check_start(spec: RunSpec, resolved: RunPlan) -> bool:
@@ -239,7 +240,7 @@ def _start(spec: RunSpec, resolved: RunPlan, torch_threads: int | None) -> tuple
     paths = _paths(spec, resolved)
     if spec.outputs.overwrite:
         for path in _outputs(spec, paths):
-            _remove(path)
+            path.remove()
         state.reset()
     else:
         check_start(spec, resolved)
@@ -255,18 +256,24 @@ def _start(spec: RunSpec, resolved: RunPlan, torch_threads: int | None) -> tuple
     }
     resumed = state.begin(_identity(spec, resolved), payload)
     state.update(torch_threads=torch_threads)
-    state.sweep(Path(paths["geoparquet"]))
-    if resolved.items is not None and not Path(paths["items"]).is_file():
-        sha = resolved.items.save(paths["items"])
+    state.sweep(location(paths["geoparquet"], spec.storage))
+    items = location(paths["items"], spec.storage) if paths["items"] else None
+    if resolved.items is not None and items is not None and not items.is_file():
+        sha = resolved.items.save(items)
         state.update(items_sha256=sha)
     return state, resumed
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
+def _created(state: RunState, kind: str, zone: int) -> bool:
+    """Whether the run created a zone's store (recorded once its creation returned: a
+    store on object storage cannot be created under a temporary name)."""
+    return zone in state.record().get("created", {}).get(kind, [])
+
+
+def _mark_created(state: RunState, kind: str, zone: int) -> None:
+    created = state.record().get("created", {})
+    created[kind] = sorted({*created.get(kind, []), zone})
+    state.update(created=created)
 
 
 # --------------------------------------------------------------------------- execution
@@ -288,9 +295,9 @@ class _Here:
 
 
 def _execute(
-    fn: Callable[[str, dict[str, Any]], dict[str, Any]],
+    fn: Callable[[Any, dict[str, Any]], dict[str, Any]],
     regions: list[Region],
-    outdir: Path,
+    outdir: Location,
     client: Any,
     desc: str,
     here: _Here,
@@ -301,6 +308,7 @@ def _execute(
     from xclay.run.tasks import reporting_chips
 
     unit, size = units or ("region", lambda region: 1)
+    task_outdir: Any = outdir.to_dict() if outdir.options else outdir.url
     results: list[dict[str, Any]] = []
     total = sum(size(r) for r in regions)
     with Progress(
@@ -309,7 +317,7 @@ def _execute(
         if client is None:
             with reporting_chips(shown.advance):
                 for region in regions:
-                    results.append(fn(str(outdir), region.to_dict()))
+                    results.append(fn(task_outdir, region.to_dict()))
                     shown.region_done(size(region))
             here.add(results)
             return results
@@ -319,7 +327,7 @@ def _execute(
 
         warm_workers(client)
         futures = client.map(
-            fn, [str(outdir)] * len(regions), [r.to_dict() for r in regions], pure=False
+            fn, [task_outdir] * len(regions), [r.to_dict() for r in regions], pure=False
         )
         of_future = {f.key: r for f, r in zip(futures, regions, strict=True)}
         for future in as_completed(futures):
@@ -402,15 +410,15 @@ def _ingest_phase(
     if resolved.source == "datacube":
         return []
     record = state.record()
-    paths = [Path(p) for p in record["paths"]["datacubes"]]
+    paths = [location(p, spec.storage) for p in record["paths"]["datacubes"]]
     zones = [k for k, path in enumerate(paths) if not is_complete(path)]
     if not zones:
         return []
     shard = spec.grid.shard_chips or spec.compute.region_chips
     for k in zones:
-        if not (paths[k] / "zarr.json").is_file():
+        if not _created(state, "datacubes", k):
             template = _template(spec, resolved, k, record)
-            with atomic_output(paths[k], overwrite=True) as tmp:  # never a half-created store
+            with store_output(paths[k], overwrite=True) as tmp:  # never a half-created store
                 create_datacube_store(
                     template,
                     tmp,
@@ -418,6 +426,7 @@ def _ingest_phase(
                     shard_chips=shard,
                     compression=spec.grid.compression,
                 )
+            _mark_created(state, "datacubes", k)
     # Blocks of whole shards: no two tasks write one shard.
     block = spec.grid.chip_size * shard * max(1, -(-spec.compute.region_chips // shard))
     regions: Iterator[Region] = (
@@ -439,7 +448,7 @@ def _ingest_phase(
         valid[zone] = valid.get(zone, False) or bool(done.get("any_valid"))
     if not any(valid.values()):
         for k in zones:
-            _remove(paths[k])
+            paths[k].remove()
         state.reset()
         raise IngestError(
             "the region has no valid pixel (every pixel is nodata, or masked as nodata); "
@@ -453,8 +462,6 @@ def _ingest_phase(
 def _template(spec: RunSpec, resolved: RunPlan, zone: int, record: dict[str, Any]) -> Any:
     """A zone's datacube, described from item metadata (one item per collection) and grid
     arithmetic; provenance points to the run's item sidecar instead of copying it."""
-    import os
-
     from xclay.ingest import datacube_template
 
     index = resolved.items
@@ -462,12 +469,12 @@ def _template(spec: RunSpec, resolved: RunPlan, zone: int, record: dict[str, Any
     first: dict[str, int] = {}
     for k, collection in enumerate(index.table["collection"].to_pylist()):
         first.setdefault(str(collection), k)
-    store = Path(record["paths"]["datacubes"][zone])
-    items_file = Path(record["paths"]["items"])
+    store = record["paths"]["datacubes"][zone]
+    items_file = record["paths"]["items"]
     provenance = {
         "items": {
             "count": len(index),
-            "file": os.path.relpath(items_file, store),
+            "file": location(items_file).href_from(location(store)),
             "sha256": record.get("items_sha256"),
         },
         "stac": {
@@ -505,17 +512,17 @@ def _embed_phase(
     from xclay.run.tasks import embed_region
 
     record = state.record()
-    paths = [Path(p) for p in record["paths"]["embeddings"]]
+    paths = [location(p, spec.storage) for p in record["paths"]["embeddings"]]
     zones = [k for k, path in enumerate(paths) if not is_complete(path)]
     if not zones:
         return []
     sessions = _prepare(spec, resolved, state)
     record = state.record()
-    spec.geoparquet_path.mkdir(parents=True, exist_ok=True)
+    spec.geoparquet_path.mkdir()
     if "run_metadata" not in record:
         state.update(run_metadata=_write_run_metadata(spec, resolved, record, sessions))
     for k in zones:
-        if not (paths[k] / "zarr.json").is_file():
+        if not _created(state, "embeddings", k):
             layout = sessions[k].layout()
             if spec.outputs.quantize:
                 layout = layout.quantized(spec.outputs.quantize)
@@ -526,10 +533,11 @@ def _embed_phase(
                     "zone": resolved.zones[k].tag,
                 }
             )
-            with atomic_output(paths[k], overwrite=True) as tmp:
+            with store_output(paths[k], overwrite=True) as tmp:
                 from xclay.outputs.export import create_embeddings_store
 
                 create_embeddings_store(layout, tmp, region_chips=spec.compute.region_chips)
+            _mark_created(state, "embeddings", k)
     grids = {k: sessions[k].grid for k in zones}
     for session in sessions.values():
         session.close()
@@ -563,10 +571,12 @@ def _embed_phase(
             total[key] = total.get(key, 0) + int(value)
     for k in zones:
         mark_complete(paths[k], run=per_zone.get(k, {}))
-    parts = sum(1 for _ in spec.geoparquet_path.glob("part-*.parquet"))
-    write_json_atomic(
-        spec.geoparquet_path / RUN_COMPLETE, {"run": _total_counts(state), "parts": parts}
+    parts = sum(
+        1
+        for p in spec.geoparquet_path.iterdir()
+        if p.name.startswith("part-") and p.name.endswith(".parquet")
     )
+    (spec.geoparquet_path / RUN_COMPLETE).write_json({"run": _total_counts(state), "parts": parts})
     return []
 
 
@@ -579,7 +589,7 @@ def _prepare(spec: RunSpec, resolved: RunPlan, state: RunState) -> dict[int, Any
     from xclay.models.registry import encoder_from_card
 
     record = state.record()
-    cubes = [open_datacube(p) for p in record["paths"]["datacubes"]]
+    cubes = [open_datacube(location(p, spec.storage)) for p in record["paths"]["datacubes"]]
     if "card" in record:  # resuming: the encoder exactly as it was first prepared
         config = EmbedConfig.from_dict(record["embed_config"])
         encoder = encoder_from_card(record["card"], checkpoint=record["paths"]["checkpoint"])
@@ -612,7 +622,7 @@ def _write_run_metadata(
             for k, session in sessions.items()
         },
         "items": {
-            "file": str(Path(record["paths"]["items"]).name),
+            "file": location(record["paths"]["items"]).name,
             "sha256": record.get("items_sha256"),
         }
         if record["paths"].get("items")
@@ -621,9 +631,7 @@ def _write_run_metadata(
         "run_plan": resolved.to_dict(),
     }
     data = json.dumps(jsonable(metadata), indent=1, sort_keys=True).encode()
-    path = spec.geoparquet_path / RUN_METADATA
-    with atomic_output(path, overwrite=True) as tmp:
-        tmp.write_bytes(data)
+    (spec.geoparquet_path / RUN_METADATA).write_bytes(data)
     return {"file": RUN_METADATA, "sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -859,7 +867,7 @@ def embed_step(
     preflight(spec, resolved)
     state, resumed = _start(spec, resolved, None)
     cubes = state.record()["paths"]["datacubes"]
-    missing = [c for c in cubes if not is_complete(c)]
+    missing = [c for c in cubes if not is_complete(location(c, spec.storage))]
     if missing:
         raise XClayError(
             f"{', '.join(missing)} is not a complete datacube yet; run xclay ingest first."
@@ -876,10 +884,10 @@ def export_step(
     spec: RunSpec,
     format: str = DEFAULT_FORMAT,
     *,
-    out: Path | None = None,
+    out: Where | None = None,
     overwrite: bool = False,
     **options: Any,
-) -> list[Path]:
+) -> list[Path | str]:
     """Step 3 alone: (re)write a finished run's outputs in an output format.
 
     Parameters
@@ -891,8 +899,8 @@ def export_step(
         own table (``geoparquet``) is rewritten part by part with the spec's settings; any
         other format is written once per embeddings store, ``<store><suffix>``.
     out
-        The folder for a per-store format's files (default: the run's folder, where the
-        run's STAC description finds them).
+        The folder for a per-store format's files, a path or URL (default: the run's
+        folder, where the run's STAC description finds them).
     overwrite
         Replace existing files of a per-store format.
     **options
@@ -900,8 +908,8 @@ def export_step(
 
     Returns
     -------
-    list of Path
-        The files (or, for the run's table, its folder) written.
+    list of Path or str
+        The files (or, for the run's table, its folder) written: paths, or URLs.
     """
     from xclay.outputs.formats import check_options, get_exporter
 
@@ -914,27 +922,29 @@ def export_step(
                 f"a run's {exporter.name} parts follow its spec ({', '.join(options)} under "
                 "outputs:); change the spec instead of passing options."
             )
-        written = [_rewrite_parts(spec, record)]
+        parts = _rewrite_parts(spec, record)
+        written: list[Path | str] = [parts.path if parts.is_local else parts.url]
     else:
-        folder = out or spec.outdir
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = location(out, spec.storage) if out is not None else spec.outdir
+        folder.mkdir()
         written = []
-        for store in map(Path, record["paths"]["embeddings"]):
+        for store in (location(p, spec.storage) for p in record["paths"]["embeddings"]):
             target = folder / f"{store.stem}{exporter.suffix}"
-            written += exporter.write(store, target, overwrite=overwrite, **options)
+            given = target.path if target.is_local else target.url
+            written += exporter.write(store.url, given, overwrite=overwrite, **options)
     _describe(spec)
     return written
 
 
-def _rewrite_parts(spec: RunSpec, record: dict[str, Any]) -> Path:
+def _rewrite_parts(spec: RunSpec, record: dict[str, Any]) -> Location:
     """The run's GeoParquet parts written afresh from its complete embeddings Zarr(s)."""
     from xclay.outputs.export import open_embeddings
     from xclay.run.tasks import part_path, write_part
 
     out = spec.geoparquet_path
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir()
     for k, path in enumerate(record["paths"]["embeddings"]):
-        emb = open_embeddings(path)
+        emb = open_embeddings(location(path, spec.storage))
         shape = (emb.sizes["chip_y"], emb.sizes["chip_x"])
         for region in embed_regions(k, emb.sizes["time"], shape, spec.compute.region_chips):
             part = emb.isel(
@@ -944,7 +954,7 @@ def _rewrite_parts(spec: RunSpec, record: dict[str, Any]) -> Path:
             )
             ds = part.load()
             if bool(ds["embedded"].any()):
-                write_part(str(spec.outdir), record, region, ds, None)
+                write_part(spec.outdir.url, record, region, ds, None)
             else:
-                part_path(record, region).unlink(missing_ok=True)
+                part_path(record, region).remove()
     return out

@@ -17,6 +17,7 @@ from pathlib import Path
 from xclay.errors import OutputError
 from xclay.run.plan import RunPlan
 from xclay.run.spec import RunSpec
+from xclay.storage import Location
 
 __all__ = ["check_outputs", "estimate_output_bytes", "preflight"]
 
@@ -84,14 +85,17 @@ def estimate_output_bytes(spec: RunSpec, resolved: RunPlan) -> int:
     return datacube + 2 * resolved.chips * per_vector
 
 
-def check_outputs(folder: Path, needed: int, *, create: bool = True) -> None:
+def check_outputs(folder: Path | Location, needed: int, *, create: bool = True) -> None:
     """The output folder can be created and written, and its disk has room for ``needed``
     bytes (with a margin); else :class:`~xclay.errors.OutputError`.
 
     Parameters
     ----------
     folder
-        The output folder (``outputs.dir``); it need not exist yet.
+        The output folder (``outputs.dir``); it need not exist yet. On object storage
+        the check is a write and delete of a probe object (a dry run writes it too: the
+        bucket, the credentials and the permission to write are what can fail there),
+        and there is no free space to check.
     needed
         Bytes the outputs need (:func:`estimate_output_bytes`); the disk must have 10%
         more than this free.
@@ -99,7 +103,23 @@ def check_outputs(folder: Path, needed: int, *, create: bool = True) -> None:
         Default True: create the folder and write (then remove) a probe file in it.
         False: write nothing; the folder's nearest existing parent must be writable.
     """
-    folder = Path(folder)
+    if isinstance(folder, Location) and not folder.is_local:
+        probe = folder / f".xclay-write-probe-{os.getpid()}"
+        try:
+            probe.write_bytes(b"xclay")
+            probe.remove()
+        except OSError as err:
+            raise OutputError(
+                f"cannot write the outputs: {str(err).rstrip('.')}. Choose another outputs.dir "
+                "(CLI: the spec's outputs.dir, or --out), or fix the credentials or the "
+                "bucket's permissions. Nothing was run."
+            ) from err
+        return
+    local = folder.path if isinstance(folder, Location) else Path(folder)
+    _check_local_outputs(local, needed, create=create)
+
+
+def _check_local_outputs(folder: Path, needed: int, *, create: bool) -> None:
     try:
         existing = next(p for p in (folder, *folder.parents) if p.exists())
         # The same checks with or without create, so a dry run refuses what a run would.

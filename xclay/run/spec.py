@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from xclay.ingest.grid import MAX_PIXELS
 from xclay.models.clay import Output as ClayOutput
 from xclay.outputs.quantize import QUANTIZATIONS
 from xclay.quality import QualityFilter
+from xclay.storage import Location, Where, is_url, location
 
 if TYPE_CHECKING:
     from xclay.datacube import Compression
@@ -309,6 +309,11 @@ class RunSpec:
         The spec format version (1).
     base
         The folder relative paths are resolved from (the spec file's folder).
+    storage
+        Settings for every object-storage location of the run (inputs and outputs)
+        beyond the environment: obstore's keys (``endpoint``, ``region``,
+        ``skip_signature``, ...). Keep secrets in the environment: the spec is stored
+        with the outputs.
     """
 
     input: InputSettings
@@ -320,38 +325,48 @@ class RunSpec:
     name: str = ""
     version: int = 1
     base: str = "."
+    storage: Mapping[str, Any] = field(default_factory=dict)
 
-    def path(self, value: str) -> Path:
-        """A path of the spec, resolved from the spec file's folder."""
+    def path(self, value: str) -> Location:
+        """A location of the spec: a URL as it is, a path resolved from the spec file's
+        folder."""
+        if is_url(value) or value.startswith("file://"):
+            return location(value, self.storage)
         p = Path(value).expanduser()
-        return p if p.is_absolute() else Path(self.base) / p
+        if p.is_absolute():
+            return location(p)
+        if is_url(self.base):  # a spec read from a URL: its relative paths are beside it
+            return location(self.base, self.storage) / p.as_posix()
+        return location(Path(self.base) / p)
 
     @property
-    def outdir(self) -> Path:
+    def outdir(self) -> Location:
         return self.path(self.outputs.dir)
 
     @property
-    def datacube_path(self) -> Path:
+    def datacube_path(self) -> Location:
         """The datacube store (the input's, when the run embeds an existing datacube)."""
         if self.input.datacube is not None:
             return self.path(self.input.datacube)
-        return self.path(self.outputs.dir) / self.outputs.datacube
+        return self.outdir / self.outputs.datacube
 
     @property
-    def items_path(self) -> Path:
-        return self.path(self.outputs.dir) / self.outputs.items
+    def items_path(self) -> Location:
+        return self.outdir / self.outputs.items
 
     @property
-    def embeddings_path(self) -> Path:
-        return self.path(self.outputs.dir) / self.outputs.embeddings
+    def embeddings_path(self) -> Location:
+        return self.outdir / self.outputs.embeddings
 
     @property
-    def geoparquet_path(self) -> Path:
-        return self.path(self.outputs.dir) / self.outputs.geoparquet
+    def geoparquet_path(self) -> Location:
+        return self.outdir / self.outputs.geoparquet
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out.pop("base")
+        if not out["storage"]:
+            out.pop("storage")
         result: dict[str, Any] = plain(out)
         return result
 
@@ -360,13 +375,14 @@ class RunSpec:
         return _Reader(source).spec(data, base)
 
 
-def load_spec(path: str | os.PathLike[str]) -> RunSpec:
+def load_spec(path: Where) -> RunSpec:
     """Read and validate a YAML run spec.
 
     Parameters
     ----------
     path
-        The spec's YAML file; relative paths in it are resolved from its folder.
+        The spec's YAML file (a path or URL); relative paths in it are resolved from its
+        folder.
 
     Returns
     -------
@@ -376,11 +392,15 @@ def load_spec(path: str | os.PathLike[str]) -> RunSpec:
     """
     import yaml
 
-    file = Path(path)
-    if not file.is_file():
-        raise SpecError(f"{file}: no such run spec file.")
+    file = location(path)
     try:
-        data = yaml.safe_load(file.read_text())
+        text = file.read_text()
+    except FileNotFoundError as err:
+        raise SpecError(f"{file}: no such run spec file.") from err
+    except IsADirectoryError as err:
+        raise SpecError(f"{file}: a folder, not a run spec file.") from err
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -388,7 +408,8 @@ def load_spec(path: str | os.PathLike[str]) -> RunSpec:
         raise SpecError(f"{file}: not valid YAML{where}: {problem}.") from err
     except UnicodeDecodeError as err:
         raise SpecError(f"{file}: not a text file; a run spec is YAML.") from err
-    return RunSpec.from_dict(data, source=str(file), base=str(file.parent.resolve()))
+    base = str(file.parent.path.resolve()) if file.is_local else file.parent.url
+    return RunSpec.from_dict(data, source=str(file), base=base)
 
 
 class _Reader:
@@ -474,7 +495,17 @@ class _Reader:
         top = self.section(
             data,
             "",
-            {"name", "version", "input", "grid", "model", "compute", "quality", "outputs"},
+            {
+                "name",
+                "version",
+                "input",
+                "grid",
+                "model",
+                "compute",
+                "quality",
+                "outputs",
+                "storage",
+            },
             {"input", "outputs"},
         )
         version = top.get("version", 1)
@@ -498,7 +529,20 @@ class _Reader:
             name=self.text(top.get("name"), "name") or "",
             version=1,
             base=base,
+            storage=self.storage(top.get("storage")),
         )
+
+    def storage(self, data: Any) -> dict[str, Any]:
+        if data is None:
+            return {}
+        if not isinstance(data, Mapping) or not all(isinstance(k, str) for k in data):
+            raise self.fail("storage", f"must be a mapping of storage options, got {data!r}.")
+        for key, value in data.items():
+            if not isinstance(value, str | bool | int | float):
+                raise self.fail(
+                    f"storage.{key}", f"must be a string, number or boolean, got {value!r}."
+                )
+        return dict(data)
 
     def input(self, data: Any) -> InputSettings:
         d = self.section(

@@ -8,7 +8,7 @@ counts as done only when its marker exists, and the marker is written last,
 after the region's data is durable; so a run killed at any moment resumes
 from its markers, and redoes at most the regions in flight.
 
-State lives in ``<outputs.dir>/_xclay/``::
+State lives in ``<outputs.dir>/_xclay/`` (a folder, or a prefix on object storage)::
 
     run.json                         what the run is: fingerprint, spec, plan, zones, model card
     done/<phase>/<zone>/<bucket>/<region>.json    a marker per finished region (counts, seconds)
@@ -16,11 +16,14 @@ State lives in ``<outputs.dir>/_xclay/``::
 
 Markers sit in buckets of 1,000 regions, so no folder grows with the area;
 resuming lists the marker folders (one entry per finished region) and never
-walks the outputs.
+walks the outputs. A done marker is written create-only (on S3 a conditional PUT): when
+two workers finish the same region (a task run twice after a lost worker), both wrote
+the same bytes, exactly one marker write wins and the other is told the region is done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -31,7 +34,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from xclay._json import plain
-from xclay.errors import RunStateError
+from xclay.errors import OutputExistsError, RunStateError
+from xclay.storage import Location, Where, location
 
 __all__ = ["Region", "RunState", "RunStateError", "embed_regions", "ingest_regions"]
 
@@ -149,15 +153,10 @@ def embed_regions(
     return _tiles(zone, times, chip_shape[0], chip_shape[1], region_chips, "embed")
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON under a temporary name, flush it to disk, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    with tmp.open("w") as f:
-        json.dump(data, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+def write_json_atomic(path: Where, data: Any) -> None:
+    """Write JSON whole: locally under a temporary name, flushed, then renamed into
+    place; on object storage in one PUT."""
+    location(path).write_json(data)
 
 
 def fingerprint(values: Mapping[str, Any]) -> str:
@@ -175,13 +174,13 @@ class RunState:
         folder, which need not exist yet.
     """
 
-    def __init__(self, outdir: str | os.PathLike[str]) -> None:
-        self.root = Path(outdir) / "_xclay"
+    def __init__(self, outdir: Where) -> None:
+        self.root = location(outdir) / "_xclay"
 
     # -- the run record --------------------------------------------------------
 
     @property
-    def record_path(self) -> Path:
+    def record_path(self) -> Location:
         return self.root / "run.json"
 
     def exists(self) -> bool:
@@ -189,7 +188,7 @@ class RunState:
 
     def record(self) -> dict[str, Any]:
         try:
-            data: dict[str, Any] = json.loads(self.record_path.read_text())
+            data: dict[str, Any] = json.loads(self.record_path.read_bytes())
         except (OSError, json.JSONDecodeError) as err:
             raise RunStateError(f"cannot read the run state {self.record_path}: {err}.") from err
         return data
@@ -204,9 +203,12 @@ class RunState:
         if self.check(identity):
             self.sweep()
             return True
-        write_json_atomic(
-            self.record_path, {"fingerprint": key, "identity": plain(identity), **payload}
-        )
+        try:  # create-only: of two drivers starting at once, one begins, the other resumes
+            self.record_path.write_json(
+                {"fingerprint": key, "identity": plain(identity), **payload}, overwrite=False
+            )
+        except OutputExistsError:
+            return self.check(identity)
         return False
 
     def check(self, identity: Mapping[str, Any]) -> bool:
@@ -229,15 +231,14 @@ class RunState:
         return True
 
     def update(self, **values: Any) -> None:
-        write_json_atomic(self.record_path, {**self.record(), **values})
+        self.record_path.write_json({**self.record(), **values})
 
     def reset(self) -> None:
-        if self.root.exists():
-            shutil.rmtree(self.root)
+        self.root.remove()
 
     # -- regions ---------------------------------------------------------------
 
-    def _marker(self, kind: str, region: Region) -> Path:
+    def _marker(self, kind: str, region: Region) -> Location:
         bucket = f"{region.index // BUCKET:05d}"
         return (
             self.root / kind / region.phase / f"z{region.zone:02d}" / bucket / f"{region.name}.json"
@@ -250,41 +251,43 @@ class RunState:
         """Names of the finished regions of a phase: one listing per bucket folder."""
         return {p.stem for p in self._markers("done", phase)}
 
-    def _markers(self, kind: str, phase: Phase) -> Iterator[Path]:
-        base = self.root / kind / phase
-        if not base.is_dir():
-            return
-        for zone in sorted(os.scandir(base), key=lambda e: e.name):
-            for bucket in sorted(os.scandir(zone.path), key=lambda e: e.name):
-                for entry in sorted(os.scandir(bucket.path), key=lambda e: e.name):
-                    if entry.name.endswith(".json") and not entry.name.startswith("."):
-                        yield Path(entry.path)
+    def _markers(self, kind: str, phase: Phase) -> Iterator[Location]:
+        """The markers of a kind and phase: one listing (paginated on object storage),
+        in zone, bucket and region order."""
+        for marker, _ in (self.root / kind / phase).files():
+            if marker.name.endswith(".json") and not marker.name.startswith("."):
+                yield marker
 
     def done(self, phase: Phase) -> Iterator[dict[str, Any]]:
         for path in self._markers("done", phase):
-            yield json.loads(path.read_text())
+            yield json.loads(path.read_bytes())
 
     def failed(self, phase: Phase) -> list[dict[str, Any]]:
-        return [json.loads(p.read_text()) for p in self._markers("failed", phase)]
+        return [json.loads(p.read_bytes()) for p in self._markers("failed", phase)]
 
     def mark_done(self, region: Region, info: Mapping[str, Any]) -> None:
-        write_json_atomic(self._marker("done", region), {"region": region.to_dict(), **info})
-        self._marker("failed", region).unlink(missing_ok=True)
+        """Record a region as done (after its data is written); when another worker
+        recorded it first, its marker is kept: both wrote the same region."""
+        with contextlib.suppress(OutputExistsError):
+            self._marker("done", region).write_json(
+                {"region": region.to_dict(), **info}, overwrite=False
+            )
+        self._marker("failed", region).remove()
 
     def mark_failed(self, region: Region, reason: str) -> None:
-        write_json_atomic(
-            self._marker("failed", region), {"region": region.to_dict(), "reason": reason}
-        )
+        self._marker("failed", region).write_json({"region": region.to_dict(), "reason": reason})
 
-    def sweep(self, *folders: Path) -> None:
+    def sweep(self, *folders: Location) -> None:
         """Remove temporary files a killed process left behind (``.name.partial-<pid>``):
         in the state folder, the outputs folder itself, and ``folders`` (flat folders such
         as the GeoParquet parts'); never inside the stores, whose files a run does not
-        write under temporary names."""
-        outdir = self.root.parent
-        places = [outdir, *folders]
-        if self.root.is_dir():
-            places += [Path(d) for d, _, _ in os.walk(self.root)]
+        write under temporary names. Object storage has none: an object appears whole."""
+        if not self.root.is_local:
+            return
+        outdir = self.root.parent.path
+        places = [outdir, *(f.path for f in folders if f.is_local)]
+        if self.root.path.is_dir():
+            places += [Path(d) for d, _, _ in os.walk(self.root.path)]
         for place in places:
             if not place.is_dir():
                 continue

@@ -18,14 +18,14 @@ import math
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from xclay.run.state import Region, RunState
+from xclay.storage import Location, location
 
 __all__ = ["embed_region", "ingest_region"]
 
@@ -69,9 +69,23 @@ def _threads(record: dict[str, Any]) -> None:
             torch.set_num_threads(int(n))
 
 
-def _run_task(outdir: str, region_data: dict[str, Any], work: Any) -> dict[str, Any]:
+def _outdir(outdir: str | Mapping[str, Any]) -> Location:
+    """A task's output folder: a path or URL, or a location as plain values (with the
+    run's storage options)."""
+    return Location.from_dict(outdir) if isinstance(outdir, Mapping) else location(outdir)
+
+
+def _at(record: dict[str, Any], where: str) -> Location:
+    """A location of the run's record, with the run's storage options."""
+    return location(where, record["spec"].get("storage") or None)
+
+
+def _run_task(
+    outdir_given: str | Mapping[str, Any], region_data: dict[str, Any], work: Any
+) -> dict[str, Any]:
     region = Region.from_dict(region_data)
-    state = RunState(outdir)
+    outdir = _outdir(outdir_given).url
+    state = RunState(_outdir(outdir_given))
     start = time.perf_counter()
     try:
         record = state.record()
@@ -96,7 +110,7 @@ def _zone(record: dict[str, Any], region: Region) -> Any:
 def _items(outdir: str, record: dict[str, Any]) -> Any:
     from xclay.run.items import ItemIndex
 
-    return _cached(outdir, "items", lambda: ItemIndex.load(record["paths"]["items"]))
+    return _cached(outdir, "items", lambda: ItemIndex.load(_at(record, record["paths"]["items"])))
 
 
 def _days(record: dict[str, Any]) -> dict[np.datetime64, np.datetime64] | None:
@@ -121,15 +135,16 @@ def _lonlat_area(geobox: Any) -> Any:
 # --------------------------------------------------------------------------- ingest
 
 
-def ingest_region(outdir: str, region: dict[str, Any]) -> dict[str, Any]:
+def ingest_region(outdir: str | Mapping[str, Any], region: dict[str, Any]) -> dict[str, Any]:
     """Load, mask and composite one block of a zone from the STAC items that intersect it;
     write it into the zone's datacube.
 
     Parameters
     ----------
     outdir
-        The run's output folder (``outputs.dir``, as a string); the task reads the run's
-        record, items and zones from its ``_xclay`` state folder.
+        The run's output folder (``outputs.dir``): its path or URL, or
+        :meth:`~xclay.storage.Location.to_dict` of it (with the run's storage options);
+        the task reads the run's record, items and zones from its ``_xclay`` state folder.
     region
         The ``"ingest"`` region to do, as a dict (:meth:`~xclay.run.state.Region.to_dict`).
 
@@ -158,7 +173,7 @@ def _ingest(outdir: str, record: dict[str, Any], region: Region) -> dict[str, An
     day = sorted(days)[region.time] if days is not None else None
     picks = index.query(_lonlat_area(geobox), day=day)
     if picks.size == 0:  # nothing covers this block: it is written as nodata
-        path = record["paths"]["datacubes"][region.zone]
+        path = _at(record, record["paths"]["datacubes"][region.zone])
         write_empty_block(path, region.time, region.rows, region.cols)
         return {"any_valid": False, "items": 0}
     items = index.items(picks)
@@ -183,7 +198,7 @@ def _ingest(outdir: str, record: dict[str, Any], region: Region) -> dict[str, An
     with dask.config.set(scheduler="threads"):
         any_valid = write_datacube_block(
             cube,
-            record["paths"]["datacubes"][region.zone],
+            _at(record, record["paths"]["datacubes"][region.zone]),
             0,
             (0, y1 - y0),
             (0, x1 - x0),
@@ -203,15 +218,17 @@ def composite_tile(observations: int, block: int) -> int:
 # --------------------------------------------------------------------------- embed
 
 
-def embed_region(outdir: str, region: dict[str, Any]) -> dict[str, Any]:
+def embed_region(outdir: str | Mapping[str, Any], region: dict[str, Any]) -> dict[str, Any]:
     """Embed one block of chips of a zone; write it into the zone's embeddings Zarr and a
     GeoParquet part.
 
     Parameters
     ----------
     outdir
-        The run's output folder (``outputs.dir``, as a string); the task reads the run's
-        record, model card and zones from its ``_xclay`` state folder.
+        The run's output folder (``outputs.dir``): its path or URL, or
+        :meth:`~xclay.storage.Location.to_dict` of it (with the run's storage options);
+        the task reads the run's record, model card and zones from its ``_xclay`` state
+        folder.
     region
         The ``"embed"`` region to do, as a dict (:meth:`~xclay.run.state.Region.to_dict`).
 
@@ -235,7 +252,7 @@ def _session(outdir: str, record: dict[str, Any], zone: int) -> Any:
         checkpoint = record["paths"].get("checkpoint")
         encoder = encoder_from_card(record["card"], checkpoint=checkpoint)
         config = EmbedConfig.from_dict(record["embed_config"])
-        cube = open_datacube(record["paths"]["datacubes"][zone])
+        cube = open_datacube(_at(record, record["paths"]["datacubes"][zone]))
         return EmbedSession(cube, encoder, config)
 
     return _cached(outdir, f"session-{zone}", build)
@@ -270,21 +287,21 @@ def _embed(outdir: str, record: dict[str, Any], region: Region) -> dict[str, Any
     quantize = record["spec"]["outputs"].get("quantize")
     stored = quantize_embeddings(ds, quantize) if quantize else ds
     write_embeddings_region(
-        record["paths"]["embeddings"][region.zone],
+        _at(record, record["paths"]["embeddings"][region.zone]),
         stored,
         (region.time, region.rows[0], region.cols[0]),
     )
     if result.counts["chips_embedded"]:
         write_part(outdir, record, region, ds, result.counts)
     else:
-        part_path(record, region).unlink(missing_ok=True)
+        part_path(record, region).remove()
     return {"counts": result.counts, "data_path": session.data_path}
 
 
-def part_path(record: dict[str, Any], region: Region) -> Path:
+def part_path(record: dict[str, Any], region: Region) -> Location:
     """The GeoParquet part of a region: ``part-<zone>-<time step>-<region>.parquet``."""
     tag = record["zones"][region.zone]["tag"]
-    folder = Path(record["paths"]["geoparquet"])
+    folder = _at(record, record["paths"]["geoparquet"])
     return folder / f"part-{tag}-{region.time:03d}-{region.index:07d}.parquet"
 
 
@@ -294,7 +311,7 @@ def write_part(
     region: Region,
     ds: Any,
     counts: dict[str, int] | None,
-) -> Path:
+) -> Location:
     """Write a region's GeoParquet part: its rows (each with its own sources) and a footer
     that refers to the run's metadata instead of repeating it."""
     from xclay.outputs.export import chip_footprints, to_geoparquet

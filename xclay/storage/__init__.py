@@ -7,6 +7,13 @@ resolved once from what the user gave (a path, ``file://``, ``s3://``, ``gs://``
 errors, and no module above it knows which kind of location it was handed.
 """
 
-from xclay.storage.location import REMOTE_SCHEMES, Location, StorageOptions, is_url, location
+from xclay.storage.location import (
+    REMOTE_SCHEMES,
+    Location,
+    StorageOptions,
+    Where,
+    is_url,
+    location,
+)
 
-__all__ = ["REMOTE_SCHEMES", "Location", "StorageOptions", "is_url", "location"]
+__all__ = ["REMOTE_SCHEMES", "Location", "StorageOptions", "Where", "is_url", "location"]

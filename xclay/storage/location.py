@@ -22,17 +22,18 @@ import contextlib
 import datetime as dt
 import json
 import os
+import posixpath
 import shutil
 import tempfile
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 from urllib.parse import urlparse
 
 from xclay.errors import MissingDependencyError, OutputExistsError, StorageError
 
-__all__ = ["REMOTE_SCHEMES", "Location", "StorageOptions", "is_url", "location"]
+__all__ = ["REMOTE_SCHEMES", "Location", "StorageOptions", "Where", "is_url", "location"]
 
 StorageOptions = Mapping[str, Any]
 
@@ -49,9 +50,7 @@ def is_url(where: object) -> bool:
     return scheme in REMOTE_SCHEMES
 
 
-def location(
-    where: str | os.PathLike[str] | Location, storage_options: StorageOptions | None = None
-) -> Location:
+def location(where: Where, storage_options: StorageOptions | None = None) -> Location:
     """Resolve ``where`` (a path, a ``file://`` URL, an object-store or HTTP URL, or a
     :class:`Location`) once.
 
@@ -200,6 +199,15 @@ class Location:
 
     def __hash__(self) -> int:
         return hash(self.url)
+
+    def href_from(self, folder: Location) -> str:
+        """How a document in ``folder`` links here: a relative href when both are local
+        or in one store (STAC catalogs stay movable), else this place's URL."""
+        if self._path is not None and folder._path is not None:
+            return Path(os.path.relpath(self._path.resolve(), folder._path.resolve())).as_posix()
+        if self._path is None and folder._path is None and self.root == folder.root:
+            return posixpath.relpath("/" + self.key, "/" + folder.key)
+        return self.url
 
     def to_dict(self) -> dict[str, Any]:
         """The location as plain values (a run's record, a task's arguments)."""
@@ -427,6 +435,23 @@ class Location:
         store = _store_for(self.url, self.options)  # a store rooted at this key
         return ObjectStore(store, read_only=read_only or self.scheme in _READ_ONLY_SCHEMES)
 
+    def arrow(self) -> tuple[Any, str]:
+        """What pyarrow opens: ``(filesystem, path)``: ``(None, local path)``, or
+        obstore's fsspec filesystem over this place's store and ``bucket/key`` (ranged
+        reads: a footer, the row groups and columns asked for)."""
+        if self._path is not None:
+            return None, str(self._path)
+        from obstore.fsspec import FsspecStore
+
+        from xclay.storage.credentials import store_config
+
+        config, client = store_config(self.scheme, self.options)
+        build: Any = FsspecStore  # its overloads are per scheme; the config is the scheme's
+        fs = build(
+            self.scheme, config=config or None, client_options=client or None, retry_config=_RETRY
+        )
+        return fs, self.url.split("://", 1)[1]
+
     def gdal_path(self) -> str:
         """The path GDAL (rasterio) opens: local as it is, object stores through GDAL's
         virtual file systems (``/vsis3/``, ``/vsigs/``, ``/vsiaz/``, ``/vsicurl/``)."""
@@ -478,6 +503,10 @@ class Location:
                 f"{self}: HTTP locations are read-only; write to a path or a bucket "
                 "(s3://, gs://, az://)."
             )
+
+
+# What a caller may hand in as a place (a Location is passed through as it is).
+Where: TypeAlias = str | os.PathLike[str] | Location
 
 
 # --------------------------------------------------------------------------- local files
