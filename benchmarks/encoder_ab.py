@@ -105,7 +105,9 @@ def main() -> None:
         )
         print(json.dumps({"chips_per_s": rate}))
         return
-    from _common import save  # imports xclay: only here, never in a measuring child
+    from _common import require, save  # imports xclay: only here, never in a measuring child
+
+    require(ROOT / ".git", "a git checkout (the earlier commit is checked out beside it)")
 
     base_rev = subprocess.run(
         ["git", "rev-parse", "--short", args.base], cwd=ROOT, check=True, text=True,
