@@ -28,7 +28,7 @@ from xclay.outputs.formats import (
 )
 from xclay.outputs.quantize import QUANTIZATIONS
 from xclay.quality import SKIP_REASONS, QualityFilter
-from xclay.storage import Location, is_url, location
+from xclay.storage import Location, is_url, location, use_storage_options
 
 __all__ = ["main"]
 
@@ -61,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        result: int = args.func(args)
+        with use_storage_options(getattr(args, "storage_option", None) or {}):
+            result: int = args.func(args)
         return result
     except XClayError as err:
         _explain(args, str(err))
@@ -152,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
         "--seed", type=_at_least(0), default=0, help="seed of the synthetic scene (default 0)"
     )
     _add_embed_options(demo)
+    _add_storage_option(demo)
     demo.set_defaults(func=_demo)
 
     run = sub.add_parser(
@@ -164,6 +166,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _add_progress_options(run)
     _add_cluster_options(run)
+    _add_storage_option(run)
     run.set_defaults(func=_run)
 
     ing = sub.add_parser("ingest", help="run a spec's first step: STAC -> datacube Zarr")
@@ -171,6 +174,7 @@ def _parser() -> argparse.ArgumentParser:
     ing.add_argument("--overwrite", action="store_true", help="replace an existing datacube")
     _add_progress_options(ing)
     _add_cluster_options(ing)
+    _add_storage_option(ing)
     ing.set_defaults(func=_ingest)
 
     emb = sub.add_parser(
@@ -194,6 +198,7 @@ def _parser() -> argparse.ArgumentParser:
         help="chips per region edge (datacube mode): the unit of work and of resuming (default 16)",
     )
     _add_cluster_options(emb)
+    _add_storage_option(emb)
     emb.set_defaults(func=_embed)
 
     exp = sub.add_parser(
@@ -230,6 +235,7 @@ def _parser() -> argparse.ArgumentParser:
             metavar=option.metavar,
             help=option.help,
         )
+    _add_storage_option(exp)
     exp.set_defaults(func=_export)
 
     info = sub.add_parser("info", help="versions, CPU/GPU, optional parts available")
@@ -372,6 +378,33 @@ def _batch_size(text: str) -> int | str:
     return chips
 
 
+def _add_storage_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage-option",
+        type=_storage_option,
+        action=_Merge,
+        default={},
+        metavar="KEY=VALUE",
+        help="a setting for object storage (s3://, gs://, az://) beyond the environment, "
+        "e.g. endpoint=http://127.0.0.1:9000 or skip_signature=true; repeat for more",
+    )
+
+
+def _storage_option(text: str) -> dict[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    parsed: Any = {"true": True, "false": False}.get(value.lower(), value)
+    return {key.strip(): parsed}
+
+
+class _Merge(argparse.Action):
+    """Collects repeated KEY=VALUE options into one mapping."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
+        setattr(namespace, self.dest, {**getattr(namespace, self.dest, {}), **values})
+
+
 def _at_least(low: int) -> Any:
     """An argparse type: a whole number no smaller than ``low``."""
 
@@ -496,6 +529,8 @@ def _spec(args: argparse.Namespace) -> Any:
     spec = load_spec(args.spec if hasattr(args, "spec") else args.target)
     if getattr(args, "overwrite", False):
         spec = dataclasses.replace(spec, outputs=dataclasses.replace(spec.outputs, overwrite=True))
+    if getattr(args, "storage_option", None):
+        spec = dataclasses.replace(spec, storage={**spec.storage, **args.storage_option})
     return spec
 
 
@@ -625,6 +660,7 @@ def _embed_spec(args: argparse.Namespace) -> dict[str, Any]:
             "region_chips": args.region_chips,
         },
         "quality": {name: getattr(args, name) for name in QualityFilter().to_dict()},
+        "storage": dict(args.storage_option),
         "outputs": {
             "dir": _absolute(args.out),
             "overwrite": bool(args.overwrite),

@@ -14,6 +14,15 @@ from xclay.storage.location import (
     Where,
     is_url,
     location,
+    use_storage_options,
 )
 
-__all__ = ["REMOTE_SCHEMES", "Location", "StorageOptions", "Where", "is_url", "location"]
+__all__ = [
+    "REMOTE_SCHEMES",
+    "Location",
+    "StorageOptions",
+    "Where",
+    "is_url",
+    "location",
+    "use_storage_options",
+]

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CLIENT_OPTIONS", "store_config"]
+__all__ = ["CLIENT_OPTIONS", "RETRY_OPTIONS", "retry_config", "store_config"]
 
 # obstore's client options (HTTP); every other storage option is its store's configuration.
 CLIENT_OPTIONS = frozenset(
@@ -38,6 +38,28 @@ CLIENT_OPTIONS = frozenset(
 )
 
 
+# How transient faults (HTTP 5xx, timeouts, dropped connections) are retried: exponential
+# backoff from 0.1 s, doubling to at most 15 s, up to `max_retries` times and for at most
+# `retry_timeout` seconds a request; then the request fails (and with it the region).
+RETRY_OPTIONS = {"max_retries": 10, "retry_timeout": 180.0}
+
+
+def retry_config(options: Mapping[str, Any]) -> dict[str, Any]:
+    """obstore's retry configuration from the storage options ``max_retries`` and
+    ``retry_timeout`` (seconds), defaults :data:`RETRY_OPTIONS`.
+
+    Parameters
+    ----------
+    options
+        The storage options (other keys are ignored).
+    """
+    import datetime as dt
+
+    retries = int(options.get("max_retries", RETRY_OPTIONS["max_retries"]))
+    seconds = float(options.get("retry_timeout", RETRY_OPTIONS["retry_timeout"]))
+    return {"max_retries": retries, "retry_timeout": dt.timedelta(seconds=seconds)}
+
+
 def store_config(scheme: str, options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The store configuration and client options for a ``scheme`` root.
 
@@ -47,14 +69,17 @@ def store_config(scheme: str, options: Mapping[str, Any]) -> tuple[dict[str, Any
         The URL scheme (``s3``, ``gs``, ``az``, ``https``, ...).
     options
         The caller's storage options (obstore's keys for the scheme, client options
-        included); they take precedence.
+        included; the retry options are left to :func:`retry_config`); they take
+        precedence.
 
     Returns
     -------
     tuple of dict
         ``(config, client_options)`` for ``obstore.store.from_url``.
     """
-    config = {k: v for k, v in options.items() if k not in CLIENT_OPTIONS}
+    config = {
+        k: v for k, v in options.items() if k not in CLIENT_OPTIONS and k not in RETRY_OPTIONS
+    }
     client = {k: v for k, v in options.items() if k in CLIENT_OPTIONS}
     if scheme in ("s3", "s3a"):
         for key, value in _aws_profile().items():

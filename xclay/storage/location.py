@@ -19,7 +19,6 @@ from ``storage_options`` where that is not enough (obstore's configuration keys,
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 import os
 import posixpath
@@ -33,7 +32,15 @@ from urllib.parse import urlparse
 
 from xclay.errors import MissingDependencyError, OutputExistsError, StorageError
 
-__all__ = ["REMOTE_SCHEMES", "Location", "StorageOptions", "Where", "is_url", "location"]
+__all__ = [
+    "REMOTE_SCHEMES",
+    "Location",
+    "StorageOptions",
+    "Where",
+    "is_url",
+    "location",
+    "use_storage_options",
+]
 
 StorageOptions = Mapping[str, Any]
 
@@ -48,6 +55,30 @@ def is_url(where: object) -> bool:
         return isinstance(where, Location) and not where.is_local
     scheme = urlparse(where).scheme.lower()
     return scheme in REMOTE_SCHEMES
+
+
+# Storage options every location of this process gets unless given its own (the CLI's
+# --storage-option): set with use_storage_options().
+_DEFAULT_OPTIONS: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def use_storage_options(options: StorageOptions) -> Iterator[None]:
+    """Within the block, remote locations made without storage options get ``options``
+    (what ``xclay --storage-option KEY=VALUE`` does for a command).
+
+    Parameters
+    ----------
+    options
+        obstore's keys for the schemes in use, plus ``max_retries``/``retry_timeout``.
+    """
+    old = dict(_DEFAULT_OPTIONS)
+    _DEFAULT_OPTIONS.update(options)
+    try:
+        yield
+    finally:
+        _DEFAULT_OPTIONS.clear()
+        _DEFAULT_OPTIONS.update(old)
 
 
 def location(where: Where, storage_options: StorageOptions | None = None) -> Location:
@@ -83,7 +114,8 @@ def location(where: Where, storage_options: StorageOptions | None = None) -> Loc
             )
         root = f"{scheme}://{parsed.netloc}"
         key = parsed.path.strip("/")
-        return Location(None, root=root, key=key, options=dict(storage_options or {}))
+        options = {**_DEFAULT_OPTIONS, **(storage_options or {})}
+        return Location(None, root=root, key=key, options=options)
     if scheme and len(scheme) > 1 and "://" in text:
         raise StorageError(
             f"{text}: xclay does not know the {scheme}:// scheme; use a path, file://, "
@@ -443,12 +475,15 @@ class Location:
             return None, str(self._path)
         from obstore.fsspec import FsspecStore
 
-        from xclay.storage.credentials import store_config
+        from xclay.storage.credentials import retry_config, store_config
 
         config, client = store_config(self.scheme, self.options)
         build: Any = FsspecStore  # its overloads are per scheme; the config is the scheme's
         fs = build(
-            self.scheme, config=config or None, client_options=client or None, retry_config=_RETRY
+            self.scheme,
+            config=config or None,
+            client_options=client or None,
+            retry_config=retry_config(self.options),
         )
         return fs, self.url.split("://", 1)[1]
 
@@ -565,22 +600,20 @@ def _build_store(root: str, options: Mapping[str, Any]) -> Any:
         raise MissingDependencyError(
             f'{root}: object storage needs obstore: pip install "xclay[cloud]"'
         ) from err
-    from xclay.storage.credentials import store_config
+    from xclay.storage.credentials import retry_config, store_config
 
     scheme = root.split("://", 1)[0].lower()
     config, client = store_config(scheme, options)
     build: Any = from_url  # its overloads are per scheme; the config is the scheme's
     try:
         return build(
-            root, config=config or None, client_options=client or None, retry_config=_RETRY
+            root,
+            config=config or None,
+            client_options=client or None,
+            retry_config=retry_config(options),
         )
     except Exception as err:
         raise StorageError(f"{root}: cannot set up its store: {_first_line(err)}") from err
-
-
-# Transient faults (HTTP 5xx, timeouts, dropped connections) are retried with exponential
-# backoff (0.1 s doubling to 15 s) for up to 3 minutes a request, then fail it.
-_RETRY: dict[str, Any] = {"max_retries": 10, "retry_timeout": dt.timedelta(minutes=3)}
 
 
 # --------------------------------------------------------------------------- errors
