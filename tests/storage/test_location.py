@@ -107,3 +107,22 @@ def test_errors_name_the_url_and_why(s3: S3Server) -> None:
         missing.read_bytes()
     with pytest.raises(StorageError, match="HTTP locations are read-only"):
         location("https://example.invalid/x.json").write_text("x")
+
+
+def test_fsspec_spellings_of_storage_options_work(
+    s3: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What xarray users pass to s3fs (anon, key/secret, client_kwargs' endpoint_url)
+    configures the store as obstore's own keys would."""
+    bucket = s3.bucket()
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    assert location(f"gcs://{bucket}/x").root == f"gs://{bucket}"  # fsspec's scheme name
+    keyed = {"key": "xclay-test", "secret": "xclay-test-secret", "endpoint_url": s3.endpoint}
+    location(f"s3://{bucket}/private.txt", keyed).write_text("mine")
+    assert location(f"s3://{bucket}/private.txt", keyed).read_text() == "mine"
+    # anon: an unsigned request, which this private bucket refuses (public ones serve it)
+    anonymous = {"anon": True, "client_kwargs": {"endpoint_url": s3.endpoint}}
+    with pytest.raises(StorageError, match=r"private\.txt: access denied"):
+        location(f"s3://{bucket}/private.txt", anonymous).read_text()

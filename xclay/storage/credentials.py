@@ -15,7 +15,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CLIENT_OPTIONS", "RETRY_OPTIONS", "retry_config", "store_config"]
+__all__ = [
+    "CLIENT_OPTIONS",
+    "FSSPEC_OPTIONS",
+    "RETRY_OPTIONS",
+    "obstore_options",
+    "retry_config",
+    "store_config",
+]
 
 # obstore's client options (HTTP); every other storage option is its store's configuration.
 CLIENT_OPTIONS = frozenset(
@@ -60,6 +67,41 @@ def retry_config(options: Mapping[str, Any]) -> dict[str, Any]:
     return {"max_retries": retries, "retry_timeout": dt.timedelta(seconds=seconds)}
 
 
+# s3fs/gcsfs/adlfs spellings (what xarray users pass as storage_options) -> obstore's keys.
+FSSPEC_OPTIONS = {
+    "anon": "skip_signature",
+    "key": "access_key_id",
+    "secret": "secret_access_key",
+    "endpoint_url": "endpoint",
+    "region_name": "region",
+    "requester_pays": "request_payer",
+    "account_name": "account_name",
+    "account_key": "account_key",
+    "sas_token": "sas_key",
+}
+
+
+def obstore_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Storage options with fsspec's names (``anon``, ``key``, ``secret``,
+    ``endpoint_url``, ``client_kwargs={"endpoint_url": ...}``, ...) spelt as obstore's;
+    obstore's own names pass as they are.
+
+    Parameters
+    ----------
+    options
+        Storage options in either spelling.
+    """
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        if key == "client_kwargs" and isinstance(value, Mapping):
+            out.update(obstore_options(value))
+        elif key == "token" and not isinstance(value, str):
+            continue  # gcsfs's token modes ("anon", "google_default", ...) map to nothing
+        else:
+            out[FSSPEC_OPTIONS.get(key, key)] = value
+    return out
+
+
 def store_config(scheme: str, options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The store configuration and client options for a ``scheme`` root.
 
@@ -77,6 +119,7 @@ def store_config(scheme: str, options: Mapping[str, Any]) -> tuple[dict[str, Any
     tuple of dict
         ``(config, client_options)`` for ``obstore.store.from_url``.
     """
+    options = obstore_options(options)
     config = {
         k: v for k, v in options.items() if k not in CLIENT_OPTIONS and k not in RETRY_OPTIONS
     }

@@ -45,7 +45,11 @@ __all__ = [
 StorageOptions = Mapping[str, Any]
 
 # Schemes obstore serves, by the store class they need (az, abfs: Azure; gs: Google).
-REMOTE_SCHEMES = ("s3", "s3a", "gs", "az", "abfs", "abfss", "azure", "adl", "http", "https")
+REMOTE_SCHEMES = (
+    "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "azure", "adl", "http", "https",
+)  # fmt: skip
+# fsspec's names for the same stores (xarray users write them)
+_SCHEME_ALIASES = {"gcs": "gs", "s3a": "s3"}
 _READ_ONLY_SCHEMES = ("http", "https")
 
 
@@ -108,6 +112,7 @@ def location(where: Where, storage_options: StorageOptions | None = None) -> Loc
     if scheme == "file":
         return Location(Path(parsed.path))
     if scheme in REMOTE_SCHEMES:
+        scheme = _SCHEME_ALIASES.get(scheme, scheme)
         if not parsed.netloc:
             raise StorageError(
                 f"{text}: a {scheme}:// URL needs a bucket or host ({scheme}://BUCKET/PATH)."
