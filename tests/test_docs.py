@@ -68,7 +68,11 @@ STANDINS: dict[str, tuple[str, ...]] = {
     "docs/hpc.md": ("spec.yaml",),
     "docs/models.md": ("cube.zarr", "clay-v1.5.ckpt", "my_package"),
     "docs/gpu.md": ("cube.zarr", "clay-v1.5.ckpt"),
+    "docs/cloud.md": ("items.json", "s3"),
 }
+# "s3": a real S3 server on 127.0.0.1 (tests/s3.py) with a bucket "my-bucket", and the
+# page's environment pointing at it, as a reader's would point at theirs.
+BUCKET = "my-bucket"
 
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
 MARKER = re.compile(r"^\s*<!--\s*(?P<kind>[\w-]+):\s*(?P<value>.*?)\s*-->\s*$")
@@ -211,6 +215,7 @@ def _write_spec(folder: Path) -> None:
     )
     items = folder / "olinda-items.json"
     pystac.ItemCollection([item]).save_object(dest_href=str(items))
+    shutil.copy(items, folder / "items.json")  # hrefs absolute: it works from any folder
     spec = {
         "name": "olinda",
         "input": {"stac": {"items": str(items)}, "bands": OLINDA_BANDS},
@@ -332,7 +337,7 @@ class Page:
 
 @pytest.fixture(scope="module")
 def pages(
-    tmp_path_factory: pytest.TempPathFactory, standins: Path
+    tmp_path_factory: pytest.TempPathFactory, standins: Path, request: pytest.FixtureRequest
 ) -> Iterator[Callable[[str], Page]]:
     """Each page's state, made on its first block; what a page changes in this process
     (the model registry, sys.path) is undone after the module."""
@@ -348,7 +353,11 @@ def pages(
         if name not in made:
             folder = tmp_path_factory.mktemp(re.sub(r"\W", "-", name))
             site = tmp_path_factory.mktemp("site")
+            extra: dict[str, str] = {}
             for standin in STANDINS.get(name, ()):
+                if standin == "s3":
+                    extra.update(_bucket(request))
+                    continue
                 source, target = standins / standin, folder / standin
                 if source.is_dir() and standin.endswith(".zarr"):
                     shutil.copytree(source, target)
@@ -362,6 +371,7 @@ def pages(
                 "PYTHONPATH": str(site),
                 "XCLAY_CACHE": str(cache),
                 "MPLBACKEND": "Agg",
+                **extra,
             }
             made[name] = Page(folder, site, env)
         return made[name]
@@ -370,6 +380,23 @@ def pages(
     patch.undo()
     for module in [m for m in sys.modules if m.partition(".")[0] == "my_package"]:
         del sys.modules[module]
+
+
+def _bucket(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The S3 server's environment, with the docs' bucket made on it (once)."""
+    import urllib.error
+    import urllib.request
+
+    from tests.s3 import S3Server
+
+    server: S3Server = request.getfixturevalue("s3_server")
+    put = urllib.request.Request(f"{server.endpoint}/{BUCKET}", method="PUT")
+    try:
+        urllib.request.urlopen(put, timeout=30).close()
+    except urllib.error.HTTPError as err:  # made by an earlier page
+        if err.code != 409:
+            raise
+    return server.env
 
 
 def _run(block: Block, page: Page, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -389,6 +416,9 @@ def _run(block: Block, page: Page, monkeypatch: pytest.MonkeyPatch) -> None:
 def _run_python(block: Block, page: Page, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(page.site))
     monkeypatch.setenv("XCLAY_CACHE", page.env["XCLAY_CACHE"])
+    for name, value in page.env.items():
+        if name.startswith("AWS_"):
+            monkeypatch.setenv(name, value)
     before = set(page.namespace)
     code = compile("\n" * block.line + block.code, str(ROOT / block.page), "exec")
     with redirect_stdout(StringIO()):

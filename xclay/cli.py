@@ -386,7 +386,8 @@ def _add_storage_option(p: argparse.ArgumentParser) -> None:
         default={},
         metavar="KEY=VALUE",
         help="a setting for object storage (s3://, gs://, az://) beyond the environment, "
-        "e.g. endpoint=http://127.0.0.1:9000 or skip_signature=true; repeat for more",
+        "e.g. endpoint=http://127.0.0.1:9000 or skip_signature=true; repeat for more "
+        "(default: none, the environment's)",
     )
 
 
