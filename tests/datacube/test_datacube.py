@@ -370,3 +370,41 @@ def test_nan_nodata_round_trips_as_valid_json(tmp_path: Path) -> None:
 
 def _no_bare_constants(name: str) -> None:
     raise AssertionError(f"bare {name} in JSON: other Zarr readers cannot parse it")
+
+
+def test_a_blocks_pixels_and_quality_are_computed_together(tmp_path: Path) -> None:
+    """A composite's quality comes from the same observations as its pixels: writing a
+    block reads each source chunk once, not once for the pixels and again for the quality
+    (the ingest read every COG twice)."""
+    import threading
+
+    import dask.array as da
+
+    from xclay.datacube import create_datacube_store, write_datacube_block
+    from xclay.masks import PixelClass
+
+    reads = []
+    lock = threading.Lock()
+
+    def observe(block: np.ndarray) -> np.ndarray:  # stands for reading and decoding a COG
+        with lock:
+            reads.append(block.shape)
+        return block
+
+    cube = xclay.datasets.demo_composite(64, seed=2)
+    values = cube["pixels"].values
+    source = da.from_array(values, chunks=(1, 10, 32, 32)).map_blocks(
+        observe, meta=np.empty((0, 0, 0, 0), values.dtype)
+    )
+    quality = (source[:, 0] > 0).astype(np.uint8) * np.uint8(PixelClass.CLEAR)
+    lazy = cube.assign(
+        pixels=(cube["pixels"].dims, source, cube["pixels"].attrs),
+        quality=(("time", "y", "x"), quality),
+    )
+    store = create_datacube_store(lazy, tmp_path / "cube.zarr", chip_size=32)
+    write_datacube_block(lazy, store, 0, (0, 64), (0, 64))
+    assert len(reads) == 4  # 4 source chunks, each read once
+    stored = zarr.open_array(str(tmp_path / "cube.zarr"), path="pixels", mode="r")
+    np.testing.assert_array_equal(stored[:], cube["pixels"].values)
+    stored_quality = zarr.open_array(str(tmp_path / "cube.zarr"), path="quality", mode="r")
+    np.testing.assert_array_equal(stored_quality[:], quality.compute())

@@ -237,13 +237,24 @@ def write_datacube_block(
     st, sy, sx = at if at is not None else (t, y0, x0)
     h, w = y1 - y0, x1 - x0
     pixels = cube["pixels"]
-    values = np.asarray(pixels.variable[t, :, y0:y1, x0:x1].values)
-    _array(path, "pixels")[st, :, sy : sy + h, sx : sx + w] = values
-    quality = None
+    parts = [pixels.variable[t, :, y0:y1, x0:x1]]
     if "quality" in cube.data_vars:
-        quality = np.asarray(cube["quality"].variable[t, y0:y1, x0:x1].values)
+        parts.append(cube["quality"].variable[t, y0:y1, x0:x1])
+    values, *rest = _compute_together(parts)
+    quality = rest[0] if rest else None
+    _array(path, "pixels")[st, :, sy : sy + h, sx : sx + w] = values
+    if quality is not None:
         _array(path, "quality")[st, sy : sy + h, sx : sx + w] = quality
     return _any_valid(values, nodata_value(pixels), quality)
+
+
+def _compute_together(parts: list[xr.Variable]) -> list[np.ndarray]:
+    """The values of lazy variables in one computation: a composite's pixels and its
+    quality share their reads, decodes and masks (computed apart, every source image of a
+    block was read and decoded twice)."""
+    # xarray loads a Dataset's dask variables in one dask.compute call
+    loaded = xr.Dataset({f"part{k}": part for k, part in enumerate(parts)}).load()
+    return [np.asarray(loaded[f"part{k}"].values) for k in range(len(parts))]
 
 
 def _array(path: Where, name: str) -> Any:
