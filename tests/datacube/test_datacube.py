@@ -156,7 +156,7 @@ def test_validate_rejects_a_plain_dataset() -> None:
 
 def test_write_open_round_trip_chip_aligned(tmp_path: Path) -> None:
     cube = random_cube((2, 3, 96, 80))
-    path = xclay.write_datacube(cube, tmp_path / "cube.zarr", chip_size=32)
+    path = Path(xclay.write_datacube(cube, tmp_path / "cube.zarr", chip_size=32))
     arr = zarr.open_array(path / "pixels", mode="r")
     assert arr.chunks == (1, 3, 32, 32)  # one chunk = all bands of one chip window
     assert arr.shards is None
@@ -186,8 +186,8 @@ def test_written_cube_is_readable_by_rioxarray_and_odc_geo(tmp_path: Path) -> No
 
 def test_sharded_and_uncompressed_stores_read_back_identically(tmp_path: Path) -> None:
     cube = random_cube((1, 4, 100, 70))
-    sharded = xclay.write_datacube(cube, tmp_path / "s.zarr", chip_size=16, shard_chips=4)
-    raw = xclay.write_datacube(cube, tmp_path / "r.zarr", chip_size=16, compression="none")
+    sharded = Path(xclay.write_datacube(cube, tmp_path / "s.zarr", chip_size=16, shard_chips=4))
+    raw = Path(xclay.write_datacube(cube, tmp_path / "r.zarr", chip_size=16, compression="none"))
     arr = zarr.open_array(sharded / "pixels", mode="r")
     assert arr.chunks == (1, 4, 16, 16) and arr.shards == (1, 4, 64, 64)
     shard_files = [
@@ -357,7 +357,7 @@ def test_nan_nodata_round_trips_as_valid_json(tmp_path: Path) -> None:
 
     cube = random_cube((1, 2, 64, 64), dtype="float32", nodata=float("nan"))
     cube["pixels"].values[0, :, :8, :8] = np.nan
-    path = xclay.write_datacube(cube, tmp_path / "c.zarr", chip_size=32)
+    path = Path(xclay.write_datacube(cube, tmp_path / "c.zarr", chip_size=32))
     meta = json.loads(
         (path / "pixels" / "zarr.json").read_text(), parse_constant=_no_bare_constants
     )

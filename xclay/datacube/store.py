@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import numpy as np
 import xarray as xr
@@ -26,6 +27,32 @@ log = logging.getLogger("xclay.datacube")
 Compression = Literal["zstd", "lz4", "none"]
 
 
+@overload
+def write_datacube(
+    cube: xr.Dataset,
+    path: os.PathLike[str],
+    *,
+    chip_size: int = ...,
+    shard_chips: int | None = ...,
+    compression: Compression = ...,
+    overwrite: bool = ...,
+    require_data: bool = ...,
+    progress: bool | None = ...,
+    storage_options: StorageOptions | None = ...,
+) -> Path: ...
+@overload
+def write_datacube(
+    cube: xr.Dataset,
+    path: Where,
+    *,
+    chip_size: int = ...,
+    shard_chips: int | None = ...,
+    compression: Compression = ...,
+    overwrite: bool = ...,
+    require_data: bool = ...,
+    progress: bool | None = ...,
+    storage_options: StorageOptions | None = ...,
+) -> Path | str: ...
 def write_datacube(
     cube: xr.Dataset,
     path: Where,

@@ -13,11 +13,12 @@ writing one. Needs ``xclay[io]`` (rasterio).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, get_args
+from typing import Any, Literal, get_args, overload
 
 import numpy as np
 import xarray as xr
@@ -38,6 +39,28 @@ _TILE_BYTES = 8 << 20  # uncompressed bytes of one tile (all bands: pixel interl
 _PCA_SAMPLE = 100_000  # chips the principal components are fitted on, at most
 
 
+@overload
+def to_cog(
+    emb: xr.Dataset | Where,
+    path: os.PathLike[str],
+    *,
+    pca: int | None = ...,
+    dtype: CogDtype = ...,
+    time: int | None = ...,
+    blocksize: int | None = ...,
+    overwrite: bool = ...,
+) -> list[Path]: ...
+@overload
+def to_cog(
+    emb: xr.Dataset | Where,
+    path: Where,
+    *,
+    pca: int | None = ...,
+    dtype: CogDtype = ...,
+    time: int | None = ...,
+    blocksize: int | None = ...,
+    overwrite: bool = ...,
+) -> list[Path | str]: ...
 def to_cog(
     emb: xr.Dataset | Where,
     path: Where,
@@ -47,8 +70,9 @@ def to_cog(
     time: int | None = None,
     blocksize: int | None = None,
     overwrite: bool = False,
-) -> list[Path | str]:
-    """Write embeddings as Cloud-Optimized GeoTIFF(s); returns the files written.
+) -> list[Any]:
+    """Write embeddings as Cloud-Optimized GeoTIFF(s); returns the files written (paths,
+    or URLs).
 
     Parameters
     ----------

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import xarray as xr
@@ -82,6 +82,24 @@ RUN_COMPLETE = "_xclay_complete.json"
 # --------------------------------------------------------------------------- Zarr
 
 
+@overload
+def to_zarr(
+    emb: xr.Dataset,
+    path: os.PathLike[str],
+    *,
+    quantize: str | None = ...,
+    overwrite: bool = ...,
+    storage_options: StorageOptions | None = ...,
+) -> Path: ...
+@overload
+def to_zarr(
+    emb: xr.Dataset,
+    path: Where,
+    *,
+    quantize: str | None = ...,
+    overwrite: bool = ...,
+    storage_options: StorageOptions | None = ...,
+) -> Path | str: ...
 def to_zarr(
     emb: xr.Dataset,
     path: Where,
@@ -439,6 +457,28 @@ def write_embeddings_region(path: Where, block: xr.Dataset, offsets: tuple[int, 
 # --------------------------------------------------------------------------- GeoParquet
 
 
+@overload
+def to_geoparquet(
+    emb: xr.Dataset,
+    path: os.PathLike[str],
+    *,
+    quantize: str | None = ...,
+    overwrite: bool = ...,
+    sources: Sequence[Sequence[str]] | None = ...,
+    run_metadata: Mapping[str, Any] | None = ...,
+    storage_options: StorageOptions | None = ...,
+) -> Path: ...
+@overload
+def to_geoparquet(
+    emb: xr.Dataset,
+    path: Where,
+    *,
+    quantize: str | None = ...,
+    overwrite: bool = ...,
+    sources: Sequence[Sequence[str]] | None = ...,
+    run_metadata: Mapping[str, Any] | None = ...,
+    storage_options: StorageOptions | None = ...,
+) -> Path | str: ...
 def to_geoparquet(
     emb: xr.Dataset,
     path: Where,
