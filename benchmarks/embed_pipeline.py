@@ -72,10 +72,11 @@ def main() -> None:
         help="keep the demo datacube here and reuse it when it exists (several runs, one cube)",
     )
     p.add_argument("--data-repeats", type=int, default=7, help="timings of the data path alone")
+    p.add_argument("--filters", type=int, default=None, help="rcf's filters (default: rcf's)")
     args = parse(
         p,
         {"size": 512, "chip_size": 128, "batch_size": 4, "repeats": 1, "data_repeats": 1,
-         "model": "rcf", "cube": None},
+         "model": "rcf", "filters": 16, "cube": None},
     )  # fmt: skip
 
     device = torch.device(args.device)
@@ -89,7 +90,7 @@ def main() -> None:
                 compression=args.compression,
             )
         cube = xclay.open_datacube(path)
-        encoder = _encoder(args.model)
+        encoder = _encoder(args.model, args.filters)
         options = {
             "chip_size": args.chip_size,
             "batch_size": args.batch_size,
@@ -229,7 +230,7 @@ def _opened(path: Path, through_zarr: bool):
     return cube
 
 
-def _encoder(name: str):
+def _encoder(name: str, filters: int | None = None):
     """A registry model, or ``clay-<size>``: Clay with random weights (speed does not depend on them)."""
     if name.startswith("clay-") and name != "clay-v1.5":
         from xclay.models.clay import ClayV15
@@ -238,6 +239,8 @@ def _encoder(name: str):
         torch.manual_seed(0)
         size = name.removeprefix("clay-")
         return ClayV15(ClayEncoder.from_size(size), size=size)
+    if name == "rcf" and filters:
+        return xclay.models.get_model(name, num_filters=filters)
     return xclay.models.get_model(name)
 
 

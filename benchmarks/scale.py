@@ -749,7 +749,7 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke sizes
     args = parse(
         p,
-        {"sections": ["embed", "world", "catalogue", "composite"], "chips": [256, 4096],
+        {"sections": None, "chips": [256, 4096],
          "sample_from": 4096, "sample": 2, "world": 1e5, "items": 400, "tiny": True},
     )  # fmt: skip
     shape = REAL if args.real else LEGACY

@@ -6,7 +6,7 @@ then on a LocalCluster of 1 worker and of 2 workers, each worker with one core
 (one torch thread). Parallel efficiency = rate(2 workers) / (2 x rate(1 worker)).
 
     python benchmarks/scaling.py [--size 2048] [--chip-size 128] [--region-chips 4]
-    python benchmarks/scaling.py --smoke      # a 256 px scene, 64 px chips, 16 filters
+    python benchmarks/scaling.py --smoke      # 256 px, 64 px chips, 16 filters, workers only
 """
 
 from __future__ import annotations
@@ -59,15 +59,18 @@ def main() -> None:
     p.add_argument("--chip-size", type=int, default=128)
     p.add_argument("--region-chips", type=int, default=4)
     p.add_argument("--filters", type=int, default=256)
-    args = parse(p, {"size": 256, "chip_size": 64, "region_chips": 2, "filters": 16})
+    p.add_argument(
+        "--no-in-process", dest="in_process", action="store_false",
+        help="leave out the run in this process (the workers' runs make the figures)",
+    )  # fmt: skip
+    args = parse(
+        p, {"size": 256, "chip_size": 64, "region_chips": 2, "filters": 16, "in_process": False}
+    )
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         items = write_scene(Path(tmp), args.size)
-        for label, cluster in (
-            ("in process", None),
-            ("1 worker", "local:1"),
-            ("2 workers", "local:2"),
-        ):
+        variants = [("in process", None)] if args.in_process else []
+        for label, cluster in [*variants, ("1 worker", "local:1"), ("2 workers", "local:2")]:
             folder = Path(tmp) / label.replace(" ", "_")
             folder.mkdir()
             spec_path = folder / "spec.yaml"

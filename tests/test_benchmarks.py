@@ -119,7 +119,8 @@ class Runs:
         self.acceptance = acceptance or any(w in self.covered for w in wanted)
 
     def _start(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2))
+        # One more than the cores: the runs also wait (cluster start-ups, child processes).
+        self._pool = ThreadPoolExecutor(max_workers=(os.cpu_count() or 2) + 1)
         # The longest first: the dry run, then the scripts it does not run.
         if self.acceptance:
             self._jobs["acceptance"] = self._pool.submit(
