@@ -527,7 +527,12 @@ def item_wavelengths(
 
 
 def check_local_hrefs(items: Sequence[pystac.Item], bands: Sequence[str]) -> None:
-    """Refuse items whose local asset files for ``bands`` are missing, naming the first."""
+    """Refuse items whose local asset files for ``bands`` are missing, naming the first.
+
+    Remote assets (``https://``, ``s3://``, ... URLs, and GDAL's ``/vsi...`` paths) are
+    not checked here: GDAL reads them as they are, and a missing one fails its read
+    naming the href.
+    """
     for item in items:
         for key, asset in item.assets.items():
             eo_names = {e.get("name") for e in asset.extra_fields.get("eo:bands") or []}
@@ -535,6 +540,8 @@ def check_local_hrefs(items: Sequence[pystac.Item], bands: Sequence[str]) -> Non
                 continue
             href = asset.get_absolute_href() or asset.href
             parsed = urlparse(href)
+            if href.startswith("/vsi"):
+                continue  # a GDAL virtual file system path (/vsis3/, /vsicurl/, /vsizip/)
             if parsed.scheme in ("", "file") and not Path(parsed.path).is_file():
                 raise IngestError(
                     f"asset {key!r} of item {item.id!r} points to {href}, which does not exist. "

@@ -43,6 +43,8 @@ from xclay.ingest.items import (
     union_bbox,
 )
 from xclay.masks import MASK_KINDS, PLATFORM_MASKS, MaskKind, PixelClass
+from xclay.storage import StorageOptions
+from xclay.storage.gdal import GdalOptions, gdal_settings, odc_driver
 
 if TYPE_CHECKING:
     import pystac
@@ -68,6 +70,8 @@ def from_stac(
     provenance: bool = True,
     time_range: tuple[np.datetime64, np.datetime64] | None = None,
     days: Mapping[np.datetime64, np.datetime64] | None = None,
+    gdal_options: GdalOptions | None = None,
+    storage_options: StorageOptions | None = None,
 ) -> xr.Dataset:
     """A composite datacube from STAC items, lazily (dask) until written.
 
@@ -75,7 +79,9 @@ def from_stac(
     ----------
     items
         Items, an ItemCollection, a pystac-client ItemSearch, or a path to an
-        item collection or catalog JSON.
+        item collection or catalog JSON. Asset hrefs may be paths or URLs (``https://``,
+        ``s3://``, ``gs://``, ``az://``): remote Cloud-Optimized GeoTIFFs are read as
+        they are, by GDAL.
     bands
         Band names as the items name them (asset keys, ``eo:bands`` names or
         common names); they name the cube's bands.
@@ -123,6 +129,14 @@ def from_stac(
         acquisitions are grouped by solar day (:func:`solar_day` at each item's
         centre) and each group gets its day's time, so every region of a run has the
         same time steps whatever items it sees. Default: each group's own first time.
+    gdal_options
+        GDAL configuration options for reading the assets, over xclay's settings for
+        cloud reads and the environment's (:func:`xclay.storage.gdal.gdal_settings`):
+        e.g. ``{"GDAL_HTTP_MAX_RETRY": 3}``, or ``{"AWS_NO_SIGN_REQUEST": "YES"}`` for a
+        public bucket. They hold wherever the lazy cube is computed (Dask workers too).
+    storage_options
+        Settings for object storage beyond the environment (``endpoint``,
+        ``skip_signature``, ``region``, ...), given to GDAL for ``s3://`` assets.
     """
     require_io()
     import odc.stac
@@ -163,6 +177,9 @@ def from_stac(
         chunks={"time": time_chunk, "y": chunk_size, "x": chunk_size},
         resampling={"*": resampling, **({mask_kind[1]: "nearest"} if mask_kind else {})},
         fail_on_error=True,
+        # Remote assets (https://, s3://, ...) are read where they lie, through GDAL's
+        # virtual file systems, under settings for cloud reads carried in the graph.
+        driver=odc_driver(gdal_settings(gdal_options, storage_options)),
     )
     ds = ds.sortby("time")
     if composite == "none" and days is not None:

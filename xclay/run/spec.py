@@ -314,6 +314,10 @@ class RunSpec:
         beyond the environment: obstore's keys (``endpoint``, ``region``,
         ``skip_signature``, ...). Keep secrets in the environment: the spec is stored
         with the outputs.
+    gdal
+        GDAL configuration options for reading the STAC assets (remote COGs), over
+        xclay's settings for cloud reads and the environment's
+        (:func:`xclay.storage.gdal.gdal_settings`), e.g. ``GDAL_HTTP_MAX_RETRY: 3``.
     """
 
     input: InputSettings
@@ -326,6 +330,7 @@ class RunSpec:
     version: int = 1
     base: str = "."
     storage: Mapping[str, Any] = field(default_factory=dict)
+    gdal: Mapping[str, Any] = field(default_factory=dict)
 
     def path(self, value: str) -> Location:
         """A location of the spec: a URL as it is, a path resolved from the spec file's
@@ -365,8 +370,9 @@ class RunSpec:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out.pop("base")
-        if not out["storage"]:
-            out.pop("storage")
+        for optional in ("storage", "gdal"):
+            if not out[optional]:
+                out.pop(optional)
         result: dict[str, Any] = plain(out)
         return result
 
@@ -505,6 +511,7 @@ class _Reader:
                 "quality",
                 "outputs",
                 "storage",
+                "gdal",
             },
             {"input", "outputs"},
         )
@@ -529,18 +536,19 @@ class _Reader:
             name=self.text(top.get("name"), "name") or "",
             version=1,
             base=base,
-            storage=self.storage(top.get("storage")),
+            storage=self.options(top.get("storage"), "storage", "storage options"),
+            gdal=self.options(top.get("gdal"), "gdal", "GDAL configuration options"),
         )
 
-    def storage(self, data: Any) -> dict[str, Any]:
+    def options(self, data: Any, where: str, what: str) -> dict[str, Any]:
         if data is None:
             return {}
         if not isinstance(data, Mapping) or not all(isinstance(k, str) for k in data):
-            raise self.fail("storage", f"must be a mapping of storage options, got {data!r}.")
+            raise self.fail(where, f"must be a mapping of {what}, got {data!r}.")
         for key, value in data.items():
             if not isinstance(value, str | bool | int | float):
                 raise self.fail(
-                    f"storage.{key}", f"must be a string, number or boolean, got {value!r}."
+                    f"{where}.{key}", f"must be a string, number or boolean, got {value!r}."
                 )
         return dict(data)
 

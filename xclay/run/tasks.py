@@ -192,6 +192,8 @@ def _ingest(outdir: str, record: dict[str, Any], region: Region) -> dict[str, An
         provenance=False,
         time_range=_time_range(record),
         days=days,
+        gdal_options=spec.get("gdal"),
+        storage_options=spec.get("storage"),
     )
     # The region's graph is small: compute it here, in this task's threads, not by sending
     # it back through the cluster's scheduler (which a nested compute in a task would do).
