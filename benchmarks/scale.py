@@ -793,6 +793,13 @@ def main() -> None:
             print(
                 json.dumps({k: v for k, v in results["embed"].items() if k != "rows"}), flush=True
             )
+        if args.tiny and not args.real:
+            # A smoke run tries the real chips' shape too, in little and in this process.
+            configure(dataclasses.replace(REAL, chip=64, bands=2, region=4, batch=16))
+            folder = Path(tmp) / "embed-real"
+            results["embed_real"] = embed_run(256, None, SHAPE.region, folder)
+            print(json.dumps(results["embed_real"]), flush=True)
+            configure(shape)
         if "world" in args.sections:
             results["world"] = world(args.world)
             print(json.dumps(results["world"]), flush=True)
