@@ -8,6 +8,7 @@ GDAL makes. The same scene read from a local file is the reference.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -81,7 +82,7 @@ def _item(scene: Path, href: str) -> pystac.Item:
     return item
 
 
-def _load(items: list[pystac.Item], **kwargs: Any) -> xr.Dataset:
+def _load(items: list[pystac.Item] | str, **kwargs: Any) -> xr.Dataset:
     from xclay.ingest import from_stac
 
     cube = from_stac(items, bands=OLINDA_BANDS, resolution=28.5, chunk_size=128, **kwargs)
@@ -318,3 +319,99 @@ def test_a_specs_gdal_options_are_mappings_of_values(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({**spec, "gdal": {"GDAL_HTTP_MAX_RETRY": [3]}}))
     with pytest.raises(SpecError, match=r"gdal\.GDAL_HTTP_MAX_RETRY: must be a string, number"):
         load_spec(path)
+
+
+# --------------------------------------------------------------------------- items files
+
+
+def _collection(items: list[pystac.Item]) -> dict[str, Any]:
+    import pystac
+
+    return pystac.ItemCollection(items).to_dict(transform_hrefs=False)
+
+
+def test_an_items_file_on_s3_resolves_relative_hrefs_against_its_url(
+    s3: S3Server, olinda_tif: Path, tmp_path: Path
+) -> None:
+    from xclay.errors import IngestError
+    from xclay.ingest import load_items
+
+    bucket = s3.bucket()
+    url = f"s3://{bucket}/stac/items.json"
+    location(url).write_json(_collection([_item(olinda_tif, "../scenes/scene.tif")]))
+    for source in (url, location(url)):
+        (item,) = load_items(source)
+        assert item.assets["data"].href == f"s3://{bucket}/scenes/scene.tif"
+
+    # A catalog: its items, and their assets, found through its relative links.
+    item = _item(olinda_tif, "./scene.tif")
+    item.set_self_href(None)
+    item.clear_links()
+    root = f"s3://{bucket}/catalog"
+    location(f"{root}/catalog.json").write_json({
+        "type": "Catalog", "stac_version": "1.0.0", "id": "scenes", "description": "scenes",
+        "links": [{"rel": "item", "href": "./olinda/olinda.json", "type": "application/json"}],
+    })  # fmt: skip
+    location(f"{root}/olinda/olinda.json").write_json(item.to_dict(transform_hrefs=False))
+    (found,) = load_items(f"{root}/catalog.json")
+    assert found.assets["data"].get_absolute_href() == f"{root}/olinda/scene.tif"
+
+    with pytest.raises(IngestError, match=f"STAC file s3://{bucket}/none.json does not exist"):
+        load_items(f"s3://{bucket}/none.json")
+    with pytest.raises(StorageError, match="no such bucket"):
+        load_items("s3://xclay-no-such-bucket/items.json")
+
+    # file:// URLs are local files.
+    (tmp_path / "items.json").write_text(
+        json.dumps(_collection([_item(olinda_tif, "scenes/scene.tif")]))
+    )
+    (local,) = load_items(f"file://{tmp_path}/items.json")
+    assert local.assets["data"].href == str(tmp_path / "scenes" / "scene.tif")
+
+
+def test_an_items_file_on_an_http_server(tmp_path: Path, olinda_tif: Path) -> None:
+    from xclay.ingest import load_items
+
+    folder = tmp_path / "www"
+    (folder / "stac").mkdir(parents=True)
+    (folder / "stac" / "items.json").write_text(
+        json.dumps(_collection([_item(olinda_tif, "scene.tif")]))
+    )
+    with serving("http", str(folder), str(tmp_path / "requests.log")) as port:
+        (item,) = load_items(f"http://127.0.0.1:{port}/stac/items.json")
+    assert item.assets["data"].href == f"http://127.0.0.1:{port}/stac/scene.tif"
+
+
+def test_from_stac_reads_items_and_scene_from_a_bucket(
+    s3_gdal: S3Server, olinda_tif: Path, local_cube: xr.Dataset
+) -> None:
+    """items.json and the scene beside it on S3, the asset's href relative to the file."""
+    bucket = s3_gdal.bucket()
+    location(f"s3://{bucket}/olinda/scene.tif").upload(olinda_tif)
+    url = f"s3://{bucket}/olinda/items.json"
+    location(url).write_json(_collection([_item(olinda_tif, "scene.tif")]))
+    _same_pixels(_load(url), local_cube)
+
+
+def test_a_run_specs_items_file_may_be_a_url(
+    s3: S3Server, olinda_tif: Path, tmp_path: Path
+) -> None:
+    import yaml
+
+    from xclay.run import load_spec, plan
+
+    bucket = s3.bucket()
+    url = f"s3://{bucket}/stac/items.json"
+    location(url).write_json(_collection([_item(olinda_tif, "scene.tif")]))
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({
+        "input": {"stac": {"items": url}, "bands": OLINDA_BANDS},
+        "grid": {"resolution": 28.5, "chip_size": 32},
+        "outputs": {"dir": "out"},
+    }))  # fmt: skip
+    spec = load_spec(path)
+    assert spec.path(url).url == url
+    resolved = plan(spec)
+    assert resolved.items is not None
+    (item,) = resolved.items.items(range(len(resolved.items)))
+    assert item.assets["data"].href == f"s3://{bucket}/stac/scene.tif"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import posixpath
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,8 +16,9 @@ from urllib.parse import urlparse
 import numpy as np
 
 from xclay._hashing import sha256_file
-from xclay.errors import IngestError, MissingDependencyError
+from xclay.errors import IngestError, MissingDependencyError, StorageError
 from xclay.sensors import get_sensor, list_platforms
+from xclay.storage import Location, StorageOptions, location
 
 if TYPE_CHECKING:
     import pystac
@@ -44,17 +46,21 @@ COLLECTION_PLATFORMS = {
 }
 
 
-def load_items(source: Any) -> list[pystac.Item]:
-    """Items from a list of Items, an ItemCollection, an ItemSearch, or a path to an
+def load_items(source: Any, *, storage_options: StorageOptions | None = None) -> list[pystac.Item]:
+    """Items from a list of Items, an ItemCollection, an ItemSearch, or a path or URL of an
     ItemCollection/FeatureCollection JSON, a catalog.json, or an Item JSON.
 
     Parameters
     ----------
     source
         One Item, an iterable of Items, an ItemCollection, a pystac-client ItemSearch (or
-        any object with an ``items()`` method, such as a catalog), or the path (str or
-        path-like) of an item collection, item or catalog JSON file; a catalog's items
-        are read recursively.
+        any object with an ``items()`` method, such as a catalog), or where an item
+        collection, item or catalog JSON file lies: a path (str or path-like), a URL
+        (``s3://``, ``gs://``, ``az://``, ``http(s)://``, ``file://``) or a
+        :class:`~xclay.storage.Location`; a catalog's items are read recursively.
+        Relative asset hrefs are relative to the file, wherever it lies.
+    storage_options
+        Settings for a URL's store beyond the environment (:func:`xclay.storage.location`).
     """
     require_io()
     import pystac
@@ -65,8 +71,8 @@ def load_items(source: Any) -> list[pystac.Item]:
         return list(source)
     if hasattr(source, "items") and callable(source.items) and not isinstance(source, Mapping):
         return list(source.items())  # pystac_client.ItemSearch, or a catalog object
-    if isinstance(source, str | os.PathLike):
-        return _items_from_file(Path(source))
+    if isinstance(source, str | os.PathLike | Location):
+        return _items_from_file(location(source, storage_options))
     if isinstance(source, Iterable):
         items = list(source)
         bad = [type(i).__name__ for i in items if not isinstance(i, pystac.Item)]
@@ -75,26 +81,35 @@ def load_items(source: Any) -> list[pystac.Item]:
         return items
     raise IngestError(
         f"cannot read STAC items from {type(source).__name__}; pass Items, an ItemCollection, an "
-        "ItemSearch, or the path of an item collection or catalog JSON file."
+        "ItemSearch, or the path or URL of an item collection or catalog JSON file."
     )
 
 
-def _items_from_file(path: Path) -> list[pystac.Item]:
-    """The items of a JSON file: a FeatureCollection (an ItemCollection), a JSON array of
-    Features, one Feature, or a catalog or collection (its items, recursively). Relative
-    asset hrefs are relative to the file, as STAC says (not to the working folder)."""
+def _items_from_file(path: Location) -> list[pystac.Item]:
+    """The items of a JSON file (local or remote): a FeatureCollection (an ItemCollection),
+    a JSON array of Features, one Feature, or a catalog or collection (its items,
+    recursively). Relative asset hrefs are relative to the file, as STAC says (not to the
+    working folder)."""
     import pystac
 
-    if not path.is_file():
-        raise IngestError(f"STAC file {path} does not exist.")
     try:
-        data = json.loads(path.read_text())
+        raw = path.read_bytes()
+    except FileNotFoundError as err:
+        raise IngestError(f"STAC file {path} does not exist.") from err
+    except IsADirectoryError as err:
+        raise IngestError(f"STAC file {path} is a folder, not a JSON file.") from err
+    except StorageError:
+        raise  # one line naming the URL and why (no such bucket, access denied, ...)
+    except OSError as err:
+        raise IngestError(f"{path} is not readable ({err}).") from err
+    try:
+        data = json.loads(raw)
     except UnicodeDecodeError as err:
         raise IngestError(
             f"{path} is not a JSON text file; expected a STAC item collection (GeoJSON "
             "FeatureCollection), a JSON array of Items, an Item, or a catalog."
         ) from err
-    except (OSError, json.JSONDecodeError) as err:
+    except json.JSONDecodeError as err:
         raise IngestError(f"{path} is not readable JSON ({err}).") from err
     features: Any
     kind: str | None
@@ -103,8 +118,9 @@ def _items_from_file(path: Path) -> list[pystac.Item]:
     elif isinstance(data, dict):
         kind = data.get("type")
         if kind in ("Catalog", "Collection"):
-            # pystac resolves a catalog's relative hrefs from its own links.
-            catalog = pystac.read_file(str(path))
+            # pystac resolves a catalog's relative hrefs from its own links, and reads its
+            # children where they lie through the same kind of location.
+            catalog = pystac.read_file(path.url, stac_io=_location_io(path.options))
             return list(catalog.get_items(recursive=True))  # type: ignore[attr-defined]
         if kind == "FeatureCollection":
             features = data.get("features")
@@ -125,11 +141,26 @@ def _items_from_file(path: Path) -> list[pystac.Item]:
     items = [_item_from_feature(f, k, path, kind) for k, f in enumerate(features)]
     for item in items:
         for asset in item.assets.values():
-            asset.href = absolute_href(asset.href, path)
+            asset.href = absolute_href(asset.href, path.url)
     return items
 
 
-def _item_from_feature(feature: Any, k: int, path: Path, kind: str | None) -> pystac.Item:
+def _location_io(options: Mapping[str, Any]) -> pystac.StacIO:
+    """A pystac StacIO that reads every href through :func:`xclay.storage.location` (with
+    ``options``): a catalog's children on object storage as its root."""
+    from pystac.stac_io import DefaultStacIO
+
+    class LocationIO(DefaultStacIO):
+        def read_text_from_href(self, href: str) -> str:
+            try:
+                return location(href, options).read_text()
+            except FileNotFoundError as err:
+                raise IngestError(f"STAC file {href} does not exist.") from err
+
+    return LocationIO()
+
+
+def _item_from_feature(feature: Any, k: int, path: Location, kind: str | None) -> pystac.Item:
     import pystac
 
     where = f"{path}" if kind == "Feature" else f"entry {k} of {path}"
@@ -161,9 +192,13 @@ def absolute_href(href: str, base: str | os.PathLike[str]) -> str:
         return href  # a URL (a one-letter scheme is a Windows drive) or an absolute path
     base = os.fspath(base)
     if "://" in base:
-        from urllib.parse import urljoin
-
-        return urljoin(base, href)
+        url = urlparse(base)
+        if url.scheme == "file":
+            return os.path.normpath(Path(url.path).parent / href)
+        # urljoin joins only the schemes it knows (http, https, ...): for s3://, gs://,
+        # az:// it would return the relative href as it is.
+        folder = posixpath.dirname(url.path) or "/"
+        return f"{url.scheme}://{url.netloc}{posixpath.normpath(posixpath.join(folder, href))}"
     return os.path.normpath(Path(base).absolute().parent / href)
 
 

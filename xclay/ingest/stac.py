@@ -78,7 +78,7 @@ def from_stac(
     Parameters
     ----------
     items
-        Items, an ItemCollection, a pystac-client ItemSearch, or a path to an
+        Items, an ItemCollection, a pystac-client ItemSearch, or the path or URL of an
         item collection or catalog JSON. Asset hrefs may be paths or URLs (``https://``,
         ``s3://``, ``gs://``, ``az://``): remote Cloud-Optimized GeoTIFFs are read as
         they are, by GDAL.
@@ -136,7 +136,8 @@ def from_stac(
         public bucket. They hold wherever the lazy cube is computed (Dask workers too).
     storage_options
         Settings for object storage beyond the environment (``endpoint``,
-        ``skip_signature``, ``region``, ...), given to GDAL for ``s3://`` assets.
+        ``skip_signature``, ``region``, ...): for an items file given as a URL, and
+        given to GDAL for ``s3://`` assets.
     """
     require_io()
     import odc.stac
@@ -145,7 +146,7 @@ def from_stac(
         raise IngestError(
             f"composite must be 'median', 'first-valid' or 'none', got {composite!r}."
         )
-    all_items = load_items(items)
+    all_items = load_items(items, storage_options=storage_options)
     if not all_items:
         raise IngestError("no STAC items: the search or file matched nothing.")
     selected = filter_items(all_items, bbox=bbox, datetime=datetime)

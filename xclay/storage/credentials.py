@@ -124,6 +124,8 @@ def store_config(scheme: str, options: Mapping[str, Any]) -> tuple[dict[str, Any
         k: v for k, v in options.items() if k not in CLIENT_OPTIONS and k not in RETRY_OPTIONS
     }
     client = {k: v for k, v in options.items() if k in CLIENT_OPTIONS}
+    if scheme == "http":
+        client.setdefault("allow_http", True)  # an http:// URL asks for plain HTTP
     if scheme in ("s3", "s3a"):
         for key, value in _aws_profile().items():
             config.setdefault(key, value)
