@@ -406,3 +406,28 @@ def test_gate_chips_are_the_scene_they_name() -> None:
     from pyproj import CRS
 
     assert CRS(cube["spatial_ref"].attrs["crs_wkt"]).to_epsg() == cut.rio.crs.to_epsg() == 31985
+
+
+def test_gpu_wheels_keep_the_listed_version(tmp_path: Path) -> None:
+    """Another tool's unpinned download beside the list's pin: the other version goes, and
+    the closure check names what is still missing."""
+    import zipfile
+
+    wheels = _bench_module("_wheels")
+    listed = wheels.WheelList.read()
+    pinned = str(listed.pins["dask"].specifier).removeprefix("==")
+    for version in (pinned, "2099.1.0"):
+        with zipfile.ZipFile(tmp_path / f"dask-{version}-py3-none-any.whl", "w") as z:
+            z.writestr(
+                f"dask-{version}.dist-info/METADATA",
+                f"Name: dask\nVersion: {version}\nRequires-Dist: toolz>=0.12\n"
+                "Requires-Dist: nothing-provides-this\n",
+            )
+    problems = wheels.check(tmp_path, listed)
+    assert any("several versions" in p for p in problems)
+    removed = wheels.dedupe(tmp_path, listed)
+    assert [p.name for p in removed] == ["dask-2099.1.0-py3-none-any.whl"]
+    problems = wheels.check(tmp_path, listed)
+    assert not any("several versions" in p or p.startswith("dask==") for p in problems)
+    assert any("nothing-provides-this" in p for p in problems)
+    assert any(p.startswith("zarr==") for p in problems)  # listed, not downloaded here
