@@ -26,16 +26,29 @@ def _run(*command: str) -> dict[str, object]:
     return {"returncode": out.returncode, "output": (out.stdout + out.stderr).strip()}
 
 
+def _info() -> dict[str, object]:
+    """``xclay info`` as it prints, run in this process (no second interpreter to start)."""
+    import contextlib
+    import io
+
+    from xclay.cli import main as cli
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            code = cli(["info"])
+        except SystemExit as exit:
+            code = exit.code
+    return {"returncode": code, "output": out.getvalue().strip()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parse(p, {})
     ctx = context()
-    results = {
-        "nvidia_smi": _run("nvidia-smi", "-L"),
-        "xclay_info": _run(sys.executable, "-m", "xclay.cli", "info"),
-    }
+    results = {"nvidia_smi": _run("nvidia-smi", "-L"), "xclay_info": _info()}
     cuda = ctx["device_name"] and not str(ctx["device_name"]).startswith("cpu")
     out = save("environment", {}, results, device="cuda" if cuda else "cpu")
     print(results["nvidia_smi"]["output"])
