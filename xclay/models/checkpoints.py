@@ -1,36 +1,40 @@
-"""Reading model weight files safely: ``torch.load(weights_only=True)`` only."""
+"""Reading model weight files safely: ``torch.load(weights_only=True)`` only; a checkpoint
+given as a URL is read from its local cached copy (:mod:`xclay.storage.cache`)."""
 
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
-from pathlib import Path
 from typing import Any
 
 from xclay._hashing import sha256_file
 from xclay.errors import CheckpointError
+from xclay.storage import Where
 
 __all__ = ["file_sha256", "read_torch_file"]
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
+def file_sha256(path: Where) -> str:
     """sha256 of a checkpoint file, recorded in the model card of every output.
 
     Parameters
     ----------
     path
-        The checkpoint file; it is read in blocks, so memory stays flat for large files.
+        The checkpoint file, or its URL (then its cached copy's bytes:
+        :func:`~xclay.storage.cache.local_checkpoint`); it is read in blocks, so memory
+        stays flat for large files.
 
     Returns
     -------
     str
         The hex digest of the file's bytes.
     """
-    return sha256_file(Path(path))
+    from xclay.storage.cache import local_checkpoint
+
+    return sha256_file(local_checkpoint(path))
 
 
-def read_torch_file(path: str | os.PathLike[str], *, model: str, mmap: bool = False) -> Any:
+def read_torch_file(path: Where, *, model: str, mmap: bool = False) -> Any:
     """Load a ``torch.save`` file without unpickling arbitrary objects.
 
     Tensors are loaded onto the CPU, with ``weights_only=True``. Raises
@@ -40,7 +44,8 @@ def read_torch_file(path: str | os.PathLike[str], *, model: str, mmap: bool = Fa
     Parameters
     ----------
     path
-        The file written by ``torch.save``.
+        The file written by ``torch.save``: a path, or a URL (read through the local
+        cache, :func:`~xclay.storage.cache.local_checkpoint`).
     model
         The model the file is for (``"Clay"``, ``"rcf"``), named in the error messages.
     mmap
@@ -55,7 +60,9 @@ def read_torch_file(path: str | os.PathLike[str], *, model: str, mmap: bool = Fa
     """
     import torch
 
-    file = Path(path)
+    from xclay.storage.cache import local_checkpoint
+
+    file = local_checkpoint(path)
     if not file.is_file():
         raise CheckpointError(f"{model} checkpoint {file} does not exist (or is not a file).")
     try:

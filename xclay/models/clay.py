@@ -37,6 +37,8 @@ from xclay.errors import CheckpointError, MissingDependencyError, ModelError
 from xclay.model_card import ModelCard
 from xclay.models.normalization import Normalization, resolve_normalization
 from xclay.sensors import get_sensor
+from xclay.storage import is_url
+from xclay.storage.cache import cache_root, local_checkpoint
 
 if TYPE_CHECKING:
     import torch
@@ -128,15 +130,13 @@ def latlon_encoding(lonlat: torch.Tensor) -> torch.Tensor:
 def default_checkpoint_path() -> Path:
     """Where xclay looks for the official weights when none are passed:
     ``$XCLAY_CACHE/clay-v1.5.ckpt``, else ``~/.cache/xclay/clay-v1.5.ckpt`` (or ``$XDG_CACHE_HOME``)."""
-    base = os.environ.get("XCLAY_CACHE")
-    if base:
-        return Path(base) / "clay-v1.5.ckpt"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "xclay" / "clay-v1.5.ckpt"
+    return cache_root() / "clay-v1.5.ckpt"
 
 
 def _locate_checkpoint() -> Path:
     env = os.environ.get(CHECKPOINT_ENV)
+    if env and is_url(env):
+        return local_checkpoint(env)
     if env:
         path = Path(env).expanduser()
         if not path.is_file():
@@ -167,7 +167,8 @@ def load_clay_state_dict(
     path
         A Lightning ``.ckpt`` (``state_dict`` with ``model.encoder.*`` and
         ``model.decoder.*``), a plain state dict (``.pt``; an encoder's keys may
-        lack the prefix) or a ``.safetensors`` file (read by its suffix).
+        lack the prefix) or a ``.safetensors`` file (read by its suffix); a path or a
+        URL (read from its cached copy).
     part
         Which state dict to return: ``"encoder"`` (default; keys under
         ``model.encoder.`` or ``encoder.``, else all keys as they are) or ``"decoder"``
@@ -183,7 +184,7 @@ def load_clay_state_dict(
 
     from xclay.models.checkpoints import read_torch_file
 
-    file = Path(path)
+    file = local_checkpoint(path)
     if file.suffix == ".safetensors":
         raw: Any = _read_safetensors(file)
     else:
@@ -370,7 +371,7 @@ class ClayV15:
 
         from xclay.models.clay_encoder import ClayEncoder
 
-        path = Path(checkpoint) if checkpoint is not None else _locate_checkpoint()
+        path = local_checkpoint(checkpoint) if checkpoint is not None else _locate_checkpoint()
         state, _ = load_clay_state_dict(path)
         size, patch = detect_size(state)
         with torch.device("meta"):
@@ -400,14 +401,17 @@ class ClayV15:
     ) -> ClayV15:
         """Load Clay weights (official ``.ckpt``, ``.pt`` state dict or ``.safetensors``).
 
-        ``checkpoint=None`` looks at ``$XCLAY_CHECKPOINT``, then the cache
-        path (:func:`default_checkpoint_path`). ``size`` (if given) must match
+        ``checkpoint`` may be a path or a URL (``s3://``, ``gs://``, ``az://``,
+        ``http(s)://``: downloaded once into xclay's cache and reused while the remote
+        file is unchanged, :func:`~xclay.storage.cache.local_checkpoint`).
+        ``checkpoint=None`` looks at ``$XCLAY_CHECKPOINT`` (a path or URL), then the
+        cache path (:func:`default_checkpoint_path`). ``size`` (if given) must match
         the checkpoint's.
         """
         from xclay.models.checkpoints import file_sha256
         from xclay.models.clay_encoder import CLAY_SIZES, ClayEncoder
 
-        path = Path(checkpoint) if checkpoint is not None else _locate_checkpoint()
+        path = local_checkpoint(checkpoint) if checkpoint is not None else _locate_checkpoint()
         if size is not None and size not in CLAY_SIZES:
             raise ModelError(f"unknown Clay size {size!r}; sizes: {', '.join(CLAY_SIZES)}.")
         state, _ = load_clay_state_dict(path)

@@ -336,12 +336,14 @@ class RCFEncoder:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike[str]) -> RCFEncoder:
-        """Load filters saved by :meth:`save`; embeddings of any cube are then comparable."""
+        """Load filters saved by :meth:`save` (a path or a URL); embeddings of any cube
+        are then comparable."""
         import torch
 
         from xclay.models.checkpoints import file_sha256, read_torch_file
+        from xclay.storage.cache import local_checkpoint
 
-        file = Path(path)
+        file = local_checkpoint(path)  # a URL's cached copy
         payload = read_torch_file(file, model="rcf")
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise CheckpointError(
