@@ -71,7 +71,8 @@ def client_for(
 
             if torch.cuda.is_available():
                 gpus = min(workers, torch.cuda.device_count())
-                return Client(LocalCUDACluster(n_workers=gpus)), None
+                cuda = LocalCUDACluster(n_workers=gpus, dashboard_address=None)
+                return Client(cuda), None
         except ImportError:
             log.info("dask-cuda is not installed; a CPU LocalCluster is used")
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
