@@ -202,7 +202,9 @@ def test_embed_counts_chips_and_says_how_to_retry(
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert "  embed       16 chips in 4 regions to do" in lines
-    assert any(line.startswith("  embed       16 of 16 chips (100%), 4 of 4 regions") for line in lines)
+    assert any(
+        line.startswith("  embed       16 of 16 chips (100%), 4 of 4 regions") for line in lines
+    )
     # a damaged chunk fails its region; the report says how to retry: this same command
     chunks = sorted(p for p in (cube / "pixels" / "c").rglob("*") if p.is_file())
     chunks[-1].write_bytes(chunks[-1].read_bytes()[:-100])
@@ -232,3 +234,21 @@ def test_a_local_cluster_run_keeps_the_cluster_quiet(
     assert run.returncode == 0, run.stderr
     assert run.stderr == "", run.stderr  # no distributed INFO lines after the report
     assert "EPSG:32720" in run.stdout and "PROJCRS" not in run.stdout  # the CRS by its name
+
+
+def test_a_missing_distributed_is_named_as_such(tmp_path: Path) -> None:
+    """Dask installed without its distributed scheduler: --cluster says which package is
+    missing (it said Dask was)."""
+    code = (
+        "import sys; sys.modules['distributed'] = None\n"  # importing it now fails
+        "from xclay.cli import main\n"
+        "sys.exit(main(['embed', 'cube.zarr', '--out', 'o', '--chip-size', '32', "
+        "'--cluster', 'local:2']))"
+    )
+    xclay.write_datacube(xclay.datasets.demo_composite(64), tmp_path / "cube.zarr", chip_size=32)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 1, done.stderr
+    assert "the 'distributed' package" in done.stderr and "xclay[dask]" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

@@ -510,9 +510,7 @@ def test_a_dry_run_refuses_what_the_run_refuses(tmp_path: Path, olinda_tif: Path
         assert words in dry.stderr and dry.stderr == real.stderr
 
 
-def test_bands_without_a_wavelength_are_found_by_the_plan(
-    tmp_path: Path, olinda_tif: Path
-) -> None:
+def test_bands_without_a_wavelength_are_found_by_the_plan(tmp_path: Path, olinda_tif: Path) -> None:
     item = stac_item(olinda_tif, bands=OLINDA_BANDS)  # no wavelengths, no platform
     spec = _spec(tmp_path, _save([item], tmp_path / "items.json"))
     result = _xclay("run", str(spec), "--dry-run")
@@ -572,3 +570,24 @@ def test_a_batch_log_shows_the_plan_first_then_progress_then_the_report(
     assert sum("note" in line for line in lines) <= 1  # each note once
     quiet = _xclay("run", str(spec), "--no-progress", "--overwrite")
     assert not any(line.startswith(("  embed ", "  ingest ")) for line in quiet.stdout.splitlines())
+
+
+def test_a_mask_that_finds_no_classes_is_noted_once_in_the_plan(
+    tmp_path: Path, olinda_tif: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """mask: auto on Sentinel-2 items without an SCL asset: one note in the plan (it was a
+    log line per region)."""
+    item = stac_item(olinda_tif, bands=OLINDA_BANDS, wavelengths=OLINDA_WAVELENGTHS,
+                     platform="sentinel-2-l2a")  # fmt: skip
+    spec = _spec(tmp_path, _save([item], tmp_path / "items.json"))
+    result = _xclay("run", str(spec), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stdout.splitlines() if "mask 'auto'" in line]
+    assert len(notes) == 1 and "scl/SCL asset" in notes[0], result.stdout
+    # what each region's load asks says nothing (it said it once a region, at INFO)
+    from xclay.ingest.items import band_names
+    from xclay.ingest.stac import quality_mask
+
+    with caplog.at_level("DEBUG", logger="xclay"):
+        assert quality_mask("auto", "sentinel-2-l2a", band_names([item])) is None
+    assert not caplog.records
