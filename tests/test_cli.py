@@ -220,7 +220,7 @@ def test_info_names_what_a_missing_part_lacks() -> None:
     assert result.returncode == 0, result.stderr
     parts = next(line for line in result.stdout.splitlines() if line.startswith("parts"))
     for part in parts.removeprefix("parts").split(", "):
-        name, _, state = part.strip().partition(": ")
+        _name, _, state = part.strip().partition(": ")
         assert state == "yes" or (state.startswith("no (") and "missing" in state), part
 
 
