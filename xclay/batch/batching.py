@@ -544,6 +544,9 @@ def _fill(
     order = np.stack([tt.ravel(), ii.ravel(), jj.ravel()], axis=1)
     if plan.chips is not None:
         order = order[plan.chips.ravel()]
+    expect = getattr(source, "expect", None)
+    if expect is not None:  # the reads' windows in order: a remote source fetches ahead
+        expect(np.stack([order[:, 0], row_off[order[:, 1] - r0], col_off[order[:, 2] - c0]], 1))
     with_classes = source.has_quality
     slot = pool.take()
     index = np.empty((capacity, 3), dtype=np.int64)

@@ -32,7 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from xclay.errors import DataIntegrityError, UnsupportedLayout
+from xclay.errors import DataIntegrityError, StorageError, UnsupportedLayout
+from xclay.storage import Location, StorageOptions, Where, location
+from xclay.storage.ranges import ByteRange, gathers, read_ranges
 
 __all__ = [
     "ArrayLayout",
@@ -72,8 +74,9 @@ class ArrayLayout:
 
     Attributes
     ----------
-    path
-        The array's directory: its ``zarr.json`` and chunk (or shard) files.
+    location
+        The array's directory: its ``zarr.json`` and chunk (or shard) files, on a local
+        disk or on object storage.
     shape
         The array's shape, ``(time, band, y, x)`` for a datacube's pixels.
     dtype
@@ -99,7 +102,7 @@ class ArrayLayout:
         fill value: the store says it writes every chunk, and its chunks are checksummed.
     """
 
-    path: Path
+    location: Location
     shape: tuple[int, ...]
     dtype: np.dtype[Any]
     chunk_shape: tuple[int, ...]
@@ -113,14 +116,17 @@ class ArrayLayout:
     every_chunk_written: bool = False  # a missing chunk is damage, not the fill value
 
     @classmethod
-    def open(cls, array_path: str | os.PathLike[str]) -> ArrayLayout:
-        """Read ``zarr.json`` of one array; :class:`UnsupportedLayout` if it is not one of
-        the layouts xclay writes (or compatible ones)."""
-        path = Path(array_path)
+    def open(cls, array: Where, storage_options: StorageOptions | None = None) -> ArrayLayout:
+        """Read ``zarr.json`` of one array (a path, a URL or a
+        :class:`~xclay.storage.Location`); :class:`UnsupportedLayout` if it is not one of the
+        layouts xclay writes (or compatible ones)."""
+        path = location(array, storage_options)
         try:
-            meta = json.loads((path / "zarr.json").read_text())
+            meta = json.loads((path / "zarr.json").read_bytes())
         except FileNotFoundError as err:
             raise UnsupportedLayout(f"no readable zarr.json in {path} ({err})") from err
+        except StorageError:
+            raise  # the store cannot be reached: not damage
         except (OSError, ValueError) as err:
             raise DataIntegrityError(
                 f"{path / 'zarr.json'} cannot be read ({err}); the store is damaged: rewrite it."
@@ -154,7 +160,7 @@ class ArrayLayout:
         dtype, compressor, config, checksum = _codecs(meta["data_type"], codecs)
         integrity = meta.get("attributes", {}).get("xclay_integrity") or {}
         return cls(
-            path=path,
+            location=path,
             shape=tuple(int(n) for n in meta["shape"]),
             dtype=dtype,
             chunk_shape=chunk_shape,
@@ -202,10 +208,23 @@ def _codecs(
 
 
 class ChunkLocator:
-    """Finds chunk bytes: one file per chunk, or a range of a shard (indexes cached)."""
+    """Finds chunk bytes: one file per chunk, or a range of a shard (indexes read once and
+    cached).
+
+    Where requests are costly (:func:`~xclay.storage.ranges.gathers`: object storage), a
+    chunk file is not looked for before it is read (a missing one is found missing when
+    read), and :meth:`find_many` reads the indexes of all the shards it needs at once.
+    """
 
     def __init__(self, layout: ArrayLayout) -> None:
         self.layout = layout
+        self.gathers = gathers(layout.location)
+        per_shard = (
+            [s // c for s, c in zip(layout.shard_shape, layout.chunk_shape, strict=True)]
+            if layout.shard_shape is not None
+            else []
+        )
+        self._per_shard = per_shard
         self._indexes: dict[tuple[int, ...], np.ndarray | None] = {}
         self._lock = threading.Lock()
 
@@ -214,18 +233,72 @@ class ChunkLocator:
         (it then holds the fill value)."""
         lay = self.layout
         if lay.shard_shape is None:
-            path = lay.path / lay.key(chunk)
-            return ChunkRef(str(path), 0, None) if path.is_file() else None
-        per_shard = [s // c for s, c in zip(lay.shard_shape, lay.chunk_shape, strict=True)]
-        shard = tuple(int(i) // n for i, n in zip(chunk, per_shard, strict=True))
-        inner = tuple(int(i) % n for i, n in zip(chunk, per_shard, strict=True))
-        index = self._index(shard, per_shard)
+            where = lay.location / lay.key(chunk)
+            if self.gathers:
+                return ChunkRef(str(where), 0, None)  # found missing when read
+            return ChunkRef(str(where), 0, None) if where.path.is_file() else None
+        shard, inner = self._shard_of(chunk)
+        index = self._index(shard)
         if index is None:
             return None
-        offset, nbytes = index[np.ravel_multi_index(inner, per_shard)]
+        offset, nbytes = index[np.ravel_multi_index(inner, self._per_shard)]
         if offset == _EMPTY and nbytes == _EMPTY:
             return None
-        return ChunkRef(str(lay.path / lay.key(shard)), int(offset), int(nbytes))
+        return ChunkRef(str(lay.location / lay.key(shard)), int(offset), int(nbytes))
+
+    def find_many(self, chunks: Sequence[Sequence[int]]) -> list[ChunkRef | None]:
+        """:meth:`find` for each chunk, the indexes of the shards not read yet read together
+        first."""
+        self._read_indexes(chunks)
+        return [self.find(c) for c in chunks]
+
+    def _read_indexes(self, chunks: Sequence[Sequence[int]]) -> None:
+        wanted = self.index_ranges(chunks)
+        if wanted:
+            self.take_indexes(wanted, read_ranges([r for _, r in wanted]))
+
+    def index_ranges(
+        self, chunks: Sequence[Sequence[int]]
+    ) -> list[tuple[tuple[int, ...], ByteRange]]:
+        """The byte ranges of the indexes not read yet of the shards that hold ``chunks``
+        (grid indices), each with its shard; none for an unsharded array. For a caller that
+        reads them together with other ranges: :meth:`take_indexes` then checks and keeps
+        them."""
+        if not self._per_shard:
+            return []
+        shards = {self._shard_of(c)[0] for c in chunks}
+        with self._lock:
+            todo = sorted(s for s in shards if s not in self._indexes)
+        size = self._index_nbytes()
+        lay = self.layout
+        start = -size if lay.index_at_end else 0
+        return [(s, ByteRange(lay.location / lay.key(s), start, size)) for s in todo]
+
+    def take_indexes(
+        self, wanted: Sequence[tuple[tuple[int, ...], ByteRange]], data: Sequence[Any]
+    ) -> None:
+        """Check and keep shard indexes read as :meth:`index_ranges` said (None: the shard
+        does not exist: its chunks were never written)."""
+        size = self._index_nbytes()
+        found: dict[tuple[int, ...], np.ndarray | None] = {}
+        for (shard, r), raw in zip(wanted, data, strict=True):
+            if raw is None:
+                found[shard] = None
+                continue
+            view = memoryview(raw)
+            if len(view) != size:
+                raise DataIntegrityError(
+                    f"{r.where}: shard index truncated ({len(view)} of {size} bytes); the "
+                    "shard is damaged."
+                )
+            if not crc32c_matches(view[:-_INDEX_CRC_BYTES], view[-_INDEX_CRC_BYTES:]):
+                raise DataIntegrityError(
+                    f"{r.where}: the shard index checksum does not match; the shard is damaged."
+                )
+            entries = np.frombuffer(view[:-_INDEX_CRC_BYTES], dtype="<u8")
+            found[shard] = entries.reshape(-1, 2)
+        with self._lock:
+            self._indexes.update(found)
 
     def missing(self, chunk: Sequence[int]) -> None:
         """A chunk that was not found: damage in a store that writes every chunk (an error
@@ -233,43 +306,32 @@ class ChunkLocator:
         if self.layout.every_chunk_written:
             lay = self.layout
             if lay.shard_shape is None:
-                where = lay.path / lay.key(chunk)
+                where = lay.location / lay.key(chunk)
             else:
-                per = [s // c for s, c in zip(lay.shard_shape, lay.chunk_shape, strict=True)]
-                shard = tuple(int(i) // n for i, n in zip(chunk, per, strict=True))
-                where = lay.path / lay.key(shard)
+                where = lay.location / lay.key(self._shard_of(chunk)[0])
             raise DataIntegrityError(
                 f"{where}: chunk {tuple(int(i) for i in chunk)} is missing from a datacube that "
                 "writes every chunk; the datacube is damaged. Rewrite it (or remove it and "
                 "rerun the ingest)."
             )
 
-    def _index(self, shard: tuple[int, ...], per_shard: list[int]) -> np.ndarray | None:
+    def _shard_of(self, chunk: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        per = self._per_shard
+        shard = tuple(int(i) // n for i, n in zip(chunk, per, strict=True))
+        inner = tuple(int(i) % n for i, n in zip(chunk, per, strict=True))
+        return shard, inner
+
+    def _index_nbytes(self) -> int:
+        return int(np.prod(self._per_shard)) * 16 + _INDEX_CRC_BYTES
+
+    def _index(self, shard: tuple[int, ...]) -> np.ndarray | None:
         with self._lock:
             if shard in self._indexes:
                 return self._indexes[shard]
-        path = self.layout.path / self.layout.key(shard)
-        n = int(np.prod(per_shard))
-        size = n * 16 + _INDEX_CRC_BYTES
-        index: np.ndarray | None = None
-        if path.is_file():
-            with path.open("rb") as f:
-                total = os.fstat(f.fileno()).st_size
-                start = total - size if self.layout.index_at_end else 0
-                raw = os.pread(f.fileno(), size, start)
-            if len(raw) != size:
-                raise DataIntegrityError(
-                    f"{path}: shard index truncated ({len(raw)} of {size} bytes); the shard is "
-                    "damaged."
-                )
-            if not crc32c_matches(raw[:-_INDEX_CRC_BYTES], raw[-_INDEX_CRC_BYTES:]):
-                raise DataIntegrityError(
-                    f"{path}: the shard index checksum does not match; the shard is damaged."
-                )
-            index = np.frombuffer(raw[:-_INDEX_CRC_BYTES], dtype="<u8").reshape(n, 2)
+        per = self._per_shard
+        self._read_indexes([tuple(s * n for s, n in zip(shard, per, strict=True))])
         with self._lock:
-            self._indexes[shard] = index
-        return index
+            return self._indexes[shard]
 
 
 def crc32c_matches(data: Any, stored: Any) -> bool:
@@ -364,9 +426,18 @@ class DirectWindowReader:
     def shape(self) -> tuple[int, ...]:
         return self.layout.shape
 
-    def read(self, t: int, row: int, col: int, size: int, out: np.ndarray) -> None:
+    def read(
+        self,
+        t: int,
+        row: int,
+        col: int,
+        size: int,
+        out: np.ndarray,
+        gathered: Gathered | None = None,
+    ) -> None:
         """Fill ``out`` (``[band, size, size]``, or ``[size, size]`` for 3-D arrays) with the
-        window at ``(row, col)`` of time ``t``."""
+        window at ``(row, col)`` of time ``t``; its chunks' stored bytes come from
+        ``gathered`` (:func:`gather`) where they are there, else are read now."""
         lay = self.layout
         cy, cx = lay.chunk_shape[-2], lay.chunk_shape[-1]
         ny, nx = lay.shape[-2], lay.shape[-1]
@@ -383,7 +454,7 @@ class DirectWindowReader:
                 target = out[..., ys - row : ye - row, xs - col : xe - col]
                 whole = (ye - ys, xe - xs) == (cy, cx)  # the window holds the whole chunk
                 if whole and target.flags.c_contiguous:
-                    self._read_chunk(t, gy, gx, target)  # in place
+                    self._read_chunk(t, gy, gx, target, gathered)  # in place
                     continue
                 part = (..., slice(ys - gy * cy, ye - gy * cy), slice(xs - gx * cx, xe - gx * cx))
                 entry = self._cache.get((t, gy, gx))
@@ -392,12 +463,12 @@ class DirectWindowReader:
                     # the window in this thread's hot buffer, rather than push shared
                     # chunks out of the cache.
                     scratch = self._scratch()
-                    self._read_chunk(t, gy, gx, scratch)
+                    self._read_chunk(t, gy, gx, scratch, gathered)
                     target[...] = scratch
                     continue
                 if entry is None:
                     buffer = self._cache.buffer()
-                    self._read_chunk(t, gy, gx, buffer)
+                    self._read_chunk(t, gy, gx, buffer, gathered)
                     entry = self._cache.put((t, gy, gx), buffer)
                 try:
                     target[...] = entry.array[part]
@@ -420,18 +491,108 @@ class DirectWindowReader:
     def _grid_index(self, t: int, gy: int, gx: int) -> tuple[int, ...]:
         return (t, 0, gy, gx) if len(self.layout.shape) == 4 else (t, gy, gx)
 
-    def _read_chunk(self, t: int, gy: int, gx: int, out: np.ndarray) -> None:
+    def chunks_for(self, windows: np.ndarray, size: int) -> list[tuple[int, ...]]:
+        """The grid indices of the chunks that windows ``(t, row, col)`` of ``size`` px
+        cover (within the raster), but for those decoded in the cache now."""
+        lay = self.layout
+        cy, cx = lay.chunk_shape[-2], lay.chunk_shape[-1]
+        ny, nx = lay.shape[-2], lay.shape[-1]
+        seen: dict[tuple[int, ...], None] = {}
+        for t, row, col in windows.tolist():
+            r0, r1 = max(row, 0), min(row + size, ny)
+            c0, c1 = max(col, 0), min(col + size, nx)
+            if r0 >= r1 or c0 >= c1:
+                continue
+            # A window that is exactly one chunk decodes it in place, never from the cache.
+            direct = size == cy == cx and row % cy == 0 and col % cx == 0
+            for gy in range(r0 // cy, (r1 - 1) // cy + 1):
+                for gx in range(c0 // cx, (c1 - 1) // cx + 1):
+                    if direct or not self._cache.has((t, gy, gx)):
+                        seen[self._grid_index(t, gy, gx)] = None
+        return list(seen)
+
+    def _read_chunk(
+        self, t: int, gy: int, gx: int, out: np.ndarray, gathered: Gathered | None = None
+    ) -> None:
         """Decode one chunk into ``out`` (C-contiguous, the chunk's shape without time)."""
         index = self._grid_index(t, gy, gx)
-        ref = self.locator.find(index)
-        if ref is None:
-            self.locator.missing(index)
+        if gathered is None or index not in gathered:
+            if self.locator.gathers:  # not gathered (it left the cache since): read it alone
+                gathered = gather_chunks([(self, [index])])[0]
+            else:
+                ref = self.locator.find(index)
+                if ref is None:
+                    self.locator.missing(index)
+                    out.fill(self.layout.fill_value)
+                    return
+                read_chunk(self.layout, ref, out, self._decoder)
+                return
+        stored = gathered[index]
+        if stored is None:
+            self.locator.missing(index)  # damage, where the store writes every chunk
             out.fill(self.layout.fill_value)
             return
-        self._read_ref(ref, out)
+        decode_stored(self.layout, stored[0], stored[1], out, self._decoder)
 
-    def _read_ref(self, ref: ChunkRef, out: np.ndarray) -> None:
-        read_chunk(self.layout, ref, out, self._decoder)
+
+# Gathered chunks: where each is and its stored bytes; None: not there (never written, or
+# lost: the reader that decodes it tells which, and raises for damage).
+Gathered = dict[tuple[int, ...], tuple[ChunkRef, Any] | None]
+
+
+def gather(wants: Sequence[tuple[DirectWindowReader, np.ndarray, int]]) -> list[Gathered]:
+    """The stored bytes of every chunk that windows need, from several arrays at once:
+    what a reader on object storage does before decoding a batch.
+
+    Parameters
+    ----------
+    wants
+        For each array's reader, the windows ``(t, row, col)`` and their size in pixels.
+
+    Returns
+    -------
+    list of dict
+        For each reader, its chunks' stored bytes by grid index (chunks decoded in its
+        cache now are left out), for :meth:`DirectWindowReader.read`.
+    """
+    return gather_chunks([(reader, reader.chunks_for(w, size)) for reader, w, size in wants])
+
+
+def gather_chunks(
+    wants: Sequence[tuple[DirectWindowReader, Sequence[tuple[int, ...]]]],
+) -> list[Gathered]:
+    """The stored bytes of chunks (grid indices) of several arrays, in at most two rounds
+    of requests, each all in flight at once (:func:`~xclay.storage.ranges.read_ranges`):
+    the indexes of the shards not read yet, then the chunks. A chunk that is not there is
+    None, for the reader that decodes it to call damage (a store that writes every chunk)
+    or the fill value."""
+    indexes = [reader.locator.index_ranges(chunks) for reader, chunks in wants]
+    flat = [r for wanted in indexes for _, r in wanted]
+    if flat:
+        data = iter(read_ranges(flat))
+        for (reader, _), wanted in zip(wants, indexes, strict=True):
+            reader.locator.take_indexes(wanted, [next(data) for _ in wanted])
+    refs = [[reader.locator.find(c) for c in chunks] for reader, chunks in wants]
+    ranges = [
+        _byte_range(reader.layout, ref)
+        for (reader, _), found in zip(wants, refs, strict=True)
+        for ref in found
+        if ref is not None
+    ]
+    data = iter(read_ranges(ranges))
+    out: list[Gathered] = []
+    for (_, chunks), found in zip(wants, refs, strict=True):
+        gathered: Gathered = {}
+        for chunk, ref in zip(chunks, found, strict=True):
+            stored = next(data) if ref is not None else None
+            gathered[chunk] = (ref, stored) if ref is not None and stored is not None else None
+        out.append(gathered)
+    return out
+
+
+def _byte_range(layout: ArrayLayout, ref: ChunkRef) -> ByteRange:
+    where = location(ref.path, layout.location.options)
+    return ByteRange(where, ref.offset, ref.nbytes)
 
 
 @dataclass
@@ -472,6 +633,11 @@ class _ChunkCache:
                 entry.pins += 1
                 self._chunks.move_to_end(key)
             return entry
+
+    def has(self, key: tuple[int, ...]) -> bool:
+        """Whether the chunk is cached now (it may leave before it is asked for)."""
+        with self._lock:
+            return key in self._chunks
 
     def put(self, key: tuple[int, ...], array: np.ndarray) -> _CachedChunk:
         """Cache a freshly decoded chunk; it comes back pinned, like :meth:`get`."""
@@ -521,8 +687,9 @@ class _ChunkCache:
 
 
 def read_chunk(layout: ArrayLayout, ref: ChunkRef, out: np.ndarray, decoder: Any) -> None:
-    """Read, check and decode one stored chunk into ``out`` (C-contiguous, chunk-shaped):
-    uncompressed bytes land in ``out`` directly (the checksum read beside them)."""
+    """Read, check and decode one stored chunk of a local file into ``out`` (C-contiguous,
+    chunk-shaped): uncompressed bytes land in ``out`` directly (the checksum read beside
+    them), compressed ones are read whole and handed to :func:`decode_stored`."""
     raw = out.view(np.uint8).reshape(-1)
     trailer = 4 if layout.checksum else 0
     fd = os.open(ref.path, os.O_RDONLY)
@@ -531,36 +698,60 @@ def read_chunk(layout: ArrayLayout, ref: ChunkRef, out: np.ndarray, decoder: Any
             crc = bytearray(trailer)
             got = os.preadv(fd, [raw.data, crc] if trailer else [raw.data], ref.offset)
             if got != raw.size + trailer:
-                raise DataIntegrityError(
-                    f"{_chunk_name(layout, ref)}: chunk cut short ({got} of "
-                    f"{raw.size + trailer} bytes); the datacube is damaged."
-                )
+                raise _cut_short(layout, ref, got, raw.size + trailer)
             if trailer and not crc32c_matches(raw, crc):
                 raise _mismatch(layout, ref)
-        else:
-            nbytes = ref.nbytes if ref.nbytes is not None else os.fstat(fd).st_size
-            encoded = os.pread(fd, nbytes, ref.offset)
-            if len(encoded) != nbytes:
-                raise DataIntegrityError(
-                    f"{_chunk_name(layout, ref)}: chunk cut short ({len(encoded)} of {nbytes} "
-                    "bytes); the datacube is damaged."
-                )
-            payload = memoryview(encoded)
-            if trailer:
-                if nbytes < trailer or not crc32c_matches(payload[:-trailer], payload[-trailer:]):
-                    raise _mismatch(layout, ref)
-                payload = payload[:-trailer]
-            try:
-                decoder.decode(payload, out=raw)
-            except Exception as err:  # zstd/blosc report bad frames as various errors
-                raise DataIntegrityError(
-                    f"{_chunk_name(layout, ref)}: the chunk does not decode ({err}); the "
-                    "datacube is damaged."
-                ) from err
+            if not layout.dtype.isnative:
+                out.byteswap(inplace=True)
+            return
+        nbytes = ref.nbytes if ref.nbytes is not None else os.fstat(fd).st_size
+        encoded = os.pread(fd, nbytes, ref.offset)
     finally:
         os.close(fd)
+    decode_stored(layout, ref, encoded, out, decoder)
+
+
+def decode_stored(
+    layout: ArrayLayout, ref: ChunkRef, stored: Any, out: np.ndarray, decoder: Any
+) -> None:
+    """Check one chunk's stored bytes, as read from any storage (its crc32c included where
+    it has one), and decode them into ``out`` (C-contiguous, chunk-shaped): the one check
+    and decode of every host read, local or remote.
+
+    A chunk shorter than its reference says, whose checksum does not match, or that does
+    not decode is a :class:`~xclay.errors.DataIntegrityError` naming it.
+    """
+    raw = out.view(np.uint8).reshape(-1)
+    trailer = 4 if layout.checksum else 0
+    payload = memoryview(stored).cast("B")
+    expected = ref.nbytes if ref.nbytes is not None else None
+    if decoder is None:
+        expected = raw.size + trailer
+    if expected is not None and len(payload) != expected:
+        raise _cut_short(layout, ref, len(payload), expected)
+    if trailer:
+        if len(payload) < trailer or not crc32c_matches(payload[:-trailer], payload[-trailer:]):
+            raise _mismatch(layout, ref)
+        payload = payload[:-trailer]
+    if decoder is None:
+        raw[:] = np.frombuffer(payload, dtype=np.uint8)
+    else:
+        try:
+            decoder.decode(payload, out=raw)
+        except Exception as err:  # zstd/blosc report bad frames as various errors
+            raise DataIntegrityError(
+                f"{_chunk_name(layout, ref)}: the chunk does not decode ({err}); the "
+                "datacube is damaged."
+            ) from err
     if not layout.dtype.isnative:
         out.byteswap(inplace=True)
+
+
+def _cut_short(layout: ArrayLayout, ref: ChunkRef, got: int, nbytes: int) -> DataIntegrityError:
+    return DataIntegrityError(
+        f"{_chunk_name(layout, ref)}: chunk cut short ({got} of {nbytes} bytes); the datacube "
+        "is damaged."
+    )
 
 
 def _chunk_name(layout: ArrayLayout, ref: ChunkRef) -> str:
@@ -619,16 +810,16 @@ class ChipChunks:
     ) -> tuple[list[ChunkRef | None], list[tuple[int, int]]]:
         size = self.chip_size
         ny, nx = self.layout.shape[-2], self.layout.shape[-1]
-        refs: list[ChunkRef | None] = []
+        indexes: list[tuple[int, ...]] = []
         outside: list[tuple[int, int]] = []
         for t, row, col in windows:
             if row % size or col % size:
                 raise UnsupportedLayout(f"window at ({row}, {col}) is not on a chunk boundary")
             gy, gx = row // size, col // size
-            index = (t, 0, gy, gx) if len(self.layout.shape) == 4 else (t, gy, gx)
-            ref = self.locator.find(index)
+            indexes.append((t, 0, gy, gx) if len(self.layout.shape) == 4 else (t, gy, gx))
+            outside.append((max(0, row + size - ny), max(0, col + size - nx)))
+        refs = self.locator.find_many(indexes)
+        for index, ref in zip(indexes, refs, strict=True):
             if ref is None:
                 self.locator.missing(index)
-            refs.append(ref)
-            outside.append((max(0, row + size - ny), max(0, col + size - nx)))
         return refs, outside

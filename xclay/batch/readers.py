@@ -6,9 +6,11 @@ Three readers plug into :class:`~xclay.protocols.BatchSource`:
   in a layout only zarr-python reads), one window at a time through xarray;
 - :class:`ChunkSource`: a datacube store xclay can read directly
   (:mod:`xclay.batch.chunkio`): chunk files read with ``pread`` and decoded in
-  place by a pool of host threads;
+  place by a pool of host threads; on object storage, a batch's chunks fetched
+  together first (concurrent ranged GETs, :mod:`xclay.storage.ranges`), then
+  decoded the same way;
 - :class:`xclay.batch.gpu.KvikioChunkSource`: the same chunks read into GPU memory
-  with kvikIO and decoded there by nvCOMP.
+  with kvikIO (local files, or S3 and HTTP objects) and decoded there by nvCOMP.
 
 :func:`open_batch_source` picks one from the embedding run's engine and
 device, once. Whenever it has to take a slower path than the one asked for
@@ -29,12 +31,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import xarray as xr
 
-from xclay.batch.chunkio import ArrayLayout, DirectWindowReader, UnsupportedLayout
-from xclay.datacube.source import Engine, in_memory, store_source
+from xclay.batch.chunkio import ArrayLayout, DirectWindowReader, Gathered, UnsupportedLayout, gather
+from xclay.batch.readahead import ReadAhead
+from xclay.datacube.source import Engine, in_memory, store_location, store_source
 from xclay.datacube.validate import nodata_value
 from xclay.errors import DataPathWarning, DeviceError
 from xclay.masks import PixelClass
 from xclay.protocols import SourceFacts
+from xclay.storage.ranges import MAX_IN_FLIGHT
 
 if TYPE_CHECKING:
     import torch
@@ -205,6 +209,14 @@ class ChunkSource(SourceFacts):
     host threads (``pread`` and zstd/Blosc decoding release the GIL), with windows that
     span several chunks or reach past the raster handled per chunk.
 
+    A store on object storage is read the same way, but for where the bytes come from:
+    each :meth:`read` first fetches every chunk its windows need, pixels and quality
+    together (the shard indexes it has not read yet, then the chunks: each round all in
+    flight at once, adjacent ranges of a shard in one request;
+    :func:`xclay.batch.chunkio.gather`), then checks and decodes them as local ones.
+    Told the order of the coming reads (:meth:`expect`, as the fill loop does), it
+    fetches the next windows' chunks while it decodes (:mod:`xclay.batch.readahead`).
+
     Parameters
     ----------
     pixels
@@ -246,10 +258,16 @@ class ChunkSource(SourceFacts):
             else None
         )
         self.layouts = (pixels, quality)
+        readers = [r for r in (self._pixels, self._quality) if r is not None]
+        self._gathers = any(r.locator.gathers for r in readers)
+        self._ahead = ReadAhead(readers) if self._gathers else None
 
     @property
     def name(self) -> str:
-        return f"chunk files (host, {self.threads} thread{'s' if self.threads > 1 else ''})"
+        threads = f"{self.threads} thread{'s' if self.threads > 1 else ''}"
+        if self._gathers:
+            return f"chunk objects (host, {MAX_IN_FLIGHT} requests in flight, {threads})"
+        return f"chunk files (host, {threads})"
 
     @property
     def has_quality(self) -> bool:
@@ -261,12 +279,23 @@ class ChunkSource(SourceFacts):
         assert shaped is not None
         size = int(shaped.shape[-1])
         quality = self._quality if classes is not None else None
+        fetched: dict[int, Gathered] = {}
+        if self._gathers:  # every chunk the batch needs, fetched together first
+            ahead = self._ahead.take(windows, size) if self._ahead is not None else None
+            if ahead is not None:
+                readers = [r for r in (self._pixels, self._quality) if r is not None]
+                gathered = ahead
+            else:
+                readers = [r for r in (self._pixels if pixels is not None else None, quality) if r]
+                gathered = gather([(r, windows, size) for r in readers])
+            for reader, got in zip(readers, gathered, strict=True):
+                fetched[id(reader)] = got
 
         def one(k: int, t: int, row: int, col: int) -> None:
             if pixels is not None:
-                self._pixels.read(t, row, col, size, pixels[k])
+                self._pixels.read(t, row, col, size, pixels[k], fetched.get(id(self._pixels)))
             if quality is not None and classes is not None:
-                quality.read(t, row, col, size, classes[k])
+                quality.read(t, row, col, size, classes[k], fetched.get(id(quality)))
 
         jobs = [(k, *w) for k, w in enumerate(windows.tolist())]
         if self._pool is None or len(jobs) < 2:
@@ -275,6 +304,12 @@ class ChunkSource(SourceFacts):
             return
         for future in [self._pool.submit(one, *job) for job in jobs]:
             future.result()
+
+    def expect(self, windows: np.ndarray) -> None:
+        """The windows ``(t, row, col)`` the coming reads will ask for, in order: on object
+        storage their chunks are fetched ahead of the reads (a no-op on a local disk)."""
+        if self._ahead is not None:
+            self._ahead.expect(windows)
 
     def reading_stream(self) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
@@ -287,6 +322,8 @@ class ChunkSource(SourceFacts):
                 reader.clear_cache()
 
     def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
 
@@ -300,7 +337,7 @@ def store_layouts(cube: xr.Dataset) -> tuple[ArrayLayout, ArrayLayout | None]:
         if name not in cube.data_vars:
             continue
         da = cube[name]
-        source = store_source(da)
+        source = store_location(da)
         if source is None:
             raise UnsupportedLayout(f"{name} is not read unchanged from its store")
         layout = ArrayLayout.open(source)

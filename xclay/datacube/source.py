@@ -8,6 +8,8 @@ from typing import Any, Literal
 import numpy as np
 import xarray as xr
 
+from xclay.storage import Location, location
+
 Engine = Literal["auto", "zarr", "kvikio"]
 
 
@@ -29,16 +31,25 @@ def store_source(da: xr.DataArray) -> str | None:
     Returns
     -------
     str or None
-        The path of the variable's Zarr array (a directory of the store), or None.
+        The path (or, on object storage, the URL) of the variable's Zarr array (a
+        directory of the store), or None.
     """
+    where = store_location(da)
+    return str(where) if where is not None else None
+
+
+def store_location(da: xr.DataArray) -> Location | None:
+    """As :func:`store_source`: the variable's Zarr array as a
+    :class:`~xclay.storage.Location` (a local path or a place on object storage, with the
+    storage options it was opened with), or None."""
     info = da.encoding.get(STORE_ENCODING)
     if not info or in_memory(da) or da.chunks is not None:
         return None
-    if "://" in str(info.get("path", "")):  # on object storage: read through zarr
-        return None
     if info.get("coords") != _coords_fingerprint(da):
         return None
-    return str(info["path"])
+    if info.get("location"):
+        return Location.from_dict(info["location"])
+    return location(str(info["path"]))
 
 
 def _coords_fingerprint(da: xr.DataArray) -> dict[str, Any]:
