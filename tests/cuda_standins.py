@@ -221,13 +221,18 @@ class _Done:
 class Kvikio(types.ModuleType):
     """``kvikio``: ``CuFile(path, mode).pread(buf, size, file_offset)`` fills ``buf`` (host
     or "device" memory) at once, outside any stream, and returns a future of the bytes read.
-    Counts the files it opens and closes; ``kvikio.zarr.GDSStore`` is its Zarr store."""
+    Counts the files it opens and closes; ``kvikio.zarr.GDSStore`` is its Zarr store;
+    ``kvikio.RemoteFile`` reads S3 objects and HTTP URLs with real HTTP requests
+    (:func:`_remote_file_class`), and :attr:`requests` lists them."""
 
     def __init__(self) -> None:
         super().__init__("kvikio")
         self.__spec__ = importlib.machinery.ModuleSpec("kvikio", None)
         self.opened: list[str] = []
         self.closed = 0
+        self.requests: list[tuple[str, str, str]] = []  # (method, url, Range header)
+        self._requests_lock = threading.Lock()
+        self.RemoteFile = _remote_file_class(self)
         self.zarr = types.ModuleType("kvikio.zarr")
         self.zarr.__spec__ = importlib.machinery.ModuleSpec("kvikio.zarr", None)
         self.zarr.GDSStore = _gds_store(self)  # type: ignore[attr-defined]
@@ -258,6 +263,117 @@ class _File:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _remote_file_class(kvikio: Kvikio) -> type:
+    """``kvikio.RemoteFile`` as kvikIO 26.10 has it (python/kvikio/kvikio/remote_file.py and
+    cpp/src/remote_handle.cpp): ``open_s3_url`` (``s3://bucket/object``; the endpoint from
+    ``aws_endpoint_url`` or ``AWS_ENDPOINT_URL``, path-style; the region, keys and token
+    from the arguments or ``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID``,
+    ``AWS_SECRET_ACCESS_KEY``: without a region or keys it fails, as kvikIO does) and
+    ``open_http``; without ``nbytes`` the size comes from a HEAD request. ``pread`` is a
+    ranged GET into the buffer, refused past ``nbytes`` (``ValueError``, kvikIO's
+    ``std::invalid_argument``); it returns the size asked for, as kvikIO does, whatever the
+    server sent. HTTP errors are ``RuntimeError`` naming the status, as libcurl's are.
+    Requests are real (urllib), S3 ones signed with AWS Signature Version 4 (botocore's
+    signer, as libcurl's ``CURLOPT_AWS_SIGV4`` signs kvikIO's)."""
+    import urllib.error
+    import urllib.request
+
+    def request(
+        method: str, url: str, headers: dict[str, str], sign: tuple[str, ...] | None = None
+    ) -> tuple[bytes, dict[str, str]]:
+        with kvikio._requests_lock:
+            kvikio.requests.append((method, url, headers.get("Range", "")))
+        if sign is not None:
+            from botocore.auth import S3SigV4Auth  # type: ignore[import-untyped]
+            from botocore.awsrequest import AWSRequest  # type: ignore[import-untyped]
+            from botocore.credentials import Credentials  # type: ignore[import-untyped]
+
+            region, key, secret, token = sign
+            signed = AWSRequest(method=method, url=url, headers=headers)
+            S3SigV4Auth(Credentials(key, secret, token or None), "s3", region).add_auth(signed)
+            headers = dict(signed.headers.items())
+        try:
+            req = urllib.request.Request(url, method=method, headers=headers)
+            with urllib.request.urlopen(req, timeout=60) as response:
+                return response.read(), dict(response.headers)
+        except urllib.error.HTTPError as err:
+            raise RuntimeError(
+                f"curl_easy_perform() error (The requested URL returned error: {err.code})"
+            ) from None
+
+    def setting(value: str | None, variable: str, what: str) -> str:
+        value = value if value is not None else os.environ.get(variable)
+        if not value:
+            raise RuntimeError(f"S3: must provide `{what}` if {variable} isn't set.")
+        return value
+
+    class RemoteFile:
+        def __init__(
+            self, url: str, nbytes: int | None, sign: tuple[str, ...] | None = None
+        ) -> None:
+            self.url, self._sign = url, sign
+            if nbytes is None:
+                _, headers = request("HEAD", url, {}, sign)
+                nbytes = int(headers["Content-Length"])
+            self._nbytes = int(nbytes)
+            kvikio.opened.append(url)
+
+        @classmethod
+        def open_http(cls, url: str, nbytes: int | None = None) -> RemoteFile:
+            return cls(url, nbytes)
+
+        @classmethod
+        def open_s3_url(
+            cls,
+            url: str,
+            nbytes: int | None = None,
+            aws_region_name: str | None = None,
+            aws_access_key_id: str | None = None,
+            aws_secret_access_key: str | None = None,
+            aws_endpoint_url: str | None = None,
+            aws_session_token: str | None = None,
+        ) -> RemoteFile:
+            assert url.startswith("s3://"), url
+            bucket, _, key = url.removeprefix("s3://").partition("/")
+            sign = (
+                setting(aws_region_name, "AWS_DEFAULT_REGION", "aws_region"),
+                setting(aws_access_key_id, "AWS_ACCESS_KEY_ID", "aws_access_key"),
+                setting(aws_secret_access_key, "AWS_SECRET_ACCESS_KEY", "aws_secret_access_key"),
+                aws_session_token or os.environ.get("AWS_SESSION_TOKEN") or "",
+            )
+            endpoint = aws_endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+            if endpoint:
+                return cls(f"{endpoint}/{bucket}/{key}", nbytes, sign)
+            return cls(f"https://{bucket}.s3.{sign[0]}.amazonaws.com/{key}", nbytes, sign)
+
+        def nbytes(self) -> int:
+            return self._nbytes
+
+        def pread(self, buf: Any, size: int | None = None, file_offset: int = 0) -> _Done:
+            size = np.asarray(buf).nbytes if size is None else size
+            if file_offset + size > self._nbytes:
+                raise ValueError(
+                    f"cannot read {file_offset}+{size} bytes into a {self._nbytes} bytes file "
+                    f"({self.url})"
+                )
+            if size:
+                data, _ = request(
+                    "GET",
+                    self.url,
+                    {"Range": f"bytes={file_offset}-{file_offset + size - 1}"},
+                    self._sign,
+                )
+                target = np.asarray(buf).view(np.uint8).reshape(-1)
+                got = np.frombuffer(data[:size], np.uint8)
+                target[: got.size] = got
+            return _Done(size)
+
+        def close(self) -> None:
+            kvikio.closed += 1
+
+    return RemoteFile
 
 
 def _gds_store(kvikio: Kvikio) -> type:

@@ -5,7 +5,8 @@ and, where a test asks, holds it for a while (as a distant store would).
 The host reader fetches every chunk a batch needs at once (one round of requests; a
 sharded store's indexes once, before), coalesces the ranges of a shard, checks and decodes
 them as local ones, and names damage by URL; a remote cube is read so without being asked
-and without a warning."""
+and without a warning. The GPU reader's kvikIO ``RemoteFile`` reads run here on the CPU
+stand-ins of tests/cuda_standins.py, whose ``RemoteFile`` makes the same HTTP requests."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import xarray as xr
 pytest.importorskip("obstore", reason="needs xclay[cloud]")
 
 import xclay
+from tests import cuda_standins
 from tests.helpers import random_cube
 from tests.s3 import S3Server
 from xclay.batch.batching import BatchPlan, Block, iter_batches
@@ -348,3 +350,69 @@ def test_embedding_a_cube_in_a_bucket_reads_its_chunks(s3: S3Server, tmp_path: P
     assert a.attrs["data_path"]["fallbacks"] == []
     np.testing.assert_array_equal(a["embedding"].values, b["embedding"].values)
     np.testing.assert_array_equal(a["nodata_fraction"].values, b["nodata_fraction"].values)
+
+
+# --------------------------------------------------------------------------- GPU reads
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+@pytest.mark.parametrize("shard", [None, 2])
+def test_kvikio_reads_a_cube_in_a_bucket_with_remote_files(
+    s3: S3Server,
+    monkeypatch: pytest.MonkeyPatch,
+    compression: Compression,
+    shard: int | None,
+) -> None:
+    from xclay.batch.gpu import KvikioChunkSource
+
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)  # kvikIO's only region variable
+    cube = _cube()
+    url = xclay.write_datacube(
+        cube,
+        f"s3://{s3.bucket()}/c.zarr",
+        chip_size=CHIP,
+        compression=compression,
+        shard_chips=shard,
+    )
+    layouts = store_layouts(xclay.open_datacube(url))
+    grid = ChipGrid.from_geobox(datacube_geobox(cube), ChipGridSpec(chip_size=CHIP, edges="pad"))
+    plan = BatchPlan(grid, Block.whole(2, grid), 5, QualityFilter(max_nodata=1.0))
+    host = ChunkSource(*layouts, nodata=0)
+    expected = _batches(host, plan)
+    installed = cuda_standins.install(monkeypatch)
+    threads = ThreadBudget(cores=2, torch=1, decode=1, io=2)
+    gpu = KvikioChunkSource(*layouts, chip_size=CHIP, nodata=0, threads=threads, host=host)
+    assert not gpu.fallbacks  # no GPUDirect Storage complaint: it is not a local read
+    got = _batches(gpu, plan)
+    assert len(got) == len(expected) == 5
+    for a, b in zip(got, expected, strict=True):
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
+    requests = installed.kvikio.requests
+    assert requests and all(u.startswith(f"{s3.endpoint}/") for _, u, _ in requests)
+    heads = [r for r in requests if r[0] == "HEAD"]
+    gets = [r for r in requests if r[0] == "GET"]
+    if shard:  # sizes from the shard indexes: no HEAD, one ranged GET per chunk
+        assert not heads and len(gets) == 2 * 2 * 3 * 4  # 2 arrays, 2 times, 3 x 4 chips
+    else:  # a chunk object's size is asked of the server
+        assert len(heads) == len(gets) == 2 * 2 * 3 * 4
+    assert installed.kvikio.closed == len(installed.kvikio.opened)
+
+
+def test_kvikio_names_a_missing_chunk_object_by_its_url(
+    s3: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from xclay.batch.gpu import KvikioChunkSource
+
+    url = xclay.write_datacube(_cube(), f"s3://{s3.bucket()}/c.zarr", chip_size=CHIP)
+    layouts = store_layouts(xclay.open_datacube(url))
+    (location(url) / "pixels" / "c" / "0" / "0" / "1" / "2").remove()
+    host = ChunkSource(*layouts, nodata=0)
+    cuda_standins.install(monkeypatch)
+    threads = ThreadBudget(cores=2, torch=1, decode=1, io=2)
+    gpu = KvikioChunkSource(layouts[0], None, chip_size=CHIP, nodata=0, threads=threads, host=host)
+    import cupy
+
+    pixels = cupy.empty((2, 3, CHIP, CHIP), dtype=cupy.uint16)
+    with pytest.raises(DataIntegrityError, match=f"{url}/pixels/c/0/0/1/2: the chunk .* missing"):
+        gpu.read(np.array([[0, 0, 0], [0, 32, 64]]), pixels, None)

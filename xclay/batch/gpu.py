@@ -3,7 +3,9 @@
 Each chip of a datacube written by :func:`xclay.write_datacube` is one Zarr
 chunk (:class:`xclay.batch.chunkio.ChipChunks`). For a batch, this module issues one
 kvikIO ``pread`` per chunk into device memory (GPUDirect Storage where the
-system has it, kvikIO's POSIX compatibility mode otherwise) and:
+system has it, kvikIO's POSIX compatibility mode otherwise; for a datacube on S3 or
+an HTTP server, ranged GETs of ``kvikio.RemoteFile``, :mod:`xclay.storage.gpufiles`,
+all of a batch in flight at once on kvikIO's pool) and:
 
 - uncompressed chunks land in their slot of the batch buffer: no decode, no
   host copy;
@@ -24,16 +26,18 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from xclay.batch.chunkio import ArrayLayout, ChipChunks, ChunkRef, UnsupportedLayout
 from xclay.datacube.gpu import gds_available, importable, require_kvikio
-from xclay.errors import DatacubeError, DataIntegrityError
+from xclay.errors import DatacubeError, DataIntegrityError, StorageError
 from xclay.masks import PixelClass
 from xclay.protocols import SourceFacts
+from xclay.storage import location
+from xclay.storage.gpufiles import kvikio_file, kvikio_unreadable
+from xclay.storage.ranges import MAX_IN_FLIGHT, gathers
 
 if TYPE_CHECKING:
     from xclay.devices import ThreadBudget
@@ -56,6 +60,15 @@ class KvikioChunkSource(SourceFacts):
     zstd chunks in a device staging buffer from which one nvCOMP batch call
     decodes them straight into their slots. :attr:`fallbacks` lists every slower
     road taken.
+
+    A datacube on S3 or an HTTP server is read the same way through kvikIO's
+    ``RemoteFile`` (a ranged GET per chunk; a shard opened once a read, without asking
+    the server its size; an unsharded chunk's size asked with a ``HEAD``), kvikIO's pool
+    sized for the network (at least :data:`~xclay.storage.ranges.MAX_IN_FLIGHT`
+    threads, so that a batch's requests are in flight together). Such a store must say
+    that it writes every chunk (xclay's do): an object that is not there is damage.
+    Other object stores (``gs://``, ``az://``) are
+    :class:`~xclay.batch.chunkio.UnsupportedLayout` (the host reader reads them).
 
     Parameters
     ----------
@@ -99,17 +112,32 @@ class KvikioChunkSource(SourceFacts):
         self._cupy, self._kvikio = cupy, kvikio
         self._chunks = ChipChunks(pixels, chip_size)
         self._quality_chunks = ChipChunks(quality, chip_size) if quality is not None else None
-        for layout in (pixels, quality):
-            if layout is not None and not layout.dtype.isnative:
+        layouts = [layout for layout in (pixels, quality) if layout is not None]
+        for layout in layouts:
+            if not layout.dtype.isnative:
                 raise UnsupportedLayout(f"{layout.dtype.str} chunks (big-endian)")
+            reason = kvikio_unreadable(layout.location)
+            if reason is not None:
+                raise UnsupportedLayout(reason)
+            if gathers(layout.location) and not layout.every_chunk_written:
+                # A chunk object that is not there would have to be told from a failed
+                # request: only stores that write every chunk (and say so) are read so.
+                raise UnsupportedLayout(
+                    "a store on object storage that may leave chunks out (written without "
+                    "xclay's checksums)"
+                )
+        self._remote = any(gathers(layout.location) for layout in layouts)
         self.fallbacks: list[str] = []
         self._decode = {
             "pixels": self._choose_decode(decode, pixels.compressor),
             "quality": self._choose_decode(decode, quality.compressor) if quality else "none",
         }
         self._host = host  # reads (and decodes) on the host what nvCOMP cannot
-        self._threads = _set_kvikio_threads(kvikio, threads.io)
-        gds = gds_available()
+        # Remote reads wait on the network, not on cores: as many in flight as the host
+        # reader's requests (each pread of a chunk is one request on one pool thread).
+        io = max(threads.io, MAX_IN_FLIGHT) if self._remote else threads.io
+        self._threads = _set_kvikio_threads(kvikio, io)
+        gds = "yes" if self._remote else gds_available()
         if gds != "yes":
             self.fallbacks.append(
                 f"GPUDirect Storage is not in use ({gds}); kvikIO reads through host bounce "
@@ -133,7 +161,8 @@ class KvikioChunkSource(SourceFacts):
     @property
     def name(self) -> str:
         decode = self._decode["pixels"]
-        return f"kvikIO ({self._threads} thread(s)), {decode} decode"
+        files = " remote files" if self._remote else ""
+        return f"kvikIO{files} ({self._threads} thread(s)), {decode} decode"
 
     @property
     def has_quality(self) -> bool:
@@ -213,25 +242,33 @@ class KvikioChunkSource(SourceFacts):
         present = [(k, ref) for k, ref in enumerate(refs) if ref is not None]
         if not present:
             return
-        if decode == "none":
-            self._read_raw(present, target, chunks.layout)
-        else:
-            self._read_nvcomp(present, target, chunks.layout)
+        files = _Files(self._kvikio, chunks.layout.location.options)
+        try:
+            if decode == "none":
+                self._read_raw(present, target, chunks.layout, files)
+            else:
+                self._read_nvcomp(present, target, chunks.layout, files)
+        finally:
+            files.close()
 
     def _read_raw(
-        self, present: list[tuple[int, ChunkRef]], target: Any, layout: ArrayLayout
+        self,
+        present: list[tuple[int, ChunkRef]],
+        target: Any,
+        layout: ArrayLayout,
+        files: _Files,
     ) -> None:
         """Uncompressed: each chunk's bytes go straight into its slot (cuFile DMA with GDS);
         checksummed chunks are read to pinned host memory, checked, then copied up."""
         if not layout.checksum:
             slots = [(ref, target[k].view(self._cupy.uint8).ravel()) for k, ref in present]
-            pread_chunks(self._kvikio, slots)
+            pread_chunks(self._kvikio, slots, files)
             return
         nbytes = layout.chunk_nbytes
         stream = self._cupy.cuda.get_current_stream()
-        sizes, starts = _stored_layout(present)
+        sizes, starts = _stored_layout(present, files)
         with self._reused("pinned").lend(int(starts[-1]), stream) as host:
-            self._read_checked(present, host, starts, sizes)
+            self._read_checked(present, host, starts, sizes, files)
             for i, (k, _) in enumerate(present):
                 slot = target[k].view(self._cupy.uint8).ravel()
                 slot.set(host[starts[i] : starts[i] + nbytes], stream=stream)
@@ -242,12 +279,13 @@ class KvikioChunkSource(SourceFacts):
         host: np.ndarray,
         starts: np.ndarray,
         sizes: list[int],
+        files: _Files,
     ) -> None:
         """Stored bytes of the chunks into pinned host memory at ``starts`` with kvikIO's
         pool, each chunk's crc32c checked there (before anything reaches the GPU)."""
         from xclay.batch.chunkio import crc32c_matches
 
-        _read_stored(self._kvikio, present, host, starts, sizes)
+        _read_stored(files, present, host, starts, sizes)
         for i, (_, ref) in enumerate(present):
             chunk = host[starts[i] : starts[i] + sizes[i]]
             if sizes[i] < 4 or not crc32c_matches(chunk[:-4], chunk[-4:]):
@@ -270,7 +308,11 @@ class KvikioChunkSource(SourceFacts):
         return self._cupy.empty(nbytes, dtype=self._cupy.uint8)
 
     def _read_nvcomp(
-        self, present: list[tuple[int, ChunkRef]], target: Any, layout: ArrayLayout
+        self,
+        present: list[tuple[int, ChunkRef]],
+        target: Any,
+        layout: ArrayLayout,
+        files: _Files,
     ) -> None:
         """zstd: encoded bytes into one device staging buffer, then one nvCOMP batch decode
         straight into the chips' slots (no per-chunk copy). Checksummed chunks are read to
@@ -280,16 +322,16 @@ class KvikioChunkSource(SourceFacts):
         cupy = self._cupy
         nbytes = layout.chunk_nbytes
         stream = cupy.cuda.get_current_stream()
-        sizes, starts = _stored_layout(present)
+        sizes, starts = _stored_layout(present, files)
         total = int(starts[-1])
         with self._reused("staging").lend(total, stream) as staging:
             if layout.checksum:
                 with self._reused("pinned").lend(total, stream) as host:
-                    self._read_checked(present, host, starts, sizes)
+                    self._read_checked(present, host, starts, sizes, files)
                     staging[:total].set(host[:total], stream=stream)
                 payloads = [s - 4 for s in sizes]  # the stored bytes without their checksum
             else:
-                _read_stored(self._kvikio, present, staging, starts, sizes)
+                _read_stored(files, present, staging, starts, sizes)
                 payloads = sizes
             codec = self._codec(nvcomp, stream.ptr)
             encoded = nvcomp.as_arrays(
@@ -363,39 +405,57 @@ def aligned_starts(sizes: Sequence[int]) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(padded, dtype=np.int64)]).astype(np.int64)
 
 
-def pread_chunks(kvikio: Any, reads: Sequence[tuple[ChunkRef, Any]]) -> None:
+def pread_chunks(
+    kvikio: Any, reads: Sequence[tuple[ChunkRef, Any]], files: _Files | None = None
+) -> None:
     """Read each chunk's stored bytes into its buffer (host or device memory, filled whole)
-    with kvikIO, every read in flight at once on its thread pool; a shard file is opened
-    once. A short read is a :class:`~xclay.errors.DataIntegrityError` naming the file."""
-    files = _Files(kvikio)
+    with kvikIO, every read in flight at once on its thread pool; a shard file (or object)
+    is opened once. A short read is a :class:`~xclay.errors.DataIntegrityError` naming the
+    file, and so is a chunk or shard object that is not there.
+
+    Parameters
+    ----------
+    kvikio
+        The imported ``kvikio`` module.
+    reads
+        Each chunk, and the buffer its stored bytes go to.
+    files
+        The handles open for this read (a remote chunk's size may have opened it); none:
+        opened here, and closed before returning.
+    """
+    own = files is None
+    handles = files if files is not None else _Files(kvikio, {})
     try:
-        futures = [files.open(ref.path).pread(buf, buf.nbytes, ref.offset) for ref, buf in reads]
-        for future, (ref, buf) in zip(futures, reads, strict=True):
-            got = future.get()
+        ends: dict[str, int] = {}
+        for ref, buf in reads:
+            ends[ref.path] = max(ends.get(ref.path, 0), ref.offset + int(buf.nbytes))
+        futures = [
+            (ref, buf, handles.open(ref.path, ends[ref.path]).pread(buf, buf.nbytes, ref.offset))
+            for ref, buf in reads
+        ]
+        for ref, buf, future in futures:
+            got = handles.wait(ref.path, future)
             if got != buf.nbytes:
                 raise DataIntegrityError(
                     f"{ref.path}: chunk cut short ({got} of {buf.nbytes} bytes at byte "
                     f"{ref.offset}); the datacube is damaged."
                 )
     finally:
-        files.close()
+        if own:
+            handles.close()
 
 
-def _encoded_size(ref: ChunkRef) -> int:
-    if ref.nbytes is not None:
-        return ref.nbytes
-    return Path(ref.path).stat().st_size
-
-
-def _stored_layout(present: list[tuple[int, ChunkRef]]) -> tuple[list[int], np.ndarray]:
+def _stored_layout(
+    present: list[tuple[int, ChunkRef]], files: _Files
+) -> tuple[list[int], np.ndarray]:
     """Each chunk's stored size, and where it starts (16-byte aligned) in one buffer that
     holds them side by side; the last start is the buffer's length."""
-    sizes = [_encoded_size(ref) for _, ref in present]
+    sizes = [files.size(ref) for _, ref in present]
     return sizes, aligned_starts(sizes)
 
 
 def _read_stored(
-    kvikio: Any,
+    files: _Files,
     present: list[tuple[int, ChunkRef]],
     into: Any,
     starts: np.ndarray,
@@ -404,8 +464,9 @@ def _read_stored(
     """The chunks' stored bytes into ``into`` (pinned host memory or device staging) at
     ``starts``."""
     pread_chunks(
-        kvikio,
+        files.kvikio,
         [(ref, into[starts[i] : starts[i] + sizes[i]]) for i, (_, ref) in enumerate(present)],
+        files,
     )
 
 
@@ -454,19 +515,57 @@ class _Reused:
 
 
 class _Files:
-    """kvikIO file handles for one read: a shard file is opened once for all its chunks."""
+    """kvikIO handles for one read: a shard file (or object) is opened once for all its
+    chunks; local files as ``CuFile``, S3 and HTTP objects as ``RemoteFile``
+    (:func:`xclay.storage.gpufiles.kvikio_file`, with the store's ``options``)."""
 
-    def __init__(self, kvikio: Any) -> None:
-        self._kvikio = kvikio
+    def __init__(self, kvikio: Any, options: dict[str, Any]) -> None:
+        self.kvikio = kvikio
+        self._options = options
         self._open: dict[str, Any] = {}
 
-    def open(self, path: str) -> Any:
+    def open(self, path: str, end: int | None = None) -> Any:
+        """The handle of ``path``; ``end``: where the last range read from it ends (a remote
+        one is then opened without asking the server its size)."""
         handle = self._open.get(path)
         if handle is None:
-            handle = self._open[path] = self._kvikio.CuFile(path, "r")
+            where = location(path, self._options)
+            try:
+                handle = kvikio_file(self.kvikio, where, end)
+            except RuntimeError as err:  # libcurl's failures, a 404 among them
+                raise _remote_error(path, err) from err
+            self._open[path] = handle
         return handle
+
+    def size(self, ref: ChunkRef) -> int:
+        """A chunk's stored size: its shard index's, or its file's (a remote chunk object's
+        from the server: it is opened for the read that follows)."""
+        if ref.nbytes is not None:
+            return ref.nbytes
+        where = location(ref.path)
+        if where.is_local:
+            return where.path.stat().st_size
+        return int(self.open(ref.path).nbytes())
+
+    def wait(self, path: str, future: Any) -> int:
+        try:
+            return int(future.get())
+        except RuntimeError as err:
+            raise _remote_error(path, err) from err
 
     def close(self) -> None:
         for handle in self._open.values():
             handle.close()
         self._open.clear()
+
+
+def _remote_error(path: str, err: RuntimeError) -> Exception:
+    """A failed kvikIO remote read as xclay names it: an object that is not there is damage
+    (remote stores read here write every chunk), anything else a storage error."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "404" in text:
+        return DataIntegrityError(
+            f"{path}: the chunk (or its shard) is missing from a datacube that writes every "
+            "chunk; the datacube is damaged. Rewrite it (or remove it and rerun the ingest)."
+        )
+    return StorageError(f"{path}: kvikIO could not read it ({text}).")
