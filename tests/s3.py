@@ -1,10 +1,11 @@
-"""A real S3 API server on 127.0.0.1 for the tests (moto's, in a thread of the test
-process), and buckets on it. Nothing of xclay is mocked: xclay talks HTTP to it exactly
-as to AWS, with credentials and endpoint from the environment, as users set them."""
+"""A real S3 API server on 127.0.0.1 for the tests (moto's, in a process of its own:
+tests/servers.py), and buckets on it. Nothing of xclay is mocked: xclay talks HTTP to it
+exactly as to AWS, with credentials and endpoint from the environment, as users set them.
+(In a thread of the test process it would never answer GDAL, which holds the GIL while
+it waits for some reads.)"""
 
 from __future__ import annotations
 
-import logging
 import os
 import urllib.request
 import uuid
@@ -40,15 +41,11 @@ class S3Server:
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
-    server_module = pytest.importorskip("moto.server", reason="needs moto[server] (xclay[dev])")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request
-    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield S3Server(f"http://{host}:{port}")
-    finally:
-        server.stop()
+    pytest.importorskip("moto.server", reason="needs moto[s3] and flask (xclay[dev])")
+    from tests.servers import serving
+
+    with serving("s3") as port:
+        yield S3Server(f"http://127.0.0.1:{port}")
 
 
 @pytest.fixture

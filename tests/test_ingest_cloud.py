@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,22 +55,14 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyP
     return monkeypatch
 
 
-@pytest.fixture(scope="module")
-def s3_process() -> Iterator[S3Server]:
-    """The S3 server in a process of its own (GDAL's reads would wait on one in a thread)."""
-    pytest.importorskip("moto.server", reason="needs moto[server] (xclay[dev])")
-    pytest.importorskip("obstore", reason="needs obstore (xclay[cloud])")
-    with serving("s3") as port:
-        yield S3Server(f"http://127.0.0.1:{port}")
-
-
 @pytest.fixture
-def s3_gdal(s3_process: S3Server, clean_env: pytest.MonkeyPatch) -> S3Server:
+def s3_gdal(s3_server: S3Server, clean_env: pytest.MonkeyPatch) -> S3Server:
     """The S3 server, with the environment pointing at it as a user's would (the AWS
     tools' AWS_ENDPOINT_URL, which GDAL itself does not read)."""
-    for name, value in s3_process.env.items():
+    pytest.importorskip("obstore", reason="needs obstore (xclay[cloud])")
+    for name, value in s3_server.env.items():
         clean_env.setenv(name, value)
-    return s3_process
+    return s3_server
 
 
 def _item(scene: Path, href: str) -> pystac.Item:
