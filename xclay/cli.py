@@ -167,6 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_progress_options(run)
     _add_cluster_options(run)
     _add_storage_option(run)
+    _add_gdal_option(run)
     run.set_defaults(func=_run)
 
     ing = sub.add_parser("ingest", help="run a spec's first step: STAC -> datacube Zarr")
@@ -175,6 +176,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_progress_options(ing)
     _add_cluster_options(ing)
     _add_storage_option(ing)
+    _add_gdal_option(ing)
     ing.set_defaults(func=_ingest)
 
     emb = sub.add_parser(
@@ -391,6 +393,18 @@ def _add_storage_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_gdal_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--gdal-option",
+        type=_storage_option,
+        action=_Merge,
+        default={},
+        metavar="KEY=VALUE",
+        help="a GDAL setting for reading the STAC items' images (over xclay's cloud "
+        "defaults), e.g. GDAL_HTTP_MAX_RETRY=20; repeat for more (default: none)",
+    )
+
+
 def _storage_option(text: str) -> dict[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -532,6 +546,8 @@ def _spec(args: argparse.Namespace) -> Any:
         spec = dataclasses.replace(spec, outputs=dataclasses.replace(spec.outputs, overwrite=True))
     if getattr(args, "storage_option", None):
         spec = dataclasses.replace(spec, storage={**spec.storage, **args.storage_option})
+    if getattr(args, "gdal_option", None):
+        spec = dataclasses.replace(spec, gdal={**spec.gdal, **args.gdal_option})
     return spec
 
 

@@ -3,8 +3,10 @@ given as a URL is read from its local cached copy (:mod:`xclay.storage.cache`)."
 
 from __future__ import annotations
 
+import functools
 import pickle
 import zipfile
+from pathlib import Path
 from typing import Any
 
 from xclay._hashing import sha256_file
@@ -29,9 +31,22 @@ def file_sha256(path: Where) -> str:
     str
         The hex digest of the file's bytes.
     """
-    from xclay.storage.cache import local_checkpoint
+    from xclay.storage.cache import local_checkpoint, recorded_sha256
 
-    return sha256_file(local_checkpoint(path))
+    file = local_checkpoint(path)
+    return recorded_sha256(file) or _sha256_unchanged(file)
+
+
+@functools.cache
+def _memo(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(Path(path))
+
+
+def _sha256_unchanged(file: Path) -> str:
+    """A file's sha256, hashed once per process while it is unchanged (a run's start and
+    its model card both ask; a 5 GB checkpoint takes seconds)."""
+    st = file.stat()
+    return _memo(str(file.resolve()), st.st_size, st.st_mtime_ns)
 
 
 def read_torch_file(path: Where, *, model: str, mmap: bool = False) -> Any:

@@ -592,7 +592,9 @@ def _prepare(spec: RunSpec, resolved: RunPlan, state: RunState) -> dict[int, Any
     cubes = [open_datacube(location(p, spec.storage)) for p in record["paths"]["datacubes"]]
     if "card" in record:  # resuming: the encoder exactly as it was first prepared
         config = EmbedConfig.from_dict(record["embed_config"])
-        encoder = encoder_from_card(record["card"], checkpoint=record["paths"]["checkpoint"])
+        given = record["paths"]["checkpoint"]
+        checkpoint = location(given, spec.storage) if given else None
+        encoder = encoder_from_card(record["card"], checkpoint=checkpoint)
     else:
         encoder = _encoder(spec)
         config = _embed_config(spec, cubes[0], encoder)

@@ -251,7 +251,8 @@ def _session(outdir: str, record: dict[str, Any], zone: int) -> Any:
     from xclay.models.registry import encoder_from_card
 
     def build() -> Any:
-        checkpoint = record["paths"].get("checkpoint")
+        given = record["paths"].get("checkpoint")
+        checkpoint = _at(record, given) if given else None  # with the run's storage options
         encoder = encoder_from_card(record["card"], checkpoint=checkpoint)
         config = EmbedConfig.from_dict(record["embed_config"])
         cube = open_datacube(_at(record, record["paths"]["datacubes"][zone]))

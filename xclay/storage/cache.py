@@ -10,8 +10,9 @@ A remote file is downloaded once into the cache folder (``$XCLAY_CACHE``, else
 
 and used again while it is still the remote file and still whole: one HEAD tells the
 remote object's size and ETag (and modification time), which must be those recorded,
-and the local file's sha256 must be the one recorded when it was downloaded (a cached
-file damaged or edited is downloaded again). A download goes to a temporary name in the
+and the local copy must be the one downloaded: its size and modification time those
+recorded then (a 5 GB file is not hashed again at every load), or, where they changed,
+its sha256 the one recorded (a cached file damaged or edited is downloaded again). A download goes to a temporary name in the
 same folder, is checked (its length against the object's), and is renamed into place;
 processes that share the cache take a lock on the folder (``flock``), so two of them
 download a file once, and never leave a partial file under the file's name.
@@ -20,7 +21,6 @@ download a file once, and never leave a partial file under the file's name.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import hashlib
 import json
 import logging
@@ -99,7 +99,7 @@ def cached_file(
         return loc.path
     folder = cache_root() / kind / hashlib.sha256(loc.url.encode("utf-8")).hexdigest()
     target = folder / (loc.name or "object")
-    remote = _describe(loc._call("head", loc.key))
+    remote = loc.stat()
     folder.mkdir(parents=True, exist_ok=True)
     with _locked(folder / ".lock"):
         if _current(target, folder / RECORD, loc.url, remote):
@@ -110,14 +110,24 @@ def cached_file(
     return target
 
 
-def _describe(meta: Any) -> dict[str, Any]:
-    """What says a remote object is the same one: its size, ETag and modification time."""
-    modified = meta.get("last_modified")
-    return {
-        "size": int(meta["size"]),
-        "etag": meta.get("e_tag"),
-        "last_modified": modified.isoformat() if isinstance(modified, dt.datetime) else None,
-    }
+def recorded_sha256(path: Path) -> str | None:
+    """The sha256 of a cached copy, as recorded when it was downloaded, while the file is
+    unchanged since (its size and modification time); None for any other file.
+
+    Parameters
+    ----------
+    path
+        A local file (a cached copy from :func:`cached_file`, or any other).
+    """
+    try:
+        recorded = json.loads((path.parent / RECORD).read_text())
+        st = path.stat()
+    except (OSError, ValueError):
+        return None
+    if recorded.get("local") != [st.st_size, st.st_mtime_ns]:
+        return None
+    sha = recorded.get("sha256")
+    return str(sha) if sha else None
 
 
 def _current(target: Path, record: Path, url: str, remote: dict[str, Any]) -> bool:
@@ -129,7 +139,12 @@ def _current(target: Path, record: Path, url: str, remote: dict[str, Any]) -> bo
         return False
     if recorded.get("url") != url or any(recorded.get(k) != v for k, v in remote.items()):
         return False  # another object under this URL now
-    if size != remote["size"] or sha256_file(target) != recorded.get("sha256"):
+    if size != remote["size"]:
+        log.warning("%s: the cached copy %s is damaged; downloading it again", url, target)
+        return False
+    if recorded_sha256(target) is not None:
+        return True  # the file as downloaded, untouched since
+    if sha256_file(target) != recorded.get("sha256"):
         log.warning("%s: the cached copy %s is damaged; downloading it again", url, target)
         return False
     return True
@@ -138,23 +153,13 @@ def _current(target: Path, record: Path, url: str, remote: dict[str, Any]) -> bo
 def _download(loc: Location, target: Path, record: Path) -> None:
     """GET the object into a temporary file beside ``target``, hashing it on the way; then
     rename it into place and record what it is."""
-    from xclay.storage.location import _storage_error
-
     tmp = target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
     digest = hashlib.sha256()
     written = 0
     try:
-        result = loc._call("get", loc.key)
-        got = _describe(result.meta)  # the object this GET returns (it may be newer)
-        chunks = iter(result)
+        got, chunks = loc.stream()  # the version this GET returns (it may be newer)
         with tmp.open("wb") as f:
-            while True:
-                try:
-                    chunk = next(chunks)
-                except StopIteration:
-                    break
-                except Exception as err:  # a transfer broken beyond obstore's retries
-                    raise _storage_error(loc, err) from err
+            for chunk in chunks:
                 f.write(chunk)
                 digest.update(chunk)
                 written += len(chunk)
@@ -165,7 +170,13 @@ def _download(loc: Location, target: Path, record: Path) -> None:
                 f"{loc}: the download ended after {written} of {got['size']} bytes; try again."
             )
         tmp.replace(target)
-        entry = {"url": loc.url, **got, "sha256": digest.hexdigest()}
+        st = target.stat()
+        entry = {
+            "url": loc.url,
+            **got,
+            "sha256": digest.hexdigest(),
+            "local": [st.st_size, st.st_mtime_ns],
+        }
         staged = record.with_name(f".{record.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
         staged.write_text(json.dumps(entry, indent=1))
         staged.replace(record)

@@ -19,6 +19,7 @@ from ``storage_options`` where that is not enough (obstore's configuration keys,
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import posixpath
@@ -292,9 +293,44 @@ class Location:
         return json.loads(self.read_bytes())
 
     def size(self) -> int:
+        return int(self.stat()["size"])
+
+    def stat(self) -> dict[str, Any]:
+        """What identifies this file's current version: ``size`` (bytes), ``etag`` (None
+        locally) and ``last_modified`` (ISO 8601)."""
         if self._path is not None:
-            return self._path.stat().st_size
-        return int(self._call("head", self.key)["size"])
+            st = self._path.stat()
+            modified = dt.datetime.fromtimestamp(st.st_mtime, dt.UTC)
+            return {"size": st.st_size, "etag": None, "last_modified": modified.isoformat()}
+        return _version(self._call("head", self.key))
+
+    def stream(self) -> tuple[dict[str, Any], Iterator[bytes]]:
+        """The file's bytes as they arrive, and the :meth:`stat` of the version being
+        read (on object storage, the one this GET returns, which may be newer than an
+        earlier HEAD said). A transfer broken beyond the retries is a StorageError."""
+        if self._path is not None:
+            version = self.stat()
+            path = self._path
+
+            def local() -> Iterator[bytes]:
+                with path.open("rb") as f:
+                    yield from iter(lambda: f.read(1 << 22), b"")
+
+            return version, local()
+        result = self._call("get", self.key)
+        chunks = iter(result)
+
+        def remote() -> Iterator[bytes]:
+            while True:
+                try:
+                    chunk = next(chunks)
+                except StopIteration:
+                    return
+                except Exception as err:
+                    raise _storage_error(self, err) from err
+                yield bytes(chunk)
+
+        return _version(result.meta), remote()
 
     def read_ranges(self, starts: Sequence[int], lengths: Sequence[int]) -> list[bytes]:
         """Byte ranges of a file: one request each, adjacent ones merged (remote), all
@@ -390,9 +426,9 @@ class Location:
         tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            result = self._call("get", self.key)
+            _, chunks = self.stream()
             with tmp.open("wb") as f:
-                for chunk in result:
+                for chunk in chunks:
                     f.write(chunk)
             tmp.replace(target)
         finally:
@@ -619,6 +655,16 @@ def _build_store(root: str, options: Mapping[str, Any]) -> Any:
         )
     except Exception as err:
         raise StorageError(f"{root}: cannot set up its store: {_first_line(err)}") from err
+
+
+def _version(meta: Any) -> dict[str, Any]:
+    """An object's size, ETag and modification time, from obstore's metadata."""
+    modified = meta.get("last_modified")
+    return {
+        "size": int(meta["size"]),
+        "etag": meta.get("e_tag"),
+        "last_modified": modified.isoformat() if isinstance(modified, dt.datetime) else None,
+    }
 
 
 # --------------------------------------------------------------------------- errors
