@@ -17,6 +17,7 @@ __all__ = [
     "DatacubeError",
     "DeviceError",
     "IngestError",
+    "LabelError",
     "MissingDependencyError",
     "ModelError",
     "OutputError",
@@ -47,6 +48,11 @@ class SpecError(ConfigError):
 
 class IngestError(XClayError, ValueError):
     """STAC items that cannot make the requested datacube."""
+
+
+class LabelError(XClayError, ValueError):
+    """Labels that cannot be joined to chips or fitted: a file without a CRS, a missing
+    column, no label inside the chip grid, too few labels or classes to check a model."""
 
 
 class RunStateError(XClayError, ValueError):
