@@ -54,13 +54,13 @@ def test_a_clay_checkpoint_in_a_bucket_embeds_as_the_local_file(
     url = f"s3://{s3.bucket()}/models/clay-v1.5.ckpt"
     location(url).upload(checkpoint)
 
-    local = xclay.embed(
-        demo_cube_256, model="clay-v1.5", checkpoint=checkpoint, chip_size=64, progress=False
-    )
-    remote = xclay.embed(
-        demo_cube_256, model="clay-v1.5", checkpoint=url, chip_size=64, progress=False
-    )
-    np.testing.assert_array_equal(remote["embedding"].values, local["embedding"].values)
+    # fp32: bf16's rounding may differ between two calls of the CPU kernels (seen once
+    # under load); the weights are what is compared here
+    local = xclay.embed(demo_cube_256, model="clay-v1.5", checkpoint=checkpoint, chip_size=64,
+                        precision="fp32", progress=False)  # fmt: skip
+    remote = xclay.embed(demo_cube_256, model="clay-v1.5", checkpoint=url, chip_size=64,
+                         precision="fp32", progress=False)  # fmt: skip
+    np.testing.assert_allclose(remote["embedding"].values, local["embedding"].values, rtol=1e-5)
     card = remote.attrs["model"]
     assert card["checkpoint"] == "clay-v1.5.ckpt"  # the file's name, wherever it was read
     assert (

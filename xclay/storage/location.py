@@ -32,6 +32,7 @@ from typing import Any, TypeAlias
 from urllib.parse import urlparse
 
 from xclay.errors import MissingDependencyError, OutputExistsError, StorageError
+from xclay.storage.local import atomic_output, write_file, write_file_from
 
 __all__ = [
     "REMOTE_SCHEMES",
@@ -393,7 +394,7 @@ class Location:
         """
         self._refuse_read_only()
         if self._path is not None:
-            _write_local(self._path, data, overwrite=overwrite)
+            write_file(self._path, data, overwrite=overwrite)
             return
         try:
             self._call("put", self.key, data, mode="overwrite" if overwrite else "create")
@@ -413,7 +414,7 @@ class Location:
         only once whole)."""
         self._refuse_read_only()
         if self._path is not None:
-            _write_local_from(self._path, source)
+            write_file_from(self._path, source)
             return
         with source.open("rb") as f:
             self._call("put", self.key, f, mode="overwrite")
@@ -421,7 +422,7 @@ class Location:
     def download(self, target: Path) -> None:
         """Copy this file to a local path (written under a temporary name first)."""
         if self._path is not None:
-            _write_local_from(target, self._path)
+            write_file_from(target, self._path)
             return
         tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -469,8 +470,6 @@ class Location:
                 "it, or choose another path."
             )
         if self._path is not None:
-            from xclay._atomic import atomic_output
-
             with atomic_output(self._path, overwrite=True) as tmp:
                 yield tmp
             return
@@ -583,38 +582,6 @@ class Location:
 
 # What a caller may hand in as a place (a Location is passed through as it is).
 Where: TypeAlias = str | os.PathLike[str] | Location
-
-
-# --------------------------------------------------------------------------- local files
-
-
-def _write_local(path: Path, data: bytes, *, overwrite: bool) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}-{threading.get_ident()}")
-    try:
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            tmp.replace(path)
-        else:
-            try:
-                os.link(tmp, path)  # fails if the path exists: of two writers, one wins
-            except FileExistsError as err:
-                raise OutputExistsError(f"{path} already exists.") from err
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_local_from(path: Path, source: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}-{threading.get_ident()}")
-    try:
-        shutil.copyfile(source, tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- stores

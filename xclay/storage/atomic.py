@@ -10,48 +10,13 @@ complete (:mod:`xclay.completion`, its last write), and is removed if its writer
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 
 from xclay.errors import OutputExistsError
-from xclay.storage import Location
+from xclay.storage.local import atomic_output
+from xclay.storage.location import Location
 
 __all__ = ["atomic_output", "store_output"]
-
-
-@contextlib.contextmanager
-def atomic_output(target: Path, *, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it to ``target`` on success.
-
-    On error the temporary path is removed and ``target`` is left as it was.
-    With ``overwrite=True`` an existing ``target`` is replaced only once the
-    new output is complete.
-    """
-    target = Path(target)
-    if target.exists() and not overwrite:
-        raise OutputExistsError(
-            f"{target} already exists; pass overwrite=True (CLI: --overwrite) to replace it, "
-            "or choose another path."
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # The suffix kept last: tools that pick a format by it (PIL, GDAL) write the right one.
-    tmp = target.with_name(f".{target.stem}.partial-{os.getpid()}{target.suffix}")
-    _remove(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        _remove(tmp)
-        raise
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        _remove(old)
-        target.rename(old)
-        tmp.rename(target)
-        _remove(old)
-    else:
-        tmp.rename(target)
 
 
 @contextlib.contextmanager
@@ -85,10 +50,3 @@ def store_output(target: Location, *, overwrite: bool) -> Iterator[Location]:
     except BaseException:
         target.remove()
         raise
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
