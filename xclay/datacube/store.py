@@ -12,7 +12,6 @@ from typing import Any, Literal, overload
 import numpy as np
 import xarray as xr
 
-from xclay._atomic import store_output
 from xclay._json import jsonable
 from xclay._progress import progress_bar
 from xclay._version import __version__
@@ -21,6 +20,7 @@ from xclay.datacube.geometry import datacube_geobox
 from xclay.datacube.validate import DATACUBE_DIMS, nodata_value, validate_datacube
 from xclay.errors import ChunkingError, DatacubeError
 from xclay.storage import Location, StorageOptions, Where, location
+from xclay.storage.atomic import store_output
 
 log = logging.getLogger("xclay.datacube")
 

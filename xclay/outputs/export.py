@@ -19,7 +19,6 @@ import numpy as np
 import xarray as xr
 from affine import Affine
 
-from xclay._atomic import store_output
 from xclay._json import jsonable
 from xclay.batch.chips import window_corners
 from xclay.datacube.geometry import to_lonlat
@@ -40,6 +39,7 @@ from xclay.outputs.quantize import (
 )
 from xclay.protocols import ExportOption
 from xclay.storage import StorageOptions, Where, location
+from xclay.storage.atomic import store_output
 
 __all__ = [
     "GEOPARQUET_VERSION",

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from xclay._atomic import store_output
 from xclay._progress import LOG_EVERY, Progress
 from xclay.errors import ConfigError, OutputExistsError, XClayError
 from xclay.outputs.export import RUN_COMPLETE, RUN_METADATA
@@ -30,6 +29,7 @@ from xclay.run.preflight import preflight
 from xclay.run.spec import RunSpec
 from xclay.run.state import Region, RunState, embed_regions, ingest_regions
 from xclay.storage import Location, Where, location
+from xclay.storage.atomic import store_output
 
 __all__ = ["RunReport", "check_start", "embed_step", "export_step", "ingest", "run"]
 
