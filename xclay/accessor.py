@@ -14,6 +14,8 @@ from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
 import xarray as xr
 
+from xclay.apply.model import fit
+from xclay.apply.predict import predict
 from xclay.datacube import as_datacube, write_datacube
 from xclay.embed import embed
 from xclay.explore.search import similar
@@ -60,7 +62,8 @@ class _OnObject(Generic[P, R]):
 
 @xr.register_dataset_accessor("clay")
 class ClayDatasetAccessor:
-    """``ds.clay``: embed a datacube; write datacubes and embeddings; search and plot them.
+    """``ds.clay``: embed a datacube; write datacubes and embeddings; search and plot them;
+    fit a model on embeddings and predict a map.
 
     Parameters
     ----------
@@ -80,6 +83,9 @@ class ClayDatasetAccessor:
     plot_pca = _OnObject(plot_pca)
     plot_similarity = _OnObject(plot_similarity)
     plot_true_colour = _OnObject(plot_true_colour)
+
+    fit = _OnObject(fit)
+    predict = _OnObject(predict)
 
 
 @xr.register_dataarray_accessor("clay")
