@@ -223,10 +223,10 @@ def test_a_gpu_index_beyond_those_present_is_a_clear_error() -> None:
     ("kw", "error", "message"),
     [
         ({"chip_size": 512}, DatacubeError, "smaller than one chip"),
-        ({"batch_size": 0}, ConfigError, "batch_size must be >= 1"),
-        ({"quality": {"max_nodata": 1.5}}, ConfigError, "max_nodata must be within"),
+        ({"batch_size": 0}, ConfigError, "batch_size: must be positive, got 0"),
+        ({"quality": {"max_nodata": 1.5}}, ConfigError, "max_nodata: must be within"),
         ({"quality": {"max_fog": 0.5}}, ConfigError, "unknown quality threshold"),
-        ({"precision": "fp16"}, ConfigError, "precision must be"),
+        ({"precision": "fp16"}, ConfigError, "precision: must be one of 'auto', 'fp32'"),
         ({"precision": "fp8", "device": "cpu"}, DeviceError, "FP8 tensor cores"),
         ({"precision": "tf32", "device": "cpu"}, DeviceError, "tensor-core mode"),
         ({"model": "nope"}, ModelError, "unknown model 'nope'"),

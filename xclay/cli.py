@@ -14,9 +14,6 @@ from typing import Any, NoReturn, get_args
 
 from xclay._progress import LOG_EVERY
 from xclay._version import __version__
-from xclay.batch.chips import Edges
-from xclay.batch.readers import Engine
-from xclay.devices import PRECISIONS
 from xclay.errors import ConfigError, OutputExistsError, XClayError
 from xclay.models.clay import Output as ClayOutput
 from xclay.outputs.formats import (
@@ -26,8 +23,9 @@ from xclay.outputs.formats import (
     export_options,
     get_exporter,
 )
-from xclay.outputs.quantize import QUANTIZATIONS
 from xclay.quality import SKIP_REASONS, QualityFilter
+from xclay.run.spec import ComputeSettings, OutputSettings
+from xclay.settings import add_flags, flag_values
 from xclay.storage import Location, is_url, location, use_storage_options
 
 __all__ = ["main"]
@@ -192,13 +190,7 @@ def _parser() -> argparse.ArgumentParser:
     emb.add_argument("--out", default=None, help="output folder or URL (datacube mode)")
     emb.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _add_embed_options(emb)
-    emb.add_argument(
-        "--region-chips",
-        type=_at_least(1),
-        default=16,
-        metavar="N",
-        help="chips per region edge (datacube mode): the unit of work and of resuming (default 16)",
-    )
+    add_flags(emb, ComputeSettings, names=["region_chips"])
     _add_cluster_options(emb)
     _add_storage_option(emb)
     emb.set_defaults(func=_embed)
@@ -246,15 +238,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_quantize_option(p: argparse.ArgumentParser | Any) -> None:
-    p.add_argument(
-        "--quantize",
-        choices=QUANTIZATIONS,
-        default=None,
-        help="store int8 vectors with a scale per vector (default: float32)",
-    )
-
-
 def _add_progress_options(p: argparse.ArgumentParser | Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar, no progress lines")
     p.add_argument(
@@ -287,6 +270,9 @@ INCOMPLETE = 3  # exit code: the run finished, but some regions failed
 
 
 def _add_embed_options(p: argparse.ArgumentParser) -> None:
+    """The embedding's flags, from the settings' declarations (xclay.settings)."""
+    from xclay.embed import EmbedOptions
+
     p.add_argument("--model", default="rcf", help="registry name (default rcf; see xclay info)")
     p.add_argument(
         "--checkpoint", default=None, help="weights / fitted filters for --model (path or URL)"
@@ -297,87 +283,16 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="which Clay token(s) to store (default cls)",
     )
-    p.add_argument(
-        "--chip-size", type=_at_least(1), default=256, help="chip edge in pixels (default 256)"
-    )
-    p.add_argument(
-        "--stride",
-        type=_at_least(1),
-        default=None,
-        help="pixels between chips (default: chip size)",
-    )
-    p.add_argument(
-        "--edges", choices=get_args(Edges), default="drop", help="edge policy (default drop)"
-    )
-    p.add_argument(
-        "--batch-size",
-        type=_batch_size,
-        default="auto",
-        help="chips per encoder call, or auto (default: sized by the model for the device, "
-        "from free memory on a GPU)",
-    )
+    add_flags(p, EmbedOptions, names=["chip_size", "stride", "edges", "batch_size"])
     filters = p.add_argument_group(
         "chip filters", "fractions 0..1; the class filters need a cube with quality classes"
     )
-    for name, default in QualityFilter().to_dict().items():
-        what = name.split("_", 1)[1].replace("_", " ")
-        filters.add_argument(
-            f"--{name.replace('_', '-')}",
-            type=float,
-            default=default,
-            metavar="F",
-            help=f"skip chips with {'less' if name.startswith('min_') else 'more'} {what} "
-            f"(default {default:g})",
-        )
-    p.add_argument(
-        "--device",
-        default="auto",
-        help="auto (a CUDA GPU if there is one; default), cpu, cuda, cuda:N",
-    )
-    p.add_argument(
-        "--engine",
-        choices=get_args(Engine),
-        default="auto",
-        help=(
-            "how chips are read: zarr (host), kvikio (into GPU memory, decoded there; needs a "
-            "CUDA device), auto (kvikio on a GPU where kvikIO is installed; default)"
-        ),
-    )
-    p.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="auto",
-        help="auto (default), fp32, bf16; on NVIDIA GPUs also tf32 and fp8",
-    )
+    add_flags(filters, QualityFilter)
+    add_flags(p, EmbedOptions, names=["device", "engine", "precision", "prefetch"])
     _add_progress_options(p)
     stored = p.add_argument_group("what each chip stores")
-    _add_quantize_option(stored)
-    stored.add_argument(
-        "--thumbnails",
-        type=_at_least(1),
-        nargs="?",
-        const=64,
-        default=0,
-        metavar="PX",
-        help="a true-colour preview per chip, PX pixels wide (default when given: 64)",
-    )
-    stored.add_argument(
-        "--loss",
-        action="store_true",
-        help="score each chip with Clay's masked-reconstruction loss (loads the decoder)",
-    )
-
-
-def _batch_size(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        chips: int = _at_least(1)(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"expected a number of chips (1 or more) or 'auto', got {text!r}"
-        ) from None
-    return chips
+    add_flags(stored, OutputSettings, names=["quantize"])
+    add_flags(stored, EmbedOptions, names=["thumbnails", "loss"])
 
 
 def _add_storage_option(p: argparse.ArgumentParser) -> None:
@@ -445,6 +360,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _embed_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """embed()'s keywords from the flags: the model, and every declared setting."""
+    from xclay.embed import EmbedOptions
     from xclay.models import get_model
 
     model: Any = args.model
@@ -452,20 +369,13 @@ def _embed_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if args.output is not None:  # a model option: build the encoder here
         model = get_model(args.model, checkpoint=checkpoint, output=args.output)
         checkpoint = None
+    settings = flag_values(args, EmbedOptions)
+    settings["quality"] = QualityFilter(**flag_values(args, QualityFilter))
     return {
         "model": model,
         "checkpoint": checkpoint,
-        "chip_size": args.chip_size,
-        "stride": args.stride,
-        "edges": args.edges,
-        "batch_size": args.batch_size,
-        "quality": {name: getattr(args, name) for name in QualityFilter().to_dict()},
-        "device": args.device,
-        "engine": args.engine,
-        "precision": args.precision,
-        "thumbnails": args.thumbnails,
-        "loss": args.loss,
         "progress": False if args.no_progress else None,
+        **settings,
     }
 
 
@@ -659,33 +569,24 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _embed_spec(args: argparse.Namespace) -> dict[str, Any]:
-    """The run spec ``xclay embed CUBE --out DIR [options]`` stands for."""
+    """The run spec ``xclay embed CUBE --out DIR [options]`` stands for: each flag in the
+    section that declares its setting."""
+    from xclay.run.spec import SECTIONS
+
     model: dict[str, Any] = {"name": args.model}
     if args.checkpoint:
         model["checkpoint"] = _absolute(args.checkpoint)
     if args.output:
         model["output"] = args.output
-    return {
+    spec: dict[str, Any] = {
         "input": {"datacube": _absolute(args.target)},
-        "grid": {"chip_size": args.chip_size, "stride": args.stride, "edges": args.edges},
         "model": model,
-        "compute": {
-            "device": args.device,
-            "engine": args.engine,
-            "batch_size": args.batch_size,
-            "precision": args.precision,
-            "region_chips": args.region_chips,
-        },
-        "quality": {name: getattr(args, name) for name in QualityFilter().to_dict()},
         "storage": dict(args.storage_option),
-        "outputs": {
-            "dir": _absolute(args.out),
-            "overwrite": bool(args.overwrite),
-            "quantize": args.quantize,
-            "thumbnails": args.thumbnails or 0,
-            "loss": bool(args.loss),
-        },
+        "outputs": {"dir": _absolute(args.out)},
     }
+    for section in ("grid", "compute", "quality", "outputs"):
+        spec.setdefault(section, {}).update(flag_values(args, SECTIONS[section]))
+    return spec
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -6,8 +6,8 @@ import logging
 import os
 import time as timer
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal, TypedDict, Unpack, get_args
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal, TypedDict, Unpack
 
 import numpy as np
 import xarray as xr
@@ -24,14 +24,14 @@ from xclay.batch.batching import (
     make_sampler,
     to_chip_batch,
 )
-from xclay.batch.chips import ChipGrid, ChipGridSpec, Edges
+from xclay.batch.chips import CHIP_SIZE, EDGES, STRIDE, ChipGrid, ChipGridSpec, Edges
 from xclay.batch.readers import Engine, open_batch_source
 from xclay.datacube import (
     as_datacube,
     datacube_geobox,
     validate_datacube,
 )
-from xclay.devices import PRECISIONS, Precision, ThreadBudget, resolve_device, resolve_precision
+from xclay.devices import Precision, ThreadBudget, resolve_device, resolve_precision
 from xclay.errors import ConfigError, DatacubeError, ModelError
 from xclay.outputs.embeddings import (
     EMBEDDINGS_CONVENTION,
@@ -56,10 +56,12 @@ from xclay.protocols import (
     SizesItsBatches,
 )
 from xclay.quality import ChipQuality, QualityFilter
+from xclay.settings import Setting, check_fields, declared
 
 __all__ = [
     "EMBEDDINGS_CONVENTION",
     "EmbedConfig",
+    "EmbedOptions",
     "EmbedSettings",
     "embed",
     "embed_config",
@@ -70,6 +72,128 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 THUMBNAIL_SAMPLE_CHIPS = 64  # chips the thumbnails' colour stretch is fitted on
+
+
+def thumbnail_edge(value: bool | int) -> int:
+    """``thumbnails=`` as an edge in pixels: True -> 64, False -> 0 (none).
+
+    Parameters
+    ----------
+    value
+        ``True``, ``False``/``None``, or an edge in pixels.
+    """
+    if value is True:
+        return DEFAULT_THUMBNAIL_SIZE
+    if value is False or value is None:
+        return 0
+    return value  # an edge in pixels (checked as an integer by its setting)
+
+
+# The embedding's settings, declared once (xclay.settings): embed()'s keywords, a run
+# spec's grid:/compute:/outputs: fields and the CLI's flags all read these (the chip
+# grid's are in xclay.batch.chips, the quality filter's in xclay.quality).
+BATCH_SIZE = Setting(
+    "auto",
+    "chips per encoder call; auto: sized by the model for the device (from free memory on a GPU)",
+    positive=True,
+    metavar="N",
+)
+DEVICE = Setting(
+    "auto",
+    "where the encoder runs: auto (a CUDA GPU when there is one), cpu, cuda or cuda:N",
+    coerce=lambda v: _device(v),
+)
+ENGINE = Setting(
+    "auto",
+    "how chips are read: zarr (host), kvikio (into GPU memory, decoded there; needs a CUDA "
+    "device), auto (kvikio on a GPU where kvikIO is installed)",
+)
+PRECISION = Setting(
+    "auto",
+    "auto (the model's fast precision on this device), fp32, bf16; on NVIDIA GPUs also tf32 "
+    "and fp8, each checked against fp32 on sample chips",
+)
+PREFETCH = Setting(
+    2, "batches read ahead while the encoder runs (0: none)", low=0, high=64, metavar="N"
+)
+THUMBNAILS = Setting(
+    0,
+    f"a true-colour preview per chip, this many pixels wide (true: {DEFAULT_THUMBNAIL_SIZE}; "
+    "0: none)",
+    unit="px",
+    low=0,
+    coerce=thumbnail_edge,
+    metavar="PX",
+    const=DEFAULT_THUMBNAIL_SIZE,
+)
+LOSS = Setting(
+    False, "score each chip with the model's masked-reconstruction loss (loads the decoder)"
+)
+
+
+def _device(value: Any) -> Any:
+    """A device as given, refused here when it is not one of the spellings xclay knows."""
+    if isinstance(value, str) and (
+        value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit())
+    ):
+        return value
+    raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {value!r}")
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    """The settings of an embedding as users give them (:func:`embed`'s keywords), each
+    declared once; :func:`embed_config` resolves them for a cube and an encoder into an
+    :class:`EmbedConfig`.
+
+    Parameters
+    ----------
+    chip_size, stride, edges
+        The chip grid (:class:`~xclay.batch.chips.ChipGridSpec`).
+    batch_size
+        Chips per encoder call, or ``"auto"``.
+    quality
+        Which chips to embed (:class:`~xclay.quality.QualityFilter`).
+    device, engine, precision, prefetch
+        Where and how the encoder runs and the chips are read.
+    thumbnails
+        Edge in pixels of a preview per chip (``True``: 64; 0: none).
+    loss
+        Score each chip with the model's masked-reconstruction loss.
+    """
+
+    chip_size: int = declared(CHIP_SIZE)
+    stride: int | None = declared(STRIDE)
+    edges: Edges = declared(EDGES)
+    batch_size: int | Literal["auto"] = declared(BATCH_SIZE)
+    quality: QualityFilter = field(default_factory=QualityFilter)
+    device: str = declared(DEVICE)
+    engine: Engine = declared(ENGINE)
+    precision: Precision = declared(PRECISION)
+    prefetch: int = declared(PREFETCH)
+    thumbnails: int = declared(THUMBNAILS)
+    loss: bool = declared(LOSS)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        object.__setattr__(self, "quality", QualityFilter.of(self.quality))
+
+    @classmethod
+    def of(cls, settings: Mapping[str, Any], caller: str = "embed") -> EmbedOptions:
+        """The options from keyword settings; an unknown one is a TypeError, as for any
+        function, naming the close ones."""
+        import difflib
+
+        known = [f.name for f in fields(cls)]
+        for name in settings:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise TypeError(
+                    f"{caller}() got an unexpected keyword argument {name!r}{hint}; the "
+                    f"settings are {', '.join(known)}."
+                )
+        return cls(**settings)
 
 
 @dataclass(frozen=True)
@@ -115,32 +239,21 @@ class EmbedConfig:
     grid: ChipGridSpec = field(default_factory=ChipGridSpec)
     batch_size: int = 16
     quality: QualityFilter = field(default_factory=QualityFilter)
-    device: str = "auto"
-    engine: Engine = "auto"
-    precision: Precision = "auto"
-    prefetch: int = 2
-    thumbnails: int = 0
+    device: str = declared(DEVICE)
+    engine: Engine = declared(ENGINE)
+    precision: Precision = declared(PRECISION)
+    prefetch: int = declared(PREFETCH)
+    thumbnails: int = declared(THUMBNAILS)
     thumbnail_stretch: ThumbnailStretch | None = None
-    loss: bool = False
+    loss: bool = declared(LOSS)
     loss_seed: int = 0
 
     def __post_init__(self) -> None:
+        check_fields(self)
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):
+            raise ConfigError(f"batch_size: must be an integer, got {self.batch_size!r}.")
         if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}.")
-        if self.prefetch < 0:
-            raise ConfigError(f"prefetch must be >= 0, got {self.prefetch}.")
-        if isinstance(self.thumbnails, bool) or not isinstance(self.thumbnails, int):
-            raise ConfigError(
-                f"thumbnails must be an edge in pixels (0: none), got {self.thumbnails!r}."
-            )
-        if self.thumbnails < 0:
-            raise ConfigError(f"thumbnails must be >= 0 px, got {self.thumbnails}.")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(
-                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}."
-            )
-        if self.engine not in get_args(Engine):
-            raise ConfigError(f"engine must be 'auto', 'zarr' or 'kvikio', got {self.engine!r}.")
+            raise ConfigError(f"batch_size: must be positive, got {self.batch_size}.")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = jsonable(asdict(self))
@@ -157,9 +270,9 @@ class EmbedConfig:
 
 
 class EmbedSettings(TypedDict, total=False):
-    """The settings of an embedding, as keywords of :func:`embed` and :func:`embed_config`
-    (each optional; the defaults are :class:`~xclay.batch.chips.ChipGridSpec`'s and
-    :class:`EmbedConfig`'s, with ``batch_size="auto"``). :func:`embed` documents them."""
+    """The settings of an embedding, as keywords of :func:`embed` and :func:`embed_config`,
+    for static typing: :class:`EmbedOptions` declares them (defaults, checks, docs), and a
+    test holds these keys and types to its fields. :func:`embed` documents them."""
 
     chip_size: int
     stride: int | None
@@ -240,7 +353,7 @@ def embed(
         mapping, ``lat``/``lon`` centres, ``chip_id``, pixel offsets; the model
         card, the config and the datacube's description in ``attrs``.
     """
-    _check_settings("embed", settings)
+    EmbedOptions.of(settings, "embed")  # an unknown or wrong setting before the model loads
     encoder = _resolve_encoder(model, checkpoint)
     config = embed_config(cube, encoder, **settings)
     return embed_with_config(cube, encoder, config, progress=progress)
@@ -264,43 +377,21 @@ def embed_config(
     **settings
         :class:`EmbedSettings`, as :func:`embed` documents them.
     """
-    _check_settings("embed_config", settings)
-    grid_keys = ("chip_size", "stride", "edges")
-    plain_keys = ("device", "engine", "precision", "prefetch", "loss")
+    options = EmbedOptions.of(settings, "embed_config")
     config = EmbedConfig(
-        grid=ChipGridSpec(**{k: settings[k] for k in grid_keys if k in settings}),  # type: ignore[literal-required]
-        quality=QualityFilter.of(settings.get("quality")),
-        thumbnails=thumbnail_edge(settings.get("thumbnails", False)),
-        **{k: settings[k] for k in plain_keys if k in settings},  # type: ignore[literal-required]
+        grid=ChipGridSpec(options.chip_size, options.stride, options.edges),
+        quality=options.quality,
+        device=options.device,
+        engine=options.engine,
+        precision=options.precision,
+        prefetch=options.prefetch,
+        thumbnails=options.thumbnails,
+        loss=options.loss,
     )
-    batch_size = settings.get("batch_size", "auto")
+    batch_size = options.batch_size
     if batch_size == "auto":
         batch_size = _auto_batch_size(encoder, cube, config.grid.chip_size, config.device)
     return replace(config, batch_size=batch_size)
-
-
-def _check_settings(caller: str, settings: Mapping[str, Any]) -> None:
-    """An unknown keyword is a TypeError, as for any function, naming the close ones."""
-    import difflib
-
-    known = EmbedSettings.__annotations__
-    for name in settings:
-        if name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise TypeError(
-                f"{caller}() got an unexpected keyword argument {name!r}{hint}; the settings "
-                f"are {', '.join(known)}."
-            )
-
-
-def thumbnail_edge(value: bool | int) -> int:
-    """``thumbnails=`` as an edge in pixels: True -> 64, False -> 0 (none)."""
-    if value is True:
-        return DEFAULT_THUMBNAIL_SIZE
-    if value is False or value is None:
-        return 0
-    return int(value)
 
 
 def embed_with_config(

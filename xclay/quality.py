@@ -17,6 +17,7 @@ import numpy as np
 
 from xclay.errors import ConfigError
 from xclay.masks import PixelClass
+from xclay.settings import Setting, check_fields, declared
 
 __all__ = ["SKIP_REASONS", "ChipQuality", "QualityFilter"]
 
@@ -28,6 +29,10 @@ _MAX_CLASSES = {
     "max_haze": PixelClass.HAZE,
     "max_snow": PixelClass.SNOW,
 }
+
+
+def _fraction(default: float, doc: str) -> Setting:
+    return Setting(default, doc, unit="fraction 0..1", low=0.0, high=1.0, metavar="F")
 
 
 @dataclass(frozen=True)
@@ -50,18 +55,15 @@ class QualityFilter:
         Skip chips with a smaller fraction of clear pixels.
     """
 
-    max_nodata: float = 0.5
-    max_cloud: float = 1.0
-    max_cloud_shadow: float = 1.0
-    max_haze: float = 1.0
-    max_snow: float = 1.0
-    min_clear: float = 0.0
+    max_nodata: float = declared(_fraction(0.5, "skip chips with more nodata"))
+    max_cloud: float = declared(_fraction(1.0, "skip chips with more cloud"))
+    max_cloud_shadow: float = declared(_fraction(1.0, "skip chips with more cloud shadow"))
+    max_haze: float = declared(_fraction(1.0, "skip chips with more haze (thin cirrus)"))
+    max_snow: float = declared(_fraction(1.0, "skip chips with more snow or ice"))
+    min_clear: float = declared(_fraction(0.0, "skip chips with fewer clear pixels"))
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-                raise ConfigError(f"{f.name} must be within [0, 1], got {value!r}.")
+        check_fields(self)
 
     @classmethod
     def of(cls, value: QualityFilter | Mapping[str, float] | None) -> QualityFilter:

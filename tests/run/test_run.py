@@ -231,7 +231,11 @@ def test_steps_one_at_a_time(tmp_path: Path, olinda_tif: Path) -> None:
     [
         ({"grid__resolution": -30}, "grid.resolution: must be positive, got -30"),
         ({"grid__edges": "wrap"}, "grid.edges: must be one of 'drop', 'pad', got 'wrap'"),
-        ({"grid__chipsize": 32}, "grid.chipsize: unknown setting; allowed: chip_size, compression"),
+        (
+            {"grid__chipsize": 32},
+            "grid.chipsize: unknown setting (did you mean 'chip_size'?); allowed: chip_size, "
+            "compression",
+        ),
         (
             {"input__composite": "mean"},
             "input.composite: must be one of 'median', 'first-valid', 'none'",
@@ -245,7 +249,8 @@ def test_steps_one_at_a_time(tmp_path: Path, olinda_tif: Path) -> None:
         ({"quality": {"min_clear": -0.1}}, "quality.min_clear: must be within [0, 1]"),
         (
             {"quality": {"max_fog": 0.1}},
-            "quality.max_fog: unknown setting; allowed: max_cloud, max_cloud_shadow, max_haze",
+            "quality.max_fog: unknown setting (did you mean 'max_snow'?); allowed: max_cloud, "
+            "max_cloud_shadow, max_haze",
         ),
         ({"outputs": {}}, "outputs.dir: required setting is missing"),
         (

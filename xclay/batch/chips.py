@@ -15,7 +15,7 @@ model asks for (lat, lon)).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import numpy as np
 from affine import Affine
@@ -23,13 +23,34 @@ from odc.geo import CRS
 from odc.geo.geobox import GeoBox
 
 from xclay.datacube.geometry import crs_tag, to_lonlat
-from xclay.errors import ConfigError, DatacubeError
+from xclay.errors import DatacubeError
+from xclay.settings import Setting, check_fields, declared
 
-__all__ = ["ChipGrid", "ChipGridSpec", "Edges", "Span", "window_corners"]
+__all__ = [
+    "CHIP_SIZE",
+    "EDGES",
+    "STRIDE",
+    "ChipGrid",
+    "ChipGridSpec",
+    "Edges",
+    "Span",
+    "window_corners",
+]
 
 Edges = Literal["drop", "pad"]
 # Chip rows or columns of a block, a half-open range (None: all of them).
 Span = tuple[int, int] | None
+
+# The chip grid's settings, declared once (xclay.settings): embed(), a run spec's grid:
+# section and the CLI's flags all read these.
+CHIP_SIZE = Setting(256, "chip edge", unit="px", positive=True, metavar="PX")
+STRIDE = Setting(None, "pixels between chip origins; none: the chip size, no overlap",
+                 unit="px", positive=True, metavar="PX")  # fmt: skip
+EDGES = Setting(
+    "drop",
+    "drop: only whole chips inside the grid; pad: also those past its last rows and "
+    "columns, padded with nodata",
+)
 
 
 @dataclass(frozen=True)
@@ -47,19 +68,16 @@ class ChipGridSpec:
         windows that reach past the last row/column, padded with nodata.
     """
 
-    chip_size: int = 256
-    stride: int | None = None
-    edges: Edges = "drop"
+    chip_size: int = declared(CHIP_SIZE)
+    stride: int | None = declared(STRIDE)
+    edges: Edges = declared(EDGES)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.chip_size, int | np.integer) or self.chip_size < 1:
-            raise ConfigError(f"chip_size must be a positive integer, got {self.chip_size!r}.")
-        if self.stride is not None and (
-            not isinstance(self.stride, int | np.integer) or self.stride < 1
-        ):
-            raise ConfigError(f"stride must be a positive integer or None, got {self.stride!r}.")
-        if self.edges not in get_args(Edges):
-            raise ConfigError(f"edges must be 'drop' or 'pad', got {self.edges!r}.")
+        for name in ("chip_size", "stride"):  # NumPy integers count as integers here
+            value = getattr(self, name)
+            if isinstance(value, np.integer):
+                object.__setattr__(self, name, int(value))
+        check_fields(self)
 
     @property
     def step(self) -> int:

@@ -23,10 +23,12 @@ from xarray.backends import BackendArray
 from xarray.core.indexing import IndexingSupport, explicit_indexing_adapter
 
 from xclay.errors import DatacubeError
+from xclay.settings import Setting
 
 __all__ = [
     "MISSING_INT8",
     "QUANTIZATIONS",
+    "QUANTIZE",
     "dequantize_embeddings",
     "dequantize_int8",
     "quantization_of",
@@ -35,6 +37,11 @@ __all__ = [
 ]
 
 QUANTIZATIONS = ("int8",)
+# The setting, declared once (xclay.settings): a run spec's outputs.quantize, --quantize.
+QUANTIZE = Setting(
+    None, "int8: int8 vectors with a scale per vector, 4x smaller (default: float32)",
+    choices=QUANTIZATIONS,
+)  # fmt: skip
 MISSING_INT8 = -128  # every element of a vector that was not embedded
 SCALE_VARIABLE = "embedding_scale"
 METHOD = "int8-absmax-per-vector"

@@ -646,23 +646,14 @@ def _encoder(spec: RunSpec) -> Any:
 
 
 def _embed_config(spec: RunSpec, cube: Any, encoder: Any) -> Any:
-    from xclay.embed import embed_config
+    """The embedding's configuration from the spec: each of embed()'s settings from the
+    section of the spec that holds it (both read one declaration of it)."""
+    from xclay.embed import EmbedOptions, embed_config
 
-    return embed_config(
-        cube,
-        encoder,
-        chip_size=spec.grid.chip_size,
-        stride=spec.grid.stride,
-        edges=spec.grid.edges,
-        batch_size=spec.compute.batch_size,
-        quality=spec.quality,
-        device=spec.compute.device,
-        engine=spec.compute.engine,
-        precision=spec.compute.precision,
-        prefetch=spec.compute.prefetch,
-        thumbnails=spec.outputs.thumbnails,
-        loss=spec.outputs.loss,
-    )
+    names = [f.name for f in dataclasses.fields(EmbedOptions)]
+    sections = (spec.grid, spec.compute, spec.outputs)
+    settings = {n: getattr(s, n) for s in sections for n in names if hasattr(s, n)}
+    return embed_config(cube, encoder, quality=spec.quality, **settings)
 
 
 def _total_counts(state: RunState) -> dict[str, int]:
