@@ -283,16 +283,16 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="which Clay token(s) to store (default cls)",
     )
-    add_flags(p, EmbedOptions, names=["chip_size", "stride", "edges", "batch_size"])
+    stored = ("thumbnails", "loss")
+    add_flags(p, EmbedOptions, exclude=stored)  # every other setting of embed(), declared
     filters = p.add_argument_group(
         "chip filters", "fractions 0..1; the class filters need a cube with quality classes"
     )
     add_flags(filters, QualityFilter)
-    add_flags(p, EmbedOptions, names=["device", "engine", "precision", "prefetch"])
     _add_progress_options(p)
-    stored = p.add_argument_group("what each chip stores")
-    add_flags(stored, OutputSettings, names=["quantize"])
-    add_flags(stored, EmbedOptions, names=["thumbnails", "loss"])
+    group = p.add_argument_group("what each chip stores")
+    add_flags(group, OutputSettings, names=["quantize"])
+    add_flags(group, EmbedOptions, names=stored)
 
 
 def _add_storage_option(p: argparse.ArgumentParser) -> None:

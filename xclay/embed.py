@@ -112,6 +112,7 @@ PRECISION = Setting(
     "auto",
     "auto (the model's fast precision on this device), fp32, bf16; on NVIDIA GPUs also tf32 "
     "and fp8, each checked against fp32 on sample chips",
+    see="models.md#precision-and-speed",
 )
 PREFETCH = Setting(
     2, "batches read ahead while the encoder runs (0: none)", low=0, high=64, metavar="N"
@@ -125,9 +126,12 @@ THUMBNAILS = Setting(
     coerce=thumbnail_edge,
     metavar="PX",
     const=DEFAULT_THUMBNAIL_SIZE,
+    see="schemas.md#thumbnails-thumbnailstrue-or-an-edge-in-px",
 )
 LOSS = Setting(
-    False, "score each chip with the model's masked-reconstruction loss (loads the decoder)"
+    False,
+    "score each chip with the model's masked-reconstruction loss (loads the decoder)",
+    see="models.md#reconstruction-loss-losstrue",
 )
 
 

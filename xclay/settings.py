@@ -68,6 +68,9 @@ class Setting:
     const
         The value of the flag given without one (``--thumbnails`` alone: 64); None: the
         flag needs a value.
+    see
+        A page of the docs that says more (``"models.md#precision-and-speed"``): linked
+        from the table of settings.
     """
 
     default: Any
@@ -81,6 +84,7 @@ class Setting:
     coerce: Callable[[Any], Any] | None = None
     metavar: str | None = None
     const: Any = None
+    see: str = ""
 
     def allowed(self) -> tuple[Any, ...] | None:
         if self.choices is None:
@@ -316,7 +320,13 @@ def read_section(
 # --------------------------------------------------------------------------- command line
 
 
-def add_flags(parser: Any, cls: type, *, names: Sequence[str] | None = None) -> None:
+def add_flags(
+    parser: Any,
+    cls: type,
+    *,
+    names: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+) -> None:
     """Add a ``--flag`` for each setting of ``cls`` declared with ``flag=True`` (or each of
     ``names``): its type, choices and help (with the default) from the declaration.
 
@@ -328,11 +338,13 @@ def add_flags(parser: Any, cls: type, *, names: Sequence[str] | None = None) -> 
         A settings dataclass.
     names
         Only these settings, in this order.
+    exclude
+        Leave these out (they have a place of their own, in another group).
     """
-    declared = {name: (hint, setting) for name, hint, setting in settings_of(cls)}
-    for name in names if names is not None else declared:
-        hint, setting = declared[name]
-        if names is None and not setting.flag:
+    fields = {name: (hint, setting) for name, hint, setting in settings_of(cls)}
+    for name in names if names is not None else fields:
+        hint, setting = fields[name]
+        if name in exclude or (names is None and not setting.flag):
             continue
         options = _union(hint)
         literals = [v for o in options if get_origin(o) is Literal for v in get_args(o)]
@@ -431,17 +443,25 @@ def markdown_rows(cls: type, prefix: str) -> list[str]:
         default = setting.default
         shown = "required" if default is dataclasses.MISSING else f"`{_yaml(default)}`"
         allowed = setting.allowed() if not callable(setting.choices) else None
-        literals = [v for o in _union(hint) if get_origin(o) is Literal for v in get_args(o)]
-        choices = allowed or literals
+        options = [o for o in _union(hint) if o is not type(None)]
+        only_literals = all(get_origin(o) is Literal for o in options)
+        literals = [v for o in options if get_origin(o) is Literal for v in get_args(o)]
+        choices = allowed or (literals if only_literals else [])
         tail = f"; one of {', '.join(f'`{_yaml(c)}`' for c in choices)}" if choices else ""
         unit = f" ({setting.unit})" if setting.unit else ""
-        rows.append(f"| `{prefix}.{name}` | {shown} | {setting.doc}{unit}{tail} |")
+        see = f" ([more]({setting.see}))" if setting.see else ""
+        key = f"{prefix}.{name}" if prefix else name
+        rows.append(f"| `{key}` | {shown} | {setting.doc}{unit}{tail}{see} |")
     return rows
 
 
 def _yaml(value: Any) -> str:
     if value is None:
         return "null"
+    if value == "":
+        return '""'
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(map(_yaml, value)) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):

@@ -40,7 +40,7 @@ QUANTIZATIONS = ("int8",)
 # The setting, declared once (xclay.settings): a run spec's outputs.quantize, --quantize.
 QUANTIZE = Setting(
     None, "int8: int8 vectors with a scale per vector, 4x smaller (default: float32)",
-    choices=QUANTIZATIONS,
+    choices=QUANTIZATIONS, see="schemas.md#compact-vectors-quantizeint8",
 )  # fmt: skip
 MISSING_INT8 = -128  # every element of a vector that was not embedded
 SCALE_VARIABLE = "embedding_scale"

@@ -37,7 +37,14 @@ from xclay.ingest import Composite
 from xclay.ingest.grid import MAX_PIXELS as MAX_PIXELS_DEFAULT
 from xclay.outputs.quantize import QUANTIZE
 from xclay.quality import QualityFilter
-from xclay.settings import Setting, check_fields, declared, read_section, settings_of
+from xclay.settings import (
+    Setting,
+    check_fields,
+    declared,
+    markdown_rows,
+    read_section,
+    settings_of,
+)
 from xclay.storage import Location, Where, is_url, location
 
 __all__ = [
@@ -161,6 +168,7 @@ RESOLUTION = Setting(None, "pixel size in the target CRS (required with input.st
 CRS = Setting(
     None, "a CRS (EPSG:32633, or 32633), or utm: one grid per UTM zone; default the items' "
     "CRS, or UTM zones when the area spans several", coerce=_crs,
+    see="#areas-across-utm-zones",
 )  # fmt: skip
 SHARD_CHIPS = Setting(
     None, "chips per shard edge in the datacube Zarr; default compute.region_chips",
@@ -193,11 +201,11 @@ NAME = Setting("", "a label, stored with the outputs")
 VERSION = Setting(1, "spec format version (this xclay reads version 1)", choices=(1,))
 STORAGE = Setting(
     {}, "storage options for every URL of the run (obstore's or fsspec's keys, max_retries, "
-    "retry_timeout); CLI: --storage-option KEY=VALUE", coerce=_options,
+    "retry_timeout); CLI: --storage-option KEY=VALUE", coerce=_options, see="cloud.md",
 )  # fmt: skip
 GDAL = Setting(
     {}, "GDAL settings for reading the items' images, over xclay's cloud defaults; CLI: "
-    "--gdal-option KEY=VALUE", coerce=_options,
+    "--gdal-option KEY=VALUE", coerce=_options, see="cloud.md#stac-assets-on-https-and-s3",
 )  # fmt: skip
 
 
@@ -329,6 +337,17 @@ class OutputSettings:
 
     def __post_init__(self) -> None:
         check_fields(self, prefix="outputs.")
+
+
+def settings_table() -> str:
+    """docs/run-spec.md's table of fields, made from the declarations (a test holds the
+    page to it: ``python -c "from xclay.run.spec import settings_table as t; print(t())"``
+    prints it)."""
+    rows = ["| field | default | meaning |", "|---|---|---|"]
+    rows += markdown_rows(RunSpec, "")
+    for key, cls in SECTIONS.items():
+        rows += markdown_rows(cls, key)
+    return "\n".join(rows)
 
 
 # The spec's sections: key -> the dataclass that declares its fields.

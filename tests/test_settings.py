@@ -1,0 +1,127 @@
+"""Each setting declared once (xclay.settings): the checks, the run spec, the CLI's flags,
+embed()'s keywords and the docs' table all come from the declarations."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from xclay.embed import EmbedOptions, EmbedSettings
+from xclay.errors import ConfigError
+from xclay.run.spec import SECTIONS, ComputeSettings, settings_table
+from xclay.settings import (
+    Setting,
+    add_flags,
+    declared,
+    flag_values,
+    markdown_rows,
+    read_section,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_docs_table_of_fields_is_made_from_the_declarations() -> None:
+    page = (ROOT / "docs" / "run-spec.md").read_text()
+    assert settings_table() in page, (
+        "docs/run-spec.md's table of fields differs from the declarations; paste in what "
+        'python -c "from xclay.run.spec import settings_table as t; print(t())" prints'
+    )
+
+
+def test_embeds_typed_keywords_are_its_declared_options() -> None:
+    """EmbedSettings (embed()'s **settings, for static typing) has EmbedOptions' fields
+    with their types: one list of settings, held in two forms only where Python needs
+    both."""
+    typed = typing.get_type_hints(EmbedSettings)
+    declared_types = typing.get_type_hints(EmbedOptions)
+    assert list(typed) == [f.name for f in dataclasses.fields(EmbedOptions)]
+    for name, hint in typed.items():
+        if name not in ("quality", "thumbnails"):  # accepted in more forms than stored
+            assert hint == declared_types[name], name
+
+
+def test_one_shared_declaration_for_the_embedding_and_the_spec() -> None:
+    """The spec's compute, grid and outputs sections hold embed()'s settings by the same
+    declaration (one default, one check, one doc)."""
+    options = {f.name: f.metadata.get("setting") for f in dataclasses.fields(EmbedOptions)}
+    found = 0
+    for cls in SECTIONS.values():
+        for field in dataclasses.fields(cls):
+            if field.name in options and options[field.name] is not None:
+                assert field.metadata["setting"] is options[field.name], field.name
+                found += 1
+    assert found == len([s for s in options.values() if s is not None])
+
+
+NEW = Setting(3, "a setting added for the test", low=1, high=9, metavar="N")
+
+
+@dataclass(frozen=True)
+class _Options(EmbedOptions):
+    """embed()'s options with one more setting, declared in one place."""
+
+    retries: int = declared(NEW)
+
+
+@dataclass(frozen=True)
+class _Compute(ComputeSettings):
+    retries: int = declared(NEW)
+
+
+def test_a_setting_declared_in_one_place_reaches_the_cli_the_spec_and_embed(
+    monkeypatch: pytest.MonkeyPatch, demo_cube_256: Any
+) -> None:
+    import importlib
+
+    from xclay import cli
+
+    embed_module = importlib.import_module("xclay.embed")
+    monkeypatch.setattr(embed_module, "EmbedOptions", _Options)
+    # the CLI: a flag with its type, bounds and help (default included)
+    parser = cli._parser()
+    args = parser.parse_args(["embed", "cube.zarr", "--out", "o", "--retries", "5"])
+    help_text = next(
+        a.help for a in _subparser(parser, "embed")._actions if "--retries" in a.option_strings
+    )
+    assert args.retries == 5 and help_text == "a setting added for the test (default 3)"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["embed", "cube.zarr", "--out", "o", "--retries", "12"])
+    assert flag_values(args, _Options)["retries"] == 5
+    # the spec: read, checked, with the same words
+    assert read_section(_Compute, {"retries": 7}, "compute").retries == 7
+    with pytest.raises(ConfigError, match=r"compute\.retries: must be within \[1, 9\], got 0"):
+        read_section(_Compute, {"retries": 0}, "compute")
+    # embed(): a keyword it takes
+    assert embed_module.EmbedOptions.of({"retries": 4}).retries == 4
+    with pytest.raises(ConfigError, match="retries: must be within"):
+        _Options(retries=10)
+    # the docs' table
+    assert "| `compute.retries` | `3` | a setting added for the test |" in markdown_rows(
+        _Compute, "compute"
+    )
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found: argparse.ArgumentParser = action.choices[name]
+            return found
+    raise AssertionError(name)
+
+
+def test_flags_are_made_with_their_declared_types_and_choices() -> None:
+    parser = argparse.ArgumentParser()
+    add_flags(parser, EmbedOptions)
+    args = parser.parse_args(["--batch-size", "auto", "--thumbnails", "--edges", "pad"])
+    assert (args.batch_size, args.thumbnails, args.edges) == ("auto", 64, "pad")
+    assert parser.parse_args(["--batch-size", "32"]).batch_size == 32
+    for bad in (["--batch-size", "0"], ["--edges", "wrap"], ["--device", "gpu"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
