@@ -1,0 +1,197 @@
+"""xclay.training: batches of a datacube's chips for a training loop, deterministic, sharded
+without overlap across DataLoader workers and ranks, filtered and sampled as asked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+import xclay
+from xclay.errors import ConfigError, LabelError
+from xclay.training import IGNORE_INDEX, ChipDataset, TrainingConfig
+
+SIZE, CHIP = 256, 32
+
+
+@pytest.fixture(scope="module")
+def cube_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cube = xclay.datasets.demo_composite(SIZE)
+    return Path(
+        xclay.write_datacube(cube, tmp_path_factory.mktemp("train") / "cube.zarr", chip_size=CHIP)
+    )
+
+
+@pytest.fixture(scope="module")
+def land(cube_path: Path) -> xr.DataArray:
+    """The demo's land cover as a georeferenced raster (255: gap)."""
+    pytest.importorskip("rioxarray", reason="needs xclay[io]")
+    cube = xclay.open_datacube(cube_path)
+    truth = xclay.datasets.demo_land_cover(SIZE)
+    da = xr.DataArray(truth, dims=("y", "x"), coords={"y": cube["y"].values, "x": cube["x"].values})
+    out: xr.DataArray = da.rio.write_crs(cube["spatial_ref"].attrs["crs_wkt"]).rio.write_nodata(255)
+    return out
+
+
+def _indices(batches: list) -> list[tuple[int, int, int]]:
+    return [(int(t), int(i), int(j)) for b in batches for t, i, j in b.index.tolist()]
+
+
+def test_batches_are_the_cube_s_chips(cube_path: Path) -> None:
+    ds = ChipDataset(
+        cube_path, chip_size=CHIP, config=TrainingConfig(batch_size=5, sampling="sequential")
+    )
+    cube = xclay.open_datacube(cube_path)
+    batch = next(iter(ds))
+    assert batch.pixels.shape == (5, 10, CHIP, CHIP) and batch.pixels.dtype == torch.uint16
+    pixels = cube["pixels"].values
+    for k, (t, i, j) in enumerate(batch.index.tolist()):
+        window = pixels[t, :, i * CHIP : (i + 1) * CHIP, j * CHIP : (j + 1) * CHIP]
+        np.testing.assert_array_equal(batch.pixels[k].numpy(), window)
+        np.testing.assert_array_equal(batch.valid[k].numpy(), (window != 0).all(axis=0))
+    lon, lat = ds.grid.lonlat_of(batch.index[:, 1].numpy(), batch.index[:, 2].numpy())
+    np.testing.assert_allclose(batch.lonlat.numpy(), np.stack([lon, lat], axis=-1))
+    assert batch.target is None
+    assert batch.chip_batch().pixels is batch.pixels
+
+
+def test_the_quality_filter_drops_chips_with_too_much_nodata(cube_path: Path) -> None:
+    cube = xclay.open_datacube(cube_path)
+    pixels = cube["pixels"].values[0]
+    nodata = (pixels == 0).any(axis=0).reshape(8, CHIP, 8, CHIP).mean(axis=(1, 3))
+    strict = ChipDataset(
+        cube_path, chip_size=CHIP, config=TrainingConfig(quality={"max_nodata": 0.0})
+    )
+    kept = {(int(i), int(j)) for _, i, j in strict.chips}
+    assert kept == {(i, j) for i in range(8) for j in range(8) if nodata[i, j] == 0}
+    assert len(kept) < 64  # the demo has gaps
+    with pytest.raises(ConfigError, match="quality"):
+        ChipDataset(cube_path, chip_size=CHIP, config=TrainingConfig(quality={"max_cloud": 0.1}))
+
+
+def test_deterministic_by_seed_and_epoch(cube_path: Path) -> None:
+    ds = ChipDataset(cube_path, chip_size=CHIP, config=TrainingConfig(batch_size=8, seed=3))
+    first = _indices(list(ds))
+    assert _indices(list(ds)) == first
+    ds.set_epoch(1)
+    second = _indices(list(ds))
+    assert second != first and sorted(second) == sorted(first)
+    other = ChipDataset(cube_path, chip_size=CHIP, config=TrainingConfig(batch_size=8, seed=4))
+    assert _indices(list(other)) != first
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_ranks_and_workers_share_an_epoch_without_overlap(cube_path: Path, world: int) -> None:
+    seen: list[tuple[int, int, int]] = []
+    lengths = []
+    for rank in range(world):
+        config = TrainingConfig(batch_size=4, seed=1, rank=rank, world_size=world)
+        ds = ChipDataset(cube_path, chip_size=CHIP, config=config)
+        ds.set_epoch(2)
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+        mine = _indices(list(loader))
+        assert len(loader) == len(ds) == -(-len(mine) // 4)
+        lengths.append(len(mine))
+        seen += mine
+    chips = {tuple(int(v) for v in c) for c in ds.chips}
+    assert len(set(lengths)) == 1  # every rank as many chips (padded by wrapping round)
+    assert set(seen) == chips
+    assert len(seen) - len(chips) < world  # only the padding repeats
+    if world == 1:
+        assert sorted(seen) == sorted(chips)
+
+
+def test_chip_labels_and_balanced_sampling(cube_path: Path, land: xr.DataArray) -> None:
+    ds = ChipDataset(cube_path, land, chip_size=CHIP, config=TrainingConfig(batch_size=16))
+    assert ds.classes is not None and ds.targets.chip is not None
+    truth = xclay.datasets.demo_land_cover(SIZE)
+    for batch in ds:
+        assert batch.target is not None
+        for (_, i, j), label in zip(batch.index.tolist(), batch.target.tolist(), strict=True):
+            window = truth[i * CHIP : (i + 1) * CHIP, j * CHIP : (j + 1) * CHIP]
+            assert ds.classes[label] == str(np.bincount(window[window < 255]).argmax())
+    counts = np.bincount(ds.targets.chip, minlength=len(ds.classes))
+    present = counts > 0
+    assert counts[present].max() > 5 * counts[present].min()  # forest dominates
+    balanced = ChipDataset(
+        cube_path,
+        land,
+        chip_size=CHIP,
+        config=TrainingConfig(sampling="balanced", epoch_length=3000),
+    )
+    drawn = np.bincount(
+        np.concatenate([b.target.numpy() for b in balanced if b.target is not None]),
+        minlength=len(ds.classes),
+    )
+    share = drawn[present] / drawn.sum()
+    assert share.min() > 0.5 / present.sum() and share.max() < 2 / present.sum()
+
+
+def test_per_pixel_labels_for_segmentation(
+    cube_path: Path, land: xr.DataArray, tmp_path: Path
+) -> None:
+    land.rio.to_raster(tmp_path / "land.tif")
+    ds = ChipDataset(
+        cube_path,
+        tmp_path / "land.tif",
+        chip_size=CHIP,
+        per_pixel=True,
+        config=TrainingConfig(batch_size=4),
+    )
+    truth = xclay.datasets.demo_land_cover(SIZE)
+    batch = next(iter(ds))
+    assert batch.target is not None and batch.target.shape == (4, CHIP, CHIP)
+    assert ds.classes is not None
+    names = np.array([int(c) for c in ds.classes])
+    for k, (_, i, j) in enumerate(batch.index.tolist()):
+        window = truth[i * CHIP : (i + 1) * CHIP, j * CHIP : (j + 1) * CHIP]
+        got = batch.target[k].numpy()
+        np.testing.assert_array_equal(got == IGNORE_INDEX, window == 255)
+        np.testing.assert_array_equal(names[got[got >= 0]], window[window < 255])
+
+
+def test_points_as_labels_and_errors(cube_path: Path) -> None:
+    gpd = pytest.importorskip("geopandas", reason="needs xclay[explore]")
+    cube = xclay.open_datacube(cube_path)
+    from xclay.datacube import datacube_geobox
+
+    box = datacube_geobox(cube)
+    transform: Any = box.affine
+    x, y = transform @ (np.array([5.5, 100.5]), np.array([5.5, 200.5]))
+    points = gpd.GeoDataFrame(
+        {"v": [1.5, 2.5]}, geometry=gpd.points_from_xy(x, y), crs=str(box.crs)
+    )
+    ds = ChipDataset(
+        cube_path, points, chip_size=CHIP, column="v", config=TrainingConfig(sampling="sequential")
+    )
+    batch = next(iter(ds))
+    assert batch.target is not None and batch.target.dtype == torch.float32
+    assert sorted(batch.target.tolist()) == [1.5, 2.5]
+    with pytest.raises(ConfigError, match="balanced"):
+        list(
+            ChipDataset(
+                cube_path,
+                points,
+                chip_size=CHIP,
+                column="v",
+                config=TrainingConfig(sampling="balanced"),
+            )
+        )
+    with pytest.raises(ConfigError, match="batch_size"):
+        TrainingConfig(batch_size=0)
+    with pytest.raises(ConfigError, match="rank"):
+        TrainingConfig(rank=2, world_size=2)
+    cube_pixels = cube["pixels"].values[0, :, :CHIP, :CHIP]
+    assert (cube_pixels == 0).any()  # the first chip has a gap: max_nodata 0 refuses it
+    with pytest.raises(LabelError, match="no chip passes"):
+        ChipDataset(
+            cube_path,
+            points.iloc[:1],
+            chip_size=CHIP,
+            column="v",
+            config=TrainingConfig(quality={"max_nodata": 0.0}),
+        )

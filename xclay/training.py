@@ -1,0 +1,589 @@
+"""Chips to a training loop: a PyTorch dataset over a datacube's chips.
+
+:class:`ChipDataset` yields whole batches (:class:`TrainingBatch`: pixels, validity, the
+chips' grid positions, centres and times, and their targets) read by xclay's batch path:
+the chip grid (:class:`~xclay.batch.chips.ChipGrid`), the readers
+(:func:`~xclay.batch.readers.open_batch_source`: a datacube store's chunk files read
+directly with ``pread``, or ranged GETs on object storage, and decoded into the batch's own
+buffer; kvikIO into GPU memory where asked and available), the validity rule and the
+quality filter (:mod:`xclay.batch.batching`, :class:`~xclay.quality.QualityFilter`). No
+per-chip xarray indexing is on the hot path: a batch is one ``read`` of its windows.
+
+Targets: labels joined to the chip grid (:func:`xclay.apply.join_labels`: points,
+polygons or a label raster, one target a chip), or a label raster on any grid put on the
+datacube's pixels (nearest neighbour) for segmentation (``per_pixel=True``: a target a
+pixel, :data:`IGNORE_INDEX` where unlabelled, torch's cross-entropy default); or none.
+
+Sampling (:class:`TrainingConfig`): ``"random"`` (a seeded permutation each epoch),
+``"balanced"`` (chips drawn with replacement, each class equally likely; segmentation: by
+each chip's most frequent class) or ``"sequential"`` (grid order, for validation).
+Everything is deterministic by ``seed`` and the epoch (:meth:`ChipDataset.set_epoch`).
+An epoch's order is split without overlap across distributed ranks (as torch's
+``DistributedSampler``: padded by wrapping round so every rank has as many batches, unless
+``drop_last``), then across DataLoader workers (whole batches, round robin).
+
+The quality filter needs each chip's nodata and class fractions: the dataset reads its
+candidate chips once when it is made (the same fill loop as embedding), and keeps those
+that pass.
+
+Use it with ``torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=N)``.
+Needs torch (a core dependency).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+import numpy as np
+import xarray as xr
+from torch.utils.data import IterableDataset as _IterableDataset
+
+from xclay.batch.batching import BatchPlan, Block, chip_validity, iter_batches
+from xclay.batch.chips import ChipGrid, ChipGridSpec, Edges
+from xclay.datacube import datacube_geobox
+from xclay.errors import ConfigError, LabelError
+from xclay.quality import ChipQuality, QualityFilter
+from xclay.storage import Where
+
+if TYPE_CHECKING:
+    import torch
+
+    from xclay.apply.labels import ChipLabels, JoinRule
+    from xclay.protocols import BatchSource, ChipBatch
+
+__all__ = ["IGNORE_INDEX", "ChipDataset", "Sampling", "TrainingBatch", "TrainingConfig"]
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # unlabelled pixels: torch.nn.CrossEntropyLoss's default ignore_index
+Sampling = Literal["random", "balanced", "sequential"]
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """How a :class:`ChipDataset` batches and samples.
+
+    Parameters
+    ----------
+    batch_size
+        Chips a batch (the last batch of a worker may be smaller unless ``drop_last``).
+    sampling
+        ``"random"``, ``"balanced"`` or ``"sequential"`` (module docstring).
+    quality
+        Which chips to keep, by their nodata and pixel-class fractions (a
+        :class:`~xclay.quality.QualityFilter` or a mapping of thresholds); default: at
+        most half the pixels nodata.
+    seed
+        Seed of the sampling (with the epoch).
+    epoch_length
+        Chips an epoch draws (over all ranks); default: as many as pass the filter.
+    drop_last
+        Drop what does not fill a whole batch on each rank (and do not pad ranks).
+    engine
+        ``"zarr"`` (the host reads chunk files directly, or through xarray), ``"kvikio"``
+        (into GPU memory) or ``"auto"``.
+    device
+        Where batches are read to with ``engine="kvikio"``/``"auto"`` (``"cpu"``,
+        ``"cuda"``); host batches stay on the host (move them with
+        :meth:`TrainingBatch.to`).
+    threads
+        Host threads decoding chunks in each process; default: the cores in the main
+        process (``num_workers=0``), 1 in each DataLoader worker.
+    rank, world_size
+        This process's distributed rank and the number of ranks; default: torch.distributed's
+        when it is initialised, else 0 and 1.
+    """
+
+    batch_size: int = 32
+    sampling: Sampling = "random"
+    quality: QualityFilter | Mapping[str, float] | None = None
+    seed: int = 0
+    epoch_length: int | None = None
+    drop_last: bool = False
+    engine: Literal["auto", "zarr", "kvikio"] = "zarr"
+    device: str = "cpu"
+    threads: int | None = None
+    rank: int | None = None
+    world_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}.")
+        if self.sampling not in get_args(Sampling):
+            raise ConfigError(
+                f"sampling must be one of {get_args(Sampling)}, got {self.sampling!r}."
+            )
+        if self.epoch_length is not None and self.epoch_length < 1:
+            raise ConfigError(f"epoch_length must be positive, got {self.epoch_length!r}.")
+        if self.world_size is not None and self.world_size < 1:
+            raise ConfigError(f"world_size must be positive, got {self.world_size!r}.")
+        if self.rank is not None and not 0 <= self.rank < (self.world_size or 1):
+            raise ConfigError(
+                f"rank must be within [0, world_size), got {self.rank!r} of {self.world_size!r}."
+            )
+        object.__setattr__(self, "quality", QualityFilter.of(self.quality))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["quality"] = QualityFilter.of(self.quality).to_dict()
+        return out
+
+
+@dataclass
+class TrainingBatch:
+    """A batch of chips for a training step.
+
+    Attributes
+    ----------
+    pixels
+        ``[B, band, y, x]`` raw pixel values in the cube's dtype (not normalised).
+    valid
+        ``[B, y, x]`` bool: the pixel has data.
+    index
+        ``[B, 3]`` int64: each chip's ``(time step, chip row, chip column)`` in the grid.
+    lonlat
+        ``[B, 2]`` float64 chip centres (longitude, latitude; WGS84).
+    time
+        ``[B]`` datetime64[ns] of each chip's time step.
+    target
+        ``[B]`` int64 class indices or float32 values (chip labels), ``[B, y, x]`` int64
+        classes (:data:`IGNORE_INDEX` where unlabelled) or float32 values (NaN) for
+        segmentation; None without labels.
+    """
+
+    pixels: torch.Tensor
+    valid: torch.Tensor
+    index: torch.Tensor
+    lonlat: torch.Tensor
+    time: np.ndarray
+    target: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.pixels.shape[0])
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> TrainingBatch:
+        """The batch with its tensors on ``device``."""
+        return TrainingBatch(
+            self.pixels.to(device, non_blocking=non_blocking),
+            self.valid.to(device, non_blocking=non_blocking),
+            self.index,
+            self.lonlat.to(device, non_blocking=non_blocking),
+            self.time,
+            None if self.target is None else self.target.to(device, non_blocking=non_blocking),
+        )
+
+    def pin_memory(self) -> TrainingBatch:
+        """The batch in pinned host memory (``DataLoader(pin_memory=True)`` calls this)."""
+        return TrainingBatch(
+            self.pixels.pin_memory(),
+            self.valid.pin_memory(),
+            self.index,
+            self.lonlat.pin_memory(),
+            self.time,
+            None if self.target is None else self.target.pin_memory(),
+        )
+
+    def chip_batch(self) -> ChipBatch:
+        """The batch as an encoder takes it (:class:`~xclay.protocols.ChipBatch`), to embed
+        it with a model of :mod:`xclay.models` (fine-tuning, frozen features)."""
+        from xclay.protocols import ChipBatch
+
+        return ChipBatch(self.pixels, self.valid, self.lonlat, self.time)
+
+
+@dataclass
+class _Targets:
+    """What a chip's target is: a chip label, a window of a label raster, or nothing."""
+
+    kind: Literal["none", "chip", "pixel"]
+    chip: np.ndarray | None = None  # [candidates] per chip
+    raster: xr.DataArray | None = None  # [1, 1, y, x] on the cube's grid (pixel)
+    classes: tuple[str, ...] | None = None
+    regression: bool = False
+    balance: np.ndarray | None = field(default=None, repr=False)  # [candidates] class a chip
+
+
+class ChipDataset(_IterableDataset["TrainingBatch"]):
+    """Batches of a datacube's chips with their targets, for ``DataLoader(batch_size=None)``.
+
+    Parameters
+    ----------
+    cube
+        A datacube (:func:`xclay.open_datacube`) or the path or URL of one.
+    labels
+        Labels joined already (:class:`~xclay.apply.labels.ChipLabels`, joined to this
+        chip grid), anything :func:`xclay.apply.join_labels` takes (points, polygons, a
+        label raster: one target a chip), or with ``per_pixel=True`` a label raster (a
+        DataArray or a GeoTIFF, any grid); None: no targets.
+    chip_size, stride, edges
+        The chip grid (:class:`~xclay.batch.chips.ChipGridSpec`).
+    column, rule, min_cover
+        How vector labels join to chips (:func:`xclay.apply.join_labels`).
+    per_pixel
+        ``labels`` is a raster of a target a pixel (segmentation).
+    config
+        Batching, sampling, quality filter, seed, reader and distribution
+        (:class:`TrainingConfig`).
+    """
+
+    def __init__(
+        self,
+        cube: xr.Dataset | Where,
+        labels: Any = None,
+        *,
+        chip_size: int = 256,
+        stride: int | None = None,
+        edges: Edges = "drop",
+        column: str | None = None,
+        rule: JoinRule = "auto",
+        min_cover: float = 0.5,
+        per_pixel: bool = False,
+        config: TrainingConfig | None = None,
+    ) -> None:
+        from xclay.datacube import open_datacube
+
+        self.config = config or TrainingConfig()
+        self._where = None if isinstance(cube, xr.Dataset) else cube
+        self.cube = cube if isinstance(cube, xr.Dataset) else open_datacube(cube)
+        self.grid = ChipGrid.from_geobox(
+            datacube_geobox(self.cube), ChipGridSpec(chip_size, stride, edges)
+        )
+        self.times = np.asarray(self.cube["time"].values, dtype="datetime64[ns]")
+        self.epoch = 0
+        self._source: BatchSource | None = None
+        self._source_pid = -1
+        chips, targets = self._candidates(labels, column, rule, min_cover, per_pixel)
+        self.scanned = len(chips)
+        keep = self._passing(chips)
+        self.chips = chips[keep]
+        self.targets = targets
+        if targets.chip is not None:
+            targets.chip = targets.chip[keep]
+        if targets.balance is not None:
+            targets.balance = targets.balance[keep]
+        if not len(self.chips):
+            raise LabelError(
+                f"no chip passes the quality filter ({self.scanned} looked at): loosen "
+                "TrainingConfig.quality, or check the labels lie over data."
+            )
+        log.info("%d of %d chips pass the quality filter", len(self.chips), self.scanned)
+
+    # -- what there is -----------------------------------------------------------
+
+    @property
+    def classes(self) -> tuple[str, ...] | None:
+        """Class names of the targets, in index order (None: values, or no labels)."""
+        return self.targets.classes
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next iteration draws (the order depends on the seed and it)."""
+        self.epoch = int(epoch)
+
+    def _rank(self) -> tuple[int, int]:
+        if self.config.world_size is not None:
+            return int(self.config.rank or 0), int(self.config.world_size)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return int(dist.get_rank()), int(dist.get_world_size())
+        return 0, 1
+
+    def epoch_order(self, epoch: int | None = None) -> np.ndarray:
+        """Indices into :attr:`chips` this rank reads in an epoch, in order (all workers).
+
+        Parameters
+        ----------
+        epoch
+            The epoch; default: the one set by :meth:`set_epoch`.
+        """
+        epoch = self.epoch if epoch is None else int(epoch)
+        n = len(self.chips)
+        length = self.config.epoch_length or n
+        rng = np.random.default_rng([self.config.seed, epoch])
+        if self.config.sampling == "sequential":
+            order = np.arange(length) % n
+        elif self.config.sampling == "random":
+            order = np.concatenate([rng.permutation(n) for _ in range(-(-length // n))])[:length]
+        else:
+            balance = self.targets.balance
+            if balance is None:
+                raise ConfigError(
+                    "sampling='balanced' needs class labels (chip classes, or a class raster)."
+                )
+            counts = np.bincount(balance)
+            weight = 1.0 / counts[balance]
+            order = rng.choice(n, size=length, replace=True, p=weight / weight.sum())
+        rank, world = self._rank()
+        if self.config.drop_last:
+            order = order[: len(order) // world * world]
+        else:
+            total = -(-len(order) // world) * world
+            order = np.resize(order, total)  # wraps round: every rank as many chips
+        mine: np.ndarray = order[rank::world]
+        return mine
+
+    def _batches(self, epoch: int | None = None) -> list[np.ndarray]:
+        order = self.epoch_order(epoch)
+        size = self.config.batch_size
+        batches = [order[k : k + size] for k in range(0, len(order), size)]
+        if self.config.drop_last and batches and len(batches[-1]) < size:
+            batches.pop()
+        return batches
+
+    def __len__(self) -> int:
+        """Batches an epoch gives this rank (all its DataLoader workers together)."""
+        return len(self._batches())
+
+    def __iter__(self) -> Iterator[TrainingBatch]:
+        import torch.utils.data
+
+        worker = torch.utils.data.get_worker_info()
+        w, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        source = self._open_source(worker is not None)
+        for batch in self._batches()[w::workers]:
+            yield self._read(source, batch)
+
+    # -- reading -----------------------------------------------------------------
+
+    def _open_source(self, in_worker: bool) -> BatchSource:
+        """The batch source of this process (opened once per process: DataLoader workers
+        each open their own)."""
+        if self._source is not None and self._source_pid == os.getpid():
+            return self._source
+        from xclay.batch.readers import open_batch_source
+        from xclay.devices import ThreadBudget, available_cores, resolve_device
+
+        threads = self.config.threads or (1 if in_worker else available_cores())
+        budget = ThreadBudget(cores=available_cores(), torch=1, decode=threads, io=threads)
+        device = resolve_device(self.config.device)
+        choice = open_batch_source(
+            self.cube,
+            chip_size=self.grid.spec.chip_size,
+            engine=self.config.engine,
+            device=device,
+            threads=budget,
+            stride=self.grid.spec.step,
+        )
+        self._source, self._source_pid = choice.batches, os.getpid()
+        return choice.batches
+
+    def _windows(self, chips: np.ndarray) -> np.ndarray:
+        step = self.grid.spec.step
+        return np.stack([chips[:, 0], chips[:, 1] * step, chips[:, 2] * step], axis=1)
+
+    def _read(self, source: BatchSource, picked: np.ndarray) -> TrainingBatch:
+        import torch
+
+        from xclay.batch.batching import torch_dtype
+
+        chips = self.chips[picked]
+        windows = self._windows(chips)
+        size = self.grid.spec.chip_size
+        _, bands, ny, nx = source.shape
+        xp = source.xp
+        n = len(chips)
+        if xp is np:
+            pixels_t = torch.empty((n, bands, size, size), dtype=torch_dtype(source.dtype))
+            valid_t = torch.empty((n, size, size), dtype=torch.bool)
+            pixels, valid = pixels_t.numpy(), valid_t.numpy()
+        else:
+            pixels = xp.empty((n, bands, size, size), dtype=source.dtype)
+            valid = xp.empty((n, size, size), dtype=bool)
+        classes = xp.empty((n, size, size), dtype=np.uint8) if source.has_quality else None
+        source.read(windows, pixels, classes)
+        outside = (
+            np.maximum(0, windows[:, 1] + size - ny),
+            np.maximum(0, windows[:, 2] + size - nx),
+        )
+        chip_validity(xp, pixels, classes, source.nodata, valid, outside)
+        if xp is not np:
+            pixels_t = torch.utils.dlpack.from_dlpack(pixels)
+            valid_t = torch.utils.dlpack.from_dlpack(valid)
+        lon, lat = self.grid.lonlat_of(chips[:, 1], chips[:, 2])
+        return TrainingBatch(
+            pixels=pixels_t,
+            valid=valid_t,
+            index=torch.from_numpy(np.ascontiguousarray(chips)),
+            lonlat=torch.from_numpy(np.stack([lon, lat], axis=-1).astype(np.float64)),
+            time=self.times[chips[:, 0]],
+            target=self._target(picked, windows),
+        )
+
+    def _target(self, picked: np.ndarray, windows: np.ndarray) -> torch.Tensor | None:
+        import torch
+
+        targets = self.targets
+        if targets.kind == "none":
+            return None
+        if targets.kind == "chip":
+            assert targets.chip is not None
+            values = targets.chip[picked]
+            if targets.regression:
+                return torch.from_numpy(values.astype(np.float32))
+            return torch.from_numpy(values.astype(np.int64))
+        assert targets.raster is not None
+        from xclay.batch.readers import WindowSource
+
+        size = self.grid.spec.chip_size
+        raster = targets.raster
+        out = np.empty((len(windows), 1, size, size), dtype=raster.dtype)
+        at_zero = windows.copy()
+        at_zero[:, 0] = 0  # one label raster for every time step
+        WindowSource(raster).read(at_zero, out, None)
+        if targets.regression:
+            return torch.from_numpy(out[:, 0].astype(np.float32))
+        return torch.from_numpy(out[:, 0].astype(np.int64))
+
+    # -- which chips ---------------------------------------------------------------
+
+    def _candidates(
+        self, labels: Any, column: str | None, rule: JoinRule, min_cover: float, per_pixel: bool
+    ) -> tuple[np.ndarray, _Targets]:
+        """``[n, 3]`` (time step, chip row, chip col) of the chips to sample from, and their
+        targets."""
+        steps = len(self.times)
+        if labels is None:
+            t, i, j = np.meshgrid(
+                np.arange(steps),
+                np.arange(self.grid.rows),
+                np.arange(self.grid.cols),
+                indexing="ij",
+            )
+            chips = np.stack([t.ravel(), i.ravel(), j.ravel()], axis=1).astype(np.int64)
+            return chips, _Targets("none")
+        if per_pixel:
+            return self._pixel_candidates(labels)
+        from xclay.apply.labels import ChipLabels, join_labels
+
+        joined: ChipLabels
+        if isinstance(labels, ChipLabels):
+            joined = labels
+            step = self.grid.spec.step
+            if joined.chip_size != self.grid.spec.chip_size or (
+                len(joined) and not np.array_equal(joined.row_off, joined.row * step)
+            ):
+                raise LabelError(
+                    "these labels were joined to another chip grid; join them to this one "
+                    "(join_labels(dataset.grid, ...)) or pass the labels themselves."
+                )
+        else:
+            joined = join_labels(
+                self.grid,
+                labels,
+                column=column,
+                rule=rule,
+                min_cover=min_cover,
+            )
+        per_step = np.stack([joined.row, joined.col], axis=1)
+        chips = np.concatenate(
+            [np.column_stack([np.full(len(joined), t), per_step]) for t in range(steps)]
+        ).astype(np.int64)
+        values = np.tile(joined.target, steps)
+        regression = joined.classes is None
+        return chips, _Targets(
+            "chip",
+            chip=values,
+            classes=joined.classes,
+            regression=regression,
+            balance=None if regression else values.astype(np.int64),
+        )
+
+    def _pixel_candidates(self, labels: Any) -> tuple[np.ndarray, _Targets]:
+        from xclay.apply.labels import ChipWindows, _raster_on_grid, read_labels
+
+        raster = read_labels(labels)
+        if not isinstance(raster, xr.DataArray):
+            raise LabelError("per_pixel=True needs a label raster (a DataArray or a GeoTIFF).")
+        band = raster.squeeze(drop=True)
+        if band.ndim != 2:
+            raise LabelError(f"a label raster must have one band; this one has dims {raster.dims}.")
+        regression = np.dtype(band.dtype).kind == "f"
+        grid = self.grid
+        ny, nx = grid.source.shape
+        whole = ChipWindows(
+            grid.source.affine,
+            grid.crs,
+            (int(ny), int(nx)),
+            1,
+            np.zeros(1, np.int64),
+            np.zeros(1, np.int64),
+        )
+        part, (r0, c0) = _raster_on_grid(whole, band, regression)
+        on_grid = np.full((int(ny), int(nx)), np.nan)
+        on_grid[r0 : r0 + part.shape[0], c0 : c0 + part.shape[1]] = part
+        classes: tuple[str, ...] | None = None
+        if regression:
+            values: np.ndarray = on_grid.astype(np.float32)
+        else:
+            found = np.unique(on_grid[np.isfinite(on_grid)])
+            classes = tuple(str(int(v)) if float(v).is_integer() else str(v) for v in found)
+            values = np.full(on_grid.shape, IGNORE_INDEX, dtype=np.int16)
+            ok = np.isfinite(on_grid)
+            values[ok] = np.searchsorted(found, on_grid[ok]).astype(np.int16)
+        nodata = np.nan if regression else IGNORE_INDEX
+        da = xr.DataArray(
+            values[None, None], dims=("time", "band", "y", "x"), attrs={"nodata": nodata}
+        )
+        # Chips with any labelled pixel, each step; balanced by each chip's commonest class.
+        size, step = grid.spec.chip_size, grid.spec.step
+        labelled = np.isfinite(on_grid)
+        rows, cols, common = [], [], []
+        for i in range(grid.rows):
+            for j in range(grid.cols):
+                window = labelled[i * step : i * step + size, j * step : j * step + size]
+                if window.any():
+                    rows.append(i)
+                    cols.append(j)
+                    if not regression:
+                        codes = values[i * step : i * step + size, j * step : j * step + size]
+                        common.append(int(np.bincount(codes[codes >= 0]).argmax()))
+        if not rows:
+            raise LabelError("the label raster does not reach any chip of the datacube.")
+        steps = len(self.times)
+        per_step = np.stack([rows, cols], axis=1)
+        chips = np.concatenate(
+            [np.column_stack([np.full(len(rows), t), per_step]) for t in range(steps)]
+        ).astype(np.int64)
+        balance = None if regression else np.tile(np.asarray(common, dtype=np.int64), steps)
+        return chips, _Targets(
+            "pixel", raster=da, classes=classes, regression=regression, balance=balance
+        )
+
+    def _passing(self, chips: np.ndarray) -> np.ndarray:
+        """``[n]`` bool: the chips that pass the quality filter, from one read of them
+        (the fill loop that embedding runs, every chip let through to be measured)."""
+        quality_filter = QualityFilter.of(self.config.quality)
+        steps = len(self.times)
+        wanted = np.zeros((steps, self.grid.rows, self.grid.cols), dtype=bool)
+        wanted[chips[:, 0], chips[:, 1], chips[:, 2]] = True
+        source = self._open_source(in_worker=False)
+        if quality_filter.uses_classes and not source.has_quality:
+            raise ConfigError(
+                "quality thresholds on cloud, cloud shadow, haze, snow or clear need a datacube "
+                "with a 'quality' variable of pixel classes; this one has none."
+            )
+        plan = BatchPlan(
+            self.grid,
+            Block.whole(steps, self.grid),
+            batch_size=64,
+            quality=QualityFilter(max_nodata=1.0),
+            chips=wanted,
+        )
+        quality = ChipQuality.empty(wanted.shape, with_classes=source.has_quality)
+        for _ in iter_batches(source, plan, quality, prefetch=0):
+            pass
+        t, i, j = chips[:, 0], chips[:, 1], chips[:, 2]
+        fractions = quality.class_fraction[t, i, j] if quality.class_fraction is not None else None
+        reasons = quality_filter.reasons_of(quality.nodata_fraction[t, i, j], fractions)
+        self.nodata_fraction = quality.nodata_fraction[t, i, j]
+        passing: np.ndarray = reasons < 0
+        return passing
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_source"], state["_source_pid"] = None, -1  # each process opens its own
+        return state
