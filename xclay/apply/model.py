@@ -123,7 +123,22 @@ class _Estimator:
     def forward(
         self, w: Mapping[str, torch.Tensor], z: torch.Tensor, params: Mapping[str, Any]
     ) -> torch.Tensor:
+        """The model on raw vectors, with :meth:`raw`'s weights."""
         raise NotImplementedError
+
+    def raw(self, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Weights that take raw vectors: the standardisation (``mean``, ``std``) folded
+        into the first linear map where there is one (one pass over the vectors less)."""
+        return w
+
+
+def _folded(
+    weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``((x - mean) / std) @ weight + bias`` as ``x @ weight' + bias'`` (``weight`` is
+    ``[dim, out]``, or ``[dim]``)."""
+    scaled = weight / (std[:, None] if weight.ndim == 2 else std)
+    return scaled, bias - mean @ scaled
 
 
 class _Logistic(_Estimator):
@@ -175,6 +190,10 @@ class _Logistic(_Estimator):
     ) -> torch.Tensor:
         return (z @ w["weight"] + w["bias"]).softmax(dim=1)
 
+    def raw(self, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        weight, bias = _folded(w["weight"], w["bias"], w["mean"], w["std"])
+        return {"weight": weight, "bias": bias}
+
 
 class _Ridge(_Estimator):
     tasks = ("regression",)
@@ -199,6 +218,10 @@ class _Ridge(_Estimator):
     ) -> torch.Tensor:
         return z @ w["weight"] + w["bias"]
 
+    def raw(self, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        weight, bias = _folded(w["weight"], w["bias"], w["mean"], w["std"])
+        return {"weight": weight, "bias": bias}
+
 
 class _KNN(_Estimator):
     def grid(self, n: int) -> list[dict[str, Any]]:
@@ -219,6 +242,9 @@ class _KNN(_Estimator):
     def forward(
         self, w: Mapping[str, torch.Tensor], z: torch.Tensor, params: Mapping[str, Any]
     ) -> torch.Tensor:
+        import torch
+
+        z = (torch.nan_to_num(z) - w["mean"]) / w["std"]
         unit = z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
         k = min(int(params["k"]), w["train"].shape[0])
         nearest = (unit @ w["train"].T).topk(k, dim=1).indices
@@ -279,6 +305,10 @@ class _MLP(_Estimator):
     ) -> torch.Tensor:
         out = self._logits(w, z)
         return out.softmax(dim=1) if out.shape[1] > 1 else out[:, 0]
+
+    def raw(self, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        first, b1 = _folded(w["w1"].T, w["b1"], w["mean"], w["std"])
+        return {"w1": first.T.contiguous(), "b1": b1, "w2": w["w2"], "b2": w["b2"]}
 
 
 _ESTIMATORS: dict[str, _Estimator] = {
@@ -360,13 +390,15 @@ class MapModel:
     # -- prediction -------------------------------------------------------------
 
     def tensors(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """The weights as torch tensors on ``device`` (float32)."""
+        """The weights as torch tensors on ``device`` (float32), for :meth:`forward` (the
+        standardisation folded into the first linear map where there is one)."""
         import torch
 
-        return {
+        stored = {
             k: torch.as_tensor(v, dtype=torch.float32, device=device)
             for k, v in self.weights.items()
         }
+        return _ESTIMATORS[self.kind].raw(stored)
 
     def forward(self, vectors: torch.Tensor, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``[n, classes]`` probabilities, or ``[n]`` values, of ``[n, dim]`` float32 vectors
@@ -381,9 +413,8 @@ class MapModel:
         """
         import torch
 
-        finite = torch.isfinite(vectors).all(dim=1)
-        z = (torch.nan_to_num(vectors) - weights["mean"]) / weights["std"]
-        out = _ESTIMATORS[self.kind].forward(weights, z, self.params)
+        finite = torch.isfinite(vectors.sum(dim=1))  # one reduction: NaN or inf in a row
+        out = _ESTIMATORS[self.kind].forward(weights, vectors, self.params)
         nan = torch.tensor(float("nan"), dtype=out.dtype, device=out.device)
         mask = finite[:, None] if out.ndim == 2 else finite
         return torch.where(mask, out, nan)

@@ -14,10 +14,11 @@ preview. The GeoTIFFs are on the chip grid (:func:`~xclay.outputs.export.chip_gr
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,7 @@ def predict(
 
     from xclay.devices import ThreadBudget, resolve_device
 
+    store = None if isinstance(emb, xr.Dataset) else location(emb, storage_options)
     emb = _open(emb, storage_options)
     if not isinstance(model, MapModel):
         model = load_model(model, storage_options=storage_options)
@@ -105,10 +107,15 @@ def predict(
     values = np.full((outputs, n_y, n_x), np.nan, dtype=np.float32)
     weights = model.tensors(dev)
     blocks = list(_blocks(emb, block_mb << 20))
-    embedding = emb["embedding"].isel(time=t)
+    budget = ThreadBudget.for_device(dev)
+    threads = budget.decode if dev.type == "cuda" else budget.cores
     started = dt.datetime.now(dt.UTC)
-    with ThreadBudget.for_device(dev).applied(), torch.inference_mode():
-        for (r0, r1, c0, c1), vectors in _read_ahead(embedding, blocks):
+    with (
+        budget.applied(),
+        torch.inference_mode(),
+        _block_reader(store, emb, t, threads) as read,
+    ):
+        for (r0, r1, c0, c1), vectors in _read_ahead(read, blocks):
             flat = vectors.reshape(-1, vectors.shape[-1])
             out = _forward(model, weights, flat, dev)
             values[:, r0:r1, c0:c1] = out.reshape(r1 - r0, c1 - c0, outputs).transpose(2, 0, 1)
@@ -151,16 +158,11 @@ def _blocks(emb: xr.Dataset, budget: int) -> Iterator[tuple[int, int, int, int]]
 
 
 def _read_ahead(
-    embedding: xr.DataArray, blocks: list[tuple[int, int, int, int]]
+    read: Callable[[tuple[int, int, int, int]], np.ndarray],
+    blocks: list[tuple[int, int, int, int]],
 ) -> Iterator[tuple[tuple[int, int, int, int], np.ndarray]]:
-    """Each block's vectors ``[rows, cols, dim]`` (patch grids averaged), the next block read
-    in a thread while the caller works on this one."""
-
-    def read(block: tuple[int, int, int, int]) -> np.ndarray:
-        r0, r1, c0, c1 = block
-        part = embedding.isel(chip_y=slice(r0, r1), chip_x=slice(c0, c1))
-        return _pooled(np.asarray(part.values, dtype=np.float32))
-
+    """Each block's vectors ``[rows, cols, dim]``, the next block read in a thread while the
+    caller works on this one."""
     if not blocks:
         return
     with ThreadPoolExecutor(1, thread_name_prefix="xclay-predict-read") as pool:
@@ -170,6 +172,104 @@ def _read_ahead(
             if k + 1 < len(blocks):
                 pending = pool.submit(read, blocks[k + 1])
             yield block, vectors
+
+
+@contextlib.contextmanager
+def _block_reader(
+    store: Location | None, emb: xr.Dataset, t: int, threads: int
+) -> Iterator[Callable[[tuple[int, int, int, int]], np.ndarray]]:
+    """What reads a block's vectors ``[rows, cols, dim]``: straight from the store's chunk
+    files where it can (:func:`_chunk_reader`), else through xarray (patch grids averaged)."""
+    pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="xclay-predict-chunks")
+    try:
+        direct = _chunk_reader(store, emb, t, pool)
+        if direct is not None:
+            yield direct
+            return
+        embedding = emb["embedding"].isel(time=t)
+
+        def read(block: tuple[int, int, int, int]) -> np.ndarray:
+            r0, r1, c0, c1 = block
+            part = embedding.isel(chip_y=slice(r0, r1), chip_x=slice(c0, c1))
+            return _pooled(np.asarray(part.values, dtype=np.float32))
+
+        yield read
+    finally:
+        pool.shutdown(wait=True)
+
+
+def _chunk_reader(
+    store: Location | None, emb: xr.Dataset, t: int, pool: ThreadPoolExecutor
+) -> Callable[[tuple[int, int, int, int]], np.ndarray] | None:
+    """Blocks read straight from the store's chunk files (the batch path's
+    :mod:`xclay.batch.chunkio`: one ``pread`` a chunk, or ranged GETs on object storage,
+    checked and decoded by ``pool``), where the store is float vectors in a layout it
+    reads; None otherwise (then xarray reads them, through zarr-python)."""
+    from xclay.batch.chunkio import (
+        ArrayLayout,
+        ChunkLocator,
+        UnsupportedLayout,
+        _byte_range,
+        _host_decoder,
+        decode_stored,
+        read_chunk,
+    )
+    from xclay.outputs.quantize import quantization_of
+    from xclay.storage.ranges import read_ranges
+
+    if store is None or quantization_of(emb) or emb["embedding"].ndim != 4:
+        return None
+    try:
+        layout = ArrayLayout.open(store / "embedding")
+    except UnsupportedLayout as err:
+        log.info("embeddings read through zarr: %s", err)
+        return None
+    dim = int(emb.sizes["feature"])
+    _, cy, cx, cf = layout.chunk_shape
+    if layout.dtype.kind != "f" or cf != dim or layout.shape != tuple(emb["embedding"].shape):
+        return None
+    locator = ChunkLocator(layout)
+    decoder = _host_decoder(layout)
+    fill = np.float32(np.nan if layout.fill_value in (None, "NaN") else layout.fill_value)
+
+    def read(block: tuple[int, int, int, int]) -> np.ndarray:
+        r0, r1, c0, c1 = block
+        out = np.empty((r1 - r0, c1 - c0, dim), dtype=np.float32)
+        chunks = [
+            (t, gy, gx, 0)
+            for gy in range(r0 // cy, -(-r1 // cy))
+            for gx in range(c0 // cx, -(-c1 // cx))
+        ]
+        refs = locator.find_many(chunks)
+        stored: list[Any] = [None] * len(chunks)
+        if locator.gathers:  # object storage: every chunk of the block fetched at once
+            wanted = [k for k, ref in enumerate(refs) if ref is not None]
+            got = read_ranges([_byte_range(layout, refs[k]) for k in wanted])  # type: ignore[arg-type]
+            for k, data in zip(wanted, got, strict=True):
+                stored[k] = data
+
+        def one(k: int) -> None:
+            _, gy, gx, _ = chunks[k]
+            ref = refs[k]
+            buffer = np.empty(layout.chunk_shape, dtype=layout.dtype)
+            if ref is None or (locator.gathers and stored[k] is None):
+                buffer.fill(fill)
+            elif stored[k] is not None:
+                decode_stored(layout, ref, stored[k], buffer, decoder)
+            else:
+                read_chunk(layout, ref, buffer, decoder)
+            y0, x0 = gy * cy, gx * cx
+            ya, yb = max(y0, r0), min(y0 + cy, r1, layout.shape[1])
+            xa, xb = max(x0, c0), min(x0 + cx, c1, layout.shape[2])
+            out[ya - r0 : yb - r0, xa - c0 : xb - c0] = buffer[
+                0, ya - y0 : yb - y0, xa - x0 : xb - x0
+            ]
+
+        for future in [pool.submit(one, k) for k in range(len(chunks))]:
+            future.result()
+        return out
+
+    return read
 
 
 def _as_dataset(emb: xr.Dataset, model: MapModel, t: int, values: np.ndarray) -> xr.Dataset:
