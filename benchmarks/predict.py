@@ -71,7 +71,7 @@ def build(path: Path, chips: int, dim: int, seed: int = 0) -> None:
     basis = np.random.default_rng(seed).standard_normal((32, dim)).astype(np.float32)
 
     def block(block_info: Any = None) -> np.ndarray:
-        (t0, t1), (r0, r1), (c0, c1), _ = block_info[None]["array-location"]
+        _, (r0, r1), (c0, c1), _ = block_info[None]["array-location"]
         rng = np.random.default_rng([seed, r0, c0])
         n = (r1 - r0) * (c1 - c0)
         latent = rng.standard_normal((n, 32), dtype=np.float32)
@@ -85,7 +85,7 @@ def build(path: Path, chips: int, dim: int, seed: int = 0) -> None:
     per_chip = ("time", "chip_y", "chip_x")
     emb = xr.Dataset(
         {
-            "embedding": (per_chip + ("feature",), vectors, {"long_name": "synthetic embedding"}),
+            "embedding": ((*per_chip, "feature"), vectors, {"long_name": "synthetic embedding"}),
             "embedded": (per_chip, da.ones((1, side, side), dtype=bool, chunks=chunks[:3])),
             "nodata_fraction": (per_chip, da.zeros((1, side, side), np.float32, chunks=chunks[:3])),
         },
@@ -196,9 +196,7 @@ def main() -> None:
         path = save("predict", vars(args) | {"store": str(store)}, results, device=args.device)
         print(f"wrote {path}")
     finally:
-        if folder is not None and not args.keep:
-            shutil.rmtree(folder, ignore_errors=True)
-        elif is_smoke() and folder is not None:
+        if folder is not None and (is_smoke() or not args.keep):
             shutil.rmtree(folder, ignore_errors=True)
 
 
