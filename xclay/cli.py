@@ -232,6 +232,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_storage_option(exp)
     exp.set_defaults(func=_export)
 
+    _add_map_commands(sub)
+
     info = sub.add_parser("info", help="versions, CPU/GPU, optional parts available")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_info)
@@ -719,6 +721,152 @@ def _data_path_line(status: dict[str, Any]) -> str:
     if not status.get("cuda"):
         text += "; no CUDA device"
     return text
+
+
+# --------------------------------------------------------------------------- maps (issue 26)
+
+
+def _add_map_commands(sub: Any) -> None:
+    """``xclay fit`` and ``xclay predict``: labels to a checked model, a model to a map."""
+    from xclay.apply.labels import JoinRule
+    from xclay.apply.model import ModelKind
+
+    fit = sub.add_parser(
+        "fit",
+        help="fit a model from labels to embeddings, checked by spatial cross-validation",
+        description=(
+            "Join labels (points or polygons: GeoParquet, GeoJSON, GeoPackage, Shapefile; or a "
+            "label raster: GeoTIFF; any CRS) to the chips of an embeddings Zarr, fit a model and "
+            "check it by spatial block cross-validation; write the model (JSON, with its "
+            "scores, beside its weights) and print the scores."
+        ),
+    )
+    fit.add_argument("labels", help="the labels file (a path or URL)")
+    fit.add_argument("--embeddings", required=True, help="embeddings Zarr (a path or URL)")
+    fit.add_argument("--column", default=None, help="the label column (points and polygons)")
+    fit.add_argument(
+        "--model", choices=get_args(ModelKind), default="linear", help="model (default linear)"
+    )
+    fit.add_argument(
+        "--rule", choices=get_args(JoinRule), default="auto", help="join rule (default auto)"
+    )
+    fit.add_argument(
+        "--min-cover",
+        type=_fraction,
+        default=0.5,
+        help="polygons and rasters: share of a chip the label must cover (default 0.5)",
+    )
+    fit.add_argument("--folds", type=_at_least(2), default=5, help="folds (default 5)")
+    fit.add_argument(
+        "--block-m",
+        type=float,
+        default=None,
+        help="block edge in metres (default: the labels' autocorrelation range)",
+    )
+    fit.add_argument("--time", type=_at_least(0), default=None, help="time step (index)")
+    fit.add_argument("--seed", type=_at_least(0), default=0, help="seed (default 0)")
+    fit.add_argument("--out", default="model.json", help="model file (default ./model.json)")
+    fit.add_argument("--overwrite", action="store_true", help="replace an existing model file")
+    _add_storage_option(fit)
+    fit.set_defaults(func=_fit)
+
+    pred = sub.add_parser(
+        "predict",
+        help="predict a model over an embeddings Zarr: map COGs, STAC item, PNG",
+        description=(
+            "Predict a fitted model (xclay fit) over every chip of an embeddings Zarr, in "
+            "blocks, and write the class map (or values) and per-class probabilities as "
+            "Cloud-Optimized GeoTIFFs on the chip grid, a STAC item and a PNG preview."
+        ),
+    )
+    pred.add_argument("model", help="model file (JSON, from xclay fit)")
+    pred.add_argument("embeddings", help="embeddings Zarr (a path or URL)")
+    pred.add_argument("--out", default="map.tif", help="map GeoTIFF (default ./map.tif)")
+    pred.add_argument("--time", type=_at_least(0), default=None, help="time step (index)")
+    pred.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto"
+    )
+    pred.add_argument(
+        "--block-mb", type=_at_least(1), default=256, help="vectors read at a time (MB)"
+    )
+    pred.add_argument("--overwrite", action="store_true", help="replace existing files")
+    _add_storage_option(pred)
+    pred.set_defaults(func=_predict)
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be within (0, 1], got {value}")
+    return value
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from xclay.apply import fit, join_labels
+    from xclay.outputs.export import open_embeddings
+
+    emb = open_embeddings(args.embeddings)
+    labels = join_labels(
+        emb, args.labels, column=args.column, rule=args.rule, min_cover=args.min_cover
+    )
+    dropped = ", ".join(f"{n} {why}" for why, n in labels.dropped.items() if n)
+    print(
+        f"  labels      {len(labels)} chips by rule {labels.rule}"
+        + (f" ({dropped})" if dropped else "")
+    )
+    model = fit(
+        emb,
+        labels,
+        model=args.model,
+        folds=args.folds,
+        block_m=args.block_m,
+        time=args.time,
+        seed=args.seed,
+    )
+    cv = model.scores["cv"]
+    print(
+        f"  model       {model.kind} {model.params}, "
+        + (f"{len(model.classes)} classes" if model.classes else "values")
+    )
+    print(
+        f"  checked     {cv['folds']}-fold spatial CV, blocks of {cv['block_m']:.0f} m: {cv['rule']}"
+    )
+    oof = model.scores["out_of_fold"]
+    if model.classes is not None:
+        print(f"  scores      accuracy {oof['accuracy']:.3f}, macro F1 {oof['macro_f1']:.3f}")
+        for name, row in oof["per_class"].items():
+            print(f"    {name:<16} F1 {row['f1']:.3f}  ({row['support']} chips)")
+    else:
+        print(f"  scores      R2 {oof['r2']:.3f}, RMSE {oof['rmse']:.4g}, MAE {oof['mae']:.4g}")
+    path = model.save(args.out, overwrite=args.overwrite)
+    print(f"  model file  {path}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from xclay.apply import predict, write_map
+
+    t0 = time.perf_counter()
+    prediction = predict(
+        args.embeddings, args.model, time=args.time, device=args.device, block_mb=args.block_mb
+    )
+    seconds = time.perf_counter() - t0
+    chips = prediction.sizes["chip_y"] * prediction.sizes["chip_x"]
+    print(f"  predicted   {chips} chips in {seconds:.1f} s")
+    files = write_map(prediction, args.out, model=args.model, overwrite=args.overwrite)
+    for kind, path in (
+        ("map", files.map),
+        ("probability", files.probability),
+        ("stac", files.stac),
+        ("preview", files.preview),
+    ):
+        if path is not None:
+            print(f"  {kind:<11} {path}")
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
