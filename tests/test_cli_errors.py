@@ -115,6 +115,109 @@ CASES: dict[str, tuple[list[str], str]] = {
         ["export", "{corpus}/demo/embeddings.zarr", "--out", "{corpus}/scene.tif"],
         "already exists",
     ),
+    "fit missing labels": (
+        ["fit", "{corpus}/none.parquet", "--embeddings", "{corpus}/run/embeddings.zarr"],
+        "no label file at",
+    ),
+    "fit labels of an unknown kind": (
+        ["fit", "{corpus}/bad.yaml", "--embeddings", "{corpus}/run/embeddings.zarr"],
+        "not a label file xclay reads",
+    ),
+    "fit a many-band raster as labels": (
+        ["fit", "{corpus}/scene.tif", "--embeddings", "{corpus}/run/embeddings.zarr"],
+        "must have one band",
+    ),
+    "fit without --column": (
+        ["fit", "{corpus}/labels.geojson", "--embeddings", "{corpus}/run/embeddings.zarr"],
+        "need the column",
+    ),
+    "fit unknown column": (
+        [
+            "fit",
+            "{corpus}/labels.geojson",
+            "--embeddings",
+            "{corpus}/run/embeddings.zarr",
+            "--column",
+            "nope",
+        ],
+        "no column 'nope'",
+    ),
+    "fit too few labels": (
+        [
+            "fit",
+            "{corpus}/labels.geojson",
+            "--embeddings",
+            "{corpus}/run/embeddings.zarr",
+            "--column",
+            "landcover",
+        ],
+        "needs at least 10",
+    ),
+    "fit labels elsewhere": (
+        [
+            "fit",
+            "{corpus}/far.geojson",
+            "--embeddings",
+            "{corpus}/run/embeddings.zarr",
+            "--column",
+            "landcover",
+        ],
+        "no label falls on a chip",
+    ),
+    "fit missing embeddings": (
+        ["fit", "{corpus}/labels.geojson", "--embeddings", "{corpus}/none.zarr"],
+        "no embeddings Zarr at",
+    ),
+    "fit a datacube as embeddings": (
+        ["fit", "{corpus}/labels.geojson", "--embeddings", "{corpus}/demo/cube.zarr"],
+        "is a datacube",
+    ),
+    "fit one fold": (
+        ["fit", "{corpus}/labels.geojson", "--embeddings", "{corpus}/e.zarr", "--folds", "1"],
+        "--folds: must be at least 2",
+    ),
+    "fit min cover over 1": (
+        ["fit", "{corpus}/labels.geojson", "--embeddings", "e.zarr", "--min-cover", "2"],
+        "must be within (0, 1]",
+    ),
+    "predict missing model": (
+        ["predict", "{corpus}/none.json", "{corpus}/run/embeddings.zarr"],
+        "no model file at",
+    ),
+    "predict a model file that is not json": (
+        ["predict", "{corpus}/text.json", "{corpus}/run/embeddings.zarr"],
+        "is not a model file (not JSON",
+    ),
+    "predict stac items as a model": (
+        ["predict", "{corpus}/items.json", "{corpus}/run/embeddings.zarr"],
+        "not an xclay model file",
+    ),
+    "predict a model without its weights": (
+        ["predict", "{corpus}/noweights.json", "{corpus}/run/embeddings.zarr"],
+        "are missing",
+    ),
+    "predict another encoder's embeddings": (
+        ["predict", "{corpus}/model.json", "{corpus}/run/embeddings.zarr"],
+        "fitted on embeddings of 'clay-v1.5'",
+    ),
+    "predict missing embeddings": (
+        ["predict", "{corpus}/model.json", "{corpus}/none.zarr"],
+        "no embeddings Zarr at",
+    ),
+    "predict block of 0 MB": (
+        ["predict", "{corpus}/model.json", "{corpus}/run/embeddings.zarr", "--block-mb", "0"],
+        "--block-mb: must be at least 1",
+    ),
+    "predict onto an existing file": (
+        [
+            "predict",
+            "{corpus}/rcf-model.json",
+            "{corpus}/run/embeddings.zarr",
+            "--out",
+            "{corpus}/scene.tif",
+        ],
+        "already exists",
+    ),
 }
 
 
@@ -218,7 +321,51 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     spec = yaml.safe_load((c / "underfile.yaml").read_text())
     spec["outputs"]["dir"] = "scene.tif/out"
     (c / "underfile.yaml").write_text(yaml.safe_dump(spec))
+    _map_inputs(c)
     return c
+
+
+def _map_inputs(c: Path) -> None:
+    """Labels (GeoJSON: a point at each chip of the run's embeddings, and one far away)
+    and model files for fit and predict: one of another encoder's embeddings, one without
+    its weights, and one of these embeddings."""
+    import xclay
+    from xclay.apply import MapModel
+    from xclay.apply.model import embeddings_fingerprint
+
+    emb = xclay.open_embeddings(c / "run" / "embeddings.zarr")
+    lon, lat = emb["lon"].values.ravel(), emb["lat"].values.ravel()
+
+    def points(coords: list[tuple[float, float]]) -> str:
+        features = [
+            {
+                "type": "Feature",
+                "properties": {"landcover": ["forest", "water"][k % 2]},
+                "geometry": {"type": "Point", "coordinates": [x, y]},
+            }
+            for k, (x, y) in enumerate(coords)
+        ]
+        return json.dumps({"type": "FeatureCollection", "features": features})
+
+    (c / "labels.geojson").write_text(points(list(zip(lon, lat, strict=True))))
+    (c / "far.geojson").write_text(points([(10.0, 50.0)]))
+    weights = {"mean": np.zeros(4, np.float32), "std": np.ones(4, np.float32)}
+    weights |= {"weight": np.zeros((4, 2), np.float32), "bias": np.zeros(2, np.float32)}
+    clay = {"model": {"name": "clay-v1.5", "dim": 1024}, "fingerprint": "0" * 64}
+    MapModel("logistic", "classification", ("a", "b"), {}, weights, embeddings=clay).save(
+        c / "model.json"
+    )
+    MapModel("logistic", "classification", ("a", "b"), {}, weights, embeddings=clay).save(
+        c / "noweights.json"
+    )
+    (c / "noweights.safetensors").unlink()
+    dim = emb.sizes["feature"]
+    weights = {"mean": np.zeros(dim, np.float32), "std": np.ones(dim, np.float32)}
+    weights |= {"weight": np.zeros((dim, 2), np.float32), "bias": np.zeros(2, np.float32)}
+    ours = {"fingerprint": embeddings_fingerprint(emb.attrs["model"])}
+    MapModel("logistic", "classification", ("a", "b"), {}, weights, embeddings=ours).save(
+        c / "rcf-model.json"
+    )
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -228,7 +375,8 @@ def test_bad_input_gets_one_line_and_a_nonzero_exit(corpus: Path, case: str) -> 
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode != 0, (case, result.stdout, result.stderr)
     assert len(lines) == 1, (case, result.stderr)
-    command = argv[0] if argv[0] in ("demo", "run", "ingest", "embed", "export") else ""
+    commands = ("demo", "run", "ingest", "embed", "export", "fit", "predict")
+    command = argv[0] if argv[0] in commands else ""
     assert lines[0].startswith(f"xclay {command}".strip() + ": error: "), lines[0]
     assert "unexpected" not in lines[0], lines[0]  # the catch-all: a case xclay must word
     assert phrase in lines[0], (phrase, lines[0])
