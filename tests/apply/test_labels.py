@@ -202,7 +202,7 @@ def test_bad_labels_are_worded(demo_cube: xr.Dataset, demo_emb: xr.Dataset, tmp_
     frame = points_of(demo_cube, np.array([3]), np.array([3]), ["a"])
     with pytest.raises(LabelError, match="no column 'kind'"):
         join_labels(demo_emb, frame, column="kind")
-    with pytest.raises(LabelError, match="need a column"):
+    with pytest.raises(LabelError, match="need the column"):
         join_labels(demo_emb, frame)
     with pytest.raises(LabelError, match="no CRS"):
         read_labels(frame.set_crs(None, allow_override=True))

@@ -558,8 +558,8 @@ def _join_vector(
 
     if column is None:
         raise LabelError(
-            "vector labels need a column: name the one holding the class or value "
-            f"(column=...; the file has {[c for c in frame.columns if c != frame.geometry.name]})."
+            "vector labels need the column holding the class or value (--column NAME, "
+            f"or column=NAME); they have {[c for c in frame.columns if c != frame.geometry.name]}."
         )
     if column not in frame.columns:
         raise LabelError(
