@@ -195,6 +195,20 @@ class TrainingBatch:
         return ChipBatch(self.pixels, self.valid, self.lonlat, self.time)
 
 
+def _host_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor to read a batch into: in a DataLoader worker, in shared memory from
+    the start (as torch's own collate allocates), so handing it to the main process copies
+    nothing."""
+    import torch.utils.data
+
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    empty = torch.empty(0, dtype=dtype)
+    nbytes = int(np.prod(shape)) * empty.element_size()
+    storage = empty.untyped_storage()._new_shared(nbytes)  # type: ignore[no-untyped-call]
+    return empty.set_(storage).view(shape)
+
+
 @dataclass
 class _Targets:
     """What a chip's target is: a chip label, a window of a label raster, or nothing."""
@@ -278,6 +292,40 @@ class ChipDataset(_IterableDataset["TrainingBatch"]):
     def classes(self) -> tuple[str, ...] | None:
         """Class names of the targets, in index order (None: values, or no labels)."""
         return self.targets.classes
+
+    def prepare_encoder(
+        self, encoder: Any, *, device: str = "cpu", precision: str = "fp32"
+    ) -> torch.device:
+        """Get an encoder of :mod:`xclay.models` ready for this datacube's chips (its
+        normalisation, wavelengths, fitted filters), as an embedding run does, so batches'
+        :meth:`TrainingBatch.chip_batch` can go through ``encoder.encode`` (frozen features,
+        a head trained on them).
+
+        Parameters
+        ----------
+        encoder
+            An :class:`~xclay.protocols.Encoder` (``xclay.models.get_model(...)``).
+        device
+            Where it computes (``"cpu"``, ``"cuda"``, ``"auto"``).
+        precision
+            ``"fp32"``, ``"bf16"``, ``"auto"``... (:func:`xclay.devices.resolve_precision`).
+
+        Returns
+        -------
+        torch.device
+            The device it was prepared on (move batches there).
+        """
+        from xclay.batch.batching import make_sampler
+        from xclay.devices import resolve_device, resolve_precision
+        from xclay.embed import input_spec
+
+        dev = resolve_device(device)
+        source = self._open_source(in_worker=False)
+        spec = input_spec(self.cube, source, self.grid.spec.chip_size, self.config.batch_size)
+        sampler = make_sampler(source, self.grid, self.times)
+        chosen = resolve_precision(precision, dev, encoder.preferred_precision)  # type: ignore[arg-type]
+        encoder.prepare(spec, sampler, device=dev, precision=chosen)
+        return dev
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next iteration draws (the order depends on the seed and it)."""
@@ -387,8 +435,8 @@ class ChipDataset(_IterableDataset["TrainingBatch"]):
         xp = source.xp
         n = len(chips)
         if xp is np:
-            pixels_t = torch.empty((n, bands, size, size), dtype=torch_dtype(source.dtype))
-            valid_t = torch.empty((n, size, size), dtype=torch.bool)
+            pixels_t = _host_tensor((n, bands, size, size), torch_dtype(source.dtype))
+            valid_t = _host_tensor((n, size, size), torch.bool)
             pixels, valid = pixels_t.numpy(), valid_t.numpy()
         else:
             pixels = xp.empty((n, bands, size, size), dtype=source.dtype)

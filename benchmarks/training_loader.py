@@ -1,0 +1,167 @@
+"""Chips delivered to a training step per second: xclay.training against what users write.
+
+The same pixels (the demo composite: 10 bands of uint16) three ways:
+
+- ``xclay``: :class:`xclay.training.ChipDataset` over the datacube Zarr as xclay writes it
+  (one zstd chunk a chip), whole batches read by the batch path, ``DataLoader(batch_size=
+  None)``;
+- ``rasterio``: a map-style Dataset reading each chip's window (all bands) from the same
+  pixels as a GeoTIFF (tiled 512 x 512, DEFLATE, as a COG is), a file handle per worker,
+  ``DataLoader(batch_size=B, shuffle=True)``;
+- ``xbatcher``: ``xbatcher.BatchGenerator`` (one chip an item) over the datacube opened
+  with ``xarray.open_zarr`` (its defaults: dask chunks of the stored chunks), wrapped in
+  ``xbatcher.loaders.torch.MapDataset``, ``DataLoader(batch_size=B, shuffle=True)``; and
+  the same over the datacube opened without dask (``chunks=None``), its fastest form.
+
+Each feeds a fixed-cost stand-in training step (the batch made float32 and reduced: every
+byte touched, as a model's first layer would) for ``--epochs`` epochs after one warm-up
+epoch, with the same ``--workers`` (DataLoader processes) and batch size. The goal is
+xclay >= 3x the better of the other two.
+
+    python benchmarks/training_loader.py [--size 2048 --chip 128 --batch 32 --workers 2]
+    python benchmarks/training_loader.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import xarray as xr
+from _common import parse, save
+
+import xclay
+
+GOAL = 3.0
+
+
+def step(pixels: torch.Tensor) -> float:
+    """The stand-in training step: float32, then a reduction over every value."""
+    return float(pixels.float().mean())
+
+
+def run(loader: Any, epochs: int, pixels_of: Any, on_epoch: Any = None) -> dict[str, Any]:
+    """Chips per second over ``epochs`` epochs after a warm-up epoch."""
+    chips = 0
+    for epoch in range(epochs + 1):
+        if on_epoch is not None:
+            on_epoch(epoch)
+        if epoch == 1:
+            start = time.perf_counter()
+        for batch in loader:
+            pixels = pixels_of(batch)
+            step(pixels)
+            if epoch >= 1:
+                chips += int(pixels.shape[0])
+    seconds = time.perf_counter() - start
+    return {"chips": chips, "seconds": round(seconds, 3), "chips_per_s": round(chips / seconds, 1)}
+
+
+class WindowDataset(torch.utils.data.Dataset[torch.Tensor]):
+    """What users write: one chip a item, a rasterio window read from a GeoTIFF."""
+
+    def __init__(self, path: Path, chip: int) -> None:
+        import rasterio
+
+        self.path, self.chip = path, chip
+        with rasterio.open(path) as src:
+            self.rows, self.cols = src.height // chip, src.width // chip
+        self._src: Any = None
+
+    def __len__(self) -> int:
+        return self.rows * self.cols
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        import rasterio
+        from rasterio.windows import Window
+
+        if self._src is None:  # one handle a worker process
+            self._src = rasterio.open(self.path)
+        i, j = divmod(k, self.cols)
+        window = Window(j * self.chip, i * self.chip, self.chip, self.chip)
+        return torch.from_numpy(self._src.read(window=window))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", type=int, default=2048, help="demo composite edge (px)")
+    p.add_argument("--chip", type=int, default=128)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=3)
+    args = parse(p, {"size": 256, "chip": 64, "batch": 4, "workers": 1, "epochs": 1})
+
+    import rasterio
+    import xbatcher
+    from xbatcher.loaders.torch import MapDataset
+
+    from xclay.training import ChipDataset, TrainingConfig
+
+    folder = Path(tempfile.mkdtemp(prefix="xclay-bench-loader-"))
+    cube = xclay.datasets.demo_composite(args.size)
+    store = xclay.write_datacube(cube, folder / "cube.zarr", chip_size=args.chip)
+    pixels = cube["pixels"].values[0]
+    tif = folder / "scene.tif"
+    with rasterio.open(
+        tif,
+        "w",
+        driver="GTiff",
+        width=args.size,
+        height=args.size,
+        count=pixels.shape[0],
+        dtype="uint16",
+        crs=cube["spatial_ref"].attrs["crs_wkt"],
+        transform=xclay.datacube.datacube_geobox(cube).affine,
+        nodata=0,
+        tiled=True,
+        blockxsize=512 if args.size >= 512 else 256,
+        blockysize=512 if args.size >= 512 else 256,
+        compress="deflate",
+    ) as dst:
+        dst.write(pixels)
+    del cube, pixels
+    seed = torch.Generator().manual_seed(0)
+    common = {"num_workers": args.workers}
+    rows: dict[str, Any] = {}
+
+    t0 = time.perf_counter()
+    ours = ChipDataset(store, chip_size=args.chip, config=TrainingConfig(batch_size=args.batch))
+    made = time.perf_counter() - t0
+    loader = torch.utils.data.DataLoader(ours, batch_size=None, **common)
+    rows["xclay"] = run(loader, args.epochs, lambda b: b.pixels, ours.set_epoch)
+    rows["xclay"].update(dataset_s=round(made, 2), chips_an_epoch=len(ours.chips))
+
+    windows = WindowDataset(tif, args.chip)
+    loader = torch.utils.data.DataLoader(
+        windows, batch_size=args.batch, shuffle=True, generator=seed, **common
+    )
+    rows["rasterio"] = run(loader, args.epochs, lambda b: b)
+
+    for name, chunks in (("xbatcher", "default"), ("xbatcher_no_dask", None)):
+        opened = xr.open_zarr(store, **({} if chunks == "default" else {"chunks": None}))
+        generator = xbatcher.BatchGenerator(
+            opened["pixels"].isel(time=0), input_dims={"y": args.chip, "x": args.chip}
+        )
+        loader = torch.utils.data.DataLoader(
+            MapDataset(generator), batch_size=args.batch, shuffle=True, generator=seed, **common
+        )
+        rows[name] = run(loader, args.epochs, lambda b: b)
+
+    best = max(rows[name]["chips_per_s"] for name in rows if name != "xclay")
+    results = {
+        "rows": rows,
+        "speedup_over_best_other": round(rows["xclay"]["chips_per_s"] / best, 2),
+        "goal": GOAL,
+        "chip_bytes": 10 * args.chip * args.chip * 2,
+    }
+    print(results, flush=True)
+    path = save("training_loader", vars(args), results)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
