@@ -23,7 +23,9 @@ from it); ``cube.zarr`` is the demo's datacube (``xclay demo --size 512``); ``sc
 demo composite (the real scenes in ../shared/data are 8-bit Landsat 7 numbers, which the
 ``sentinel-2-l2a`` normalisation the examples name rightly refuses); ``spec.yaml`` is a run
 spec over the real Landsat 7 scene of ../shared/data (rcf); ``my_package`` is a band-means
-plug-in like the one of tests/models/test_plugins.py.
+plug-in like the one of tests/models/test_plugins.py; ``landcover.parquet`` and
+``landcover.tif`` are labels of the demo composite from its land-cover truth (300 points;
+a class raster at 20 m).
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ STANDINS: dict[str, tuple[str, ...]] = {
     "docs/models.md": ("cube.zarr", "clay-v1.5.ckpt", "my_package"),
     "docs/gpu.md": ("cube.zarr", "clay-v1.5.ckpt"),
     "docs/cloud.md": ("items.json", "s3"),
+    "docs/maps.md": ("cube.zarr", "landcover.parquet", "landcover.tif"),
 }
 # "s3": a real S3 server on 127.0.0.1 (tests/s3.py) with a bucket "my-bucket", and the
 # page's environment pointing at it, as a reader's would point at theirs.
@@ -204,6 +207,40 @@ def _write_scenes(folder: Path) -> None:
     layer.rio.write_nodata(0).rio.to_raster(folder / "scene_SCL.tif")
 
 
+def _write_labels(folder: Path) -> None:
+    """Labels of the demo composite (512 px) as a user has them, from its land-cover truth:
+    300 points in longitude and latitude (GeoParquet, a ``landcover`` column of names), and
+    the class raster on a 20 m grid in WGS84 (GeoTIFF; 255 where unlabelled)."""
+    import geopandas as gpd
+    import numpy as np
+    import rioxarray  # noqa: F401  (the .rio accessor)
+    import xarray as xr
+
+    import xclay
+    from xclay.datacube import datacube_geobox
+
+    size = 512
+    box = datacube_geobox(xclay.datasets.demo_composite(size))
+    truth = xclay.datasets.demo_land_cover(size)
+    rng = np.random.default_rng(0)
+    rows, cols = rng.integers(0, size, 600), rng.integers(0, size, 600)
+    keep = truth[rows, cols] < 255
+    rows, cols = rows[keep][:300], cols[keep][:300]
+    transform: Any = box.affine
+    x, y = transform @ (cols + 0.5, rows + 0.5)
+    names = np.array(xclay.datasets.LAND_COVER_CLASSES)[truth[rows, cols]]
+    points = gpd.GeoDataFrame(
+        {"landcover": names}, geometry=gpd.points_from_xy(x, y), crs=str(box.crs)
+    )
+    points.to_crs("EPSG:4326").to_parquet(folder / "landcover.parquet")
+    xs = box.affine.c + box.affine.a * (np.arange(size) + 0.5)
+    ys = box.affine.f + box.affine.e * (np.arange(size) + 0.5)
+    raster = xr.DataArray(truth, dims=("y", "x"), coords={"y": ys, "x": xs})
+    raster = raster.rio.write_crs(str(box.crs)).rio.write_nodata(255)
+    coarse = raster.coarsen(y=2, x=2).max().astype("uint8")  # 20 m, as labels often come
+    coarse.rio.write_crs(str(box.crs)).rio.write_nodata(255).rio.to_raster(folder / "landcover.tif")
+
+
 def _write_spec(folder: Path) -> None:
     """A run spec over the real Landsat 7 scene: items made by ``stac_item``, rcf."""
     import pystac
@@ -316,6 +353,7 @@ def standins(tmp_path_factory: pytest.TempPathFactory, demo: Demo) -> Path:
     _write_scenes(folder)
     _write_spec(folder)
     _write_plugin(folder)
+    _write_labels(folder)
     shutil.copytree(demo.folder / "cube.zarr", folder / "cube.zarr")
     return folder
 

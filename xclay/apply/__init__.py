@@ -9,9 +9,10 @@ nothing below imports this package.
 from xclay.apply.checking import CheckingWarning, estimate_block
 from xclay.apply.labels import ChipLabels, join_labels, read_labels
 from xclay.apply.model import MapModel, fit, load_model
-from xclay.apply.predict import MapFiles, predict, write_map
+from xclay.apply.predict import PALETTE, MapFiles, predict, write_map
 
 __all__ = [
+    "PALETTE",
     "CheckingWarning",
     "ChipLabels",
     "MapFiles",
