@@ -9,8 +9,10 @@ that started it, whatever happens to that).
 ``python -m tests.servers http FOLDER LOG``: serve FOLDER's files over HTTP/1.1 with
 ``Range: bytes=A-B`` (206 Partial Content; what GDAL's /vsicurl/ needs: Python's
 SimpleHTTPRequestHandler answers every GET with the whole file), one line per request
-(``METHOD PATH RANGE``) appended to LOG. ``python -m tests.servers s3``: moto's S3
-server.
+(``METHOD PATH RANGE``) appended to LOG. ``python -m tests.servers slow-http FOLDER LOG
+SECONDS``: the same, each request answered SECONDS late (as object storage answers), its
+line ending with how many requests were in flight when it came (itself included).
+``python -m tests.servers s3``: moto's S3 server.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http import HTTPStatus
@@ -90,8 +93,38 @@ class RangeRequestHandler(SimpleHTTPRequestHandler):
         pass  # the request log is the file
 
 
-def _serve_http(folder: str, log: str) -> None:
-    handler = functools.partial(RangeRequestHandler, directory=folder, log_path=Path(log))
+class SlowRequestHandler(RangeRequestHandler):
+    """A :class:`RangeRequestHandler` that answers each request ``delay`` seconds late; its
+    log line (``METHOD PATH RANGE IN_FLIGHT``) says how many requests were in flight when it
+    came, itself included."""
+
+    in_flight = 0
+    counting = threading.Lock()
+
+    def __init__(self, *args: Any, delay: float, slow_log: Path, **kwargs: Any) -> None:
+        self.delay, self.slow_log = delay, slow_log
+        super().__init__(*args, log_path=Path(os.devnull), **kwargs)
+
+    def _answer(self, *, body: bool) -> None:
+        with SlowRequestHandler.counting:
+            SlowRequestHandler.in_flight += 1
+            now = SlowRequestHandler.in_flight
+        try:
+            with self.slow_log.open("a") as log:
+                log.write(f"{self.command} {self.path} {self.headers.get('Range', '')} {now}\n")
+            time.sleep(self.delay)
+            super()._answer(body=body)
+        finally:
+            with SlowRequestHandler.counting:
+                SlowRequestHandler.in_flight -= 1
+
+
+def _serve_http(folder: str, log: str, delay: float | None = None) -> None:
+    handler: Any = functools.partial(RangeRequestHandler, directory=folder, log_path=Path(log))
+    if delay is not None:
+        handler = functools.partial(
+            SlowRequestHandler, directory=folder, slow_log=Path(log), delay=delay
+        )
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     print(server.server_address[1], flush=True)
@@ -142,5 +175,7 @@ def serving(*args: str) -> Iterator[int]:
 if __name__ == "__main__":
     if sys.argv[1] == "http":
         _serve_http(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "slow-http":
+        _serve_http(sys.argv[2], sys.argv[3], float(sys.argv[4]))
     else:
         _serve_s3()

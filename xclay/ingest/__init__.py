@@ -4,7 +4,12 @@ Modules, each importing only those above it in this list (and the datacube layer
 
 - ``items``: STAC items loaded, made from local GeoTIFFs, filtered and described.
 - ``grid``: the pixel grid a load goes onto.
-- ``composite``: compositing over time, solar days.
+- ``composite``: compositing over time, solar days; the median's array kernels (NumPy or
+  CuPy).
+- ``gpu_composite``: where a composite's arithmetic runs (CPU or CUDA GPU), CuPy imported
+  when used.
+- ``median``: a median composite of an odc-stac load chunk by chunk, its reads on a pool
+  sized for latency.
 - ``stac``: :func:`from_stac` and :func:`datacube_template`.
 - ``demo``: the synthetic demo composite (public as :mod:`xclay.datasets`).
 """
