@@ -225,6 +225,8 @@ class ChunkLocator:
             else []
         )
         self._per_shard = per_shard
+        # A local array's folder as a Path: finding a chunk file is then what it always was.
+        self._root = None if self.gathers else layout.location.path
         self._indexes: dict[tuple[int, ...], np.ndarray | None] = {}
         self._lock = threading.Lock()
 
@@ -233,10 +235,10 @@ class ChunkLocator:
         (it then holds the fill value)."""
         lay = self.layout
         if lay.shard_shape is None:
-            where = lay.location / lay.key(chunk)
-            if self.gathers:
-                return ChunkRef(str(where), 0, None)  # found missing when read
-            return ChunkRef(str(where), 0, None) if where.path.is_file() else None
+            if self._root is None:  # found missing when read
+                return ChunkRef(str(lay.location / lay.key(chunk)), 0, None)
+            path = self._root / lay.key(chunk)
+            return ChunkRef(str(path), 0, None) if path.is_file() else None
         shard, inner = self._shard_of(chunk)
         index = self._index(shard)
         if index is None:
@@ -244,7 +246,10 @@ class ChunkLocator:
         offset, nbytes = index[np.ravel_multi_index(inner, self._per_shard)]
         if offset == _EMPTY and nbytes == _EMPTY:
             return None
-        return ChunkRef(str(lay.location / lay.key(shard)), int(offset), int(nbytes))
+        where = (
+            self._root / lay.key(shard) if self._root is not None else lay.location / lay.key(shard)
+        )
+        return ChunkRef(str(where), int(offset), int(nbytes))
 
     def find_many(self, chunks: Sequence[Sequence[int]]) -> list[ChunkRef | None]:
         """:meth:`find` for each chunk, the indexes of the shards not read yet read together
