@@ -66,7 +66,9 @@ def predict(
     ----------
     emb
         An embeddings Dataset, or the path or URL of an embeddings Zarr (opened lazily:
-        only a block is in memory at a time).
+        only a block is in memory at a time). Given a path or URL, blocks are read straight
+        from the store's chunk files (the fast way for a continent); given a Dataset,
+        through xarray.
     model
         A fitted :class:`~xclay.apply.model.MapModel`, or the path or URL of its file. It
         refuses embeddings of another encoder.
