@@ -125,3 +125,28 @@ def test_flags_are_made_with_their_declared_types_and_choices() -> None:
     for bad in (["--batch-size", "0"], ["--edges", "wrap"], ["--device", "gpu"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
+
+
+def test_a_spec_read_back_from_its_record_is_the_same_spec(tmp_path: Path) -> None:
+    """A run records its spec (to_dict) and its tasks read it back (from_dict): the same
+    spec, for a STAC input and for a datacube input."""
+    from xclay.run.spec import RunSpec
+
+    stac = {
+        "name": "x",
+        "input": {"stac": {"items": "items.json"}, "bands": ["red", "nir"], "bbox": [1, 2, 3, 4],
+                  "datetime": "2024-01-01/2024-12-31", "wavelengths": {"red": 0.66, "nir": 0.84}},
+        "grid": {"resolution": 10, "crs": 32633, "chip_size": 64, "stride": 32},
+        "model": {"name": "rcf", "options": {"num_filters": 8}},
+        "compute": {"batch_size": 4, "region_chips": 2},
+        "quality": {"max_nodata": 0.2},
+        "outputs": {"dir": "out", "thumbnails": True, "quantize": "int8"},
+        "storage": {"region": "eu-west-1"},
+    }  # fmt: skip
+    cube = {"input": {"datacube": "cube.zarr"}, "outputs": {"dir": "out"}}
+    for data in (stac, cube):
+        spec = RunSpec.from_dict(data, base=str(tmp_path))
+        again = RunSpec.from_dict(spec.to_dict(), base=str(tmp_path))
+        assert again == spec
+    assert RunSpec.from_dict(stac).grid.crs == "EPSG:32633"
+    assert RunSpec.from_dict(stac).outputs.thumbnails == 64

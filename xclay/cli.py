@@ -490,7 +490,13 @@ def _client(args: argparse.Namespace, spec: Any) -> Iterator[tuple[Any, int | No
         yield client, threads
     finally:
         if client is not None:
+            if not args.verbose:  # a worker slow to stop is killed: expected, not news
+                logging.getLogger("distributed").setLevel(logging.ERROR)
+            local = getattr(args, "cluster", None) is not None
+            cluster = getattr(client, "cluster", None) if local else None
             client.close()
+            if cluster is not None:  # ours: stopped now, not by an exit handler later
+                cluster.close()
 
 
 def _finish(report: Any, retry: str = "rerun the same spec") -> int:

@@ -29,6 +29,8 @@ from affine import Affine
 
 from xclay._version import __version__
 from xclay.outputs.export import PARQUET_MEDIA_TYPE
+from xclay.run.record import RunRecord
+from xclay.run.spec import RunSpec
 from xclay.run.state import RunState
 from xclay.storage import Location, Where, location
 
@@ -67,14 +69,14 @@ def write_catalog(outdir: Where) -> Location:
     out = location(outdir)
     record = RunState(out).record()
     folder = out / CATALOG
-    stores = [_at(record, p) for p in record["paths"]["embeddings"]]
+    stores = [record.at(p) for p in record.paths.embeddings]
     zones = [open_embeddings(p) for p in stores]
     first = zones[0]
     card = first.attrs["model"]
     collection_id = _collection_id(record)
     items = []
     for k, (store, emb) in enumerate(zip(stores, zones, strict=True)):
-        cell = (record.get("zones") or [{}])[k].get("cell") if record.get("zones") else None
+        cell = record.zones[k].cell if k < len(record.zones) else None
         for t in range(emb.sizes["time"]):
             items.append(_item(collection_id, folder, out, store, emb, t, cell, record))
     for old in (folder / "items").iterdir():
@@ -89,10 +91,6 @@ def write_catalog(outdir: Where) -> Location:
     return path
 
 
-def _at(record: dict[str, Any], where: str) -> Location:
-    return location(where, record.get("spec", {}).get("storage") or None)
-
-
 # --------------------------------------------------------------------------- collection
 
 
@@ -102,7 +100,7 @@ def _collection(
     zones: list[Any],
     items: list[dict[str, Any]],
     folder: Location,
-    record: dict[str, Any],
+    record: RunRecord,
     card: dict[str, Any],
 ) -> dict[str, Any]:
     first = zones[0]
@@ -117,8 +115,8 @@ def _collection(
         {i["properties"].get("start_datetime") or i["properties"]["datetime"] for i in items}
         | {i["properties"].get("end_datetime") or i["properties"]["datetime"] for i in items}
     )
-    spec = record.get("spec", {})
-    name = spec.get("name") or collection_id
+    spec = record.spec
+    name = spec.name or collection_id
     platform = cube.get("platform") or "imagery"
     links = [
         {"rel": "root", "href": "./collection.json", "type": JSON_TYPE},
@@ -167,7 +165,7 @@ def _collection(
         },
         "assets": {
             "geoparquet": {
-                "href": _rel(_at(record, record["paths"]["geoparquet"]), folder),
+                "href": _rel(record.at(record.paths.geoparquet), folder),
                 "type": PARQUET_MEDIA_TYPE,
                 "title": "GeoParquet 1.1 dataset: one row per chip (a folder of parts)",
                 "roles": ["data"],
@@ -187,8 +185,8 @@ def _item(
     store: Location,
     emb: Any,
     t: int,
-    cell: str | None,
-    record: dict[str, Any],
+    cell: Any,
+    record: RunRecord,
 ) -> dict[str, Any]:
     from xclay.outputs.export import chip_grid_transform
 
@@ -229,7 +227,7 @@ def _item(
             "roles": ["data"],
         },
         "geoparquet": {
-            "href": _rel(_at(record, record["paths"]["geoparquet"]), folder / "items"),
+            "href": _rel(record.at(record.paths.geoparquet), folder / "items"),
             "type": PARQUET_MEDIA_TYPE,
             "title": "GeoParquet 1.1 dataset of the whole run (a folder of parts)",
             "roles": ["data"],
@@ -255,7 +253,7 @@ def _item(
     }
 
 
-def _footprint(emb: Any, cell: str | None) -> tuple[dict[str, Any], list[float]]:
+def _footprint(emb: Any, cell: Any) -> tuple[dict[str, Any], list[float]]:
     """What this item's chips cover, in WGS84 (edges densified): the chip grid's windows;
     when the run tiles by zones, the windows of the chips the zone embeds (those meeting
     its cell, which reach past it by up to a chip), row by row. Computed from the grid,
@@ -276,7 +274,7 @@ def _footprint(emb: Any, cell: str | None) -> tuple[dict[str, Any], list[float]]
     else:
         from xclay.run.zones import to_native
 
-        native = to_native(shapely.from_wkt(cell), cube["crs_wkt"])
+        native = to_native(cell, cube["crs_wkt"])
         shapely.prepare(native)
         rows = []
         for y0, y1 in ys:
@@ -324,7 +322,7 @@ def _exports(
 
 
 def _model_item(
-    collection_id: str, emb: Any, folder: Location, out: Location, record: dict[str, Any]
+    collection_id: str, emb: Any, folder: Location, out: Location, record: RunRecord
 ) -> dict[str, Any]:
     """The encoder as a STAC MLM Item: inputs (bands, chip shape, normalisation), output
     (the vector), and its weights (or, for weight-free models, the run metadata that holds
@@ -336,19 +334,19 @@ def _model_item(
     bands = list(cube["bands"])
     chip = int(emb.attrs["config"]["grid"]["chip_size"])
     normalization = card.normalization
-    checkpoint = record["paths"].get("checkpoint")
+    checkpoint = record.paths.checkpoint
     if checkpoint:
         artifact = {
-            "href": _rel(_at(record, checkpoint), folder),
+            "href": _rel(record.at(checkpoint), folder),
             "type": "application/octet-stream; application=pytorch",
-            "title": f"{card.name} weights ({_at(record, checkpoint).name})",
+            "title": f"{card.name} weights ({record.at(checkpoint).name})",
             "roles": ["mlm:model", "mlm:weights"],
             "mlm:artifact_type": "torch.save",
         }
         if card.checkpoint_sha256:
             artifact["description"] = f"sha256 {card.checkpoint_sha256}"
     else:
-        metadata = _at(record, record["paths"]["geoparquet"]) / "_xclay_run.json"
+        metadata = record.at(record.paths.geoparquet) / "_xclay_run.json"
         artifact = {
             "href": _rel(metadata, folder),
             "type": JSON_TYPE,
@@ -434,25 +432,25 @@ def _vector_dims(card: Any) -> list[str]:
 # --------------------------------------------------------------------------- helpers
 
 
-def _collection_id(record: dict[str, Any]) -> str:
-    name = record.get("spec", {}).get("name") or f"xclay-{record['fingerprint'][:12]}"
+def _collection_id(record: RunRecord) -> str:
+    name = record.spec.name or f"xclay-{record.fingerprint[:12]}"
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(name)).strip("-") or "xclay"
 
 
-def _source_link(record: dict[str, Any], folder: Location) -> dict[str, Any]:
+def _source_link(record: RunRecord, folder: Location) -> dict[str, Any]:
     """Where the imagery came from: the run's STAC items (indexed), else the datacube."""
-    items = record["paths"].get("items")
+    items = record.paths.items
     if items:
         return {
             "rel": "emb:source-data",
-            "href": _rel(_at(record, items), folder),
+            "href": _rel(record.at(items), folder),
             "type": PARQUET_MEDIA_TYPE,
             "title": "the STAC items the composites were made from (stac-geoparquet)",
         }
-    cube = record["paths"]["datacubes"][0]
+    cube = record.paths.datacubes[0]
     return {
         "rel": "emb:source-data",
-        "href": _rel(_at(record, cube), folder),
+        "href": _rel(record.at(cube), folder),
         "type": ZARR_TYPE,
         "title": "the datacube the chips were read from",
     }
@@ -463,8 +461,8 @@ def _license(card: dict[str, Any]) -> str:
     return text if re.fullmatch(r"[A-Za-z0-9.+-]+", text) else "other"
 
 
-def _temporal_resolution(spec: dict[str, Any]) -> str:
-    composite = (spec.get("input") or {}).get("composite")
+def _temporal_resolution(spec: RunSpec) -> str:
+    composite = spec.input.composite
     if composite == "none":
         return "single_acquisition"
     return "multi_temporal" if composite else "unknown"

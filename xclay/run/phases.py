@@ -26,6 +26,7 @@ from xclay.outputs.export import RUN_COMPLETE, RUN_METADATA
 from xclay.outputs.formats import DEFAULT_FORMAT
 from xclay.run.plan import RunPlan, plan
 from xclay.run.preflight import preflight
+from xclay.run.record import PlanSummary, RunPaths, RunRecord
 from xclay.run.spec import RunSpec
 from xclay.run.state import Region, RunState, embed_regions, ingest_regions
 from xclay.storage import Location, Where, location
@@ -139,25 +140,27 @@ class RunReport:
 # --------------------------------------------------------------------------- the run's record
 
 
-def _paths(spec: RunSpec, resolved: RunPlan) -> dict[str, Any]:
+def _paths(spec: RunSpec, resolved: RunPlan) -> RunPaths:
     """Where each output goes: one datacube and one embeddings store per zone (suffixed with
     the zone when there are several), one GeoParquet folder, the items sidecar."""
 
-    def per_zone(path: Location) -> list[str]:
+    def per_zone(path: Location) -> tuple[str, ...]:
         if len(resolved.zones) == 1:
-            return [path.url]
-        return [path.with_name(f"{path.stem}-{z.tag}{path.suffix}").url for z in resolved.zones]
+            return (path.url,)
+        return tuple(
+            path.with_name(f"{path.stem}-{z.tag}{path.suffix}").url for z in resolved.zones
+        )
 
     checkpoint = spec.path(spec.model.checkpoint) if spec.model.checkpoint else None
-    return {
-        "datacubes": per_zone(spec.datacube_path)
+    return RunPaths(
+        datacubes=per_zone(spec.datacube_path)
         if spec.input.datacube is None
-        else [spec.datacube_path.url],
-        "embeddings": per_zone(spec.embeddings_path),
-        "geoparquet": spec.geoparquet_path.url,
-        "items": spec.items_path.url if resolved.items is not None else None,
-        "checkpoint": checkpoint.url if checkpoint else None,
-    }
+        else (spec.datacube_path.url,),
+        embeddings=per_zone(spec.embeddings_path),
+        geoparquet=spec.geoparquet_path.url,
+        items=spec.items_path.url if resolved.items is not None else None,
+        checkpoint=checkpoint.url if checkpoint else None,
+    )
 
 
 def _identity(spec: RunSpec, resolved: RunPlan) -> dict[str, Any]:
@@ -192,12 +195,12 @@ def _identity(spec: RunSpec, resolved: RunPlan) -> dict[str, Any]:
     }
 
 
-def _outputs(spec: RunSpec, paths: dict[str, Any]) -> list[Location]:
+def _outputs(spec: RunSpec, paths: RunPaths) -> list[Location]:
     where = [
-        *paths["embeddings"],
-        paths["geoparquet"],
-        *([paths["items"]] if paths["items"] else []),
-        *(paths["datacubes"] if spec.input.datacube is None else []),
+        *paths.embeddings,
+        paths.geoparquet,
+        *([paths.items] if paths.items else []),
+        *(paths.datacubes if spec.input.datacube is None else ()),
     ]
     return [location(p, spec.storage) for p in where]
 
@@ -244,20 +247,24 @@ def _start(spec: RunSpec, resolved: RunPlan, torch_threads: int | None) -> tuple
         state.reset()
     else:
         check_start(spec, resolved)
-    payload = {
-        "spec": spec.to_dict(),
-        "plan": resolved.to_dict(),
-        "zones": [z.to_dict() for z in resolved.zones],
-        "days": [[str(d), str(t)] for d, t in resolved.days.items()]
+    record = RunRecord(
+        fingerprint="",
+        identity=_identity(spec, resolved),
+        spec=spec,
+        plan=PlanSummary.from_dict(resolved.to_dict()),
+        zones=tuple(resolved.zones),
+        paths=paths,
+        days=tuple((str(d), str(t)) for d, t in resolved.days.items())
         if resolved.days is not None
         else None,
-        "time_range": [str(v) for v in resolved.time_range] if resolved.time_range else None,
-        "paths": paths,
-    }
-    resumed = state.begin(_identity(spec, resolved), payload)
+        time_range=(str(resolved.time_range[0]), str(resolved.time_range[1]))
+        if resolved.time_range
+        else None,
+    )
+    resumed = state.begin(record)
     state.update(torch_threads=torch_threads)
-    state.sweep(location(paths["geoparquet"], spec.storage))
-    items = location(paths["items"], spec.storage) if paths["items"] else None
+    state.sweep(location(paths.geoparquet, spec.storage))
+    items = location(paths.items, spec.storage) if paths.items else None
     if resolved.items is not None and items is not None and not items.is_file():
         sha = resolved.items.save(items)
         state.update(items_sha256=sha)
@@ -267,12 +274,12 @@ def _start(spec: RunSpec, resolved: RunPlan, torch_threads: int | None) -> tuple
 def _created(state: RunState, kind: str, zone: int) -> bool:
     """Whether the run created a zone's store (recorded once its creation returned: a
     store on object storage cannot be created under a temporary name)."""
-    return zone in state.record().get("created", {}).get(kind, [])
+    return state.record().has_created(kind, zone)
 
 
 def _mark_created(state: RunState, kind: str, zone: int) -> None:
-    created = state.record().get("created", {})
-    created[kind] = sorted({*created.get(kind, []), zone})
+    created = dict(state.record().created)
+    created[kind] = tuple(sorted({*created.get(kind, ()), zone}))
     state.update(created=created)
 
 
@@ -410,7 +417,7 @@ def _ingest_phase(
     if resolved.source == "datacube":
         return []
     record = state.record()
-    paths = [location(p, spec.storage) for p in record["paths"]["datacubes"]]
+    paths = [location(p, spec.storage) for p in record.paths.datacubes]
     zones = [k for k, path in enumerate(paths) if not is_complete(path)]
     if not zones:
         return []
@@ -459,7 +466,7 @@ def _ingest_phase(
     return []
 
 
-def _template(spec: RunSpec, resolved: RunPlan, zone: int, record: dict[str, Any]) -> Any:
+def _template(spec: RunSpec, resolved: RunPlan, zone: int, record: RunRecord) -> Any:
     """A zone's datacube, described from item metadata (one item per collection) and grid
     arithmetic; provenance points to the run's item sidecar instead of copying it."""
     from xclay.ingest import datacube_template
@@ -469,13 +476,14 @@ def _template(spec: RunSpec, resolved: RunPlan, zone: int, record: dict[str, Any
     first: dict[str, int] = {}
     for k, collection in enumerate(index.table["collection"].to_pylist()):
         first.setdefault(str(collection), k)
-    store = record["paths"]["datacubes"][zone]
-    items_file = record["paths"]["items"]
+    store = record.paths.datacubes[zone]
+    items_file = record.paths.items
+    assert items_file is not None
     provenance = {
         "items": {
             "count": len(index),
             "file": location(items_file).href_from(location(store)),
-            "sha256": record.get("items_sha256"),
+            "sha256": record.items_sha256,
         },
         "stac": {
             "bands": list(resolved.bands),
@@ -512,14 +520,14 @@ def _embed_phase(
     from xclay.run.tasks import embed_region
 
     record = state.record()
-    paths = [location(p, spec.storage) for p in record["paths"]["embeddings"]]
+    paths = [location(p, spec.storage) for p in record.paths.embeddings]
     zones = [k for k, path in enumerate(paths) if not is_complete(path)]
     if not zones:
         return []
     sessions = _prepare(spec, resolved, state)
     record = state.record()
     spec.geoparquet_path.mkdir()
-    if "run_metadata" not in record:
+    if record.run_metadata is None:
         state.update(run_metadata=_write_run_metadata(spec, resolved, record, sessions))
     for k in zones:
         if not _created(state, "embeddings", k):
@@ -585,23 +593,23 @@ def _prepare(spec: RunSpec, resolved: RunPlan, state: RunState) -> dict[int, Any
     the first zone's chips) and recorded, so every zone and worker embeds with the same
     model card."""
     from xclay.datacube import open_datacube
-    from xclay.embed import EmbedConfig, EmbedSession
+    from xclay.embed import EmbedSession
     from xclay.models.registry import encoder_from_card
 
     record = state.record()
-    cubes = [open_datacube(location(p, spec.storage)) for p in record["paths"]["datacubes"]]
-    if "card" in record:  # resuming: the encoder exactly as it was first prepared
-        config = EmbedConfig.from_dict(record["embed_config"])
-        given = record["paths"]["checkpoint"]
+    cubes = [open_datacube(location(p, spec.storage)) for p in record.paths.datacubes]
+    if record.card is not None and record.embed_config is not None:  # resuming: as prepared
+        config = record.embed_config
+        given = record.paths.checkpoint
         checkpoint = location(given, spec.storage) if given else None
-        encoder = encoder_from_card(record["card"], checkpoint=checkpoint)
+        encoder = encoder_from_card(record.card.to_dict(), checkpoint=checkpoint)
     else:
         encoder = _encoder(spec)
         config = _embed_config(spec, cubes[0], encoder)
     sessions = {0: EmbedSession(cubes[0], encoder, config)}
-    if "card" not in record:
+    if record.card is None:
         # The session's config: with what preparing fixed (the thumbnails' stretch).
-        state.update(card=sessions[0].card.to_dict(), embed_config=sessions[0].config.to_dict())
+        state.update(card=sessions[0].card, embed_config=sessions[0].config)
     config = sessions[0].config
     for k in range(1, len(cubes)):
         sessions[k] = EmbedSession(cubes[k], encoder, config)  # prepared once: not refitted
@@ -609,7 +617,7 @@ def _prepare(spec: RunSpec, resolved: RunPlan, state: RunState) -> dict[int, Any
 
 
 def _write_run_metadata(
-    spec: RunSpec, resolved: RunPlan, record: dict[str, Any], sessions: dict[int, Any]
+    spec: RunSpec, resolved: RunPlan, record: RunRecord, sessions: dict[int, Any]
 ) -> dict[str, str]:
     """The run's metadata, once, in the GeoParquet folder; parts refer to it by sha256."""
     from xclay._json import jsonable
@@ -624,10 +632,10 @@ def _write_run_metadata(
             for k, session in sessions.items()
         },
         "items": {
-            "file": location(record["paths"]["items"]).name,
-            "sha256": record.get("items_sha256"),
+            "file": location(record.paths.items).name,
+            "sha256": record.items_sha256,
         }
-        if record["paths"].get("items")
+        if record.paths.items
         else None,
         "run_spec": spec.to_dict(),
         "run_plan": resolved.to_dict(),
@@ -686,16 +694,16 @@ def _report(
     here: _Here,
 ) -> RunReport:
     record = state.record()
-    paths = record["paths"]
-    card = record.get("card") or {}
-    model = f"{card['name']} ({card['dim']}-d)" if card else ""
+    paths = record.paths
+    card = record.card
+    model = f"{card.name} ({card.dim}-d)" if card else ""
     outputs = {
-        "datacube": ", ".join(paths["datacubes"]),
-        "embeddings": ", ".join(paths["embeddings"]),
-        "geoparquet": paths["geoparquet"],
+        "datacube": ", ".join(paths.datacubes),
+        "embeddings": ", ".join(paths.embeddings),
+        "geoparquet": paths.geoparquet,
     }
-    if paths.get("items"):
-        outputs["items"] = paths["items"]
+    if paths.items:
+        outputs["items"] = paths.items
     if not failed:
         from xclay.run.catalog import CATALOG
 
@@ -859,7 +867,7 @@ def embed_step(
     resolved = resolved or plan(spec)
     preflight(spec, resolved)
     state, resumed = _start(spec, resolved, None)
-    cubes = state.record()["paths"]["datacubes"]
+    cubes = state.record().paths.datacubes
     missing = [c for c in cubes if not is_complete(location(c, spec.storage))]
     if missing:
         raise XClayError(
@@ -921,7 +929,7 @@ def export_step(
         folder = location(out, spec.storage) if out is not None else spec.outdir
         folder.mkdir()
         written = []
-        for store in (location(p, spec.storage) for p in record["paths"]["embeddings"]):
+        for store in (location(p, spec.storage) for p in record.paths.embeddings):
             target = folder / f"{store.stem}{exporter.suffix}"
             given = target.path if target.is_local else target.url
             written += exporter.write(store.url, given, overwrite=overwrite, **options)
@@ -929,14 +937,14 @@ def export_step(
     return written
 
 
-def _rewrite_parts(spec: RunSpec, record: dict[str, Any]) -> Location:
+def _rewrite_parts(spec: RunSpec, record: RunRecord) -> Location:
     """The run's GeoParquet parts written afresh from its complete embeddings Zarr(s)."""
     from xclay.outputs.export import open_embeddings
     from xclay.run.tasks import part_path, write_part
 
     out = spec.geoparquet_path
     out.mkdir()
-    for k, path in enumerate(record["paths"]["embeddings"]):
+    for k, path in enumerate(record.paths.embeddings):
         emb = open_embeddings(location(path, spec.storage))
         shape = (emb.sizes["chip_y"], emb.sizes["chip_x"])
         for region in embed_regions(k, emb.sizes["time"], shape, spec.compute.region_chips):

@@ -531,8 +531,11 @@ def _read(data: Any, base: str) -> RunSpec:
         if data.get(name) is None:
             raise ConfigError(f"{name}: required setting is missing.")
     given = data["input"]
-    if isinstance(given, Mapping) and "datacube" in given:
-        extra = sorted(set(given) - {"datacube"})
+    if isinstance(given, Mapping) and given.get("datacube") is not None:
+        defaults = {n: s.default for n, _, s in settings_of(InputSettings)}
+        extra = sorted(
+            k for k, v in given.items() if k != "datacube" and v not in (None, defaults.get(k))
+        )
         if extra:
             raise ConfigError(
                 f"input.{extra[0]}: describes STAC ingestion; an input datacube already has "

@@ -29,12 +29,13 @@ import json
 import os
 import shutil
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from xclay._json import plain
 from xclay.errors import OutputExistsError, RunStateError
+from xclay.run.record import RunRecord
 from xclay.storage import Location, Where, location
 
 __all__ = ["Region", "RunState", "RunStateError", "embed_regions", "ingest_regions"]
@@ -186,27 +187,31 @@ class RunState:
     def exists(self) -> bool:
         return self.record_path.is_file()
 
-    def record(self) -> dict[str, Any]:
+    def _raw(self) -> dict[str, Any]:
         try:
             data: dict[str, Any] = json.loads(self.record_path.read_bytes())
         except (OSError, json.JSONDecodeError) as err:
             raise RunStateError(f"cannot read the run state {self.record_path}: {err}.") from err
         return data
 
-    def begin(self, identity: Mapping[str, Any], payload: Mapping[str, Any]) -> bool:
+    def record(self) -> RunRecord:
+        """The run's record (:class:`~xclay.run.record.RunRecord`)."""
+        return RunRecord.from_dict(self._raw(), source=str(self.record_path))
+
+    def begin(self, record: RunRecord) -> bool:
         """Start a run, or resume one with the same identity. Returns True when resuming.
 
-        ``identity``: what would make outputs incompatible if it changed (model,
-        checkpoint hash, grid, bands, items, ...). A different identity is refused.
+        ``record.identity``: what would make outputs incompatible if it changed (model,
+        checkpoint hash, grid, bands, items, ...); a different identity is refused. The
+        record's fingerprint is made from it here.
         """
-        key = fingerprint(identity)
+        identity = record.identity
         if self.check(identity):
             self.sweep()
             return True
+        record = replace(record, fingerprint=fingerprint(identity), identity=plain(identity))
         try:  # create-only: of two drivers starting at once, one begins, the other resumes
-            self.record_path.write_json(
-                {"fingerprint": key, "identity": plain(identity), **payload}, overwrite=False
-            )
+            self.record_path.write_json(record.to_dict(), overwrite=False)
         except OutputExistsError:
             return self.check(identity)
         return False
@@ -217,7 +222,7 @@ class RunState:
         Writes nothing."""
         if not self.exists():
             return False
-        old = self.record()
+        old = self._raw()
         if old.get("fingerprint") != fingerprint(identity):
             changed = sorted(
                 k for k in identity if old.get("identity", {}).get(k) != plain(identity[k])
@@ -231,7 +236,8 @@ class RunState:
         return True
 
     def update(self, **values: Any) -> None:
-        self.record_path.write_json({**self.record(), **values})
+        """Record more of what the run fixed (fields of :class:`RunRecord`)."""
+        self.record_path.write_json(replace(self.record(), **values).to_dict())
 
     def reset(self) -> None:
         self.root.remove()

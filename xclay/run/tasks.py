@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from xclay.run.record import RunRecord
 from xclay.run.state import Region, RunState
 from xclay.storage import Location, location
 
@@ -60,8 +61,8 @@ def _cached(outdir: str, kind: str, build: Any) -> Any:
         return _CACHE[key]
 
 
-def _threads(record: dict[str, Any]) -> None:
-    n = record.get("torch_threads")
+def _threads(record: RunRecord) -> None:
+    n = record.torch_threads
     if n:
         import torch
 
@@ -73,11 +74,6 @@ def _outdir(outdir: str | Mapping[str, Any]) -> Location:
     """A task's output folder: a path or URL, or a location as plain values (with the
     run's storage options)."""
     return Location.from_dict(outdir) if isinstance(outdir, Mapping) else location(outdir)
-
-
-def _at(record: dict[str, Any], where: str) -> Location:
-    """A location of the run's record, with the run's storage options."""
-    return location(where, record["spec"].get("storage") or None)
 
 
 def _run_task(
@@ -101,28 +97,17 @@ def _run_task(
     return {"region": region.name, "status": "done", **info}
 
 
-def _zone(record: dict[str, Any], region: Region) -> Any:
-    from xclay.run.zones import Zone
+def _zone(record: RunRecord, region: Region) -> Any:
 
-    return Zone.from_dict(record["zones"][region.zone])
+    return record.zones[region.zone]
 
 
-def _items(outdir: str, record: dict[str, Any]) -> Any:
+def _items(outdir: str, record: RunRecord) -> Any:
     from xclay.run.items import ItemIndex
 
-    return _cached(outdir, "items", lambda: ItemIndex.load(_at(record, record["paths"]["items"])))
-
-
-def _days(record: dict[str, Any]) -> dict[np.datetime64, np.datetime64] | None:
-    days = record.get("days")
-    if days is None:
-        return None
-    return {np.datetime64(d, "D"): np.datetime64(t, "ns") for d, t in days}
-
-
-def _time_range(record: dict[str, Any]) -> tuple[np.datetime64, np.datetime64] | None:
-    rng = record.get("time_range")
-    return (np.datetime64(rng[0], "ns"), np.datetime64(rng[1], "ns")) if rng else None
+    items = record.paths.items
+    assert items is not None  # a STAC run's
+    return _cached(outdir, "items", lambda: ItemIndex.load(record.at(items)))
 
 
 def _lonlat_area(geobox: Any) -> Any:
@@ -158,49 +143,49 @@ def ingest_region(outdir: str | Mapping[str, Any], region: dict[str, Any]) -> di
     return _run_task(outdir, region, _ingest)
 
 
-def _ingest(outdir: str, record: dict[str, Any], region: Region) -> dict[str, Any]:
+def _ingest(outdir: str, record: RunRecord, region: Region) -> dict[str, Any]:
     import dask
 
     from xclay.datacube import write_datacube_block, write_empty_block
     from xclay.ingest import from_stac
 
-    spec = record["spec"]
+    spec = record.spec
     zone = _zone(record, region)
     (y0, y1), (x0, x1) = region.rows, region.cols
     geobox = zone.geobox[y0:y1, x0:x1]
     index = _items(outdir, record)
-    days = _days(record)
+    days = record.solar_days()
     day = sorted(days)[region.time] if days is not None else None
     picks = index.query(_lonlat_area(geobox), day=day)
     if picks.size == 0:  # nothing covers this block: it is written as nodata
-        path = _at(record, record["paths"]["datacubes"][region.zone])
+        path = record.at(record.paths.datacubes[region.zone])
         write_empty_block(path, region.time, region.rows, region.cols)
         return {"any_valid": False, "items": 0}
     items = index.items(picks)
     observations = len({index.days[i] for i in picks}) if days is None else 1
     cube = from_stac(
         items,
-        bands=record["plan"]["bands"],
-        resolution=record["plan"]["resolution"],
-        datetime=spec["input"]["datetime"],
-        composite=spec["input"]["composite"],
-        mask=spec["input"]["mask"],
-        platform=record["plan"]["platform"],
-        wavelengths=spec["input"]["wavelengths"],
+        bands=list(record.plan.bands),
+        resolution=record.plan.resolution,
+        datetime=spec.input.datetime,
+        composite=spec.input.composite,
+        mask=spec.input.mask,
+        platform=record.plan.platform,
+        wavelengths=spec.input.wavelengths,
         chunk_size=composite_tile(observations, max(geobox.shape)),
         geobox=geobox,
         provenance=False,
-        time_range=_time_range(record),
+        time_range=record.composite_range(),
         days=days,
-        gdal_options=spec.get("gdal"),
-        storage_options=spec.get("storage"),
+        gdal_options=dict(spec.gdal),
+        storage_options=dict(spec.storage),
     )
     # The region's graph is small: compute it here, in this task's threads, not by sending
     # it back through the cluster's scheduler (which a nested compute in a task would do).
     with dask.config.set(scheduler="threads"):
         any_valid = write_datacube_block(
             cube,
-            _at(record, record["paths"]["datacubes"][region.zone]),
+            record.at(record.paths.datacubes[region.zone]),
             0,
             (0, y1 - y0),
             (0, x1 - x0),
@@ -245,17 +230,18 @@ def embed_region(outdir: str | Mapping[str, Any], region: dict[str, Any]) -> dic
     return _run_task(outdir, region, _embed)
 
 
-def _session(outdir: str, record: dict[str, Any], zone: int) -> Any:
+def _session(outdir: str, record: RunRecord, zone: int) -> Any:
     from xclay.datacube import open_datacube
-    from xclay.embed import EmbedConfig, EmbedSession
+    from xclay.embed import EmbedSession
     from xclay.models.registry import encoder_from_card
 
     def build() -> Any:
-        given = record["paths"].get("checkpoint")
-        checkpoint = _at(record, given) if given else None  # with the run's storage options
-        encoder = encoder_from_card(record["card"], checkpoint=checkpoint)
-        config = EmbedConfig.from_dict(record["embed_config"])
-        cube = open_datacube(_at(record, record["paths"]["datacubes"][zone]))
+        given = record.paths.checkpoint
+        checkpoint = record.at(given) if given else None  # with the run's storage options
+        assert record.card is not None and record.embed_config is not None  # prepared
+        encoder = encoder_from_card(record.card.to_dict(), checkpoint=checkpoint)
+        config = record.embed_config
+        cube = open_datacube(record.at(record.paths.datacubes[zone]))
         return EmbedSession(cube, encoder, config)
 
     return _cached(outdir, f"session-{zone}", build)
@@ -274,7 +260,7 @@ def zone_chips(cell_native: Any, grid: Any, rows: tuple[int, int], cols: tuple[i
     return np.asarray(inside, dtype=bool).reshape(corners.shape[:2])
 
 
-def _embed(outdir: str, record: dict[str, Any], region: Region) -> dict[str, Any]:
+def _embed(outdir: str, record: RunRecord, region: Region) -> dict[str, Any]:
     from xclay.batch.batching import Block
     from xclay.outputs.export import write_embeddings_region
     from xclay.outputs.quantize import quantize_embeddings
@@ -287,10 +273,10 @@ def _embed(outdir: str, record: dict[str, Any], region: Region) -> dict[str, Any
     chips = mask[None] if mask is not None else None
     result = session.embed_block(block, chips=chips, progress=False, on_chips=_ON_CHIPS.get())
     ds = session.dataset(result)
-    quantize = record["spec"]["outputs"].get("quantize")
+    quantize = record.spec.outputs.quantize
     stored = quantize_embeddings(ds, quantize) if quantize else ds
     write_embeddings_region(
-        _at(record, record["paths"]["embeddings"][region.zone]),
+        record.at(record.paths.embeddings[region.zone]),
         stored,
         (region.time, region.rows[0], region.cols[0]),
     )
@@ -301,16 +287,16 @@ def _embed(outdir: str, record: dict[str, Any], region: Region) -> dict[str, Any
     return {"counts": result.counts, "data_path": session.data_path}
 
 
-def part_path(record: dict[str, Any], region: Region) -> Location:
+def part_path(record: RunRecord, region: Region) -> Location:
     """The GeoParquet part of a region: ``part-<zone>-<time step>-<region>.parquet``."""
-    tag = record["zones"][region.zone]["tag"]
-    folder = _at(record, record["paths"]["geoparquet"])
+    tag = record.zones[region.zone].tag
+    folder = record.at(record.paths.geoparquet)
     return folder / f"part-{tag}-{region.time:03d}-{region.index:07d}.parquet"
 
 
 def write_part(
     outdir: str,
-    record: dict[str, Any],
+    record: RunRecord,
     region: Region,
     ds: Any,
     counts: dict[str, int] | None,
@@ -320,28 +306,28 @@ def write_part(
     from xclay.outputs.export import chip_footprints, to_geoparquet
 
     sources = None
-    if record["paths"].get("items"):
+    if record.paths.items:
         _, i, j = np.nonzero(np.asarray(ds["embedded"].values, dtype=bool))
         _, footprints = chip_footprints(ds, i, j)
         sources = _row_sources(outdir, record, region, footprints)
-    part: dict[str, Any] = {"zone": record["zones"][region.zone]["tag"], "region": region.index,
+    part: dict[str, Any] = {"zone": record.zones[region.zone].tag, "region": region.index,
                             "time": region.time}  # fmt: skip
     if counts is not None:
         part["counts"] = counts
-    meta = {"run_metadata": record.get("run_metadata"), "part": part}
-    quantize = record["spec"]["outputs"].get("quantize")
+    meta = {"run_metadata": record.run_metadata, "part": part}
+    quantize = record.spec.outputs.quantize
     path = part_path(record, region)
     to_geoparquet(ds, path, quantize=quantize, overwrite=True, sources=sources, run_metadata=meta)
     return path
 
 
 def _row_sources(
-    outdir: str, record: dict[str, Any], region: Region, footprints: Any
+    outdir: str, record: RunRecord, region: Region, footprints: Any
 ) -> list[list[str]]:
     """Each row's own sources: the run's items whose footprint intersects the chip's (and,
     with one time step per day, acquired on that day)."""
     index = _items(outdir, record)
-    days = _days(record)
+    days = record.solar_days()
     day = sorted(days)[region.time] if days is not None else None
     candidates = index.query(_union(footprints), day=day)
     touching = index.touching(footprints, candidates)
