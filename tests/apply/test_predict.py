@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -158,3 +159,30 @@ def test_a_value_map(store: Path, demo_cube: xr.Dataset, tmp_path: Path) -> None
     assert files.probability is None
     with rasterio.open(files.map) as src:
         assert src.dtypes == ("float32",) and np.isnan(src.read(1)[0, 0])
+
+
+def test_predict_from_object_storage(
+    store: Path, model_file: Path, s3: Any, tmp_path: Path
+) -> None:
+    """A store and a model in a bucket: the blocks are fetched by ranged GETs and mapped
+    as the local store is; the map's files go to the bucket too."""
+    bucket = s3.bucket()
+    emb = xclay.open_embeddings(store)
+    url = xclay.to_zarr(emb, f"s3://{bucket}/emb.zarr")
+    model = load_model(model_file)
+    model.save(f"s3://{bucket}/model.json")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from xclay.apply.predict import _chunk_reader
+
+    with ThreadPoolExecutor(2) as pool:  # the chunks themselves are read, not through zarr
+        opened = xclay.open_embeddings(url)
+        read = _chunk_reader(xclay.storage.location(url), opened, 0, pool)
+        assert read is not None
+        np.testing.assert_array_equal(read((0, 16, 0, 16)), opened["embedding"].values[0])
+    remote = predict(url, f"s3://{bucket}/model.json", block_mb=1)
+    local = predict(store, model)
+    xr.testing.assert_identical(remote, local)
+    files = write_map(remote, f"s3://{bucket}/map.tif")
+    assert str(files.map) == f"s3://{bucket}/map.tif"
+    assert (xclay.storage.location(f"s3://{bucket}/map.json")).is_file()
