@@ -293,9 +293,7 @@ class ChipDataset(_IterableDataset["TrainingBatch"]):
         """Class names of the targets, in index order (None: values, or no labels)."""
         return self.targets.classes
 
-    def prepare_encoder(
-        self, encoder: Any, *, device: str = "cpu", precision: str = "fp32"
-    ) -> torch.device:
+    def prepare_encoder(self, encoder: Any, *, device: str = "cpu", precision: str = "fp32") -> Any:
         """Get an encoder of :mod:`xclay.models` ready for this datacube's chips (its
         normalisation, wavelengths, fitted filters), as an embedding run does, so batches'
         :meth:`TrainingBatch.chip_batch` can go through ``encoder.encode`` (frozen features,
@@ -312,8 +310,9 @@ class ChipDataset(_IterableDataset["TrainingBatch"]):
 
         Returns
         -------
-        torch.device
-            The device it was prepared on (move batches there).
+        Encoder
+            The encoder ready for these chips (what ``encoder.prepare`` returns: a new
+            object for Clay, or ``encoder`` itself); call ``encode`` on it.
         """
         from xclay.batch.batching import make_sampler
         from xclay.devices import resolve_device, resolve_precision
@@ -324,8 +323,8 @@ class ChipDataset(_IterableDataset["TrainingBatch"]):
         spec = input_spec(self.cube, source, self.grid.spec.chip_size, self.config.batch_size)
         sampler = make_sampler(source, self.grid, self.times)
         chosen = resolve_precision(precision, dev, encoder.preferred_precision)  # type: ignore[arg-type]
-        encoder.prepare(spec, sampler, device=dev, precision=chosen)
-        return dev
+        prepared = encoder.prepare(spec, sampler, device=dev, precision=chosen)
+        return encoder if prepared is None else prepared
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next iteration draws (the order depends on the seed and it)."""
