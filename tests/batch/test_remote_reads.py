@@ -87,7 +87,10 @@ class Proxy:
             for key, value in response.getheaders():
                 if key.lower() not in ("transfer-encoding", "connection", "content-length"):
                     handler.send_header(key, value)
-            handler.send_header("Content-Length", str(len(data)))
+            # A HEAD's length is the object's, not that of the (empty) body.
+            head = handler.command == "HEAD"
+            length = response.getheader("Content-Length") if head else None
+            handler.send_header("Content-Length", length or str(len(data)))
             handler.end_headers()
             if handler.command != "HEAD":
                 handler.wfile.write(data)
