@@ -40,7 +40,7 @@ from _common import parse, save
 
 from xclay.devices import ComputePrecision, resolve_precision
 from xclay.errors import DeviceError
-from xclay.models.clay import ClayV15
+from xclay.models.clay import ClayV15, PreparedClay
 from xclay.models.clay_decoder import ClayDecoder, DecoderSize, count_loss_flops
 from xclay.models.clay_encoder import ClayEncoder, count_forward_flops
 from xclay.protocols import ChipBatch, InputSpec
@@ -139,7 +139,7 @@ def measure(
     spec = dataclasses.replace(spec, batch_size=bs)
     batch = chips(bs, chip, device, seed=1)
     check = chips(max(args.check, 1), chip, device, seed=2)
-    encoders: dict[str, ClayV15] = {}
+    encoders: dict[str, PreparedClay] = {}
     for name in precisions:
         enc = ClayV15(
             copy.deepcopy(weights),  # a precision's set-up converts its own copy
@@ -151,16 +151,16 @@ def measure(
         if decoder is not None:
             enc.decoder = copy.deepcopy(decoder)
             enc.enable_loss(0)
-        enc.prepare(
+        ready = enc.prepare(
             spec,
             lambda k, s: check.rows(0, k),
             device=device,
             precision=resolve_precision(name, device, "bf16"),  # type: ignore[arg-type]
         )
-        enc.encode(batch)  # warm-up
+        ready.encode(batch)  # warm-up
         if decoder is not None:
-            enc.loss(batch)
-        encoders[name] = enc
+            ready.loss(batch)
+        encoders[name] = ready
         _sync(device)
     times: dict[str, list[float]] = {k + w: [] for k in encoders for w in ("", "+loss")}
     for _ in range(args.repeats):

@@ -140,9 +140,9 @@ def embed(
         precision_check=0,
         compile=False,
     )
-    enc.prepare(spec, lambda n, s: chips, device=device, precision=precision)
+    ready = enc.prepare(spec, lambda n, s: chips, device=device, precision=precision)
     start = time.perf_counter()
-    parts = [enc.encode(chips.rows(i, i + 64)).cpu() for i in range(0, len(chips), 64)]
+    parts = [ready.encode(chips.rows(i, i + 64)).cpu() for i in range(0, len(chips), 64)]
     return torch.cat(parts).numpy(), time.perf_counter() - start
 
 

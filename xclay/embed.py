@@ -492,8 +492,11 @@ class EmbedSession:
                         "loss; loss=True needs model='clay-v1.5'."
                     )
                 encoder.enable_loss(config.loss_seed)
-            encoder.prepare(spec, sampler, device=self.device, precision=precision)
-        self.card = encoder.card
+            # What prepare returns is the encoder ready for this cube (None, from an older
+            # plug-in: the encoder itself is).
+            prepared = encoder.prepare(spec, sampler, device=self.device, precision=precision)
+            self.encoder = prepared if prepared is not None else encoder
+        self.card = self.encoder.card
         self._buffers: BufferPool | None = None
 
     def _with_thumbnail_stretch(
@@ -597,7 +600,8 @@ class EmbedSession:
                     t, i, j = batch.index.T
                     vectors[t - t0, i - r0, j - c0] = out.float().cpu().numpy()
                     if losses is not None and isinstance(self.encoder, ReconstructionScorer):
-                        scores = self.encoder.loss(chip_batch)
+                        with self.precision.matmul_mode():
+                            scores = self.encoder.loss(chip_batch)
                         losses[t - t0, i - r0, j - c0] = scores.float().cpu().numpy()
                     if thumbs is not None and config.thumbnail_stretch is not None:
                         thumbs[t - t0, i - r0, j - c0] = make_thumbnails(

@@ -164,9 +164,14 @@ class Encoder(Protocol):
 
     def prepare(
         self, spec: InputSpec, sample: Sampler, *, device: torch.device, precision: ComputePrecision
-    ) -> None:
+    ) -> Encoder | None:
         """Get ready to embed this cube on ``device`` in ``precision`` (its ``dtype`` is
-        the activations'); refuse a precision the model has no path for (ModelError)."""
+        the activations'); refuse a precision the model has no path for (ModelError).
+
+        Returns the encoder ready for the cube, whose state all exists (a new object, as
+        Clay's, or ``self``); ``None`` (plug-ins written before it returned one) means
+        ``self`` is ready. The caller enters ``precision.matmul_mode()`` around
+        ``encode``."""
         ...
 
     def encode(self, batch: ChipBatch) -> torch.Tensor:

@@ -23,6 +23,7 @@ from xclay.errors import CheckpointError, ModelError
 from xclay.models.clay import (
     ClayV15,
     Output,
+    PreparedClay,
     latlon_encoding,
     load_clay_state_dict,
     time_encoding,
@@ -287,7 +288,8 @@ def test_mismatched_keys_are_listed(tmp_path: Path, tiny: ClayEncoder) -> None:
     torch.save(sd, tmp_path / "c.pt")
     with pytest.raises(
         CheckpointError,
-        match=r"1 missing, e.g. \['transformer.layers.3.1.net.3.bias'\]; 1 unexpected",
+        match=r"1 tensors missing \(e.g. transformer.layers.3.1.net.3.bias\); 1 unexpected "
+        r"\(e.g. transformer.extra.weight\)",
     ):
         xclay.models.get_model("clay-v1.5", checkpoint=tmp_path / "c.pt")
 
@@ -360,17 +362,16 @@ def _batch(n: int = 3, chip: int = 32, bands: int = 6, seed: int = 0) -> ChipBat
 
 def _prepared(
     model: ClayEncoder, output: Output = "cls", precision: str = "fp32", chip: int = 32
-) -> ClayV15:
+) -> PreparedClay:
     enc = ClayV15(
         model, size="tiny", output=output, normalization=dict.fromkeys("abcdef", (1500.0, 900.0))
     )
-    enc.prepare(
+    return enc.prepare(
         _spec(chip),
         lambda n, s: _batch(n),
         device=torch.device("cpu"),
         precision=ComputePrecision(precision),  # type: ignore[arg-type]
     )
-    return enc
 
 
 def test_encode_builds_inputs_as_specified(tiny: ClayEncoder) -> None:

@@ -20,7 +20,7 @@ from tests.helpers import random_cube
 from xclay.devices import ComputePrecision, Precision
 from xclay.embed import EmbedConfig, EmbedSession
 from xclay.errors import CheckpointError, ModelError
-from xclay.models.clay import ClayV15, latlon_encoding, time_encoding
+from xclay.models.clay import ClayV15, PreparedClay, latlon_encoding, time_encoding
 from xclay.models.clay_decoder import ClayDecoder, DecoderSize, chip_seeds, mask_permutations
 from xclay.models.clay_encoder import ClayEncoder
 from xclay.models.registry import encoder_from_card
@@ -86,14 +86,13 @@ def _batch(n: int, chip: int = 32, seed: int = 0) -> ChipBatch:
     )
 
 
-def _scorer(path: Path, *, seed: int = 0, chip: int = 32) -> ClayV15:
+def _scorer(path: Path, *, seed: int = 0, chip: int = 32) -> PreparedClay:
     enc = ClayV15.from_checkpoint(path, normalization=dict.fromkeys("abcdef", (1500.0, 900.0)))
     enc.enable_loss(seed)
     spec = InputSpec(None, tuple("abcdef"), tuple(WAVES), 10.0, 0, "uint16", chip)
-    enc.prepare(
+    return enc.prepare(
         spec, lambda n, s: _batch(n), device=torch.device("cpu"), precision=ComputePrecision("fp32")
     )
-    return enc
 
 
 def test_masking_is_the_rule_written_in_the_card() -> None:

@@ -17,7 +17,7 @@ from tests.helpers import olinda_chips
 from xclay.devices import ComputePrecision, resolve_precision
 from xclay.errors import DeviceError, ModelError
 from xclay.models.agreement import GATES, agreement
-from xclay.models.clay import ClayV15
+from xclay.models.clay import ClayV15, PreparedClay
 from xclay.models.clay_encoder import ClayEncoder
 from xclay.models.fp8 import E4M3_MAX, FP8Linear, convert_linears, quantize
 from xclay.protocols import ChipBatch, InputSpec
@@ -122,7 +122,7 @@ def _batch(n: int = 24, chip: int = 32, seed: int = 0) -> ChipBatch:
 
 def _clay(
     precision: str, batch_size: int = 0, device: torch.device = CPU, **options: object
-) -> ClayV15:
+) -> PreparedClay:
     """Clay tiny (seeded weights) prepared in ``precision`` on ``device`` as a run prepares
     it (fp8 emulated on a CPU), 24 chips checked."""
     torch.manual_seed(7)
@@ -133,7 +133,7 @@ def _clay(
         precision_check=24,
         **options,  # type: ignore[arg-type]
     )
-    enc.prepare(
+    return enc.prepare(
         _spec(batch=batch_size),
         lambda n, s: _batch(n),
         device=device,
@@ -141,7 +141,6 @@ def _clay(
         if device.type == "cuda"
         else ComputePrecision(precision, emulated=precision == "fp8"),  # type: ignore[arg-type]
     )
-    return enc
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
@@ -155,10 +154,10 @@ def test_a_fast_precision_is_checked_against_fp32_and_recorded(precision: str) -
     assert check["cosine_min"] >= GATES[precision]["cosine_min"]
     if precision == "fp8":
         assert params["fp8_scaling"] == "per row" and params["fp8_emulated"] is True
-        assert isinstance(fast.model.transformer.layers[0][0].to_qkv, FP8Linear)  # type: ignore[index]
+        assert isinstance(fast.loaded.model.transformer.layers[0][0].to_qkv, FP8Linear)  # type: ignore[index]
     else:
-        assert fast.model.transformer.layers[0][0].to_qkv.weight.dtype == torch.bfloat16  # type: ignore[index]
-        assert fast.model.transformer.norm.weight.dtype == torch.float32  # norms stay fp32
+        assert fast.loaded.model.transformer.layers[0][0].to_qkv.weight.dtype == torch.bfloat16  # type: ignore[index]
+        assert fast.loaded.model.transformer.norm.weight.dtype == torch.float32  # norms stay fp32
     got = fast.encode(_batch(seed=3)).numpy()
     cos = (got * strict).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(strict, axis=1)
     assert cos.min() >= GATES[precision]["cosine_min"]
@@ -172,7 +171,9 @@ def test_fp8_that_misses_its_gate_is_refused(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_a_model_turned_into_bf16_is_not_run_in_fp32_again() -> None:
     enc = _clay("bf16")
-    again = ClayV15(enc.model, size="tiny", normalization=dict.fromkeys("abcdef", (1500.0, 900.0)))
+    again = ClayV15(
+        enc.loaded.model, size="tiny", normalization=dict.fromkeys("abcdef", (1500.0, 900.0))
+    )
     with pytest.raises(ModelError, match=r"turned into bf16.*load it again"):
         again.prepare(
             _spec(), lambda n, s: _batch(n), device=CPU, precision=ComputePrecision("fp32")
@@ -202,13 +203,13 @@ def test_the_gate_on_real_imagery_with_clay_large_shapes(olinda_tif: Path) -> No
         model = ClayEncoder.from_size("large").eval()
         model.load_state_dict(state)
         enc = ClayV15(model, size="large", normalization="measured", precision_check=0)
-        enc.prepare(
+        ready = enc.prepare(
             spec,
             lambda n, s: chips,
             device=CPU,
             precision=ComputePrecision(precision, emulated=precision == "fp8"),
         )
-        vectors[precision] = enc.encode(chips).numpy()
+        vectors[precision] = ready.encode(chips).numpy()
     for precision in ("bf16", "fp8"):
         result = agreement(vectors["fp32"], vectors[precision], precision)
         assert result.chips == 25
@@ -299,10 +300,9 @@ def test_a_worker_rebuilt_from_the_card_keeps_the_drivers_check(tmp_path: Path) 
         drawn.append((n, seed))
         return _batch(n)
 
-    def prepared(enc: ClayV15, precision: Literal["bf16", "fp8"]) -> ClayV15:
+    def prepared(enc: ClayV15, precision: Literal["bf16", "fp8"]) -> PreparedClay:
         compute = ComputePrecision(precision, emulated=precision == "fp8")
-        enc.prepare(_spec(), sample, device=CPU, precision=compute)
-        return enc
+        return enc.prepare(_spec(), sample, device=CPU, precision=compute)
 
     norm = dict.fromkeys("abcdef", (1500.0, 900.0))
     driver = prepared(ClayV15.from_checkpoint(checkpoint, normalization=norm), "bf16")

@@ -341,26 +341,16 @@ class ClayV15:
         self.compile = compile
         self.precision_check = int(precision_check)
         self.static_batch = static_batch
-        self._checkpoint = checkpoint
+        self.checkpoint = checkpoint
         self.checkpoint_path: Path | None = None
         self.decoder: ClayDecoder | None = None
-        self._loss: dict[str, Any] | None = None
+        self.loss_settings: dict[str, Any] | None = None  # enable_loss(): the decoder's scoring
+        # The normalisation: fixed by the first prepare() (or given, from a card).
         self._norm: Normalization | None = None
-        self._waves: dict[str, float] = {}
-        self._waves_source = ""
-        self._gsd: float | None = None
-        self._chip_size: int | None = None
-        self._device: torch.device | None = None
-        self._dtype: torch.dtype | None = None
-        self._precision: ComputePrecision | None = None
-        self._speed: dict[str, Any] = {}  # how the fast path was set up, for the card
         # The accuracy check the driver of a run already made (rebuilt from its card):
         # workers record it instead of each embedding the check chips again in fp32.
         self._checked: dict[str, Any] | None = None
-        self._static_batch: int | None = None
-        self._attention: Any = None  # the SDPA backend picked on this device (None: default)
-        self._state: dict[str, torch.Tensor] = {}
-        self._forward: Any = None
+        self._prepared: PreparedClay | None = None  # the last prepare()'s (deprecated use)
 
     @staticmethod
     def check_checkpoint(checkpoint: str | os.PathLike[str] | None = None) -> None:
@@ -374,20 +364,8 @@ class ClayV15:
         path = local_checkpoint(checkpoint) if checkpoint is not None else _locate_checkpoint()
         state, _ = load_clay_state_dict(path)
         size, patch = detect_size(state)
-        with torch.device("meta"):
-            expected = ClayEncoder.from_size(size, patch_size=patch).state_dict()
-        missing = sorted(set(expected) - set(state))
-        wrong = sorted(
-            k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
-        )
-        if missing or wrong:
-            raise CheckpointError(
-                f"{path.name} is not a Clay v1.5 {size} encoder: "
-                + (f"{len(missing)} tensors missing (e.g. {missing[0]})" if missing else "")
-                + ("; " if missing and wrong else "")
-                + (f"{len(wrong)} of other shapes (e.g. {wrong[0]})" if wrong else "")
-                + ". Use the official clay-v1.5.ckpt or a state dict saved from xclay's ClayEncoder."
-            )
+        with torch.device("meta"):  # shapes only: no memory
+            _verify_encoder_state(path, size, state, ClayEncoder.from_size(size, patch_size=patch))
 
     @classmethod
     def from_checkpoint(
@@ -422,20 +400,7 @@ class ClayV15:
                 "or the checkpoint of the size you want."
             )
         model = ClayEncoder.from_size(found, patch_size=patch)
-        expected = set(model.state_dict())
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{path.name}: the encoder keys do not match Clay's ({len(missing)} missing, e.g. "
-                f"{missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]})."
-            )
-        wrong = [
-            k for k, v in model.state_dict().items() if tuple(state[k].shape) != tuple(v.shape)
-        ]
-        if wrong:
-            raise CheckpointError(
-                f"{path.name}: tensors of the wrong shape for {found!r}: {wrong[:3]}."
-            )
+        _verify_encoder_state(path, found, state, model)
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
         log.info("loaded Clay %s encoder from %s", found, path)
         encoder = cls(
@@ -460,9 +425,9 @@ class ClayV15:
         if self.decoder is None:
             self.decoder, norm_pix_loss = self._load_decoder()
         else:
-            norm_pix_loss = bool(self._loss and self._loss["norm_pix_loss"])
+            norm_pix_loss = bool(self.loss_settings and self.loss_settings["norm_pix_loss"])
         size = self.decoder.size
-        self._loss = {
+        self.loss_settings = {
             "seed": int(seed),
             "mask_ratio": MASK_RATIO,
             "mask_rule": MASK_RULE,
@@ -533,13 +498,14 @@ class ClayV15:
         if card.params.get("precision_check"):
             enc._checked = dict(card.params["precision_check"])
         if (
-            enc._checkpoint
+            enc.checkpoint
             and card.checkpoint_sha256
-            and enc._checkpoint[1] != card.checkpoint_sha256
+            and enc.checkpoint[1] != card.checkpoint_sha256
         ):
             raise CheckpointError(
-                f"the checkpoint {enc._checkpoint[0]} (sha256 {enc._checkpoint[1][:12]}...) is not the "
-                f"one these embeddings were made with (sha256 {card.checkpoint_sha256[:12]}...)."
+                f"the checkpoint {enc.checkpoint[0]} (sha256 {enc.checkpoint[1][:12]}...) is not "
+                f"the one these embeddings were made with (sha256 "
+                f"{card.checkpoint_sha256[:12]}...)."
             )
         return enc
 
@@ -551,50 +517,10 @@ class ClayV15:
 
     @property
     def card(self) -> ModelCard:
-        from xclay.models.clay_encoder import CLAY_SIZES
-
-        s = CLAY_SIZES[self.size]
-        grid = (self._chip_size or 0) // self.model.patch_size
-        shape = [grid, grid, s.dim] if self.output == "patches" and grid else [s.dim]
-        norm = self._norm
-        return ModelCard(
-            name=self.name,
-            version="1.5",
-            family="clay",
-            description=(
-                f"Clay v1.5 foundation model encoder ({self.size}: ViT with a wavelength-"
-                f"conditioned {self.model.patch_size} px patch embedding); {self.output} token(s)."
-            ),
-            dim=s.dim,
-            output=self.output,
-            output_shape=shape,
-            normalization=norm.to_dict() if norm else {},
-            normalization_source=norm.source if norm else "",
-            wavelengths=dict(self._waves),
-            gsd=self._gsd,
-            patch_size=self.model.patch_size,
-            checkpoint=self._checkpoint[0] if self._checkpoint else None,
-            checkpoint_sha256=self._checkpoint[1] if self._checkpoint else None,
-            license="Apache-2.0 (Clay model weights and code)",
-            params={
-                "size": self.size,
-                "dim": s.dim,
-                "depth": s.depth,
-                "heads": s.heads,
-                "dim_head": s.dim_head,
-                "mlp_ratio": s.mlp_ratio,
-                "waves_source": self._waves_source,
-                "precision": self._precision.name if self._precision else None,
-                **self._speed,
-                "time_encoding": (
-                    "[sin w, cos w, sin h, cos h], w = ISO week * 2 pi / 52, h = hour * 2 pi / 24 "
-                    "of the chip's time (a composite's midpoint); zeros when unknown"
-                ),
-                "latlon_encoding": "[sin lat, cos lat, sin lon, cos lon] of the chip centre, radians",
-                "nodata": "pixels set to 0 after normalisation (the band mean)",
-                **({"loss": self._loss} if self._loss else {}),
-            },
-        )
+        """The model as loaded (the prepared encoder's card adds what preparing fixed)."""
+        if self._prepared is not None:
+            return self._prepared.card
+        return _card(self, None)
 
     def prepare(
         self,
@@ -603,10 +529,11 @@ class ClayV15:
         *,
         device: torch.device,
         precision: ComputePrecision,
-    ) -> None:
-        """Normalisation, wave kernel and position encoding for this cube; the model on
-        ``device`` in ``precision`` (checked against strict fp32 on sample chips), with
-        the fastest attention kernel and, on CUDA, compiled for static batches."""
+    ) -> PreparedClay:
+        """The encoder ready for this cube: normalisation, wave kernel and position
+        encoding; the model on ``device`` in ``precision`` (checked against strict fp32 on
+        sample chips), with the fastest attention kernel and, on CUDA, compiled for static
+        batches. Every attribute of what it returns exists (no half-built state)."""
         import torch
 
         from xclay.models.clay_encoder import META_DIMS, posemb_2d_gsd
@@ -626,66 +553,111 @@ class ClayV15:
             )
         if self._norm is None:
             self._norm = resolve_normalization(self.normalization_request, spec, sample, seed=0)
-        self._norm.check_bands(spec.bands, what="Clay normalisation")
-        waves, self._waves_source = _wavelengths(spec)
-        self._waves = dict(zip(spec.bands, waves, strict=True))
-        self._gsd, self._chip_size = spec.gsd, spec.chip_size
-        self._device = device
+        norm = self._norm
+        norm.check_bands(spec.bands, what="Clay normalisation")
+        waves, waves_source = _wavelengths(spec)
         self.model.to(device)
-        mean, std = self._norm.arrays(spec.bands)
+        mean, std = norm.arrays(spec.bands)
         with torch.inference_mode():
             kernel, bias = self.model.patch_kernel(
                 torch.tensor(waves, dtype=torch.float32, device=device)
             )
             grid = spec.chip_size // p
             position = posemb_2d_gsd(grid, grid, self.model.dim - META_DIMS, spec.gsd, device)
+            decoder_state: dict[str, Any] = {}
             if self.decoder is not None:
                 self.decoder.to(device)
                 projection, decoder_position = self.decoder.prepare(
                     torch.tensor(waves, dtype=torch.float32, device=device), grid, grid, spec.gsd
                 )
-        self._state = {
+                decoder_state = {"projection": projection, "decoder_position": decoder_position}
+        state = {
             "mean": torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1),
             "std": torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1),
             "kernel": kernel,
             "bias": bias,
             "position": position,
-            **(
-                {"projection": projection, "decoder_position": decoder_position}
-                if self.decoder is not None
-                else {}
-            ),
+            **decoder_state,
         }
-        self._forward = self.model.forward_with_kernel
-        check = self._check_batch(spec, sample, precision)
+
+        def prepared(
+            precision: ComputePrecision, forward: Any, attention: Any, static: int | None
+        ) -> PreparedClay:
+            return PreparedClay(
+                self,
+                norm=norm,
+                waves=dict(zip(spec.bands, waves, strict=True)),
+                waves_source=waves_source,
+                gsd=spec.gsd,
+                chip_size=spec.chip_size,
+                device=device,
+                precision=precision,
+                state=state,
+                forward=forward,
+                attention=attention,
+                static_batch=static,
+            )
+
+        check = self._check_batch(sample, precision)
         reference = None
         if check is not None:  # strict fp32 first, on the weights as loaded
-            self._precision, self._dtype = _strict(), torch.float32
-            reference = self.encode(check).cpu().numpy()
-        self._precision, self._dtype = precision, precision.dtype
+            strict = prepared(_strict(), self.model.forward_with_kernel, None, None)
+            with strict.precision.matmul_mode():
+                reference = strict.encode(check).cpu().numpy()
         self._to_precision(precision, device)
-        self._attention = _fastest_attention(self.model, spec, device, precision.dtype)
+        attention = _fastest_attention(self.model, spec, device, precision.dtype)
         compile_on = self.compile if self.compile is not None else device.type == "cuda"
-        if compile_on:
-            self._forward = _compiled(self.model.forward_with_kernel)
+        forward = (
+            _compiled(self.model.forward_with_kernel)
+            if compile_on
+            else self.model.forward_with_kernel
+        )
         static = self.static_batch if self.static_batch is not None else compile_on
-        self._static_batch = (spec.batch_size or None) if static else None
-        self._speed = {
-            "attention": _attention_name(self._attention),
-            "compiled": bool(compile_on),
-            **({"fp8_scaling": _fp8_scaling_of(self.model)} if precision.name == "fp8" else {}),
-            **({"fp8_emulated": True} if precision.emulated else {}),
-        }
+        ready = prepared(
+            precision, forward, attention, (spec.batch_size or None) if static else None
+        )
+        ready.speed.update(
+            {
+                "attention": _attention_name(attention),
+                "compiled": bool(compile_on),
+                **({"fp8_scaling": _fp8_scaling_of(self.model)} if precision.name == "fp8" else {}),
+                **({"fp8_emulated": True} if precision.emulated else {}),
+            }
+        )
         if compile_on:
-            self._speed["compile_seconds"] = self._warm_up(spec)
+            with precision.matmul_mode():  # the mode every batch runs in: the same graph
+                ready.speed["compile_seconds"] = ready.warm_up()
         if check is not None and reference is not None:
-            self._gate(precision, reference, self._encode_in_batches(check))
+            with precision.matmul_mode():
+                fast = ready.encode_in_batches(check)
+            ready.speed["precision_check"] = _gate(precision, reference, fast)
         elif self._inherits_check(precision):
-            self._speed["precision_check"] = self._checked
+            ready.speed["precision_check"] = self._checked
+        self._prepared = ready
+        return ready
 
-    def _check_batch(
-        self, spec: InputSpec, sample: Sampler, precision: ComputePrecision
-    ) -> ChipBatch | None:
+    def encode(self, batch: ChipBatch) -> torch.Tensor:
+        """Deprecated: embed with the encoder :meth:`prepare` returns."""
+        return self._ready("encode").encode(batch)
+
+    def loss(self, batch: ChipBatch) -> torch.Tensor:
+        """Deprecated: score with the encoder :meth:`prepare` returns."""
+        return self._ready("loss").loss(batch)
+
+    def _ready(self, what: str) -> PreparedClay:
+        import warnings
+
+        if self._prepared is None:
+            raise ModelError(f"call prepare() before {what}(): the Clay inputs are not ready.")
+        warnings.warn(
+            f"ClayV15.{what}() after prepare() is deprecated: call {what}() on the encoder "
+            "prepare() returns (prepared = encoder.prepare(...)).",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return self._prepared
+
+    def _check_batch(self, sample: Sampler, precision: ComputePrecision) -> ChipBatch | None:
         """Sample chips for the precision check (None: no check due)."""
         if (
             precision.name == "fp32"
@@ -699,14 +671,6 @@ class ClayV15:
     def _inherits_check(self, precision: ComputePrecision) -> bool:
         """Whether the card this encoder was rebuilt from checked this very precision."""
         return self._checked is not None and self._checked.get("precision") == precision.name
-
-    def _encode_in_batches(self, batch: ChipBatch) -> np.ndarray:
-        """:meth:`encode` in slices of the static batch (no new graph for the check)."""
-        step = self._static_batch or len(batch)
-        parts = [
-            self.encode(batch.rows(i, i + step)).cpu().numpy() for i in range(0, len(batch), step)
-        ]
-        return np.concatenate(parts)
 
     def _to_precision(self, precision: ComputePrecision, device: torch.device) -> None:
         """Weights cast once (no per-batch cast by autocast): bf16 linear layers for bf16,
@@ -728,28 +692,133 @@ class ClayV15:
         if precision.name in ("bf16", "fp8"):
             self.model.converted_to = precision.name
 
-    def _gate(self, precision: ComputePrecision, reference: np.ndarray, fast: np.ndarray) -> None:
-        """Record how the fast precision agrees with strict fp32 on the check chips; fp8
-        that misses its gate is refused (it would change the embeddings), bf16/tf32 warn."""
-        import warnings
 
-        from xclay.errors import PrecisionWarning
-        from xclay.models.agreement import agreement
+class PreparedClay:
+    """Clay v1.5 ready for one cube (what :meth:`ClayV15.prepare` returns): every input
+    the batches need is fixed here, once.
 
-        rows = np.isfinite(reference.reshape(len(reference), -1)).all(axis=1)
-        result = agreement(reference[rows], fast[rows], precision.name)
-        self._speed["precision_check"] = result.to_dict()
-        if not result.failures:
-            return
-        message = (
-            f"{precision.name} changes these embeddings more than its gate allows, against "
-            f"strict fp32 on {result.chips} sample chips: {'; '.join(result.failures)}."
+    Parameters
+    ----------
+    loaded
+        The encoder as loaded (its model, output, decoder and loss settings).
+    norm
+        The normalisation, per band.
+    waves
+        Band -> central wavelength (micrometres).
+    waves_source
+        Where the wavelengths came from.
+    gsd
+        The cube's pixel size in metres.
+    chip_size
+        Chip edge in pixels.
+    device
+        Where the model runs.
+    precision
+        The precision it runs in.
+    state
+        Tensors fixed for the cube: ``mean``, ``std``, the patch ``kernel`` and ``bias``,
+        the ``position`` encoding (and the decoder's ``projection`` and
+        ``decoder_position`` with a loss).
+    forward
+        The model's forward (compiled or not).
+    attention
+        The SDPA backend picked on this device (None: torch's default).
+    static_batch
+        Pad every batch to this many chips (one compiled graph); None: no padding.
+    """
+
+    name = ClayV15.name
+
+    def __init__(
+        self,
+        loaded: ClayV15,
+        *,
+        norm: Normalization,
+        waves: dict[str, float],
+        waves_source: str,
+        gsd: float,
+        chip_size: int,
+        device: torch.device,
+        precision: ComputePrecision,
+        state: dict[str, torch.Tensor],
+        forward: Any,
+        attention: Any,
+        static_batch: int | None,
+    ) -> None:
+        self.loaded = loaded
+        self.norm = norm
+        self.waves = waves
+        self.waves_source = waves_source
+        self.gsd = gsd
+        self.chip_size = chip_size
+        self.device = device
+        self.precision = precision
+        self.state = state
+        self.forward = forward
+        self.attention = attention
+        self.static_batch = static_batch
+        self.speed: dict[str, Any] = {}  # how the fast path was set up, for the card
+
+    @property
+    def output(self) -> Output:
+        return self.loaded.output
+
+    @property
+    def preferred_precision(self) -> Precision:
+        return self.loaded.preferred_precision
+
+    @property
+    def card(self) -> ModelCard:
+        return _card(self.loaded, self)
+
+    def prepare(
+        self,
+        spec: InputSpec,
+        sample: Sampler,
+        *,
+        device: torch.device,
+        precision: ComputePrecision,
+    ) -> PreparedClay:
+        """The same model prepared for another cube (:meth:`ClayV15.prepare`)."""
+        return self.loaded.prepare(spec, sample, device=device, precision=precision)
+
+    def batch_size_hint(self, device: torch.device, chip_size: int, bands: int) -> int:
+        return self.loaded.batch_size_hint(device, chip_size, bands)
+
+    def enable_loss(self, seed: int = 0) -> None:
+        raise ModelError(
+            "enable_loss() goes before prepare(): call it on the encoder as loaded, then "
+            "prepare it again."
         )
-        if precision.name == "fp8":
-            raise ModelError(message + " Use precision='bf16'.")
-        warnings.warn(message, PrecisionWarning, stacklevel=3)
 
-    def _warm_up(self, spec: InputSpec) -> float:
+    def encode(self, batch: ChipBatch) -> torch.Tensor:
+        """``[B, dim]`` (cls, mean) or ``[B, H/8, W/8, dim]`` (patches), float32."""
+        x, time, latlon = self._inputs(batch)
+        n = x.shape[0]
+        if self.static_batch and n < self.static_batch:  # one graph for every batch
+            x, time, latlon = (_pad_rows(t, self.static_batch) for t in (x, time, latlon))
+        with self._inference():
+            tokens = self.forward(x, time, latlon, *self._prepared_inputs())
+        tokens = tokens[:n].float()  # the padding is never returned
+        if self.output == "cls":
+            result: torch.Tensor = tokens[:, 0]
+            return result
+        if self.output == "mean":
+            result = tokens[:, 1:].mean(dim=1)
+            return result
+        grid = x.shape[-1] // self.loaded.model.patch_size
+        result = tokens[:, 1:].reshape(tokens.shape[0], -1, grid, tokens.shape[-1])
+        return result
+
+    def encode_in_batches(self, batch: ChipBatch) -> np.ndarray:
+        """:meth:`encode` in slices of the static batch (no new graph for the check)."""
+        step = self.static_batch or len(batch)
+        parts = [
+            self.encode(batch.rows(i, i + step)).cpu().numpy() for i in range(0, len(batch), step)
+        ]
+        return np.concatenate(parts)
+
+    def warm_up(self) -> float:
         """Compile (or load from the cache) the graph of the static batch, through
         :meth:`encode` itself so the graph is the one every batch replays: seconds taken."""
         import time
@@ -758,50 +827,31 @@ class ClayV15:
 
         from xclay.protocols import ChipBatch
 
-        assert self._device is not None
-        n, chip = self._static_batch or 1, spec.chip_size
+        n, chip = self.static_batch or 1, self.chip_size
         blank = ChipBatch(
-            pixels=torch.zeros((n, len(spec.bands), chip, chip), device=self._device),
-            valid=torch.ones((n, chip, chip), dtype=torch.bool, device=self._device),
+            pixels=torch.zeros((n, len(self.waves), chip, chip), device=self.device),
+            valid=torch.ones((n, chip, chip), dtype=torch.bool, device=self.device),
             lonlat=torch.zeros((n, 2), dtype=torch.float64),
             time=np.full(n, np.datetime64("NaT"), dtype="datetime64[ns]"),
         )
         start = time.perf_counter()
         self.encode(blank)
-        if self._device.type == "cuda":
-            torch.cuda.synchronize(self._device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
         log.info("torch.compile and warm-up: %.1f s", seconds)
         return round(seconds, 2)
 
-    def encode(self, batch: ChipBatch) -> torch.Tensor:
-        """``[B, dim]`` (cls, mean) or ``[B, H/8, W/8, dim]`` (patches), float32."""
-
-        x, time, latlon = self._inputs(batch)
-        n = x.shape[0]
-        if self._static_batch and n < self._static_batch:  # one graph for every batch
-            x, time, latlon = (_pad_rows(t, self._static_batch) for t in (x, time, latlon))
-        with self._inference():
-            tokens = self._forward(x, time, latlon, *self._prepared_inputs())
-        tokens = tokens[:n].float()  # the padding is never returned
-        if self.output == "cls":
-            result: torch.Tensor = tokens[:, 0]
-            return result
-        if self.output == "mean":
-            result = tokens[:, 1:].mean(dim=1)
-            return result
-        grid = x.shape[-1] // self.model.patch_size
-        result = tokens[:, 1:].reshape(tokens.shape[0], -1, grid, tokens.shape[-1])
-        return result
-
     def _prepared_inputs(self) -> tuple[float, Any, Any, Any]:
-        """What :meth:`prepare` fixed for every batch: the cube's gsd, the patch-embedding
-        kernel and bias generated for its wavelengths, and the position encoding."""
-        state = self._state
-        return float(self._gsd or 0.0), state["kernel"], state["bias"], state["position"]
+        """What :meth:`ClayV15.prepare` fixed for every batch: the cube's gsd, the
+        patch-embedding kernel and bias generated for its wavelengths, and the position
+        encoding."""
+        state = self.state
+        return float(self.gsd), state["kernel"], state["bias"], state["position"]
 
     def loss(self, batch: ChipBatch) -> torch.Tensor:
-        """``[B]`` float32: each chip's masked-reconstruction loss (after :meth:`enable_loss`).
+        """``[B]`` float32: each chip's masked-reconstruction loss (after
+        :meth:`ClayV15.enable_loss`).
 
         The encoder sees the chip's unmasked quarter of patches, the decoder
         reconstructs all of them; the loss is the mean L1 error over the
@@ -811,65 +861,135 @@ class ClayV15:
 
         from xclay.models.clay_decoder import chip_seeds, mask_permutations, reconstruction_loss
 
-        if self.decoder is None or self._loss is None or "projection" not in self._state:
+        decoder, settings = self.loaded.decoder, self.loaded.loss_settings
+        if decoder is None or settings is None or "projection" not in self.state:
             raise ModelError("call enable_loss() before prepare() to score chips with the decoder.")
         if batch.chip_ids is None:
             raise ModelError("the loss needs each chip's id (ChipBatch.chip_ids) for its mask.")
         x, time, latlon = self._inputs(batch)
-        p = self.model.patch_size
+        p = self.loaded.model.patch_size
         n_patches = (x.shape[-2] // p) * (x.shape[-1] // p)
-        seeds = chip_seeds([str(c) for c in batch.chip_ids], batch.time, self._loss["seed"])
+        seeds = chip_seeds([str(c) for c in batch.chip_ids], batch.time, settings["seed"])
         masked_np, unmasked_np = mask_permutations(seeds, n_patches)
         masked = torch.from_numpy(masked_np).to(x.device)
         unmasked = torch.from_numpy(unmasked_np).to(x.device)
         with self._inference():
-            encoded = self.model.forward_with_kernel(
+            encoded = self.loaded.model.forward_with_kernel(
                 x, time, latlon, *self._prepared_inputs(), keep=unmasked
             )
-            predicted = self.decoder(
+            predicted = decoder(
                 encoded,
                 unmasked,
                 masked,
                 time,
                 latlon,
-                self._state["decoder_position"],
-                self._state["projection"],
+                self.state["decoder_position"],
+                self.state["projection"],
             )
             return reconstruction_loss(
-                predicted, x, masked, p, norm_pix_loss=self._loss["norm_pix_loss"]
+                predicted, x, masked, p, norm_pix_loss=settings["norm_pix_loss"]
             )
 
     def _inputs(self, batch: ChipBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normalised pixels (nodata 0), time and latlon encodings, on the device."""
         import torch
 
-        if not self._state or self._device is None:
-            raise ModelError("call prepare() before encode(): the Clay inputs are not ready.")
-        device = self._device
-        x = (
-            batch.pixels.to(device=device, dtype=torch.float32) - self._state["mean"]
-        ) / self._state["std"]
+        device = self.device
+        x = (batch.pixels.to(device=device, dtype=torch.float32) - self.state["mean"]) / self.state[
+            "std"
+        ]
         x = x.masked_fill(~batch.valid.to(device).unsqueeze(1), 0.0)
         time = torch.from_numpy(time_encoding(batch.time)).to(device)
         return x, time, latlon_encoding(batch.lonlat).to(device)
 
     def _inference(self) -> Any:
-        """Inference mode, in bf16 autocast when the model runs in bf16."""
+        """Inference mode, in bf16 autocast when the model runs in bf16, with the attention
+        kernel picked for this device. The precision's matmul mode is the caller's: the
+        embedding session enters it once for every batch (:mod:`xclay.embed`)."""
         import contextlib
 
         import torch
 
         stack = contextlib.ExitStack()
         stack.enter_context(torch.inference_mode())
-        if self._device is not None and self._dtype == torch.bfloat16:
-            stack.enter_context(torch.autocast(self._device.type, dtype=torch.bfloat16))
-        if self._precision is not None:
-            stack.enter_context(self._precision.matmul_mode())
-        if self._attention is not None:
+        if self.precision.dtype == torch.bfloat16:
+            stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
+        if self.attention is not None:
             from torch.nn.attention import sdpa_kernel
 
-            stack.enter_context(sdpa_kernel(self._attention))
+            stack.enter_context(sdpa_kernel(self.attention))
         return stack
+
+
+def _card(loaded: ClayV15, prepared: PreparedClay | None) -> ModelCard:
+    """Clay's model card: the model as loaded, and (prepared) what preparing fixed."""
+    from xclay.models.clay_encoder import CLAY_SIZES
+
+    s = CLAY_SIZES[loaded.size]
+    grid = (prepared.chip_size if prepared else 0) // loaded.model.patch_size
+    shape = [grid, grid, s.dim] if loaded.output == "patches" and grid else [s.dim]
+    norm = prepared.norm if prepared else loaded._norm
+    checkpoint = loaded.checkpoint
+    return ModelCard(
+        name=loaded.name,
+        version="1.5",
+        family="clay",
+        description=(
+            f"Clay v1.5 foundation model encoder ({loaded.size}: ViT with a wavelength-"
+            f"conditioned {loaded.model.patch_size} px patch embedding); {loaded.output} token(s)."
+        ),
+        dim=s.dim,
+        output=loaded.output,
+        output_shape=shape,
+        normalization=norm.to_dict() if norm else {},
+        normalization_source=norm.source if norm else "",
+        wavelengths=dict(prepared.waves) if prepared else {},
+        gsd=prepared.gsd if prepared else None,
+        patch_size=loaded.model.patch_size,
+        checkpoint=checkpoint[0] if checkpoint else None,
+        checkpoint_sha256=checkpoint[1] if checkpoint else None,
+        license="Apache-2.0 (Clay model weights and code)",
+        params={
+            "size": loaded.size,
+            "dim": s.dim,
+            "depth": s.depth,
+            "heads": s.heads,
+            "dim_head": s.dim_head,
+            "mlp_ratio": s.mlp_ratio,
+            "waves_source": prepared.waves_source if prepared else "",
+            "precision": prepared.precision.name if prepared else None,
+            **(prepared.speed if prepared else {}),
+            "time_encoding": (
+                "[sin w, cos w, sin h, cos h], w = ISO week * 2 pi / 52, h = hour * 2 pi / 24 "
+                "of the chip's time (a composite's midpoint); zeros when unknown"
+            ),
+            "latlon_encoding": "[sin lat, cos lat, sin lon, cos lon] of the chip centre, radians",
+            "nodata": "pixels set to 0 after normalisation (the band mean)",
+            **({"loss": loaded.loss_settings} if loaded.loss_settings else {}),
+        },
+    )
+
+
+def _gate(precision: ComputePrecision, reference: np.ndarray, fast: np.ndarray) -> dict[str, Any]:
+    """How the fast precision agrees with strict fp32 on the check chips (for the card);
+    fp8 that misses its gate is refused (it would change the embeddings), bf16/tf32 warn."""
+    import warnings
+
+    from xclay.errors import PrecisionWarning
+    from xclay.models.agreement import agreement
+
+    rows = np.isfinite(reference.reshape(len(reference), -1)).all(axis=1)
+    result = agreement(reference[rows], fast[rows], precision.name)
+    if result.failures:
+        message = (
+            f"{precision.name} changes these embeddings more than its gate allows, against "
+            f"strict fp32 on {result.chips} sample chips: {'; '.join(result.failures)}."
+        )
+        if precision.name == "fp8":
+            raise ModelError(message + " Use precision='bf16'.")
+        warnings.warn(message, PrecisionWarning, stacklevel=4)
+    checked: dict[str, Any] = result.to_dict()
+    return checked
 
 
 def clay_batch_size(size: str, chip_size: int, bands: int, *, free_bytes: int | None) -> int:
@@ -896,6 +1016,30 @@ def clay_batch_size(size: str, chip_size: int, bands: int, *, free_bytes: int | 
     if fits < 1:
         return 1
     return int(min(1024, 2 ** (fits.bit_length() - 1)))
+
+
+def _verify_encoder_state(
+    path: Path, size: str, state: Mapping[str, Any], model: ClayEncoder
+) -> None:
+    """Refuse a state dict whose keys or tensor shapes are not ``model``'s (the one check of
+    :meth:`ClayV15.check_checkpoint` and :meth:`ClayV15.from_checkpoint`)."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(
+        k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    )
+    if missing or unexpected or wrong:
+        problems = [
+            f"{len(missing)} tensors missing (e.g. {missing[0]})" if missing else "",
+            f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
+            f"{len(wrong)} of other shapes (e.g. {wrong[0]})" if wrong else "",
+        ]
+        raise CheckpointError(
+            f"{path.name} is not a Clay v1.5 {size} encoder: "
+            + "; ".join(p for p in problems if p)
+            + ". Use the official clay-v1.5.ckpt or a state dict saved from xclay's ClayEncoder."
+        )
 
 
 def _wavelengths(spec: InputSpec) -> tuple[list[float], str]:
