@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,11 @@ from xclay.settings import (
     Setting,
     add_flags,
     declared,
+    documented,
     flag_values,
     markdown_rows,
     read_section,
+    settings_of,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,3 +153,18 @@ def test_a_spec_read_back_from_its_record_is_the_same_spec(tmp_path: Path) -> No
         assert again == spec
     assert RunSpec.from_dict(stac).grid.crs == "EPSG:32633"
     assert RunSpec.from_dict(stac).outputs.thumbnails == 64
+
+
+def test_a_sections_api_docs_are_written_from_its_declarations() -> None:
+    doc = inspect.getdoc(ComputeSettings) or ""
+    for name, _, setting in settings_of(ComputeSettings):
+        assert f"\n{name}\n    {setting.doc[:1].upper()}{setting.doc[1:40]}" in doc
+
+    @dataclass(frozen=True)
+    class Half:
+        known: int = declared(Setting(1, "a declared setting"))
+        unknown: int = 2
+
+    with pytest.raises(TypeError, match="unknown is neither declared nor described"):
+        documented()(Half)
+    assert "unknown\n    what it is" in (documented(unknown="what it is")(Half).__doc__ or "")

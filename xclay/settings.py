@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import inspect
 import math
 import types
 import typing
@@ -31,6 +32,7 @@ __all__ = [
     "check_fields",
     "check_value",
     "declared",
+    "documented",
     "flag_values",
     "markdown_rows",
     "read_section",
@@ -453,6 +455,40 @@ def markdown_rows(cls: type, prefix: str) -> list[str]:
         key = f"{prefix}.{name}" if prefix else name
         rows.append(f"| `{key}` | {shown} | {setting.doc}{unit}{tail}{see} |")
     return rows
+
+
+def documented(**others: str) -> Callable[[type], type]:
+    """A class decorator that writes a settings dataclass's numpydoc ``Parameters``
+    section from its declarations (each setting's ``doc``, unit and default), so the API
+    reference says what the table, the CLI and the messages say, from the one place.
+
+    Parameters
+    ----------
+    **others
+        What a field that is not a declared setting is (``stac="..."``), by name.
+    """
+
+    def document(cls: type) -> type:
+        declarations = {name: setting for name, _, setting in settings_of(cls)}
+        lines = ["Parameters", "----------"]
+        for field in dataclasses.fields(cls):
+            setting = declarations.get(field.name)
+            if setting is not None:
+                default = setting.default
+                given = default is dataclasses.MISSING or default is None
+                shown = "" if given else f" Default: ``{_yaml(default)}``."
+                unit = f" ({setting.unit})" if setting.unit else ""
+                text = f"{setting.doc[:1].upper()}{setting.doc[1:]}{unit}.{shown}"
+            elif field.name in others:
+                text = others[field.name]
+            else:
+                raise TypeError(f"{cls.__name__}.{field.name} is neither declared nor described")
+            lines += [field.name, f"    {text}"]
+        summary = inspect.cleandoc(cls.__doc__ or "")
+        cls.__doc__ = f"{summary}\n\n" + "\n".join(lines) + "\n"
+        return cls
+
+    return document
 
 
 def _yaml(value: Any) -> str:

@@ -41,6 +41,7 @@ from xclay.settings import (
     Setting,
     check_fields,
     declared,
+    documented,
     markdown_rows,
     read_section,
     settings_of,
@@ -209,6 +210,7 @@ GDAL = Setting(
 )  # fmt: skip
 
 
+@documented()
 @dataclass(frozen=True)
 class StacSource:
     """The spec's ``input.stac``: STAC items from a file or an API search (each field's
@@ -240,6 +242,7 @@ class StacSource:
             )
 
 
+@documented(stac="STAC items to composite (:class:`StacSource`); None with a ``datacube``.")
 @dataclass(frozen=True)
 class InputSettings:
     """The spec's ``input``: what to embed (STAC items to composite, or a datacube store)."""
@@ -270,6 +273,7 @@ class InputSettings:
             raise ConfigError("input.wavelengths: must map band names to positive micrometres.")
 
 
+@documented()
 @dataclass(frozen=True)
 class GridSettings:
     """The spec's ``grid``: the pixel grid, the chips and the datacube store's layout."""
@@ -287,6 +291,7 @@ class GridSettings:
         check_fields(self, prefix="grid.")
 
 
+@documented()
 @dataclass(frozen=True)
 class ModelSettings:
     """The spec's ``model``: the encoder, its weights and options."""
@@ -305,6 +310,7 @@ class ModelSettings:
         return {**self.options, **({"output": self.output} if self.output is not None else {})}
 
 
+@documented()
 @dataclass(frozen=True)
 class ComputeSettings:
     """The spec's ``compute``: device, read engine, batches, precision, regions (the
@@ -321,6 +327,7 @@ class ComputeSettings:
         check_fields(self, prefix="compute.")
 
 
+@documented()
 @dataclass(frozen=True)
 class OutputSettings:
     """The spec's ``outputs``: where and what is written."""

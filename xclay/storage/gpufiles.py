@@ -25,7 +25,13 @@ _HTTP = ("http", "https")
 
 
 def kvikio_unreadable(where: Location) -> str | None:
-    """Why kvikIO cannot read ``where``, or None when it can (local files, S3, HTTP)."""
+    """Why kvikIO cannot read ``where``, or None when it can (local files, S3, HTTP).
+
+    Parameters
+    ----------
+    where
+        The file or object to read.
+    """
     if where.is_local or where.scheme in _S3 + _HTTP:
         return None
     return f"kvikIO reads local files, S3 and HTTP(S), not {where.scheme}:// objects"

@@ -22,6 +22,14 @@ def atomic_output(target: Path, *, overwrite: bool) -> Iterator[Path]:
     On error the temporary path is removed and ``target`` is left as it was.
     With ``overwrite=True`` an existing ``target`` is replaced only once the
     new output is complete.
+
+    Parameters
+    ----------
+    target
+        The output's final path.
+    overwrite
+        Replace an existing ``target``; False: an existing one is an
+        :class:`~xclay.errors.OutputExistsError`.
     """
     target = Path(target)
     if target.exists() and not overwrite:
@@ -50,7 +58,18 @@ def atomic_output(target: Path, *, overwrite: bool) -> Iterator[Path]:
 
 def write_file(path: Path, data: bytes, *, overwrite: bool) -> None:
     """Write ``data`` whole: a temporary file, flushed to disk, renamed (``overwrite``) or
-    hard-linked (create-only: of two writers exactly one wins) into place."""
+    hard-linked (create-only: of two writers exactly one wins) into place.
+
+    Parameters
+    ----------
+    path
+        The file to write.
+    data
+        Its whole content.
+    overwrite
+        Replace an existing file; False: an existing one is an
+        :class:`~xclay.errors.OutputExistsError`.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}-{threading.get_ident()}")
     try:
@@ -70,7 +89,15 @@ def write_file(path: Path, data: bytes, *, overwrite: bool) -> None:
 
 
 def write_file_from(path: Path, source: Path) -> None:
-    """Copy ``source`` to ``path`` whole (a temporary copy renamed into place)."""
+    """Copy ``source`` to ``path`` whole (a temporary copy renamed into place).
+
+    Parameters
+    ----------
+    path
+        The file to write (replaced if it exists).
+    source
+        The file copied.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}-{threading.get_ident()}")
     try:

@@ -56,7 +56,13 @@ _READ_ONLY_SCHEMES = ("http", "https")
 
 
 def is_url(where: object) -> bool:
-    """Whether ``where`` is an object-store or HTTP URL (not a path, not ``file://``)."""
+    """Whether ``where`` is an object-store or HTTP URL (not a path, not ``file://``).
+
+    Parameters
+    ----------
+    where
+        A path, a URL or a :class:`Location`; anything else is not a URL.
+    """
     if not isinstance(where, str):
         return isinstance(where, Location) and not where.is_local
     scheme = urlparse(where).scheme.lower()

@@ -204,5 +204,11 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 def gathers(where: Location) -> bool:
     """Whether reads at ``where`` pay a round trip each (object storage), so that a reader
     should gather the ranges it will need and read them together (:func:`read_ranges`);
-    False for a local disk, where a read when needed, straight into its buffer, is best."""
+    False for a local disk, where a read when needed, straight into its buffer, is best.
+
+    Parameters
+    ----------
+    where
+        The store or file read.
+    """
     return not where.is_local
