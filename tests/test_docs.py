@@ -59,7 +59,7 @@ TEXT = ("text",)
 # What a skip may be for; anything else is a block to fix or a stand-in to add.
 SKIP_REASONS = ("needs the network", "needs a GPU", "needs the official")
 # How many blocks are skipped: a new skip changes this number, in review.
-SKIPPED = 11
+SKIPPED = 12
 
 # The stand-ins each page's blocks refer to (see the module docstring).
 STANDINS: dict[str, tuple[str, ...]] = {
