@@ -113,5 +113,5 @@ def test_thumbnails_never_upsample_and_bad_sizes_are_refused(demo_cube_256: xr.D
     model = xclay.models.get_model("rcf", num_filters=8, sample_chips=6)
     emb = xclay.embed(demo_cube_256, model=model, chip_size=32, thumbnails=128, progress=False)
     assert emb.sizes["thumb_y"] == 32
-    with pytest.raises(ConfigError, match="thumbnails must be >= 0"):
+    with pytest.raises(ConfigError, match="thumbnails: must be at least 0, got -1"):
         xclay.embed(demo_cube_256, model=model, chip_size=64, thumbnails=-1, progress=False)
