@@ -66,7 +66,7 @@ from odc.geo.xr import xr_coords
 import xclay
 from xclay.datacube import create_datacube_store, mark_complete
 from xclay.model_card import ModelCard
-from xclay.models.registry import ModelInfo, register_model
+from xclay.models.registry import EncoderPlugin, register_model
 
 SOUTH_AMERICA, WORLD = 2.7e6, 1.5e8
 ZONE_CUBE = (
@@ -145,25 +145,21 @@ class NullEncoder:
         return cls(card.dim, card.params.get("vectors"))
 
 
-def null_factory(dim: int | None = None, vectors: str | None = None) -> NullEncoder:
-    return NullEncoder(dim, vectors)
+class NullModel(EncoderPlugin):
+    name = "null"
+    description = "does nothing (benchmarks of everything but the encoder)"
+    dim = SHAPE.dim
+    normalization = ("none",)
+
+    def build(self, dim: int | None = None, vectors: str | None = None) -> NullEncoder:
+        return NullEncoder(dim, vectors)
+
+    def rebuild(self, card: Any, *, checkpoint: Any = None) -> NullEncoder:
+        return NullEncoder.from_card(card)
 
 
 def register_null() -> None:
-    register_model(
-        ModelInfo(
-            name="null",
-            description="does nothing (benchmarks of everything but the encoder)",
-            factory="scale:null_factory",
-            loader=None,
-            needs_checkpoint=False,
-            dim=SHAPE.dim,
-            patch_size=None,
-            bands="any",
-            normalization=("none",),
-            rebuild="scale:NullEncoder.from_card",
-        )
-    )
+    register_model(NullModel)
 
 
 # --------------------------------------------------------------------------- inputs

@@ -269,7 +269,7 @@ def _write_spec(folder: Path) -> None:
 PLUGIN = """
 import torch
 
-from xclay.models import ModelCard, ModelInfo
+from xclay.models import EncoderPlugin, ModelCard
 
 
 class BandMeans:
@@ -285,7 +285,7 @@ class BandMeans:
         std = None if self._std is None else self._std.tolist()
         return ModelCard(
             name="band-means", version="1", family="docs", description="band means",
-            dim=INFO.dim if std is None else len(std), output="pooled", params={"std": std},
+            dim=4 if std is None else len(std), output="pooled", params={"std": std},
         )
 
     def prepare(self, spec, sample, *, device, precision):
@@ -306,11 +306,16 @@ class BandMeans:
         return encoder
 
 
-INFO = ModelInfo(
-    name="band-means", description="per-band means", factory="my_package.models:BandMeans",
-    loader=None, needs_checkpoint=False, dim=4, patch_size=None, bands="any",
-    normalization=("measured",), rebuild="my_package.models:BandMeans.from_card",
-)
+class BandMeansModel(EncoderPlugin):
+    name = "band-means"
+    description = "per-band means"
+    dim = 4
+
+    def build(self):
+        return BandMeans()
+
+    def rebuild(self, card, *, checkpoint=None):
+        return BandMeans.from_card(card)
 """
 
 
@@ -379,12 +384,12 @@ def pages(
 ) -> Iterator[Callable[[str], Page]]:
     """Each page's state, made on its first block; what a page changes in this process
     (the model registry, sys.path) is undone after the module."""
-    from xclay.models import registry
+    from xclay import plugins
 
     made: dict[str, Page] = {}
     patch = pytest.MonkeyPatch()
-    patch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    patch.setattr(registry, "_plugins_loaded", registry._plugins_loaded)
+    registries = plugins.isolated()
+    registries.__enter__()
     cache = tmp_path_factory.mktemp("xclay-cache")
 
     def get(name: str) -> Page:
@@ -416,6 +421,7 @@ def pages(
 
     yield get
     patch.undo()
+    registries.__exit__(None, None, None)
     for module in [m for m in sys.modules if m.partition(".")[0] == "my_package"]:
         del sys.modules[module]
 
@@ -514,10 +520,10 @@ def _check_toml(block: Block, page: Page, monkeypatch: pytest.MonkeyPatch) -> No
         for group, points in groups.items()
     ]
     (info / "entry_points.txt").write_text("\n".join(entries))
-    from xclay.models import registry
+    from xclay import plugins
 
     monkeypatch.syspath_prepend(str(page.site))
-    registry.load_plugins(again=True)
+    plugins.reload()
 
 
 # --------------------------------------------------------------------------- tests

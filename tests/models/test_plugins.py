@@ -5,14 +5,17 @@ process and on the processes of a Dask ``LocalCluster``, and checked by
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import xclay
-from xclay.errors import PluginWarning
+from xclay.errors import ModelError, PluginWarning
 from xclay.models import registry
+from xclay.models.rcf import RCFPlugin
+from xclay.models.registry import check_model
 from xclay.testing import check_encoder, synthetic_cube
 
 # A package as a user would write it: band means of the normalised chip, as an encoder.
@@ -20,7 +23,7 @@ PLUGIN = '''
 import numpy as np
 import torch
 
-from xclay.models import ModelCard, ModelInfo
+from xclay.models import EncoderPlugin, ModelCard, ModelInfo
 
 
 class BandMeans:
@@ -63,18 +66,37 @@ class BandMeans:
 
 
 DIM = 4
+
+
+class BandMeansModel(EncoderPlugin):
+    name = "band-means"
+    description = "per-band means (a test plug-in)"
+    dim = DIM
+
+    def build(self, scale=1.0):
+        return BandMeans(scale)
+
+    def rebuild(self, card, *, checkpoint=None):
+        return BandMeans.from_card(card)
+
+
+class Clash(BandMeansModel):
+    name = "rcf"  # would shadow a built-in model
+
+
+# the earlier way: import paths (deprecated, still taken)
 INFO = ModelInfo(
-    name="band-means", description="per-band means (a test plug-in)",
+    name="band-means-info", description="per-band means (a test plug-in)",
     factory="xclay_bandmeans:BandMeans", loader=None, needs_checkpoint=False, dim=DIM,
     patch_size=None, bands="any", normalization=("measured",),
     rebuild="xclay_bandmeans:BandMeans.from_card",
 )
-CLASH = ModelInfo(**{**INFO.__dict__, "name": "rcf"})  # would shadow a built-in model
+NOT_A_MODEL = 3
 '''
 
 
 @pytest.fixture
-def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """The plug-in installed the way pip installs a package (a module and its dist-info
     with entry_points.txt), on this process's path and on its children's."""
     site = tmp_path / "site"
@@ -83,12 +105,13 @@ def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     info = site / "xclay_bandmeans-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: xclay-bandmeans\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[xclay.models]\nband-means = xclay_bandmeans:INFO\n")
+    (info / "entry_points.txt").write_text(
+        "[xclay.models]\nband-means = xclay_bandmeans:BandMeansModel\n"
+    )
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setenv("PYTHONPATH", str(site))
-    monkeypatch.setattr(registry, "_plugins_loaded", False)
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    return site
+    with registry.MODELS.isolated():
+        yield site
 
 
 def _cube(tmp_path: Path) -> Path:
@@ -157,15 +180,38 @@ def test_an_encoder_that_breaks_the_contract_is_named(plugin: Path) -> None:
 
 def test_a_broken_plugin_is_left_out_with_a_warning(plugin: Path) -> None:
     (plugin / "xclay_bandmeans-0.1.dist-info" / "entry_points.txt").write_text(
-        "[xclay.models]\nband-means = xclay_bandmeans:MISSING\nclash = xclay_bandmeans:CLASH\n"
+        "[xclay.models]\nband-means = xclay_bandmeans:MISSING\nclash = xclay_bandmeans:Clash\n"
+        "three = xclay_bandmeans:NOT_A_MODEL\n"
     )
     with pytest.warns(PluginWarning) as caught:
         names = xclay.models.list_models()
     messages = " ".join(str(w.message) for w in caught)
     assert "'band-means'" in messages and "failed to load" in messages
     assert "would replace the built-in model 'rcf'" in messages
+    assert "a int is not an EncoderPlugin" in messages
     assert "band-means" not in names
-    assert xclay.models.get_model_info("rcf").factory == "xclay.models.rcf:RCFEncoder"
+    assert isinstance(xclay.models.get_model_info("rcf"), RCFPlugin)
+
+
+def test_a_model_declared_by_import_paths_still_works_deprecated(plugin: Path) -> None:
+    (plugin / "xclay_bandmeans-0.1.dist-info" / "entry_points.txt").write_text(
+        "[xclay.models]\ninfo = xclay_bandmeans:INFO\n"
+    )
+    with pytest.warns(DeprecationWarning, match="a model is now a class, an EncoderPlugin"):
+        assert "band-means-info" in xclay.models.list_models()
+    encoder = xclay.models.get_model("band-means-info", scale=2.0)
+    assert encoder.scale == 2.0  # type: ignore[attr-defined]
+    with pytest.raises(ModelError, match="has no options \\['size'\\]; its options are: scale"):
+        xclay.models.get_model("band-means-info", size=3)
+
+
+def test_a_plugin_checks_its_own_options(plugin: Path) -> None:
+    with pytest.raises(ModelError, match="'band-means' has no options \\['size'\\]"):
+        xclay.models.get_model("band-means", size=3)
+    with pytest.raises(ModelError, match="'band-means' takes no checkpoint"):
+        xclay.models.get_model("band-means", checkpoint="x.pt")
+    with pytest.raises(ModelError, match=r"'clay-v1\.5': output must be one of cls, mean, patches"):
+        check_model("clay-v1.5", output="tokens")
 
 
 @pytest.mark.parametrize("name", ["rcf", "clay-v1.5"])

@@ -36,6 +36,7 @@ import numpy as np
 from xclay.errors import CheckpointError, MissingDependencyError, ModelError
 from xclay.model_card import ModelCard
 from xclay.models.normalization import Normalization, resolve_normalization
+from xclay.models.plugin import EncoderPlugin, keyword_names
 from xclay.sensors import get_sensor
 from xclay.storage import is_url
 from xclay.storage.cache import cache_root, local_checkpoint
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "OFFICIAL_WEIGHTS_URL",
+    "ClayPlugin",
     "ClayV15",
     "default_checkpoint_path",
     "latlon_encoding",
@@ -266,25 +268,61 @@ def detect_size(state: Mapping[str, torch.Tensor]) -> tuple[str, int]:
 # --------------------------------------------------------------------------- the encoder
 
 
-def vector_values(options: Mapping[str, Any], chip_size: int) -> int:
-    """Values of one chip's Clay vector: the size's width for ``cls`` and ``mean``, one
-    vector per 8 px patch for ``patches``; without ``size`` (the checkpoint decides) the
-    widest size's, an upper bound.
+class ClayPlugin(EncoderPlugin):
+    """Clay v1.5 in the model registry: loaded from its checkpoint (always: the official
+    weights are found where :meth:`ClayV15.from_checkpoint` looks), rebuilt from its card,
+    its options (``size``, ``output``, ``normalization``, ``compile``) checked here."""
 
-    Parameters
-    ----------
-    options
-        The encoder's options (``size``, ``output``).
-    chip_size
-        Chip edge in pixels.
-    """
-    from xclay.models.clay_encoder import CLAY_SIZES, PATCH_SIZE
+    name = "clay-v1.5"
+    description = (
+        "Clay v1.5 foundation model encoder (ViT-L/8, wavelength-conditioned patch embedding); "
+        "official weights: huggingface.co/made-with-clay/Clay, v1.5/clay-v1.5.ckpt."
+    )
+    dim = 1024
+    patch_size = 8
+    bands = "wavelengths"
+    normalization = ("sensor", "measured", "given")
+    needs_checkpoint = True
 
-    size = options.get("size")
-    dim = CLAY_SIZES[size].dim if size in CLAY_SIZES else max(s.dim for s in CLAY_SIZES.values())
-    if options.get("output", "cls") == "patches":
-        return dim * (chip_size // PATCH_SIZE) ** 2
-    return dim
+    def load(self, checkpoint: str | os.PathLike[str] | None, **options: Any) -> ClayV15:
+        return ClayV15.from_checkpoint(checkpoint, **options)
+
+    def rebuild(
+        self, card: ModelCard, *, checkpoint: str | os.PathLike[str] | None = None
+    ) -> ClayV15:
+        return ClayV15.from_card(card, checkpoint=checkpoint)
+
+    def check_checkpoint(self, checkpoint: str | os.PathLike[str] | None) -> None:
+        ClayV15.check_checkpoint(checkpoint)
+
+    def option_names(self, *, checkpoint: bool) -> list[str] | None:
+        return keyword_names(ClayV15.from_checkpoint)
+
+    def check_options(self, options: Mapping[str, Any], *, checkpoint: bool) -> None:
+        from xclay.models.clay_encoder import CLAY_SIZES
+
+        super().check_options(options, checkpoint=checkpoint)
+        allowed = {"output": get_args(Output), "size": tuple(CLAY_SIZES)}
+        for name, choices in allowed.items():
+            value = options.get(name)
+            if value is not None and value not in choices:
+                raise ModelError(
+                    f"model {self.name!r}: {name} must be one of {', '.join(choices)}, "
+                    f"got {value!r}."
+                )
+
+    def vector_values(self, options: Mapping[str, Any], chip_size: int) -> int:
+        """The size's width for ``cls`` and ``mean``, one vector per 8 px patch for
+        ``patches``; without ``size`` (the checkpoint decides) the widest size's, an upper
+        bound."""
+        from xclay.models.clay_encoder import CLAY_SIZES, PATCH_SIZE
+
+        size = options.get("size")
+        widest = max(s.dim for s in CLAY_SIZES.values())
+        dim = CLAY_SIZES[size].dim if size in CLAY_SIZES else widest
+        if options.get("output", "cls") == "patches":
+            return dim * (chip_size // PATCH_SIZE) ** 2
+        return dim
 
 
 class ClayV15:

@@ -33,6 +33,7 @@ import numpy as np
 from xclay.errors import CheckpointError, ModelError
 from xclay.model_card import ModelCard
 from xclay.models.normalization import Normalization, resolve_normalization
+from xclay.models.plugin import EncoderPlugin, keyword_names
 
 if TYPE_CHECKING:
     import torch
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
     from xclay.devices import ComputePrecision, Precision
     from xclay.protocols import ChipBatch, InputSpec, Sampler
 
-__all__ = ["RCFEncoder"]
+__all__ = ["RCFEncoder", "RCFPlugin"]
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +52,42 @@ _POSITIONS_PER_CHUNK = 2048  # a [K, 2048] response chunk is reused while in cac
 DEFAULT_NUM_FILTERS = 512
 
 
-def vector_values(options: Mapping[str, Any], chip_size: int) -> int:
-    """Values of one chip's rcf vector: two per filter (the ReLU of each sign).
+class RCFPlugin(EncoderPlugin):
+    """rcf in the model registry: built from options, loaded from saved filters, rebuilt
+    from its card (the filters are in it)."""
 
-    Parameters
-    ----------
-    options
-        The encoder's options (``num_filters``; default 512).
-    chip_size
-        Chip edge in pixels (the vector does not depend on it).
-    """
-    return 2 * int(options.get("num_filters", DEFAULT_NUM_FILTERS))
+    name = "rcf"
+    description = (
+        "Random convolutional features (MOSAIKS, Rolf et al. 2021): weight-free, fitted on "
+        "the cube from a seed; 2 x num_filters dims."
+    )
+    dim = 2 * DEFAULT_NUM_FILTERS
+    bands = "any"
+    normalization = ("sensor", "measured")
+
+    def build(self, **options: Any) -> RCFEncoder:
+        return RCFEncoder(**options)
+
+    def load(self, checkpoint: str | os.PathLike[str] | None, **options: Any) -> RCFEncoder:
+        if checkpoint is None:
+            raise ModelError("rcf's load() needs the path of filters saved by RCFEncoder.save().")
+        return RCFEncoder.from_checkpoint(checkpoint)
+
+    def rebuild(
+        self, card: ModelCard, *, checkpoint: str | os.PathLike[str] | None = None
+    ) -> RCFEncoder:
+        return RCFEncoder.from_card(card)
+
+    def check_checkpoint(self, checkpoint: str | os.PathLike[str] | None) -> None:
+        if checkpoint is not None:
+            RCFEncoder.check_checkpoint(checkpoint)
+
+    def option_names(self, *, checkpoint: bool) -> list[str] | None:
+        return [] if checkpoint else keyword_names(RCFEncoder)  # saved filters fix them all
+
+    def vector_values(self, options: Mapping[str, Any], chip_size: int) -> int:
+        """Two values per filter (the ReLU of each sign), whatever the chip size."""
+        return 2 * int(options.get("num_filters", DEFAULT_NUM_FILTERS))
 
 
 class RCFEncoder:

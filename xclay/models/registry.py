@@ -1,32 +1,40 @@
-"""The model registry: names -> encoders, with the metadata users choose by.
+"""The model registry: names -> encoders (:class:`~xclay.models.plugin.EncoderPlugin`
+classes), with the functions users build and check models by.
 
-Entries name their implementation by import path, so listing models (and
+A model's class imports torch only when it builds the model, so listing models (and
 ``import xclay``) never imports torch.
 
-Other packages add models through the ``xclay.models`` entry-point group (as
-xarray backends and zarr codecs register): an entry point names a
-:class:`ModelInfo`, a list of them, or a callable returning either. They are
-found the first time the registry is asked for a name it lacks or for the list,
-in every process, so Dask workers rebuild a plug-in's encoder from its model
-card as they rebuild the built-in ones. :func:`register_model` covers the
-interactive case (one process).
+Other packages add models through the ``xclay.models`` entry-point group
+(:mod:`xclay.plugins`), found in every process, so Dask workers rebuild a plug-in's
+encoder from its model card as they rebuild the built-in ones. :func:`register_model`
+covers the interactive case (one process). :class:`ModelInfo`, the earlier way to
+declare a model (four ``"module:callable"`` strings), is still taken, deprecated.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
 import os
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
-from xclay.errors import ModelError, PluginWarning
+from xclay.errors import ModelError
 from xclay.model_card import ModelCard
+from xclay.models.plugin import (
+    BandRequirement,
+    EncoderPlugin,
+    NormalizationSource,
+    adopt_encoder,
+    keyword_names,
+)
+from xclay.plugins import Registry
 from xclay.protocols import Encoder
 
 __all__ = [
+    "MODELS",
+    "EncoderPlugin",
     "ModelInfo",
     "check_model",
     "encoder_from_card",
@@ -38,13 +46,12 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "xclay.models"
-BandRequirement = Literal["any", "wavelengths"]
-NormalizationSource = Literal["sensor", "measured", "given", "none"]
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """A registry entry.
+    """A model declared by import paths (deprecated: subclass
+    :class:`~xclay.models.plugin.EncoderPlugin`; a ModelInfo is still registered, as one).
 
     Attributes
     ----------
@@ -123,35 +130,94 @@ class ModelInfo:
             )
 
 
-_REGISTRY: dict[str, ModelInfo] = {}
-_BUILT_IN: set[str] = set()
-_plugins_loaded = False
+class _Declared(EncoderPlugin):
+    """A :class:`ModelInfo` as a plug-in: its import paths resolved when first used."""
+
+    def __init__(self, info: ModelInfo) -> None:
+        self.info = info
+        self.name = info.name
+        self.description = info.description
+        self.dim = info.dim
+        self.patch_size = info.patch_size
+        self.bands = info.bands
+        self.normalization = info.normalization
+        self.needs_checkpoint = info.needs_checkpoint
+
+    @property
+    def takes_checkpoint(self) -> bool:
+        return self.info.loader is not None
+
+    def build(self, **options: Any) -> Encoder:
+        result: Encoder = _resolve(self.info.factory)(**options)
+        return result
+
+    def load(self, checkpoint: str | os.PathLike[str] | None, **options: Any) -> Encoder:
+        if self.info.loader is None:
+            return super().load(checkpoint, **options)
+        result: Encoder = _resolve(self.info.loader)(checkpoint, **options)
+        return result
+
+    def rebuild(
+        self, card: ModelCard, *, checkpoint: str | os.PathLike[str] | None = None
+    ) -> Encoder:
+        if self.info.rebuild is None:
+            return super().rebuild(card, checkpoint=checkpoint)
+        result: Encoder = _resolve(self.info.rebuild)(card, checkpoint=checkpoint)
+        return result
+
+    def check_checkpoint(self, checkpoint: str | os.PathLike[str] | None) -> None:
+        module, _, attr = (self.info.loader or self.info.factory).partition(":")
+        owner = _resolve(f"{module}:{attr.rsplit('.', 1)[0]}") if "." in attr else None
+        check = getattr(owner, "check_checkpoint", None)
+        if check is not None:
+            check(checkpoint)
+
+    def option_names(self, *, checkpoint: bool) -> list[str] | None:
+        loads = checkpoint and self.info.loader is not None
+        target = _resolve(self.info.loader if loads and self.info.loader else self.info.factory)
+        return keyword_names(target, skip=1 if loads else 0)  # a loader's first: the path
+
+    def vector_values(self, options: Mapping[str, Any], chip_size: int) -> int:
+        return self.info.values_per_chip(options, chip_size)
 
 
-def register_model(info: ModelInfo) -> None:
-    """Add (or replace) a registry entry in this process (other processes, such as Dask
-    workers, find models declared as ``xclay.models`` entry points instead).
+def _adopt(value: Any) -> EncoderPlugin:
+    if isinstance(value, ModelInfo):
+        warnings.warn(
+            f"ModelInfo {value.name!r}: a model is now a class, an EncoderPlugin "
+            "(xclay.models.EncoderPlugin; docs/models.md#adding-a-model); ModelInfo will go.",
+            DeprecationWarning,
+            stacklevel=4,
+        )
+        return _Declared(value)
+    return adopt_encoder(value)
+
+
+#: The registered encoders (:mod:`xclay.plugins`): xclay's own and installed ones.
+MODELS: Registry[EncoderPlugin] = Registry("model", ENTRY_POINT_GROUP, _adopt, error=ModelError)
+
+
+def register_model(info: EncoderPlugin | type[EncoderPlugin] | ModelInfo) -> None:
+    """Add (or replace) a model in this process (other processes, such as Dask workers,
+    find models declared as ``xclay.models`` entry points instead).
 
     Parameters
     ----------
     info
-        The entry; it replaces any entry of the same ``info.name``, built-in ones
-        included. Anything but a :class:`ModelInfo` is refused with a
-        :class:`~xclay.errors.ModelError`.
+        The model: an :class:`EncoderPlugin` or its class (a :class:`ModelInfo` is taken,
+        deprecated). It replaces any model of the same name, built-in ones included;
+        anything else is refused with a :class:`~xclay.errors.ModelError`.
     """
-    if not isinstance(info, ModelInfo):
-        raise ModelError(f"register_model takes a ModelInfo, got {type(info).__name__}.")
-    _REGISTRY[info.name] = info
+    MODELS.register(info, replace=True)
 
 
 def list_models() -> list[str]:
     """Names of the registered models (built-in, plug-ins, and registered here)."""
-    load_plugins()
-    return sorted(_REGISTRY)
+    return MODELS.names()
 
 
-def get_model_info(name: str) -> ModelInfo:
-    """The registry entry for ``name``.
+def get_model_info(name: str) -> EncoderPlugin:
+    """The registered model ``name``: what it is, and how it is built and checked.
 
     Parameters
     ----------
@@ -161,15 +227,7 @@ def get_model_info(name: str) -> ModelInfo:
         unknown is refused with a :class:`~xclay.errors.ModelError` listing the
         available names.
     """
-    if name not in _REGISTRY:
-        load_plugins()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ModelError(
-            f"unknown model {name!r}; available: {', '.join(list_models())}. Models from "
-            f"other packages are found through the {ENTRY_POINT_GROUP!r} entry-point group."
-        ) from None
+    return MODELS.get(name)
 
 
 def load_plugins(*, again: bool = False) -> list[str]:
@@ -189,45 +247,7 @@ def load_plugins(*, again: bool = False) -> list[str]:
     list of str
         The names of the models this call registered (empty when it read nothing).
     """
-    global _plugins_loaded
-    if _plugins_loaded and not again:
-        return []
-    _plugins_loaded = True
-    from importlib.metadata import entry_points
-
-    added = []
-    for point in entry_points(group=ENTRY_POINT_GROUP):
-        where = f"entry point {point.name!r} ({point.value}) of {ENTRY_POINT_GROUP!r}"
-        try:
-            value = point.load()
-            infos = value() if callable(value) and not isinstance(value, ModelInfo) else value
-            infos = [infos] if isinstance(infos, ModelInfo) else list(_iterable(infos))
-        except Exception as err:  # a broken plug-in must not break xclay
-            warnings.warn(f"{where} failed to load: {err}", PluginWarning, stacklevel=2)
-            continue
-        for info in infos:
-            if not isinstance(info, ModelInfo):
-                warnings.warn(
-                    f"{where} gave a {type(info).__name__}, not a ModelInfo: left out.",
-                    PluginWarning,
-                    stacklevel=2,
-                )
-            elif info.name in _BUILT_IN:
-                warnings.warn(
-                    f"{where} would replace the built-in model {info.name!r}: left out.",
-                    PluginWarning,
-                    stacklevel=2,
-                )
-            else:
-                _REGISTRY[info.name] = info
-                added.append(info.name)
-    return added
-
-
-def _iterable(value: Any) -> Iterable[Any]:
-    if not isinstance(value, Iterable) or isinstance(value, str | bytes):
-        raise TypeError(f"expected a ModelInfo or a list of them, got {type(value).__name__}")
-    return value
+    return MODELS.load_entry_points(again=again)
 
 
 def get_model(
@@ -244,12 +264,12 @@ def get_model(
         weights; optional for ``rcf`` (a saved fit, so other cubes get
         comparable vectors).
     **options
-        The model's own settings (e.g. ``num_filters=`` for ``rcf``); unknown
-        names are refused with the list of valid ones.
+        The model's own settings (e.g. ``num_filters=`` for ``rcf``), checked by the
+        model (:meth:`EncoderPlugin.check_options`); unknown names are refused with the
+        list of valid ones.
     """
-    target, use_loader = _builder(name, checkpoint, options)
-    result: Encoder = target(checkpoint, **options) if use_loader else target(**options)
-    return result
+    plugin, loads = _checked(name, checkpoint, options)
+    return plugin.load(checkpoint, **options) if loads else plugin.build(**options)
 
 
 def check_model(
@@ -265,44 +285,26 @@ def check_model(
         A name from :func:`list_models`.
     checkpoint
         The weights (or fitted filters) :func:`get_model` would load, checked by the
-        model class's ``check_checkpoint`` where it has one. ``None``: a model that
+        model's :meth:`~EncoderPlugin.check_checkpoint`. ``None``: a model that
         needs weights checks those it would find (Clay: ``$XCLAY_CHECKPOINT``, then the
         cache path); other models check none.
     **options
-        The model's own settings, checked by name against what the model takes.
+        The model's own settings, checked by the model.
     """
-    info = get_model_info(name)
-    _builder(name, checkpoint, options)
-    loader = info.loader or info.factory
-    module, _, attr = loader.partition(":")
-    owner = _resolve(f"{module}:{attr.rsplit('.', 1)[0]}") if "." in attr else None
-    check = getattr(owner, "check_checkpoint", None)
-    if check is not None and (info.needs_checkpoint or checkpoint is not None):
-        check(checkpoint)
+    plugin, loads = _checked(name, checkpoint, options)
+    if loads:
+        plugin.check_checkpoint(checkpoint)
 
 
-def _builder(
+def _checked(
     name: str, checkpoint: str | os.PathLike[str] | None, options: Mapping[str, Any]
-) -> tuple[Any, bool]:
-    info = get_model_info(name)
-    use_loader = checkpoint is not None or info.needs_checkpoint
-    if use_loader and info.loader is None:
+) -> tuple[EncoderPlugin, bool]:
+    plugin = get_model_info(name)
+    loads = checkpoint is not None or plugin.needs_checkpoint
+    if loads and not plugin.takes_checkpoint:
         raise ModelError(f"model {name!r} takes no checkpoint.")
-    target = _resolve(info.loader if use_loader and info.loader else info.factory)
-    allowed = [p for p in inspect.signature(target).parameters if p != "self"]
-    if use_loader:
-        allowed = allowed[1:]  # the first parameter is the checkpoint path
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        if use_loader and not allowed:
-            raise ModelError(
-                f"options {unknown} cannot be combined with a checkpoint: the checkpoint fixes "
-                f"model {name!r}'s settings."
-            )
-        raise ModelError(
-            f"model {name!r} has no options {unknown}; its options are: {', '.join(allowed)}."
-        )
-    return target, use_loader
+    plugin.check_options(options, checkpoint=loads)
+    return plugin, loads
 
 
 def encoder_from_card(
@@ -315,19 +317,15 @@ def encoder_from_card(
     ----------
     card
         The :class:`~xclay.model_card.ModelCard` of an output, or its dict form; its
-        ``name`` picks the registry entry, whose ``rebuild`` callable builds the encoder.
+        ``name`` picks the model, whose :meth:`~EncoderPlugin.rebuild` builds the encoder.
     checkpoint
-        Passed to the entry's ``rebuild``: the weights the card was made with. Clay
+        Passed to :meth:`~EncoderPlugin.rebuild`: the weights the card was made with. Clay
         checks them against the card's sha256 and, given ``None``, looks where
         :meth:`~xclay.models.clay.ClayV15.from_checkpoint` does; ``rcf`` ignores it
         (its filters are in the card).
     """
     card = card if isinstance(card, ModelCard) else ModelCard.from_dict(dict(card))
-    info = get_model_info(card.name)
-    if info.rebuild is None:
-        raise ModelError(f"model {card.name!r} cannot be rebuilt from its model card.")
-    result: Encoder = _resolve(info.rebuild)(card, checkpoint=checkpoint)
-    return result
+    return get_model_info(card.name).rebuild(card, checkpoint=checkpoint)
 
 
 def _resolve(target: str) -> Any:
@@ -338,42 +336,7 @@ def _resolve(target: str) -> Any:
     return obj
 
 
-register_model(
-    ModelInfo(
-        name="rcf",
-        description=(
-            "Random convolutional features (MOSAIKS, Rolf et al. 2021): weight-free, fitted on "
-            "the cube from a seed; 2 x num_filters dims."
-        ),
-        factory="xclay.models.rcf:RCFEncoder",
-        loader="xclay.models.rcf:RCFEncoder.from_checkpoint",
-        needs_checkpoint=False,
-        dim=1024,
-        patch_size=None,
-        bands="any",
-        normalization=("sensor", "measured"),
-        rebuild="xclay.models.rcf:RCFEncoder.from_card",
-        vector_values="xclay.models.rcf:vector_values",
-    )
-)
+from xclay.models.clay import ClayPlugin  # noqa: E402  (they import this module's base)
+from xclay.models.rcf import RCFPlugin  # noqa: E402
 
-register_model(
-    ModelInfo(
-        name="clay-v1.5",
-        description=(
-            "Clay v1.5 foundation model encoder (ViT-L/8, wavelength-conditioned patch embedding); "
-            "official weights: huggingface.co/made-with-clay/Clay, v1.5/clay-v1.5.ckpt."
-        ),
-        factory="xclay.models.clay:ClayV15.from_checkpoint",
-        loader="xclay.models.clay:ClayV15.from_checkpoint",
-        needs_checkpoint=True,
-        dim=1024,
-        patch_size=8,
-        bands="wavelengths",
-        normalization=("sensor", "measured", "given"),
-        rebuild="xclay.models.clay:ClayV15.from_card",
-        vector_values="xclay.models.clay:vector_values",
-    )
-)
-
-_BUILT_IN.update(_REGISTRY)
+MODELS.built_in(RCFPlugin, ClayPlugin)
