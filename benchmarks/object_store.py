@@ -8,7 +8,7 @@ forwarding it; it stops when the benchmark does, or after ``--lifetime`` seconds
 datacube of the demo composite (``--size`` px, 10 bands of uint16, one chunk a chip of
 ``--chip`` px) is written to a bucket, then read whole through the proxy by:
 
-- ``xclay``: the batch path of an embedding run (:func:`xclay.batch.readers.open_batch_source`
+- ``xclay``: the batch path of an embedding run (:func:`xclay.batch.engines.open_batch_source`
   picks the reader, :func:`xclay.batch.batching.iter_batches` fills batches of
   ``--batch-size`` chips with validity and nodata fractions, one batch read ahead): every
   chunk a batch needs fetched at once (up to 64 requests in flight), checked (crc32c) and
@@ -266,7 +266,7 @@ def _xclay(url: str, endpoint: str, args: Any) -> Callable[[], dict[str, Any]]:
     import xclay
     from xclay.batch.batching import BatchPlan, Block, iter_batches
     from xclay.batch.chips import ChipGrid, ChipGridSpec
-    from xclay.batch.readers import open_batch_source
+    from xclay.batch.engines import open_batch_source
     from xclay.datacube import datacube_geobox
     from xclay.devices import ThreadBudget
     from xclay.quality import ChipQuality, QualityFilter

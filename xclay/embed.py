@@ -25,7 +25,7 @@ from xclay.batch.batching import (
     to_chip_batch,
 )
 from xclay.batch.chips import CHIP_SIZE, EDGES, STRIDE, ChipGrid, ChipGridSpec, Edges
-from xclay.batch.readers import Engine, open_batch_source
+from xclay.batch.engines import Engine, engine_names, open_batch_source
 from xclay.datacube import (
     as_datacube,
     datacube_geobox,
@@ -106,7 +106,9 @@ DEVICE = Setting(
 ENGINE = Setting(
     "auto",
     "how chips are read: zarr (host), kvikio (into GPU memory, decoded there; needs a CUDA "
-    "device), auto (kvikio on a GPU where kvikIO is installed)",
+    "device), auto (kvikio on a GPU where kvikIO is installed), or an installed engine",
+    choices=engine_names,
+    see="gpu.md",
 )
 PRECISION = Setting(
     "auto",

@@ -94,7 +94,7 @@ class Registry(Generic[P]):
         try:
             adopted = self._adopt(plugin)
         except TypeError as err:
-            raise self._error(f"cannot register {plugin!r} as a {self.kind}: {err}") from None
+            raise self._error(f"cannot register {plugin!r}: {err}.") from None
         name = self._name_of(adopted)
         if name in self._plugins and not replace:
             raise self._error(
@@ -198,6 +198,10 @@ class Registry(Generic[P]):
     def plugins(self) -> list[P]:
         """Every registered plug-in, in the order of :meth:`names`."""
         return [self._plugins[n] for n in self.names()]
+
+    def registered(self) -> list[P]:
+        """The plug-ins registered so far, without reading entry points."""
+        return list(self._plugins.values())
 
     def __contains__(self, name: object) -> bool:
         if name not in self._plugins:

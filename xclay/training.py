@@ -3,7 +3,7 @@
 :class:`ChipDataset` yields whole batches (:class:`TrainingBatch`: pixels, validity, the
 chips' grid positions, centres and times, and their targets) read by xclay's batch path:
 the chip grid (:class:`~xclay.batch.chips.ChipGrid`), the readers
-(:func:`~xclay.batch.readers.open_batch_source`: a datacube store's chunk files read
+(:func:`~xclay.batch.engines.open_batch_source`: a datacube store's chunk files read
 directly with ``pread``, or ranged GETs on object storage, and decoded into the batch's own
 buffer; kvikIO into GPU memory where asked and available), the validity rule and the
 quality filter (:mod:`xclay.batch.batching`, :class:`~xclay.quality.QualityFilter`). No
@@ -401,7 +401,7 @@ class ChipDataset(_IterableDataset["TrainingBatch"]):
         each open their own)."""
         if self._source is not None and self._source_pid == os.getpid():
             return self._source
-        from xclay.batch.readers import open_batch_source
+        from xclay.batch.engines import open_batch_source
         from xclay.devices import ThreadBudget, available_cores, resolve_device
 
         threads = self.config.threads or (1 if in_worker else available_cores())

@@ -26,7 +26,8 @@ from xclay.batch.batching import (
     to_chip_batch,
 )
 from xclay.batch.chips import ChipGrid, ChipGridSpec, Edges
-from xclay.batch.readers import ChunkSource, WindowSource, open_batch_source, store_layouts
+from xclay.batch.engines import open_batch_source
+from xclay.batch.readers import ChunkSource, WindowSource, store_layouts
 from xclay.datacube import Compression, datacube_geobox
 from xclay.devices import ThreadBudget
 from xclay.masks import PixelClass

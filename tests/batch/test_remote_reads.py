@@ -32,7 +32,8 @@ from tests.helpers import random_cube
 from tests.s3 import S3Server
 from xclay.batch.batching import BatchPlan, Block, iter_batches
 from xclay.batch.chips import ChipGrid, ChipGridSpec
-from xclay.batch.readers import ChunkSource, open_batch_source, store_layouts
+from xclay.batch.engines import open_batch_source
+from xclay.batch.readers import ChunkSource, store_layouts
 from xclay.datacube import Compression, datacube_geobox
 from xclay.devices import ThreadBudget
 from xclay.errors import DataIntegrityError

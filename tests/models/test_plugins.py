@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import xclay
+from tests.packages import installed
 from xclay.errors import ModelError, PluginWarning
-from xclay.models import registry
 from xclay.models.rcf import RCFPlugin
 from xclay.models.registry import check_model
 from xclay.testing import check_encoder, synthetic_cube
@@ -97,20 +97,9 @@ NOT_A_MODEL = 3
 
 @pytest.fixture
 def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """The plug-in installed the way pip installs a package (a module and its dist-info
-    with entry_points.txt), on this process's path and on its children's."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "xclay_bandmeans.py").write_text(PLUGIN)
-    info = site / "xclay_bandmeans-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: xclay-bandmeans\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(
-        "[xclay.models]\nband-means = xclay_bandmeans:BandMeansModel\n"
-    )
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.setenv("PYTHONPATH", str(site))
-    with registry.MODELS.isolated():
+    """The plug-in installed the way pip installs a package (tests/packages.py)."""
+    points = {"xclay.models": {"band-means": "xclay_bandmeans:BandMeansModel"}}
+    with installed(tmp_path / "site", "xclay_bandmeans", PLUGIN, points, monkeypatch) as site:
         yield site
 
 

@@ -1,63 +1,32 @@
-"""The output-format seam: a format added from outside the package (a NumPy ``.npz``
-writer) is offered by ``xclay export``, written by a run's export step, and listed in the
-run's STAC description; wrong options and formats are clear errors."""
+"""The output-format seam: a format of another package (a NumPy ``.npz`` writer, declared
+under the ``xclay.exporters`` entry-point group) is offered by ``xclay export``, written by
+a run's export step, and listed in the run's STAC description; wrong options and formats
+are clear errors."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 import pytest
-import xarray as xr
 
 import xclay
 from tests.helpers import random_cube
+from tests.packages import EXTRAS, EXTRAS_ENTRY_POINTS, installed
 from xclay.cli import main
 from xclay.errors import ConfigError
 from xclay.outputs import formats
-from xclay.protocols import Exporter, ExportOption
+from xclay.protocols import Exporter
 from xclay.run import RunSpec, export_step, run
 
 
-class NpzExporter:
-    """Every embedded chip's vector and centre in one compressed NumPy file."""
-
-    name = "npz"
-    suffix = ".npz"
-    media_type = "application/x-npz"
-    summary = "NumPy arrays: vectors and chip centres"
-    options: Mapping[str, ExportOption] = MappingProxyType(
-        {"decimals": ExportOption(None, "npz: round the vectors", type=int, metavar="N")}
-    )
-    by_region = False
-
-    def write(
-        self, emb: xr.Dataset | Path | str, out: Path | str, *, overwrite: bool, **options: Any
-    ) -> list[Path | str]:
-        ds = emb if isinstance(emb, xr.Dataset) else xclay.open_embeddings(emb)
-        out = Path(out)  # this plug-in writes local files only
-        if out.exists() and not overwrite:
-            raise FileExistsError(out)
-        done = ds["embedded"].values
-        vectors = ds["embedding"].values[done]
-        if options.get("decimals") is not None:
-            vectors = vectors.round(options["decimals"])
-        np.savez_compressed(out, vectors=vectors, lon=ds["lon"].values, lat=ds["lat"].values)
-        return [out]
-
-    def asset(self, path: Path | str) -> dict[str, Any]:
-        return {"type": self.media_type, "title": "NumPy vectors", "roles": ["data"]}
-
-
 @pytest.fixture
-def npz_format() -> Iterator[NpzExporter]:
-    exporter = NpzExporter()
-    formats.register_exporter(exporter)
-    yield exporter
-    formats._REGISTRY.pop(exporter.name)
+def npz_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Exporter]:
+    """The npz format of a package installed for the test (tests/packages.py)."""
+    with installed(tmp_path / "site", "xclay_extras", EXTRAS, EXTRAS_ENTRY_POINTS, monkeypatch):
+        yield formats.get_exporter("npz")
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +55,7 @@ def test_the_built_in_formats_keep_the_protocol() -> None:
 
 
 def test_a_new_format_is_offered_and_written_by_the_cli(
-    npz_format: NpzExporter, finished_run: RunSpec, capsys: pytest.CaptureFixture[str]
+    npz_format: Exporter, finished_run: RunSpec, capsys: pytest.CaptureFixture[str]
 ) -> None:
     store = finished_run.outdir.path / "embeddings.zarr"
     out = finished_run.outdir.path.parent / "vectors.npz"
@@ -101,7 +70,7 @@ def test_a_new_format_is_offered_and_written_by_the_cli(
 
 
 def test_a_run_exports_a_new_format_and_describes_it(
-    npz_format: NpzExporter, finished_run: RunSpec
+    npz_format: Exporter, finished_run: RunSpec
 ) -> None:
     written = export_step(finished_run, "npz", overwrite=True)
     assert written == [finished_run.outdir.path / "embeddings.npz"]
@@ -113,13 +82,13 @@ def test_a_run_exports_a_new_format_and_describes_it(
     assert npz[0]["href"].endswith("embeddings.npz")
 
 
-def test_options_and_formats_are_checked(npz_format: NpzExporter, finished_run: RunSpec) -> None:
+def test_options_and_formats_are_checked(npz_format: Exporter, finished_run: RunSpec) -> None:
     with pytest.raises(ConfigError, match=r"--decimals applies to --format npz, not cog"):
         formats.check_options(formats.get_exporter("cog"), {"decimals": 3})
-    with pytest.raises(ConfigError, match="the formats are geoparquet, cog, npz"):
+    with pytest.raises(ConfigError, match="unknown output format 'netcdf'; available: cog, geo"):
         formats.get_exporter("netcdf")
     with pytest.raises(ConfigError, match="registered already"):
-        formats.register_exporter(NpzExporter())
+        formats.register_exporter(type(npz_format)())
     with pytest.raises(ConfigError, match="is not an Exporter"):
         formats.register_exporter(object())  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="follow its spec"):

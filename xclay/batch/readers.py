@@ -1,4 +1,4 @@
-"""Batch sources: where chip windows come from, and which one an embedding run uses.
+"""Batch sources: where chip windows come from.
 
 Three readers plug into :class:`~xclay.protocols.BatchSource`:
 
@@ -12,47 +12,35 @@ Three readers plug into :class:`~xclay.protocols.BatchSource`:
 - :class:`xclay.batch.gpu.KvikioChunkSource`: the same chunks read into GPU memory
   with kvikIO (local files, or S3 and HTTP objects) and decoded there by nvCOMP.
 
-:func:`open_batch_source` picks one from the embedding run's engine and
-device, once. Whenever it has to take a slower path than the one asked for
-(no nvCOMP, no GPUDirect Storage, a layout the fast path cannot read), it
-says so with a :class:`~xclay.errors.DataPathWarning` and records the reason,
-which runs put in their report.
+The read engines (:mod:`xclay.batch.engines`) pick one for an embedding run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xarray as xr
 
 from xclay.batch.chunkio import ArrayLayout, DirectWindowReader, Gathered, UnsupportedLayout, gather
 from xclay.batch.readahead import ReadAhead
-from xclay.datacube.source import Engine, in_memory, store_location, store_source
+from xclay.datacube.source import in_memory, store_location
 from xclay.datacube.validate import nodata_value
-from xclay.errors import DataPathWarning, DeviceError
 from xclay.masks import PixelClass
 from xclay.protocols import SourceFacts
 from xclay.storage.ranges import MAX_IN_FLIGHT
 
 if TYPE_CHECKING:
-    import torch
-
-    from xclay.devices import ThreadBudget
-    from xclay.protocols import BatchSource
+    pass
 
 __all__ = [
     "ChunkSource",
-    "Engine",
-    "SourceChoice",
     "WindowSource",
-    "open_batch_source",
-    "resolve_engine",
+    "chunk_layout",
+    "store_layouts",
 ]
 
 log = logging.getLogger(__name__)
@@ -331,7 +319,13 @@ class ChunkSource(SourceFacts):
 def store_layouts(cube: xr.Dataset) -> tuple[ArrayLayout, ArrayLayout | None]:
     """The chunk layouts of the stores behind a cube's ``pixels`` (and ``quality``), when
     xclay can read them directly; :class:`~xclay.batch.chunkio.UnsupportedLayout` (with the
-    reason) otherwise."""
+    reason) otherwise.
+
+    Parameters
+    ----------
+    cube
+        A datacube as opened from its store (:func:`xclay.open_datacube`).
+    """
     layouts: dict[str, ArrayLayout] = {}
     for name in ("pixels", "quality"):
         if name not in cube.data_vars:
@@ -347,155 +341,19 @@ def store_layouts(cube: xr.Dataset) -> tuple[ArrayLayout, ArrayLayout | None]:
     return layouts["pixels"], layouts.get("quality")
 
 
-def resolve_engine(engine: Engine, device: torch.device) -> Literal["zarr", "kvikio"]:
-    """The engine an embedding run reads chips with.
-
-    Parameters
-    ----------
-    engine
-        ``"auto"``: kvikio when the encoder runs on a CUDA device and kvikIO can read
-        there, else zarr; ``"kvikio"`` needs both (a :class:`~xclay.errors.DeviceError`
-        otherwise); ``"zarr"``: zarr.
-    device
-        The torch device the encoder runs on.
-
-    Returns
-    -------
-    str
-        ``"zarr"`` or ``"kvikio"``.
-    """
-    from xclay.datacube import gpu
-
-    if engine not in ("auto", "zarr", "kvikio"):
-        raise DeviceError(f"engine must be 'auto', 'zarr' or 'kvikio', got {engine!r}.")
-    if engine == "zarr":
-        return "zarr"
-    if engine == "auto":
-        return "kvikio" if device.type == "cuda" and gpu.kvikio_usable() else "zarr"
-    gpu.require_kvikio()
-    if device.type != "cuda":
-        raise DeviceError(
-            "engine='kvikio' reads chips into GPU memory for an encoder on the GPU, but "
-            f"device is {device.type!r}; use device='cuda' (or 'auto'), or engine='zarr'."
-        )
-    return "kvikio"
-
-
-@dataclass
-class SourceChoice:
-    """The sources an embedding run reads with, and why it is not faster.
-
-    :func:`open_batch_source` makes one; :meth:`close` closes both sources.
-
-    Attributes
-    ----------
-    batches
-        The source batches are read from: on the GPU (kvikIO) or on the host.
-    host
-        A source over the same cube that reads into host memory (sampling chips for
-        fitting); the same object as ``batches`` when that one reads on the host.
-    engine
-        The engine resolved from the one asked for (:func:`resolve_engine`); where a
-        fallback was taken, ``batches`` may read on a slower path than it names.
-    fallbacks
-        Every slower path taken, one sentence each; default none.
-    layout
-        How chip windows meet the storage's chunks, a note for reports
-        (:func:`chunk_layout`, or ``"in memory"``); default empty.
-    """
-
-    batches: BatchSource
-    host: BatchSource
-    engine: Literal["zarr", "kvikio"]
-    fallbacks: list[str] = field(default_factory=list)
-    layout: str = ""  # how chip windows meet the storage's chunks
-
-    def close(self) -> None:
-        self.batches.close()
-        if self.host is not self.batches:
-            self.host.close()
-
-
-def open_batch_source(
-    cube: xr.Dataset,
-    *,
-    chip_size: int,
-    engine: Engine,
-    device: torch.device,
-    threads: ThreadBudget,
-    stride: int | None = None,
-) -> SourceChoice:
-    """The batch sources for embedding ``cube`` on ``device`` with ``engine``, chosen once.
-
-    Parameters
-    ----------
-    cube
-        The datacube: ``pixels`` and, where it has one, ``quality``. Chunks are read
-        directly when both are read unchanged from a Zarr v3 store in a layout
-        :mod:`xclay.batch.chunkio` reads; otherwise chips are read through xarray.
-    chip_size
-        Chip edge in pixels.
-    engine
-        ``"auto"``, ``"zarr"`` or ``"kvikio"`` (see :func:`resolve_engine`).
-    device
-        The torch device the encoder runs on.
-    threads
-        The run's thread budget: ``threads.decode`` host threads read and decode chunks;
-        ``threads.io`` sizes kvikIO's pool.
-    stride
-        Step between chip origins in pixels (``None``: ``chip_size``); it only shapes
-        the note on how chip windows meet the stored chunks.
-
-    Returns
-    -------
-    SourceChoice
-        The source batches are read from, a host source over the same cube, the engine
-        resolved, every slower path taken (each also a
-        :class:`~xclay.errors.DataPathWarning`) and the chunk layout note.
-    """
-    resolved = resolve_engine(engine, device)
-    fallbacks: list[str] = []
-    step = stride or chip_size
-    try:
-        pixels, quality = store_layouts(cube)
-    except UnsupportedLayout as err:
-        window = WindowSource(cube["pixels"], cube.data_vars.get("quality"))
-        if store_source(cube["pixels"]) is not None or resolved == "kvikio":
-            _fallback(fallbacks, f"chips are read through xarray, one window at a time: {err}")
-        chunks = cube["pixels"].chunksizes
-        edges = (int(chunks["y"][0]), int(chunks["x"][0])) if chunks else None
-        note = chunk_layout(edges, chip_size, step) if edges else "in memory"
-        return SourceChoice(window, window, resolved, fallbacks, note)
-    host = ChunkSource(pixels, quality, nodata=nodata_value(cube["pixels"]), threads=threads.decode)
-    note = chunk_layout(pixels.chunk_shape[-2:], chip_size, step)
-    if resolved == "zarr":
-        return SourceChoice(host, host, resolved, fallbacks, note)
-    from xclay.batch.gpu import KvikioChunkSource
-
-    try:
-        gpu_source = KvikioChunkSource(
-            pixels,
-            quality,
-            chip_size=chip_size,
-            nodata=nodata_value(cube["pixels"]),
-            threads=threads,
-            host=host,
-        )
-    except UnsupportedLayout as err:
-        _fallback(
-            fallbacks,
-            f"kvikIO cannot read this layout ({err}); chips are decoded on the host by "
-            f"{host.threads} thread(s) and copied to the GPU",
-        )
-        return SourceChoice(host, host, resolved, fallbacks, note)
-    for reason in gpu_source.fallbacks:
-        _fallback(fallbacks, reason)
-    return SourceChoice(gpu_source, host, resolved, fallbacks, note)
-
-
 def chunk_layout(chunks: Any, chip: int, step: int) -> str:
     """How chip windows meet stored chunks of ``chunks`` = (rows, cols) pixels: any chip
-    size and stride is read; this says at what cost (for reports)."""
+    size and stride is read; this says at what cost (for reports).
+
+    Parameters
+    ----------
+    chunks
+        A chunk's rows and columns in pixels.
+    chip
+        Chip edge in pixels.
+    step
+        Step between chip origins in pixels.
+    """
     cy, cx = (int(c) for c in chunks)
     if (cy, cx) == (chip, chip) and step % chip == 0:
         return "one chunk a chip"
@@ -507,8 +365,3 @@ def chunk_layout(chunks: Any, chip: int, step: int) -> str:
         f"chips of {chip} px every {step} px across chunks of {cy} x {cx} px: each chunk "
         "decoded once for the chips that share it (a cache of decoded chunks)"
     )
-
-
-def _fallback(fallbacks: list[str], reason: str) -> None:
-    fallbacks.append(reason)
-    warnings.warn(reason, DataPathWarning, stacklevel=3)

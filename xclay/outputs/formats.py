@@ -5,7 +5,9 @@ export step (``xclay export SPEC``) writes any of them, and the run's STAC descr
 lists what was written, all from here. A format is one class keeping the
 :class:`~xclay.protocols.Exporter` protocol: the built-in ones live beside their writers
 (:class:`~xclay.outputs.export.GeoParquetExporter`, :class:`~xclay.outputs.cog.CogExporter`);
-another package registers its own with :func:`register_exporter`.
+another package declares its own under the ``xclay.exporters`` entry-point group
+(:mod:`xclay.plugins`), found in every process, or registers it in one process with
+:func:`register_exporter`.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from typing import Any
 from xclay.errors import ConfigError
 from xclay.outputs.cog import CogExporter
 from xclay.outputs.export import GeoParquetExporter
+from xclay.plugins import Registry
 from xclay.protocols import Exporter, ExportOption
 
 __all__ = [
     "DEFAULT_FORMAT",
+    "EXPORTERS",
     "check_options",
     "export_formats",
     "export_options",
@@ -28,7 +32,32 @@ __all__ = [
 ]
 
 DEFAULT_FORMAT = "geoparquet"
-_REGISTRY: dict[str, Exporter] = {}
+
+
+def _adopt(value: Any) -> Exporter:
+    if isinstance(value, type):
+        value = value()
+    if not isinstance(value, Exporter):
+        raise TypeError(
+            f"a {type(value).__name__} is not an Exporter: it needs name, suffix, media_type, "
+            "summary, options, by_region, write() and asset() (xclay.protocols.Exporter)"
+        )
+    for name, option in value.options.items():
+        # One CLI flag serves every format that takes the option: they must agree on it.
+        for other in EXPORTERS.registered():
+            theirs = other.options.get(name)
+            if theirs is not None and other.name != value.name and theirs != option:
+                raise TypeError(
+                    f"format {value.name!r} declares option {name!r} unlike format "
+                    f"{other.name!r} does; give it another name"
+                )
+    return value
+
+
+#: The output formats (:mod:`xclay.plugins`): xclay's own and installed ones.
+EXPORTERS: Registry[Exporter] = Registry(
+    "output format", "xclay.exporters", _adopt, error=ConfigError
+)
 
 
 def register_exporter(exporter: Exporter, *, replace: bool = False) -> None:
@@ -41,26 +70,7 @@ def register_exporter(exporter: Exporter, *, replace: bool = False) -> None:
     replace
         Replace a registered format of the same name (otherwise an error).
     """
-    if not isinstance(exporter, Exporter):
-        raise ConfigError(
-            f"{exporter!r} is not an Exporter: it needs name, suffix, media_type, summary, "
-            "options, by_region, write() and asset() (xclay.protocols.Exporter)."
-        )
-    if exporter.name in _REGISTRY and not replace:
-        raise ConfigError(
-            f"an output format named {exporter.name!r} is registered already; pass "
-            "replace=True to replace it."
-        )
-    for name, option in exporter.options.items():
-        # One CLI flag serves every format that takes the option: they must agree on it.
-        for other in _REGISTRY.values():
-            theirs = other.options.get(name)
-            if theirs is not None and other.name != exporter.name and theirs != option:
-                raise ConfigError(
-                    f"format {exporter.name!r} declares option {name!r} unlike format "
-                    f"{other.name!r} does; give it another name."
-                )
-    _REGISTRY[exporter.name] = exporter
+    EXPORTERS.register(exporter, replace=replace)
 
 
 def get_exporter(name: str) -> Exporter:
@@ -72,22 +82,17 @@ def get_exporter(name: str) -> Exporter:
         A format's name, as ``xclay export --format`` takes it (``"geoparquet"``, ``"cog"``,
         or one registered with :func:`register_exporter`).
     """
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown output format {name!r}; the formats are {', '.join(export_formats())}."
-        ) from None
+    return EXPORTERS.get(name)
 
 
 def export_formats() -> tuple[str, ...]:
     """The registered format names, the default first."""
-    return tuple(sorted(_REGISTRY, key=lambda n: (n != DEFAULT_FORMAT, n)))
+    return tuple(sorted(EXPORTERS.names(), key=lambda n: (n != DEFAULT_FORMAT, n)))
 
 
 def export_options() -> dict[str, ExportOption]:
     """Every registered format's options, by name (one CLI flag each)."""
-    return {name: opt for e in _REGISTRY.values() for name, opt in e.options.items()}
+    return {name: opt for e in EXPORTERS.plugins() for name, opt in e.options.items()}
 
 
 def check_options(exporter: Exporter, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -116,7 +121,7 @@ def check_options(exporter: Exporter, given: Mapping[str, Any]) -> dict[str, Any
         elif name not in known:
             raise ConfigError(f"unknown export option {name!r}.")
         elif value != known[name].default:
-            owners = [e.name for e in _REGISTRY.values() if name in e.options]
+            owners = [e.name for e in EXPORTERS.plugins() if name in e.options]
             raise ConfigError(
                 f"--{name.replace('_', '-')} applies to --format {' or '.join(owners)}, "
                 f"not {exporter.name}."
@@ -124,5 +129,4 @@ def check_options(exporter: Exporter, given: Mapping[str, Any]) -> dict[str, Any
     return taken
 
 
-for _builtin in (GeoParquetExporter(), CogExporter()):
-    register_exporter(_builtin)
+EXPORTERS.built_in(GeoParquetExporter, CogExporter)

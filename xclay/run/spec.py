@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from xclay._json import plain
 from xclay.batch.chips import CHIP_SIZE, EDGES, STRIDE, Edges
-from xclay.batch.readers import Engine
+from xclay.batch.engines import Engine
 from xclay.datacube import Compression
 from xclay.devices import Precision
 from xclay.embed import BATCH_SIZE, DEVICE, ENGINE, LOSS, PRECISION, PREFETCH, THUMBNAILS
