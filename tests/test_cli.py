@@ -163,14 +163,23 @@ def test_embed_with_clay_checkpoint_and_output(tmp_path: Path, demo_cube_256: xr
     cube = xclay.write_datacube(demo_cube_256, tmp_path / "cube.zarr", chip_size=64)
     run = _xclay(
         "embed", str(cube), "--out", str(tmp_path / "o"), "--chip-size", "64",
-        "--model", "clay-v1.5", "--checkpoint", str(ckpt), "--output", "mean", "--no-progress",
+        "--model", "clay-v1.5", "--checkpoint", str(ckpt), "--model-option", "output=mean",
+        "--no-progress",
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert "clay-v1.5 (192-d)" in run.stdout
     emb = xclay.open_embeddings(tmp_path / "o" / "embeddings.zarr")
     assert emb.attrs["model"]["output"] == "mean" and emb.attrs["model"]["checkpoint"] == "tiny.pt"
+    # the model checks its own options; --output is the deprecated spelling of one
     bad = _xclay("embed", str(cube), "--out", str(tmp_path / "o2"), "--output", "mean")
     assert bad.returncode == 1 and "has no options ['output']" in bad.stderr
+    assert "--output is deprecated; write --model-option output=mean" in bad.stderr
+    bad = _xclay(
+        "embed", str(cube), "--out", str(tmp_path / "o3"), "--model", "clay-v1.5",
+        "--checkpoint", str(ckpt), "--model-option", "output=tokens",
+    )  # fmt: skip
+    assert bad.returncode == 1
+    assert "'clay-v1.5': output must be one of cls, mean, patches, got 'tokens'" in bad.stderr
 
 
 def test_embed_with_the_kvikio_engine_needs_a_gpu_and_says_so(tmp_path: Path) -> None:

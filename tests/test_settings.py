@@ -15,7 +15,7 @@ import pytest
 
 from xclay.embed import EmbedOptions, EmbedSettings
 from xclay.errors import ConfigError
-from xclay.run.spec import SECTIONS, ComputeSettings, settings_table
+from xclay.run.spec import SECTIONS, ComputeSettings, ModelSettings, RunSpec, settings_table
 from xclay.settings import (
     Setting,
     add_flags,
@@ -168,3 +168,15 @@ def test_a_sections_api_docs_are_written_from_its_declarations() -> None:
     with pytest.raises(TypeError, match="unknown is neither declared nor described"):
         documented()(Half)
     assert "unknown\n    what it is" in (documented(unknown="what it is")(Half).__doc__ or "")
+
+
+def test_the_spec_knows_no_models_options() -> None:
+    base = {"input": {"datacube": "cube.zarr"}, "outputs": {"dir": "out"}}
+    spec = RunSpec.from_dict(
+        {**base, "model": {"name": "clay-v1.5", "options": {"output": "mean"}}}
+    )
+    assert spec.model.encoder_options() == {"output": "mean"}
+    assert "output" not in {name for name, _, _ in settings_of(ModelSettings)}
+    with pytest.warns(DeprecationWarning, match="model.output is deprecated"):
+        old = RunSpec.from_dict({**base, "model": {"name": "clay-v1.5", "output": "mean"}})
+    assert old.model == spec.model

@@ -15,7 +15,6 @@ from typing import Any, NoReturn, get_args
 from xclay._progress import LOG_EVERY
 from xclay._version import __version__
 from xclay.errors import ConfigError, OutputExistsError, XClayError
-from xclay.models.clay import Output as ClayOutput
 from xclay.outputs.formats import (
     DEFAULT_FORMAT,
     check_options,
@@ -280,10 +279,18 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
         "--checkpoint", default=None, help="weights / fitted filters for --model (path or URL)"
     )
     p.add_argument(
+        "--model-option",
+        type=_model_option,
+        action=_Merge,
+        default={},
+        metavar="NAME=VALUE",
+        help="one of the model's own options, checked by the model (a YAML value), e.g. "
+        "num_filters=256 for rcf or output=patches for clay-v1.5; repeat for more",
+    )
+    p.add_argument(
         "--output",
-        choices=get_args(ClayOutput),
         default=None,
-        help="which Clay token(s) to store (default cls)",
+        help="deprecated: --model-option output=VALUE",
     )
     stored = ("thumbnails", "loss")
     add_flags(p, EmbedOptions, exclude=stored)  # every other setting of embed(), declared
@@ -320,6 +327,31 @@ def _add_gdal_option(p: argparse.ArgumentParser) -> None:
         help="a GDAL setting for reading the STAC items' images (over xclay's cloud "
         "defaults), e.g. GDAL_HTTP_MAX_RETRY=20; repeat for more (default: none)",
     )
+
+
+def _model_option(text: str) -> dict[str, Any]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        parsed = yaml.safe_load(value) if value else ""
+    except yaml.YAMLError:
+        parsed = value  # not YAML: the text itself
+    return {key.strip(): parsed}
+
+
+def _model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The model's options from ``--model-option`` (and the deprecated ``--output``)."""
+    options = dict(args.model_option)
+    if args.output is not None:
+        print(
+            "xclay: --output is deprecated; write --model-option output=" + args.output,
+            file=sys.stderr,
+        )
+        options.setdefault("output", args.output)
+    return options
 
 
 def _storage_option(text: str) -> dict[str, Any]:
@@ -368,8 +400,9 @@ def _embed_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
     model: Any = args.model
     checkpoint = args.checkpoint
-    if args.output is not None:  # a model option: build the encoder here
-        model = get_model(args.model, checkpoint=checkpoint, output=args.output)
+    options = _model_options(args)
+    if options:  # the model's own options: build the encoder here
+        model = get_model(args.model, checkpoint=checkpoint, **options)
         checkpoint = None
     settings = flag_values(args, EmbedOptions)
     settings["quality"] = QualityFilter(**flag_values(args, QualityFilter))
@@ -584,8 +617,9 @@ def _embed_spec(args: argparse.Namespace) -> dict[str, Any]:
     model: dict[str, Any] = {"name": args.model}
     if args.checkpoint:
         model["checkpoint"] = _absolute(args.checkpoint)
-    if args.output:
-        model["output"] = args.output
+    options = _model_options(args)
+    if options:
+        model["options"] = options
     spec: dict[str, Any] = {
         "input": {"datacube": _absolute(args.target)},
         "model": model,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,8 +184,10 @@ MAX_PIXELS = Setting(
 
 MODEL = Setting("rcf", "a registry name (xclay info lists them)", choices=_models)
 CHECKPOINT = Setting(None, "weights or fitted filters: a path or URL (read once, cached)")
-OUTPUT = Setting(None, "which Clay token(s) to store: cls, mean or patches; default the model's")
-MODEL_OPTIONS = Setting({}, "the model's own options, e.g. {num_filters: 256} for rcf")
+MODEL_OPTIONS = Setting(
+    {}, "the model's own options, checked by the model: e.g. {num_filters: 256} for rcf, "
+    "{output: patches} for clay-v1.5", see="models.md",
+)  # fmt: skip
 
 REGION_CHIPS = Setting(
     16, "chips per region edge: the unit of work, of resuming, and of the embeddings Zarr's "
@@ -298,17 +301,21 @@ class ModelSettings:
 
     name: str = declared(MODEL)
     checkpoint: str | None = declared(CHECKPOINT)
-    output: Literal["cls", "mean", "patches"] | None = declared(OUTPUT)
     options: dict[str, Any] = declared(MODEL_OPTIONS)
 
     def __post_init__(self) -> None:
         check_fields(self, prefix="model.")
 
     def encoder_options(self) -> dict[str, Any]:
-        """The keyword options the model is built with: ``options``, and ``output``
-        where given."""
-        return {**self.options, **({"output": self.output} if self.output is not None else {})}
+        """The keyword options the model is built with (a copy of ``options``)."""
+        return dict(self.options)
 
+
+    @property
+    def output(self) -> str | None:
+        """``options["output"]`` (deprecated: the spec once had ``model.output``)."""
+        value = self.options.get("output")
+        return None if value is None else str(value)
 
 @documented()
 @dataclass(frozen=True)
@@ -530,6 +537,25 @@ def _read(data: Any, base: str) -> RunSpec:
         raise ConfigError(f"must be a mapping of sections, got {type(data).__name__}.")
     sections = {"input", "grid", "model", "compute", "quality", "outputs"}
     top = {name for name, _, _ in settings_of(RunSpec)}
+def _model_section(given: Any) -> Any:
+    """The model section, with ``model.output`` (deprecated: a model's own option, which
+    the spec does not know) moved into ``model.options``."""
+    if not isinstance(given, Mapping) or "output" not in given:
+        return given
+    warnings.warn(
+        "model.output is deprecated: write it as a model option, model.options.output.",
+        DeprecationWarning,
+        stacklevel=4,
+    )
+    rest = {k: v for k, v in given.items() if k != "output"}
+    options = rest.get("options") or {}
+    if not isinstance(options, Mapping):
+        return given  # read_section says what is wrong with options
+    if given["output"] is not None:
+        rest["options"] = {"output": given["output"], **options}
+    return rest
+
+
     unknown = sorted(set(data) - sections - top)
     if unknown:
         allowed = ", ".join(sorted(sections | top))
@@ -565,7 +591,7 @@ def _read(data: Any, base: str) -> RunSpec:
         input=inputs,
         grid=grid,
         outputs=read_section(OutputSettings, data["outputs"], "outputs", required=["dir"]),
-        model=read_section(ModelSettings, data.get("model"), "model"),
+        model=read_section(ModelSettings, _model_section(data.get("model")), "model"),
         compute=read_section(ComputeSettings, data.get("compute"), "compute"),
         quality=read_section(QualityFilter, data.get("quality"), "quality"),
         base=base,
