@@ -45,7 +45,8 @@ from xclay.ingest.items import (
     union_bbox,
 )
 from xclay.ingest.median import MaskPlan, median_composite, reads_in_flight
-from xclay.masks import MASK_KINDS, PLATFORM_MASKS, MaskKind, PixelClass
+from xclay.masks import MASK_KINDS, MaskKind, PixelClass
+from xclay.sensors import mask_of
 from xclay.storage import StorageOptions
 from xclay.storage.gdal import GdalOptions, gdal_settings, odc_driver
 
@@ -443,16 +444,16 @@ def quality_mask(
     if mask in (None, "none"):
         return None
     if mask == "auto":
-        kind_name = PLATFORM_MASKS.get(platform or "")
-        if kind_name is None:
+        auto = mask_of(platform)
+        if auto is None:
             return None
+        kind = auto
     elif mask in MASK_KINDS:
-        kind_name = mask
+        kind = MASK_KINDS[mask]
     else:
         raise IngestError(
             f"mask must be 'auto', 'none' or one of {sorted(MASK_KINDS)}, got {mask!r}."
         )
-    kind = MASK_KINDS[kind_name]
     common = set.intersection(*available.values())
     asset = next((a for a in kind.assets if a in common), None)
     if asset is None:
