@@ -308,7 +308,10 @@ def test_a_specs_gdal_options_are_mappings_of_values(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({**spec, "gdal": {"GDAL_HTTP_MAX_RETRY": 3}}))
     assert load_spec(path).to_dict()["gdal"] == {"GDAL_HTTP_MAX_RETRY": 3}
     path.write_text(yaml.safe_dump({**spec, "gdal": {"GDAL_HTTP_MAX_RETRY": [3]}}))
-    with pytest.raises(SpecError, match=r"gdal: 'GDAL_HTTP_MAX_RETRY' must be a string, number or boolean, got \[3\]"):
+    with pytest.raises(
+        SpecError,
+        match=r"gdal: 'GDAL_HTTP_MAX_RETRY' must be a string, number or boolean, got \[3\]",
+    ):
         load_spec(path)
 
 
