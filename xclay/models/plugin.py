@@ -225,15 +225,28 @@ def adopt_encoder(value: Any) -> EncoderPlugin:
     missing = [a for a in ("name", "description", "dim") if not hasattr(value, a)]
     if missing:
         raise TypeError(f"{value!r} lacks {', '.join(missing)}")
-    if value.bands not in get_args(BandRequirement):
-        raise TypeError(
-            f"model {value.name!r}: bands must be one of "
-            f"{', '.join(get_args(BandRequirement))}, got {value.bands!r}"
-        )
-    unknown = [s for s in value.normalization if s not in get_args(NormalizationSource)]
-    if unknown or not value.normalization:
-        raise TypeError(
-            f"model {value.name!r}: normalization must be a non-empty tuple of "
-            f"{', '.join(get_args(NormalizationSource))}, got {value.normalization!r}"
-        )
+    problem = declaration_problem(value.bands, value.normalization)
+    if problem:
+        raise TypeError(f"model {value.name!r}: {problem}")
     return value
+
+
+def declaration_problem(bands: Any, normalization: Any) -> str | None:
+    """What is wrong with a model's declared ``bands`` and ``normalization``, or None.
+
+    Parameters
+    ----------
+    bands
+        As :attr:`EncoderPlugin.bands`.
+    normalization
+        As :attr:`EncoderPlugin.normalization`.
+    """
+    if bands not in get_args(BandRequirement):
+        return f"bands must be one of {', '.join(get_args(BandRequirement))}, got {bands!r}"
+    unknown = [s for s in normalization if s not in get_args(NormalizationSource)]
+    if unknown or not normalization:
+        return (
+            f"normalization must be a non-empty tuple of "
+            f"{', '.join(get_args(NormalizationSource))}, got {normalization!r}"
+        )
+    return None

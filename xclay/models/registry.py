@@ -18,7 +18,7 @@ import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, get_args
+from typing import Any
 
 from xclay.errors import ModelError
 from xclay.model_card import ModelCard
@@ -27,6 +27,7 @@ from xclay.models.plugin import (
     EncoderPlugin,
     NormalizationSource,
     adopt_encoder,
+    declaration_problem,
     keyword_names,
 )
 from xclay.plugins import Registry
@@ -117,17 +118,9 @@ class ModelInfo:
         return int(_resolve(self.vector_values)(options, chip_size))
 
     def __post_init__(self) -> None:
-        if self.bands not in get_args(BandRequirement):
-            raise ModelError(
-                f"ModelInfo {self.name!r}: bands must be one of "
-                f"{', '.join(get_args(BandRequirement))}, got {self.bands!r}."
-            )
-        unknown = [s for s in self.normalization if s not in get_args(NormalizationSource)]
-        if unknown or not self.normalization:
-            raise ModelError(
-                f"ModelInfo {self.name!r}: normalization must be a non-empty tuple of "
-                f"{', '.join(get_args(NormalizationSource))}, got {self.normalization!r}."
-            )
+        problem = declaration_problem(self.bands, self.normalization)
+        if problem:
+            raise ModelError(f"ModelInfo {self.name!r}: {problem}.")
 
 
 class _Declared(EncoderPlugin):
