@@ -209,6 +209,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# The cores the servers (moto and the proxy) run on when --server-cores is given: the
+# reader runs on the others, as a reader of a real bucket does not share its cores with it.
+SERVER_CORES: set[int] = set()
+
+
 @contextlib.contextmanager
 def _process(*argv: str, lifetime: float) -> Iterator[str]:
     """A server of :func:`_serve` in a process of its own; its endpoint."""
@@ -218,6 +223,8 @@ def _process(*argv: str, lifetime: float) -> Iterator[str]:
         stdout=subprocess.PIPE,
         text=True,
     )
+    if SERVER_CORES:
+        os.sched_setaffinity(proc.pid, SERVER_CORES)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline().strip()
@@ -690,6 +697,13 @@ def main() -> None:
         "--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="which readers"
     )
     p.add_argument("--tag", default="", help="added to the result file's name")
+    p.add_argument(
+        "--server-cores",
+        type=int,
+        default=0,
+        help="run moto and the proxy on this many cores and the readers on the others "
+        "(0: all share every core)",
+    )
     args = parse(
         p,
         {"size": 256, "chip": 64, "latency": [20], "repeats": 1, "window_seconds": 0.5,
@@ -704,6 +718,12 @@ def main() -> None:
         print(f"skipped: needs obstore and moto[server] (xclay[dev]): {err}", flush=True)
         raise SystemExit(SKIPPED) from err
     os.environ.update(KEYS)
+    cores = sorted(os.sched_getaffinity(0))
+    if args.server_cores:
+        if args.server_cores >= len(cores):
+            raise SystemExit(f"--server-cores {args.server_cores}: this machine has {len(cores)}")
+        SERVER_CORES.update(cores[: args.server_cores])
+        os.sched_setaffinity(0, set(cores[args.server_cores :]))  # the readers' cores
 
     import xclay
     from xclay.storage import location
@@ -756,6 +776,7 @@ def main() -> None:
     }
     params = {
         **vars(args),
+        "server_cores_used": sorted(SERVER_CORES),
         "cube_shape": list(cube["pixels"].shape),
         "dtype": str(cube["pixels"].dtype),
         "compression": "zstd",
