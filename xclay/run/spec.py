@@ -306,16 +306,16 @@ class ModelSettings:
     def __post_init__(self) -> None:
         check_fields(self, prefix="model.")
 
-    def encoder_options(self) -> dict[str, Any]:
-        """The keyword options the model is built with (a copy of ``options``)."""
-        return dict(self.options)
-
-
     @property
     def output(self) -> str | None:
         """``options["output"]`` (deprecated: the spec once had ``model.output``)."""
         value = self.options.get("output")
         return None if value is None else str(value)
+
+    def encoder_options(self) -> dict[str, Any]:
+        """The keyword options the model is built with (a copy of ``options``)."""
+        return dict(self.options)
+
 
 @documented()
 @dataclass(frozen=True)
@@ -530,13 +530,6 @@ def load_spec(path: Where) -> RunSpec:
     return RunSpec.from_dict(data, source=str(file), base=base)
 
 
-def _read(data: Any, base: str) -> RunSpec:
-    """The spec's sections read with their declarations (:mod:`xclay.settings`), and the
-    rules that span fields."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"must be a mapping of sections, got {type(data).__name__}.")
-    sections = {"input", "grid", "model", "compute", "quality", "outputs"}
-    top = {name for name, _, _ in settings_of(RunSpec)}
 def _model_section(given: Any) -> Any:
     """The model section, with ``model.output`` (deprecated: a model's own option, which
     the spec does not know) moved into ``model.options``."""
@@ -556,6 +549,13 @@ def _model_section(given: Any) -> Any:
     return rest
 
 
+def _read(data: Any, base: str) -> RunSpec:
+    """The spec's sections read with their declarations (:mod:`xclay.settings`), and the
+    rules that span fields."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"must be a mapping of sections, got {type(data).__name__}.")
+    sections = {"input", "grid", "model", "compute", "quality", "outputs"}
+    top = {name for name, _, _ in settings_of(RunSpec)}
     unknown = sorted(set(data) - sections - top)
     if unknown:
         allowed = ", ".join(sorted(sections | top))
