@@ -285,7 +285,8 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
         default={},
         metavar="NAME=VALUE",
         help="one of the model's own options, checked by the model (a YAML value), e.g. "
-        "num_filters=256 for rcf or output=patches for clay-v1.5; repeat for more",
+        "num_filters=256 for rcf or output=patches for clay-v1.5; repeat for more (default: none, "
+        "the model's defaults)",
     )
     p.add_argument(
         "--output",
@@ -827,7 +828,10 @@ def _add_map_commands(sub: Any) -> None:
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto"
     )
     pred.add_argument(
-        "--block-mb", type=_at_least(1), default=256, help="vectors read at a time (MB)"
+        "--block-mb",
+        type=_at_least(1),
+        default=256,
+        help="vectors read at a time (MB; default: 256)",
     )
     pred.add_argument("--overwrite", action="store_true", help="replace existing files")
     _add_storage_option(pred)
