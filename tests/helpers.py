@@ -78,3 +78,57 @@ def olinda_chips(path: Path, chip: int, stride: int | None = None) -> tuple[Any,
     times = cube["time"].values
     batch = make_sampler(source, grid, times)(grid.rows * grid.cols * len(times), 0)
     return batch, input_spec(cube, source, chip, len(batch))
+
+
+_STAC_TOP_LEVEL = ("type", "stac_version", "stac_extensions", "id", "geometry", "bbox", "links",
+                   "assets", "collection")  # fmt: skip
+_STAC_TIMES = ("datetime", "start_datetime", "end_datetime", "created", "updated")
+
+
+def write_stac_geoparquet(items: list[dict[str, Any]], path: Path) -> Path:
+    """Write STAC Item dicts as stac-geoparquet, laid out as its specification says (one
+    row per item; ``geometry`` WKB; ``bbox`` a struct of xmin, ymin, xmax, ymax; ``assets``
+    a struct of asset structs; ``links`` a list of structs; each property a column, times
+    as timestamps), with GeoParquet 1.1 metadata: a file as other tools write them."""
+    import datetime as dt
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import shapely
+    import shapely.geometry
+
+    rows = []
+    for item in items:
+        geometry = item.get("geometry")
+        row: dict[str, Any] = {
+            "type": "Feature",
+            "stac_version": item.get("stac_version", "1.0.0"),
+            "stac_extensions": item.get("stac_extensions", []),
+            "id": item["id"],
+            "geometry": shapely.to_wkb(shapely.geometry.shape(geometry)) if geometry else None,
+            "bbox": dict(zip(("xmin", "ymin", "xmax", "ymax"), item["bbox"], strict=True)),
+            "links": item.get("links", []),
+            "assets": item.get("assets", {}),
+            "collection": item.get("collection"),
+        }
+        for key, value in item["properties"].items():
+            if key in _STAC_TIMES and isinstance(value, str):
+                value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            row[key] = value
+        rows.append(row)
+    names = list(dict.fromkeys(k for row in rows for k in row))  # every row's columns
+    table = pa.Table.from_pylist([{k: row.get(k) for k in names} for row in rows])
+    geo = {
+        "version": "1.1.0",
+        "primary_column": "geometry",
+        "columns": {
+            "geometry": {
+                "encoding": "WKB",
+                "geometry_types": [],
+                "covering": {"bbox": {k: ["bbox", k] for k in ("xmin", "ymin", "xmax", "ymax")}},
+            }
+        },
+    }
+    pq.write_table(table.replace_schema_metadata({"geo": json.dumps(geo)}), path)
+    return path

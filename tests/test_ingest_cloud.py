@@ -407,7 +407,7 @@ def test_a_run_specs_items_file_may_be_a_url(
     assert spec.path(url).url == url
     resolved = plan(spec)
     assert resolved.items is not None
-    (item,) = resolved.items.items(range(len(resolved.items)))
+    (item,) = resolved.items.representatives()
     assert item.assets["data"].href == f"s3://{bucket}/stac/scene.tif"
 
 

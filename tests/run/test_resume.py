@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -134,8 +135,16 @@ def test_kill_9_midway_then_resume_gives_identical_outputs(
     assert_same_outputs(outdir, reference)
 
 
+def _held(dask_scheduler: Any) -> int:
+    """Tasks a client holds on the scheduler."""
+    return sum(1 for ts in dask_scheduler.tasks.values() if ts.who_wants)
+
+
 @pytest.mark.slow
 def test_dask_worker_killed_mid_task_is_retried_elsewhere(tmp_path: Path, items_file: Path) -> None:
+    """A worker killed mid-task: its task runs again elsewhere, the run completes with the
+    outputs of an uninterrupted run, and the scheduler never holds more than the window
+    of regions (2 of the phase's 36)."""
     import torch
     from distributed import Client, LocalCluster
 
@@ -145,7 +154,7 @@ def test_dask_worker_killed_mid_task_is_retried_elsewhere(tmp_path: Path, items_
         run(load_spec(reference), progress=False, torch_threads=1)  # the workers' thread count
     finally:
         torch.set_num_threads(threads)
-    spec = write_spec(tmp_path / "cluster", items_file)
+    spec = write_spec(tmp_path / "cluster", items_file, regions_in_flight=2)
     outdir = tmp_path / "cluster" / "out"
     with (
         LocalCluster(
@@ -163,15 +172,54 @@ def test_dask_worker_killed_mid_task_is_retried_elsewhere(tmp_path: Path, items_
             os.kill(pids[0], signal.SIGKILL)
             killed.append(pids[0])
 
+        held: list[int] = []
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                held.append(client.run_on_scheduler(_held))
+
         thread = threading.Thread(target=killer)
+        watcher = threading.Thread(target=watch)
         thread.start()
-        report = run(load_spec(spec), client=client, progress=False, torch_threads=1)
+        watcher.start()
+        try:
+            report = run(load_spec(spec), client=client, progress=False, torch_threads=1)
+        finally:
+            stop.set()
+            watcher.join()
         thread.join()
         assert killed
         assert pids[0] not in client.run(os.getpid).values()  # that worker is gone (restarted anew)
+    assert max(held) <= 2 and len(held) > 10, (max(held), len(held))
     assert report.status == "complete", report.failed
     assert report.run["chips_embedded"] == 121
     assert_same_outputs(outdir, reference.parent / "out")
+
+
+@pytest.mark.slow
+def test_a_run_on_a_cluster_killed_midway_resumes(tmp_path: Path, items_file: Path) -> None:
+    """``xclay run --cluster local:2`` (a window of 2 regions in flight) killed with its
+    workers midway: the rerun keeps the finished regions as they were and does the rest;
+    every chip once."""
+    spec = write_spec(tmp_path, items_file, regions_in_flight=2)
+    outdir = tmp_path / "out"
+    proc = cli("run", str(spec), "--no-progress", "--cluster", "local:2", start_new_session=True)
+    deadline = time.time() + 180
+    while done(outdir, "embed") < 8 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its cluster, together
+    proc.communicate()
+    finished = done(outdir, "embed")
+    assert 8 <= finished < 36
+    before = {p: p.stat().st_mtime_ns for p in markers(outdir, "done", "embed")}
+    code, out, err = finish(cli("run", str(spec), "--no-progress", "--cluster", "local:2"))
+    assert code == 0, err
+    assert "resumed" in out and done(outdir, "embed") == 36
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    rows = table(outdir)
+    assert rows.num_rows == 121 and len(set(rows["id"].to_pylist())) == 121
 
 
 @pytest.mark.slow

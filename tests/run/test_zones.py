@@ -227,3 +227,30 @@ def test_each_stac_item_covers_every_chip_of_its_zone(two_zones: Path) -> None:
         assert shapely.covers(geometry.buffer(tolerance), chips).all(), path.name
         # ... and not much more than them: the chips fill the item's footprint
         assert shapely.union_all(chips).area > 0.95 * geometry.area
+
+
+def test_centre_in_zone_keeps_one_zones_chips_on_each_side_of_the_seam(two_zones: Path) -> None:
+    """Both zones have chips in a strip along the seam up to two chips wide; the rows whose
+    centre lies in their own zone hold each side's chips once: west of the seam zone 19's,
+    east of it zone 20's, no chip kept from across, and the area still covered but for
+    slivers along the seam where the two grids' squares do not meet."""
+    table = pq.read_table(two_zones / "out" / "embeddings.parquet")
+    footprints = shapely.from_wkb(table["geometry"].to_numpy(zero_copy_only=False))
+    crs = np.asarray(table["native_crs"].to_pylist())
+    lon = table["centre_lon"].to_numpy()
+    own = table["centre_in_zone"].to_numpy(zero_copy_only=False)
+    chip_deg = 32 * RES / 111_320 / np.cos(np.radians(10.0))  # a chip's width at 10 S
+    west_edge = shapely.bounds(footprints[crs == "EPSG:32719"])[:, 2].max()
+    east_edge = shapely.bounds(footprints[crs == "EPSG:32720"])[:, 0].min()
+    strip = west_edge - east_edge
+    assert 0 < strip <= 2.1 * chip_deg, strip / chip_deg  # each zone reaches past by < a chip
+    assert (own == ((crs == "EPSG:32719") == (lon < SEAM))).all()
+    assert ((lon < SEAM) & own).sum() and ((lon >= SEAM) & own).sum()
+    kept = footprints[own]
+    lons, lats = np.meshgrid(np.linspace(BBOX[0], BBOX[2], 121), np.linspace(BBOX[1], BBOX[3], 81))
+    points = shapely.points(lons.ravel(), lats.ravel())
+    hit = np.zeros(points.size, dtype=bool)
+    hit[np.unique(shapely.STRtree(kept).query(points, predicate="intersects")[0])] = True
+    missed = lons.ravel()[~hit]
+    # The slivers: a few of the 121 columns of points, all within half a chip of the seam.
+    assert hit.mean() > 0.97 and (np.abs(missed - SEAM) < chip_deg / 2).all()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import posixpath
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +16,7 @@ import numpy as np
 
 from xclay._hashing import sha256_file
 from xclay.errors import IngestError, MissingDependencyError, StorageError
+from xclay.ingest.itemfiles import ITEMS_FORMATS, absolute_href, item_batches, items_format
 from xclay.sensors import get_sensor, list_platforms
 from xclay.storage import Location, StorageOptions, location
 
@@ -48,14 +48,17 @@ COLLECTION_PLATFORMS = {
 
 def load_items(source: Any, *, storage_options: StorageOptions | None = None) -> list[pystac.Item]:
     """Items from a list of Items, an ItemCollection, an ItemSearch, or a path or URL of an
-    ItemCollection/FeatureCollection JSON, a catalog.json, or an Item JSON.
+    ItemCollection/FeatureCollection JSON, a catalog.json, an Item JSON, newline-delimited
+    JSON or stac-geoparquet.
 
     Parameters
     ----------
     source
         One Item, an iterable of Items, an ItemCollection, a pystac-client ItemSearch (or
         any object with an ``items()`` method, such as a catalog), or where an item
-        collection, item or catalog JSON file lies: a path (str or path-like), a URL
+        collection, item or catalog JSON file, a newline-delimited JSON file (one Item a
+        line) or stac-geoparquet (a file, or a folder of them) lies: a path (str or
+        path-like), a URL
         (``s3://``, ``gs://``, ``az://``, ``http(s)://``, ``file://``) or a
         :class:`~xclay.storage.Location`; a catalog's items are read recursively.
         Relative asset hrefs are relative to the file, wherever it lies.
@@ -86,12 +89,16 @@ def load_items(source: Any, *, storage_options: StorageOptions | None = None) ->
 
 
 def _items_from_file(path: Location) -> list[pystac.Item]:
-    """The items of a JSON file (local or remote): a FeatureCollection (an ItemCollection),
+    """The items of a file (local or remote): a FeatureCollection (an ItemCollection),
     a JSON array of Features, one Feature, or a catalog or collection (its items,
-    recursively). Relative asset hrefs are relative to the file, as STAC says (not to the
-    working folder)."""
+    recursively); newline-delimited JSON or stac-geoparquet (:mod:`xclay.ingest.itemfiles`).
+    Relative asset hrefs are relative to the file, as STAC says (not to the working
+    folder)."""
     import pystac
 
+    if items_format(path) != "json":  # stac-geoparquet or newline-delimited JSON
+        dicts = (d for batch in item_batches(path) for d in batch)
+        return [_item_from_feature(d, k, path, "rows") for k, d in enumerate(dicts)]
     try:
         raw = path.read_bytes()
     except FileNotFoundError as err:
@@ -106,11 +113,13 @@ def _items_from_file(path: Location) -> list[pystac.Item]:
         data = json.loads(raw)
     except UnicodeDecodeError as err:
         raise IngestError(
-            f"{path} is not a JSON text file; expected a STAC item collection (GeoJSON "
-            "FeatureCollection), a JSON array of Items, an Item, or a catalog."
+            f"{path} is not a JSON text file, nor another items file xclay reads; expected "
+            f"{ITEMS_FORMATS}."
         ) from err
     except json.JSONDecodeError as err:
-        raise IngestError(f"{path} is not readable JSON ({err}).") from err
+        raise IngestError(
+            f"{path} is not readable JSON ({err}); expected {ITEMS_FORMATS}."
+        ) from err
     features: Any
     kind: str | None
     if isinstance(data, list):
@@ -173,33 +182,6 @@ def _item_from_feature(feature: Any, k: int, path: Location, kind: str | None) -
         raise IngestError(
             f"{where} is not a valid STAC Item ({type(err).__name__}: {err})."
         ) from err
-
-
-def absolute_href(href: str, base: str | os.PathLike[str]) -> str:
-    """``href`` as an absolute path or URL: a relative one is taken relative to the
-    document ``base`` it was read from (a file path or URL), as STAC resolves links.
-
-    Parameters
-    ----------
-    href
-        An asset href: a URL (``https://``, ``s3://``, ``file://``), an absolute path, or a
-        path relative to ``base``'s folder.
-    base
-        The path or URL of the JSON document holding ``href``.
-    """
-    parsed = urlparse(href)
-    if (parsed.scheme and len(parsed.scheme) > 1) or Path(href).is_absolute():
-        return href  # a URL (a one-letter scheme is a Windows drive) or an absolute path
-    base = os.fspath(base)
-    if "://" in base:
-        url = urlparse(base)
-        if url.scheme == "file":
-            return os.path.normpath(Path(url.path).parent / href)
-        # urljoin joins only the schemes it knows (http, https, ...): for s3://, gs://,
-        # az:// it would return the relative href as it is.
-        folder = posixpath.dirname(url.path) or "/"
-        return f"{url.scheme}://{url.netloc}{posixpath.normpath(posixpath.join(folder, href))}"
-    return os.path.normpath(Path(base).absolute().parent / href)
 
 
 def stac_item(

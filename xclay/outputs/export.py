@@ -466,6 +466,7 @@ def to_geoparquet(
     overwrite: bool = ...,
     sources: Sequence[Sequence[str]] | None = ...,
     run_metadata: Mapping[str, Any] | None = ...,
+    centre_in_zone: Sequence[bool] | None = ...,
     storage_options: StorageOptions | None = ...,
 ) -> Path: ...
 @overload
@@ -477,6 +478,7 @@ def to_geoparquet(
     overwrite: bool = ...,
     sources: Sequence[Sequence[str]] | None = ...,
     run_metadata: Mapping[str, Any] | None = ...,
+    centre_in_zone: Sequence[bool] | None = ...,
     storage_options: StorageOptions | None = ...,
 ) -> Path | str: ...
 def to_geoparquet(
@@ -487,6 +489,7 @@ def to_geoparquet(
     overwrite: bool = False,
     sources: Sequence[Sequence[str]] | None = None,
     run_metadata: Mapping[str, Any] | None = None,
+    centre_in_zone: Sequence[bool] | None = None,
     storage_options: StorageOptions | None = None,
 ) -> Path | str:
     """Write one GeoParquet 1.1 row per embedded (time, chip).
@@ -501,7 +504,7 @@ def to_geoparquet(
     ``nodata_fraction``, ``cloud_fraction``, ``cloud_shadow_fraction``,
     ``haze_fraction``, ``snow_fraction``, ``clear_fraction``, ``loss`` (when the
     embeddings have it), ``thumbnail`` (PNG bytes, when the embeddings have
-    thumbnails), ``platform``, ``source_ids``.
+    thumbnails), ``platform``, ``source_ids``, ``centre_in_zone``.
     Chips that were not embedded are not written; their count is in the
     footer's ``run``. The footer holds ``geo`` and ``xclay`` (model card, config,
     datacube, run).
@@ -527,6 +530,10 @@ def to_geoparquet(
         Written into the ``xclay`` footer in place of the model card, config,
         datacube and run: a run's parts pass a reference to the run's metadata
         file (read back by :func:`read_footer`), so no part repeats it.
+    centre_in_zone
+        Per row, whether the chip's centre lies in the zone whose grid it is on (a run
+        over UTM zones: :meth:`xclay.run.zones.Zone.owns`); default True for every row
+        (one grid owns all its chips).
     storage_options
         Settings for object storage beyond the environment (:func:`xclay.storage.location`).
 
@@ -535,7 +542,13 @@ def to_geoparquet(
     pathlib.Path or str
         The file written: its path, or its URL.
     """
-    table = embeddings_table(emb, quantize=quantize, sources=sources, run_metadata=run_metadata)
+    table = embeddings_table(
+        emb,
+        quantize=quantize,
+        sources=sources,
+        run_metadata=run_metadata,
+        centre_in_zone=centre_in_zone,
+    )
     dim = emb.sizes["feature"]
     rows_per_group = max(1, _ROW_GROUP_BYTES // ((1 if quantize else 4) * dim + 512))
     target = location(path, storage_options)
@@ -603,6 +616,7 @@ def embeddings_table(
     quantize: str | None = None,
     sources: Sequence[Sequence[str]] | None = None,
     run_metadata: Mapping[str, Any] | None = None,
+    centre_in_zone: Sequence[bool] | None = None,
 ) -> Any:
     """The rows :func:`to_geoparquet` writes, as a ``pyarrow.Table`` with its footer
     metadata (``geo``, ``xclay``) in the schema.
@@ -621,6 +635,8 @@ def embeddings_table(
     run_metadata
         Put into the ``xclay`` metadata in place of the model card, config,
         datacube and run (a run's parts: a reference to the run's metadata file).
+    centre_in_zone
+        Per row, whether the chip's centre lies in its own zone; default True for all.
     """
     import pyarrow as pa
     import shapely
@@ -661,6 +677,9 @@ def embeddings_table(
         source_lists = [list(row) for row in sources]
         if len(source_lists) != n:
             raise DatacubeError(f"sources has {len(source_lists)} rows for {n} embedded chips.")
+    own = np.ones(n, dtype=bool) if centre_in_zone is None else np.asarray(centre_in_zone, bool)
+    if own.shape != (n,):
+        raise DatacubeError(f"centre_in_zone has {own.size} rows for {n} embedded chips.")
     epsg = native_crs.to_epsg()
 
     columns: dict[str, pa.Array] = {
@@ -713,6 +732,7 @@ def embeddings_table(
         ),
         "platform": pa.array([cube.get("platform", "")] * n, type=pa.string()),
         "source_ids": pa.array(source_lists, type=pa.list_(pa.string())),
+        "centre_in_zone": pa.array(own, type=pa.bool_()),
     }
     table = pa.table(columns)
     geo = {

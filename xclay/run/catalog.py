@@ -203,7 +203,7 @@ def _item(
         "proj:transform": [float(v) for v in tuple(transform)[:6]],
         "emb:runtime_parameters": _runtime_parameters(emb),
         "created": _now(),
-        "xclay:chips_embedded": int(np.asarray(emb["embedded"].isel(time=t).values).sum()),
+        "xclay:chips_embedded": _chips_embedded(emb, t),
     }
     for bound in ("time_start", "time_end"):
         if bound in emb.coords and not np.isnat(emb[bound].values[t]):
@@ -251,6 +251,16 @@ def _item(
             {"rel": "collection", "href": "../collection.json", "type": JSON_TYPE},
         ],
     }
+
+
+def _chips_embedded(emb: Any, t: int) -> int:
+    """Chips a zone embedded at time step ``t``: as the run counted them from its regions'
+    results and markers when it marked the store complete (a store an earlier xclay marked
+    complete lacks the count: its ``embedded`` array is summed instead)."""
+    counted = emb.attrs.get("chips_embedded_by_time")
+    if counted is not None and t < len(counted):
+        return int(counted[t])
+    return int(np.asarray(emb["embedded"].isel(time=t).values).sum())
 
 
 def _footprint(emb: Any, cell: Any) -> tuple[dict[str, Any], list[float]]:

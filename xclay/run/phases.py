@@ -10,12 +10,13 @@ run's metadata is written once, not per part.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +29,8 @@ from xclay.run.plan import RunPlan, plan
 from xclay.run.preflight import preflight
 from xclay.run.record import PlanSummary, RunPaths, RunRecord
 from xclay.run.spec import RunSpec
-from xclay.run.state import Region, RunState, embed_regions, ingest_regions
+from xclay.run.state import Region, RegionSet, RunState, embed_regions, ingest_regions
+from xclay.run.submit import Tally
 from xclay.storage import Location, Where, location
 from xclay.storage.atomic import store_output
 
@@ -188,9 +190,7 @@ def _identity(spec: RunSpec, resolved: RunPlan) -> dict[str, Any]:
             "thumbnails": spec.outputs.thumbnails,
             "loss": spec.outputs.loss,
         },
-        "items": hashlib.sha256("\n".join(sorted(items.ids)).encode()).hexdigest()
-        if items is not None
-        else None,
+        "items": items.ids_sha256 if items is not None else None,
         "zones": [z.to_dict() for z in resolved.zones],
     }
 
@@ -289,63 +289,71 @@ def _mark_created(state: RunState, kind: str, zone: int) -> None:
 @dataclass
 class _Here:
     """How this process shows its progress, and what it did (the report's throughput counts
-    this process's chips, not those of the runs it resumed)."""
+    this process's chips, not those of the runs it resumed); each phase's tally, once
+    folded with the markers of the regions done before."""
 
     progress: bool | None
     every: float = LOG_EVERY
     counts: dict[str, int] = field(default_factory=dict)
+    tallies: dict[str, Tally] = field(default_factory=dict)
 
-    def add(self, results: list[dict[str, Any]]) -> None:
-        for result in results:
-            for key, value in (result.get("counts") or {}).items():
-                self.counts[key] = self.counts.get(key, 0) + int(value)
+    def add(self, counts: dict[str, int]) -> None:
+        for key, value in counts.items():
+            self.counts[key] = self.counts.get(key, 0) + int(value)
 
 
 def _execute(
     fn: Callable[[Any, dict[str, Any]], dict[str, Any]],
-    regions: list[Region],
+    regions: Callable[[], Iterator[Region]],
     outdir: Location,
     client: Any,
     desc: str,
     here: _Here,
+    tally: Tally,
     units: tuple[str, Callable[[Region], int]] | None = None,
-) -> list[dict[str, Any]]:
-    """Run ``fn(outdir, region)`` for each region: as tasks on the Dask client, or here;
-    progress is counted in ``units`` (a name and a region's size in it; default regions)."""
+    in_flight: int | None = None,
+) -> None:
+    """Run ``fn(outdir, region)`` for each region, folding the results into ``tally``: as
+    tasks on the Dask client, a window of them in flight (:mod:`xclay.run.submit`), or
+    here; progress is counted in ``units`` (a name and a region's size in it; default
+    regions). ``regions`` makes the regions afresh each time it is called: once to count
+    them, once to run them (nothing holds them all)."""
+    from xclay.run.submit import execute
     from xclay.run.tasks import reporting_chips
 
     unit, size = units or ("region", lambda region: 1)
     task_outdir: Any = outdir.to_dict() if outdir.options else outdir.url
-    results: list[dict[str, Any]] = []
-    total = sum(size(r) for r in regions)
+    count = total = 0
+    for region in regions():
+        count += 1
+        total += size(region)
+    before = dict(tally.counts)
     with Progress(
-        total, regions=len(regions), progress=here.progress, desc=desc, unit=unit, every=here.every
+        total, regions=count, progress=here.progress, desc=desc, unit=unit, every=here.every
     ) as shown:
-        if client is None:
-            with reporting_chips(shown.advance):
-                for region in regions:
-                    results.append(fn(task_outdir, region.to_dict()))
-                    shown.region_done(size(region))
-            here.add(results)
-            return results
-        from distributed import as_completed
+        if client is not None:
+            from xclay.run.cluster import warm_workers
 
-        from xclay.run.cluster import warm_workers
+            warm_workers(client)
+        chips = reporting_chips(shown.advance) if client is None else contextlib.nullcontext()
+        with chips:
+            execute(
+                fn,
+                regions(),
+                task_outdir,
+                client,
+                tally,
+                in_flight=in_flight,
+                on_done=lambda region: shown.region_done(size(region)),
+            )
+    here.add({k: v - before.get(k, 0) for k, v in tally.counts.items()})
 
-        warm_workers(client)
-        futures = client.map(
-            fn, [task_outdir] * len(regions), [r.to_dict() for r in regions], pure=False
-        )
-        of_future = {f.key: r for f, r in zip(futures, regions, strict=True)}
-        for future in as_completed(futures):
-            try:
-                results.append(future.result())
-            except Exception as err:  # its workers kept dying (KilledWorker), or similar
-                reason = f"{type(err).__name__}: {err}"
-                results.append({"region": "?", "status": "failed", "reason": reason})
-            shown.region_done(size(of_future[future.key]))
-    here.add(results)
-    return results
+
+def _fold_earlier(state: RunState, phase: Literal["ingest", "embed"], tally: Tally) -> None:
+    """Fold into ``tally`` the markers of the regions done before this process (a run it
+    resumes), or whose result it lost: the tally then counts every finished region."""
+    for marker in state.done(phase, skip=tally.folded):
+        tally.fold(Region.from_dict(marker["region"]), marker)
 
 
 def _region_chips(region: Region) -> int:
@@ -354,7 +362,7 @@ def _region_chips(region: Region) -> int:
 
 
 def _failures(
-    state: RunState, phase: Literal["ingest", "embed"], results: list[dict[str, Any]]
+    state: RunState, phase: Literal["ingest", "embed"], tally: Tally
 ) -> list[dict[str, str]]:
     recorded = [
         {
@@ -363,14 +371,14 @@ def _failures(
         }
         for f in state.failed(phase)
     ]
-    lost = [r for r in results if r.get("status") == "failed" and r.get("region") == "?"]
-    return recorded + [{"region": "?", "reason": r["reason"]} for r in lost]
+    return recorded + [{"region": "?", "reason": reason} for reason in tally.lost]
 
 
 def _todo(
-    regions: Iterable[Region], done: set[str], keep: Callable[[Region], bool]
-) -> list[Region]:
-    return [r for r in regions if r.name not in done and keep(r)]
+    regions: Callable[[], Iterator[Region]], done: RegionSet, keep: Callable[[Region], bool]
+) -> Callable[[], Iterator[Region]]:
+    """The regions left to do, made afresh each time they are asked for."""
+    return lambda: (r for r in regions() if r not in done and keep(r))
 
 
 def _in_cell(
@@ -436,24 +444,22 @@ def _ingest_phase(
             _mark_created(state, "datacubes", k)
     # Blocks of whole shards: no two tasks write one shard.
     block = spec.grid.chip_size * shard * max(1, -(-spec.compute.region_chips // shard))
-    regions: Iterator[Region] = (
-        region
-        for k in zones
-        for region in ingest_regions(
-            k, resolved.time_steps, _shape(resolved.zones[k].geobox), block
-        )
-    )
+
+    def regions() -> Iterator[Region]:
+        for k in zones:
+            shape = _shape(resolved.zones[k].geobox)
+            yield from ingest_regions(k, resolved.time_steps, shape, block)
+
     keep = _in_cell(resolved, lambda r: _pixel_bounds(resolved, r.rows, r.cols, r.zone))
-    todo = _todo(regions, state.done_names("ingest"), keep)
-    results = _execute(ingest_region, todo, spec.outdir, client, "ingest", here)
-    failed = _failures(state, "ingest", results)
+    todo = _todo(regions, state.done_regions("ingest"), keep)
+    tally = Tally()
+    in_flight = spec.compute.regions_in_flight
+    _execute(ingest_region, todo, spec.outdir, client, "ingest", here, tally, None, in_flight)
+    here.tallies["ingest"] = tally
+    failed = _failures(state, "ingest", tally)
     if failed:
         return failed
-    valid = dict.fromkeys(zones, False)
-    for done in state.done("ingest"):
-        zone = int(done["region"].get("zone", 0))
-        valid[zone] = valid.get(zone, False) or bool(done.get("any_valid"))
-    if not any(valid.values()):
+    if not _any_valid(state, tally):
         for k in zones:
             paths[k].remove()
         state.reset()
@@ -466,6 +472,14 @@ def _ingest_phase(
     return []
 
 
+def _any_valid(state: RunState, tally: Tally) -> bool:
+    """Whether an ingested block has a valid pixel: this process's, else one of those done
+    before it (their markers read until one has)."""
+    if any(tally.any_valid.values()):
+        return True
+    return any(bool(m.get("any_valid")) for m in state.done("ingest", skip=tally.folded))
+
+
 def _template(spec: RunSpec, resolved: RunPlan, zone: int, record: RunRecord) -> Any:
     """A zone's datacube, described from item metadata (one item per collection) and grid
     arithmetic; provenance points to the run's item sidecar instead of copying it."""
@@ -473,9 +487,6 @@ def _template(spec: RunSpec, resolved: RunPlan, zone: int, record: RunRecord) ->
 
     index = resolved.items
     assert index is not None
-    first: dict[str, int] = {}
-    for k, collection in enumerate(index.table["collection"].to_pylist()):
-        first.setdefault(str(collection), k)
     store = record.paths.datacubes[zone]
     items_file = record.paths.items
     assert items_file is not None
@@ -495,7 +506,7 @@ def _template(spec: RunSpec, resolved: RunPlan, zone: int, record: RunRecord) ->
         },
     }
     cube = datacube_template(
-        index.items(sorted(first.values())),
+        index.representatives(),  # one item per collection: all it reads of the items
         bands=resolved.bands,
         geobox=resolved.zones[zone].geobox,
         composite=spec.input.composite,
@@ -549,13 +560,12 @@ def _embed_phase(
     grids = {k: sessions[k].grid for k in zones}
     for session in sessions.values():
         session.close()
-    regions: Iterator[Region] = (
-        region
-        for k in zones
-        for region in embed_regions(
-            k, resolved.time_steps, grids[k].shape, spec.compute.region_chips
-        )
-    )
+
+    def regions() -> Iterator[Region]:
+        for k in zones:
+            yield from embed_regions(
+                k, resolved.time_steps, grids[k].shape, spec.compute.region_chips
+            )
 
     def chip_bounds(region: Region) -> tuple[float, float, float, float]:
         grid = grids[region.zone]
@@ -564,27 +574,26 @@ def _embed_phase(
         cols = (region.cols[0] * step, (region.cols[1] - 1) * step + size)
         return _pixel_bounds(resolved, rows, cols, region.zone)
 
-    todo = _todo(regions, state.done_names("embed"), _in_cell(resolved, chip_bounds))
-    results = _execute(
-        embed_region, todo, spec.outdir, client, "embed", here, ("chip", _region_chips)
-    )
-    failed = _failures(state, "embed", results)
+    todo = _todo(regions, state.done_regions("embed"), _in_cell(resolved, chip_bounds))
+    tally = Tally()
+    chips = ("chip", _region_chips)
+    in_flight = spec.compute.regions_in_flight
+    _execute(embed_region, todo, spec.outdir, client, "embed", here, tally, chips, in_flight)
+    _fold_earlier(state, "embed", tally)  # the regions of the runs it resumes: their markers
+    here.tallies["embed"] = tally
+    failed = _failures(state, "embed", tally)
     if failed:
         return failed
-    per_zone: dict[int, dict[str, int]] = {}
-    for done in state.done("embed"):
-        zone = int(done["region"].get("zone", 0))
-        total = per_zone.setdefault(zone, {})
-        for key, value in done["counts"].items():
-            total[key] = total.get(key, 0) + int(value)
     for k in zones:
-        mark_complete(paths[k], run=per_zone.get(k, {}))
-    parts = sum(
-        1
-        for p in spec.geoparquet_path.iterdir()
-        if p.name.startswith("part-") and p.name.endswith(".parquet")
-    )
-    (spec.geoparquet_path / RUN_COMPLETE).write_json({"run": _total_counts(state), "parts": parts})
+        mark_complete(
+            paths[k],
+            run=tally.by_zone.get(k, {}),
+            chips_embedded_by_time=[
+                tally.embedded_by_step.get((k, t), 0) for t in range(resolved.time_steps)
+            ],
+            run_data_path={"readers": list(tally.readers), "fallbacks": list(tally.fallbacks)},
+        )
+    (spec.geoparquet_path / RUN_COMPLETE).write_json({"run": tally.counts, "parts": tally.parts})
     return []
 
 
@@ -664,24 +673,30 @@ def _embed_config(spec: RunSpec, cube: Any, encoder: Any) -> Any:
     return embed_config(cube, encoder, quality=spec.quality, **settings)
 
 
-def _total_counts(state: RunState) -> dict[str, int]:
+def _finished(record: RunRecord, here: _Here) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """Chip counts and data paths over every finished embedding region: this call's embed
+    tally (folded with the markers of the runs it resumed), else what the complete stores
+    say (a rerun of a finished run embeds nothing)."""
+    tally = here.tallies.get("embed")
+    if tally is not None:
+        readers = {"readers": list(tally.readers), "fallbacks": list(tally.fallbacks)}
+        return dict(tally.counts), readers
+    from xclay.completion import COMPLETE_ATTR, read_metadata
+
     total: dict[str, int] = {}
-    for done in state.done("embed"):
-        for key, value in done["counts"].items():
+    paths: dict[str, dict[str, None]] = {"readers": {}, "fallbacks": {}}
+    for store in record.paths.embeddings:
+        try:
+            attrs = read_metadata(record.at(store)).get("attributes", {})
+        except FileNotFoundError:
+            continue
+        if not attrs.get(COMPLETE_ATTR):
+            continue
+        for key, value in (attrs.get("run") or {}).items():
             total[key] = total.get(key, 0) + int(value)
-    return total
-
-
-def _data_path(state: RunState) -> dict[str, list[str]]:
-    readers: dict[str, None] = {}
-    fallbacks: dict[str, None] = {}
-    for done in state.done("embed"):
-        path = done.get("data_path") or {}
-        if path.get("reader"):
-            readers[f"{path['reader']} on {path.get('device', '?')}"] = None
-        for reason in path.get("fallbacks", []):
-            fallbacks[reason] = None
-    return {"readers": list(readers), "fallbacks": list(fallbacks)}
+        for kind, values in (attrs.get("run_data_path") or {}).items():
+            paths.setdefault(kind, {}).update(dict.fromkeys(values))
+    return total, {k: list(v) for k, v in paths.items()}
 
 
 def _report(
@@ -697,6 +712,7 @@ def _report(
     paths = record.paths
     card = record.card
     model = f"{card.name} ({card.dim}-d)" if card else ""
+    counts, data_path = _finished(record, here)
     outputs = {
         "datacube": ", ".join(paths.datacubes),
         "embeddings": ", ".join(paths.embeddings),
@@ -712,11 +728,11 @@ def _report(
         plan=resolved,
         outputs=outputs,
         seconds=seconds,
-        run=_total_counts(state),
+        run=counts,
         status="incomplete" if failed else "complete",
         failed=failed,
         resumed=resumed,
-        data_path=_data_path(state),
+        data_path=data_path,
         model=model,
         here=dict(here.counts),
     )

@@ -10,17 +10,21 @@ plus columns of its grids.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from xclay.batch.chips import ChipGrid, ChipGridSpec
-from xclay.errors import IngestError, MissingDependencyError
-from xclay.run.items import ItemIndex
+from xclay.errors import IngestError, MissingDependencyError, XClayError
+from xclay.run.items import ItemIndex, ItemSummary, index_items
 from xclay.run.spec import RunSpec
 from xclay.run.zones import Zone, single_zone, utm_cells, utm_zones
+from xclay.storage import Location
 
 __all__ = ["RunPlan", "plan"]
 
@@ -113,9 +117,9 @@ class RunPlan:
     def describe(self) -> str:
         lines = []
         if self.items is not None:
-            ids = self.items.ids
-            head = ", ".join(str(i) for i in ids[:3]) + (", ..." if len(ids) > 3 else "")
-            lines.append(f"  items       {len(ids):,} ({head})")
+            n = len(self.items)
+            head = ", ".join(self.items.head) + (", ..." if n > 3 else "")
+            lines.append(f"  items       {n:,} ({head})")
         platform = f"  (platform {self.platform})" if self.platform else ""
         lines.append(f"  bands       {', '.join(self.bands)}{platform}")
         bbox = [round(float(v), 4) for v in self.bbox_lonlat]
@@ -200,31 +204,29 @@ def _plan_datacube(spec: RunSpec) -> RunPlan:
 
 
 def _plan_stac(spec: RunSpec) -> RunPlan:
-    from xclay.ingest.items import band_metadata, check_local_hrefs, platform_of
+    from xclay.ingest.items import band_metadata
     from xclay.sensors import get_sensor
 
-    items = _search(spec)
-    index = ItemIndex.from_items(items)
-    platform = spec.input.platform or platform_of(items)
-    bands = spec.input.bands or (get_sensor(platform).band_names if platform else ())
-    dtype, _ = band_metadata(items, bands)
-    check_local_hrefs(items, bands)  # a missing file fails here, not in a region hours later
-    _require_wavelengths(spec, items, bands, platform)
+    # input.bands, else the platform's (the spec requires one of them)
+    bands = tuple(spec.input.bands or get_sensor(str(spec.input.platform)).band_names)
+    index, summary = _search(spec, bands)
+    platform = spec.input.platform or summary.platform
+    representatives = summary.representative_items()
+    summary.require_bands(bands)
+    dtype, _ = band_metadata(representatives, bands)
+    _require_wavelengths(spec, representatives, bands, platform)
     assert spec.grid.resolution is not None
     resolution = float(spec.grid.resolution)
     step = spec.grid.stride or spec.grid.chip_size
+    assert summary.bbox is not None  # items were kept
+    given = spec.input.bbox
     bbox: tuple[float, float, float, float] = (
-        (
-            float(spec.input.bbox[0]),
-            float(spec.input.bbox[1]),
-            float(spec.input.bbox[2]),
-            float(spec.input.bbox[3]),
-        )
-        if spec.input.bbox
-        else _union_bbox(index)
+        (float(given[0]), float(given[1]), float(given[2]), float(given[3]))
+        if given
+        else (summary.bbox[0], summary.bbox[1], summary.bbox[2], summary.bbox[3])
     )
-    zones, tiled, notes = _zones(spec, items, bbox, resolution, step)
-    notes += _mask_notes(spec, items, platform)
+    zones, tiled, notes = _zones(spec, summary, bbox, resolution, step)
+    notes += _mask_notes(spec, summary, platform)
     pixels = sum(int(np.prod(z.geobox.shape)) for z in zones)
     if pixels > spec.grid.max_pixels:
         raise IngestError(
@@ -232,12 +234,12 @@ def _plan_stac(spec: RunSpec) -> RunPlan:
             f"grid.max_pixels={spec.grid.max_pixels:.1e}. Check the resolution and its units, or "
             "split the area into runs."
         )
-    days, time_range = _time_steps(spec, index)
+    days, time_range = _time_steps(spec, summary)
     steps = len(days) if days is not None else 1
     chips = sum(_zone_chips(z, spec) for z in zones) * steps
     area = sum(_zone_area_km2(z) for z in zones)
     itemsize = np.dtype(dtype).itemsize
-    read = _item_pixels(index, bbox, pixels)
+    read = summary.item_pixels(bbox, pixels, spec_bbox=given is not None)
     bytes_estimate = int((read + pixels * steps) * len(bands) * itemsize)
     return RunPlan(
         source="stac",
@@ -259,15 +261,14 @@ def _plan_stac(spec: RunSpec) -> RunPlan:
     )
 
 
-def _mask_notes(spec: RunSpec, items: list[Any], platform: str | None) -> list[str]:
+def _mask_notes(spec: RunSpec, summary: ItemSummary, platform: str | None) -> list[str]:
     """A note when ``mask: auto`` finds no quality classes the platform usually has."""
-    from xclay.ingest.items import band_names
     from xclay.ingest.stac import quality_mask
     from xclay.masks import MASK_KINDS, PLATFORM_MASKS
 
     if spec.input.mask != "auto" or platform not in PLATFORM_MASKS:
         return []
-    if quality_mask("auto", platform, band_names(items)) is not None:
+    if quality_mask("auto", platform, {"every item": summary.common_names or set()}) is not None:
         return []
     kind = PLATFORM_MASKS[str(platform)]
     return [
@@ -281,7 +282,8 @@ def _require_wavelengths(
     spec: RunSpec, items: list[Any], bands: Sequence[str], platform: str | None
 ) -> None:
     """Every band's wavelength comes from somewhere (the spec, the sensor table, the items'
-    ``eo:bands``): found now, not when the first region builds its datacube."""
+    ``eo:bands``, as each collection's first item gives them): found now, not when the
+    first region builds its datacube."""
     from xclay.ingest.items import item_wavelengths
     from xclay.sensors import get_sensor, list_platforms
 
@@ -308,7 +310,7 @@ def _grid_spec(spec: RunSpec) -> ChipGridSpec:
 
 def _zones(
     spec: RunSpec,
-    items: list[Any],
+    summary: ItemSummary,
     bbox: tuple[float, float, float, float],
     resolution: float,
     step: int,
@@ -322,7 +324,7 @@ def _zones(
     try:
         if crs == "utm":
             return utm_zones(bbox, resolution, step), True, []
-        shared = _shared_crs(items)
+        shared = _shared_crs(summary)
         longitudes = {code[-2:] for code, _ in utm_cells(bbox)}
         if crs is None and shared is None and len(longitudes) > 1:
             note = (
@@ -333,7 +335,7 @@ def _zones(
     except ValueError as err:  # outside UTM's latitudes
         raise IngestError(str(err)) from err
     grid = plan_grid(
-        items,
+        summary.grid_items(),  # one item for each CRS, resolution and grid phase
         resolution=resolution,
         crs=crs,
         bbox=spec.input.bbox,
@@ -342,12 +344,8 @@ def _zones(
     return single_zone(grid.geobox), False, []
 
 
-def _shared_crs(items: list[Any]) -> str | None:
-    codes = set()
-    for item in items:
-        p = item.properties
-        code = p.get("proj:code") or (f"EPSG:{p['proj:epsg']}" if p.get("proj:epsg") else None)
-        codes.add(code)
+def _shared_crs(summary: ItemSummary) -> str | None:
+    codes = set(summary.codes)
     return codes.pop() if len(codes) == 1 and None not in codes else None
 
 
@@ -381,7 +379,7 @@ def _zone_area_km2(zone: Zone) -> float:
 
 
 def _time_steps(
-    spec: RunSpec, index: ItemIndex
+    spec: RunSpec, summary: ItemSummary
 ) -> tuple[dict[np.datetime64, np.datetime64] | None, tuple[np.datetime64, np.datetime64] | None]:
     """The run's time steps: with ``composite: none`` one per solar day (its first
     acquisition over all items), else the composite's range (the spec's datetime, or the
@@ -389,60 +387,85 @@ def _time_steps(
     from xclay.ingest.items import parse_time_range
 
     if spec.input.composite == "none":
-        days: dict[np.datetime64, np.datetime64] = {}
-        for day, when in zip(index.days, index.times, strict=True):
-            if np.isnat(day):
-                continue
-            key = np.datetime64(day, "D")
-            days[key] = min(days.get(key, when), when)
-        return dict(sorted(days.items())), None
+        return dict(sorted(summary.days.items())), None
     start, end = parse_time_range(spec.input.datetime)
-    own = index.time_range()
+    own = summary.time_range
     lo = np.datetime64(start.replace(tzinfo=None), "ns") if start else (own[0] if own else None)
     hi = np.datetime64(end.replace(tzinfo=None), "ns") if end else (own[1] if own else None)
     return None, ((lo, hi) if lo is not None and hi is not None else None)
 
 
-def _union_bbox(index: ItemIndex) -> tuple[float, float, float, float]:
-    b = index.bounds
-    return (
-        float(b[:, 0].min()),
-        float(b[:, 1].min()),
-        float(b[:, 2].max()),
-        float(b[:, 3].max()),
-    )
+def _search(spec: RunSpec, bands: Sequence[str]) -> tuple[ItemIndex, ItemSummary]:
+    """The run's items, read as a stream (an items file or folder, or an API search's
+    pages), kept within the spec's bbox and datetime, and indexed in a temporary file (the
+    run copies it to its outputs). None kept is an :class:`IngestError` saying why."""
+    source = spec.input.stac
+    assert source is not None
+    folder = Path(tempfile.mkdtemp(prefix="xclay-items-"))
+    try:
+        index, summary = _index(spec, bands, folder / "items.parquet")
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    index.remove_with(folder)  # the temporary file lives as long as the plan
+    return index, summary
 
 
-def _item_pixels(index: ItemIndex, bbox: tuple[float, float, float, float], pixels: int) -> int:
-    """Pixels the items bring into the area: each item's share of the bbox times the grids'
-    pixels (what ingestion reads, before compositing)."""
-    west, south, east, north = bbox
-    b = index.bounds
-    w = np.clip(np.minimum(b[:, 2], east) - np.maximum(b[:, 0], west), 0, None)
-    h = np.clip(np.minimum(b[:, 3], north) - np.maximum(b[:, 1], south), 0, None)
-    area = max((east - west) * (north - south), 1e-12)
-    return int(pixels * float((w * h).sum()) / area)
-
-
-def _search(spec: RunSpec) -> list[Any]:
-    """The run's items: an items file's, kept within the spec's bbox and datetime, or an
-    API search's. None found is an :class:`IngestError` saying why."""
-    from xclay.ingest import filter_items, load_items
-
+def _index(spec: RunSpec, bands: Sequence[str], target: Path) -> tuple[ItemIndex, ItemSummary]:
     source = spec.input.stac
     assert source is not None
     if source.items:
         path = spec.path(source.items)
-        every = load_items(path)
-        if not every:
+        index, summary = index_items(
+            _file_batches(path),
+            target,
+            bbox=spec.input.bbox,
+            datetime=spec.input.datetime,
+            bands=bands,
+        )
+        if not summary.seen:
             raise IngestError(
                 f"{path} holds no STAC items; write the items into it (docs/run-spec.md: "
                 "items from local GeoTIFFs) or search a STAC API (input.stac.api)."
             )
-        items = filter_items(every, bbox=spec.input.bbox, datetime=spec.input.datetime)
-        if not items:
-            raise IngestError(_none_kept(spec, every, f"item of {path} ({len(every)} in all)"))
-        return items
+        if not summary.count:
+            raise IngestError(_none_kept(spec, summary, f"item of {path} ({summary.seen} in all)"))
+    else:
+        index, summary = index_items(
+            _api_batches(spec), target, datetime=spec.input.datetime, bands=bands
+        )
+        if not summary.count:
+            hint = _axis_hint(spec.input.bbox, None)
+            raise IngestError(
+                f"the STAC search at {source.api} is empty: no items of "
+                f"{', '.join(source.collections) or 'any collection'} for "
+                f"bbox={list(spec.input.bbox) if spec.input.bbox else None}, "
+                f"datetime={spec.input.datetime!r}. "
+                f"{hint or 'Widen the area or the time range.'}"
+            )
+    return index, summary
+
+
+def _file_batches(path: Location) -> Iterator[list[dict[str, Any]]]:
+    """An items file's items, a batch at a time: newline-delimited JSON and stac-geoparquet
+    as streams, a JSON document (an ItemCollection, a catalog) read whole."""
+    from xclay.ingest import load_items
+    from xclay.ingest.itemfiles import BATCH, item_batches, items_format
+
+    if items_format(path) != "json":
+        yield from item_batches(path)
+        return
+    items = load_items(path)
+    for start in range(0, len(items), BATCH):
+        yield [item.to_dict() for item in items[start : start + BATCH]]
+
+
+def _api_batches(spec: RunSpec) -> Iterator[list[dict[str, Any]]]:
+    """A STAC API search's items, page by page (pystac-client)."""
+    from xclay.ingest.itemfiles import BATCH, checked_item
+
+    source = spec.input.stac
+    assert source is not None
     try:
         from pystac_client import Client
     except ImportError as err:
@@ -457,42 +480,36 @@ def _search(spec: RunSpec) -> list[Any]:
             query=source.query,
             max_items=source.max_items,
         )
-        found = list(search.items())
+        batch: list[dict[str, Any]] = []
+        for k, doc in enumerate(search.items_as_dicts()):
+            batch.append(checked_item(doc, f"item {k} of the search", str(source.api)))
+            if len(batch) >= BATCH:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+    except XClayError:
+        raise
     except Exception as err:  # network and API errors come in many types
         raise IngestError(
             f"STAC API search at {source.api} failed: {type(err).__name__}: {err}"
         ) from err
-    if not found:
-        hint = _axis_hint(spec.input.bbox, None)
-        raise IngestError(
-            f"the STAC search at {source.api} is empty: no items of "
-            f"{', '.join(source.collections) or 'any collection'} for "
-            f"bbox={list(spec.input.bbox) if spec.input.bbox else None}, "
-            f"datetime={spec.input.datetime!r}. {hint or 'Widen the area or the time range.'}"
-        )
-    return found
 
 
-def _none_kept(spec: RunSpec, every: list[Any], what: str) -> str:
+def _none_kept(spec: RunSpec, summary: ItemSummary, what: str) -> str:
     """Why no item is left after the spec's bbox and datetime: which filter emptied it, what
     the items cover, and a hint when the bbox looks like latitude and longitude swapped."""
-    from xclay.ingest import filter_items
-    from xclay.ingest.items import union_bbox
-
-    in_area = filter_items(every, bbox=spec.input.bbox, datetime=None)
-    if spec.input.bbox is not None and not in_area:
-        covered = [round(float(v), 4) for v in union_bbox(every)]
+    if spec.input.bbox is not None and not summary.in_area:
+        if summary.seen_bbox is None:
+            return f"no {what} has a bbox; leave input.bbox out to take the items as they are."
+        covered = [round(float(v), 4) for v in summary.seen_bbox]
         hint = _axis_hint(spec.input.bbox, covered)
         return (
             f"no {what} intersects input.bbox {list(spec.input.bbox)}; the items cover "
             f"{covered} ([west, south, east, north] in degrees). "
             + (hint or "Move input.bbox over the items, or leave it out to take their extent.")
         )
-    times = sorted(
-        t
-        for t in (i.datetime or i.common_metadata.start_datetime for i in in_area)
-        if t is not None
-    )
+    times = summary.in_area_times
     span = f"{times[0].date()} to {times[-1].date()}" if times else "no known time"
     return (
         f"no {what} is within input.datetime {spec.input.datetime!r}; the items in the area "

@@ -136,8 +136,10 @@ def _bbox(value: Any) -> Any:
 
 
 ITEMS = Setting(
-    None, "a file (or URL): an ItemCollection / FeatureCollection JSON, an array of Items, an "
-    "Item JSON, or a static catalog.json; exactly one of items and api", flag=False,
+    None, "a file or folder (or URL): an ItemCollection / FeatureCollection JSON, an array of "
+    "Items, an Item JSON, a static catalog.json, newline-delimited JSON (one Item a line) or "
+    "stac-geoparquet (a file, or a folder of them); exactly one of items and api", flag=False,
+    see="#large-catalogues",
 )  # fmt: skip
 API = Setting(None, "a STAC API URL to search (pystac-client)", flag=False)
 COLLECTIONS = Setting((), "collections to search (required with api)", flag=False)
@@ -192,6 +194,12 @@ MODEL_OPTIONS = Setting(
 REGION_CHIPS = Setting(
     16, "chips per region edge: the unit of work, of resuming, and of the embeddings Zarr's "
     "chunks", unit="chips", positive=True, metavar="N",
+)  # fmt: skip
+
+REGIONS_IN_FLIGHT = Setting(
+    None, "regions submitted to a Dask cluster at once (the driver and the scheduler hold "
+    "these only); default 2 per worker thread", unit="regions", positive=True, metavar="N",
+    see="hpc.md#bounded-submission",
 )  # fmt: skip
 
 DIR = Setting(dataclasses.MISSING, "folder of the outputs: a path, or a URL (s3://bucket/prefix)")
@@ -329,6 +337,7 @@ class ComputeSettings:
     precision: Precision = declared(PRECISION)
     prefetch: int = declared(PREFETCH)
     region_chips: int = declared(REGION_CHIPS)
+    regions_in_flight: int | None = declared(REGIONS_IN_FLIGHT)
 
     def __post_init__(self) -> None:
         check_fields(self, prefix="compute.")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -33,15 +34,25 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from xclay._json import plain
 from xclay.errors import OutputExistsError, RunStateError
 from xclay.run.record import RunRecord
 from xclay.storage import Location, Where, location
 
-__all__ = ["Region", "RunState", "RunStateError", "embed_regions", "ingest_regions"]
+__all__ = [
+    "Region",
+    "RegionSet",
+    "RunState",
+    "RunStateError",
+    "embed_regions",
+    "ingest_regions",
+]
 
 Phase = Literal["ingest", "embed"]
 BUCKET = 1000  # markers per folder
+MARKER_READS = 32  # markers read at once from object storage
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,53 @@ class Region:
             rows=(int(data["rows"][0]), int(data["rows"][1])),
             cols=(int(data["cols"][0]), int(data["cols"][1])),
         )
+
+
+class RegionSet:
+    """Regions of a phase by zone and number, a bit each (a world's 590,000 regions: 74 KB).
+
+    Parameters
+    ----------
+    names
+        Region names (``embed-z03-0012345``) to start with.
+    """
+
+    def __init__(self, names: Iterator[str] | None = None) -> None:
+        self._bits: dict[int, np.ndarray] = {}
+        self._count = 0
+        for name in names or ():
+            zone, index = parse_name(name)
+            self.add(zone, index)
+
+    def add(self, zone: int, index: int) -> None:
+        bits = self._bits.get(zone)
+        if bits is None or index >= bits.size:
+            grown = np.zeros(max(index + 1, 2 * (bits.size if bits is not None else 1024)), bool)
+            if bits is not None:
+                grown[: bits.size] = bits
+            self._bits[zone] = bits = grown
+        if not bits[index]:
+            bits[index] = True
+            self._count += 1
+
+    def __contains__(self, region: object) -> bool:
+        if isinstance(region, Region):
+            zone, index = region.zone, region.index
+        elif isinstance(region, str):
+            zone, index = parse_name(region)
+        else:
+            return False
+        bits = self._bits.get(zone)
+        return bits is not None and index < bits.size and bool(bits[index])
+
+    def __len__(self) -> int:
+        return self._count
+
+
+def parse_name(name: str) -> tuple[int, int]:
+    """The zone and number of a region's name (``embed-z03-0012345``: zone 3, region 12345)."""
+    _, zone, index = name.rsplit("-", 2)
+    return int(zone.lstrip("z")), int(index)
 
 
 def _tiles(zone: int, times: int, ny: int, nx: int, step: int, phase: Phase) -> Iterator[Region]:
@@ -264,9 +322,24 @@ class RunState:
             if marker.name.endswith(".json") and not marker.name.startswith("."):
                 yield marker
 
-    def done(self, phase: Phase) -> Iterator[dict[str, Any]]:
-        for path in self._markers("done", phase):
-            yield json.loads(path.read_bytes())
+    def done_regions(self, phase: Phase) -> RegionSet:
+        """The finished regions of a phase, a bit each: one listing of the markers."""
+        return RegionSet(p.stem for p in self._markers("done", phase))
+
+    def done(self, phase: Phase, *, skip: RegionSet | None = None) -> Iterator[dict[str, Any]]:
+        """The done markers of a phase (but those of the regions in ``skip``), read as they
+        are listed: a few at a time in flight on object storage."""
+        wanted = (p for p in self._markers("done", phase) if skip is None or p.stem not in skip)
+        if self.root.is_local:
+            for path in wanted:
+                yield json.loads(path.read_bytes())
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(MARKER_READS) as pool:
+            while chunk := list(itertools.islice(wanted, 4 * MARKER_READS)):
+                for raw in pool.map(lambda p: p.read_bytes(), chunk):
+                    yield json.loads(raw)
 
     def failed(self, phase: Phase) -> list[dict[str, Any]]:
         return [json.loads(p.read_bytes()) for p in self._markers("failed", phase)]

@@ -107,7 +107,7 @@ def _items(outdir: str, record: RunRecord) -> Any:
 
     items = record.paths.items
     assert items is not None  # a STAC run's
-    return _cached(outdir, "items", lambda: ItemIndex.load(record.at(items)))
+    return _cached(outdir, "items", lambda: ItemIndex.open(record.at(items)))
 
 
 def _lonlat_area(geobox: Any) -> Any:
@@ -156,13 +156,13 @@ def _ingest(outdir: str, record: RunRecord, region: Region) -> dict[str, Any]:
     index = _items(outdir, record)
     days = record.solar_days()
     day = sorted(days)[region.time] if days is not None else None
-    picks = index.query(_lonlat_area(geobox), day=day)
-    if picks.size == 0:  # nothing covers this block: it is written as nodata
+    hits = index.query(_lonlat_area(geobox), day=day)
+    if not len(hits):  # nothing covers this block: it is written as nodata
         path = record.at(record.paths.datacubes[region.zone])
         write_empty_block(path, region.time, region.rows, region.cols)
         return {"any_valid": False, "items": 0}
-    items = index.items(picks)
-    observations = len({index.days[i] for i in picks}) if days is None else 1
+    items = hits.items()  # pystac Items for this region's items only
+    observations = hits.observations() if days is None else 1
     cube = from_stac(
         items,
         bands=list(record.plan.bands),
@@ -191,7 +191,7 @@ def _ingest(outdir: str, record: RunRecord, region: Region) -> dict[str, Any]:
             (0, x1 - x0),
             at=(region.time, y0, x0),
         )
-    return {"any_valid": bool(any_valid), "items": int(picks.size)}
+    return {"any_valid": bool(any_valid), "items": len(hits)}
 
 
 def composite_tile(observations: int, block: int) -> int:
@@ -306,10 +306,12 @@ def write_part(
     from xclay.outputs.export import chip_footprints, to_geoparquet
 
     sources = None
+    _, i, j = np.nonzero(np.asarray(ds["embedded"].values, dtype=bool))  # the rows' order
     if record.paths.items:
-        _, i, j = np.nonzero(np.asarray(ds["embedded"].values, dtype=bool))
         _, footprints = chip_footprints(ds, i, j)
         sources = _row_sources(outdir, record, region, footprints)
+    lon, lat = np.asarray(ds["lon"].values)[i, j], np.asarray(ds["lat"].values)[i, j]
+    own = record.zones[region.zone].owns(lon, lat)
     part: dict[str, Any] = {"zone": record.zones[region.zone].tag, "region": region.index,
                             "time": region.time}  # fmt: skip
     if counts is not None:
@@ -317,7 +319,8 @@ def write_part(
     meta = {"run_metadata": record.run_metadata, "part": part}
     quantize = record.spec.outputs.quantize
     path = part_path(record, region)
-    to_geoparquet(ds, path, quantize=quantize, overwrite=True, sources=sources, run_metadata=meta)
+    to_geoparquet(ds, path, quantize=quantize, overwrite=True, sources=sources, run_metadata=meta,
+                  centre_in_zone=own.tolist())  # fmt: skip
     return path
 
 
@@ -325,13 +328,13 @@ def _row_sources(
     outdir: str, record: RunRecord, region: Region, footprints: Any
 ) -> list[list[str]]:
     """Each row's own sources: the run's items whose footprint intersects the chip's (and,
-    with one time step per day, acquired on that day)."""
+    with one time step per day, acquired on that day): the region's items of its day are
+    queried once, then matched to the chips among themselves."""
     index = _items(outdir, record)
     days = record.solar_days()
     day = sorted(days)[region.time] if days is not None else None
-    candidates = index.query(_union(footprints), day=day)
-    touching = index.touching(footprints, candidates)
-    return [index.ids[hits].tolist() for hits in touching]
+    hits = index.query(_union(footprints), day=day)
+    return [hits.ids[touching].tolist() for touching in hits.touching(footprints)]
 
 
 def _union(footprints: Any) -> Any:

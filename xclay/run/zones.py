@@ -14,9 +14,13 @@ At a seam two rotated grids meet, and squares cannot meet exactly along a
 meridian. xclay keeps coverage: a zone embeds every chip of its grid whose
 footprint intersects its cell (the cell: the zone's part of the area). So
 every point of the area is inside at least one embedded chip, and each chip
-is embedded once, by its own zone; along a seam the strip where both zones'
-chips lie is at most one chip wide. Each row of the GeoParquet says which
-zone embedded it (``native_crs``; its chip id starts with the zone's CRS).
+is embedded once, by its own zone. Each zone's chips reach past the seam by
+up to a chip's width (a little more where its grid is turned against the
+meridian), so the strip where both zones have chips is up to two chips wide. Each row of the
+GeoParquet says which zone embedded it (``native_crs``; its chip id starts
+with the zone's CRS) and whether its centre lies in that zone
+(``centre_in_zone``, :meth:`Zone.owns`): keeping those rows keeps one zone's
+chips on each side of the seam.
 """
 
 from __future__ import annotations
@@ -63,6 +67,38 @@ class Zone:
         """The cell in the zone's own CRS (edges densified: meridians and parallels are
         curves on a transverse Mercator grid); None when the zone owns its whole grid."""
         return None if self.cell is None else to_native(self.cell, self.crs)
+
+    def owns(self, lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
+        """Whether points (chip centres, degrees) lie in this zone's own UTM zone: its
+        6-degree band of longitude and its hemisphere, west edge and equator included
+        (north), east edge excluded (but at 180 degrees). Every point of the Earth between
+        80 S and 84 N lies in exactly one zone, so keeping the chips whose centre their
+        own zone owns keeps each chip of a seam's overlap once (docs/run-spec.md). A zone
+        that owns its whole grid (no cell) owns every point.
+
+        Parameters
+        ----------
+        lon, lat
+            ``[...]`` longitudes and latitudes in degrees.
+
+        Returns
+        -------
+        numpy.ndarray
+            Booleans of the points' shape.
+        """
+        lon, lat = np.asarray(lon, dtype=np.float64), np.asarray(lat, dtype=np.float64)
+        if self.cell is None:
+            return np.ones(np.broadcast(lon, lat).shape, dtype=bool)
+        epsg = self.geobox.crs.epsg if self.geobox.crs is not None else None
+        if epsg is None or not (32601 <= epsg <= 32660 or 32701 <= epsg <= 32760):
+            import shapely
+
+            return np.asarray(shapely.contains_xy(self.cell, lon, lat), dtype=bool)
+        zone = epsg % 100
+        west, east = -180.0 + 6.0 * (zone - 1), -180.0 + 6.0 * zone
+        across = (lon >= west) & ((lon < east) | ((zone == 60) & (lon <= east)))
+        hemisphere = lat >= 0.0 if epsg < 32700 else lat < 0.0
+        return np.asarray(across & hemisphere, dtype=bool)
 
     def to_dict(self) -> dict[str, Any]:
         import shapely
