@@ -50,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -246,20 +247,25 @@ def embed_run(chips: float, sample: int | None, region: int, folder: Path) -> di
     real_execute = phases._execute
 
     def run_sample(
-        fn: Any, regions: list[Region], outdir: Path, client: Any, desc: str, *rest: Any, **kw: Any
-    ) -> list[dict[str, Any]]:
-        times["regions"] = float(len(regions))
-        picks = regions
-        if sample is not None and len(regions) > sample:
+        fn: Any,
+        regions: Callable[[], Iterator[Region]],
+        outdir: Path,
+        client: Any,
+        desc: str,
+        *rest: Any,
+        **kw: Any,
+    ) -> None:
+        every = list(regions())
+        times["regions"] = float(len(every))
+        picks = every
+        if sample is not None and len(every) > sample:
             rng = np.random.default_rng(0)
-            picks = [regions[i] for i in sorted(rng.choice(len(regions), sample, replace=False))]
-        out = []
+            picks = [every[i] for i in sorted(rng.choice(len(every), sample, replace=False))]
         for r in picks:
             start, start_cpu = time.perf_counter(), time.process_time()
-            out += real_execute(fn, [r], outdir, None, desc, *rest, **kw)
+            real_execute(fn, lambda r=r: iter([r]), outdir, None, desc, *rest, **kw)
             task_seconds.append(time.perf_counter() - start)
             task_cpu.append(time.process_time() - start_cpu)
-        return out
 
     # The public step (plan, preflight, resume state, regions, completion, the run's STAC),
     # with its one place that runs regions sampled: nothing else of the run is private.
@@ -480,14 +486,14 @@ def catalogue(
     from xclay.ingest import datacube_template
     from xclay.outputs.export import chip_footprints, to_geoparquet
     from xclay.quality import QualityFilter
-    from xclay.run.items import ItemIndex
+    from xclay.run.items import index_items
 
     out: dict[str, Any] = {"items": n_items}
     t = time.perf_counter()
     items = synthetic_items(n_items // 100, 100)
     out["items_made_s"] = round(time.perf_counter() - t, 2)
     t = time.perf_counter()
-    index = ItemIndex.from_items(items)
+    index, summary = index_items([[i.to_dict() for i in items]], folder / "index.parquet")
     out["index_s"] = round(time.perf_counter() - t, 2)
     t = time.perf_counter()
     index.save(folder / "items.parquet")
@@ -499,7 +505,7 @@ def catalogue(
     provenance = {"items": {"count": len(index), "file": "../items.parquet", "sha256": "-"}}
     t = time.perf_counter()
     template = datacube_template(items[:1], bands=["blue", "green", "red", "nir"], geobox=geobox,
-                                 time_range=index.time_range(), provenance=provenance)  # fmt: skip
+                                 time_range=summary.time_range, provenance=provenance)  # fmt: skip
     create_datacube_store(template, folder / "cube.zarr", chip_size=256, shard_chips=16)
     out["store_create_s"] = round(time.perf_counter() - t, 3)
     out["store_zarr_json_kb"] = round((folder / "cube.zarr" / "zarr.json").stat().st_size / 1e3, 1)
@@ -534,8 +540,8 @@ def catalogue(
     ds = session.dataset(session.embed_block(Block((0, 1), (0, 32), (0, 32)), progress=False))
     _, i, j = np.nonzero(ds["embedded"].values)
     _, footprints = chip_footprints(ds, i, j)
-    touching = index.touching(footprints)
-    sources = [index.ids[h].tolist() for h in touching]
+    found = index.query(shapely.union_all(footprints))
+    sources = [found.ids[h].tolist() for h in found.touching(footprints)]
     meta = {"run_metadata": {"file": "_xclay_run.json", "sha256": "0" * 64},
             "part": {"zone": "EPSG32720", "region": 0, "time": 0, "counts": ds.attrs["run"]}}  # fmt: skip
     part = to_geoparquet(ds, folder / "part.parquet", sources=sources, run_metadata=meta)
@@ -682,10 +688,10 @@ def composite(
     )
     import shapely
 
-    picks = index.query(shapely.geometry.shape(geobox.extent.to_crs("EPSG:4326").json))
-    observations = len({index.days[i] for i in picks})
+    found = index.query(shapely.geometry.shape(geobox.extent.to_crs("EPSG:4326").json))
+    observations = found.observations()
     tile = composite_tile(observations, px)
-    (folder / "region-items.json").write_text(json.dumps(index.ids[picks].tolist()))
+    (folder / "region-items.json").write_text(json.dumps(found.ids.tolist()))
     select = (
         f"ids = set(json.loads(open('{folder / 'region-items.json'}').read()))\n"
         "chosen = [i for i in items if i.id in ids]"
@@ -702,6 +708,176 @@ def composite(
 def _peak_rss_of_at(code: str, root: Path) -> dict[str, Any]:
     """As :func:`_peak_rss_of`, with the xclay of another checkout."""
     return _run_python(code, root, str(root))
+
+
+# --------------------------------------------------------------------------- the world's catalogue
+
+DATES = 73  # a year of one tile's Sentinel-2 acquisitions (a 5-day revisit)
+LAND = (-56.0, 60.0)  # the latitudes a world run of the land covers (UTM's are -80 to 84)
+
+
+def world_tiles(n_tiles: int) -> list[tuple[int, float, float]]:
+    """``n_tiles`` tiles of one degree (Sentinel-2's are 110 km), the same density at any
+    count: a block of rows over the land's latitudes, as many columns as the world has
+    (a region's items are the same few tiles whatever the catalogue's size)."""
+    cols = min(math.ceil(math.sqrt(2 * n_tiles)), 340)
+    rows = math.ceil(n_tiles / cols)
+    south = max(LAND[0], LAND[1] - rows - 2.0)
+    west = -cols / 2.0
+    return [(k, west + k % cols, south + k // cols) for k in range(n_tiles)]
+
+
+def world_items(path: Path, n_items: int, dates: int = DATES) -> dict[str, Any]:
+    """Write a synthetic catalogue of Sentinel-2 L2A items as newline-delimited JSON, one
+    item a line, ``dates`` acquisitions of ``n_items / dates`` tiles: each item has the
+    sensor's 10 bands and its SCL as cloud-optimised GeoTIFF assets on https (remote: never
+    read by a dry run), ``proj:code`` of its UTM zone, a footprint and a time. An item's
+    JSON is ~2.7 KB, as a real one stripped of links is."""
+    from xclay.sensors import get_sensor
+
+    bands = (*get_sensor("sentinel-2-l2a").band_names, "scl")
+    tiles = world_tiles(max(1, round(n_items / dates)))
+    start = dt.datetime(2024, 1, 1, 14, 0, tzinfo=dt.UTC)
+    count = 0
+    with path.open("w") as f:
+        for d in range(dates):
+            when = (start + dt.timedelta(days=5 * d)).strftime("%Y-%m-%dT%H:%M:%SZ")
+            for k, w, s in tiles:
+                zone = int((w + 0.5 + 180.0) // 6) + 1
+                epsg = (32600 if s >= 0 else 32700) + zone
+                assets = {
+                    b: {"href": f"https://data.example/S2/T{k:05d}/{d:03d}/{b}.tif",
+                        "type": "image/tiff; application=geotiff; profile=cloud-optimized",
+                        "roles": ["data"], "eo:bands": [{"name": b}],
+                        "raster:bands": [{"nodata": 0, "data_type": "uint8" if b == "scl"
+                                          else "uint16"}]}
+                    for b in bands
+                }  # fmt: skip
+                ring = [[w, s], [w + 1, s], [w + 1, s + 1], [w, s + 1], [w, s]]
+                item = {
+                    "type": "Feature", "stac_version": "1.0.0", "id": f"S2_T{k:05d}_{d:03d}",
+                    "collection": "sentinel-2-l2a",
+                    "geometry": {"type": "Polygon", "coordinates": [ring]},
+                    "bbox": [w, s, w + 1, s + 1],
+                    "properties": {"datetime": when, "platform": "sentinel-2a",
+                                   "proj:code": f"EPSG:{epsg}", "eo:cloud_cover": 10.0},
+                    "assets": assets, "links": [],
+                }  # fmt: skip
+                f.write(json.dumps(item, separators=(",", ":")) + "\n")
+                count += 1
+    return {"items": count, "tiles": len(tiles), "dates": dates,
+            "file_mb": round(path.stat().st_size / 1e6, 1)}  # fmt: skip
+
+
+def world_spec(folder: Path, items: Path, chip: int) -> Path:
+    """A run over the catalogue's area: Sentinel-2's 10 bands at 10 m, chips of ``chip``
+    px, one median composite a chip; the null encoder."""
+    spec = {
+        "input": {"stac": {"items": str(items)}, "platform": "sentinel-2-l2a"},
+        "grid": {"chip_size": chip, "resolution": 10, "max_pixels": 10**16},
+        "model": {"name": "null", "options": {"dim": SHAPE.dim, "vectors": SHAPE.vectors}},
+        "compute": {"device": "cpu", "region_chips": SHAPE.region},
+        "outputs": {"dir": str(folder / "out")},
+    }  # fmt: skip
+    path = folder / f"spec-{chip}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+_DRY_RUN = """
+import json, time
+def _peak_mb():  # this process's own peak RSS
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1e3, 1)
+import scale, xclay
+from xclay.run import plan
+from xclay.run.phases import check_start
+from xclay.run.preflight import preflight
+scale.register_null()
+spec = xclay.run.load_spec({spec!r})
+t0, c0 = time.perf_counter(), time.process_time()
+resolved = plan(spec)
+planned = time.perf_counter() - t0
+preflight(spec, resolved, dry_run=True)
+check_start(spec, resolved)
+seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+peak = _peak_mb()
+if {keep!r}:
+    resolved.items.save({keep!r})
+print(json.dumps({{"plan_s": round(planned, 1), "dry_run_s": round(seconds, 1),
+    "dry_run_cpu_s": round(cpu, 1), "chips": resolved.chips, "zones": len(resolved.zones),
+    "items": len(resolved.items), "row_groups": resolved.items.row_groups,
+    "peak_rss_mb": peak}}))
+"""
+
+_QUERIES = """
+import json, time
+import numpy as np, shapely
+def _peak_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1e3, 1)
+from xclay.run.items import ItemIndex
+index = ItemIndex.open({path!r})
+opened = _peak_mb()
+west, south, east, north = index.bbox
+edge = {edge}
+rng = np.random.default_rng(7)
+ms, day_ms, items_ms, hits, groups = [], [], [], [], []
+for k in range({n}):
+    x, y = rng.uniform(west, east - edge), rng.uniform(south, north - edge)
+    area = shapely.box(x, y, x + edge, y + edge)
+    t = time.perf_counter()
+    found = index.query(area)
+    ms.append(1e3 * (time.perf_counter() - t))
+    hits.append(len(found))
+    groups.append(len(index.groups_for(area)))
+    day = found.days[0] if len(found) else None
+    t = time.perf_counter()
+    index.query(area, day=day)
+    day_ms.append(1e3 * (time.perf_counter() - t))
+    t = time.perf_counter()
+    found.items()
+    items_ms.append(1e3 * (time.perf_counter() - t))
+ms = ms[3:]  # the first queries warm the file's pages
+print(json.dumps({{"query_ms_median": round(float(np.median(ms)), 2),
+    "query_ms_p95": round(float(np.percentile(ms, 95)), 2),
+    "day_query_ms_median": round(float(np.median(day_ms[3:])), 2),
+    "items_built_ms_median": round(float(np.median(items_ms[3:])), 2),
+    "hits_median": int(np.median(hits)), "row_groups_read_median": int(np.median(groups)),
+    "open_rss_mb": opened, "peak_rss_mb": _peak_mb()}}))
+"""
+
+
+def world_catalogue(
+    folder: Path, sizes: list[float], chips: list[int], queries: int = 60
+) -> dict[str, Any]:
+    """For each catalogue size: the catalogue written (NDJSON), then in a fresh process
+    each a dry run of ``xclay run`` over it at each chip size (plan and preflight: the
+    driver's seconds and peak RSS), and a worker's item queries for random regions of
+    ``compute.region_chips`` chips a side (milliseconds, row groups read, peak RSS)."""
+    rows = []
+    for n in sizes:
+        made = folder / f"items-{int(n)}.ndjson"
+        t = time.perf_counter()
+        row: dict[str, Any] = {"catalogue": world_items(made, int(n))}
+        row["catalogue"]["write_s"] = round(time.perf_counter() - t, 1)
+        index = folder / f"index-{int(n)}.parquet"
+        for chip in chips:
+            keep = str(index) if chip == chips[0] else ""
+            code = _DRY_RUN.format(spec=str(world_spec(folder, made, chip)), keep=keep)
+            row[f"dry_run_{chip}px"] = _peak_rss_of(code)
+            print(json.dumps({"items": n, f"dry_run_{chip}px": row[f"dry_run_{chip}px"]}),
+                  flush=True)  # fmt: skip
+        edge = SHAPE.region * chips[0] * GSD / 111_320.0  # a region's edge, in degrees
+        row["queries"] = _peak_rss_of(_QUERIES.format(path=str(index), edge=edge, n=queries))
+        row["index_mb"] = round(index.stat().st_size / 1e6, 1)
+        made.unlink()
+        index.unlink()
+        print(json.dumps({"items": n, "queries": row["queries"]}), flush=True)
+        rows.append(row)
+    return {"rows": rows}
 
 
 # --------------------------------------------------------------------------- main
@@ -741,12 +917,27 @@ def main() -> None:
         "is one cube per zone)",
     )
     p.add_argument("--items", type=int, default=10_000, help="items of the catalogue section")
+    p.add_argument(
+        "--catalogues",
+        type=float,
+        nargs="+",
+        default=[1e4, 1e5, 1.5e6],
+        help="item counts of the items section's world catalogues",
+    )
+    p.add_argument(
+        "--item-chips",
+        type=int,
+        nargs="+",
+        default=[100, 256],
+        help="chip sizes (px) of the items section's dry runs",
+    )
     p.add_argument("--tag", default="", help="added to the results file's name")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke sizes
     args = parse(
         p,
         {"sections": None, "chips": [256, 4096],
-         "sample_from": 4096, "sample": 2, "world": 1e5, "items": 400, "tiny": True},
+         "sample_from": 4096, "sample": 2, "world": 1e5, "items": 400, "tiny": True,
+         "catalogues": [730], "item_chips": [256]},
     )  # fmt: skip
     shape = REAL if args.real else LEGACY
     if args.tiny and args.real:
@@ -756,7 +947,7 @@ def main() -> None:
     configure(shape)
     args.region_chips = shape.region
     args.sections = args.sections or (
-        ["embed", "world"] if args.real else ["embed", "world", "catalogue", "composite"]
+        ["embed", "world"] if args.real else ["embed", "world", "catalogue", "items", "composite"]
     )
     args.sample = args.sample or (64 if args.real else 256)
     args.chips = args.chips or ([1e4, 1e5, 3e5] if args.real else [1e4, 1e5, 1e6, 1e7])
@@ -807,6 +998,10 @@ def main() -> None:
             else:
                 results["catalogue"] = catalogue(folder, args.items)
             print(json.dumps(results["catalogue"]), flush=True)
+        if "items" in args.sections:
+            folder = Path(tmp) / "items"
+            folder.mkdir()
+            results["items"] = world_catalogue(folder, args.catalogues, args.item_chips)
         if "composite" in args.sections:
             folder = Path(tmp) / "composite"
             folder.mkdir()
