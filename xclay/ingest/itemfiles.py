@@ -30,6 +30,7 @@ from xclay.storage import Location
 
 __all__ = [
     "ITEMS_FORMATS",
+    "ItemBatch",
     "ItemsFormat",
     "absolute_href",
     "item_batches",
@@ -168,12 +169,30 @@ def absolute_href(href: str, base: str | os.PathLike[str]) -> str:
 # --------------------------------------------------------------------------- NDJSON
 
 
+class ItemBatch(list[dict[str, Any]]):
+    """A batch of item dicts that keeps each item's JSON text as read, where the dict is
+    exactly that text (no href was made absolute): an index stores the text as it is
+    instead of encoding the dict again.
+
+    Attributes
+    ----------
+    texts
+        Per item, its JSON text, or None where the dict differs from it.
+    """
+
+    texts: list[str | None]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.texts = []
+
+
 def _ndjson_batches(path: Location, batch: int) -> Iterator[list[dict[str, Any]]]:
     try:
         _, chunks = path.stream()
     except FileNotFoundError as err:
         raise IngestError(f"STAC file {path} does not exist.") from err
-    out: list[dict[str, Any]] = []
+    out = ItemBatch()
     rest = b""
     number = 0
     for chunk in chunks:
@@ -181,34 +200,46 @@ def _ndjson_batches(path: Location, batch: int) -> Iterator[list[dict[str, Any]]
         rest = lines.pop()
         for line in lines:
             number += 1
-            item = _ndjson_item(line, number, path)
-            if item is not None:
-                out.append(item)
-                if len(out) >= batch:
-                    yield out
-                    out = []
+            if _ndjson_item(out, line, number, path) and len(out) >= batch:
+                yield out
+                out = ItemBatch()
     if rest.strip():
-        item = _ndjson_item(rest, number + 1, path)
-        if item is not None:
-            out.append(item)
+        _ndjson_item(out, rest, number + 1, path)
     if out:
         yield out
 
 
-def _ndjson_item(line: bytes, number: int, path: Location) -> dict[str, Any] | None:
+def _ndjson_item(out: ItemBatch, line: bytes, number: int, path: Location) -> bool:
+    """Append line ``number``'s item to ``out`` (with its text); False for a blank line."""
     if not line.strip():
-        return None
+        return False
     try:
-        doc = json.loads(line)
+        text = line.decode()
+        doc = json.loads(text)
     except (ValueError, UnicodeDecodeError) as err:
         raise IngestError(
             f"line {number} of {path} is not JSON ({err}); expected newline-delimited JSON, "
             "one STAC Item a line."
         ) from err
-    return checked_item(doc, f"line {number} of {path}", path.url)
+    relative = isinstance(doc, dict) and _relative_hrefs(doc)
+    out.append(checked_item(doc, f"line {number} of {path}", path.url if relative else None))
+    out.texts.append(None if relative else text)
+    return True
 
 
-def checked_item(doc: Any, where: str, base: str) -> dict[str, Any]:
+def _relative_hrefs(doc: dict[str, Any]) -> bool:
+    """Whether an item has an asset href that :func:`checked_item` would change."""
+    assets = doc.get("assets")
+    if not isinstance(assets, dict):
+        return False
+    for asset in assets.values():
+        href = asset.get("href") if isinstance(asset, dict) else None
+        if isinstance(href, str) and not _ABSOLUTE_HREF.match(href):
+            return True
+    return False
+
+
+def checked_item(doc: Any, where: str, base: str | None) -> dict[str, Any]:
     """An item dict as read: a GeoJSON Feature with an id and properties, its asset
     hrefs made absolute against ``base`` (the file it was read from); anything else an
     :class:`~xclay.errors.IngestError` naming ``where``.
@@ -220,9 +251,9 @@ def checked_item(doc: Any, where: str, base: str) -> dict[str, Any]:
     where
         How to name it in an error (``"line 3 of items.ndjson"``).
     base
-        The path or URL of the document it was read from.
+        The path or URL of the document it was read from; None when its hrefs are known
+        to be absolute already.
     """
-
     if not isinstance(doc, dict) or doc.get("type") != "Feature":
         got = doc.get("type") if isinstance(doc, dict) else type(doc).__name__
         raise IngestError(f"{where} is not a STAC Item (a GeoJSON Feature); it is {got!r}.")
@@ -231,9 +262,10 @@ def checked_item(doc: Any, where: str, base: str) -> dict[str, Any]:
     assets = doc.get("assets") or {}
     if not isinstance(assets, dict):
         raise IngestError(f"{where} is not a valid STAC Item: its 'assets' is not an object.")
-    for asset in assets.values():
-        if isinstance(asset, dict) and isinstance(asset.get("href"), str):
-            asset["href"] = absolute_href(asset["href"], base)
+    if base is not None:
+        for asset in assets.values():
+            if isinstance(asset, dict) and isinstance(asset.get("href"), str):
+                asset["href"] = absolute_href(asset["href"], base)
     return doc
 
 
