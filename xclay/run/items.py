@@ -615,9 +615,19 @@ class _ExternalSort:
                 s.close()
         (self.folder / "spill.arrow").unlink()
         for k, path in enumerate(paths):
+            _release_unused()
             table = _read_all(path)
             path.unlink()
             yield _sort(table, keys[which == k])
+
+
+def _release_unused() -> None:
+    """Give Arrow's freed memory back to the system between buckets: its allocator keeps
+    what a bucket freed, and the next bucket's tables, of other sizes, rarely fit it (the
+    driver's memory grew a bucket at a time without it)."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
 
 
 def _batches(path: Path) -> Iterator[Any]:
