@@ -799,7 +799,12 @@ spec = xclay.run.load_spec({spec!r})
 t0, c0 = time.perf_counter(), time.process_time()
 resolved = plan(spec)
 planned = time.perf_counter() - t0
-preflight(spec, resolved, dry_run=True)
+from xclay.errors import OutputError
+try:
+    preflight(spec, resolved, dry_run=True)
+    refused = None
+except OutputError as err:  # a world's outputs outgrow this disk: the last check, said
+    refused = str(err)
 check_start(spec, resolved)
 seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
 peak = _peak_mb()
@@ -808,7 +813,7 @@ if {keep!r}:
 print(json.dumps({{"plan_s": round(planned, 1), "dry_run_s": round(seconds, 1),
     "dry_run_cpu_s": round(cpu, 1), "chips": resolved.chips, "zones": len(resolved.zones),
     "items": len(resolved.items), "row_groups": resolved.items.row_groups,
-    "peak_rss_mb": peak}}))
+    "peak_rss_mb": peak, "outputs_refused": refused}}))
 """
 
 _QUERIES = """
@@ -848,6 +853,55 @@ print(json.dumps({{"query_ms_median": round(float(np.median(ms)), 2),
     "hits_median": int(np.median(hits)), "row_groups_read_median": int(np.median(groups)),
     "open_rss_mb": opened, "peak_rss_mb": _peak_mb()}}))
 """
+
+_WINDOW = """
+import json, time
+def _peak_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1e3, 1)
+def _rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1e3, 1)
+import distributed
+from distributed.deploy.subprocess import SubprocessCluster
+from xclay.run.state import Region, embed_regions
+from xclay.run.submit import Tally, execute, window
+def task(outdir, region):
+    r = Region.from_dict(region)
+    return {{"region": r.name, "status": "done", "counts": {{"chips_total": 256}}}}
+def wanted(dask_scheduler):  # tasks a client holds on the scheduler
+    return sum(1 for ts in dask_scheduler.tasks.values() if ts.who_wants)
+# The scheduler and the workers in processes of their own: this process is the driver.
+with SubprocessCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
+        distributed.Client(cluster) as client:
+    client.wait_for_workers(2)
+    size = window(client, None)
+    held, rss, submitted = [], [], [0]
+    def on_submit(n):
+        submitted[0] += 1
+        if submitted[0] % 10 == 0:
+            held.append(client.run_on_scheduler(wanted))
+        if submitted[0] == 1 or submitted[0] % 1000 == 0:
+            rss.append(_rss_mb())
+    tally = Tally()
+    t = time.perf_counter()
+    execute(task, embed_regions(0, 1, ({side}, {side}), 1), "out", client, tally, on_submit=on_submit)
+    seconds = time.perf_counter() - t
+print(json.dumps({{"regions": tally.done, "window": size, "scheduler_tasks_max": max(held),
+    "seconds": round(seconds, 1), "rss_mb_every_1000": rss,
+    "peak_rss_mb": _peak_mb()}}))
+"""
+
+
+def scheduler_window(regions: int) -> dict[str, Any]:
+    """``regions`` tasks of no work through the run's bounded submission on a local
+    cluster (a scheduler and 2 workers of 1 thread, each a process of its own): the most
+    tasks the scheduler held for the client (read every 10 submissions), against the
+    window, and the driver's memory every 1,000 regions."""
+    side = math.isqrt(regions)
+    return _peak_rss_of(_WINDOW.format(side=side))
 
 
 def world_catalogue(
@@ -931,13 +985,19 @@ def main() -> None:
         default=[100, 256],
         help="chip sizes (px) of the items section's dry runs",
     )
+    p.add_argument(
+        "--window-regions",
+        type=int,
+        default=20_000,
+        help="regions of the items section's bounded-submission run",
+    )
     p.add_argument("--tag", default="", help="added to the results file's name")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke sizes
     args = parse(
         p,
         {"sections": None, "chips": [256, 4096],
          "sample_from": 4096, "sample": 2, "world": 1e5, "items": 400, "tiny": True,
-         "catalogues": [730], "item_chips": [256]},
+         "catalogues": [730], "item_chips": [256], "window_regions": 400},
     )  # fmt: skip
     shape = REAL if args.real else LEGACY
     if args.tiny and args.real:
@@ -1002,6 +1062,8 @@ def main() -> None:
             folder = Path(tmp) / "items"
             folder.mkdir()
             results["items"] = world_catalogue(folder, args.catalogues, args.item_chips)
+            results["items"]["window"] = scheduler_window(args.window_regions)
+            print(json.dumps({"window": results["items"]["window"]}), flush=True)
         if "composite" in args.sections:
             folder = Path(tmp) / "composite"
             folder.mkdir()
