@@ -153,9 +153,3 @@ MASK_KINDS = {
     "sentinel-2-scl": MaskKind("sentinel-2-scl", ("scl", "SCL"), decode_scl),
     "landsat-qa-pixel": MaskKind("landsat-qa-pixel", ("qa_pixel", "QA_PIXEL"), decode_qa_pixel),
 }
-# Which mask a platform's items carry, for mask="auto".
-PLATFORM_MASKS = {
-    "sentinel-2-l2a": "sentinel-2-scl",
-    "landsat-c2l2-sr": "landsat-qa-pixel",
-    "landsat-c2l1": "landsat-qa-pixel",
-}

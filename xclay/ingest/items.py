@@ -17,7 +17,7 @@ import numpy as np
 from xclay._hashing import sha256_file
 from xclay.errors import IngestError, MissingDependencyError, StorageError
 from xclay.ingest.itemfiles import ITEMS_FORMATS, absolute_href, item_batches, items_format
-from xclay.sensors import get_sensor, list_platforms
+from xclay.sensors import get_sensor, platform_named
 from xclay.storage import Location, StorageOptions, location
 
 if TYPE_CHECKING:
@@ -33,17 +33,6 @@ def require_io() -> None:
         raise MissingDependencyError(
             'STAC ingestion needs odc-stac and pystac: pip install "xclay[io]"'
         ) from err
-
-
-# STAC collection ids (Earth Search, Planetary Computer) -> sensor-table keys.
-COLLECTION_PLATFORMS = {
-    "sentinel-2-l2a": "sentinel-2-l2a",
-    "sentinel-2-c1-l2a": "sentinel-2-l2a",
-    "landsat-c2-l2": "landsat-c2l2-sr",
-    "landsat-c2-l1": "landsat-c2l1",
-    "naip": "naip",
-    "sentinel-1-rtc": "sentinel-1-rtc",
-}
 
 
 def load_items(source: Any, *, storage_options: StorageOptions | None = None) -> list[pystac.Item]:
@@ -437,15 +426,13 @@ def item_solar_day(item: pystac.Item) -> dt.date | None:
 
 def platform_of(items: Sequence[pystac.Item]) -> str | None:
     """The sensor-table key of the items: the first item's ``platform`` property or
-    collection id that names a known platform (collection ids mapped by
-    ``COLLECTION_PLATFORMS``); None when none does."""
-    known = set(list_platforms())
+    collection id that names a known platform (a sensor's key, or a collection id it
+    lists: :func:`xclay.sensors.platform_named`); None when none does."""
     for item in items:
         for candidate in (item.properties.get("platform"), item.collection_id):
-            if candidate in known:
-                return str(candidate)
-            if candidate in COLLECTION_PLATFORMS:
-                return COLLECTION_PLATFORMS[candidate]
+            platform = platform_named(candidate)
+            if platform is not None:
+                return platform
     return None
 
 

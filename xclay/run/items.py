@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import gc
 import hashlib
 import json
@@ -236,15 +237,15 @@ class _Gatherer:
         datetime: str | None,
         bands: Sequence[str] | None,
     ) -> None:
-        from xclay.ingest.items import COLLECTION_PLATFORMS, parse_time_range
-        from xclay.sensors import list_platforms
+        from xclay.ingest.items import parse_time_range
+        from xclay.sensors import platform_named
 
         self.bbox = tuple(float(v) for v in bbox) if bbox is not None else None
         self.start, self.end = parse_time_range(datetime)
         self.bands = set(bands or ())
         self.summary = ItemSummary()
-        self.known = set(list_platforms())
-        self.collection_platforms = COLLECTION_PLATFORMS
+        # Items name few platforms and collections: each looked up in the sensors once.
+        self.platform_named = functools.lru_cache(maxsize=256)(platform_named)
 
     def rows(self, batch: Sequence[Mapping[str, Any]]) -> _Rows | None:
         import shapely
@@ -311,11 +312,9 @@ class _Gatherer:
             s.area_in_bbox += max(ow, 0.0) * max(oh, 0.0)
         if s.platform is None:
             for candidate in (properties.get("platform"), doc.get("collection")):
-                if candidate in self.known:
-                    s.platform = str(candidate)
-                    break
-                if candidate in self.collection_platforms:
-                    s.platform = self.collection_platforms[candidate]
+                platform = self.platform_named(candidate) if isinstance(candidate, str) else None
+                if platform is not None:
+                    s.platform = platform
                     break
         collection = doc.get("collection")
         if collection not in s.representatives:

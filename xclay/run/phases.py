@@ -176,7 +176,7 @@ def _identity(spec: RunSpec, resolved: RunPlan) -> dict[str, Any]:
         "grid": dataclasses.asdict(spec.grid),
         "model": {
             "name": spec.model.name,
-            "output": spec.model.output,
+            "output": spec.model.options.get("output"),  # as runs before model.options
             "options": spec.model.options,
             "checkpoint_sha256": file_sha256(checkpoint)
             if checkpoint and checkpoint.is_file()

@@ -264,15 +264,15 @@ def _plan_stac(spec: RunSpec) -> RunPlan:
 def _mask_notes(spec: RunSpec, summary: ItemSummary, platform: str | None) -> list[str]:
     """A note when ``mask: auto`` finds no quality classes the platform usually has."""
     from xclay.ingest.stac import quality_mask
-    from xclay.masks import MASK_KINDS, PLATFORM_MASKS
+    from xclay.sensors import mask_of
 
-    if spec.input.mask != "auto" or platform not in PLATFORM_MASKS:
+    kind = mask_of(platform)
+    if spec.input.mask != "auto" or kind is None:
         return []
     if quality_mask("auto", platform, {"every item": summary.common_names or set()}) is not None:
         return []
-    kind = PLATFORM_MASKS[str(platform)]
     return [
-        f"mask 'auto': not every item has a {'/'.join(MASK_KINDS[kind].assets)} asset, so no "
+        f"mask 'auto': not every item has a {'/'.join(kind.assets)} asset, so no "
         "pixel is masked by class and "
         "chips have no cloud or clear fractions (quality filters on them do nothing)"
     ]
