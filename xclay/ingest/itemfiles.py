@@ -34,9 +34,7 @@ __all__ = [
     "ItemsFormat",
     "absolute_href",
     "item_batches",
-    "item_tables",
     "items_format",
-    "rows_to_items",
 ]
 
 ItemsFormat = Literal["json", "ndjson", "parquet"]
@@ -47,13 +45,12 @@ ITEMS_FORMATS = (
     "or stac-geoparquet (a .parquet file, or a folder of them)"
 )
 BATCH = 2048  # items a batch: a few MB of JSON, whatever the catalogue's size
-TABLE_BATCH = 8192  # rows a table of stac-geoparquet read as it is (tens of MB)
 
 _PARQUET_SUFFIXES = (".parquet", ".geoparquet", ".pq")
 _NDJSON_SUFFIXES = (".ndjson", ".jsonl", ".geojsonl", ".geojsons", ".ldjson")
 _PARQUET_MAGIC = b"PAR1"
-_ABSOLUTE = r"^(/|[A-Za-z][A-Za-z0-9+.-]+://)"  # an absolute path or a URL (not C:\\ ...)
-_ABSOLUTE_HREF = re.compile(_ABSOLUTE)
+# An absolute path or a URL (a one-letter scheme, C:\\ ..., is a Windows drive: relative).
+_ABSOLUTE_HREF = re.compile(r"^(/|[A-Za-z][A-Za-z0-9+.-]+://)")
 # stac-geoparquet's top-level columns; every other column is a property.
 _TOP_LEVEL = ("type", "stac_version", "stac_extensions", "id", "geometry", "bbox", "links",
               "assets", "collection")  # fmt: skip
@@ -316,147 +313,6 @@ def _parquet_batches(path: Location, batch: int) -> Iterator[list[dict[str, Any]
                 yield _rows_to_items(table, file)
         except (pa.ArrowException, OSError) as err:
             raise IngestError(f"{file} is damaged ({_first_line(err)}).") from err
-
-
-def item_tables(path: Location, *, batch: int = TABLE_BATCH) -> Iterator[Any] | None:
-    """stac-geoparquet read as Arrow tables of one schema (every file's columns), asset
-    hrefs made absolute: a catalogue's rows never become Python objects. None when the
-    files cannot be read so (their schemas do not unify, or ``id``, ``geometry``,
-    ``datetime`` or ``assets`` are not of stac-geoparquet's types): then read them with
-    :func:`item_batches`.
-
-    Parameters
-    ----------
-    path
-        A stac-geoparquet file or folder (:func:`items_format` ``"parquet"``).
-    batch
-        Rows a table.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    files = _parquet_files(path)
-    schemas = []
-    for file in files:
-        fs, where = file.arrow()
-        try:
-            schemas.append(pq.read_schema(where, filesystem=fs))
-        except FileNotFoundError as err:
-            raise IngestError(f"STAC file {file} does not exist.") from err
-        except (pa.ArrowException, OSError) as err:
-            raise IngestError(
-                f"{file} is not a readable Parquet file ({_first_line(err)}); expected "
-                f"{ITEMS_FORMATS}."
-            ) from err
-    try:
-        schema = pa.unify_schemas(schemas, promote_options="permissive")
-        for one in schemas:
-            _conform(one.empty_table(), schema)
-    except (pa.ArrowException, ValueError, TypeError):
-        return None
-    if not _columnar(schema):
-        return None
-    return _tables(files, schema, batch)
-
-
-def _columnar(schema: Any) -> bool:
-    import pyarrow as pa
-
-    def kind(name: str) -> Any:
-        return schema.field(name).type if name in schema.names else None
-
-    if not pa.types.is_string(kind("id")) and not pa.types.is_large_string(kind("id")):
-        return False
-    if kind("geometry") is None or not pa.types.is_binary(kind("geometry")):
-        return False
-    for name in ("datetime", "start_datetime"):
-        if kind(name) is not None and not pa.types.is_timestamp(kind(name)):
-            return False
-    assets = kind("assets")
-    if assets is not None:
-        if not pa.types.is_struct(assets):
-            return False
-        for asset in assets:
-            if not pa.types.is_struct(asset.type) or asset.type.get_field_index("href") < 0:
-                return False
-    return True
-
-
-def _tables(files: list[Location], schema: Any, batch: int) -> Iterator[Any]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    for file in files:
-        fs, where = file.arrow()
-        try:
-            reader = pq.ParquetFile(where, filesystem=fs)
-            for record in reader.iter_batches(batch_size=batch):
-                table = _conform(pa.Table.from_batches([record]), schema)
-                yield _absolute_hrefs(table, file.url)
-        except (pa.ArrowException, OSError) as err:
-            raise IngestError(f"{file} is damaged ({_first_line(err)}).") from err
-
-
-def _conform(table: Any, schema: Any) -> Any:
-    """``table`` with ``schema``'s columns, in its order: missing ones null, others cast."""
-    import pyarrow as pa
-
-    columns = []
-    for field in schema:
-        if field.name in table.column_names:
-            column = table.column(field.name)
-            columns.append(column if column.type == field.type else column.cast(field.type))
-        else:
-            columns.append(pa.nulls(table.num_rows, field.type))
-    return pa.Table.from_arrays(columns, schema=schema)
-
-
-def _absolute_hrefs(table: Any, base: str) -> Any:
-    """Relative asset hrefs made absolute against ``base`` (the file they were read from),
-    string by string for the relative ones only."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if "assets" not in table.column_names or not table.num_rows:
-        return table
-    assets = table.column("assets").combine_chunks()
-    children = []
-    changed = False
-    for k in range(assets.type.num_fields):
-        asset = assets.field(k)
-        hrefs = asset.field("href")
-        relative = pc.invert(pc.fill_null(pc.match_substring_regex(hrefs, _ABSOLUTE), True))
-        if pc.any(relative).as_py():
-            values = hrefs.to_pylist()
-            flags = relative.to_pylist()
-            fixed = [absolute_href(h, base) if f else h for h, f in zip(values, flags, strict=True)]
-            fields = [asset.type.field(j) for j in range(asset.type.num_fields)]
-            parts = [asset.field(j) for j in range(asset.type.num_fields)]
-            parts[asset.type.get_field_index("href")] = pa.array(fixed, hrefs.type)
-            asset = pa.StructArray.from_arrays(parts, fields=fields, mask=asset.is_null())
-            changed = True
-        children.append(asset)
-    if not changed:
-        return table
-    rebuilt = pa.StructArray.from_arrays(children, fields=list(assets.type), mask=assets.is_null())
-    return table.set_column(table.column_names.index("assets"), "assets", rebuilt)
-
-
-def rows_to_items(
-    table: Any, file: Location, *, skip: tuple[str, ...] = ()
-) -> list[dict[str, Any]]:
-    """stac-geoparquet rows as STAC Item dicts (their hrefs absolute against ``file``).
-
-    Parameters
-    ----------
-    table
-        Rows of a stac-geoparquet table.
-    file
-        Where they were read from (errors name it; relative hrefs are relative to it).
-    skip
-        Columns that are not the items' (an index's own).
-    """
-    return _rows_to_items(table.drop_columns([c for c in skip if c in table.column_names]), file)
 
 
 def _rows_to_items(table: Any, file: Location) -> list[dict[str, Any]]:
