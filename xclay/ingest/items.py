@@ -414,14 +414,24 @@ def item_solar_day(item: pystac.Item) -> dt.date | None:
     when = item.datetime or item.common_metadata.start_datetime
     if when is None:
         return None
-    if item.bbox:
-        west, east = float(item.bbox[0]), float(item.bbox[2])
-        if west > east:  # the bbox crosses the antimeridian (RFC 7946: west > east)
-            east += 360.0
-        lon = ((west + east) / 2 + 180.0) % 360.0 - 180.0
-    else:
-        lon = 0.0
-    return solar_day(when, lon)
+    return solar_day(when, bbox_centre_lon(item.bbox))
+
+
+def bbox_centre_lon(bbox: Sequence[float] | None) -> float:
+    """The longitude midway between a bbox's west and east edges (4 values, or 6 with
+    heights; one crossing the antimeridian has west > east, RFC 7946); 0 without one.
+
+    Parameters
+    ----------
+    bbox
+        A STAC bbox, or None.
+    """
+    if not bbox:
+        return 0.0
+    west, east = float(bbox[0]), float(bbox[len(bbox) // 2])
+    if west > east:
+        east += 360.0
+    return ((west + east) / 2 + 180.0) % 360.0 - 180.0
 
 
 def platform_of(items: Sequence[pystac.Item]) -> str | None:
@@ -437,31 +447,60 @@ def platform_of(items: Sequence[pystac.Item]) -> str | None:
 
 
 def band_names(items: Sequence[pystac.Item]) -> dict[str, set[str]]:
-    """Per item, the names a band can be asked by: asset keys, eo:bands names and common names."""
-    out = {}
-    for item in items:
-        names: set[str] = set()
-        for key, asset in item.assets.items():
-            eo = asset.extra_fields.get("eo:bands") or []
-            if len(eo) <= 1:
-                names.add(key)
-            for entry in eo:
-                names.update(v for v in (entry.get("name"), entry.get("common_name")) if v)
-        out[item.id] = names
-    return out
+    """Per item, the names a band can be asked by (:func:`asset_band_names`)."""
+    return {
+        item.id: asset_band_names({k: a.extra_fields for k, a in item.assets.items()})
+        for item in items
+    }
+
+
+def asset_band_names(assets: Mapping[str, Any]) -> set[str]:
+    """The names an item's bands can be asked by: the keys of its one-band assets, and
+    ``eo:bands`` names and common names.
+
+    Parameters
+    ----------
+    assets
+        An item's assets as JSON: key -> the asset's fields (``eo:bands`` among them).
+    """
+    names: set[str] = set()
+    for key, asset in assets.items():
+        eo = (asset.get("eo:bands") if isinstance(asset, dict) else None) or []
+        if len(eo) <= 1:
+            names.add(key)
+        for entry in eo:
+            if isinstance(entry, dict):
+                name, common = entry.get("name"), entry.get("common_name")
+                if name:
+                    names.add(name)
+                if common:
+                    names.add(common)
+    return names
 
 
 def require_bands(items: Sequence[pystac.Item], bands: Sequence[str]) -> dict[str, set[str]]:
     """Refuse ``bands`` that not every item has, naming those the items share; return
     :func:`band_names` of the items."""
     available = band_names(items)
-    missing = [b for b in bands if not all(b in names for names in available.values())]
-    if missing:
-        common = set.intersection(*available.values())
-        raise IngestError(
-            f"bands {missing} are not in every item; the items have {sorted(common)}."
-        )
+    require_shared_bands(set.intersection(*available.values()) if available else set(), bands)
     return available
+
+
+def require_shared_bands(shared: set[str], bands: Sequence[str]) -> None:
+    """Refuse ``bands`` not among the names every item has (``shared``), naming those.
+
+    Parameters
+    ----------
+    shared
+        The band names every item has (the intersection of :func:`asset_band_names`).
+    bands
+        The bands asked for.
+    """
+    missing = [b for b in bands if b not in shared]
+    if missing:
+        raise IngestError(
+            f"bands {missing} are not in every item; the items have {sorted(shared)}."
+        )
 
 
 def band_metadata(items: Sequence[pystac.Item], bands: Sequence[str]) -> tuple[Any, float | None]:

@@ -53,6 +53,13 @@ import numpy as np
 
 from xclay._hashing import sha256_file
 from xclay.errors import IngestError
+from xclay.ingest.items import (
+    asset_band_names,
+    bbox_centre_lon,
+    parse_time_range,
+    require_shared_bands,
+    solar_day,
+)
 from xclay.storage import Location, Where, location
 
 if TYPE_CHECKING:
@@ -200,12 +207,7 @@ class ItemSummary:
 
     def require_bands(self, bands: Sequence[str]) -> None:
         """Refuse bands not every item has, naming those the items share."""
-        common = self.common_names or set()
-        missing = [b for b in bands if b not in common]
-        if missing:
-            raise IngestError(
-                f"bands {missing} are not in every item; the items have {sorted(common)}."
-            )
+        require_shared_bands(self.common_names or set(), bands)
 
     def item_pixels(self, bbox: Sequence[float], pixels: int, spec_bbox: bool) -> int:
         """Pixels the items bring into the area: each item's share of the bbox times the
@@ -237,7 +239,6 @@ class _Gatherer:
         datetime: str | None,
         bands: Sequence[str] | None,
     ) -> None:
-        from xclay.ingest.items import parse_time_range
         from xclay.sensors import platform_named
 
         self.bbox = tuple(float(v) for v in bbox) if bbox is not None else None
@@ -281,7 +282,8 @@ class _Gatherer:
             rows.ids.append(str(doc["id"]))
             rows.collections.append(doc.get("collection"))
             rows.times.append(when)
-            day = _solar_day(doc, when, bounds[k]) if when is not None else None
+            # The solar day at the bbox's centre, as xclay.ingest.item_solar_day has it.
+            day = solar_day(when, bbox_centre_lon(doc.get("bbox"))) if when is not None else None
             rows.days.append(day)
             if when is not None and day is not None:
                 key = np.datetime64(day, "D")
@@ -319,7 +321,7 @@ class _Gatherer:
         collection = doc.get("collection")
         if collection not in s.representatives:
             s.representatives[collection] = json.dumps(doc)
-        names = _band_names(assets)
+        names = asset_band_names(assets)
         s.common_names = names if s.common_names is None else s.common_names & names
         code = properties.get("proj:code") or (
             f"EPSG:{properties['proj:epsg']}" if properties.get("proj:epsg") else None
@@ -383,24 +385,6 @@ class _Gatherer:
                 )
 
 
-def _band_names(assets: Mapping[str, Any]) -> set[str]:
-    """The names an item's bands can be asked by: asset keys (of one-band assets),
-    ``eo:bands`` names and common names (as :func:`xclay.ingest.items.band_names`)."""
-    names: set[str] = set()
-    for key, asset in assets.items():
-        eo = (asset.get("eo:bands") if isinstance(asset, dict) else None) or []
-        if len(eo) <= 1:
-            names.add(key)
-        for entry in eo:
-            if isinstance(entry, dict):
-                name, common = entry.get("name"), entry.get("common_name")
-                if name:
-                    names.add(name)
-                if common:
-                    names.add(common)
-    return names
-
-
 def _item_time(doc: Mapping[str, Any]) -> dt.datetime | None:
     """An item's time (its datetime, else its start), UTC; None when it has none or says
     it is unknown (``xclay:datetime_unknown``)."""
@@ -422,21 +406,6 @@ def _item_time(doc: Mapping[str, Any]) -> dt.datetime | None:
                 f"item {doc.get('id')!r} has a datetime xclay cannot read: {text!r}."
             ) from err
     return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
-
-
-def _solar_day(doc: Mapping[str, Any], when: dt.datetime, bounds: Any) -> dt.date:
-    """The item's solar day at its bbox's centre (as :func:`xclay.ingest.item_solar_day`)."""
-    from xclay.ingest.items import solar_day
-
-    box = doc.get("bbox")
-    if box:
-        west, east = float(box[0]), float(box[len(box) // 2])
-        if west > east:  # the bbox crosses the antimeridian (RFC 7946: west > east)
-            east += 360.0
-        lon = ((west + east) / 2 + 180.0) % 360.0 - 180.0
-    else:
-        lon = 0.0
-    return solar_day(when, lon)
 
 
 def _geometry(doc: Mapping[str, Any]) -> Any:
