@@ -28,6 +28,7 @@ pytest.importorskip("obstore", reason="needs xclay[cloud]")
 
 import xclay
 from tests import cuda_standins
+from tests.batch.test_chunkio import WINDOWS  # the same windows, read from a bucket
 from tests.helpers import random_cube
 from tests.s3 import S3Server
 from xclay.batch.batching import BatchPlan, Block, iter_batches
@@ -42,15 +43,6 @@ from xclay.quality import ChipQuality, QualityFilter
 from xclay.storage import location
 
 CHIP = 32
-WINDOWS = [  # (row, col, size): aligned, several chunks, unaligned, past the edges, outside
-    (0, 0, 32),
-    (32, 64, 32),
-    (0, 0, 64),
-    (7, 13, 32),
-    (-16, -16, 32),
-    (80, 100, 32),
-    (200, 200, 32),
-]
 
 
 # --------------------------------------------------------------------------- the proxy
