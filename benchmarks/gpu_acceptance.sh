@@ -89,7 +89,7 @@ command_of() {
     env) echo "$b/environment.py --smoke" ;;
     gpu-tests) echo "$b/gpu_tests.py --smoke" ;;
     pipeline | pipeline-none) echo "$b/embed_pipeline.py --smoke" ;;
-    reads) echo "$b/read_engines.py --smoke --variants host-n kvikio raw --no-checksum-cost" ;;
+    reads) echo "$b/read_engines.py --smoke --variants host-n kvikio xarray-gpu cupy-xarray raw --no-checksum-cost" ;;
     throughput | sweep) echo "$b/model_throughput.py --smoke" ;;
     gate) echo "$b/precision_gate.py --smoke" ;;
     cluster) echo "$b/cluster_run.py --smoke" ;;
@@ -107,7 +107,7 @@ command_of() {
       --compression none --engine kvikio --size 4096 --chip-size 256 --batch-size 128 \
       --repeats 5 --data-repeats 1" ;;
   reads) echo "$b/read_engines.py --size 4096 --chunks 256 --compression zstd none \
-      --shards 0 --variants host-n kvikio raw --repeats 3 --passes 4 --no-checksum-cost \
+      --shards 0 --variants host-n kvikio xarray-gpu cupy-xarray raw --repeats 3 --passes 4 --no-checksum-cost \
       --tag acceptance" ;;
   throughput) echo "$b/model_throughput.py --device cuda --sizes large --chip-sizes 256 \
       --precisions bf16 fp8 --repeats 5 --tag acceptance" ;;

@@ -326,7 +326,7 @@ def _raw(url: str, endpoint: str, args: Any) -> Callable[[], dict[str, Any]]:
     import numpy as np
     import obstore
 
-    from xclay.batch.chunkio import ArrayLayout, ChunkLocator
+    from xclay.datacube.chunks import ArrayLayout, ChunkLocator
 
     layout = ArrayLayout.open(url + "/pixels")
     key = url.split(f"s3://{BUCKET}/", 1)[1] + "/pixels"

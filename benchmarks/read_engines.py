@@ -9,7 +9,7 @@ from. The batch sources side by side:
 
 - ``zarr-python + copy``: per chip through xarray and zarr-python into a
   (pinned) host batch, then one host-to-device copy per batch;
-- ``xclay host, 1 thread + copy``: direct chunk reads (:mod:`xclay.batch.chunkio`)
+- ``xclay host, 1 thread + copy``: direct chunk reads (:mod:`xclay.datacube.chunks`)
   in the reading thread, then the same copy;
 - ``xclay host, N threads + copy``: the same with the decode threads the
   thread budget gives this machine (the ``zarr`` engine's default);
@@ -54,9 +54,10 @@ from _common import median, parse, save
 import xclay
 from xclay.batch.batching import BatchPlan, Block, batch_buffers, iter_batches
 from xclay.batch.chips import ChipGrid, ChipGridSpec
-from xclay.batch.chunkio import ArrayLayout, ChipChunks
 from xclay.batch.readers import ChunkSource, WindowSource, store_layouts
-from xclay.datacube import STORE_ENCODING, datacube_geobox
+from xclay.datacube import datacube_geobox
+from xclay.datacube.gpu import importable
+from xclay.datacube.chunks import ArrayLayout, ChipChunks
 from xclay.devices import ThreadBudget
 from xclay.quality import ChipQuality, QualityFilter
 
@@ -156,6 +157,8 @@ VARIANTS = {
     "host-n": "zarr",
     "kvikio": "kvikio",
     "kvikio-host-decode": "kvikio",
+    "xarray-gpu": "kvikio",
+    "cupy-xarray": "cupy-xarray",
     "raw": "ceiling",
     "device-copy": "ceiling",
 }
@@ -193,8 +196,7 @@ def _measure(
     def host(kind: str) -> Callable[[], None]:
         def run() -> None:
             cube = xclay.open_datacube(path)
-            if kind == "zarr":
-                cube["pixels"].encoding.pop(STORE_ENCODING, None)
+            if kind == "zarr":  # xarray's lazy indexing: zarr-python reads every window
                 source: Any = WindowSource(cube["pixels"])
             else:
                 threads = 1 if kind == "1" else budget.decode
@@ -210,7 +212,7 @@ def _measure(
         return run
 
     def gpu(decode: str) -> Callable[[], None]:
-        from xclay.batch.gpu import KvikioChunkSource
+        from xclay.datacube.gpuchunks import KvikioChunkSource
 
         def run() -> None:
             layouts = store_layouts(xclay.open_datacube(path))
@@ -226,6 +228,26 @@ def _measure(
 
         return run
 
+    def xarray_gpu(opener: str) -> Callable[[], None]:
+        """The whole cube read into GPU memory through xarray, a time step at a time: xclay's
+        own route (``open_datacube(engine="kvikio")``: the batch path's kvikIO reader) or
+        cupy-xarray's ``kvikio`` backend (zarr-python's codecs over GPU buffers)."""
+
+        def run() -> None:
+            if opener == "xclay":
+                cube = xclay.open_datacube(path, engine="kvikio")
+            else:
+                import xarray as xr
+
+                cube = xr.open_dataset(path, engine="kvikio", mask_and_scale=False)
+            for _ in range(args.passes):
+                for t in range(cube.sizes["time"]):
+                    cube["pixels"][t].data.sum()  # CuPy data either way
+            torch.cuda.synchronize()
+
+        return run
+
+    cupy_xarray = kvikio and importable("cupy_xarray")
     variants: list[tuple[str, str, Callable[[], None] | None]] = [
         ("zarr-python", "zarr-python + copy", host("zarr")),
         ("host-1", "xclay host, 1 thread + copy", host("1")),
@@ -236,6 +258,8 @@ def _measure(
             "kvikio, host decode",
             gpu("host") if kvikio and "zstd" in layout else None,
         ),
+        ("xarray-gpu", "xarray, xclay GPU route", xarray_gpu("xclay") if kvikio else None),
+        ("cupy-xarray", "xarray, cupy-xarray kvikio", xarray_gpu("cupy") if cupy_xarray else None),
         (
             "raw",
             "raw reads (ceiling)",
@@ -251,7 +275,11 @@ def _measure(
         if fn is None:
             nothing_to_decode = kvikio and name == "kvikio, host decode"
             row["skipped"] = (
-                "uncompressed: nothing to decode" if nothing_to_decode else "needs CUDA and kvikio"
+                "uncompressed: nothing to decode"
+                if nothing_to_decode
+                else "needs CUDA, kvikio and cupy-xarray"
+                if key == "cupy-xarray"
+                else "needs CUDA and kvikio"
             )
             out.append(row)
             continue

@@ -17,8 +17,8 @@ import pytest
 import xarray as xr
 
 import xclay
-from xclay.batch.chunkio import ArrayLayout, ChunkLocator
 from xclay.datacube import Compression, is_complete
+from xclay.datacube.chunks import ArrayLayout, ChunkLocator
 from xclay.errors import (
     CheckpointError,
     DatacubeError,

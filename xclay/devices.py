@@ -9,9 +9,11 @@ import platform
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from xclay.errors import DeviceError
+import numpy as np
+
+from xclay.errors import DatacubeError, DeviceError
 
 if TYPE_CHECKING:
     import torch
@@ -339,3 +341,16 @@ def _own_ticks() -> int:
 # The reading other_busy_cores() measures from: taken at import, so a session started a
 # tenth of a second or more later needs no wait.
 _LAST_READING = _first_reading()
+
+
+def torch_dtype(dtype: np.dtype[Any]) -> torch.dtype:
+    """The torch dtype of a NumPy dtype; a clear error for dtypes torch cannot hold."""
+    import torch
+
+    try:
+        return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+    except TypeError as err:
+        raise DatacubeError(
+            f"pixels of dtype {dtype} cannot be handed to torch; convert the cube to "
+            "uint16, int16 or float32."
+        ) from err

@@ -208,7 +208,7 @@ class BatchSource(Protocol):
     buffers: the one seam between a datacube's storage and the batch path
     (:mod:`xclay.batch.batching`). Implementations: :class:`xclay.batch.readers.WindowSource`
     (any xarray cube), :class:`xclay.batch.readers.ChunkSource` (Zarr v3 chunk files
-    decoded by host threads), :class:`xclay.batch.gpu.KvikioChunkSource` (kvikIO reads
+    decoded by host threads), :class:`xclay.datacube.gpuchunks.KvikioChunkSource` (kvikIO reads
     into GPU memory, nvCOMP decode).
     """
 

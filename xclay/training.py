@@ -425,7 +425,7 @@ class ChipDataset(_IterableDataset["TrainingBatch"]):
     def _read(self, source: BatchSource, picked: np.ndarray) -> TrainingBatch:
         import torch
 
-        from xclay.batch.batching import torch_dtype
+        from xclay.devices import torch_dtype
 
         chips = self.chips[picked]
         windows = self._windows(chips)

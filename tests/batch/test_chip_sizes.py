@@ -65,17 +65,17 @@ def test_any_chip_size_on_a_stored_cube_equals_the_cube_in_memory(
 def test_chips_sharing_a_chunk_decode_it_once(
     tmp_path: Path, cube: xr.Dataset, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import xclay.batch.chunkio as chunkio
+    import xclay.datacube.chunks as chunks_module
 
     path = xclay.write_datacube(cube, tmp_path / "c.zarr", chip_size=64)
     decoded: list[tuple[str, int]] = []
-    real = chunkio.read_chunk
+    real = chunks_module.read_chunk
 
     def counting(layout, ref, out, decoder):  # type: ignore[no-untyped-def]
         decoded.append((ref.path, ref.offset))
         real(layout, ref, out, decoder)
 
-    monkeypatch.setattr(chunkio, "read_chunk", counting)
+    monkeypatch.setattr(chunks_module, "read_chunk", counting)
     emb = _embed(xclay.open_datacube(path), chip_size=16, edges="drop")
     assert emb.attrs["data_path"]["layout"] == "up to 16 chips a chunk, each chunk decoded once"
     # 3 x 2 whole chunks hold the 12 x 11 chips; the sampler reads some twice, no more.
@@ -91,8 +91,8 @@ def test_threads_sharing_a_small_chunk_cache_read_every_window_exactly(
     chunks, so chunks are evicted, and their buffers reused, while other threads copy."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from xclay.batch.chunkio import DirectWindowReader
     from xclay.batch.readers import store_layouts
+    from xclay.datacube.chunks import DirectWindowReader
 
     path = xclay.write_datacube(cube, tmp_path / "c.zarr", chip_size=64, compression="zstd")
     layout, _ = store_layouts(xclay.open_datacube(path))

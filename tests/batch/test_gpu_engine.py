@@ -16,9 +16,9 @@ import xclay
 from tests.helpers import random_cube
 from xclay.batch.batching import BatchPlan, Block, iter_batches
 from xclay.batch.chips import ChipGrid, ChipGridSpec
-from xclay.batch.gpu import Decode
 from xclay.batch.readers import ChunkSource, store_layouts
 from xclay.datacube import Compression, datacube_geobox
+from xclay.datacube.gpuchunks import Decode
 from xclay.protocols import BatchSource
 from xclay.quality import ChipQuality, QualityFilter
 
@@ -59,7 +59,7 @@ def test_gpu_batches_equal_host_batches_bit_for_bit(
 ) -> None:
     import cupy
 
-    from xclay.batch.gpu import KvikioChunkSource
+    from xclay.datacube.gpuchunks import KvikioChunkSource
     from xclay.devices import ThreadBudget
 
     cube = _cube()

@@ -18,7 +18,7 @@ import pytest
 import xclay
 from tests.cuda_standins import Kvikio
 from tests.helpers import random_cube
-from xclay.batch.chunkio import (
+from xclay.datacube.chunks import (
     ArrayLayout,
     ChunkLocator,
     ChunkRef,
@@ -26,7 +26,7 @@ from xclay.batch.chunkio import (
     crc32c_matches,
     read_chunk,
 )
-from xclay.batch.gpu import aligned_starts, pread_chunks
+from xclay.datacube.gpuchunks import aligned_starts, pread_chunks
 from xclay.errors import DataIntegrityError
 
 

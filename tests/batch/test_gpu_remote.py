@@ -58,7 +58,7 @@ def test_kvikio_reads_a_cube_in_a_bucket_into_gpu_memory(
     import cupy
     import torch
 
-    from xclay.batch.gpu import KvikioChunkSource
+    from xclay.datacube.gpuchunks import KvikioChunkSource
     from xclay.devices import ThreadBudget
 
     _remote_files()

@@ -1,6 +1,6 @@
 """The GPU batch path's hand-overs between CUDA streams, run on the CPU.
 
-The GPU reader (:class:`~xclay.batch.gpu.KvikioChunkSource`) and the fill loop run here
+The GPU reader (:class:`~xclay.datacube.gpuchunks.KvikioChunkSource`) and the fill loop run here
 over real datacube stores with stand-ins for CuPy, kvikIO and nvCOMP
 (:mod:`tests.cuda_standins`) in which work queued on a stream runs only once something
 waits for it. Each test reads the same chips as the host reader and must get the same
@@ -22,9 +22,9 @@ from tests import cuda_standins
 from tests.helpers import random_cube
 from xclay.batch.batching import BatchPlan, Block, iter_batches
 from xclay.batch.chips import ChipGrid, ChipGridSpec
-from xclay.batch.gpu import Decode, KvikioChunkSource
 from xclay.batch.readers import ChunkSource, store_layouts
 from xclay.datacube import Compression, datacube_geobox
+from xclay.datacube.gpuchunks import Decode, KvikioChunkSource
 from xclay.devices import ThreadBudget
 from xclay.protocols import BatchSource
 from xclay.quality import ChipQuality, QualityFilter

@@ -28,7 +28,7 @@ pytest.importorskip("obstore", reason="needs xclay[cloud]")
 
 import xclay
 from tests import cuda_standins
-from tests.batch.test_chunkio import WINDOWS  # the same windows, read from a bucket
+from tests.datacube.test_chunks import WINDOWS  # the same windows, read from a bucket
 from tests.helpers import random_cube
 from tests.s3 import S3Server
 from xclay.batch.batching import BatchPlan, Block, iter_batches
@@ -359,7 +359,7 @@ def test_kvikio_reads_a_cube_in_a_bucket_with_remote_files(
     compression: Compression,
     shard: int | None,
 ) -> None:
-    from xclay.batch.gpu import KvikioChunkSource
+    from xclay.datacube.gpuchunks import KvikioChunkSource
 
     monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)  # kvikIO's only region variable
     cube = _cube()
@@ -398,7 +398,7 @@ def test_kvikio_reads_a_cube_in_a_bucket_with_remote_files(
 def test_kvikio_names_a_missing_chunk_object_by_its_url(
     s3: S3Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from xclay.batch.gpu import KvikioChunkSource
+    from xclay.datacube.gpuchunks import KvikioChunkSource
 
     url = xclay.write_datacube(_cube(), f"s3://{s3.bucket()}/c.zarr", chip_size=CHIP)
     layouts = store_layouts(xclay.open_datacube(url))

@@ -257,7 +257,7 @@ def test_corrupt_chunk_fails_its_region_and_only_it_is_retried(
     outdir = tmp_path / "out"
     assert finish(cli("ingest", str(spec), "--no-progress"))[0] == 0
     # Chip (3, 4), in embed region 8: its chunk's bytes inside the shard are overwritten.
-    from xclay.batch.chunkio import ArrayLayout, ChunkLocator
+    from xclay.datacube.chunks import ArrayLayout, ChunkLocator
 
     ref = ChunkLocator(ArrayLayout.open(outdir / "cube.zarr" / "pixels")).find((0, 0, 3, 4))
     assert ref is not None and ref.nbytes is not None

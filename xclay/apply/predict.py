@@ -204,10 +204,10 @@ def _chunk_reader(
     store: Location | None, emb: xr.Dataset, t: int, pool: ThreadPoolExecutor
 ) -> Callable[[tuple[int, int, int, int]], np.ndarray] | None:
     """Blocks read straight from the store's chunk files (the batch path's
-    :mod:`xclay.batch.chunkio`: one ``pread`` a chunk, or ranged GETs on object storage,
+    :mod:`xclay.datacube.chunks`: one ``pread`` a chunk, or ranged GETs on object storage,
     checked and decoded by ``pool``), where the store is float vectors in a layout it
     reads; None otherwise (then xarray reads them, through zarr-python)."""
-    from xclay.batch.chunkio import (
+    from xclay.datacube.chunks import (
         ArrayLayout,
         ChunkLocator,
         UnsupportedLayout,

@@ -34,6 +34,7 @@ import numpy as np
 import xarray as xr
 
 from xclay.batch.chips import ChipGrid
+from xclay.devices import torch_dtype
 from xclay.errors import DatacubeError, DataIntegrityError
 from xclay.masks import PixelClass
 from xclay.quality import ChipQuality, QualityFilter
@@ -846,16 +847,3 @@ def _read_what_can_be_read(
                 damaged.append(str(err))
                 readable[k] = False
         return readable
-
-
-def torch_dtype(dtype: np.dtype[Any]) -> torch.dtype:
-    """The torch dtype of a NumPy dtype; a clear error for dtypes torch cannot hold."""
-    import torch
-
-    try:
-        return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
-    except TypeError as err:
-        raise DatacubeError(
-            f"pixels of dtype {dtype} cannot be handed to torch; convert the cube to "
-            "uint16, int16 or float32."
-        ) from err

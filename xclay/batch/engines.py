@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import xarray as xr
 
-from xclay.batch.chunkio import UnsupportedLayout
 from xclay.batch.readers import ChunkSource, WindowSource, chunk_layout, store_layouts
+from xclay.datacube.chunks import UnsupportedLayout
 from xclay.datacube.source import store_source
 from xclay.datacube.validate import nodata_value
 from xclay.errors import ConfigError, DataPathWarning, DeviceError
@@ -164,7 +164,7 @@ class ZarrEngine(SourcePlugin):
 
 class KvikioEngine(SourcePlugin):
     """The chunks read into GPU memory by kvikIO and decoded there by nvCOMP
-    (:class:`~xclay.batch.gpu.KvikioChunkSource`), with a host source beside it for
+    (:class:`~xclay.datacube.gpuchunks.KvikioChunkSource`), with a host source beside it for
     sampling; a layout it cannot read is decoded on the host and copied (a fallback)."""
 
     name = "kvikio"
@@ -192,7 +192,7 @@ class KvikioEngine(SourcePlugin):
         choice = _host_choice(self.name, cube, chip_size, threads, stride, must_say=True)
         if not isinstance(choice.host, ChunkSource):
             return choice  # xarray windows: said already
-        from xclay.batch.gpu import KvikioChunkSource
+        from xclay.datacube.gpuchunks import KvikioChunkSource
 
         host = choice.host
         pixels, quality = host.layouts
@@ -316,7 +316,7 @@ def open_batch_source(
     cube
         The datacube: ``pixels`` and, where it has one, ``quality``. Chunks are read
         directly when both are read unchanged from a Zarr v3 store in a layout
-        :mod:`xclay.batch.chunkio` reads; otherwise chips are read through xarray.
+        :mod:`xclay.datacube.chunks` reads; otherwise chips are read through xarray.
     chip_size
         Chip edge in pixels.
     engine

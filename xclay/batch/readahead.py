@@ -1,7 +1,7 @@
 """Reading ahead on object storage: the chunks of the windows a batch loop will ask for
 next, in flight while it decodes the ones it asked for.
 
-Gathering a batch's chunks at once (:func:`xclay.batch.chunkio.gather`) hides the
+Gathering a batch's chunks at once (:func:`xclay.datacube.chunks.gather`) hides the
 latency of each request behind the others, but a reader that fetches a batch, decodes it,
 and only then fetches the next leaves the store idle while it decodes, and waits a full
 round trip at the start of every batch. The fill loop knows the order in which it will
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from xclay.batch.chunkio import DirectWindowReader, Gathered, gather
+from xclay.datacube.chunks import DirectWindowReader, Gathered, gather
 from xclay.storage.ranges import MAX_IN_FLIGHT
 
 __all__ = ["ReadAhead"]

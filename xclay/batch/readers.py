@@ -5,11 +5,11 @@ Three readers plug into :class:`~xclay.protocols.BatchSource`:
 - :class:`WindowSource`: any xarray cube (NumPy, dask, a lazily opened store
   in a layout only zarr-python reads), one window at a time through xarray;
 - :class:`ChunkSource`: a datacube store xclay can read directly
-  (:mod:`xclay.batch.chunkio`): chunk files read with ``pread`` and decoded in
+  (:mod:`xclay.datacube.chunks`): chunk files read with ``pread`` and decoded in
   place by a pool of host threads; on object storage, a batch's chunks fetched
   together first (concurrent ranged GETs, :mod:`xclay.storage.ranges`), then
   decoded the same way;
-- :class:`xclay.batch.gpu.KvikioChunkSource`: the same chunks read into GPU memory
+- :class:`xclay.datacube.gpuchunks.KvikioChunkSource`: the same chunks read into GPU memory
   with kvikIO (local files, or S3 and HTTP objects) and decoded there by nvCOMP.
 
 The read engines (:mod:`xclay.batch.engines`) pick one for an embedding run.
@@ -20,21 +20,24 @@ from __future__ import annotations
 import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import xarray as xr
 
-from xclay.batch.chunkio import ArrayLayout, DirectWindowReader, Gathered, UnsupportedLayout, gather
 from xclay.batch.readahead import ReadAhead
-from xclay.datacube.source import in_memory, store_location
+from xclay.datacube.chunks import (
+    ArrayLayout,
+    DirectWindowReader,
+    Gathered,
+    UnsupportedLayout,
+    gather,
+)
+from xclay.datacube.source import memory_array, store_array
 from xclay.datacube.validate import nodata_value
 from xclay.masks import PixelClass
 from xclay.protocols import SourceFacts
 from xclay.storage.ranges import MAX_IN_FLIGHT
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "ChunkSource",
@@ -73,10 +76,8 @@ class WindowSource(SourceFacts):
         self._pixels = pixels.variable
         self._quality = quality.variable if quality is not None else None
         # Not pixels.data: for a lazily opened cube that would read every pixel.
-        self._numpy = pixels.variable._data if in_memory(pixels) else None
-        self._quality_numpy = (
-            quality.variable._data if quality is not None and in_memory(quality) else None
-        )
+        self._numpy = memory_array(pixels)
+        self._quality_numpy = memory_array(quality) if quality is not None else None
         self._shape = tuple(int(s) for s in pixels.shape)
         self._dtype = np.dtype(pixels.dtype)
         self._nodata = nodata_value(pixels)
@@ -193,7 +194,7 @@ def _host(data: Any) -> np.ndarray:
 
 class ChunkSource(SourceFacts):
     """Chip windows straight from a datacube store's Zarr v3 chunk files
-    (:mod:`xclay.batch.chunkio`): one ``pread`` per chunk, decoded in place by a pool of
+    (:mod:`xclay.datacube.chunks`): one ``pread`` per chunk, decoded in place by a pool of
     host threads (``pread`` and zstd/Blosc decoding release the GIL), with windows that
     span several chunks or reach past the raster handled per chunk.
 
@@ -201,7 +202,7 @@ class ChunkSource(SourceFacts):
     each :meth:`read` first fetches every chunk its windows need, pixels and quality
     together (the shard indexes it has not read yet, then the chunks: each round all in
     flight at once, adjacent ranges of a shard in one request;
-    :func:`xclay.batch.chunkio.gather`), then checks and decodes them as local ones.
+    :func:`xclay.datacube.chunks.gather`), then checks and decodes them as local ones.
     Told the order of the coming reads (:meth:`expect`, as the fill loop does), it
     fetches the next windows' chunks while it decodes (:mod:`xclay.batch.readahead`).
 
@@ -318,7 +319,7 @@ class ChunkSource(SourceFacts):
 
 def store_layouts(cube: xr.Dataset) -> tuple[ArrayLayout, ArrayLayout | None]:
     """The chunk layouts of the stores behind a cube's ``pixels`` (and ``quality``), when
-    xclay can read them directly; :class:`~xclay.batch.chunkio.UnsupportedLayout` (with the
+    xclay can read them directly; :class:`~xclay.datacube.chunks.UnsupportedLayout` (with the
     reason) otherwise.
 
     Parameters
@@ -331,12 +332,12 @@ def store_layouts(cube: xr.Dataset) -> tuple[ArrayLayout, ArrayLayout | None]:
         if name not in cube.data_vars:
             continue
         da = cube[name]
-        source = store_location(da)
-        if source is None:
+        array = store_array(da)
+        if array is None:
             raise UnsupportedLayout(f"{name} is not read unchanged from its store")
-        layout = ArrayLayout.open(source)
-        if layout.shape != tuple(da.shape) or layout.dtype.newbyteorder("=") != da.dtype:
-            raise UnsupportedLayout(f"{name} has another shape or dtype than its store")
+        layout = array.chunk_layout()
+        if layout.dtype.newbyteorder("=") != da.dtype:
+            raise UnsupportedLayout(f"{name} has another dtype than its store")
         layouts[name] = layout
     return layouts["pixels"], layouts.get("quality")
 

@@ -17,10 +17,14 @@ Modules, each importing only those above it in this list:
 - ``validate``: the convention's names and its check (:func:`validate_datacube`).
 - ``geometry``: the grid (GeoBox, exact geotransform) of a cube.
 - ``build``: :func:`as_datacube`, from any xarray object.
-- ``source``: where a variable's data lives (memory, a Zarr array, only xarray), and the
-  read engines.
+- ``chunks``: a Zarr v3 array's chunk layout (from zarr-python's metadata) and its chunks
+  read directly into buffers the caller owns, checksums checked.
+- ``source``: where a variable's data lives (memory, its store, only xarray): the lazily
+  indexed :class:`StoreArray` that carries its layout.
+- ``gpu``: whether this machine can read into GPU memory; ``gpuchunks``: the one GPU read
+  route (kvikIO into device buffers, nvCOMP decode), for batches and for xarray alike.
 - ``store``: writing Zarr v3 stores (whole, or created empty and filled by blocks).
-- ``open``: :func:`open_datacube`.
+- ``open``: :func:`open_datacube` and the xarray backend (``engine="xclay"``).
 
 Completion markers, shared with the embeddings store, are in :mod:`xclay.completion`.
 """
@@ -28,8 +32,8 @@ Completion markers, shared with the embeddings store, are in :mod:`xclay.complet
 from xclay.completion import COMPLETE_ATTR, consolidate, is_complete, mark_complete, read_metadata
 from xclay.datacube.build import TimeLike, as_datacube, unknown_as_nat
 from xclay.datacube.geometry import check_lonlat_extent, datacube_geobox
-from xclay.datacube.open import open_datacube
-from xclay.datacube.source import STORE_ENCODING, Engine, in_memory, store_source
+from xclay.datacube.open import DatacubeBackend, open_datacube
+from xclay.datacube.source import Engine, StoreArray, in_memory, store_array, store_source
 from xclay.datacube.store import (
     GDAL_CRS_ATTR,
     Compression,
@@ -46,9 +50,10 @@ __all__ = [
     "CONVENTION",
     "DATACUBE_DIMS",
     "GDAL_CRS_ATTR",
-    "STORE_ENCODING",
     "Compression",
+    "DatacubeBackend",
     "Engine",
+    "StoreArray",
     "TimeLike",
     "as_datacube",
     "check_lonlat_extent",
@@ -62,6 +67,7 @@ __all__ = [
     "nodata_value",
     "open_datacube",
     "read_metadata",
+    "store_array",
     "store_source",
     "unknown_as_nat",
     "validate_datacube",

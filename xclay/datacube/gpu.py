@@ -1,24 +1,18 @@
 """Datacubes and GPU memory: whether this machine can read into it (kvikIO, CuPy, a CUDA
-device; GPUDirect Storage and nvCOMP for speed), and GPU-backed variables for
-``open_datacube(engine="kvikio")``. Nothing here imports cupy or kvikio until used, so
-the package imports on machines without CUDA; :func:`gpu_status` says what the machine
-can do, and :func:`require_kvikio` turns "cannot" into a clear error. The batch path's
-GPU reader is :class:`xclay.batch.gpu.KvikioChunkSource`.
+device; GPUDirect Storage and nvCOMP for speed). Nothing here imports cupy or kvikio until
+used, so the package imports on machines without CUDA; :func:`gpu_status` says what the
+machine can do, and :func:`require_kvikio` turns "cannot" into a clear error. The GPU
+read route itself is :mod:`xclay.datacube.gpuchunks`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-import xarray as xr
-from xarray.backends import BackendArray
-
 from xclay._json import plain
 from xclay.errors import DeviceError, MissingDependencyError
-from xclay.storage import Location
 
-__all__ = ["gpu_status", "gpu_variable", "kvikio_usable", "require_kvikio"]
+__all__ = ["gpu_status", "kvikio_usable", "require_kvikio"]
 
 
 def require_kvikio() -> None:
@@ -118,55 +112,3 @@ def gds_available() -> str:
         return "yes" if props else "no (compatibility mode: POSIX reads through a bounce buffer)"
     except Exception as err:
         return f"unknown ({type(err).__name__}: {err})"
-
-
-def gpu_variable(store: Location, name: str, like: xr.DataArray) -> Any:
-    """Lazy data for variable ``name`` of a datacube store that reads into GPU memory: each
-    read decodes its window with zarr-python on the host and copies it up once, basic
-    slices only (xarray applies fancy indexing to the CuPy result).
-
-    zarr decodes on the host whatever the buffers: the crc32c codec every xclay store has
-    checks each chunk on the host, and zarr 3.1 ships no GPU decoder. Read into GPU
-    buffers (``zarr.config.enable_gpu()`` over :class:`kvikio.zarr.GDSStore`), every chunk
-    would go up, back down to be checked and decoded, and up again, with a
-    ``ZarrUserWarning`` per chunk from the crc32c codec.
-
-    Parameters
-    ----------
-    store
-        The datacube store (local or on object storage).
-    name
-        The variable's array in the store: ``"pixels"`` or ``"quality"``.
-    like
-        The variable as opened on the host: the lazy data takes its shape and dtype (its
-        values are not read).
-
-    Returns
-    -------
-    xarray.core.indexing.LazilyIndexedArray
-        Data for a variable (``da.copy(data=...)``); reading it gives CuPy arrays.
-    """
-    from xarray.core import indexing
-
-    return indexing.LazilyIndexedArray(_DeviceZarrArray(store, name, like.shape, like.dtype))
-
-
-class _DeviceZarrArray(BackendArray):
-    def __init__(self, store: Location, name: str, shape: tuple[int, ...], dtype: Any) -> None:
-        self.store, self.name = store, name
-        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
-
-    def __getitem__(self, key: Any) -> Any:
-        from xarray.core import indexing
-
-        return indexing.explicit_indexing_adapter(
-            key, self.shape, indexing.IndexingSupport.BASIC, self._read
-        )
-
-    def _read(self, key: tuple[Any, ...]) -> Any:
-        import cupy
-        import zarr
-
-        store = self.store.zarr_store(read_only=True)
-        array = zarr.open_array(store, path=self.name, mode="r", zarr_format=3)
-        return cupy.asarray(array[key])

@@ -1,4 +1,4 @@
-"""Direct chunk reads (xclay.batch.chunkio) give exactly what zarr gives, for every layout xclay
+"""Direct chunk reads (xclay.datacube.chunks) give exactly what zarr gives, for every layout xclay
 writes, and step aside for layouts they do not know."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import zarr
 
 import xclay
 from tests.helpers import random_cube
-from xclay.batch.chunkio import ArrayLayout, DirectWindowReader, UnsupportedLayout, crc32c
 from xclay.batch.readers import ChunkSource, store_layouts
 from xclay.datacube import Compression
+from xclay.datacube.chunks import ArrayLayout, DirectWindowReader, UnsupportedLayout, crc32c
 from xclay.errors import DataIntegrityError
 
 WINDOWS = [  # (row, col, size): aligned, several chunks, unaligned, past the edges, outside
@@ -169,7 +169,7 @@ def test_selections_are_not_read_from_the_store(tmp_path: Path, cube: xr.Dataset
 def test_a_flipped_byte_in_any_chunk_is_caught(
     tmp_path: Path, cube: xr.Dataset, compression: Compression, shard: int | None
 ) -> None:
-    from xclay.batch.chunkio import ChunkLocator
+    from xclay.datacube.chunks import ChunkLocator
 
     path = xclay.write_datacube(
         cube, tmp_path / "c.zarr", chip_size=32, compression=compression, shard_chips=shard
