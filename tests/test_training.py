@@ -3,6 +3,7 @@ without overlap across DataLoader workers and ranks, filtered and sampled as ask
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -195,3 +196,57 @@ def test_points_as_labels_and_errors(cube_path: Path) -> None:
             column="v",
             config=TrainingConfig(quality={"max_nodata": 0.0}),
         )
+
+
+def _epoch(ds: ChipDataset, epoch: int, workers: int) -> list[Any]:
+    ds.set_epoch(epoch)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
+    return [(b.index.clone(), b.pixels.clone(), b.valid.clone()) for b in loader]
+
+
+def _same(a: list[Any], b: list[Any]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        for u, v in zip(x, y, strict=True):
+            assert torch.equal(u, v)
+
+
+def test_decoded_chips_are_kept_across_epochs_and_workers(cube_path: Path, tmp_path: Path) -> None:
+    """The first epoch's DataLoader workers fill the cache; it outlives them, and the next
+    epoch's workers read from it, not from the store (here damaged after the first epoch:
+    read, it would fail)."""
+    import shutil
+
+    from xclay.errors import DataIntegrityError
+
+    copy = Path(shutil.copytree(cube_path, tmp_path / "cube.zarr"))
+    config = TrainingConfig(batch_size=6, seed=2)
+    cached = ChipDataset(copy, chip_size=CHIP, config=config)
+    plain = ChipDataset(cube_path, chip_size=CHIP, config=replace(config, cache_bytes=0))
+    assert plain.cache is None and cached.cache is not None
+    assert cached.cache.capacity == len(cached.chips)
+    _same(_epoch(cached, 0, workers=2), _epoch(plain, 0, workers=2))
+    assert int(cached.cache.ready.sum()) == len(cached.chips)  # filled by the workers
+    for chunk in (copy / "pixels" / "c").rglob("*"):
+        if chunk.is_file():
+            data = bytearray(chunk.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            chunk.write_bytes(bytes(data))
+    _same(_epoch(cached, 1, workers=2), _epoch(plain, 1, workers=0))
+    with pytest.raises(DataIntegrityError):  # read again, the store is damage
+        ChipDataset(copy, chip_size=CHIP, config=replace(config, cache_bytes=0))
+
+
+def test_the_cache_keeps_what_fits(cube_path: Path) -> None:
+    chip_bytes = 10 * CHIP * CHIP * 2  # the demo: 10 bands of uint16, no quality classes
+    config = TrainingConfig(batch_size=7, seed=5, cache_bytes=5 * chip_bytes + 1)
+    small = ChipDataset(cube_path, chip_size=CHIP, config=config)
+    plain = ChipDataset(cube_path, chip_size=CHIP, config=replace(config, cache_bytes=0))
+    assert small.cache is not None and small.cache.capacity == 5
+    for epoch in range(2):
+        _same(_epoch(small, epoch, workers=0), _epoch(plain, epoch, workers=0))
+    assert int(small.cache.ready.sum()) == 5
+    too_small = ChipDataset(cube_path, chip_size=CHIP, config=replace(config, cache_bytes=100))
+    assert too_small.cache is None
+    with pytest.raises(ConfigError, match="cache_bytes"):
+        TrainingConfig(cache_bytes=-1)

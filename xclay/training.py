@@ -26,6 +26,12 @@ The quality filter needs each chip's nodata and class fractions: the dataset rea
 candidate chips once when it is made (the same fill loop as embedding), and keeps those
 that pass.
 
+Decoded chips are kept across epochs (:attr:`TrainingConfig.cache_bytes`): the first
+epoch reads and decodes each chip, later ones copy it from a cache in shared memory made
+when the dataset is, so it outlives DataLoader workers (new ones are started every epoch
+unless ``persistent_workers``) and serves them all. Only chips the batch path checked are
+kept; the cache holds what fits, the rest is read every epoch.
+
 Use it with ``torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=N)``.
 Needs torch (a core dependency).
 """
@@ -93,6 +99,11 @@ class TrainingConfig:
     threads
         Host threads decoding chunks in each process; default: the cores in the main
         process (``num_workers=0``), 1 in each DataLoader worker.
+    cache_bytes
+        Shared memory for decoded chips kept across epochs (pixels and quality classes),
+        in bytes; default: a quarter of the machine's memory, at most 4 GiB and half of
+        what ``/dev/shm`` has free; 0: none.
+        Host reads only (``engine="kvikio"`` batches are not cached).
     rank, world_size
         This process's distributed rank and the number of ranks; default: torch.distributed's
         when it is initialised, else 0 and 1.
@@ -107,6 +118,7 @@ class TrainingConfig:
     engine: Literal["auto", "zarr", "kvikio"] = "zarr"
     device: str = "cpu"
     threads: int | None = None
+    cache_bytes: int | None = None
     rank: int | None = None
     world_size: int | None = None
 
@@ -119,6 +131,12 @@ class TrainingConfig:
             )
         if self.epoch_length is not None and self.epoch_length < 1:
             raise ConfigError(f"epoch_length must be positive, got {self.epoch_length!r}.")
+        if self.cache_bytes is not None and (
+            not isinstance(self.cache_bytes, int) or self.cache_bytes < 0
+        ):
+            raise ConfigError(
+                f"cache_bytes must be a non-negative integer, got {self.cache_bytes!r}."
+            )
         if self.world_size is not None and self.world_size < 1:
             raise ConfigError(f"world_size must be positive, got {self.world_size!r}.")
         if self.rank is not None and not 0 <= self.rank < (self.world_size or 1):
@@ -195,6 +213,109 @@ class TrainingBatch:
         return ChipBatch(self.pixels, self.valid, self.lonlat, self.time)
 
 
+def _default_cache_bytes() -> int:
+    """A quarter of the machine's memory, at most 4 GiB, and at most half of what shared
+    memory has free (a container's ``/dev/shm`` is often small: writing past it is a
+    bus error, not a clean failure)."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # a platform without these names
+        return 0
+    budget = min(4 << 30, memory // 4)
+    try:
+        shm = os.statvfs("/dev/shm")
+        budget = min(budget, shm.f_bavail * shm.f_frsize // 2)
+    except OSError:  # no /dev/shm (macOS: torch shares through files elsewhere)
+        pass
+    return int(budget)
+
+
+class _ChipCache:
+    """Decoded chips kept across epochs in shared memory (torch tensors shared before any
+    DataLoader worker starts: forked workers write into the same pages, spawned ones get
+    them through torch's sharing), slot ``i`` for the dataset's chip ``i`` while
+    ``i < capacity``; ``ready[i]`` is set after the chip's bytes are written.
+
+    Within an epoch a chip is read by one worker (random and sequential sampling); with
+    balanced sampling two may read it at once and write the same bytes.
+    """
+
+    def __init__(
+        self, capacity: int, bands: int, size: int, dtype: np.dtype[Any], quality: bool
+    ) -> None:
+        import torch
+
+        from xclay.devices import torch_dtype
+
+        self.capacity = capacity
+        self.ready = _shared_tensor((capacity,), torch.uint8).fill_(0)
+        self.pixels = _shared_tensor((capacity, bands, size, size), torch_dtype(dtype))
+        self.classes = _shared_tensor((capacity, size, size), torch.uint8) if quality else None
+
+    @classmethod
+    def sized(cls, dataset: ChipDataset, budget: int | None) -> _ChipCache | None:
+        """A cache for as many of the dataset's chips as ``budget`` bytes hold (None: the
+        default budget), or None when there is no room or the cube is not read on the host."""
+        if dataset.config.engine != "zarr":
+            return None
+        budget = _default_cache_bytes() if budget is None else budget
+        pixels = dataset.cube["pixels"]
+        size = dataset.grid.spec.chip_size
+        quality = "quality" in dataset.cube.data_vars
+        per_chip = size * size * (int(pixels.sizes["band"]) * pixels.dtype.itemsize + quality)
+        capacity = min(len(dataset.chips), budget // per_chip)
+        if capacity < 1:
+            return None
+        return cls(capacity, int(pixels.sizes["band"]), size, pixels.dtype, quality)
+
+    def read(
+        self,
+        source: BatchSource,
+        picked: np.ndarray,
+        windows: np.ndarray,
+        pixels: np.ndarray,
+        classes: np.ndarray | None,
+    ) -> None:
+        """Fill ``pixels`` and ``classes`` with the chips ``picked`` (dataset positions):
+        kept ones copied, the others read by ``source`` (and kept where there is room)."""
+        ready = self.ready.numpy()
+        slots = np.asarray(picked)
+        kept = slots < self.capacity
+        kept[kept] = ready[slots[kept]] == 1
+        missing = np.flatnonzero(~kept)
+        if len(missing):
+            if len(missing) == len(slots):
+                source.read(windows, pixels, classes)
+            else:
+                got = np.empty((len(missing), *pixels.shape[1:]), dtype=pixels.dtype)
+                got_classes = (
+                    np.empty((len(missing), *classes.shape[1:]), dtype=classes.dtype)
+                    if classes is not None
+                    else None
+                )
+                source.read(windows[missing], got, got_classes)
+                pixels[missing] = got
+                if classes is not None and got_classes is not None:
+                    classes[missing] = got_classes
+            self._keep(slots[missing], pixels[missing], classes, missing)
+        hits = np.flatnonzero(kept)
+        if len(hits):
+            pixels[hits] = self.pixels.numpy()[slots[hits]]
+            if classes is not None and self.classes is not None:
+                classes[hits] = self.classes.numpy()[slots[hits]]
+
+    def _keep(
+        self, slots: np.ndarray, pixels: np.ndarray, classes: np.ndarray | None, rows: np.ndarray
+    ) -> None:
+        room = slots < self.capacity
+        if not room.any():
+            return
+        self.pixels.numpy()[slots[room]] = pixels[room]
+        if classes is not None and self.classes is not None:
+            self.classes.numpy()[slots[room]] = classes[rows[room]]
+        self.ready.numpy()[slots[room]] = 1  # after the bytes: a reader sees whole chips
+
+
 def _host_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An empty tensor to read a batch into: in a DataLoader worker, in shared memory from
     the start (as torch's own collate allocates), so handing it to the main process copies
@@ -203,6 +324,13 @@ def _host_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
     if torch.utils.data.get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
+    return _shared_tensor(shape, dtype)
+
+
+def _shared_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor in shared memory from the start (no copy into it, no page touched)."""
+    import torch
+
     empty = torch.empty(0, dtype=dtype)
     nbytes = int(np.prod(shape)) * empty.element_size()
     storage = empty.untyped_storage()._new_shared(nbytes)  # type: ignore[no-untyped-call]
@@ -285,6 +413,7 @@ class ChipDataset(_IterableDataset["TrainingBatch"]):
                 "TrainingConfig.quality, or check the labels lie over data."
             )
         log.info("%d of %d chips pass the quality filter", len(self.chips), self.scanned)
+        self.cache = _ChipCache.sized(self, self.config.cache_bytes)
 
     # -- what there is -----------------------------------------------------------
 
@@ -441,7 +570,10 @@ class ChipDataset(_IterableDataset["TrainingBatch"]):
             pixels = xp.empty((n, bands, size, size), dtype=source.dtype)
             valid = xp.empty((n, size, size), dtype=bool)
         classes = xp.empty((n, size, size), dtype=np.uint8) if source.has_quality else None
-        source.read(windows, pixels, classes)
+        if xp is np and self.cache is not None:
+            self.cache.read(source, picked, windows, pixels, classes)
+        else:
+            source.read(windows, pixels, classes)
         outside = (
             np.maximum(0, windows[:, 1] + size - ny),
             np.maximum(0, windows[:, 2] + size - nx),
