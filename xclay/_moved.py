@@ -13,6 +13,8 @@ def moved(old: str, new: str) -> Callable[[str], Any]:
     ``new``'s, given with a :class:`DeprecationWarning` naming where it went."""
 
     def __getattr__(name: str) -> Any:
+        if name.startswith("__"):  # the module's own (its __all__: none), never the new one's
+            raise AttributeError(f"module {old!r} has no attribute {name!r}")
         value = getattr(importlib.import_module(new), name)  # AttributeError: never had it
         warnings.warn(f"{old}.{name} moved to {new}.{name}", DeprecationWarning, stacklevel=2)
         return value
