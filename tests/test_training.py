@@ -238,7 +238,7 @@ def test_decoded_chips_are_kept_across_epochs_and_workers(cube_path: Path, tmp_p
 
 
 def test_the_cache_keeps_what_fits(cube_path: Path) -> None:
-    chip_bytes = 10 * CHIP * CHIP * 2  # the demo: 10 bands of uint16, no quality classes
+    chip_bytes = CHIP * CHIP * (10 * 2 + 1)  # the demo: 10 bands of uint16, and validity
     config = TrainingConfig(batch_size=7, seed=5, cache_bytes=5 * chip_bytes + 1)
     small = ChipDataset(cube_path, chip_size=CHIP, config=config)
     plain = ChipDataset(cube_path, chip_size=CHIP, config=replace(config, cache_bytes=0))

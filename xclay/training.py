@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -52,6 +52,7 @@ from xclay.batch.batching import BatchPlan, Block, chip_validity, iter_batches
 from xclay.batch.chips import ChipGrid, ChipGridSpec, Edges
 from xclay.datacube import datacube_geobox
 from xclay.errors import ConfigError, LabelError
+from xclay.protocols import SourceFacts
 from xclay.quality import ChipQuality, QualityFilter
 from xclay.storage import Where
 
@@ -100,7 +101,7 @@ class TrainingConfig:
         Host threads decoding chunks in each process; default: the cores in the main
         process (``num_workers=0``), 1 in each DataLoader worker.
     cache_bytes
-        Shared memory for decoded chips kept across epochs (pixels and quality classes),
+        Shared memory for decoded chips kept across epochs (pixels and validity),
         in bytes; default: a quarter of the machine's memory, at most 4 GiB and half of
         what ``/dev/shm`` has free; 0: none.
         Host reads only (``engine="kvikio"`` batches are not cached).
@@ -230,19 +231,38 @@ def _default_cache_bytes() -> int:
     return int(budget)
 
 
+#: Chips whose centres a dataset works out when it is made (16 bytes a chip).
+_CENTRES_AHEAD = 4_000_000
+
+
+class _CubeFacts(SourceFacts):
+    """What a batch needs of the cube without opening a batch source: shape, dtype,
+    nodata."""
+
+    def __init__(self, pixels: xr.DataArray) -> None:
+        from xclay.datacube import nodata_value
+
+        self._shape = tuple(int(n) for n in pixels.shape)
+        self._dtype = np.dtype(pixels.dtype)
+        self._nodata = nodata_value(pixels)
+
+
+#: Reads chips ``rows`` of a batch: their pixels into the first array, their validity into
+#: the second.
+_Fill = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
+
+
 class _ChipCache:
     """Decoded chips kept across epochs in shared memory (torch tensors shared before any
     DataLoader worker starts: forked workers write into the same pages, spawned ones get
-    them through torch's sharing), slot ``i`` for the dataset's chip ``i`` while
-    ``i < capacity``; ``ready[i]`` is set after the chip's bytes are written.
+    them through torch's sharing): their pixels and validity, slot ``i`` for the dataset's
+    chip ``i`` while ``i < capacity``; ``ready[i]`` is set after the chip is written.
 
     Within an epoch a chip is read by one worker (random and sequential sampling); with
     balanced sampling two may read it at once and write the same bytes.
     """
 
-    def __init__(
-        self, capacity: int, bands: int, size: int, dtype: np.dtype[Any], quality: bool
-    ) -> None:
+    def __init__(self, capacity: int, bands: int, size: int, dtype: np.dtype[Any]) -> None:
         import torch
 
         from xclay.devices import torch_dtype
@@ -250,7 +270,7 @@ class _ChipCache:
         self.capacity = capacity
         self.ready = _shared_tensor((capacity,), torch.uint8).fill_(0)
         self.pixels = _shared_tensor((capacity, bands, size, size), torch_dtype(dtype))
-        self.classes = _shared_tensor((capacity, size, size), torch.uint8) if quality else None
+        self.valid = _shared_tensor((capacity, size, size), torch.bool)
 
     @classmethod
     def sized(cls, dataset: ChipDataset, budget: int | None) -> _ChipCache | None:
@@ -260,60 +280,41 @@ class _ChipCache:
             return None
         budget = _default_cache_bytes() if budget is None else budget
         pixels = dataset.cube["pixels"]
-        size = dataset.grid.spec.chip_size
-        quality = "quality" in dataset.cube.data_vars
-        per_chip = size * size * (int(pixels.sizes["band"]) * pixels.dtype.itemsize + quality)
+        size, bands = dataset.grid.spec.chip_size, int(pixels.sizes["band"])
+        per_chip = size * size * (bands * pixels.dtype.itemsize + 1)  # pixels and validity
         capacity = min(len(dataset.chips), budget // per_chip)
         if capacity < 1:
             return None
-        return cls(capacity, int(pixels.sizes["band"]), size, pixels.dtype, quality)
+        return cls(capacity, bands, size, pixels.dtype)
 
-    def read(
-        self,
-        source: BatchSource,
-        picked: np.ndarray,
-        windows: np.ndarray,
-        pixels: np.ndarray,
-        classes: np.ndarray | None,
-    ) -> None:
-        """Fill ``pixels`` and ``classes`` with the chips ``picked`` (dataset positions):
-        kept ones copied, the others read by ``source`` (and kept where there is room)."""
+    def read(self, picked: np.ndarray, pixels: np.ndarray, valid: np.ndarray, fill: _Fill) -> None:
+        """Fill ``pixels`` and ``valid`` for the chips ``picked`` (dataset positions): kept
+        ones copied, the others read by ``fill`` (and kept where there is room)."""
         ready = self.ready.numpy()
         slots = np.asarray(picked)
         kept = slots < self.capacity
         kept[kept] = ready[slots[kept]] == 1
         missing = np.flatnonzero(~kept)
+        if len(missing) == len(slots):
+            fill(missing, pixels, valid)
+        elif len(missing):
+            got = np.empty((len(missing), *pixels.shape[1:]), dtype=pixels.dtype)
+            got_valid = np.empty((len(missing), *valid.shape[1:]), dtype=valid.dtype)
+            fill(missing, got, got_valid)
+            pixels[missing], valid[missing] = got, got_valid
         if len(missing):
-            if len(missing) == len(slots):
-                source.read(windows, pixels, classes)
-            else:
-                got = np.empty((len(missing), *pixels.shape[1:]), dtype=pixels.dtype)
-                got_classes = (
-                    np.empty((len(missing), *classes.shape[1:]), dtype=classes.dtype)
-                    if classes is not None
-                    else None
-                )
-                source.read(windows[missing], got, got_classes)
-                pixels[missing] = got
-                if classes is not None and got_classes is not None:
-                    classes[missing] = got_classes
-            self._keep(slots[missing], pixels[missing], classes, missing)
+            self._keep(slots[missing], pixels[missing], valid[missing])
         hits = np.flatnonzero(kept)
         if len(hits):
             pixels[hits] = self.pixels.numpy()[slots[hits]]
-            if classes is not None and self.classes is not None:
-                classes[hits] = self.classes.numpy()[slots[hits]]
+            valid[hits] = self.valid.numpy()[slots[hits]]
 
-    def _keep(
-        self, slots: np.ndarray, pixels: np.ndarray, classes: np.ndarray | None, rows: np.ndarray
-    ) -> None:
+    def _keep(self, slots: np.ndarray, pixels: np.ndarray, valid: np.ndarray) -> None:
         room = slots < self.capacity
-        if not room.any():
-            return
-        self.pixels.numpy()[slots[room]] = pixels[room]
-        if classes is not None and self.classes is not None:
-            self.classes.numpy()[slots[room]] = classes[rows[room]]
-        self.ready.numpy()[slots[room]] = 1  # after the bytes: a reader sees whole chips
+        if room.any():
+            self.pixels.numpy()[slots[room]] = pixels[room]
+            self.valid.numpy()[slots[room]] = valid[room]
+            self.ready.numpy()[slots[room]] = 1  # after the bytes: a reader sees whole chips
 
 
 def _host_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -414,6 +415,10 @@ class ChipDataset(_IterableDataset["TrainingBatch"]):
             )
         log.info("%d of %d chips pass the quality filter", len(self.chips), self.scanned)
         self.cache = _ChipCache.sized(self, self.config.cache_bytes)
+        self._facts = _CubeFacts(self.cube["pixels"])
+        self._has_quality = "quality" in self.cube.data_vars
+        # Chip centres worked out once here, not in every worker of every epoch.
+        self._centres = self._centres_of(self.chips) if len(self.chips) <= _CENTRES_AHEAD else None
 
     # -- what there is -----------------------------------------------------------
 
@@ -519,9 +524,8 @@ class ChipDataset(_IterableDataset["TrainingBatch"]):
 
         worker = torch.utils.data.get_worker_info()
         w, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        source = self._open_source(worker is not None)
         for batch in self._batches()[w::workers]:
-            yield self._read(source, batch)
+            yield self._read(worker is not None, batch)
 
     # -- reading -----------------------------------------------------------------
 
@@ -547,11 +551,24 @@ class ChipDataset(_IterableDataset["TrainingBatch"]):
         self._source, self._source_pid = choice.batches, os.getpid()
         return choice.batches
 
+    def _centres_of(self, chips: np.ndarray) -> np.ndarray:
+        lon, lat = self.grid.lonlat_of(chips[:, 1], chips[:, 2])
+        centres: np.ndarray = np.stack([lon, lat], axis=-1).astype(np.float64)
+        return centres
+
+    def _lonlat(self, picked: np.ndarray, chips: np.ndarray) -> np.ndarray:
+        if self._centres is not None:
+            return np.ascontiguousarray(self._centres[picked])
+        return self._centres_of(chips)
+
     def _windows(self, chips: np.ndarray) -> np.ndarray:
         step = self.grid.spec.step
         return np.stack([chips[:, 0], chips[:, 1] * step, chips[:, 2] * step], axis=1)
 
-    def _read(self, source: BatchSource, picked: np.ndarray) -> TrainingBatch:
+    def _read(self, in_worker: bool, picked: np.ndarray) -> TrainingBatch:
+        """Batch ``picked`` (positions in :attr:`chips`). With the cache, the batch source
+        is opened only when a chip is not kept yet (a DataLoader worker of a later epoch
+        may never open it)."""
         import torch
 
         from xclay.devices import torch_dtype
@@ -559,35 +576,41 @@ class ChipDataset(_IterableDataset["TrainingBatch"]):
         chips = self.chips[picked]
         windows = self._windows(chips)
         size = self.grid.spec.chip_size
-        _, bands, ny, nx = source.shape
-        xp = source.xp
+        cache = self.cache
+        source = None if cache is not None else self._open_source(in_worker)
+        facts: SourceFacts | BatchSource = source if source is not None else self._facts
+        _, bands, ny, nx = facts.shape
+        xp = source.xp if source is not None else np
+        has_quality = source.has_quality if source is not None else self._has_quality
         n = len(chips)
         if xp is np:
-            pixels_t = _host_tensor((n, bands, size, size), torch_dtype(source.dtype))
+            pixels_t = _host_tensor((n, bands, size, size), torch_dtype(facts.dtype))
             valid_t = _host_tensor((n, size, size), torch.bool)
             pixels, valid = pixels_t.numpy(), valid_t.numpy()
         else:
-            pixels = xp.empty((n, bands, size, size), dtype=source.dtype)
+            pixels = xp.empty((n, bands, size, size), dtype=facts.dtype)
             valid = xp.empty((n, size, size), dtype=bool)
-        classes = xp.empty((n, size, size), dtype=np.uint8) if source.has_quality else None
-        if xp is np and self.cache is not None:
-            self.cache.read(source, picked, windows, pixels, classes)
+
+        def fill(rows: np.ndarray, into: Any, into_valid: Any) -> None:
+            read = source if source is not None else self._open_source(in_worker)
+            at = windows[rows]
+            classes = xp.empty((len(at), size, size), dtype=np.uint8) if has_quality else None
+            read.read(at, into, classes)
+            outside = (np.maximum(0, at[:, 1] + size - ny), np.maximum(0, at[:, 2] + size - nx))
+            chip_validity(xp, into, classes, facts.nodata, into_valid, outside)
+
+        if cache is not None:
+            cache.read(picked, pixels, valid, fill)
         else:
-            source.read(windows, pixels, classes)
-        outside = (
-            np.maximum(0, windows[:, 1] + size - ny),
-            np.maximum(0, windows[:, 2] + size - nx),
-        )
-        chip_validity(xp, pixels, classes, source.nodata, valid, outside)
+            fill(np.arange(n), pixels, valid)
         if xp is not np:
             pixels_t = torch.utils.dlpack.from_dlpack(pixels)
             valid_t = torch.utils.dlpack.from_dlpack(valid)
-        lon, lat = self.grid.lonlat_of(chips[:, 1], chips[:, 2])
         return TrainingBatch(
             pixels=pixels_t,
             valid=valid_t,
             index=torch.from_numpy(np.ascontiguousarray(chips)),
-            lonlat=torch.from_numpy(np.stack([lon, lat], axis=-1).astype(np.float64)),
+            lonlat=torch.from_numpy(self._lonlat(picked, chips)),
             time=self.times[chips[:, 0]],
             target=self._target(picked, windows),
         )
