@@ -56,8 +56,8 @@ from xclay.batch.batching import BatchPlan, Block, batch_buffers, iter_batches
 from xclay.batch.chips import ChipGrid, ChipGridSpec
 from xclay.batch.readers import ChunkSource, WindowSource, store_layouts
 from xclay.datacube import datacube_geobox
-from xclay.datacube.gpu import importable
 from xclay.datacube.chunks import ArrayLayout, ChipChunks
+from xclay.datacube.gpu import importable
 from xclay.devices import ThreadBudget
 from xclay.quality import ChipQuality, QualityFilter
 
