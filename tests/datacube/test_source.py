@@ -94,7 +94,11 @@ def test_xarray_opens_a_datacube_by_the_engine_name(stored: Path) -> None:
     assert store_array(plain["pixels"]) is None
 
 
-def _random_key(rng: random.Random, shape: tuple[int, ...]) -> tuple[Any, ...]:
+def _random_key(
+    rng: random.Random,
+    shape: tuple[int, ...],
+    steps: tuple[int | None, ...] = (None, 1, 2, 3, -1, -2),
+) -> tuple[Any, ...]:
     key: list[Any] = []
     for n in shape:
         if rng.random() < 0.2:
@@ -102,7 +106,7 @@ def _random_key(rng: random.Random, shape: tuple[int, ...]) -> tuple[Any, ...]:
             continue
         start = rng.choice([None, rng.randrange(-n, n)])
         stop = rng.choice([None, rng.randrange(-n - 2, n + 2)])
-        key.append(slice(start, stop, rng.choice([None, 1, 2, 3, -1, -2])))
+        key.append(slice(start, stop, rng.choice(steps)))
     return tuple(key)
 
 
@@ -173,3 +177,22 @@ def test_the_old_module_paths_still_work_with_a_warning() -> None:
         assert old_gpu.KvikioChunkSource is gpuchunks.KvikioChunkSource
     with pytest.raises(AttributeError):
         chunkio.no_such_name  # noqa: B018
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["pixels", "quality"])
+def test_the_gpu_route_reads_what_zarr_reads(stored: Path, name: str) -> None:
+    """On a CUDA GPU, the same selections through open_datacube(engine="kvikio"): whole
+    chunks read by the batch path's kvikIO reader, cut on the device."""
+    import cupy
+
+    cube = xclay.open_datacube(stored, engine="kvikio")
+    array = store_array(cube[name])
+    assert array is not None and array.device == "cuda"
+    values = np.asarray(zarr.open_array(stored / name, mode="r")[:])
+    rng = random.Random(8)
+    for _ in range(40):
+        key = _random_key(rng, values.shape, steps=(None, 1, 2, 3))
+        got = cube[name].variable[key].data
+        assert isinstance(got, cupy.ndarray)
+        np.testing.assert_array_equal(got.get(), values[key], err_msg=str(key))
