@@ -295,7 +295,7 @@ class ChunkLocator:
             self._index_spec = ArraySpec(
                 shape=(*per_shard, 2),
                 dtype=UInt64(endianness="little"),
-                fill_value=np.uint64(2**64 - 1),
+                fill_value=_EMPTY,
                 config=ArrayConfig.from_dict({}),
                 prototype=default_buffer_prototype(),
             )

@@ -132,18 +132,23 @@ class StoreArray(BackendArray):
     def _read_device(self, key: tuple[Any, ...]) -> Any:
         import cupy
 
-        tiles = getattr(self._local, "tiles", None)
-        if tiles is None:
+        tiles = self._device_tiles()
+        if tiles is None:  # a layout the GPU route does not read: zarr on the host, copied up
+            return cupy.asarray(self._zarr()[key])
+        return read_region(self.chunk_layout(), key, tiles, cupy.empty)
+
+    def _device_tiles(self) -> TileReader | None:
+        """This thread's GPU reader of whole chunks, made on first use; None where the GPU
+        route does not read the layout."""
+        if not hasattr(self._local, "tiles"):
             from xclay.datacube.gpuchunks import device_tiles
 
             try:
-                tiles = device_tiles(self.chunk_layout())
+                self._local.tiles = device_tiles(self.chunk_layout())
             except UnsupportedLayout:
-                tiles = _HOST_COPY  # read on the host, copied up once
-            self._local.tiles = tiles
-        if tiles is _HOST_COPY:
-            return cupy.asarray(self._zarr()[key])
-        return read_region(self.chunk_layout(), key, tiles, cupy.empty)
+                self._local.tiles = None
+        tiles: TileReader | None = self._local.tiles
+        return tiles
 
     def read_host_tiles(self, key: tuple[Any, ...]) -> np.ndarray:
         """``array[key]`` (integers and slices) read as the GPU route reads it, whole
@@ -151,14 +156,6 @@ class StoreArray(BackendArray):
         layout = self.chunk_layout()
         result: np.ndarray = read_region(layout, key, host_tiles(layout), np.empty)
         return result
-
-
-def _host_copy(windows: np.ndarray, out: Any) -> None:
-    raise AssertionError("a marker, never called")
-
-
-#: The GPU reader of a layout the GPU route does not read: zarr-python on the host.
-_HOST_COPY: TileReader = _host_copy
 
 
 def store_array(da: xr.DataArray) -> StoreArray | None:
