@@ -18,6 +18,7 @@ import xclay
 from tests.packages import EXTRAS, EXTRAS_ENTRY_POINTS, installed
 from xclay.batch.engines import SOURCES, engine_names, resolve_engine
 from xclay.errors import ConfigError, DeviceError, MissingDependencyError
+from xclay.run.cluster import NO_DASHBOARD
 from xclay.testing import synthetic_cube
 
 CPU = torch.device("cpu")
@@ -112,9 +113,7 @@ def test_a_cluster_run_reads_with_an_installed_engine_and_exports_an_installed_f
     assert run(spec("zarr", "local"), progress=False).status == "complete"
     remote = spec("windows", "cluster")
     with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster,
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, **NO_DASHBOARD) as cluster,
         Client(cluster) as client,
     ):
         # the workers are other processes: they find the engine themselves, and use it

@@ -16,6 +16,7 @@ from tests.packages import installed
 from xclay.errors import ModelError, PluginWarning
 from xclay.models.rcf import RCFPlugin
 from xclay.models.registry import check_model
+from xclay.run.cluster import NO_DASHBOARD
 from xclay.testing import check_encoder, synthetic_cube
 
 # A package as a user would write it: band means of the normalised chip, as an encoder.
@@ -136,9 +137,7 @@ def test_a_plugin_runs_on_a_local_cluster(plugin: Path, tmp_path: Path) -> None:
         }
     )
     with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster,
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, **NO_DASHBOARD) as cluster,
         Client(cluster) as client,
     ):
         # the workers are other processes: they found the plug-in themselves

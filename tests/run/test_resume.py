@@ -26,6 +26,7 @@ import xclay
 from tests.helpers import OLINDA_BANDS, OLINDA_WAVELENGTHS
 from xclay.ingest import stac_item
 from xclay.run import load_spec, run
+from xclay.run.cluster import NO_DASHBOARD
 
 
 @pytest.fixture(scope="module")
@@ -160,9 +161,7 @@ def test_dask_worker_killed_mid_task_is_retried_elsewhere(tmp_path: Path, items_
     spec = write_spec(tmp_path / "cluster", items_file, regions_in_flight=2)
     outdir = tmp_path / "cluster" / "out"
     with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster,
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, **NO_DASHBOARD) as cluster,
         Client(cluster) as client,
     ):
         pids = list(client.run(os.getpid).values())

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from xclay.run.cluster import NO_DASHBOARD
 from xclay.run.state import Region, RegionSet, embed_regions
 from xclay.run.submit import Tally, execute, window
 
@@ -41,7 +42,7 @@ def _held(dask_scheduler: Any) -> int:
 def client() -> Iterator[Any]:
     with (
         distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+            n_workers=2, threads_per_worker=1, processes=False, **NO_DASHBOARD
         ) as cluster,
         distributed.Client(cluster) as c,
     ):

@@ -17,6 +17,13 @@ __all__ = ["client_for", "warm_workers"]
 
 log = logging.getLogger(__name__)
 
+# No dashboard, and the scheduler's HTTP server (metrics, health), which Dask starts on
+# port 8787 even without one, on a free port: two runs on one machine do not collide.
+NO_DASHBOARD: dict[str, Any] = {
+    "dashboard_address": None,
+    "scheduler_kwargs": {"dashboard_address": ":0"},
+}
+
 
 def client_for(
     cluster: str | None, scheduler: str | None, device: str, *, threads: int | None = None
@@ -71,14 +78,14 @@ def client_for(
 
             if torch.cuda.is_available():
                 gpus = min(workers, torch.cuda.device_count())
-                cuda = LocalCUDACluster(n_workers=gpus, dashboard_address=None)
+                cuda = LocalCUDACluster(n_workers=gpus, **NO_DASHBOARD)
                 return Client(cuda), None
         except ImportError:
             log.info("dask-cuda is not installed; a CPU LocalCluster is used")
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     _worker_environment(threads)
     cluster_obj = LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+        n_workers=workers, threads_per_worker=1, processes=True, **NO_DASHBOARD
     )
     return Client(cluster_obj), threads
 
