@@ -3,6 +3,7 @@ without overlap across DataLoader workers and ranks, filtered and sampled as ask
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -250,3 +251,104 @@ def test_the_cache_keeps_what_fits(cube_path: Path) -> None:
     assert too_small.cache is None
     with pytest.raises(ConfigError, match="cache_bytes"):
         TrainingConfig(cache_bytes=-1)
+
+
+# --------------------------------------------------------------------------- the handover
+
+
+def _fields(batch: Any) -> list[Any]:
+    out = [batch.pixels, batch.valid, batch.index, batch.lonlat, batch.time]
+    return out + ([] if batch.target is None else [batch.target])
+
+
+def _equal(got: Any, want: Any) -> None:
+    for u, v in zip(_fields(got), _fields(want), strict=True):
+        if isinstance(u, np.ndarray):
+            np.testing.assert_array_equal(u, v)
+        else:
+            assert u.dtype == v.dtype and torch.equal(u, v)
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_batches_handed_over_in_workers_rings_are_those_read_in_process(
+    cube_path: Path, land: xr.DataArray, tmp_path: Path, persistent: bool
+) -> None:
+    """Batches from DataLoader workers' shared-memory slots (chip and pixel targets, a
+    short last batch, epochs with new or the same workers) equal the batches read in
+    the main process, while the loop keeps them or lets them go."""
+    land.rio.to_raster(tmp_path / "land.tif")
+    config = TrainingConfig(batch_size=7, seed=3)
+    for ds in (
+        ChipDataset(cube_path, land, chip_size=CHIP, config=config),
+        ChipDataset(
+            cube_path, tmp_path / "land.tif", chip_size=CHIP, per_pixel=True, config=config
+        ),
+    ):
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=None, num_workers=2, persistent_workers=persistent
+        )
+        for epoch in (0, 1):
+            ds.set_epoch(epoch)
+            want = list(ds)
+            assert len(want[-1]) < 7
+            if epoch == 0:  # batches let go as the loop goes: slots used again
+                for k, got in enumerate(loader):
+                    _equal(got, want[k])
+            else:  # every batch kept: later batches do not overwrite earlier ones
+                kept = list(loader)
+                for got, expected in zip(kept, want, strict=True):
+                    _equal(got, expected)
+
+
+def test_a_kept_batch_keeps_its_slot_until_freed(cube_path: Path) -> None:
+    import gc
+
+    from xclay import batchring
+
+    ds = ChipDataset(cube_path, chip_size=CHIP, config=TrainingConfig(batch_size=4, seed=5))
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=None, num_workers=1, persistent_workers=True
+    )
+    batches = iter(loader)
+    first = next(batches)
+    view = first.pixels[1:2]  # a view of the batch keeps the slot too
+    del first
+    rings = list(batchring._received.values())
+    assert len(rings) == 1 and rings[0].pid != os.getpid()
+    state = rings[0].state.numpy()
+    held = int((state == batchring.HELD).sum())
+    assert held >= 1
+    rest = [b.pixels.clone() for b in batches]  # slots used again as batches go
+    assert len(rest) == len(ds) - 1
+    assert int((state == batchring.HELD).sum()) == 1  # only the view's
+    del view
+    gc.collect()
+    assert int((state == batchring.HELD).sum()) == 0
+
+
+def test_spawned_workers_hand_over_the_same_batches(cube_path: Path) -> None:
+    """Workers started with ``spawn`` (macOS's and Windows' default) get the dataset
+    pickled, make their rings there and send them."""
+    ds = ChipDataset(cube_path, chip_size=CHIP, config=TrainingConfig(batch_size=16, seed=6))
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=None, num_workers=1, multiprocessing_context="spawn"
+    )
+    for got, want in zip(loader, list(ds), strict=True):
+        _equal(got, want)
+
+
+def test_a_ring_gives_slots_until_every_one_is_out() -> None:
+    from xclay.batchring import FREE, BatchRing
+
+    ring = BatchRing({"x": (torch.int16, (3, 5)), "y": (torch.bool, (3,))}, slots=2)
+    a, b = ring.claim(), ring.claim()
+    assert {a, b} == {0, 1} and ring.claim() is None
+    assert b is not None
+    ring.unclaim(b)  # a batch that failed in the worker gives its slot back
+    assert ring.claim() == b
+    views = ring.views(0, 2)
+    assert views["x"].shape == (2, 5) and views["y"].shape == (2,)
+    with pytest.raises(ValueError, match="does not fit"):
+        ring.views(0, 4)
+    assert BatchRing.fitting({"x": (torch.uint8, (1 << 40,))}) is None  # no room for two
+    assert (ring.state.numpy() != FREE).all()

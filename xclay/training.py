@@ -32,6 +32,11 @@ when the dataset is, so it outlives DataLoader workers (new ones are started eve
 unless ``persistent_workers``) and serves them all. Only chips the batch path checked are
 kept; the cache holds what fits, the rest is read every epoch.
 
+DataLoader workers hand batches to the training loop in shared memory each makes once
+(:mod:`xclay.batchring`): a batch travels as the number of its slot, not as new
+shared-memory tensors torch would make, send and map for each batch; the epoch set by
+:meth:`ChipDataset.set_epoch` is in shared memory too, so persistent workers follow it.
+
 Use it with ``torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=N)``.
 Needs torch (a core dependency).
 """
@@ -50,6 +55,7 @@ from torch.utils.data import IterableDataset as _IterableDataset
 
 from xclay.batch.batching import BatchPlan, Block, chip_validity, iter_batches
 from xclay.batch.chips import ChipGrid, ChipGridSpec, Edges
+from xclay.batchring import BatchRing, RingSlot, shared_memory_free, shared_tensor
 from xclay.datacube import datacube_geobox
 from xclay.errors import ConfigError, LabelError
 from xclay.protocols import SourceFacts
@@ -180,6 +186,17 @@ class TrainingBatch:
     lonlat: torch.Tensor
     time: np.ndarray
     target: torch.Tensor | None = None
+    # In a DataLoader worker: the slot of the worker's ring the tensors are in; the batch
+    # travels as the slot (xclay.batchring).
+    _slot: RingSlot | None = field(default=None, repr=False, compare=False)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if self._slot is None:
+            return (
+                TrainingBatch,
+                (self.pixels, self.valid, self.index, self.lonlat, self.time, self.target),
+            )
+        return (_from_slot, (self._slot, self.time, self.target is not None))
 
     def __len__(self) -> int:
         return int(self.pixels.shape[0])
@@ -214,6 +231,20 @@ class TrainingBatch:
         return ChipBatch(self.pixels, self.valid, self.lonlat, self.time)
 
 
+def _from_slot(
+    tensors: dict[str, torch.Tensor], time: np.ndarray, has_target: bool
+) -> TrainingBatch:
+    """A batch handed over in a worker's ring slot (``tensors``: the slot's, unpickled)."""
+    return TrainingBatch(
+        tensors["pixels"],
+        tensors["valid"],
+        tensors["index"],
+        tensors["lonlat"],
+        time,
+        tensors["target"] if has_target else None,
+    )
+
+
 def _default_cache_bytes() -> int:
     """A quarter of the machine's memory, at most 4 GiB, and at most half of what shared
     memory has free (a container's ``/dev/shm`` is often small: writing past it is a
@@ -223,11 +254,9 @@ def _default_cache_bytes() -> int:
     except (ValueError, OSError, AttributeError):  # a platform without these names
         return 0
     budget = min(4 << 30, memory // 4)
-    try:
-        shm = os.statvfs("/dev/shm")
-        budget = min(budget, shm.f_bavail * shm.f_frsize // 2)
-    except OSError:  # no /dev/shm (macOS: torch shares through files elsewhere)
-        pass
+    shm = shared_memory_free()
+    if shm is not None:  # None: no /dev/shm (macOS: torch shares through files elsewhere)
+        budget = min(budget, shm // 2)
     return int(budget)
 
 
@@ -268,9 +297,9 @@ class _ChipCache:
         from xclay.devices import torch_dtype
 
         self.capacity = capacity
-        self.ready = _shared_tensor((capacity,), torch.uint8).fill_(0)
-        self.pixels = _shared_tensor((capacity, bands, size, size), torch_dtype(dtype))
-        self.valid = _shared_tensor((capacity, size, size), torch.bool)
+        self.ready = shared_tensor((capacity,), torch.uint8).fill_(0)
+        self.pixels = shared_tensor((capacity, bands, size, size), torch_dtype(dtype))
+        self.valid = shared_tensor((capacity, size, size), torch.bool)
 
     @classmethod
     def sized(cls, dataset: ChipDataset, budget: int | None) -> _ChipCache | None:
@@ -325,17 +354,7 @@ def _host_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
     if torch.utils.data.get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
-    return _shared_tensor(shape, dtype)
-
-
-def _shared_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An empty tensor in shared memory from the start (no copy into it, no page touched)."""
-    import torch
-
-    empty = torch.empty(0, dtype=dtype)
-    nbytes = int(np.prod(shape)) * empty.element_size()
-    storage = empty.untyped_storage()._new_shared(nbytes)  # type: ignore[no-untyped-call]
-    return empty.set_(storage).view(shape)
+    return shared_tensor(shape, dtype)
 
 
 @dataclass
@@ -387,6 +406,8 @@ class ChipDataset(_IterableDataset["TrainingBatch"]):
         per_pixel: bool = False,
         config: TrainingConfig | None = None,
     ) -> None:
+        import torch
+
         from xclay.datacube import open_datacube
 
         self.config = config or TrainingConfig()
@@ -396,9 +417,12 @@ class ChipDataset(_IterableDataset["TrainingBatch"]):
             datacube_geobox(self.cube), ChipGridSpec(chip_size, stride, edges)
         )
         self.times = np.asarray(self.cube["time"].values, dtype="datetime64[ns]")
-        self.epoch = 0
+        # In shared memory: persistent DataLoader workers see the epoch the loop sets.
+        self._epoch = shared_tensor((1,), torch.int64).fill_(0)
         self._source: BatchSource | None = None
         self._source_pid = -1
+        self._ring: BatchRing | None = None  # a DataLoader worker's (xclay.batchring)
+        self._ring_pid = -1
         chips, targets = self._candidates(labels, column, rule, min_cover, per_pixel)
         self.scanned = len(chips)
         keep = self._passing(chips)
@@ -460,9 +484,15 @@ class ChipDataset(_IterableDataset["TrainingBatch"]):
         prepared = encoder.prepare(spec, sampler, device=dev, precision=chosen)
         return encoder if prepared is None else prepared
 
+    @property
+    def epoch(self) -> int:
+        """The epoch the next iteration draws (:meth:`set_epoch`)."""
+        return int(self._epoch[0])
+
     def set_epoch(self, epoch: int) -> None:
-        """The epoch the next iteration draws (the order depends on the seed and it)."""
-        self.epoch = int(epoch)
+        """The epoch the next iteration draws (the order depends on the seed and it), in
+        this process and in DataLoader workers, persistent ones too."""
+        self._epoch[0] = int(epoch)
 
     def _rank(self) -> tuple[int, int]:
         if self.config.world_size is not None:
@@ -583,7 +613,13 @@ class ChipDataset(_IterableDataset["TrainingBatch"]):
         xp = source.xp if source is not None else np
         has_quality = source.has_quality if source is not None else self._has_quality
         n = len(chips)
-        if xp is np:
+        ring = self._worker_ring(bands, facts.dtype) if in_worker and xp is np else None
+        slot = ring.claim() if ring is not None and n <= ring.batch else None
+        if ring is not None and slot is not None:
+            into = ring.views(slot, n)
+            pixels_t, valid_t = into["pixels"], into["valid"]
+            pixels, valid = pixels_t.numpy(), valid_t.numpy()
+        elif xp is np:
             pixels_t = _host_tensor((n, bands, size, size), torch_dtype(facts.dtype))
             valid_t = _host_tensor((n, size, size), torch.bool)
             pixels, valid = pixels_t.numpy(), valid_t.numpy()
@@ -599,21 +635,59 @@ class ChipDataset(_IterableDataset["TrainingBatch"]):
             outside = (np.maximum(0, at[:, 1] + size - ny), np.maximum(0, at[:, 2] + size - nx))
             chip_validity(xp, into, classes, facts.nodata, into_valid, outside)
 
-        if cache is not None:
-            cache.read(picked, pixels, valid, fill)
-        else:
-            fill(np.arange(n), pixels, valid)
+        try:
+            if cache is not None:
+                cache.read(picked, pixels, valid, fill)
+            else:
+                fill(np.arange(n), pixels, valid)
+            index = torch.from_numpy(np.ascontiguousarray(chips))
+            lonlat = torch.from_numpy(self._lonlat(picked, chips))
+            target = self._target(picked, windows)
+            if ring is not None and slot is not None:
+                into["index"].copy_(index)
+                into["lonlat"].copy_(lonlat)
+                index, lonlat = into["index"], into["lonlat"]
+                if target is not None:
+                    target = into["target"].copy_(target)
+        except BaseException:
+            if ring is not None and slot is not None:
+                ring.unclaim(slot)
+            raise
         if xp is not np:
             pixels_t = torch.utils.dlpack.from_dlpack(pixels)
             valid_t = torch.utils.dlpack.from_dlpack(valid)
         return TrainingBatch(
             pixels=pixels_t,
             valid=valid_t,
-            index=torch.from_numpy(np.ascontiguousarray(chips)),
-            lonlat=torch.from_numpy(self._lonlat(picked, chips)),
+            index=index,
+            lonlat=lonlat,
             time=self.times[chips[:, 0]],
-            target=self._target(picked, windows),
+            target=target,
+            _slot=None if ring is None or slot is None else ring.handle(slot, n),
         )
+
+    def _worker_ring(self, bands: int, dtype: np.dtype[Any]) -> BatchRing | None:
+        """This DataLoader worker's ring (made on its first batch; None where no two
+        batches fit in shared memory)."""
+        if self._ring_pid == os.getpid():
+            return self._ring
+        import torch
+
+        from xclay.devices import torch_dtype
+
+        b, size = self.config.batch_size, self.grid.spec.chip_size
+        fields: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
+            "pixels": (torch_dtype(dtype), (b, bands, size, size)),
+            "valid": (torch.bool, (b, size, size)),
+            "index": (torch.int64, (b, 3)),
+            "lonlat": (torch.float64, (b, 2)),
+        }
+        targets = self.targets
+        if targets.kind != "none":
+            kind = torch.float32 if targets.regression else torch.int64
+            fields["target"] = (kind, (b,) if targets.kind == "chip" else (b, size, size))
+        self._ring, self._ring_pid = BatchRing.fitting(fields), os.getpid()
+        return self._ring
 
     def _target(self, picked: np.ndarray, windows: np.ndarray) -> torch.Tensor | None:
         import torch
@@ -788,4 +862,5 @@ class ChipDataset(_IterableDataset["TrainingBatch"]):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_source"], state["_source_pid"] = None, -1  # each process opens its own
+        state["_ring"], state["_ring_pid"] = None, -1  # each worker makes its own
         return state
