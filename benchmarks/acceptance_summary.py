@@ -9,6 +9,8 @@ Reads the result JSONs in the results folder that carry the given code hash
   its accuracy check passing
 - the precision gate on real imagery passes; the gpu tests pass; the cluster's
   embeddings are the in-process run's
+- a training step fed by ChipDataset (DataLoader workers; kvikIO in process) / the same
+  step on batches already on the GPU >= 0.95
 
 A figure counts only where its file says it is what the goal names: a CUDA device, the
 chip size (``params.chip_size``, and every row's), the engine that actually read the
@@ -124,6 +126,21 @@ def throughput(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(out.values())
 
 
+def training(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for feed in ("workers", "kvikio"):
+        name = f"training step fed by ChipDataset ({feed}) / on ready batches"
+        found = goal(name, None, 0.95, "no result")
+        for r in results:
+            figure = r["results"]["of_step_rate"].get(feed)
+            if not on_gpu(r):
+                found = goal(name, None, 0.95, f"{r['_file']}: not a CUDA result")
+            elif figure is not None:
+                found = goal(name, figure, 0.95, r["_file"])
+        out.append(found)
+    return out
+
+
 def passes(name: str, results: list[dict[str, Any]], test: Any) -> dict[str, Any]:
     g = {"goal": name, "figure": None, "target": True, "met": None, "note": "no result"}
     for r in results:
@@ -162,6 +179,7 @@ def main() -> None:
             found.get("cluster_run", []),
             lambda r: r["same_embeddings"],
         ),
+        *training(found.get("training_wait", [])),
     ]
     out = save("acceptance_summary", {"code": code, "results": str(folder)}, {"goals": goals})
     for g in goals:

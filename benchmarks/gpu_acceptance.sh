@@ -23,6 +23,8 @@
 #   gate        bf16, tf32, fp8 (tensor cores and emulated) against fp32 on real imagery
 #   cluster     a run on a LocalCUDACluster (one worker per GPU, no dashboard) gives the
 #               embeddings of the same run in one process
+#   training    a 20 ms training step fed by ChipDataset (8 workers; kvikIO in process)
+#               against the same step on batches already on the GPU (goal: >= 0.95)
 #   summary     the goals against this code's results
 #
 # A step cut short by its limit leaves the results before it as they are. Every finished
@@ -63,7 +65,7 @@ COMMIT=${XCLAY_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || true)}
 # The code of this call, hashed once at its start (every result of the call names it).
 CODE=${XCLAY_CODE:-$(bash benchmarks/code_hash.sh)}
 export XCLAY_CODE=$CODE
-DEFAULT="env gpu-tests pipeline reads throughput gate cluster summary"
+DEFAULT="env gpu-tests pipeline reads throughput gate cluster training summary"
 STEPS=${STEPS:-$DEFAULT}
 CUBE=${TMPDIR:-/tmp}/xclay-acceptance-zstd.zarr
 
@@ -74,8 +76,9 @@ limit() {
     [ "${over%%=*}" = "$1" ] && echo "${over#*=}" && return
   done
   case $1 in
-  env) echo 30 ;; gpu-tests) echo 70 ;; pipeline) echo 120 ;; reads) echo 50 ;;
-  throughput) echo 100 ;; gate) echo 45 ;; cluster) echo 35 ;; summary) echo 30 ;;
+  env) echo 20 ;; gpu-tests) echo 70 ;; pipeline) echo 120 ;; reads) echo 50 ;;
+  throughput) echo 100 ;; gate) echo 45 ;; cluster) echo 35 ;; training) echo 25 ;;
+  summary) echo 15 ;;
   sweep) echo 240 ;; pipeline-none) echo 120 ;; *) echo 0 ;;
   esac
 }
@@ -93,6 +96,7 @@ command_of() {
     throughput | sweep) echo "$b/model_throughput.py --smoke" ;;
     gate) echo "$b/precision_gate.py --smoke" ;;
     cluster) echo "$b/cluster_run.py --smoke" ;;
+    training) echo "$b/training_wait.py --smoke" ;;
     summary) echo "$b/acceptance_summary.py --smoke" ;;
     esac
     return
@@ -115,6 +119,8 @@ command_of() {
       --compile off --repeats 3 --tag eager" ;;
   gate) echo "$b/precision_gate.py --device cuda" ;;
   cluster) echo "$b/cluster_run.py" ;;
+  training) echo "$b/training_wait.py --device cuda --size 4096 --workers 8 --step-ms 20 \
+      --epochs 3" ;;
   summary) echo "$b/acceptance_summary.py --code $CODE" ;;
   esac
 }
