@@ -23,6 +23,7 @@ Each is run for ``--epochs`` epochs after a warm-up epoch; the figure is its chi
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -103,6 +104,8 @@ def main() -> None:
     store = xclay.write_datacube(
         xclay.datasets.demo_composite(args.size), folder / "cube.zarr", chip_size=args.chip
     )
+    if not cuda:  # the step's threads and the workers share the cores, not contend for them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - args.workers))
     step, reps = calibrated_step(device, args.step_ms)
     config = TrainingConfig(batch_size=args.batch, seed=0)
     dataset = ChipDataset(store, chip_size=args.chip, config=config)
