@@ -6,7 +6,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 TORCH_VERSION ?= 2.13.0
+UV_VERSION ?= 0.13.10
 LOCK := requirements/dev-py311-linux-cpu.txt
+# The test files spread over every core, each file on one worker (its fixtures made once).
+PYTEST_ARGS ?= -n auto --dist loadfile
 
 # Without a CUDA GPU take PyTorch's CPU build, not several GB of CUDA wheels.
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
@@ -31,7 +34,7 @@ typecheck: $(VENV)/.dev
 	$(BIN)/mypy
 
 pytest: $(VENV)/.dev
-	$(BIN)/pytest
+	$(BIN)/pytest $(PYTEST_ARGS)
 
 # A GPU image has the core and gpu dependencies only (no rasterio, pystac, geopandas,
 # duckdb, distributed): the test suite must still collect there, skipping what needs more.
@@ -40,10 +43,10 @@ CORE_VENV ?= .venv-core
 core-collect: $(CORE_VENV)/.installed
 	$(CORE_VENV)/bin/python -m pytest -p no:cacheprovider -m gpu -qq --collect-only -rs
 
-$(CORE_VENV)/.installed: pyproject.toml $(LOCK)
+$(CORE_VENV)/.installed: pyproject.toml $(LOCK) $(VENV)/.uv
 	$(PYTHON) -m venv $(CORE_VENV)
 	$(CORE_VENV)/bin/python -m pip install -q --no-deps "torch==$(TORCH_VERSION)" $(TORCH_INDEX)
-	$(CORE_VENV)/bin/python -m pip install -q -c $(LOCK) -e . pytest
+	$(BIN)/uv pip install -q --python $(CORE_VENV)/bin/python -c $(LOCK) -e . pytest
 	touch $@
 
 # The documentation site; notebooks run during the build; any warning fails it. The API
@@ -61,21 +64,25 @@ $(VENV)/.torch: | $(BIN)/python
 	$(PIP) install -q --no-deps "torch==$(TORCH_VERSION)" $(TORCH_INDEX)
 	touch $@
 
+# uv installs the locked packages: the same wheels, in seconds where pip takes minutes.
+$(VENV)/.uv: | $(BIN)/python
+	$(PIP) install -q "uv==$(UV_VERSION)"
+	touch $@
+
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 	$(PIP) install -q -e .
 	touch $@
 
 # Tests run against the locked versions (the lock excludes torch, installed above).
-$(VENV)/.dev: pyproject.toml $(LOCK) $(VENV)/.torch
-	$(PIP) install -q -r $(LOCK)
-	$(PIP) install -q --no-deps -e .
+$(VENV)/.dev: pyproject.toml $(LOCK) $(VENV)/.torch $(VENV)/.uv
+	$(BIN)/uv pip install -q --python $(BIN)/python -r $(LOCK)
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .
 	touch $@ $(VENV)/.installed
 
 # Regenerate the pip lock (needs the registry; run after changing dependencies). torch is
 # resolved as its CPU build, so the lock never lists CUDA packages.
 TORCH_CPU_SOURCE := $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
-lock: | $(BIN)/python
-	$(PIP) install -q uv
+lock: $(VENV)/.uv
 	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 \
 	  --python-platform x86_64-manylinux_2_28 $(TORCH_CPU_SOURCE) \
 	  --constraint <(echo "torch==$(TORCH_VERSION)") --no-emit-package torch \
