@@ -63,7 +63,13 @@ def _layout(fields: Fields) -> tuple[dict[str, _Place], int]:
 
 
 def shared_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An empty tensor in shared memory from the start (no copy into it, no page touched)."""
+    """An empty tensor in shared memory from the start (no copy into it, no page touched).
+
+    Parameters
+    ----------
+    shape, dtype
+        The tensor's.
+    """
     import torch
 
     empty = torch.empty(0, dtype=dtype)
@@ -161,7 +167,17 @@ class BatchRing:
 
 class RingSlot:
     """A batch in a worker's ring; unpickled in the main process, it is the batch's tensors
-    (views of the slot, a dict by field name)."""
+    (views of the slot, a dict by field name).
+
+    Parameters
+    ----------
+    ring
+        The worker's ring.
+    slot
+        The slot the batch is in.
+    n
+        Chips in the batch.
+    """
 
     def __init__(self, ring: BatchRing, slot: int, n: int) -> None:
         self.ring, self.slot, self.n = ring, slot, n

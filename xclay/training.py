@@ -188,7 +188,7 @@ class TrainingBatch:
     target: torch.Tensor | None = None
     # In a DataLoader worker: the slot of the worker's ring the tensors are in; the batch
     # travels as the slot (xclay.batchring).
-    _slot: RingSlot | None = field(default=None, repr=False, compare=False)
+    _slot: RingSlot | None = field(default=None, init=False, repr=False, compare=False)
 
     def __reduce__(self) -> tuple[Any, ...]:
         if self._slot is None:
@@ -656,15 +656,17 @@ class ChipDataset(_IterableDataset["TrainingBatch"]):
         if xp is not np:
             pixels_t = torch.utils.dlpack.from_dlpack(pixels)
             valid_t = torch.utils.dlpack.from_dlpack(valid)
-        return TrainingBatch(
+        batch = TrainingBatch(
             pixels=pixels_t,
             valid=valid_t,
             index=index,
             lonlat=lonlat,
             time=self.times[chips[:, 0]],
             target=target,
-            _slot=None if ring is None or slot is None else ring.handle(slot, n),
         )
+        if ring is not None and slot is not None:
+            batch._slot = ring.handle(slot, n)
+        return batch
 
     def _worker_ring(self, bands: int, dtype: np.dtype[Any]) -> BatchRing | None:
         """This DataLoader worker's ring (made on its first batch; None where no two
