@@ -33,7 +33,10 @@ lint: $(VENV)/.dev
 typecheck: $(VENV)/.dev
 	$(BIN)/mypy
 
+# xclay compiled once first: where PYTHONDONTWRITEBYTECODE is set (these machines), each of
+# the suite's hundreds of subprocesses would compile it again.
 pytest: $(VENV)/.dev
+	$(BIN)/python -m compileall -q xclay > /dev/null
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # A GPU image has the core and gpu dependencies only (no rasterio, pystac, geopandas,
@@ -46,7 +49,7 @@ core-collect: $(CORE_VENV)/.installed
 $(CORE_VENV)/.installed: pyproject.toml $(LOCK) $(VENV)/.uv
 	$(PYTHON) -m venv $(CORE_VENV)
 	$(CORE_VENV)/bin/python -m pip install -q --no-deps "torch==$(TORCH_VERSION)" $(TORCH_INDEX)
-	$(BIN)/uv pip install -q --python $(CORE_VENV)/bin/python -c $(LOCK) -e . pytest
+	$(BIN)/uv pip install -q --compile-bytecode --python $(CORE_VENV)/bin/python -c $(LOCK) -e . pytest
 	touch $@
 
 # The documentation site; notebooks run during the build; any warning fails it. The API
@@ -64,7 +67,8 @@ $(VENV)/.torch: | $(BIN)/python
 	$(PIP) install -q --no-deps "torch==$(TORCH_VERSION)" $(TORCH_INDEX)
 	touch $@
 
-# uv installs the locked packages: the same wheels, in seconds where pip takes minutes.
+# uv installs the locked packages: the same wheels, compiled as pip compiles them, in
+# seconds where pip takes minutes.
 $(VENV)/.uv: | $(BIN)/python
 	$(PIP) install -q "uv==$(UV_VERSION)"
 	touch $@
@@ -75,7 +79,7 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 
 # Tests run against the locked versions (the lock excludes torch, installed above).
 $(VENV)/.dev: pyproject.toml $(LOCK) $(VENV)/.torch $(VENV)/.uv
-	$(BIN)/uv pip install -q --python $(BIN)/python -r $(LOCK)
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -r $(LOCK)
 	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .
 	touch $@ $(VENV)/.installed
 
