@@ -124,7 +124,9 @@ class BatchRing:
     def fitting(cls, fields: Fields, slots: int = SLOTS) -> BatchRing | None:
         """A ring of up to ``slots`` slots that takes at most a quarter of the shared memory
         free now and 1 GiB; None if not two slots fit (writing past a full ``/dev/shm`` is a
-        bus error, not a clean failure)."""
+        bus error, not a clean failure), or off POSIX systems."""
+        if os.name != "posix":  # the main process tells a worker gone by its pid (os.kill)
+            return None
         _, per_slot = _layout(fields)
         room = 1 << 30
         free = shared_memory_free()
