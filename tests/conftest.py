@@ -28,10 +28,6 @@ def _cuda() -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # Files with slow tests first: `make test` hands whole files to its workers in this
-    # order, and a slow file handed out last would keep one worker busy alone at the end.
-    slow = {item.path for item in items if "slow" in item.keywords}
-    items.sort(key=lambda item: item.path not in slow)
     if any("gpu" in item.keywords for item in items) and not _cuda():
         skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
         for item in items:
