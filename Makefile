@@ -13,7 +13,10 @@ PYTEST_ARGS ?= -n auto --dist loadfile
 
 # Without a CUDA GPU take PyTorch's CPU build, not several GB of CUDA wheels.
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+# Where the CPU build lies on disk already (pip's find-links on these machines), no index.
 ifeq ($(HAS_GPU),yes)
+TORCH_INDEX ?=
+else ifneq ($(wildcard /opt/wheels/torch-$(TORCH_VERSION)+cpu-*),)
 TORCH_INDEX ?=
 else
 TORCH_INDEX ?= --extra-index-url https://download.pytorch.org/whl/cpu
