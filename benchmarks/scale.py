@@ -997,7 +997,7 @@ def main() -> None:
         p,
         {"sections": None, "chips": [256, 4096],
          "sample_from": 4096, "sample": 2, "world": 1e5, "items": 400, "tiny": True,
-         "catalogues": [730], "item_chips": [256], "window_regions": 400},
+         "catalogues": [365], "item_chips": [256], "window_regions": 200},
     )  # fmt: skip
     shape = REAL if args.real else LEGACY
     if args.tiny and args.real:
