@@ -109,3 +109,27 @@ def test_a_region_set_is_a_bit_per_region() -> None:
     assert "embed-z00-0000003" in done and Region("embed", 2, 1999, 0, (0, 1), (0, 1)) in done
     assert "embed-z00-0000004" not in done and "embed-z01-0000003" not in done
     assert "embed-z02-0009999" not in done
+
+
+def test_a_local_cluster_leaves_port_8787_to_others() -> None:
+    """`--cluster local:N` starts no dashboard and puts the scheduler's HTTP server on a
+    free port: with 8787 taken (another run's cluster, a notebook's dashboard), no
+    warning (an error here) and the cluster works."""
+    import contextlib
+    import socket
+
+    from xclay.run.cluster import client_for
+
+    with socket.socket() as taken:
+        with contextlib.suppress(OSError):  # held by someone else already: the same case
+            taken.bind(("", 8787))
+            taken.listen()
+        client, threads = client_for("local:1", None, "cpu", threads=1)
+        try:
+            assert client.submit(sum, [1, 2]).result() == 3
+            port = client.cluster.scheduler.http_server.port
+            assert port != 8787 and threads == 1
+        finally:
+            cluster = client.cluster
+            client.close()
+            cluster.close()
