@@ -47,6 +47,7 @@ Fields = Mapping[str, "tuple[torch.dtype, tuple[int, ...]]"]
 @dataclass(frozen=True)
 class _Place:
     offset: int
+    nbytes: int
     dtype: torch.dtype
     shape: tuple[int, ...]  # a whole batch's
 
@@ -56,8 +57,8 @@ def _layout(fields: Fields) -> tuple[dict[str, _Place], int]:
 
     places, at = {}, 0
     for name, (dtype, shape) in fields.items():
-        places[name] = _Place(at, dtype, tuple(shape))
         size = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+        places[name] = _Place(at, size, dtype, tuple(shape))
         at += -(-size // _ALIGN) * _ALIGN
     return places, at
 
@@ -82,8 +83,8 @@ def _views(buffer: torch.Tensor, places: Mapping[str, _Place], n: int) -> dict[s
     """The first ``n`` rows of each field of a slot."""
     out = {}
     for name, place in places.items():
-        whole = int(np.prod(place.shape)) * buffer.new_empty(0, dtype=place.dtype).element_size()
-        field = buffer[place.offset : place.offset + whole].view(place.dtype).view(place.shape)
+        field = buffer[place.offset : place.offset + place.nbytes].view(place.dtype)
+        field = field.view(place.shape)
         out[name] = field[:n]
     return out
 
@@ -145,6 +146,12 @@ class BatchRing:
         state[slot] = SENT
         return slot
 
+    def claim_batch(self, n: int) -> RingSlot | None:
+        """A free slot for a batch of ``n``, now the worker's to write (None: every slot is
+        out, or ``n`` is more than a slot holds)."""
+        slot = self.claim() if n <= self.batch else None
+        return None if slot is None else RingSlot(self, slot, n)
+
     def unclaim(self, slot: int) -> None:
         """Give back a slot the worker claimed and did not send (its batch failed)."""
         self.state.numpy()[slot] = FREE
@@ -154,10 +161,6 @@ class BatchRing:
         if n > self.batch:
             raise ValueError(f"a batch of {n} does not fit a slot of {self.batch}")
         return _views(self.buffers[slot], self.places, n)
-
-    def handle(self, slot: int, n: int) -> RingSlot:
-        """What travels to the main process for the batch of ``n`` in ``slot``."""
-        return RingSlot(self, slot, n)
 
     def _payload(self) -> tuple[Any, ...] | None:
         """The ring itself, with the first batch sent (its shared memory goes once)."""
@@ -183,6 +186,14 @@ class RingSlot:
 
     def __init__(self, ring: BatchRing, slot: int, n: int) -> None:
         self.ring, self.slot, self.n = ring, slot, n
+
+    def views(self) -> dict[str, torch.Tensor]:
+        """The batch's tensors in the slot, to write into (in the worker)."""
+        return self.ring.views(self.slot, self.n)
+
+    def unclaim(self) -> None:
+        """Give the slot back unsent (the batch failed)."""
+        self.ring.unclaim(self.slot)
 
     def __reduce__(self) -> tuple[Any, ...]:
         ring = self.ring

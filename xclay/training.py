@@ -614,9 +614,9 @@ class ChipDataset(_IterableDataset["TrainingBatch"]):
         has_quality = source.has_quality if source is not None else self._has_quality
         n = len(chips)
         ring = self._worker_ring(bands, facts.dtype) if in_worker and xp is np else None
-        slot = ring.claim() if ring is not None and n <= ring.batch else None
-        if ring is not None and slot is not None:
-            into = ring.views(slot, n)
+        held = ring.claim_batch(n) if ring is not None else None  # None: fresh tensors
+        if held is not None:
+            into = held.views()
             pixels_t, valid_t = into["pixels"], into["valid"]
             pixels, valid = pixels_t.numpy(), valid_t.numpy()
         elif xp is np:
@@ -643,15 +643,15 @@ class ChipDataset(_IterableDataset["TrainingBatch"]):
             index = torch.from_numpy(np.ascontiguousarray(chips))
             lonlat = torch.from_numpy(self._lonlat(picked, chips))
             target = self._target(picked, windows)
-            if ring is not None and slot is not None:
+            if held is not None:
                 into["index"].copy_(index)
                 into["lonlat"].copy_(lonlat)
                 index, lonlat = into["index"], into["lonlat"]
                 if target is not None:
                     target = into["target"].copy_(target)
         except BaseException:
-            if ring is not None and slot is not None:
-                ring.unclaim(slot)
+            if held is not None:
+                held.unclaim()
             raise
         if xp is not np:
             pixels_t = torch.utils.dlpack.from_dlpack(pixels)
@@ -664,8 +664,7 @@ class ChipDataset(_IterableDataset["TrainingBatch"]):
             time=self.times[chips[:, 0]],
             target=target,
         )
-        if ring is not None and slot is not None:
-            batch._slot = ring.handle(slot, n)
+        batch._slot = held
         return batch
 
     def _worker_ring(self, bands: int, dtype: np.dtype[Any]) -> BatchRing | None:
